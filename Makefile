@@ -1,0 +1,31 @@
+# Two entry points (see README): `make train` runs the default experiment on the CPU,
+# `make test` runs the whole test suite. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+MULTIDEVICE_FLAGS := XLA_FLAGS=--xla_force_host_platform_device_count=8
+
+.PHONY: venv train test test-fast bench clean
+
+venv: $(VENV)/.installed
+
+# torch is installed first and pinned: the parity extra needs the CPU build, and any other
+# version would pull CUDA wheels.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip setuptools wheel
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e '.[test,parity]'
+	touch $@
+
+train: venv
+	$(PY) -m gmpo_jax.main --config=configs/default.py --workdir=workdirs/default
+
+# Single-device tests in parallel workers, then the multi-device tests in their own
+# process with 8 simulated CPU devices.
+test: venv
+	$(PY) -m pytest -q -n 2 --ignore=tests/multidevice
+	$(MULTIDEVICE_FLAGS) $(PY) -m pytest -q tests/multidevice
+
+clean:
+	rm -rf $(VENV) workdirs
