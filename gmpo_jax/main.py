@@ -1,0 +1,29 @@
+"""Command line: `python -m gmpo_jax.main --config=configs/default.py --workdir=DIR`.
+
+Any config field can be overridden, e.g. `--config.algorithm.advantage=grpo`; the config is
+locked, so a misspelt field is an error. Rerunning with the same workdir resumes.
+"""
+
+import logging
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from gmpo_jax import train
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, data and metrics.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
+                                          lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.getLogger().setLevel(logging.INFO)
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

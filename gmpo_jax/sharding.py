@@ -1,0 +1,95 @@
+"""The device mesh and the rules that place parameters, optimizer state and batches on it.
+
+Parameters carry logical axis names (`vocab`, `embed`, `mlp`, `heads`, `kv_heads`,
+`head_dim`, `layers`; see `gmpo_jax.models.transformer`). `LOGICAL_RULES` maps them onto the
+mesh axes `data`, `fsdp` and `tensor`:
+
+- `data`: pure data parallelism; parameters are replicated along it.
+- `fsdp`: data parallelism with parameters (and so optimizer state) sharded along `embed`
+  (ZeRO-3 style: XLA all-gathers a layer's weights where it is used).
+- `tensor`: Megatron-style tensor parallelism over heads, MLP width and vocabulary.
+
+Batches are split over `data` x `fsdp`. A parameter dimension that the mesh axes do not divide
+evenly is replicated instead (a KV-head count of 2 on a tensor axis of 4, say), so every
+model runs on every mesh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+)
+
+
+def make_mesh(*, data: int = -1, fsdp: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over `devices` (default: all); -1 takes what is left.
+
+  Raises:
+    ValueError: the sizes do not multiply to the number of devices.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = [data, fsdp, tensor]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if known <= 0 or len(devices) % known:
+      raise ValueError(f"{len(devices)} devices cannot be split into data={data} fsdp={fsdp} "
+                       f"tensor={tensor}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if int(np.prod(sizes)) != len(devices) or min(sizes) < 1:
+    raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} does not match "
+                     f"{len(devices)} devices")
+  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def _fit(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """Drops the mesh axes of every dimension they do not divide evenly."""
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+    fitted.append(axes if names and dim % size == 0 else None)
+  return P(*fitted)
+
+
+def state_shardings(state: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
+  """`NamedSharding`s for an `nnx.State` (or a pytree of Variables) from its logical names."""
+  with nnx.logical_axis_rules(rules):
+    specs = nnx.get_partition_spec(state)
+  return jax.tree.map(lambda x, spec: NamedSharding(mesh, _fit(spec, x.shape, mesh)),
+                      state, specs)
+
+
+def batch_sharding(mesh: Mesh, *, ndim: int, batch_axis: int = 0) -> NamedSharding:
+  """Splits `batch_axis` of an ndim-array over data x fsdp; other axes replicated."""
+  spec = [None] * ndim
+  spec[batch_axis] = BATCH_AXES
+  return NamedSharding(mesh, P(*spec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_size_multiple(mesh: Mesh) -> int:
+  """Batches split over data x fsdp must have a multiple of this many rows."""
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
