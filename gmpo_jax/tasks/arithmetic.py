@@ -1,0 +1,212 @@
+"""`arithmetic`: one operation on two multi-digit integers ("23+58=" -> "81").
+
+Reward (all values > 0 with the defaults, as the log-reward baseline needs):
+
+    R = min_reward + format_reward * [well-formed] + correct_reward * [exact match]
+
+on the completion with surrounding whitespace stripped. Well-formed means `-?[0-9]+`
+(ASCII digits, no '+', no spaces inside); exact match means the string equals the
+answer's canonical decimal form (so '081' is well-formed but wrong). With the defaults
+(0.01, 0.1, 1.0): garbage 0.01, a wrong integer 0.11, the right answer 1.11; two orders
+of magnitude in all.
+
+Data: operands are uniform in [0, 10**num_digits) (divisors of // and % in
+[1, 10**num_digits)), operations uniform over `operations`; `//` and `%` follow Python
+(floor division, remainder with the divisor's sign). Problems are drawn without
+replacement from one `random.Random(seed)` stream: the first `num_test` distinct
+problems form 'test', the next `num_train` form 'train', so the splits are disjoint and
+the test split does not depend on `num_train`.
+"""
+
+import dataclasses
+import random
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import tensorflow_datasets as tfds
+
+from gmpo_jax.tasks import base
+
+_OPERATIONS = base.BINARY_OPERATIONS
+_DIVISIONS = ("//", "%")
+
+
+@dataclasses.dataclass(kw_only=True)
+class ArithmeticConfig(tfds.core.BuilderConfig):
+  """Data parameters of `arithmetic` (see the module docstring).
+
+  The name is derived from the parameters, so each setting gets its own cache directory.
+  """
+
+  name: str = dataclasses.field(init=False, default="")
+  num_digits: int = 2
+  operations: tuple[str, ...] = ("+", "-")
+  num_train: int = 10_000
+  num_test: int = 1_000
+  seed: int = 0
+
+  def __post_init__(self):
+    self.name = base.config_name(
+        digits=self.num_digits,
+        ops=".".join(_OPERATIONS[op][0] for op in self.operations),
+        train=self.num_train,
+        test=self.num_test,
+        seed=self.seed,
+    )
+
+
+def _check_capacity(
+    *, num_digits: int, operations: tuple[str, ...], num_train: int, num_test: int
+) -> int:
+  """How many distinct (operation, a, b) problems exist; ValueError if too few."""
+  size = 10**num_digits
+  total = sum(size * (size - 1 if op in _DIVISIONS else size) for op in operations)
+  if num_train + num_test > total:
+    raise ValueError(
+        f"num_train + num_test = {num_train + num_test} but only {total} distinct problems "
+        f"exist with num_digits={num_digits} and operations={operations}"
+    )
+  return total
+
+
+def _problem(index: int, *, num_digits: int, operations: tuple[str, ...]) -> dict[str, str]:
+  """Problem number `index` of an enumeration of all (operation, a, b) triples."""
+  size = 10**num_digits
+  for op in operations:
+    num_divisors = size - 1 if op in _DIVISIONS else size
+    if index < size * num_divisors:
+      break
+    index -= size * num_divisors
+  a, b = divmod(index, num_divisors)
+  if op in _DIVISIONS:
+    b += 1
+  return {"question": f"{a}{op}{b}=", "answer": str(_OPERATIONS[op][1](a, b))}
+
+
+def generate_arithmetic(
+    *, num_digits: int, operations: tuple[str, ...], num_train: int, num_test: int, seed: int
+) -> dict[str, list[dict[str, str]]]:
+  """Deterministic, disjoint 'train' and 'test' problems (see the module docstring).
+
+  Returns:
+    {'train': [...], 'test': [...]}, each a list of {'question', 'answer'} dicts.
+
+  Raises:
+    ValueError: more problems requested than exist for these digits and operations.
+  """
+  total = _check_capacity(
+      num_digits=num_digits, operations=operations, num_train=num_train, num_test=num_test
+  )
+  wanted = num_train + num_test
+  rng = random.Random(seed)
+  seen: set[int] = set()
+  problems = []
+  while len(problems) < wanted:
+    index = rng.randrange(total)
+    if index not in seen:
+      seen.add(index)
+      problems.append(_problem(index, num_digits=num_digits, operations=operations))
+  return {"test": problems[:num_test], "train": problems[num_test:]}
+
+
+class ArithmeticBuilder(tfds.core.GeneratorBasedBuilder):
+  """TFDS builder of the `arithmetic` task's problems."""
+
+  name = "gmpo_arithmetic"
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  BUILDER_CONFIGS = [ArithmeticConfig()]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=__doc__,
+        features=tfds.features.FeaturesDict(
+            {"question": tfds.features.Text(), "answer": tfds.features.Text()}
+        ),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Generated locally.
+    config = self.builder_config
+    splits = generate_arithmetic(
+        num_digits=config.num_digits,
+        operations=config.operations,
+        num_train=config.num_train,
+        num_test=config.num_test,
+        seed=config.seed,
+    )
+    return {split: self._generate_examples(examples) for split, examples in splits.items()}
+
+  def _generate_examples(self, examples):
+    yield from enumerate(examples)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ArithmeticTask(base.Task):
+  """Multi-digit arithmetic with an exact-match reward plus a format credit.
+
+  Attributes:
+    num_digits: operands have at most this many digits (1..18).
+    operations: symbols among '+', '-', '*', '//', '%'.
+    num_train, num_test: split sizes.
+    seed: seed of the problem generator.
+    correct_reward: added for an exact-match answer.
+    format_reward: added for a well-formed integer.
+    min_reward: given to every completion; keeps rewards > 0 for the log-reward baseline.
+  """
+
+  name: ClassVar[str] = "arithmetic"
+  builder_cls: ClassVar[type[tfds.core.GeneratorBasedBuilder]] = ArithmeticBuilder
+
+  num_digits: int = 2
+  operations: tuple[str, ...] = ("+", "-")
+  num_train: int = 10_000
+  num_test: int = 1_000
+  seed: int = 0
+  correct_reward: float = 1.0
+  format_reward: float = 0.1
+  min_reward: float = 0.01
+
+  def __post_init__(self):
+    base.check_int("num_digits", self.num_digits, minimum=1, maximum=18)
+    object.__setattr__(
+        self, "operations", base.check_operations(self.operations, allowed=tuple(_OPERATIONS))
+    )
+    base.check_int("num_train", self.num_train, minimum=0)
+    base.check_int("num_test", self.num_test, minimum=0)
+    base.check_int("seed", self.seed, minimum=0)
+    _check_capacity(
+        num_digits=self.num_digits,
+        operations=self.operations,
+        num_train=self.num_train,
+        num_test=self.num_test,
+    )
+    for weight in ("correct_reward", "format_reward", "min_reward"):
+      base.check_nonnegative(weight, getattr(self, weight))
+
+  def builder_config(self) -> ArithmeticConfig:
+    return ArithmeticConfig(
+        num_digits=self.num_digits,
+        operations=self.operations,
+        num_train=self.num_train,
+        num_test=self.num_test,
+        seed=self.seed,
+    )
+
+  @property
+  def reward_range(self) -> tuple[float, float]:
+    return (self.min_reward, self.min_reward + self.format_reward + self.correct_reward)
+
+  def prompt(self, example: Mapping[str, Any]) -> str:
+    return example["question"]
+
+  def solution(self, example: Mapping[str, Any]) -> str:
+    return example["answer"]
+
+  def reward(self, completion: str, example: Mapping[str, Any]) -> float:
+    """min_reward + format_reward·[well-formed] + correct_reward·[exact match]."""
+    answer = completion.strip()
+    well_formed = base.INTEGER_RE.fullmatch(answer) is not None
+    correct = answer == example["answer"]
+    return float(self.min_reward + self.format_reward * well_formed + self.correct_reward * correct)

@@ -1,0 +1,189 @@
+"""The `Task` interface and what all tasks share: TFDS loading and integer parsing.
+
+A task is a frozen dataclass of hyperparameters. Its data is a TFDS dataset
+(`tfds.core.GeneratorBasedBuilder`, `array_record` format) built locally on first use and
+cached under `data_dir/<builder name>/<config name>/<version>`; `load` reads a split back
+through `builder.as_data_source` (random access, no TensorFlow needed) and decodes each
+record into plain Python values (str, int, tuple of int).
+"""
+
+import abc
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+# A decimal integer as a task expects it: ASCII digits only (`\d` would also accept
+# other scripts' digits, and int() would accept '1_000' and surrounding whitespace).
+INTEGER_RE = re.compile(r"-?[0-9]+")
+# Integers the synthetic tasks convert to int have at most this many digits. Longer
+# strings count as malformed, which also keeps int() away from its 4300-digit limit.
+MAX_INTEGER_DIGITS = 18
+_BOUNDED_INTEGER_RE = re.compile(rf"-?[0-9]{{1,{MAX_INTEGER_DIGITS}}}")
+
+
+def parse_integer(text: str) -> int | None:
+  """`text` as an int if it is exactly `-?[0-9]{1,18}`, else None (never raises)."""
+  return int(text) if _BOUNDED_INTEGER_RE.fullmatch(text) else None
+
+
+def check_nonnegative(name: str, value: float) -> None:
+  """Raises ValueError unless `value` is a finite number >= 0."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ValueError(f"{name} must be a number, got {value!r}")
+  if not math.isfinite(value) or value < 0:
+    raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+
+
+def check_int(name: str, value: int, *, minimum: int, maximum: int | None = None) -> None:
+  """Raises ValueError unless `value` is an int in [minimum, maximum]."""
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise ValueError(f"{name} must be an int, got {value!r}")
+  if value < minimum or (maximum is not None and value > maximum):
+    bound = f"[{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+    raise ValueError(f"{name} must be in {bound}, got {value}")
+
+
+# Integer operations of the synthetic tasks: symbol -> (name used in config names, fn).
+# `//` and `%` are Python's floor division and remainder (sign of the divisor).
+BINARY_OPERATIONS = {
+    "+": ("add", lambda a, b: a + b),
+    "-": ("sub", lambda a, b: a - b),
+    "*": ("mul", lambda a, b: a * b),
+    "//": ("floordiv", lambda a, b: a // b),
+    "%": ("mod", lambda a, b: a % b),
+}
+
+
+def check_operations(operations: Sequence[str], *, allowed: Sequence[str]) -> tuple[str, ...]:
+  """`operations` as a tuple; ValueError unless they are distinct symbols in `allowed`."""
+  if isinstance(operations, str) or not operations:
+    raise ValueError(f"operations must be a non-empty tuple of symbols, got {operations!r}")
+  operations = tuple(operations)
+  if any(op not in allowed for op in operations) or len(set(operations)) != len(operations):
+    raise ValueError(f"operations must be distinct symbols among {list(allowed)}, got {operations}")
+  return operations
+
+
+_CONFIG_NAME_RE = re.compile(r"[A-Za-z0-9_.]+")
+
+
+def config_name(**params: Any) -> str:
+  """A readable, filesystem-safe builder-config name that encodes every parameter.
+
+  Different parameters give different names, hence different cache directories; a
+  negative int is written with a leading 'm' (x_min=-20 -> 'x_minm20').
+
+  Raises:
+    ValueError: a value whose text is not made of [A-Za-z0-9_.].
+  """
+  parts = []
+  for key, value in params.items():
+    text = f"m{-value}" if isinstance(value, int) and value < 0 else str(value)
+    if _CONFIG_NAME_RE.fullmatch(text) is None:
+      raise ValueError(f"cannot encode {key}={value!r} in a builder-config name")
+    parts.append(f"{key}{text}")
+  return "_".join(parts)
+
+
+def _to_python(value: Any) -> Any:
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  if isinstance(value, np.ndarray):
+    return tuple(value.tolist())
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, Mapping):
+    return {key: _to_python(item) for key, item in value.items()}
+  return value
+
+
+class DecodedSource(Sequence):
+  """Random-access view of a TFDS data source that yields plain Python dicts.
+
+  TFDS returns Text features as bytes and numbers as NumPy values; tasks and their
+  callers work with str, int and tuples of int.
+  """
+
+  def __init__(self, source: Sequence[Mapping[str, Any]]):
+    self._source = source
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return [self[i] for i in range(*index.indices(len(self)))]
+    index = index.__index__()
+    if not -len(self) <= index < len(self):
+      raise IndexError(f"index {index} out of range for {len(self)} examples")
+    return _to_python(self._source[index % len(self)])
+
+  def __iter__(self):
+    for i in range(len(self)):
+      yield self[i]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Task(abc.ABC):
+  """A prompt distribution (a TFDS dataset) with a reward function on completions.
+
+  Subclasses set `name` and `builder_cls`, and implement `builder_config`, `prompt`,
+  `reward`, `solution` and `reward_range`. `reward` never raises on any str and always returns a
+  finite float within `reward_range`.
+  """
+
+  name: ClassVar[str]
+  builder_cls: ClassVar[type[tfds.core.GeneratorBasedBuilder]]
+
+  @abc.abstractmethod
+  def builder_config(self) -> tfds.core.BuilderConfig | None:
+    """The config that fixes this task's data (the reward settings are not part of it).
+
+    None for a builder without configurations.
+    """
+
+  @property
+  @abc.abstractmethod
+  def reward_range(self) -> tuple[float, float]:
+    """(smallest, largest) reward the task can give."""
+
+  @abc.abstractmethod
+  def prompt(self, example: Mapping[str, Any]) -> str:
+    """The text the policy continues."""
+
+  @abc.abstractmethod
+  def reward(self, completion: str, example: Mapping[str, Any]) -> float:
+    """Scores a completion (the generated text after the prompt)."""
+
+  @abc.abstractmethod
+  def solution(self, example: Mapping[str, Any]) -> str:
+    """A reference completion (for supervised warm starts); it earns `reward_range[1]`."""
+
+  def download_config(self) -> tfds.download.DownloadConfig:
+    """Settings for `download_and_prepare` (the manual directory, for GSM8K)."""
+    return tfds.download.DownloadConfig()
+
+  def builder(self, *, data_dir: str) -> tfds.core.DatasetBuilder:
+    """The TFDS builder of this task's data under `data_dir` (nothing is built yet)."""
+    config = self.builder_config()
+    if config is not None:
+      # TFDS refuses a new config object that reuses the name of a predefined one.
+      config = self.builder_cls.builder_configs.get(config.name, config)
+    return self.builder_cls(data_dir=data_dir, config=config)
+
+  def load(self, split: str, *, data_dir: str) -> DecodedSource:
+    """The examples of `split` ('train', 'test', or a TFDS slice such as 'train[:10]').
+
+    Builds the dataset under `data_dir` on first use (array_record files), and reuses
+    it afterwards.
+    """
+    builder = self.builder(data_dir=data_dir)
+    builder.download_and_prepare(
+        file_format="array_record", download_config=self.download_config()
+    )
+    return DecodedSource(builder.as_data_source(split))

@@ -1,0 +1,704 @@
+"""Tests of gmpo_jax.tasks: the mini-language, the four tasks' data and rewards."""
+
+import ast
+import json
+import math
+import operator
+
+import hypothesis
+import ml_collections
+import numpy as np
+import pytest
+from hypothesis import strategies as st
+
+from gmpo_jax import tasks
+from gmpo_jax.tasks import arithmetic, base, gsm8k, minilang, multiplicative, program_tests
+
+SMALL = {
+    "arithmetic": dict(num_train=40, num_test=15),
+    "program_tests": dict(num_train=30, num_test=10),
+    "multiplicative": dict(num_train=40, num_test=15),
+}
+
+# Completions no reward function may raise on or return a non-finite value for.
+ADVERSARIAL = [
+    "",
+    " ",
+    "\n\t",
+    "9" * 5000,
+    "-" + "9" * 5000,
+    "#### " + "9" * 5000,
+    "1" * 100_000,
+    "\x00\x01\ufffd",
+    "٤٢",  # Arabic-Indic digits.
+    "４２",  # Full-width digits.
+    "1_000",
+    "1e400",
+    "nan",
+    "inf",
+    "-0",
+    "x//0",
+    "x%(x-x)",
+    "(" * 5000 + "x" + ")" * 5000,
+    "-" * 5000 + "x",
+    "x" + "+x" * 999,
+    "abs(" * 40 + "x" + ")" * 40,
+    "__import__('os').system('true')",
+    ",,,,",
+    "1,2,3," * 1000,
+    "😀 #### 😀",
+]
+
+
+def _evaluate_reference(node: ast.AST, x: int, magnitude: list[int]) -> int:
+  """Python-semantics evaluation of a parsed expression, tracking the largest |value|."""
+  if isinstance(node, ast.Expression):
+    return _evaluate_reference(node.body, x, magnitude)
+  if isinstance(node, ast.Constant):
+    value = node.value
+  elif isinstance(node, ast.Name):
+    value = x
+  elif isinstance(node, ast.UnaryOp):
+    value = -_evaluate_reference(node.operand, x, magnitude)
+  elif isinstance(node, ast.Call):
+    args = [_evaluate_reference(arg, x, magnitude) for arg in node.args]
+    value = {"abs": abs, "min": min, "max": max}[node.func.id](*args)
+  else:
+    left = _evaluate_reference(node.left, x, magnitude)
+    right = _evaluate_reference(node.right, x, magnitude)
+    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
+    value = ops[type(node.op)](left, right)
+  magnitude[0] = max(magnitude[0], abs(value))
+  return value
+
+
+def _reference_or_error(source: str, x: int, limits: minilang.Limits) -> int | None:
+  """The reference value, or None where the interpreter must raise a runtime error."""
+  magnitude = [abs(x)]
+  try:
+    value = _evaluate_reference(ast.parse(source, mode="eval"), x, magnitude)
+  except ZeroDivisionError:
+    return None
+  return value if magnitude[0] <= limits.max_magnitude else None
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def gsm8k_manual_dir(tmp_path_factory):
+  manual = tmp_path_factory.mktemp("gsm8k_manual")
+  records = {
+      "train": [
+          {"question": "Ann has 3 apples and buys 4. How many?", "answer": "3+4=<<3+4=7>>7\n#### 7"},
+          {"question": "A car costs $1,200 twice. Total?", "answer": "2*1200=2400\n#### 2,400"},
+          {"question": "Half of 5?", "answer": "5/2=2.5\n#### 2.5"},
+      ],
+      "test": [{"question": "10 minus 13?", "answer": "10-13=-3\n#### -3"}],
+  }
+  for split, rows in records.items():
+    lines = [json.dumps(row) for row in rows]
+    (manual / f"{split}.jsonl").write_text("\n".join(lines) + "\n\n")  # Blank line skipped.
+  return str(manual)
+
+
+# ----------------------------------------------------------------------- mini-language
+
+
+class TestMiniLang:
+
+  @pytest.mark.parametrize(
+      "source, x, expected",
+      [
+          ("2+3*x", 4, 14),
+          ("(2+3)*x", 4, 20),
+          ("x-3-2", 10, 5),  # Left associative.
+          ("x//2//2", 17, 4),
+          ("-x*2", 3, -6),
+          ("--x", 5, 5),
+          ("2*-x", 5, -10),
+          ("x//3", -7, -3),  # Floor division.
+          ("x%3", -7, 2),  # Remainder takes the divisor's sign.
+          ("x%-3", 7, -2),
+          ("abs(x-5)", 2, 3),
+          ("min(x, 3)", 9, 3),
+          ("max(x, -x)", -4, 4),
+          ("max(min(x,10),0)", 42, 10),
+          (" 1 +\n x ", 1, 2),
+          ("x", -1000000, -1000000),
+          ("999999999999", 0, 10**12 - 1),
+      ],
+  )
+  def test_known_programs(self, source, x, expected):
+    assert minilang.run_program(minilang.compile_program(source), x) == expected
+
+  @hypothesis.settings(max_examples=100, deadline=None)
+  @hypothesis.given(
+      a=st.integers(-60, 60),
+      b=st.integers(-60, 60),
+      op=st.sampled_from(["+", "-", "*", "//", "%"]),
+  )
+  def test_binary_operations_match_python(self, a, b, op):
+    program = minilang.compile_program(f"x {op} ({b})")
+    python = {"+": operator.add, "-": operator.sub, "*": operator.mul,
+              "//": operator.floordiv, "%": operator.mod}[op]
+    if b == 0 and op in ("//", "%"):
+      with pytest.raises(minilang.MiniLangRuntimeError, match="division by zero"):
+        minilang.run_program(program, a)
+    else:
+      assert minilang.run_program(program, a) == python(a, b)
+
+  @hypothesis.settings(max_examples=150, deadline=None)
+  @hypothesis.given(
+      source=st.recursive(
+          st.sampled_from(["x", "0", "1", "2", "7", "13", "999999"]),
+          lambda inner: st.one_of(
+              st.tuples(inner, st.sampled_from(["+", "-", "*", "//", "%"]), inner).map(
+                  lambda t: f"({t[0]} {t[1]} {t[2]})"
+              ),
+              inner.map(lambda e: f"-{e}"),
+              inner.map(lambda e: f"abs({e})"),
+              st.tuples(st.sampled_from(["min", "max"]), inner, inner).map(
+                  lambda t: f"{t[0]}({t[1]},{t[2]})"
+              ),
+          ),
+          max_leaves=12,
+      ),
+      x=st.integers(-10**6, 10**6),
+  )
+  def test_matches_python_semantics(self, source, x):
+    limits = minilang.Limits(max_magnitude=10**9)
+    expected = _reference_or_error(source, x, limits)
+    program = minilang.compile_program(source, limits=limits)
+    if expected is None:
+      with pytest.raises(minilang.MiniLangRuntimeError):
+        minilang.run_program(program, x, limits=limits)
+    else:
+      assert minilang.run_program(program, x, limits=limits) == expected
+
+  @pytest.mark.parametrize(
+      "source",
+      ["", "   ", "x x", "2x", "x**2", "x^2", "1.5", "1e3", "0x10", "x;1", "y", "abs x",
+       "abs(x", "min(x)", "max(x,1,2)", "(x", "x)", "+x", "x+", "ｘ", "x\x00",
+       "__import__('os')", "9" * 13, "9" * 5000],
+  )
+  def test_syntax_errors(self, source):
+    with pytest.raises(minilang.MiniLangSyntaxError):
+      minilang.compile_program(source)
+
+  def test_nesting_bound(self):
+    limits = minilang.Limits(max_depth=10)
+    assert minilang.run_program(minilang.compile_program("(" * 9 + "x" + ")" * 9, limits=limits), 3) == 3
+    for deep in ["(" * 10 + "x" + ")" * 10, "-" * 11 + "x", "abs(" * 10 + "x" + ")" * 10,
+                 "(" * 5000 + "x" + ")" * 5000]:
+      with pytest.raises(minilang.MiniLangSyntaxError, match="max_depth|max_length"):
+        minilang.compile_program(deep, limits=limits)
+
+  def test_length_bound(self):
+    with pytest.raises(minilang.MiniLangSyntaxError, match="max_length"):
+      minilang.compile_program("x" + " " * 1000)
+
+  def test_step_bound(self):
+    # n terms x+x+...+x compile to 2n - 1 instructions: 100 terms fit max_steps = 200.
+    assert minilang.Limits().max_steps == 200
+    within = minilang.compile_program("+".join(["x"] * 100))
+    assert len(within.code) == 199
+    assert minilang.run_program(within, 2) == 200
+    beyond = minilang.compile_program("+".join(["x"] * 101))
+    with pytest.raises(minilang.MiniLangRuntimeError, match="max_steps"):
+      minilang.run_program(beyond, 2)
+    assert minilang.run_program(beyond, 2, limits=minilang.Limits(max_steps=201)) == 202
+
+  @pytest.mark.parametrize("source, x", [("x//0", 5), ("x%(x-x)", 5), ("1//(x-3)", 3),
+                                         ("x*x*x*x*x", 1000), ("999999999999+x", 2)])
+  def test_runtime_errors(self, source, x):
+    with pytest.raises(minilang.MiniLangRuntimeError):
+      minilang.run_program(minilang.compile_program(source), x)
+
+  def test_input_beyond_magnitude(self):
+    with pytest.raises(minilang.MiniLangRuntimeError):
+      minilang.run_program(minilang.compile_program("x"), 10**13)
+
+  def test_count_passed(self):
+    inputs, outputs = list(range(10)), [2 * x for x in range(10)]
+    assert minilang.count_passed("x+x", inputs, outputs) == 10
+    assert minilang.count_passed("x*x", inputs, outputs) == 2  # x = 0 and x = 2.
+    # Division by zero at x = 3 fails that test only.
+    assert minilang.count_passed("2*x + 0*(1//(x-3))", inputs, outputs) == 9
+    assert minilang.count_passed("2*x)", inputs, outputs) == 0
+    with pytest.raises(ValueError, match="outputs"):
+      minilang.count_passed("x", inputs, outputs[:3])
+
+  def test_limits_validation(self):
+    for bad in [dict(max_steps=0), dict(max_depth=-1), dict(max_length=1.5)]:
+      with pytest.raises(ValueError, match="positive int"):
+        minilang.Limits(**bad)
+
+  def test_non_string_source(self):
+    with pytest.raises(TypeError):
+      minilang.compile_program(b"x")
+
+
+# ---------------------------------------------------------------------------- shared
+
+
+class TestShared:
+
+  @pytest.mark.parametrize(
+      "text, expected",
+      [("12", 12), ("-7", -7), ("007", 7), ("9" * 18, 10**18 - 1), ("9" * 19, None),
+       ("-" + "9" * 5000, None), ("+1", None), (" 1", None), ("1_0", None), ("٤", None),
+       ("", None), ("-", None)],
+  )
+  def test_parse_integer(self, text, expected):
+    assert base.parse_integer(text) == expected
+
+  def test_config_name(self):
+    assert base.config_name(a=3, b=-20, ops="add.sub") == "a3_bm20_opsadd.sub"
+    with pytest.raises(ValueError, match="cannot encode"):
+      base.config_name(ops="a/b")
+
+  def test_get_task_errors(self):
+    with pytest.raises(ValueError, match="valid tasks.*arithmetic"):
+      tasks.get_task("nope")
+    with pytest.raises(ValueError, match="unknown hyperparameters.*num_digits"):
+      tasks.get_task("arithmetic", digits=3)
+    with pytest.raises(ValueError, match="num_digits"):
+      tasks.get_task("arithmetic", num_digits=0)
+    assert sorted(tasks.TASKS) == ["arithmetic", "gsm8k", "multiplicative", "program_tests"]
+
+  @pytest.mark.parametrize("name", ["arithmetic", "program_tests", "multiplicative"])
+  def test_default_task_uses_the_predefined_config(self, name, tmp_path):
+    task = tasks.get_task(name)
+    builder = task.builder(data_dir=str(tmp_path))
+    assert builder.builder_config is task.builder_cls.BUILDER_CONFIGS[0]
+    other = tasks.get_task(name, seed=1).builder(data_dir=str(tmp_path))
+    assert other.builder_config.name != builder.builder_config.name
+    assert not list(tmp_path.iterdir())  # Nothing is built before `load`.
+
+  def test_decoded_source(self):
+    source = base.DecodedSource(
+        [{"a": b"x", "b": np.int64(3), "c": np.arange(2)}, {"a": b"y", "b": np.int64(4), "c": np.arange(3)}]
+    )
+    assert len(source) == 2
+    assert source[0] == {"a": "x", "b": 3, "c": (0, 1)}
+    assert type(source[0]["b"]) is int
+    assert source[-1]["a"] == "y"
+    assert [e["b"] for e in source[::-1]] == [4, 3]
+    assert [e["b"] for e in source] == [3, 4]
+    with pytest.raises(IndexError):
+      source[2]
+
+
+@pytest.fixture(scope="module")
+def loaded(data_dir, gsm8k_manual_dir):
+  """name -> (small task, its first test example read back through TFDS)."""
+  result = {}
+  for name in ["arithmetic", "program_tests", "multiplicative", "gsm8k"]:
+    if name == "gsm8k":
+      task = tasks.get_task("gsm8k", manual_dir=gsm8k_manual_dir)
+    else:
+      task = tasks.get_task(name, **SMALL[name])
+    result[name] = (task, task.load("test", data_dir=data_dir)[0])
+  return result
+
+
+@pytest.mark.parametrize("name", ["arithmetic", "program_tests", "multiplicative", "gsm8k"])
+@pytest.mark.parametrize("completion", ADVERSARIAL)
+def test_rewards_never_raise_and_stay_in_range(name, completion, loaded):
+  task, example = loaded[name]
+  reward = task.reward(completion, example)
+  assert type(reward) is float and math.isfinite(reward)
+  low, high = task.reward_range
+  assert low <= reward <= high
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(
+    completion=st.text(alphabet=st.sampled_from("0123456789-+*/%(), x#.$amin\n "), max_size=60)
+    | st.text(max_size=60)
+)
+def test_rewards_on_any_text(completion, loaded):
+  for name, (task, example) in loaded.items():
+    reward = task.reward(completion, example)
+    assert math.isfinite(reward) and task.reward_range[0] <= reward <= task.reward_range[1]
+    if name != "gsm8k":
+      assert reward > 0
+
+
+@pytest.mark.parametrize("name", ["arithmetic", "program_tests", "multiplicative", "gsm8k"])
+def test_solution_earns_the_maximum(name, loaded, data_dir):
+  task, _ = loaded[name]
+  for split in ("train", "test"):
+    for example in task.load(split, data_dir=data_dir):
+      assert task.reward(task.solution(example), example) == task.reward_range[1]
+  assert isinstance(task.solution(example), str)
+
+
+def _check_builder(task, data_dir, tmp_path, generated, key):
+  """Splits read back through TFDS equal the generator's, deterministically and disjointly."""
+  train, test = task.load("train", data_dir=data_dir), task.load("test", data_dir=data_dir)
+  assert (len(train), len(test)) == (len(generated["train"]), len(generated["test"]))
+  for split, loaded in (("train", train), ("test", test)):
+    assert sorted(map(key, loaded)) == sorted(map(key, generated[split]))
+  assert not set(map(key, train)) & set(map(key, test))
+  # Rebuilt elsewhere: the same records in the same order; reloaded: served from cache.
+  again = task.load("train", data_dir=str(tmp_path))
+  assert list(again) == list(train)
+  assert list(task.load("train", data_dir=data_dir)) == list(train)
+  assert task.load("train[:5]", data_dir=data_dir)[:] == train[:5]
+  return train, test
+
+
+# ------------------------------------------------------------------------ arithmetic
+
+
+class TestArithmetic:
+
+  TASK = tasks.get_task("arithmetic", **SMALL["arithmetic"])
+  EXAMPLE = {"question": "23+58=", "answer": "81"}
+
+  @pytest.mark.parametrize(
+      "completion, expected",
+      [("81", 1.11), (" 81\n", 1.11), ("081", 0.11), ("82", 0.11), ("-81", 0.11),
+       ("9" * 5000, 0.11), ("+81", 0.01), ("8 1", 0.01), ("81.0", 0.01), ("٨١", 0.01),
+       ("81 apples", 0.01), ("", 0.01)],
+  )
+  def test_reward(self, completion, expected):
+    assert self.TASK.reward(completion, self.EXAMPLE) == pytest.approx(expected, abs=1e-12)
+
+  def test_reward_weights(self):
+    task = tasks.get_task("arithmetic", correct_reward=2.0, format_reward=0.0, min_reward=0.5)
+    assert [task.reward(c, self.EXAMPLE) for c in ("81", "7", "x")] == [2.5, 0.5, 0.5]
+    assert task.reward_range == (0.5, 2.5)
+    assert self.TASK.reward_range == pytest.approx((0.01, 1.11))
+
+  @pytest.mark.parametrize("operations", [("+", "-", "*", "//", "%")])
+  def test_generated_answers(self, operations):
+    splits = arithmetic.generate_arithmetic(
+        num_digits=2, operations=operations, num_train=300, num_test=100, seed=3
+    )
+    symbols = {"+": operator.add, "-": operator.sub, "*": operator.mul,
+               "//": operator.floordiv, "%": operator.mod}
+    seen_ops = set()
+    for problem in splits["train"] + splits["test"]:
+      question = problem["question"]
+      assert question.endswith("=")
+      op = next(s for s in ("//", "+", "-", "*", "%") if s in question)
+      a, b = map(int, question[:-1].split(op))
+      assert 0 <= a < 100 and 0 <= b < 100 and (b > 0 or op not in ("//", "%"))
+      assert problem["answer"] == str(symbols[op](a, b))
+      seen_ops.add(op)
+    assert seen_ops == set(operations)
+
+  def test_generation_is_deterministic_and_disjoint(self):
+    params = dict(num_digits=1, operations=("+",), num_test=20, seed=0)
+    first = arithmetic.generate_arithmetic(num_train=50, **params)
+    assert first == arithmetic.generate_arithmetic(num_train=50, **params)
+    # The test split does not depend on num_train; the whole space can be used.
+    full = arithmetic.generate_arithmetic(num_train=80, **params)
+    assert full["test"] == first["test"]
+    questions = [p["question"] for p in full["train"] + full["test"]]
+    assert len(set(questions)) == 100
+    other_seed = arithmetic.generate_arithmetic(num_train=50, **{**params, "seed": 1})
+    assert other_seed["test"] != first["test"]
+
+  def test_capacity(self):
+    with pytest.raises(ValueError, match="only 100 distinct"):
+      tasks.get_task("arithmetic", num_digits=1, operations=("+",), num_train=90, num_test=11)
+    with pytest.raises(ValueError, match="operations"):
+      tasks.get_task("arithmetic", operations="+-")
+    with pytest.raises(ValueError, match="operations"):
+      tasks.get_task("arithmetic", operations=("+", "+"))
+
+  def test_builder(self, data_dir, tmp_path):
+    generated = arithmetic.generate_arithmetic(
+        num_digits=2, operations=("+", "-"), num_train=40, num_test=15, seed=0
+    )
+    train, _ = _check_builder(self.TASK, data_dir, tmp_path, generated, key=lambda e: e["question"])
+    example = train[0]
+    assert self.TASK.prompt(example) == example["question"]
+    assert self.TASK.reward(example["answer"], example) == pytest.approx(1.11)
+
+
+# --------------------------------------------------------------------- program_tests
+
+
+class TestProgramTests:
+
+  TASK = tasks.get_task("program_tests", **SMALL["program_tests"])
+  EXAMPLE = {"question": "f(x)=", "test_inputs": tuple(range(10)),
+             "test_outputs": tuple(2 * x for x in range(10))}
+
+  @pytest.mark.parametrize(
+      "completion, passed",
+      [("2*x", 10), ("x + x", 10), ("x*x", 2), ("2*x + 0*(1//(x-3))", 9), ("x//0", 0),
+       ("", 0), ("2*x)", 0), ("x" + "+0" * 400, 0), ("(" * 40 + "2*x" + ")" * 40, 0),
+       ("9" * 5000, 0)],
+  )
+  def test_reward(self, completion, passed):
+    assert self.TASK.reward(completion, self.EXAMPLE) == pytest.approx(passed + 0.01)
+
+  def test_step_bound_is_the_reason(self):
+    # x+0+...+0 computes 2x correctly only with a step bound that admits it.
+    long_program = "2*x" + "+0" * 400
+    assert self.TASK.reward(long_program, self.EXAMPLE) == pytest.approx(0.01)
+    roomy = tasks.get_task("program_tests", limits=minilang.Limits(max_steps=1000))
+    assert roomy.reward(long_program, self.EXAMPLE) == pytest.approx(10.01)
+
+  def test_rewards_span_orders_of_magnitude(self):
+    task = tasks.get_task("program_tests", num_tests=100, num_shown=0, x_min=0, x_max=99)
+    example = {"test_inputs": tuple(range(100)), "test_outputs": tuple(range(100))}
+    rewards = [task.reward(c, example) for c in ("garbage", "0", "min(x,9)", "x")]
+    assert rewards == pytest.approx([0.01, 1.01, 10.01, 100.01])
+    assert task.reward_range == (0.01, 100.01)
+
+  def test_generation(self):
+    params = dict(num_shown=3, num_tests=10, x_min=-15, x_max=15, max_depth=2, num_test=10, seed=5)
+    splits = program_tests.generate_programs(num_train=40, **params)
+    assert splits == program_tests.generate_programs(num_train=40, **params)
+    assert splits["test"] == program_tests.generate_programs(num_train=5, **params)["test"]
+    functions = {}
+    for split, problems in splits.items():
+      for problem in problems:
+        program = minilang.compile_program(problem["solution"])
+        inputs = list(problem["shown_inputs"]) + list(problem["test_inputs"])
+        outputs = list(problem["shown_outputs"]) + list(problem["test_outputs"])
+        assert len(set(inputs)) == 13 and all(-15 <= x <= 15 for x in inputs)
+        assert [minilang.run_program(program, int(x)) for x in inputs] == outputs
+        values = tuple(minilang.run_program(program, x) for x in range(-15, 16))
+        assert len(set(values)) > 1
+        functions.setdefault(values, set()).add(split)
+        shown = "; ".join(f"f({x})={y}" for x, y in zip(problem["shown_inputs"], problem["shown_outputs"]))
+        assert problem["question"] == shown + "; f(x)="
+    assert all(len(s) == 1 for s in functions.values())  # Disjoint as functions.
+    assert len(functions) == 50
+
+  def test_generation_exhausted(self):
+    with pytest.raises(ValueError, match="distinct functions"):
+      program_tests.generate_programs(num_shown=1, num_tests=1, x_min=0, x_max=1, max_depth=1,
+                                      num_train=50, num_test=0, seed=0)
+
+  def test_validation(self):
+    with pytest.raises(ValueError, match="distinct inputs"):
+      tasks.get_task("program_tests", num_tests=100, x_min=0, x_max=50)
+    assert tasks.get_task("program_tests", limits={"max_steps": 3}).limits == minilang.Limits(max_steps=3)
+    config = ml_collections.ConfigDict({"limits": {"max_depth": 4}})
+    assert tasks.get_task("program_tests", **config).limits == minilang.Limits(max_depth=4)
+    with pytest.raises(ValueError, match="limits"):
+      tasks.get_task("program_tests", limits=[3])
+    with pytest.raises(ValueError, match="positive int"):
+      tasks.get_task("program_tests", limits={"max_steps": 0})
+
+  def test_builder(self, data_dir, tmp_path):
+    generated = program_tests.generate_programs(
+        num_shown=4, num_tests=20, x_min=-50, x_max=50, max_depth=2, num_train=30, num_test=10, seed=0
+    )
+    train, test = _check_builder(self.TASK, data_dir, tmp_path, generated, key=lambda e: e["question"])
+    for example in list(train) + list(test):
+      assert self.TASK.reward(example["solution"], example) == pytest.approx(20.01)
+      assert len(example["test_inputs"]) == 20 and len(example["shown_inputs"]) == 4
+
+
+# -------------------------------------------------------------------- multiplicative
+
+
+def _reference_truth(start, ops, operands):
+  values, value = [], start
+  for op, c in zip(ops, operands):
+    value = {"+": value + c, "-": value - c, "*": value * c}[op]
+    values.append(value)
+  return values
+
+
+def _reference_scores(values_text, start, ops, operands, floor):
+  """Per-step scores written from the task definition, independently of the task code."""
+  pieces = [p.strip() for p in values_text.strip().split(",")]
+  truth = _reference_truth(start, ops, operands)
+  scores, previous = [], start
+  for k, (op, c) in enumerate(zip(ops, operands)):
+    target = {"+": previous + c, "-": previous - c, "*": previous * c}[op]
+    piece = pieces[k] if k < len(pieces) else ""
+    digits = piece[1:] if piece.startswith("-") else piece
+    if 1 <= len(digits) <= 18 and all(ch in "0123456789" for ch in digits):
+      scores.append(max(floor, 1.0 / (1.0 + abs(int(piece) - target))))
+      previous = int(piece)
+    else:
+      scores.append(floor)
+      previous = truth[k]
+  return scores
+
+
+class TestMultiplicative:
+
+  TASK = tasks.get_task("multiplicative", **SMALL["multiplicative"])
+  EXAMPLE = {"question": "7 +3 *2 -5 =", "start": 7, "operations": "+*-", "operands": (3, 2, 5),
+             "values": (10, 20, 15), "answer": "10,20,15"}
+
+  @pytest.mark.parametrize(
+      "completion, scores",
+      [("10,20,15", [1, 1, 1]),
+       (" 10 , 20 , 15 \n", [1, 1, 1]),
+       ("10,20,16", [1, 1, 0.5]),
+       ("11,22,17", [0.5, 1, 1]),  # Steps 2 and 3 are judged from the model's own 11.
+       ("10,20", [1, 1, 0.01]),
+       ("10,x,15", [1, 0.01, 1]),  # After a malformed step, the reference value is used.
+       ("10,20,1000", [1, 1, 0.01]),  # 1 / (1 + 985) is below the floor.
+       ("10,20,15,99", [1, 1, 1]),  # Extra values are ignored.
+       ("", [0.01, 0.01, 0.01]),
+       ("9" * 5000, [0.01, 0.01, 0.01]),
+       ("٫١٠,20,15", [0.01, 1, 1])],
+  )
+  def test_step_scores_and_reward(self, completion, scores):
+    assert self.TASK.step_scores(completion, self.EXAMPLE) == pytest.approx(scores)
+    assert self.TASK.reward(completion, self.EXAMPLE) == pytest.approx(float(np.prod(scores)))
+
+  @hypothesis.settings(max_examples=100, deadline=None)
+  @hypothesis.given(
+      # Per step: an offset from the true running value, or a malformed/huge piece.
+      pieces=st.lists(st.integers(-2, 2) | st.sampled_from(["", "x", "1.5", " 3", "9" * 19]), max_size=5),
+      start=st.integers(0, 20),
+      steps=st.lists(st.tuples(st.sampled_from("+-*"), st.integers(1, 9)), min_size=1, max_size=4),
+      floor=st.sampled_from([0.01, 0.2, 1.0]),
+  )
+  def test_matches_reference(self, pieces, start, steps, floor):
+    ops = "".join(op for op, _ in steps)
+    operands = tuple(c for _, c in steps)
+    task = tasks.get_task(
+        "multiplicative", num_steps=len(steps), step_floor=floor, num_train=10, num_test=0
+    )
+    example = {"start": start, "operations": ops, "operands": operands}
+    truth = [int(v) for v in _reference_truth(start, ops, operands)]
+    text = ",".join(
+        str(truth[k] + piece) if isinstance(piece, int) and k < len(truth) else str(piece)
+        for k, piece in enumerate(pieces)
+    )
+    expected = _reference_scores(text, start, ops, operands, floor)
+    assert task.step_scores(text, example) == pytest.approx(expected, rel=1e-12)
+    reward = task.reward(text, example)
+    assert reward == pytest.approx(float(np.prod(np.asarray(expected, np.float64))), rel=1e-12)
+    assert task.reward_range[0] <= reward <= 1.0
+
+  def test_reward_range_spans_orders_of_magnitude(self):
+    assert self.TASK.reward_range == pytest.approx((1e-6, 1.0))
+    assert self.TASK.reward("", self.EXAMPLE) == pytest.approx(1e-6)
+
+  def test_generation(self):
+    params = dict(num_steps=3, max_start=20, max_operand=9, operations=("+", "-", "*"), num_test=15, seed=2)
+    splits = multiplicative.generate_chains(num_train=40, **params)
+    assert splits == multiplicative.generate_chains(num_train=40, **params)
+    assert splits["test"] == multiplicative.generate_chains(num_train=3, **params)["test"]
+    questions = [c["question"] for c in splits["train"] + splits["test"]]
+    assert len(set(questions)) == 55
+    for chain in splits["train"] + splits["test"]:
+      assert self.TASK.reward(chain["answer"], chain) == 1.0
+      value = chain["start"]
+      for op, c, v in zip(chain["operations"], chain["operands"], chain["values"]):
+        value = {"+": value + c, "-": value - c, "*": value * c}[op]
+        assert value == v and 1 <= c <= 9
+      tokens = chain["question"].split()
+      assert tokens[0] == str(chain["start"]) and tokens[-1] == "="
+
+  def test_validation(self):
+    with pytest.raises(ValueError, match="step_floor"):
+      tasks.get_task("multiplicative", step_floor=0.0)
+    with pytest.raises(ValueError, match="underflows"):
+      tasks.get_task("multiplicative", num_steps=200, step_floor=1e-2, max_operand=1)
+    with pytest.raises(ValueError, match="digits"):
+      tasks.get_task("multiplicative", num_steps=30)
+    with pytest.raises(ValueError, match="operations"):
+      tasks.get_task("multiplicative", operations=("//",))
+    with pytest.raises(ValueError, match="only 18 distinct chains"):
+      tasks.get_task("multiplicative", num_steps=1, max_start=2, max_operand=2, num_train=19, num_test=0)
+
+  def test_builder(self, data_dir, tmp_path):
+    generated = multiplicative.generate_chains(
+        num_steps=3, max_start=20, max_operand=9, operations=("+", "-", "*"), num_train=40,
+        num_test=15, seed=0,
+    )
+    train, _ = _check_builder(self.TASK, data_dir, tmp_path, generated, key=lambda e: e["question"])
+    assert all(self.TASK.reward(e["answer"], e) == 1.0 for e in train)
+    assert isinstance(train[0]["operands"], tuple) and isinstance(train[0]["start"], int)
+
+
+# ---------------------------------------------------------------------------- gsm8k
+
+
+class TestGsm8k:
+
+  @pytest.mark.parametrize(
+      "text, expected",
+      [("The answer is 42.", "42"),
+       ("so 5 apples\n#### 7", "7"),
+       ("#### 1,234", "1234"),
+       ("It costs $1,234.50 in total", "1234.50"),
+       ("#### $5", "5"),
+       ("#### -3", "-3"),
+       ("-$12 loss", "-12"),
+       ("#### 12 dollars, then 13", "12"),  # The first number after the marker.
+       ("first #### 1 then #### 2", "2"),  # The last marker.
+       ("we get 12 ####", "12"),  # Nothing after the marker: the last number.
+       ("#### none", None),
+       ("3,4", "4"),
+       ("1,2345", "2345"),
+       ("no numbers here", None),
+       ("", None),
+       ("٤٢", None),
+       ("9" * 5000, "9" * 5000)],
+  )
+  def test_extract_final_answer(self, text, expected):
+    assert gsm8k.extract_final_answer(text) == expected
+
+  @pytest.mark.parametrize(
+      "predicted, reference, match",
+      [("42", "42", True), ("42.0", "42", True), ("42.0000001", "42", True), ("42.01", "42", False),
+       ("-3", "3", False), (None, "3", False), ("9" * 5000, "5", False), ("2.50", "2.5", True)],
+  )
+  def test_answers_match(self, predicted, reference, match):
+    assert gsm8k.answers_match(predicted, reference, tolerance=1e-6) is match
+
+  def test_reward(self):
+    example = {"question": "q", "answer": "... #### 1,200", "final_answer": "1200"}
+    task = tasks.get_task("gsm8k")
+    assert [task.reward(c, example) for c in ("#### 1,200", "so 1200", "#### 12", "")] == [1.0, 1.0, 0.0, 0.0]
+    assert task.reward_range == (0.0, 1.0)
+    credited = tasks.get_task("gsm8k", format_reward=0.1, min_reward=0.01)
+    rewards = [credited.reward(c, example) for c in ("#### $1200", "so 1200", "#### 12", "")]
+    assert rewards == pytest.approx([1.11, 1.01, 0.11, 0.01])
+    assert credited.reward_range == pytest.approx((0.01, 1.11))
+
+  def test_prompt_template(self):
+    task = tasks.get_task("gsm8k", prompt_template="Q: {question}\nA ({{steps}}):")
+    assert task.prompt({"question": "2+2?"}) == "Q: 2+2?\nA ({steps}):"
+    for bad in ["no field", "{question} {other}", "{question", "{question} {0}", "{question.real}"]:
+      with pytest.raises(ValueError, match="prompt_template"):
+        tasks.get_task("gsm8k", prompt_template=bad)
+
+  def test_builder(self, data_dir, gsm8k_manual_dir, tmp_path):
+    task = tasks.get_task("gsm8k", manual_dir=gsm8k_manual_dir)
+    train, test = task.load("train", data_dir=data_dir), task.load("test", data_dir=data_dir)
+    assert sorted(e["final_answer"] for e in train) == ["2.5", "2400", "7"]
+    assert list(test) == [{"question": "10 minus 13?", "answer": "10-13=-3\n#### -3", "final_answer": "-3"}]
+    assert task.prompt(test[0]) == "Question: 10 minus 13?\nAnswer:\n"
+    assert task.solution(train[0]) in ("3+4=7\n#### 7", "2*1200=2400\n#### 2,400", "5/2=2.5\n#### 2.5")
+    assert task.reward("It is 10 - 13 = -3.\n#### -3", test[0]) == 1.0
+    for example in train:
+      assert task.reward(example["answer"], example) == 1.0
+    assert list(task.load("train", data_dir=str(tmp_path))) == list(train)
+
+  def test_builder_errors(self, tmp_path):
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    (manual / "train.jsonl").write_text(json.dumps({"question": "q", "answer": "a #### 1"}) + "\n")
+    task = tasks.get_task("gsm8k", manual_dir=str(manual))
+    with pytest.raises(FileNotFoundError, match="test.jsonl"):
+      task.load("train", data_dir=str(tmp_path / "a"))
+    (manual / "test.jsonl").write_text(json.dumps({"question": "q", "answer": "no marker"}) + "\n")
+    with pytest.raises(ValueError, match=r"test.jsonl:1: .*'####'"):
+      task.load("train", data_dir=str(tmp_path / "b"))
+    (manual / "test.jsonl").write_text("{not json\n")
+    with pytest.raises(ValueError, match=r"test.jsonl:1: not JSON"):
+      task.load("train", data_dir=str(tmp_path / "c"))
