@@ -237,8 +237,16 @@ def _make_update(run: Run, optimizer, micro_loss, params, opt_state):
       out_shardings=(run.param_shardings, opt_shardings, None))
 
 
-def _init_opt_state(optimizer, params):
-  return jax.jit(optimizer.init)(params)
+def _init_opt_state(optimizer, params, mesh):
+  """Optimizer state placed like the parameters it mirrors; its scalars replicated on the mesh.
+
+  Every leaf gets a `NamedSharding` on `mesh`, so the update step's explicit input and output
+  shardings agree from the first call on (no recompile at step 2).
+  """
+  opt_state = jax.jit(optimizer.init)(params)
+  return jax.device_put(opt_state, jax.tree.map(
+      lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding)
+      else sharding.replicated(mesh), opt_state))
 
 
 # --- Supervised warm start -------------------------------------------------------------------
@@ -254,7 +262,7 @@ def warm_start(run: Run) -> Any:
   cfg = run.config.warm_start
   directory = run.workdir / "warm_start"
   optimizer = make_optimizer(cfg.optim, cfg.steps)
-  opt_state = _init_opt_state(optimizer, run.params)
+  opt_state = _init_opt_state(optimizer, run.params, run.mesh)
   key = jax.random.key(run.config.seed)
   target = checkpointing.CheckpointState(step=0, model=run.params, opt_state=opt_state,
                                          key=key, metadata={})
@@ -370,8 +378,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   total_updates = config.num_steps * algo.num_epochs * algo.num_minibatches
   optimizer = make_optimizer(config.optim, total_updates)
   params = run.params
-  opt_state = _init_opt_state(optimizer, params)
-  base_key = jax.random.key(config.seed)
+  opt_state = _init_opt_state(optimizer, params, run.mesh)
+  base_key, eval_key = jax.random.split(jax.random.key(config.seed))
   max_new = run.sampling.max_new_tokens
   update = _make_update(run, optimizer, learner.policy_loss(
       algo, temperature=run.sampling.logit_temperature, chunk_size=config.chunk_size,
@@ -401,7 +409,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       progress_keys=("reward/mean", "eval/pass@1", "loss"),
       best_modes={"eval/pass@1": "max", "eval/reward": "max", "reward/mean": "max"})
   if initial_eval is None:
-    initial_eval = evaluate(run, params, jax.random.fold_in(base_key, -1))
+    initial_eval = evaluate(run, params, eval_key)
     logger.info("before RL: %s", initial_eval)
     writer.write(0, initial_eval)
 
@@ -476,7 +484,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       done = step + 1
       eval_due = done % config.eval_every == 0 or done == config.num_steps
       if eval_due:
-        record.update(evaluate(run, params, jax.random.fold_in(base_key, -1)))
+        record.update(evaluate(run, params, eval_key))
       writer.write(done, record)
       stop = preemption.requested
       if eval_due or done % config.checkpoint.every == 0 or stop or done == config.num_steps:

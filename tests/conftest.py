@@ -1,0 +1,15 @@
+"""Test-wide settings: a persistent XLA compilation cache.
+
+Compiles dominate this suite's time on a 2-core machine; the runner tests compile the same
+programs in several runs and workers, so they share compiled executables through the cache.
+"""
+
+import os
+import tempfile
+
+import jax
+
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("GMPO_JAX_TEST_CACHE",
+                                 os.path.join(tempfile.gettempdir(), "gmpo_jax_xla_cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

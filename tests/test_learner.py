@@ -1,0 +1,82 @@
+"""The compiled update step: micro-batch invariance and refusal of non-finite updates."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from gmpo_jax import learner
+from gmpo_jax.config import AlgorithmConfig
+from gmpo_jax.logprobs import positions_from_mask
+from gmpo_jax.models.transformer import Transformer, TransformerConfig
+
+CONFIG = TransformerConfig.from_name("tiny")
+N, T = 8, 10
+
+
+def _model():
+  return nnx.split(Transformer(CONFIG, rngs=nnx.Rngs(0)))
+
+
+def _sequences(seed):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, CONFIG.vocab_size, (N, T)).astype(np.int32)
+  prompt = rng.integers(2, 5, N)
+  length = prompt + rng.integers(1, T - 4, N)
+  cols = np.arange(T)[None]
+  key_mask = cols < length[:, None]
+  loss_mask = key_mask & (cols >= prompt[:, None])
+  old = np.where(loss_mask, rng.normal(-4.0, 0.3, (N, T)), 0.0).astype(np.float32)
+  return learner.Batch(
+      tokens=jnp.asarray(tokens), positions=positions_from_mask(jnp.asarray(key_mask)),
+      key_mask=jnp.asarray(key_mask), loss_mask=jnp.asarray(loss_mask), old_logp=jnp.asarray(old),
+      ref_logp=jnp.asarray(old + 0.1), advantages=jnp.asarray(rng.normal(size=N), jnp.float32))
+
+
+def _split(batch, m):
+  return jax.tree.map(lambda x: x.reshape((m, N // m) + x.shape[1:]), batch)
+
+
+@pytest.mark.parametrize("objective,agg", [("geometric", None), ("token_clip", "token-mean"),
+                                           ("gspo", "seq-mean-token-sum-norm")])
+def test_update_does_not_depend_on_the_micro_batch_split(objective, agg):
+  algo = AlgorithmConfig(objective=objective, loss_agg_mode=agg, beta=0.02)
+  graphdef, params = _model()
+  optimizer = optax.sgd(1.0)
+  update = learner.make_update_fn(
+      graphdef, optimizer,
+      learner.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T), donate=False)
+  batch = _sequences(seed=len(objective))
+  results = [update(params, optimizer.init(params), _split(batch, m)) for m in (1, 2, 4)]
+  (p1, _, o1) = results[0]
+  assert float(o1.grad_norm) > 0
+  for p, _, o in results[1:]:
+    np.testing.assert_allclose(o.loss, o1.loss, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(o.grad_norm, o1.grad_norm, rtol=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p, p1)
+
+
+def test_non_finite_loss_leaves_parameters_and_optimizer_untouched():
+  graphdef, params = _model()
+  optimizer = optax.adam(1e-2)
+
+  def poisoned(model, batch, counts):
+    loss, metrics = learner.supervised_loss(chunk_size=4)(model, batch, counts)
+    return loss * jnp.where(batch.advantages[0] > 0, jnp.nan, 1.0), metrics
+
+  update = learner.make_update_fn(graphdef, optimizer, poisoned, donate=False)
+  batch = _sequences(seed=3)
+  opt_state = optimizer.init(params)
+  bad = batch._replace(advantages=jnp.ones_like(batch.advantages))
+  new_params, new_opt_state, out = update(params, opt_state, _split(bad, 1))
+  assert int(out.skipped) == 1
+  jax.tree.map(np.testing.assert_array_equal, new_params, params)
+  jax.tree.map(np.testing.assert_array_equal, new_opt_state, opt_state)
+
+  good = batch._replace(advantages=-jnp.ones_like(batch.advantages))
+  new_params, _, out = update(params, opt_state, _split(good, 1))
+  assert int(out.skipped) == 0 and np.isfinite(float(out.loss))
+  changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new_params, params))
+  assert any(changed)
