@@ -33,6 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.hf_path = ""
   config.model.tokenizer = "char"
   config.model.overrides = {}
+  config.model.param_dtype = ""  # empty: the checkpoint's (hf_path) or float32
+  config.model.dtype = ""
 
   config.sampling = ml_collections.ConfigDict()
   config.sampling.max_new_tokens = 6
@@ -82,4 +84,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint.best_metric = "eval/pass@1"
 
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+
+  # Multi-process runs (gmpo_jax.distributed): all three of coordinator_address, num_processes
+  # and process_id (or the JAX_* environment variables), or auto_detect on a TPU pod slice /
+  # Slurm; none: one process.
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.coordinator_address = ""
+  config.distributed.num_processes = ml_collections.FieldReference(None, field_type=int)
+  config.distributed.process_id = ml_collections.FieldReference(None, field_type=int)
+  config.distributed.auto_detect = False
+  config.distributed.initialization_timeout = 300
   return config

@@ -10,6 +10,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from gmpo_jax import distributed
 from gmpo_jax import train
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, data and metrics.")
@@ -22,6 +23,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
+  # Orbax and TFDS report every file operation at INFO through absl's logger.
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  # Before anything starts a JAX backend: the device list is fixed then.
+  distributed.initialize(distributed.DistributedConfig.from_config(_CONFIG.value.get("distributed")))
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -36,6 +36,7 @@ from flax import nnx
 
 from gmpo_jax import advantages as advantages_lib
 from gmpo_jax import checkpointing
+from gmpo_jax import distributed
 from gmpo_jax import learner
 from gmpo_jax import metrics as metrics_lib
 from gmpo_jax import sharding
@@ -60,7 +61,11 @@ TIMING_METRICS = ("time/step", "time/rollout", "time/reward", "time/update", "to
 
 
 def build_tokenizer(model_config: ml_collections.ConfigDict) -> tokenization.Tokenizer:
-  return tokenization.load_tokenizer(model_config.tokenizer)
+  """`model.tokenizer` ('char' or a path); empty: the tokenizer.json of `model.hf_path`."""
+  source = model_config.tokenizer or model_config.get("hf_path")
+  if not source:
+    raise ValueError("config.model.tokenizer is empty and there is no model.hf_path to read it from")
+  return tokenization.load_tokenizer(source)
 
 
 def build_model(model_config: ml_collections.ConfigDict, tokenizer: tokenization.Tokenizer,
@@ -68,13 +73,15 @@ def build_model(model_config: ml_collections.ConfigDict, tokenizer: tokenization
   """The policy: a Hugging Face checkpoint from a local path, or a named config at random init."""
   if model_config.get("hf_path"):
     model, _ = hf_import.load_hf_checkpoint(model_config.hf_path,
-                                            param_dtype=model_config.get("param_dtype"),
-                                            dtype=model_config.get("dtype"))
+                                            param_dtype=model_config.get("param_dtype") or None,
+                                            dtype=model_config.get("dtype") or None)
     return model
   overrides = dict(model_config.get("overrides", {}))
   config = TransformerConfig.from_name(model_config.name)
-  if model_config.get("vocab_from_tokenizer", True):
-    overrides["vocab_size"] = tokenizer.vocab_size
+  overrides["vocab_size"] = tokenizer.vocab_size
+  for name in ("param_dtype", "dtype"):
+    if model_config.get(name):
+      overrides[name] = model_config[name]
   config = dataclasses.replace(config, **overrides)
   return Transformer(config, rngs=nnx.Rngs(seed))
 
@@ -211,8 +218,10 @@ def _build_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Run:
   algo = AlgorithmConfig.from_config(config.algorithm)
   task = tasks_lib.get_task(config.task.name, **config.task.get("kwargs", {}))
   data_dir = str(config.task.get("data_dir") or workdir / "data")
-  train_examples = task.load(config.task.train_split, data_dir=data_dir)
-  eval_examples = task.load(config.task.eval_split, data_dir=data_dir)
+  train_examples, eval_examples = distributed.primary_first(
+      lambda: tuple(task.load(split, data_dir=data_dir)
+                    for split in (config.task.train_split, config.task.eval_split)),
+      name="task_data")
   tokenizer = build_tokenizer(config.model)
   model = build_model(config.model, tokenizer, seed=config.seed)
   mesh = sharding.make_mesh(**config.mesh)
@@ -243,10 +252,9 @@ def _init_opt_state(optimizer, params, mesh):
   Every leaf gets a `NamedSharding` on `mesh`, so the update step's explicit input and output
   shardings agree from the first call on (no recompile at step 2).
   """
-  opt_state = jax.jit(optimizer.init)(params)
-  return jax.device_put(opt_state, jax.tree.map(
-      lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding)
-      else sharding.replicated(mesh), opt_state))
+  shardings = sharding.opt_state_shardings(
+      optimizer, params, jax.tree.map(lambda x: x.sharding, params), mesh)
+  return jax.jit(optimizer.init, out_shardings=shardings)(params)
 
 
 # --- Supervised warm start -------------------------------------------------------------------
@@ -263,7 +271,7 @@ def warm_start(run: Run) -> Any:
   directory = run.workdir / "warm_start"
   optimizer = make_optimizer(cfg.optim, cfg.steps)
   opt_state = _init_opt_state(optimizer, run.params, run.mesh)
-  key = jax.random.key(run.config.seed)
+  key = sharding.prng_key(run.config.seed, run.mesh)
   target = checkpointing.CheckpointState(step=0, model=run.params, opt_state=opt_state,
                                          key=key, metadata={})
   with checkpointing.Checkpointer(directory, max_to_keep=1, async_save=False) as ckpt:
@@ -379,7 +387,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   optimizer = make_optimizer(config.optim, total_updates)
   params = run.params
   opt_state = _init_opt_state(optimizer, params, run.mesh)
-  base_key, eval_key = jax.random.split(jax.random.key(config.seed))
+  base_key, eval_key = jax.random.split(sharding.prng_key(config.seed, run.mesh))
   max_new = run.sampling.max_new_tokens
   update = _make_update(run, optimizer, learner.policy_loss(
       algo, temperature=run.sampling.logit_temperature, chunk_size=config.chunk_size,

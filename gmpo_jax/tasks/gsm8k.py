@@ -130,8 +130,8 @@ class Gsm8kTask(base.Task):
   """GSM8K with final-answer matching.
 
   Attributes:
-    manual_dir: directory holding train.jsonl and test.jsonl (None: TFDS's default,
-      `<data_dir>/downloads/manual`).
+    manual_dir: directory holding train.jsonl and test.jsonl (None or '': TFDS's default,
+      `<data_dir>/downloads/manual`; '' lets a locked config leave it unset).
     prompt_template: str.format template with a `{question}` field.
     tolerance: largest |predicted - reference| that counts as correct.
     correct_reward: added for a correct final answer.
@@ -169,7 +169,7 @@ class Gsm8kTask(base.Task):
     return None
 
   def download_config(self) -> tfds.download.DownloadConfig:
-    return tfds.download.DownloadConfig(manual_dir=self.manual_dir)
+    return tfds.download.DownloadConfig(manual_dir=self.manual_dir or None)
 
   @property
   def reward_range(self) -> tuple[float, float]:

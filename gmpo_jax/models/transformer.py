@@ -1,0 +1,699 @@
+"""Decoder-only transformer (Llama / Qwen2 / Qwen3 family) in Flax NNX, with a KV cache.
+
+One block: h = x + Attn(RMSNorm(x)); y = h + SwiGLU(RMSNorm(h)). The blocks are created
+stacked on a leading ``layers`` axis (``nnx.vmap``) and run with one ``jax.lax.scan``, so
+compile time does not grow with depth; the KV cache is stacked on the same axis.
+
+Papers: "Attention Is All You Need" (Vaswani et al. 2017, arXiv 1706.03762); "Root Mean
+Square Layer Normalization" (Zhang & Sennrich 2019, arXiv 1910.07467); "RoFormer: Enhanced
+Transformer with Rotary Position Embedding" (Su et al. 2021, arXiv 2104.09864); "GQA:
+Training Generalized Multi-Query Transformer Models from Multi-Head Checkpoints" (Ainslie
+et al. 2023, arXiv 2305.13245); "GLU Variants Improve Transformer" (Shazeer 2020, arXiv
+2002.05202); "The Llama 3 Herd of Models" (arXiv 2407.21783, RoPE frequency scaling);
+"Qwen2 Technical Report" (arXiv 2407.10671, q/k/v bias); "Qwen3 Technical Report" (arXiv
+2505.09388, per-head q/k RMSNorm).
+
+The rotary embedding uses the "rotate half" pairing (dimension i with i + head_dim/2) that
+Hugging Face checkpoints are stored for, so their weights load without permutation.
+
+Every parameter carries logical axis names (``vocab``, ``embed``, ``mlp``, ``heads``,
+``kv_heads``, ``head_dim``, ``layers``) as ``out_sharding`` metadata, created with
+``eager_sharding=False`` so the model builds without a mesh; a sharding module maps the
+names to mesh axes with ``nnx.get_partition_spec`` under ``nnx.logical_axis_rules``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax import struct
+
+_SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+# Masked attention scores: a finite floor instead of -inf, so a query with no valid key
+# (a left-padding position) gets a finite, uniform softmax rather than NaN.
+_MASK_VALUE = float(np.finfo(np.float32).min)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """RoPE frequency rescaling for context extension, as stored in HF ``rope_scaling``.
+
+  ``linear``: θ_i ← θ_i / factor. ``llama3`` (Llama 3.1 / 3.2, arXiv 2407.21783): with
+  wavelength λ_i = 2π/θ_i, λ_lo = L₀/low_freq_factor, λ_hi = L₀/high_freq_factor
+  (L₀ = original_max_position_embeddings): θ_i unchanged if λ_i < λ_hi, θ_i/factor if
+  λ_i > λ_lo, otherwise (1 − s)θ_i/factor + sθ_i with s = (L₀/λ_i − low)/(high − low).
+  """
+
+  rope_type: str
+  factor: float
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+  def __post_init__(self):
+    if self.rope_type not in ("linear", "llama3"):
+      raise ValueError(
+          f"Unsupported RoPE scaling type {self.rope_type!r}; supported: 'linear', 'llama3' "
+          "(and no scaling)."
+      )
+    if not self.factor > 0:
+      raise ValueError(f"RoPE scaling factor must be > 0, got {self.factor}.")
+    if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+      raise ValueError(
+          "llama3 RoPE scaling needs high_freq_factor > low_freq_factor, got "
+          f"{self.high_freq_factor} <= {self.low_freq_factor}."
+      )
+
+
+def _canonical_dtype(name: str, value: Any) -> np.dtype:
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError as err:
+    raise ValueError(f"{name}={value!r} is not a dtype; use one of {_SUPPORTED_DTYPES}.") from err
+  if dtype.name not in _SUPPORTED_DTYPES:
+    raise ValueError(f"{name}={value!r} is not supported; use one of {_SUPPORTED_DTYPES}.")
+  return dtype
+
+
+# Published hyperparameters (each model's config.json on the Hugging Face hub).
+_NAMED_CONFIGS: dict[str, dict[str, Any]] = {
+    # CPU default and tests; vocabulary covers CharTokenizer (99 ids).
+    "tiny": dict(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=16, rope_theta=10_000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, max_position_embeddings=512,
+    ),
+    # A from-scratch Llama-style model of about 100M parameters (100.1M with tied embeddings).
+    "llama-100m": dict(
+        vocab_size=32_000, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12,
+        num_kv_heads=4, head_dim=64, rope_theta=10_000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, max_position_embeddings=2048,
+    ),
+    "qwen2-0.5b": dict(
+        vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
+        num_kv_heads=2, head_dim=64, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, attention_bias=True, max_position_embeddings=131_072,
+    ),
+    "qwen2.5-0.5b": dict(
+        vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
+        num_kv_heads=2, head_dim=64, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, attention_bias=True, max_position_embeddings=32_768,
+    ),
+    "qwen2.5-1.5b": dict(
+        vocab_size=151_936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
+        num_kv_heads=2, head_dim=128, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, attention_bias=True, max_position_embeddings=131_072,
+    ),
+    "qwen3-0.6b": dict(
+        vocab_size=151_936, hidden_size=1024, intermediate_size=3072, num_layers=28, num_heads=16,
+        num_kv_heads=8, head_dim=128, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, qk_norm=True, max_position_embeddings=40_960,
+    ),
+    "llama-3.2-1b": dict(
+        vocab_size=128_256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
+        num_kv_heads=8, head_dim=64, rope_theta=500_000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, max_position_embeddings=131_072,
+        rope_scaling=RopeScaling(
+            rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Hyperparameters of the decoder; frozen and hashable, so it can be a static jit argument.
+
+  Attributes:
+    vocab_size: V.
+    hidden_size: D.
+    intermediate_size: SwiGLU width F.
+    num_layers: L.
+    num_heads: query heads H.
+    num_kv_heads: key/value heads K (H % K == 0; K = H is multi-head attention).
+    head_dim: per-head width (Qwen3 has H·head_dim ≠ D).
+    rope_theta: RoPE base b, θ_i = b^(−2i/head_dim).
+    rms_norm_eps: ε inside every RMSNorm.
+    tie_word_embeddings: the output projection is the embedding matrix transposed.
+    attention_bias: biases on the q/k/v projections (Qwen2); o_proj never has one.
+    qk_norm: per-head RMSNorm over head_dim on q and k before RoPE (Qwen3).
+    param_dtype: storage dtype of the parameters.
+    dtype: compute dtype (activations, KV cache by default); norms, attention softmax and
+      logits are computed in float32 regardless.
+    max_position_embeddings: the longest context the model was trained for (informational).
+    remat: rematerialize each block in the backward pass (saves activation memory).
+    rope_scaling: optional RoPE frequency rescaling (llama-3.2-1b uses 'llama3').
+  """
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float = 10_000.0
+  rms_norm_eps: float = 1e-6
+  tie_word_embeddings: bool = True
+  attention_bias: bool = False
+  qk_norm: bool = False
+  param_dtype: Any = "float32"
+  dtype: Any = "float32"
+  max_position_embeddings: int = 2048
+  remat: bool = False
+  rope_scaling: RopeScaling | None = None
+
+  def __post_init__(self):
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "head_dim", "max_position_embeddings"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"TransformerConfig.{name} must be a positive int, got {value!r}.")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}."
+      )
+    if self.head_dim % 2:
+      raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}.")
+    if not self.rope_theta > 1.0:
+      raise ValueError(f"rope_theta must be > 1, got {self.rope_theta}.")
+    if not self.rms_norm_eps > 0.0:
+      raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}.")
+    if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+      raise ValueError(f"rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}.")
+    object.__setattr__(self, "param_dtype", _canonical_dtype("param_dtype", self.param_dtype))
+    object.__setattr__(self, "dtype", _canonical_dtype("dtype", self.dtype))
+
+  @property
+  def matmul_precision(self) -> jax.lax.Precision:
+    """HIGHEST for float32 compute: on GPUs/TPUs the default runs float32 matmuls in
+    TF32/bfloat16 passes (errors ~1e-3 in the logits), and log-prob ratios need float32."""
+    if self.dtype == jnp.float32:
+      return jax.lax.Precision.HIGHEST
+    return jax.lax.Precision.DEFAULT
+
+  @classmethod
+  def from_name(cls, name: str) -> TransformerConfig:
+    """The published hyperparameters of a named model; `dataclasses.replace` to override.
+
+    Args:
+      name: one of 'tiny', 'llama-100m', 'qwen2-0.5b', 'qwen2.5-0.5b', 'qwen2.5-1.5b',
+        'qwen3-0.6b', 'llama-3.2-1b'.
+
+    Returns:
+      The config (float32 parameters and compute; remat off).
+    """
+    if name not in _NAMED_CONFIGS:
+      raise ValueError(f"Unknown model name {name!r}; known: {sorted(_NAMED_CONFIGS)}.")
+    return cls(**_NAMED_CONFIGS[name])
+
+  @classmethod
+  def from_hf_config(cls, hf_config: dict[str, Any]) -> TransformerConfig:
+    """Reads a Hugging Face ``config.json`` dict (model_type llama, qwen2 or qwen3).
+
+    Accepts both the transformers-5 keys (``rope_parameters``, ``dtype``) and the older
+    top-level ``rope_theta`` / ``rope_scaling`` / ``torch_dtype``. The checkpoint dtype
+    becomes ``param_dtype`` and ``dtype``; override with `dataclasses.replace`.
+
+    Args:
+      hf_config: the parsed config.json.
+
+    Returns:
+      The matching config.
+
+    Raises:
+      ValueError: an unsupported model_type, RoPE scaling type, sliding-window attention,
+        o_proj / MLP biases, or a non-SiLU activation.
+    """
+    model_type = hf_config.get("model_type")
+    if model_type not in ("llama", "qwen2", "qwen3"):
+      raise ValueError(
+          f"Unsupported model_type {model_type!r}; supported: 'llama', 'qwen2', 'qwen3'."
+      )
+    act = hf_config.get("hidden_act", "silu")
+    if act != "silu":
+      raise ValueError(f"Only the SiLU (SwiGLU) MLP is supported, config has hidden_act={act!r}.")
+    if hf_config.get("mlp_bias", False):
+      raise ValueError("MLP biases (mlp_bias=True) are not supported.")
+    layer_types = set(hf_config.get("layer_types") or ["full_attention"])
+    if hf_config.get("use_sliding_window", False) or layer_types != {"full_attention"}:
+      raise ValueError("Sliding-window attention (use_sliding_window=True) is not supported.")
+    # Llama and Qwen3 put `attention_bias` on q, k, v AND o_proj; only Qwen2's q/k/v-only
+    # bias is supported.
+    if model_type in ("llama", "qwen3") and hf_config.get("attention_bias", False):
+      raise ValueError(
+          f"{model_type} with attention_bias=True (which includes an o_proj bias) is not supported."
+      )
+    if hf_config.get("pretraining_tp", 1) not in (1, None):
+      raise ValueError("pretraining_tp != 1 is not supported.")
+
+    rope = dict(hf_config.get("rope_parameters") or {})
+    legacy_scaling = hf_config.get("rope_scaling")
+    if legacy_scaling:
+      rope = {**legacy_scaling, **rope}
+    rope_theta = rope.get("rope_theta", hf_config.get("rope_theta", 10_000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+      raise ValueError("partial_rotary_factor != 1 is not supported.")
+    if rope_type == "default":
+      rope_scaling = None
+    elif rope_type in ("linear", "llama3"):
+      fields = {f.name for f in dataclasses.fields(RopeScaling)} - {"rope_type"}
+      rope_scaling = RopeScaling(rope_type=rope_type, **{k: rope[k] for k in fields if k in rope})
+    else:
+      raise ValueError(
+          f"Unsupported RoPE scaling type {rope_type!r}; supported: 'default', 'linear', 'llama3'."
+      )
+
+    num_heads = hf_config["num_attention_heads"]
+    dtype = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
+    return cls(
+        vocab_size=hf_config["vocab_size"],
+        hidden_size=hf_config["hidden_size"],
+        intermediate_size=hf_config["intermediate_size"],
+        num_layers=hf_config["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=hf_config.get("num_key_value_heads") or num_heads,
+        head_dim=hf_config.get("head_dim") or hf_config["hidden_size"] // num_heads,
+        rope_theta=float(rope_theta),
+        rms_norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+        attention_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3",
+        param_dtype=dtype,
+        dtype=dtype,
+        max_position_embeddings=hf_config.get("max_position_embeddings", 2048),
+        rope_scaling=rope_scaling,
+    )
+
+
+@struct.dataclass
+class KVCache:
+  """Keys and values of every layer at a fixed capacity S, filled left to right.
+
+  Attributes:
+    k: [L, B, S, K, head_dim] keys (after RoPE), compute dtype.
+    v: [L, B, S, K, head_dim] values.
+    key_mask: [B, S] bool, True where a slot holds a real (non-padding) token.
+    index: int32 scalar, the number of slots written so far (the next write position).
+  """
+
+  k: jax.Array
+  v: jax.Array
+  key_mask: jax.Array
+  index: jax.Array
+
+  @property
+  def capacity(self) -> int:
+    return self.k.shape[2]
+
+
+def init_cache(
+    config: TransformerConfig, batch: int, capacity: int, dtype: Any = None
+) -> KVCache:
+  """An empty cache: zeros, no valid slot, index 0.
+
+  Args:
+    config: the model config.
+    batch: B.
+    capacity: S, the most tokens (prompt + generated, padding included) the cache holds.
+    dtype: storage dtype of k/v; default ``config.dtype``.
+
+  Returns:
+    KVCache with k, v [L, B, S, K, head_dim], key_mask [B, S] all False, index 0.
+  """
+  if batch <= 0 or capacity <= 0:
+    raise ValueError(f"init_cache needs batch > 0 and capacity > 0, got {batch}, {capacity}.")
+  dtype = config.dtype if dtype is None else jnp.dtype(dtype)
+  shape = (config.num_layers, batch, capacity, config.num_kv_heads, config.head_dim)
+  return KVCache(
+      k=jnp.zeros(shape, dtype),
+      v=jnp.zeros(shape, dtype),
+      key_mask=jnp.zeros((batch, capacity), bool),
+      index=jnp.zeros((), jnp.int32),
+  )
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, *, eps: float) -> jax.Array:
+  """y = scale · x / sqrt(mean(x²) + ε) over the last axis.
+
+  RMSNorm (Zhang & Sennrich 2019, arXiv 1910.07467). The statistics are computed in
+  float32 and the normalized value is cast back to x's dtype before the scale, as in the
+  Hugging Face Llama/Qwen implementations.
+
+  Args:
+    x: [..., N] activations.
+    scale: [N] weights.
+    eps: ε > 0, so an all-zero row maps to zeros (finite).
+
+  Returns:
+    [..., N] in x's dtype.
+  """
+  chex.assert_rank(scale, 1)
+  chex.assert_axis_dimension(x, -1, scale.shape[0])
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+  return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rope_inverse_frequencies(config: TransformerConfig) -> np.ndarray:
+  """θ_i = rope_theta^(−2i/head_dim), i < head_dim/2, then the config's rope_scaling.
+
+  RoFormer (Su et al. 2021, arXiv 2104.09864); llama3 scaling from "The Llama 3 Herd of
+  Models" (arXiv 2407.21783), see `RopeScaling`.
+
+  Args:
+    config: the model config (static).
+
+  Returns:
+    [head_dim/2] float32 NumPy array (computed in float64).
+  """
+  exponents = np.arange(0, config.head_dim, 2, dtype=np.float64) / config.head_dim
+  inv_freq = 1.0 / (config.rope_theta**exponents)
+  scaling = config.rope_scaling
+  if scaling is not None:
+    if scaling.rope_type == "linear":
+      inv_freq = inv_freq / scaling.factor
+    else:
+      context = scaling.original_max_position_embeddings
+      wavelength = 2 * math.pi / inv_freq
+      scaled = np.where(wavelength > context / scaling.low_freq_factor, inv_freq / scaling.factor,
+                        inv_freq)
+      smooth = (context / wavelength - scaling.low_freq_factor) / (
+          scaling.high_freq_factor - scaling.low_freq_factor)
+      smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+      medium = (wavelength >= context / scaling.high_freq_factor) & (
+          wavelength <= context / scaling.low_freq_factor)
+      inv_freq = np.where(medium, smoothed, scaled)
+  return inv_freq.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """x·cos(pθ) + rotate_half(x)·sin(pθ), rotate_half([x₁, x₂]) = [−x₂, x₁].
+
+  RoFormer (Su et al. 2021, arXiv 2104.09864) with the "rotate half" pairing of dimension
+  i with i + head_dim/2 (the layout of Hugging Face Llama/Qwen checkpoints). Computed in
+  float32, returned in x's dtype.
+
+  Args:
+    x: [B, T, N, head_dim] queries or keys.
+    positions: [B, T] int32 positions p (may be negative for left padding; finite).
+    inv_freq: [head_dim/2] float32 θ.
+
+  Returns:
+    [B, T, N, head_dim] in x's dtype.
+  """
+  chex.assert_rank([x, positions, inv_freq], [4, 2, 1])
+  chex.assert_axis_dimension(x, 3, 2 * inv_freq.shape[0])
+  angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq.astype(jnp.float32)
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def grouped_query_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+    precision: jax.lax.Precision = jax.lax.Precision.DEFAULT,
+) -> jax.Array:
+  """softmax(q kᵀ / sqrt(head_dim) masked) v, each query head reading key head h // (H/K).
+
+  Scaled dot-product attention ("Attention Is All You Need", arXiv 1706.03762) with
+  grouped-query heads (Ainslie et al. 2023, arXiv 2305.13245). Scores and softmax in
+  float32; the probabilities are cast to v's dtype for the value product.
+
+  Args:
+    q: [B, T, H, head_dim] queries.
+    k: [B, S, K, head_dim] keys, H % K == 0.
+    v: [B, S, K, head_dim] values.
+    mask: [B, T, S] bool, True where query t may attend to key s.
+    precision: matmul precision of both products.
+
+  Returns:
+    [B, T, H, head_dim] in q's dtype. A query row with no True in its mask attends
+    uniformly to all S keys (finite, meaningless): only padding positions have such rows.
+  """
+  chex.assert_rank([q, k, v, mask], [4, 4, 4, 3])
+  chex.assert_equal_shape([k, v])
+  batch, length, num_heads, head_dim = q.shape
+  num_kv_heads = k.shape[2]
+  if num_heads % num_kv_heads:
+    raise ValueError(f"{num_heads} query heads is not a multiple of {num_kv_heads} kv heads.")
+  chex.assert_shape(mask, (batch, length, k.shape[1]))
+  q = q.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, precision=precision,
+                      preferred_element_type=jnp.float32)
+  scores = scores * (head_dim**-0.5)
+  scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, precision=precision,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(batch, length, num_heads, head_dim).astype(q.dtype)
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str) -> nnx.Param:
+  """A parameter with logical axis names; `eager_sharding=False` so no mesh is needed."""
+  if init == "normal":
+    # Llama/Qwen's initializer_range.
+    value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+  elif init == "ones":
+    value = jnp.ones(shape, dtype)
+  else:
+    value = jnp.zeros(shape, dtype)
+  return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm with a learned scale [N] (see `rms_norm`)."""
+
+  def __init__(self, size: int, axis_name: str, config: TransformerConfig, *, rngs: nnx.Rngs):
+    self.scale = _param(rngs, (size,), (axis_name,), config.param_dtype, "ones")
+    self.eps = config.rms_norm_eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return rms_norm(x, self.scale[...], eps=self.eps)
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention with RoPE, optional q/k/v bias and per-head q/k norm."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    d, h, kv, hd, pd = (config.hidden_size, config.num_heads, config.num_kv_heads,
+                        config.head_dim, config.param_dtype)
+    self.config = config
+    self.q_proj = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pd, "normal")
+    self.k_proj = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd, "normal")
+    self.v_proj = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd, "normal")
+    self.o_proj = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), pd, "normal")
+    if config.attention_bias:
+      self.q_bias = _param(rngs, (h, hd), ("heads", "head_dim"), pd, "zeros")
+      self.k_bias = _param(rngs, (kv, hd), ("kv_heads", "head_dim"), pd, "zeros")
+      self.v_bias = _param(rngs, (kv, hd), ("kv_heads", "head_dim"), pd, "zeros")
+    if config.qk_norm:
+      self.q_norm = RMSNorm(hd, "head_dim", config, rngs=rngs)
+      self.k_norm = RMSNorm(hd, "head_dim", config, rngs=rngs)
+
+  def _project(self, x: jax.Array, name: str) -> jax.Array:
+    dtype = self.config.dtype
+    y = jnp.einsum("btd,dnh->btnh", x, getattr(self, f"{name}_proj")[...].astype(dtype),
+                   precision=self.config.matmul_precision)
+    if self.config.attention_bias:
+      y = y + getattr(self, f"{name}_bias")[...].astype(dtype)
+    return y
+
+  def qkv(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array):
+    """Rotated queries [B,T,H,hd], rotated keys and values [B,T,K,hd]."""
+    q, k, v = self._project(x, "q"), self._project(x, "k"), self._project(x, "v")
+    if self.config.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+  def output(self, attended: jax.Array) -> jax.Array:
+    return jnp.einsum("btnh,nhd->btd", attended, self.o_proj[...].astype(self.config.dtype),
+                      precision=self.config.matmul_precision)
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(x W_gate) ⊙ x W_up) (Shazeer 2020, arXiv 2002.05202)."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    d, f, pd = config.hidden_size, config.intermediate_size, config.param_dtype
+    self.dtype, self.precision = config.dtype, config.matmul_precision
+    self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), pd, "normal")
+    self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), pd, "normal")
+    self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), pd, "normal")
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    matmul = functools.partial(jnp.matmul, precision=self.precision)
+    gate = matmul(x, self.gate_proj[...].astype(self.dtype))
+    up = matmul(x, self.up_proj[...].astype(self.dtype))
+    return matmul(jax.nn.silu(gate) * up, self.down_proj[...].astype(self.dtype))
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block: h = x + Attn(norm(x)), y = h + MLP(norm(h))."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(config.hidden_size, "embed", config, rngs=rngs)
+    self.attn = Attention(config, rngs=rngs)
+    self.mlp_norm = RMSNorm(config.hidden_size, "embed", config, rngs=rngs)
+    self.mlp = MLP(config, rngs=rngs)
+
+
+class Transformer(nnx.Module):
+  """Decoder-only language model; see the module docstring and docs/CONTRACTS.md.
+
+  Parameters (logical axes in brackets): embedding [vocab, embed]; blocks, each stacked
+  on a leading [layers] axis: attn_norm.scale [embed], attn.{q,k,v}_proj
+  [embed, heads|kv_heads, head_dim], attn.o_proj [heads, head_dim, embed], optional
+  attn.{q,k,v}_bias and attn.{q,k}_norm.scale, mlp_norm.scale, mlp.{gate,up}_proj
+  [embed, mlp], mlp.down_proj [mlp, embed]; final_norm.scale [embed]; lm_head
+  [embed, vocab] when untied. Initialization: N(0, 0.02²) weights, unit norm scales, zero
+  biases. To build on an accelerator without a host copy, wrap the constructor in
+  `nnx.jit`; to build without computing, `nnx.eval_shape`.
+  """
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.embedding = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"),
+                            config.param_dtype, "normal")
+
+    @nnx.split_rngs(splits=config.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=config.num_layers,
+              transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_blocks(layer_rngs: nnx.Rngs) -> Block:
+      return Block(config, rngs=layer_rngs)
+
+    self.blocks = make_blocks(rngs)
+    self.final_norm = RMSNorm(config.hidden_size, "embed", config, rngs=rngs)
+    if not config.tie_word_embeddings:
+      self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"),
+                            config.param_dtype, "normal")
+
+  def __call__(
+      self,
+      tokens: jax.Array,
+      positions: jax.Array,
+      *,
+      key_mask: jax.Array | None = None,
+      cache: KVCache | None = None,
+  ) -> tuple[jax.Array, KVCache | None]:
+    """Final-norm hidden states of a chunk of tokens, optionally extending a KV cache.
+
+    Without a cache, query t attends to keys s ≤ t with key_mask[b, s]. With a cache, the
+    chunk's keys/values are written to slots [index, index + T), key_mask is merged into
+    cache.key_mask there, and query t (slot index + t) attends to valid slots ≤ index + t.
+
+    Args:
+      tokens: [B, T] int32 token ids.
+      positions: [B, T] int32 RoPE positions, padding-aware: cumsum(mask) − 1 for a
+        left-padded prompt, then last position + 1 per decode step.
+      key_mask: [B, T] bool, False at padding; default all True.
+      cache: KVCache with capacity S ≥ index + T, or None.
+
+    Returns:
+      (hidden [B, T, D] in config.dtype, the updated cache with index += T, or None).
+      Hidden states at padding positions are finite but meaningless.
+
+    Raises:
+      AssertionError: wrong ranks, shapes or dtypes (chex).
+      ValueError: outside jit, a token id outside [0, V) or a chunk that does not fit in
+        the cache. Under jit neither can be checked: ids are clipped to [0, V) and the
+        caller must ensure index + T ≤ S (XLA clamps out-of-range cache writes).
+    """
+    config = self.config
+    chex.assert_rank([tokens, positions], 2)
+    chex.assert_type([tokens, positions], int)
+    chex.assert_equal_shape([tokens, positions])
+    batch, length = tokens.shape
+    if key_mask is None:
+      key_mask = jnp.ones((batch, length), bool)
+    chex.assert_type(key_mask, bool)
+    chex.assert_shape(key_mask, (batch, length))
+
+    if not isinstance(tokens, jax.core.Tracer):
+      host_tokens = np.asarray(tokens)  # NumPy: no traced op even inside an outer jit
+      low, high = int(host_tokens.min()), int(host_tokens.max())
+      if low < 0 or high >= config.vocab_size:
+        raise ValueError(f"Token ids must lie in [0, {config.vocab_size}), got [{low}, {high}].")
+    if cache is not None:
+      chex.assert_shape(cache.key_mask, (batch, cache.capacity))
+      chex.assert_shape([cache.k, cache.v], (config.num_layers, batch, cache.capacity,
+                                             config.num_kv_heads, config.head_dim))
+      if length > cache.capacity:
+        raise ValueError(f"A chunk of {length} tokens cannot fit a cache of {cache.capacity}.")
+      # Under jit the index is traced and the caller guarantees the fit (see Raises).
+      if (not isinstance(cache.index, jax.core.Tracer)
+          and int(cache.index) + length > cache.capacity):
+        raise ValueError(f"Cache overflow: index {int(cache.index)} + {length} new tokens > "
+                         f"capacity {cache.capacity}.")
+
+    # Under jit ids cannot be checked; clip instead of jnp.take's default NaN fill.
+    x = jnp.take(self.embedding[...], tokens, axis=0, mode="clip").astype(config.dtype)
+    inv_freq = jnp.asarray(rope_inverse_frequencies(config))
+    if cache is None:
+      causal = jnp.tril(jnp.ones((length, length), bool))
+      mask = causal[None] & key_mask[:, None, :]
+      layers_k = layers_v = index = None
+    else:
+      index = cache.index
+      new_key_mask = jax.lax.dynamic_update_slice(cache.key_mask, key_mask, (0, index))
+      slots = jnp.arange(cache.capacity)
+      query_slots = index + jnp.arange(length)
+      mask = (slots[None, :] <= query_slots[:, None])[None] & new_key_mask[:, None, :]
+      layers_k, layers_v = cache.k, cache.v
+
+    graphdef, block_state = nnx.split(self.blocks)
+
+    def layer(carry, xs):
+      h, all_k, all_v = carry
+      state, layer_index = xs
+      block = nnx.merge(graphdef, state)
+      q, k, v = block.attn.qkv(block.attn_norm(h), positions, inv_freq)
+      if all_k is not None:
+        start = (layer_index, 0, index, 0, 0)
+        all_k = jax.lax.dynamic_update_slice(all_k, k.astype(all_k.dtype)[None], start)
+        all_v = jax.lax.dynamic_update_slice(all_v, v.astype(all_v.dtype)[None], start)
+        k, v = all_k[layer_index].astype(q.dtype), all_v[layer_index].astype(q.dtype)
+      attended = grouped_query_attention(q, k, v, mask, precision=config.matmul_precision)
+      h = h + block.attn.output(attended)
+      h = h + block.mlp(block.mlp_norm(h))
+      return (h, all_k, all_v), None
+
+    if config.remat:
+      layer = jax.checkpoint(layer, prevent_cse=False)
+    (x, layers_k, layers_v), _ = jax.lax.scan(
+        layer, (x, layers_k, layers_v), (block_state, jnp.arange(config.num_layers)))
+    hidden = self.final_norm(x)
+    if cache is None:
+      return hidden, None
+    return hidden, KVCache(k=layers_k, v=layers_v, key_mask=new_key_mask, index=index + length)
+
+  def unembed_matrix(self) -> jax.Array:
+    """[D, V] output projection in config.dtype (tied: the embedding transposed)."""
+    if self.config.tie_word_embeddings:
+      return self.embedding[...].T.astype(self.config.dtype)
+    return self.lm_head[...].astype(self.config.dtype)
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """logits = hidden · W_unembed, accumulated and returned in float32.
+
+    Args:
+      hidden: [B, T, D] final-norm hidden states.
+
+    Returns:
+      [B, T, V] float32.
+    """
+    chex.assert_rank(hidden, 3)
+    chex.assert_axis_dimension(hidden, 2, self.config.hidden_size)
+    return jnp.einsum("btd,dv->btv", hidden.astype(self.config.dtype), self.unembed_matrix(),
+                      precision=self.config.matmul_precision,
+                      preferred_element_type=jnp.float32)

@@ -1,0 +1,224 @@
+"""Parity of gmpo_jax's Transformer with Hugging Face transformers (PyTorch, CPU) on tiny
+random checkpoints, and the importer's error handling."""
+
+import dataclasses
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip(
+    "torch", reason="PyTorch is needed for the Hugging Face parity tests (extra 'parity').")
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is needed for the Hugging Face parity tests.")
+
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+from gmpo_jax.models import hf_import  # noqa: E402
+
+_COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=56, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+               max_position_embeddings=256)
+# Each family with the features that distinguish it; tied and untied embeddings both covered.
+FAMILIES = {
+    "llama_llama3rope_untied": (transformers.LlamaConfig, dict(
+        tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="llama3", rope_theta=10_000.0, factor=8.0,
+                             low_freq_factor=1.0, high_freq_factor=4.0,
+                             original_max_position_embeddings=128))),
+    "llama_tied": (transformers.LlamaConfig, dict(
+        tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=500.0))),
+    "qwen2_bias_tied": (transformers.Qwen2Config, dict(
+        tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=1e6))),
+    "qwen3_qknorm_untied": (transformers.Qwen3Config, dict(
+        tie_word_embeddings=False, head_dim=16,
+        rope_parameters=dict(rope_type="default", rope_theta=1e6))),
+}
+
+
+@nnx.jit
+def _logits(model, tokens, positions, key_mask):
+  hidden, _ = model(tokens, positions, key_mask=key_mask)
+  return model.logits(hidden)
+
+
+def _torch_model(family, seed=0):
+  """A tiny HF model with every weight, norm scale and bias set to random non-defaults."""
+  config_cls, extra = FAMILIES[family]
+  config = config_cls(**_COMMON, **extra)
+  config._attn_implementation = "eager"
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(config).eval()
+  with torch.no_grad():
+    for name, param in model.named_parameters():
+      if name.endswith("norm.weight"):
+        param.copy_(1.0 + 0.3 * torch.randn_like(param))
+      elif name.endswith("bias"):
+        param.copy_(0.3 * torch.randn_like(param))
+      else:
+        param.copy_(0.15 * torch.randn_like(param))
+  return model
+
+
+def _save(model, directory, sharded):
+  # 4KB shards split this ~60k-parameter model into many files.
+  model.save_pretrained(directory, max_shard_size="4KB" if sharded else "50GB")
+  return directory
+
+
+def _left_padded_batch(vocab_size):
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, vocab_size, (3, 10)).astype(np.int32)
+  mask = np.arange(10)[None, :] >= np.array([0, 4, 7])[:, None]
+  positions = (np.cumsum(mask, axis=1) - 1).astype(np.int32)
+  return tokens, positions, mask
+
+
+def _torch_logits(model, tokens, positions, mask):
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                attention_mask=torch.tensor(mask, dtype=torch.long),
+                # HF's generate convention: padding positions set to 1 (never attended).
+                position_ids=torch.tensor(np.where(mask, positions, 1), dtype=torch.long))
+  return out.logits.float().numpy()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_logits_match_transformers(family, tmp_path):
+  torch_model = _torch_model(family)
+  single = _save(torch_model, tmp_path / "single", sharded=False)
+  sharded = _save(torch_model, tmp_path / "sharded", sharded=True)
+  assert os.path.isfile(sharded / hf_import.WEIGHTS_INDEX_FILE)
+  assert len(list(sharded.glob("*.safetensors"))) > 2
+
+  model, config = hf_import.load_hf_checkpoint(single)
+  sharded_model, sharded_config = hf_import.load_hf_checkpoint(sharded)
+  assert config == sharded_config
+  assert config.tie_word_embeddings == FAMILIES[family][1]["tie_word_embeddings"]
+  assert config.attention_bias == family.startswith("qwen2")
+  assert config.qk_norm == family.startswith("qwen3")
+  assert config.param_dtype == jnp.float32 and config.dtype == jnp.float32
+  jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(model)),
+               nnx.to_pure_dict(nnx.state(sharded_model)))
+
+  tokens, positions, mask = _left_padded_batch(config.vocab_size)
+  expected = _torch_logits(torch_model, tokens, positions, mask)
+  logits = np.asarray(_logits(model, *map(jnp.asarray, (tokens, positions, mask))))
+  np.testing.assert_allclose(logits[mask], expected[mask], atol=1e-4, rtol=1e-4)
+  # The unpadded row is compared at every position, and the logits are not trivial.
+  assert np.abs(expected[0]).std() > 0.5
+
+
+def test_bfloat16_checkpoint(tmp_path):
+  torch_model = _torch_model("qwen2_bias_tied").to(torch.bfloat16)
+  directory = _save(torch_model, tmp_path / "bf16", sharded=False)
+  model, config = hf_import.load_hf_checkpoint(directory)
+  assert config.param_dtype == jnp.bfloat16 and config.dtype == jnp.bfloat16
+  embedding = torch_model.model.embed_tokens.weight.detach().float().numpy()
+  assert model.embedding[...].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(model.embedding[...], np.float32), embedding)
+  # Upcast on load: values are exactly the bfloat16 ones, computed in float32.
+  model32, config32 = hf_import.load_hf_checkpoint(directory, param_dtype="float32")
+  assert config32.dtype == jnp.float32 and model32.embedding[...].dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(model32.embedding[...]), embedding)
+  mixed, mixed_config = hf_import.load_hf_checkpoint(directory, param_dtype="float32",
+                                                     dtype="bfloat16")
+  assert mixed_config.param_dtype == jnp.float32 and mixed_config.dtype == jnp.bfloat16
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  """A tiny untied Llama checkpoint to corrupt in the error tests."""
+  directory = tmp_path_factory.mktemp("ckpt")
+  _save(_torch_model("llama_llama3rope_untied"), directory, sharded=False)
+  return directory
+
+
+def _copy(checkpoint, tmp_path):
+  target = tmp_path / "copy"
+  shutil.copytree(checkpoint, target)
+  return target
+
+
+def _edit_tensors(directory, edit):
+  path = directory / hf_import.WEIGHTS_FILE
+  tensors = load_file(path)
+  edit(tensors)
+  save_file(tensors, path)
+
+
+def test_missing_files_name_the_path(checkpoint, tmp_path):
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    hf_import.load_hf_checkpoint(tmp_path)
+  broken = _copy(checkpoint, tmp_path)
+  os.remove(broken / hf_import.WEIGHTS_FILE)
+  with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    hf_import.load_hf_checkpoint(broken)
+  (broken / hf_import.WEIGHTS_INDEX_FILE).write_text(
+      json.dumps({"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}}))
+  with pytest.raises(FileNotFoundError, match="model-00001-of-00002.safetensors"):
+    hf_import.load_hf_checkpoint(broken)
+
+
+def test_missing_tensor(checkpoint, tmp_path):
+  broken = _copy(checkpoint, tmp_path)
+  _edit_tensors(broken, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+  with pytest.raises(ValueError, match=r"missing 1 tensors.*layers\.1\.mlp\.up_proj"):
+    hf_import.load_hf_checkpoint(broken)
+
+
+def test_unexpected_tensor(checkpoint, tmp_path):
+  broken = _copy(checkpoint, tmp_path)
+  _edit_tensors(broken, lambda t: t.update(
+      {"model.layers.0.self_attn.o_proj.bias": np.zeros(32, np.float32)}))
+  with pytest.raises(ValueError, match="o_proj.bias"):
+    hf_import.load_hf_checkpoint(broken)
+
+
+def test_shape_mismatch(checkpoint, tmp_path):
+  broken = _copy(checkpoint, tmp_path)
+  config = json.loads((broken / "config.json").read_text())
+  config["intermediate_size"] = 64
+  (broken / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match=r"mlp\..*shape \((56, 32|32, 56)\), expected"):
+    hf_import.load_hf_checkpoint(broken)
+
+
+def test_tied_embeddings_with_a_different_lm_head(checkpoint, tmp_path):
+  broken = _copy(checkpoint, tmp_path)
+  config = json.loads((broken / "config.json").read_text())
+  config["tie_word_embeddings"] = True
+  (broken / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match="lm_head.weight differs"):
+    hf_import.load_hf_checkpoint(broken)
+  # A stored lm_head equal to the embedding is accepted (some checkpoints keep both).
+  _edit_tensors(broken, lambda t: t.update(
+      {"lm_head.weight": t["model.embed_tokens.weight"].copy()}))
+  model, config = hf_import.load_hf_checkpoint(broken)
+  assert config.tie_word_embeddings and not hasattr(model, "lm_head")
+
+
+def test_unsupported_rope_scaling_is_a_clear_error(checkpoint, tmp_path):
+  broken = _copy(checkpoint, tmp_path)
+  config = json.loads((broken / "config.json").read_text())
+  config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
+  (broken / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match="Unsupported RoPE scaling type 'yarn'"):
+    hf_import.load_hf_checkpoint(broken)
+
+
+def test_targets_cover_every_parameter():
+  config = dataclasses.replace(
+      hf_import.TransformerConfig.from_name("tiny"), attention_bias=True, qk_norm=True,
+      tie_word_embeddings=False)
+  abstract = nnx.eval_shape(lambda: hf_import.Transformer(config, rngs=nnx.Rngs(0)))
+  paths = {tuple(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+  targets = hf_import.hf_tensor_targets(config)
+  assert {t.path for t in targets.values()} == paths
+  per_layer = sum(t.layer == 0 for t in targets.values())
+  assert len(targets) == 3 + config.num_layers * per_layer and per_layer == 14

@@ -1,0 +1,389 @@
+"""Tests for gmpo_jax.models.transformer: a float64 NumPy reference forward, KV-cache
+consistency with left padding, configs and sharding metadata."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gmpo_jax.models import transformer as tfm
+
+TINY = tfm.TransformerConfig.from_name("tiny")
+# Every optional feature on, untied, odd sizes: the strictest reference comparison.
+FULL = dataclasses.replace(
+    TINY, vocab_size=97, hidden_size=48, intermediate_size=80, num_heads=6, num_kv_heads=2,
+    head_dim=10, attention_bias=True, qk_norm=True, tie_word_embeddings=False, rope_theta=500.0,
+)
+LOGICAL_AXES = {"vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers"}
+
+
+@nnx.jit
+def _forward(model, tokens, positions, key_mask):
+  hidden, _ = model(tokens, positions, key_mask=key_mask)
+  return hidden, model.logits(hidden)
+
+
+@nnx.jit
+def _extend(model, tokens, positions, key_mask, cache):
+  hidden, cache = model(tokens, positions, key_mask=key_mask, cache=cache)
+  return hidden, model.logits(hidden), cache
+
+
+def _make(config, seed=0):
+  """A model with non-default values everywhere: norm scales ≠ 1, biases ≠ 0, weights large
+  enough that attention is far from uniform. Built abstractly and filled from NumPy, which
+  skips compiling the random initializers."""
+  rng = np.random.default_rng(seed)
+  abstract = nnx.eval_shape(lambda: tfm.Transformer(config, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+
+  def draw(path, x):
+    name = str(path[-1].key)
+    if name == "scale":
+      value = 1.0 + 0.3 * rng.standard_normal(x.shape)
+    elif name.endswith("bias"):
+      value = 0.3 * rng.standard_normal(x.shape)
+    else:
+      value = 0.15 * rng.standard_normal(x.shape)
+    return jnp.asarray(value, x.dtype)
+
+  nnx.replace_by_pure_dict(
+      state, jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(state)))
+  return nnx.merge(graphdef, state)
+
+
+def _batch(config, rng, pads, length=12):
+  """Row b: `pads[b]` random padding tokens, then the start of one shared random sequence
+  (so every row's valid outputs must equal row 0's); positions = cumsum(mask) − 1."""
+  sequence = rng.integers(0, config.vocab_size, length)
+  tokens = rng.integers(0, config.vocab_size, (len(pads), length))
+  for row, pad in enumerate(pads):
+    tokens[row, pad:] = sequence[:length - pad]
+  tokens = tokens.astype(np.int32)
+  mask = np.arange(length)[None, :] >= np.asarray(pads)[:, None]
+  positions = (np.cumsum(mask, axis=1) - 1).astype(np.int32)
+  return tokens, positions, mask
+
+
+# ---------------------------------------------------------------------------------------
+# float64 NumPy reference, written from the papers (RMSNorm, RoPE rotate-half, GQA, SwiGLU)
+
+
+def _np_rms(x, scale, eps):
+  return scale * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+def _np_inv_freq(config):
+  """θ_i = b^(−2i/d), then Llama 3 scaling frequency by frequency (arXiv 2407.21783)."""
+  out = []
+  for i in range(config.head_dim // 2):
+    theta = config.rope_theta ** (-2.0 * i / config.head_dim)
+    s = config.rope_scaling
+    if s is not None and s.rope_type == "linear":
+      theta = theta / s.factor
+    elif s is not None:
+      wavelength = 2 * math.pi / theta
+      low_wavelength = s.original_max_position_embeddings / s.low_freq_factor
+      high_wavelength = s.original_max_position_embeddings / s.high_freq_factor
+      if wavelength > low_wavelength:
+        theta = theta / s.factor
+      elif wavelength >= high_wavelength:
+        ratio = s.original_max_position_embeddings / wavelength
+        smooth = (ratio - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+        theta = (1 - smooth) * theta / s.factor + smooth * theta
+    out.append(theta)
+  return np.array(out)
+
+
+def _np_rope(x, positions, inv_freq):
+  angles = positions[:, :, None, None] * inv_freq
+  angles = np.concatenate([angles, angles], axis=-1)
+  half = x.shape[-1] // 2
+  rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * np.cos(angles) + rotated * np.sin(angles)
+
+
+def _np_forward(params, config, tokens, positions, key_mask):
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  blocks, eps = p["blocks"], config.rms_norm_eps
+  inv_freq = _np_inv_freq(config)
+  x = p["embedding"][tokens]
+  length = tokens.shape[1]
+  allowed = np.tril(np.ones((length, length), bool))[None] & key_mask[:, None, :]
+  repeat = config.num_heads // config.num_kv_heads
+  for layer in range(config.num_layers):
+    at = jax.tree.map(lambda a: a[layer], blocks["attn"])
+    h = _np_rms(x, blocks["attn_norm"]["scale"][layer], eps)
+    q, k, v = (np.einsum("btd,dnh->btnh", h, at[f"{n}_proj"]) for n in "qkv")
+    if config.attention_bias:
+      q, k, v = q + at["q_bias"], k + at["k_bias"], v + at["v_bias"]
+    if config.qk_norm:
+      q, k = _np_rms(q, at["q_norm"]["scale"], eps), _np_rms(k, at["k_norm"]["scale"], eps)
+    q, k = _np_rope(q, positions, inv_freq), _np_rope(k, positions, inv_freq)
+    k, v = np.repeat(k, repeat, axis=2), np.repeat(v, repeat, axis=2)
+    scores = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(config.head_dim)
+    scores = np.where(allowed[:, None], scores, -np.inf)
+    scores = scores - np.max(scores, axis=-1, keepdims=True)
+    weights = np.where(allowed[:, None], np.exp(scores), 0.0)
+    # A padding query with no valid key gets zero weights (its output is unused).
+    weights = np.nan_to_num(weights / np.sum(weights, axis=-1, keepdims=True))
+    attended = np.einsum("bnts,bsnh->btnh", weights, v)
+    x = x + np.einsum("btnh,nhd->btd", attended, at["o_proj"])
+    mp = jax.tree.map(lambda a: a[layer], blocks["mlp"])
+    h = _np_rms(x, blocks["mlp_norm"]["scale"][layer], eps)
+    gate = h @ mp["gate_proj"]
+    x = x + (gate / (1 + np.exp(-gate)) * (h @ mp["up_proj"])) @ mp["down_proj"]
+  hidden = _np_rms(x, p["final_norm"]["scale"], eps)
+  unembed = p["embedding"].T if config.tie_word_embeddings else p["lm_head"]
+  return hidden, hidden @ unembed
+
+
+def _params(model):
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+# ---------------------------------------------------------------------------------------
+
+
+class TestForwardAgainstReference:
+
+  @pytest.mark.parametrize("config", [FULL, TINY], ids=["bias_qknorm_untied", "tiny"])
+  def test_matches_float64_reference_with_left_padding(self, config):
+    model = _make(config)
+    with np.errstate(invalid="ignore"):  # padding rows of the reference are all-masked
+      tokens, positions, mask = _batch(config, np.random.default_rng(0), [0, 3, 7])
+      ref_hidden, ref_logits = _np_forward(_params(model), config, tokens, positions, mask)
+    hidden, logits = _forward(model, jnp.asarray(tokens), jnp.asarray(positions),
+                              jnp.asarray(mask))
+    assert hidden.dtype == jnp.float32 and logits.dtype == jnp.float32
+    assert logits.shape == (3, 12, config.vocab_size)
+    assert np.isfinite(np.asarray(logits)).all()  # padding positions included
+    np.testing.assert_allclose(np.asarray(hidden)[mask], ref_hidden[mask], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(logits)[mask], ref_logits[mask], atol=5e-5, rtol=1e-5)
+
+  def test_left_padding_does_not_change_valid_outputs(self):
+    model = _make(FULL)
+    pads = [0, 3, 7]
+    tokens, positions, mask = _batch(FULL, np.random.default_rng(1), pads)
+    _, logits = _forward(model, *map(jnp.asarray, (tokens, positions, mask)))
+    logits = np.asarray(logits)
+    for row, pad in enumerate(pads[1:], start=1):
+      np.testing.assert_allclose(logits[row, pad:], logits[0, :12 - pad], atol=2e-5)
+
+  def test_llama3_rope_frequencies_match_reference(self):
+    config = tfm.TransformerConfig.from_name("llama-3.2-1b")
+    np.testing.assert_allclose(tfm.rope_inverse_frequencies(config), _np_inv_freq(config),
+                               rtol=1e-6)
+    # The scaling really acts: low frequencies divided by 32, high ones untouched.
+    plain = tfm.rope_inverse_frequencies(dataclasses.replace(config, rope_scaling=None))
+    scaled = tfm.rope_inverse_frequencies(config)
+    assert scaled[0] == plain[0] and np.isclose(scaled[-1], plain[-1] / 32, rtol=1e-6)
+    linear = dataclasses.replace(config, rope_scaling=tfm.RopeScaling("linear", factor=4.0))
+    np.testing.assert_allclose(tfm.rope_inverse_frequencies(linear), plain / 4, rtol=1e-6)
+
+  def test_llama3_rope_forward_matches_reference(self):
+    config = dataclasses.replace(
+        TINY, head_dim=32, num_heads=2, num_kv_heads=1, rope_theta=10_000.0,
+        rope_scaling=tfm.RopeScaling("llama3", factor=8.0, original_max_position_embeddings=64))
+    model = _make(config)
+    tokens, positions, mask = _batch(config, np.random.default_rng(2), [0, 2], length=9)
+    positions = positions * 37  # large positions, where the scaled band matters
+    with np.errstate(invalid="ignore"):
+      _, ref_logits = _np_forward(_params(model), config, tokens, positions, mask)
+    _, logits = _forward(model, *map(jnp.asarray, (tokens, positions, mask)))
+    np.testing.assert_allclose(np.asarray(logits)[mask], ref_logits[mask], atol=1e-4, rtol=1e-5)
+
+
+class TestKVCache:
+
+  def test_init_cache_shapes(self):
+    cache = tfm.init_cache(FULL, 3, 16)
+    assert cache.k.shape == cache.v.shape == (2, 3, 16, 2, 10)
+    assert cache.key_mask.shape == (3, 16) and not cache.key_mask.any()
+    assert cache.index.dtype == jnp.int32 and int(cache.index) == 0
+    assert tfm.init_cache(FULL, 1, 4, jnp.bfloat16).k.dtype == jnp.bfloat16
+
+  def test_prefill_then_decode_equals_full_forward(self):
+    model = _make(FULL)
+    tokens, positions, mask = _batch(FULL, np.random.default_rng(3), [0, 2, 5])
+    # One row has a padding token in the middle of the decode (a finished sequence).
+    mask[0, 9] = False
+    positions = (np.cumsum(mask, 1) - 1).astype(np.int32)
+    ref_hidden, ref_logits = _forward(model, *map(jnp.asarray, (tokens, positions, mask)))
+    cache = tfm.init_cache(FULL, 3, 16)  # spare slots stay invalid
+    pieces, logits_pieces = [], []
+    for start, stop in [(0, 6), (6, 8)] + [(t, t + 1) for t in range(8, 12)]:
+      sl = slice(start, stop)
+      hidden, logits, cache = _extend(model, jnp.asarray(tokens[:, sl]),
+                                      jnp.asarray(positions[:, sl]), jnp.asarray(mask[:, sl]),
+                                      cache)
+      pieces.append(hidden)
+      logits_pieces.append(logits)
+    assert int(cache.index) == 12
+    np.testing.assert_array_equal(np.asarray(cache.key_mask[:, :12]), mask)
+    assert not np.asarray(cache.key_mask[:, 12:]).any()
+    hidden, logits = np.concatenate(pieces, 1), np.concatenate(logits_pieces, 1)
+    np.testing.assert_allclose(hidden[mask], np.asarray(ref_hidden)[mask], atol=1e-5)
+    np.testing.assert_allclose(logits[mask], np.asarray(ref_logits)[mask], atol=1e-5)
+
+  def test_overflow_is_an_error(self):
+    model = _make(TINY)
+    cache = tfm.init_cache(TINY, 1, 4).replace(index=jnp.int32(2))
+    ones = jnp.ones((1, 3), jnp.int32)
+    with pytest.raises(ValueError, match=r"overflow: index 2 \+ 3 new tokens > capacity 4"):
+      model(ones, ones, cache=cache)
+    with pytest.raises(ValueError, match="cannot fit"):
+      model(jnp.ones((1, 5), jnp.int32), jnp.ones((1, 5), jnp.int32), cache=cache)
+
+
+class TestTrainingPath:
+
+  def test_remat_gives_the_same_gradient(self):
+    batch = map(jnp.asarray, _batch(FULL, np.random.default_rng(4), [0, 3, 7]))
+    weights = jnp.asarray(np.random.default_rng(5).standard_normal((3, 12, FULL.vocab_size)))
+
+    def loss(model, tokens, positions, mask):
+      hidden, _ = model(tokens, positions, key_mask=mask)
+      return jnp.sum(model.logits(hidden) * weights * mask[..., None])
+
+    @nnx.jit
+    def both_grads(plain, remat, *batch):  # one compilation for both
+      return nnx.grad(loss)(plain, *batch), nnx.grad(loss)(remat, *batch)
+
+    grads = both_grads(_make(FULL), _make(dataclasses.replace(FULL, remat=True)), *batch)
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+      assert np.isfinite(np.asarray(a)).all()
+      # Recomputation may reorder float32 sums (on GPUs): tolerance relative to the scale.
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                 atol=2e-6 * float(np.abs(np.asarray(a)).max()))
+    # Every parameter receives gradient (nothing is accidentally disconnected).
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads[0]))
+
+  def test_bfloat16_compute_is_close_and_logits_are_float32(self):
+    model32 = _make(FULL)
+    config16 = dataclasses.replace(FULL, param_dtype="bfloat16", dtype=jnp.bfloat16)
+    model16 = _make(config16)
+    nnx.update(model16, jax.tree.map(lambda x: x.astype(jnp.bfloat16),
+                                     nnx.state(model32, nnx.Param)))
+    batch = map(jnp.asarray, _batch(FULL, np.random.default_rng(6), [0, 2, 5]))
+    tokens, positions, mask = batch
+    hidden16, logits16 = _forward(model16, tokens, positions, mask)
+    _, logits32 = _forward(model32, tokens, positions, mask)
+    assert hidden16.dtype == jnp.bfloat16 and logits16.dtype == jnp.float32
+    err = np.abs(np.asarray(logits16) - np.asarray(logits32))[np.asarray(mask)]
+    assert err.max() < 0.1 * np.abs(np.asarray(logits32)).max()
+
+
+class TestConfig:
+
+  # Parameter counts of the published checkpoints (tied embeddings counted once).
+  @pytest.mark.parametrize("name,count", [
+      ("qwen2-0.5b", 494_032_768), ("qwen2.5-0.5b", 494_032_768),
+      ("qwen2.5-1.5b", 1_543_714_304), ("qwen3-0.6b", 596_049_920),
+      ("llama-3.2-1b", 1_235_814_400),
+  ])
+  def test_named_configs_have_the_published_size(self, name, count):
+    config = tfm.TransformerConfig.from_name(name)
+    abstract = nnx.eval_shape(lambda: tfm.Transformer(config, rngs=nnx.Rngs(0)))
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))) == count
+
+  def test_llama_100m_and_tiny(self):
+    config = tfm.TransformerConfig.from_name("llama-100m")
+    abstract = nnx.eval_shape(lambda: tfm.Transformer(config, rngs=nnx.Rngs(0)))
+    count = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    assert 95e6 < count < 105e6
+    assert TINY.vocab_size >= 99 and TINY.num_layers == 2 and TINY.num_kv_heads < TINY.num_heads
+    with pytest.raises(ValueError, match="Unknown model name"):
+      tfm.TransformerConfig.from_name("gpt-5")
+
+  def test_from_hf_config_old_and_new_keys_agree(self):
+    common = dict(model_type="llama", vocab_size=128_256, hidden_size=2048,
+                  intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                  num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
+                  tie_word_embeddings=True, max_position_embeddings=131_072, hidden_act="silu")
+    scaling = dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8192)
+    new = tfm.TransformerConfig.from_hf_config(
+        {**common, "dtype": "bfloat16",
+         "rope_parameters": {"rope_type": "llama3", "rope_theta": 500_000.0, **scaling}})
+    old = tfm.TransformerConfig.from_hf_config(
+        {**common, "torch_dtype": "bfloat16", "rope_theta": 500_000.0,
+         "rope_scaling": {"rope_type": "llama3", **scaling}})
+    older = tfm.TransformerConfig.from_hf_config(
+        {**common, "torch_dtype": "bfloat16", "rope_theta": 500_000.0,
+         "rope_scaling": {"type": "llama3", **scaling}})
+    named = dataclasses.replace(tfm.TransformerConfig.from_name("llama-3.2-1b"),
+                                param_dtype="bfloat16", dtype="bfloat16")
+    assert new == old == older == named
+
+  def test_from_hf_config_families_and_errors(self):
+    base = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6)
+    qwen2 = tfm.TransformerConfig.from_hf_config({**base, "model_type": "qwen2"})
+    qwen3 = tfm.TransformerConfig.from_hf_config({**base, "model_type": "qwen3", "head_dim": 16})
+    assert qwen2.attention_bias and not qwen2.qk_norm and qwen2.head_dim == 8
+    assert qwen3.qk_norm and not qwen3.attention_bias and qwen3.head_dim == 16
+    assert qwen2.rope_theta == 1e6 and qwen2.param_dtype == jnp.float32
+    for bad, match in [
+        ({"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+        ({"model_type": "llama", "rope_parameters": {"rope_type": "dynamic", "factor": 2.0,
+                                                     "rope_theta": 1e4}}, "dynamic"),
+        ({"model_type": "llama", "attention_bias": True}, "o_proj"),
+        ({"model_type": "qwen2", "use_sliding_window": True}, "Sliding"),
+        ({"model_type": "gpt2"}, "model_type"),
+        ({"model_type": "llama", "hidden_act": "gelu"}, "SiLU"),
+    ]:
+      with pytest.raises(ValueError, match=match):
+        tfm.TransformerConfig.from_hf_config({**base, **bad})
+
+  def test_invalid_configs_are_errors(self):
+    with pytest.raises(ValueError, match="multiple"):
+      dataclasses.replace(TINY, num_kv_heads=3)
+    with pytest.raises(ValueError, match="dtype"):
+      dataclasses.replace(TINY, dtype="int8")
+    with pytest.raises(ValueError, match="positive"):
+      dataclasses.replace(TINY, num_layers=0)
+    with pytest.raises(ValueError, match="Unsupported RoPE"):
+      tfm.RopeScaling("yarn", factor=2.0)
+
+  def test_config_is_hashable_and_dtypes_canonical(self):
+    config = dataclasses.replace(TINY, dtype=jnp.bfloat16, param_dtype="bfloat16")
+    assert hash(config) == hash(dataclasses.replace(TINY, dtype="bfloat16",
+                                                    param_dtype=jnp.bfloat16))
+    assert config.dtype == jnp.bfloat16 and config.dtype == "bfloat16"
+    # float32 means float32 on accelerators too (their default matmul is TF32/bf16 passes).
+    assert TINY.matmul_precision == jax.lax.Precision.HIGHEST
+    assert config.matmul_precision == jax.lax.Precision.DEFAULT
+
+
+def test_every_parameter_has_logical_axis_names():
+  model = nnx.eval_shape(lambda: tfm.Transformer(FULL, rngs=nnx.Rngs(0)))
+  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  assert len(flat) == 17
+  for path, variable in flat:
+    names = variable.get_metadata()["out_sharding"]
+    assert len(names) == len(variable.get_value().shape), path
+    assert set(names) <= LOGICAL_AXES, path
+    assert (names[0] == "layers") == (path[0] == "blocks"), path
+  by_path = {"/".join(map(str, path)): v.get_metadata()["out_sharding"] for path, v in flat}
+  assert by_path["embedding"] == ("vocab", "embed")
+  assert by_path["lm_head"] == ("embed", "vocab")
+  assert by_path["blocks/attn/k_proj"] == ("layers", "embed", "kv_heads", "head_dim")
+  assert by_path["blocks/mlp/down_proj"] == ("layers", "mlp", "embed")
+
+
+def test_static_checks_reject_bad_inputs():
+  model = _make(TINY)
+  tokens = jnp.zeros((2, 4), jnp.int32)
+  with pytest.raises(AssertionError):
+    model(tokens, jnp.zeros((2, 5), jnp.int32))
+  with pytest.raises(AssertionError):
+    model(tokens.astype(jnp.float32), tokens)
+  with pytest.raises(AssertionError):
+    model(tokens, tokens, key_mask=jnp.ones((2, 4), jnp.int32))
+  with pytest.raises(ValueError, match=r"Token ids must lie in \[0, 128\), got \[0, 128\]"):
+    model(tokens.at[1, 2].set(128), tokens)
