@@ -1,0 +1,592 @@
+"""Policy objectives (token-clip PPO/GRPO, GMPO, GSPO) and their aggregation.
+
+Notation (docs/CONTRACTS.md): B sequences, T tokens; delta_t = logp_t - old_logp_t,
+rho_t = exp(delta_t); A_i is the advantage of sequence i; |o_i| its number of valid
+(unmasked) tokens.
+
+Every objective takes per-token log-probs and one advantage per sequence, builds a
+per-token loss (sequence-level objectives broadcast their per-sequence loss to every
+valid token), optionally adds beta * KL(pi_theta || pi_ref) per token, and reduces
+as `aggregate_loss` does. (Internally each row's sum is formed first, so a
+broadcast sequence loss l_i enters as |o_i| l_i without a [B, T] array.) All
+hyperparameters are Python values, static under `jax.jit`; the code has no Python
+branch on a traced value, so any batch size works.
+
+Conventions shared by all objectives:
+  * Masked positions are replaced before any arithmetic, so padding may hold any
+    value (even -inf or NaN) without reaching the loss, the gradient or the extras.
+  * A log-ratio entering exp is clamped above at `kl.MAX_LOG_RATIO` (= 20): past it
+    the loss is constant and its gradient 0, so a huge delta gives finite values.
+  * An all-masked sequence contributes 0 to the loss and the gradient, and is not
+    counted as a sequence by the seq-mean modes.
+  * `num_sequences` / `num_tokens` are the counts of the full (mini)batch: pass them
+    when the batch is split into micro-batches or shards, and the micro-batch losses
+    (and gradients) sum to the full-batch loss (and gradient).
+"""
+
+import functools
+import inspect
+import types
+from collections.abc import Callable, Mapping
+from typing import Final, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from gmpo_jax.kl import KL_ESTIMATORS, MAX_LOG_RATIO, kl_penalty
+
+AGGREGATION_MODES: Final[tuple[str, ...]] = (
+    'token-mean',
+    'seq-mean-token-mean',
+    'seq-mean-token-sum',
+    'seq-mean-token-sum-norm',
+)
+CLIP_MODES: Final[tuple[str, ...]] = ('token', 'sequence', 'none')
+
+
+class LossExtras(NamedTuple):
+  """Diagnostics of one loss evaluation: float32 scalars without gradient.
+
+  Token statistics are over valid tokens and sequence statistics over sequences
+  with at least one valid token; with no valid token the fractions and KLs are 0
+  and the ratio statistics 1.
+
+  Attributes:
+    clip_fraction_low: fraction of tokens whose gradient the clip removed with
+      the ratio below its range (A < 0).
+    clip_fraction_high: same with the ratio above its range (A > 0; for the
+      dual clip, A < 0 and rho > c). For sequence-level clips every token of a
+      clipped sequence counts.
+    ratio_min: min of the per-token ratio rho_t = exp(delta_t) (delta clamped at 20).
+    ratio_mean: mean of rho_t.
+    ratio_max: max of rho_t.
+    approx_kl: mean of k3 between the rollout policy and the current one,
+      expm1(delta_t) - delta_t, an estimate of KL(pi_old || pi_theta).
+    fully_clipped_fraction: fraction of sequences whose every valid token is
+      clipped (they contribute no policy gradient).
+    kl: mean per-token estimate of KL(pi_theta || pi_ref); 0 without ref_logp.
+  """
+
+  clip_fraction_low: jax.Array
+  clip_fraction_high: jax.Array
+  ratio_min: jax.Array
+  ratio_mean: jax.Array
+  ratio_max: jax.Array
+  approx_kl: jax.Array
+  fully_clipped_fraction: jax.Array
+  kl: jax.Array
+
+
+def aggregate_loss(
+    per_token: jax.Array,
+    mask: jax.Array,
+    *,
+    mode: str,
+    max_length: int | None = None,
+    num_sequences: float | jax.Array | None = None,
+    num_tokens: float | jax.Array | None = None,
+) -> jax.Array:
+  """Reduces a [B, T] per-token loss to a scalar over the valid tokens.
+
+  token-mean: sum_{i,t} l_it / N_tok;  seq-mean-token-mean: sum_i (sum_t l_it / |o_i|) / N_seq;
+  seq-mean-token-sum: sum_i sum_t l_it / N_seq;
+  seq-mean-token-sum-norm: sum_i (sum_t l_it / max_length) / N_seq.
+
+  token-mean is DAPO's (Yu et al. 2025, arXiv 2503.14476); seq-mean-token-mean is
+  GRPO as published (Shao et al. 2024, arXiv 2402.03300); seq-mean-token-sum-norm
+  divides by a constant, as Dr.GRPO (Liu et al. 2025, "Understanding R1-Zero-Like
+  Training: A Critical Perspective", arXiv 2503.20783).
+
+  Args:
+    per_token: [B, T] float per-token loss; masked entries are ignored (any value).
+    mask: [B, T] bool or float (nonzero = valid token).
+    mode: one of AGGREGATION_MODES.
+    max_length: the constant divisor of seq-mean-token-sum-norm (Dr.GRPO: the
+      generation budget); defaults to T. An error with any other mode.
+    num_sequences: N_seq, the number of sequences with >= 1 valid token in the
+      full batch; defaults to the count in `mask`. Unused by token-mean.
+    num_tokens: N_tok, the number of valid tokens in the full batch; defaults to
+      the count in `mask`. Unused by the seq-mean modes. (Both counts are data
+      about the batch, so a caller may always pass both.)
+
+  Returns:
+    float32 scalar. An all-masked row adds 0; counts are floored at 1, so an
+    all-masked batch gives 0, never NaN.
+
+  Raises:
+    ValueError: unknown mode, max_length with a mode that does not use it, or a
+      non-positive max_length.
+  """
+  chex.assert_rank([per_token, mask], 2)
+  chex.assert_equal_shape([per_token, mask])
+  _check_aggregation(mode, max_length)
+  valid = mask.astype(bool)
+  row_sums = jnp.sum(jnp.where(valid, per_token.astype(jnp.float32), 0.0),
+                     axis=-1)
+  weights = _row_weights(
+      _row_count(valid), mode=mode, length=mask.shape[1],
+      max_length=max_length, num_sequences=num_sequences, num_tokens=num_tokens)
+  return jnp.sum(weights * row_sums)
+
+
+def _check_aggregation(mode, max_length) -> None:
+  if mode not in AGGREGATION_MODES:
+    raise ValueError(
+        f'Unknown loss_agg_mode {mode!r}; valid: {", ".join(AGGREGATION_MODES)}.')
+  if max_length is not None:
+    if mode != 'seq-mean-token-sum-norm':
+      raise ValueError(
+          f'max_length applies only to loss_agg_mode="seq-mean-token-sum-norm", '
+          f'got mode {mode!r}.')
+    if not max_length > 0:
+      raise ValueError(f'max_length must be positive, got {max_length}.')
+
+
+def _row_weights(lengths, *, mode, length, max_length, num_sequences,
+                 num_tokens) -> jax.Array:
+  """[B] weights w_i with aggregate = sum_i w_i sum_t l_it (see aggregate_loss).
+
+  Aggregating through per-row sums lets a sequence-level loss l_i enter as
+  |o_i| l_i, exactly its broadcast to the valid tokens, without a [B, T] array.
+  """
+  if mode == 'token-mean':
+    count = jnp.sum(lengths) if num_tokens is None else num_tokens
+    return jnp.broadcast_to(1.0 / jnp.maximum(count, 1).astype(jnp.float32),
+                            lengths.shape)
+  count = jnp.sum(lengths > 0) if num_sequences is None else num_sequences
+  per_sequence = 1.0 / jnp.maximum(count, 1).astype(jnp.float32)
+  if mode == 'seq-mean-token-mean':
+    return per_sequence / jnp.maximum(lengths, 1).astype(jnp.float32)
+  if mode == 'seq-mean-token-sum-norm':
+    per_sequence = per_sequence / float(
+        length if max_length is None else max_length)
+  return jnp.broadcast_to(per_sequence, lengths.shape)
+
+
+def _check_inputs(logp, old_logp, advantages, mask, ref_logp) -> None:
+  chex.assert_rank([logp, old_logp, mask, advantages], [2, 2, 2, 1])
+  chex.assert_equal_shape(
+      [logp, old_logp, mask] + ([] if ref_logp is None else [ref_logp]))
+  chex.assert_equal_shape_prefix([logp, advantages], 1)
+  chex.assert_type([logp, old_logp, advantages], float)
+
+
+def _check_options(*, loss_agg_mode, max_length, ref_logp, beta,
+                   kl_estimator) -> None:
+  _check_aggregation(loss_agg_mode, max_length)
+  if kl_estimator not in KL_ESTIMATORS:
+    raise ValueError(
+        f'Unknown kl_estimator {kl_estimator!r}; valid: {", ".join(KL_ESTIMATORS)}.')
+  if not beta >= 0:
+    raise ValueError(f'beta must be >= 0, got {beta}.')
+  if beta > 0 and ref_logp is None:
+    raise ValueError(
+        f'beta={beta} > 0 needs ref_logp (the reference policy log-probs); pass '
+        'ref_logp or set beta=0.')
+
+
+def _check_epsilons(epsilon_low, epsilon_high, *, ratio_space: bool) -> None:
+  # In ratio space the lower bound is 1 - epsilon_low, which must stay >= 0.
+  low_ok = 0 <= epsilon_low <= 1 if ratio_space else epsilon_low >= 0
+  if not (low_ok and epsilon_high >= 0):
+    bound = '0 <= epsilon_low <= 1' if ratio_space else 'epsilon_low >= 0'
+    raise ValueError(
+        f'Need {bound} and epsilon_high >= 0, got epsilon_low={epsilon_low}, '
+        f'epsilon_high={epsilon_high}.')
+
+
+def _row_count(flags: jax.Array) -> jax.Array:
+  """Number of True entries along the last axis, [B] int32."""
+  # Summed in float32, exact up to 2^24 per row: XLA:CPU reduces float32 several
+  # times faster than int32 or bool, which take a slow generic path.
+  if flags.shape[-1] > 2**24:
+    raise ValueError(f'At most 2^24 tokens per row, got T = {flags.shape[-1]}.')
+  return jnp.sum(flags, axis=-1, dtype=jnp.float32).astype(jnp.int32)
+
+
+def _masked_log_ratio(logp, old_logp, mask):
+  """(valid [B, T] bool, delta [B, T] f32 with 0 on padding, lengths [B] int32).
+
+  Zero on padding, so garbage there (-inf, NaN) never reaches a sum or an exp;
+  jnp.where also blocks its gradient.
+  """
+  valid = mask.astype(bool)
+  log_ratio = jnp.where(
+      valid, logp.astype(jnp.float32) - old_logp.astype(jnp.float32), 0.0)
+  return valid, log_ratio, _row_count(valid)
+
+
+def _finish(
+    row_losses: jax.Array,
+    log_ratio: jax.Array,
+    valid: jax.Array,
+    lengths: jax.Array,
+    low_counts: jax.Array,
+    high_counts: jax.Array,
+    logp: jax.Array,
+    ref_logp: jax.Array | None,
+    *,
+    beta: float,
+    kl_estimator: str,
+    loss_agg_mode: str,
+    max_length: int | None,
+    num_sequences,
+    num_tokens,
+) -> tuple[jax.Array, LossExtras]:
+  """Adds the KL penalty, aggregates, and computes the diagnostics.
+
+  row_losses [B] is sum_t of the policy loss over the valid tokens of each row;
+  low_counts / high_counts [B] count the valid tokens clipped on each side.
+  """
+  kl_rows = None
+  if ref_logp is not None:
+    # Zeroing both inputs on padding makes x = 0 there, where every estimator
+    # is 0 (and garbage in the padding cannot leak).
+    token_kl = kl_penalty(
+        jnp.where(valid, logp, 0.0), jnp.where(valid, ref_logp, 0.0),
+        estimator=kl_estimator)
+    kl_rows = jnp.sum(token_kl, axis=-1)
+    if beta > 0:
+      row_losses = row_losses + beta * kl_rows
+  weights = _row_weights(
+      lengths, mode=loss_agg_mode, length=valid.shape[1], max_length=max_length,
+      num_sequences=num_sequences, num_tokens=num_tokens)
+  loss = jnp.sum(weights * row_losses)
+  extras = _extras(log_ratio, valid, lengths, low_counts, high_counts, kl_rows)
+  return loss, jax.tree.map(jax.lax.stop_gradient, extras)
+
+
+def _extras(log_ratio, valid, lengths, low_counts, high_counts,
+            kl_rows) -> LossExtras:
+  num_tokens = jnp.maximum(jnp.sum(lengths), 1).astype(jnp.float32)
+  nonempty = lengths > 0
+  num_sequences = jnp.maximum(jnp.sum(nonempty), 1).astype(jnp.float32)
+  capped = jnp.minimum(log_ratio, MAX_LOG_RATIO)  # 0 on padding
+  # Two sums give both the mean ratio, 1 + mean(expm1(delta)), and the mean k3
+  # between the rollout and current policies (samples from pi_old,
+  # x = log pi_theta - log pi_old), mean(expm1(delta) - delta); padding adds 0.
+  sum_expm1 = jnp.sum(jnp.expm1(capped))
+  sum_log_ratio = jnp.sum(capped)
+  any_valid = jnp.any(nonempty)
+  # exp is monotone: the ratio extremes are exps of the log-ratio extremes.
+  ratio_min = jnp.exp(jnp.min(jnp.where(valid, capped, MAX_LOG_RATIO)))
+  ratio_max = jnp.exp(jnp.max(jnp.where(valid, capped, -jnp.inf)))
+  fully_clipped = nonempty & (low_counts + high_counts == lengths)
+  return LossExtras(
+      clip_fraction_low=jnp.sum(low_counts) / num_tokens,
+      clip_fraction_high=jnp.sum(high_counts) / num_tokens,
+      ratio_min=jnp.where(any_valid, ratio_min, 1.0),
+      ratio_mean=1.0 + sum_expm1 / num_tokens,
+      ratio_max=jnp.where(any_valid, ratio_max, 1.0),
+      approx_kl=(sum_expm1 - sum_log_ratio) / num_tokens,
+      fully_clipped_fraction=jnp.sum(fully_clipped) / num_sequences,
+      kl=(jnp.float32(0.0) if kl_rows is None
+          else jnp.sum(kl_rows) / num_tokens),
+  )
+
+
+def token_clip_loss(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array,
+    *,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    dual_clip: float | None = None,
+    loss_agg_mode: str = 'token-mean',
+    ref_logp: jax.Array | None = None,
+    beta: float = 0.0,
+    kl_estimator: str = 'k3',
+    max_length: int | None = None,
+    num_sequences: float | jax.Array | None = None,
+    num_tokens: float | jax.Array | None = None,
+) -> tuple[jax.Array, LossExtras]:
+  """PPO/GRPO clipped surrogate per token, with clip-higher and dual clip.
+
+  l_t = -min(rho_t A, clip(rho_t, 1 - epsilon_low, 1 + epsilon_high) A); with
+  dual_clip c and A < 0: l_t = min(l_t, c |A|); then + beta * KL_t, aggregated.
+
+  Schulman et al. 2017, "Proximal Policy Optimization Algorithms", arXiv
+  1707.06347; GRPO: Shao et al. 2024, arXiv 2402.03300; clip-higher (epsilon_high
+  = 0.28): DAPO, Yu et al. 2025, arXiv 2503.14476; dual clip: Ye et al. 2020,
+  "Mastering Complex Control in MOBA Games with Deep RL", arXiv 1912.09729.
+
+  Args:
+    logp: [B, T] float, log pi_theta of the sampled tokens (differentiated).
+    old_logp: [B, T] float, log pi_old (the rollout policy's).
+    advantages: [B] float, one advantage per sequence.
+    mask: [B, T] bool or float (nonzero = valid token).
+    epsilon_low: lower clip, 0 <= epsilon_low <= 1.
+    epsilon_high: upper clip, >= 0.
+    dual_clip: c > 1 bounding the loss of A < 0 tokens by c |A|; None: off.
+    loss_agg_mode: one of AGGREGATION_MODES.
+    ref_logp: [B, T] float, log pi_ref; with it, `LossExtras.kl` is reported.
+    beta: KL coefficient (Python float >= 0); > 0 needs ref_logp.
+    kl_estimator: 'k1', 'k2' or 'k3' (see `kl.kl_penalty`).
+    max_length, num_sequences, num_tokens: see `aggregate_loss`.
+
+  Returns:
+    (loss, extras): float32 scalar and LossExtras. A = 0 gives loss 0 and zero
+    gradient; all-masked rows contribute 0; rho is computed from delta clamped
+    at 20, so a huge delta gives a finite loss and gradient.
+
+  Raises:
+    ValueError: bad epsilons, dual_clip <= 1, or the options errors of
+      `aggregate_loss` and beta/ref_logp/kl_estimator.
+  """
+  _check_inputs(logp, old_logp, advantages, mask, ref_logp)
+  _check_options(loss_agg_mode=loss_agg_mode, max_length=max_length,
+                 ref_logp=ref_logp, beta=beta, kl_estimator=kl_estimator)
+  _check_epsilons(epsilon_low, epsilon_high, ratio_space=True)
+  if dual_clip is not None and not dual_clip > 1:
+    raise ValueError(f'dual_clip must be > 1 (or None), got {dual_clip}.')
+  valid, log_ratio, lengths = _masked_log_ratio(logp, old_logp, mask)
+  ratio = jnp.exp(jnp.minimum(log_ratio, MAX_LOG_RATIO))
+  adv = advantages.astype(jnp.float32)[:, None]
+  clipped_ratio = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
+  per_token = jnp.maximum(-ratio * adv, -clipped_ratio * adv)
+  # The clipped branch is the larger loss (and constant in logp) exactly when
+  # the ratio has left the range on the side the advantage pushes it to: high
+  # for A > 0, low for A < 0. Padding has ratio 1 and is never counted.
+  positive, negative = advantages > 0, advantages < 0
+  clipped_counts = _row_count(jnp.where(
+      positive[:, None], ratio > 1.0 + epsilon_high,
+      negative[:, None] & (ratio < 1.0 - epsilon_low)))
+  low_counts = jnp.where(negative, clipped_counts, 0)
+  high_counts = jnp.where(positive, clipped_counts, 0)
+  if dual_clip is not None:
+    # c > 1 >= 1 - epsilon_low, so the bound c|A| binds exactly where rho > c.
+    per_token = jnp.where(adv < 0, jnp.minimum(per_token, -dual_clip * adv),
+                          per_token)
+    high_counts = high_counts + _row_count(negative[:, None] & (ratio > dual_clip))
+  row_losses = jnp.sum(jnp.where(valid, per_token, 0.0), axis=-1)
+  return _finish(
+      row_losses, log_ratio, valid, lengths, low_counts, high_counts, logp,
+      ref_logp, beta=beta, kl_estimator=kl_estimator,
+      loss_agg_mode=loss_agg_mode, max_length=max_length,
+      num_sequences=num_sequences, num_tokens=num_tokens)
+
+
+def geometric_mean_loss(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array,
+    *,
+    epsilon_low: float = 0.4,
+    epsilon_high: float = 0.4,
+    clip_mode: str = 'token',
+    loss_agg_mode: str = 'seq-mean-token-mean',
+    ref_logp: jax.Array | None = None,
+    beta: float = 0.0,
+    kl_estimator: str = 'k3',
+    max_length: int | None = None,
+    num_sequences: float | jax.Array | None = None,
+    num_tokens: float | jax.Array | None = None,
+) -> tuple[jax.Array, LossExtras]:
+  """GMPO: the geometric mean of the clipped token ratios, times the advantage.
+
+  l_i = -sgn(A_i) prod_{t valid} |min(rho_t A_i, clip(rho_t, e^-epsilon_low,
+  e^epsilon_high) A_i)|^(1/|o_i|) = -A_i exp(mean_t delta~_t), with
+  delta~_t = min(delta_t, clip(delta_t, -epsilon_low, epsilon_high)) if A_i > 0,
+  max(...) if A_i < 0; broadcast to the valid tokens, + beta * KL_t, aggregated.
+
+  Zhao et al. 2025, "Geometric-Mean Policy Optimization", arXiv 2507.20673.
+
+  The clip is one-sided, as in PPO: for A > 0 only a ratio above e^epsilon_high is
+  clipped, for A < 0 only one below e^-epsilon_low; the gradient flows through
+  every other valid token. clip_mode='sequence' clips the mean log-ratio instead
+  (the paper's sequence-level ablation) and 'none' does not clip (then GMPO equals
+  GSPO without clipping); epsilons are unused with 'none'. The loss is computed in
+  log space and the mean log-ratio is clamped above at 20 before the exp (only the
+  unclipped side of A < 0, or clip_mode='none', can get there): past it the loss
+  of the sequence is -A e^20 and its gradient 0, so any finite delta gives a
+  finite loss and gradient. Defaults: epsilon 0.4 (clip range (e^-0.4, e^0.4)),
+  no KL, seq-mean-token-mean (the mean of l_i over sequences).
+
+  Args:
+    logp: [B, T] float, log pi_theta of the sampled tokens (differentiated).
+    old_logp: [B, T] float, log pi_old (the rollout policy's).
+    advantages: [B] float, one advantage per sequence.
+    mask: [B, T] bool or float (nonzero = valid token).
+    epsilon_low: lower clip of the log-ratio, >= 0.
+    epsilon_high: upper clip of the log-ratio, >= 0.
+    clip_mode: 'token', 'sequence' or 'none'.
+    loss_agg_mode: one of AGGREGATION_MODES (applied to the broadcast l_i).
+    ref_logp: [B, T] float, log pi_ref; with it, `LossExtras.kl` is reported.
+    beta: KL coefficient (Python float >= 0); > 0 needs ref_logp.
+    kl_estimator: 'k1', 'k2' or 'k3' (see `kl.kl_penalty`).
+    max_length, num_sequences, num_tokens: see `aggregate_loss`.
+
+  Returns:
+    (loss, extras): float32 scalar and LossExtras. A = 0 gives loss 0 and zero
+    gradient; an all-masked sequence contributes 0.
+
+  Raises:
+    ValueError: unknown clip_mode, negative epsilons, or the options errors of
+      `aggregate_loss` and beta/ref_logp/kl_estimator.
+  """
+  _check_inputs(logp, old_logp, advantages, mask, ref_logp)
+  _check_options(loss_agg_mode=loss_agg_mode, max_length=max_length,
+                 ref_logp=ref_logp, beta=beta, kl_estimator=kl_estimator)
+  if clip_mode not in CLIP_MODES:
+    raise ValueError(
+        f'Unknown clip_mode {clip_mode!r}; valid: {", ".join(CLIP_MODES)}.')
+  _check_epsilons(epsilon_low, epsilon_high, ratio_space=False)
+  valid, log_ratio, lengths = _masked_log_ratio(logp, old_logp, mask)
+  denominator = jnp.maximum(lengths, 1).astype(jnp.float32)
+  adv = advantages.astype(jnp.float32)
+  positive, negative = adv > 0, adv < 0
+  if clip_mode == 'token':
+    bounded = jnp.clip(log_ratio, -epsilon_low, epsilon_high)
+    pos = positive[:, None]
+    # Padding has log_ratio 0, which clipping keeps at 0: it adds nothing and
+    # is never counted as clipped.
+    clipped_log_ratio = jnp.where(pos, jnp.minimum(log_ratio, bounded),
+                                  jnp.maximum(log_ratio, bounded))
+    mean_log_ratio = jnp.sum(clipped_log_ratio, axis=-1) / denominator
+    # For A > 0 only the high side can clip, for A < 0 only the low side.
+    clipped = jnp.where(pos, log_ratio > epsilon_high,
+                        negative[:, None] & (log_ratio < -epsilon_low))
+    clipped_counts = _row_count(clipped)
+    low_counts = jnp.where(negative, clipped_counts, 0)
+    high_counts = jnp.where(positive, clipped_counts, 0)
+  else:
+    mean_log_ratio = jnp.sum(log_ratio, axis=-1) / denominator
+    if clip_mode == 'sequence':
+      bounded = jnp.clip(mean_log_ratio, -epsilon_low, epsilon_high)
+      low_counts = jnp.where(negative & (mean_log_ratio < -epsilon_low),
+                             lengths, 0)
+      high_counts = jnp.where(positive & (mean_log_ratio > epsilon_high),
+                              lengths, 0)
+      mean_log_ratio = jnp.where(positive, jnp.minimum(mean_log_ratio, bounded),
+                                 jnp.maximum(mean_log_ratio, bounded))
+    else:
+      low_counts = high_counts = jnp.zeros_like(lengths)
+  sequence_loss = -adv * jnp.exp(jnp.minimum(mean_log_ratio, MAX_LOG_RATIO))
+  # Broadcasting l_i to the |o_i| valid tokens of its row.
+  row_losses = lengths * sequence_loss
+  return _finish(
+      row_losses, log_ratio, valid, lengths, low_counts, high_counts, logp,
+      ref_logp, beta=beta, kl_estimator=kl_estimator,
+      loss_agg_mode=loss_agg_mode, max_length=max_length,
+      num_sequences=num_sequences, num_tokens=num_tokens)
+
+
+def gspo_loss(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array,
+    *,
+    epsilon_low: float = 3e-4,
+    epsilon_high: float = 4e-4,
+    loss_agg_mode: str = 'seq-mean-token-mean',
+    ref_logp: jax.Array | None = None,
+    beta: float = 0.0,
+    kl_estimator: str = 'k3',
+    max_length: int | None = None,
+    num_sequences: float | jax.Array | None = None,
+    num_tokens: float | jax.Array | None = None,
+) -> tuple[jax.Array, LossExtras]:
+  """GSPO: PPO clipping of the sequence ratio (the geometric mean of rho_t).
+
+  s_i = exp(mean_t delta_t);  l_i = -min(s_i A_i, clip(s_i, 1 - epsilon_low,
+  1 + epsilon_high) A_i); broadcast to the valid tokens, + beta * KL_t, aggregated.
+
+  Zheng et al. 2025, "Group Sequence Policy Optimization", arXiv 2507.18071
+  (the sequence-level objective, not GSPO-token). Defaults are the paper's
+  clip range 3e-4 / 4e-4. The mean log-ratio is clamped above at 20 before the
+  exp, so a huge delta gives a finite loss and gradient.
+
+  Args:
+    logp: [B, T] float, log pi_theta of the sampled tokens (differentiated).
+    old_logp: [B, T] float, log pi_old (the rollout policy's).
+    advantages: [B] float, one advantage per sequence.
+    mask: [B, T] bool or float (nonzero = valid token).
+    epsilon_low: lower clip of s, 0 <= epsilon_low <= 1.
+    epsilon_high: upper clip of s, >= 0.
+    loss_agg_mode: one of AGGREGATION_MODES (applied to the broadcast l_i).
+    ref_logp: [B, T] float, log pi_ref; with it, `LossExtras.kl` is reported.
+    beta: KL coefficient (Python float >= 0); > 0 needs ref_logp.
+    kl_estimator: 'k1', 'k2' or 'k3' (see `kl.kl_penalty`).
+    max_length, num_sequences, num_tokens: see `aggregate_loss`.
+
+  Returns:
+    (loss, extras): float32 scalar and LossExtras. A = 0 gives loss 0 and zero
+    gradient; an all-masked sequence contributes 0. Clip fractions count every
+    valid token of a clipped sequence.
+
+  Raises:
+    ValueError: bad epsilons, or the options errors of `aggregate_loss` and
+      beta/ref_logp/kl_estimator.
+  """
+  _check_inputs(logp, old_logp, advantages, mask, ref_logp)
+  _check_options(loss_agg_mode=loss_agg_mode, max_length=max_length,
+                 ref_logp=ref_logp, beta=beta, kl_estimator=kl_estimator)
+  _check_epsilons(epsilon_low, epsilon_high, ratio_space=True)
+  valid, log_ratio, lengths = _masked_log_ratio(logp, old_logp, mask)
+  adv = advantages.astype(jnp.float32)
+  mean_log_ratio = jnp.sum(log_ratio, axis=-1) / jnp.maximum(lengths, 1).astype(
+      jnp.float32)
+  ratio = jnp.exp(jnp.minimum(mean_log_ratio, MAX_LOG_RATIO))
+  clipped_ratio = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
+  sequence_loss = jnp.maximum(-ratio * adv, -clipped_ratio * adv)
+  high_counts = jnp.where((adv > 0) & (ratio > 1.0 + epsilon_high), lengths, 0)
+  low_counts = jnp.where((adv < 0) & (ratio < 1.0 - epsilon_low), lengths, 0)
+  # Broadcasting l_i to the |o_i| valid tokens of its row.
+  row_losses = lengths * sequence_loss
+  return _finish(
+      row_losses, log_ratio, valid, lengths, low_counts, high_counts, logp,
+      ref_logp, beta=beta, kl_estimator=kl_estimator,
+      loss_agg_mode=loss_agg_mode, max_length=max_length,
+      num_sequences=num_sequences, num_tokens=num_tokens)
+
+
+POLICY_LOSSES: Final[Mapping[str, Callable[..., tuple[jax.Array, LossExtras]]]] = (
+    types.MappingProxyType({
+        'token_clip': token_clip_loss,
+        'geometric': geometric_mean_loss,
+        'gspo': gspo_loss,
+    }))
+
+# Per-batch data, not hyperparameters: binding them once would go stale.
+_PER_BATCH_ARGUMENTS: Final[frozenset[str]] = frozenset(
+    {'ref_logp', 'num_sequences', 'num_tokens'})
+
+
+def get_policy_loss(
+    name: str, **hyperparameters
+) -> Callable[..., tuple[jax.Array, LossExtras]]:
+  """Looks up a policy objective by name and binds its hyperparameters.
+
+  Args:
+    name: a key of POLICY_LOSSES ('token_clip', 'geometric', 'gspo').
+    **hyperparameters: keyword-only options of that objective (e.g.
+      epsilon_low, clip_mode, loss_agg_mode, beta); not ref_logp, num_sequences
+      or num_tokens, which change with every batch.
+
+  Returns:
+    fn(logp, old_logp, advantages, mask, *, ref_logp=None, num_sequences=None,
+    num_tokens=None) -> (loss, LossExtras). Values are validated at the first call.
+
+  Raises:
+    ValueError: unknown name or hyperparameter (the message lists the valid ones).
+  """
+  if name not in POLICY_LOSSES:
+    raise ValueError(
+        f'Unknown policy loss {name!r}; valid: {", ".join(POLICY_LOSSES)}.')
+  fn = POLICY_LOSSES[name]
+  allowed = [
+      p.name for p in inspect.signature(fn).parameters.values()
+      if p.kind is inspect.Parameter.KEYWORD_ONLY
+      and p.name not in _PER_BATCH_ARGUMENTS
+  ]
+  unknown = sorted(set(hyperparameters) - set(allowed))
+  if unknown:
+    raise ValueError(
+        f'Unknown hyperparameter(s) {", ".join(unknown)} for policy loss '
+        f'{name!r}; valid: {", ".join(allowed)}.')
+  return functools.partial(fn, **hyperparameters)
