@@ -1,0 +1,344 @@
+"""Tables and plots of a launched grid: per grid point, mean ± standard error over seeds.
+
+`experiments/launch.py` calls `aggregate` after its runs (or alone with `--aggregate-only`).
+Input: each finished run's `metrics.jsonl` (`gmpo_jax.metrics.read_metrics`: one record per
+step, step 0 = the evaluation before RL, `null` for a non-finite value). Output, in `out`:
+
+    table.md          final values, extremes over the RL steps and step-0 values, one row per
+                      grid point, "mean ± s.e." over seeds; then what each point overrides
+    table.csv         the same numbers, one row per (point, metric, statistic), full precision
+    runs.csv          the per-run values behind them, one row per (point, seed, metric, statistic)
+    curves.png        one panel per metric: the mean over seeds against the step, one line per
+                      point, with a ±1 s.e. band
+    final_bars.png    one panel per metric: the final value per point, ±1 s.e. error bars, one
+                      dot per seed
+
+Statistics of one run and metric (records without the metric do not count):
+  final    the value of the last record that has the metric;
+  max/min  the largest (smallest) finite value over the RL steps (step >= 1), as chosen per metric;
+  initial  the step-0 value (the evaluation before RL), for the metrics logged there.
+Over seeds: mean and standard error s / sqrt(n) (s with ddof = 1) of the finite values; the
+standard error of one value is undefined (NaN in the CSV, left out of the table), and a cell
+says "(k/n)" when only k of the n runs had a finite value (a diverged run is never hidden).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import pathlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from gmpo_jax import metrics as metrics_lib
+
+TABLE_MD = "table.md"
+TABLE_CSV = "table.csv"
+RUNS_CSV = "runs.csv"
+CURVES_PNG = "curves.png"
+BARS_PNG = "final_bars.png"
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricSpec:
+  """A metric to report and which extreme over the RL steps goes next to its final value.
+
+  Attributes:
+    name: the metric's key in metrics.jsonl.
+    mode: 'max' or 'min': the best value for rewards, the worst for stability diagnostics
+      (ratio_max -> max, ratio_min -> min, entropy -> min: collapse).
+  """
+
+  name: str
+  mode: Literal["max", "min"] = "max"
+
+  def __post_init__(self):
+    if not self.name:
+      raise ValueError("a metric name must not be empty")
+    if self.mode not in ("max", "min"):
+      raise ValueError(f"metric {self.name!r}: mode must be 'max' or 'min', got {self.mode!r}")
+
+  @classmethod
+  def parse(cls, text: str) -> MetricSpec:
+    """'name' (mode max) or 'name:max' / 'name:min'."""
+    name, _, mode = text.strip().partition(":")
+    return cls(name.strip(), mode.strip() or "max")
+
+
+DEFAULT_METRICS: tuple[MetricSpec, ...] = tuple(MetricSpec.parse(m) for m in (
+    "eval/pass@1:max", "eval/reward:max", "reward/mean:max", "reward/geometric_mean:max",
+    "entropy:min", "kl:max", "approx_kl:max", "ratio_max:max", "ratio_min:min",
+    "clip_fraction_low:max", "clip_fraction_high:max"))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunMetrics:
+  """The records of one finished run."""
+  point: str
+  seed: int
+  records: Sequence[Mapping[str, Any]]
+
+
+class Stat(NamedTuple):
+  """Mean ± standard error of the finite values among `num_runs` runs."""
+  mean: float
+  stderr: float
+  num_finite: int
+  num_runs: int
+
+
+def mean_stderr(values: Iterable[float]) -> Stat:
+  """Mean and standard error s / sqrt(n) (ddof = 1) of the finite values.
+
+  NaN stands for a missing or non-finite value: it is left out and counted. No finite value:
+  mean NaN; one: stderr NaN (undefined, not 0).
+  """
+  values = np.asarray(list(values), np.float64)
+  finite = values[np.isfinite(values)]
+  n = finite.size
+  mean = float(finite.mean()) if n else math.nan
+  stderr = float(finite.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+  return Stat(mean, stderr, n, values.size)
+
+
+def _value(record: Mapping[str, Any], name: str) -> float:
+  value = record[name]
+  return math.nan if value is None else float(value)
+
+
+def run_statistics(records: Sequence[Mapping[str, Any]], metric: MetricSpec) -> dict[str, float]:
+  """{'initial', 'final', metric.mode} of one run (see the module docstring); NaN if absent."""
+  rows = [r for r in records if metric.name in r]
+  rl = np.array([_value(r, metric.name) for r in rows if r["step"] >= 1], np.float64)
+  rl = rl[np.isfinite(rl)]
+  extreme = (rl.max() if metric.mode == "max" else rl.min()) if rl.size else math.nan
+  initial = [_value(r, metric.name) for r in rows if r["step"] == 0]
+  return {"initial": initial[-1] if initial else math.nan,
+          "final": _value(rows[-1], metric.name) if rows else math.nan,
+          metric.mode: float(extreme)}
+
+
+def _fmt(stat: Stat) -> str:
+  """'mean ± se' with the se to 2 significant digits and the mean to the same decimal place;
+  4 significant digits where there is no se (one run) or it is zero (up to float rounding)."""
+  if not stat.num_finite:
+    return "n/a"
+  if stat.num_finite < 2:
+    text = f"{stat.mean:.4g}"
+  elif stat.stderr <= 1e-9 * abs(stat.mean) or stat.stderr == 0:
+    text = f"{stat.mean:.4g} ± 0"
+  else:
+    decimals = max(0, 1 - math.floor(math.log10(stat.stderr)))
+    text = f"{stat.mean:.{decimals}f} ± {stat.stderr:.{decimals}f}"
+  if stat.num_finite < stat.num_runs:
+    text += f" ({stat.num_finite}/{stat.num_runs})"
+  return text
+
+
+def _csv_float(value: float) -> str:
+  return repr(value) if math.isfinite(value) else ""
+
+
+def _curves(runs: Sequence[RunMetrics], name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Steps, mean and standard error over the runs of the finite values of `name` per step."""
+  by_step: dict[int, list[float]] = {}
+  for run in runs:
+    for record in run.records:
+      if name in record:
+        by_step.setdefault(record["step"], []).append(_value(record, name))
+  steps = sorted(by_step)
+  stats = [mean_stderr(by_step[s]) for s in steps]
+  return (np.array(steps), np.array([s.mean for s in stats]), np.array([s.stderr for s in stats]))
+
+
+def _panels(count: int, *, ncols: int = 3, height: float = 2.8):
+  rows = math.ceil(count / ncols)
+  cols = min(ncols, count)
+  figure = Figure(figsize=(4.6 * cols + 2.4, height * rows), layout="constrained")
+  FigureCanvasAgg(figure)
+  axes = figure.subplots(rows, cols, squeeze=False).ravel()
+  for axis in axes[count:]:
+    axis.set_visible(False)
+  return figure, axes[:count]
+
+
+def _colors(points: Sequence[str]) -> dict[str, Any]:
+  palette = [f"C{i}" for i in range(10)]
+  return {p: palette[i % len(palette)] for i, p in enumerate(points)}
+
+
+def plot_curves(path: pathlib.Path, by_point: Mapping[str, Sequence[RunMetrics]],
+                metrics: Sequence[MetricSpec]) -> pathlib.Path:
+  """Learning curves: mean over seeds per step, ±1 s.e. band, one line per point."""
+  figure, axes = _panels(len(metrics))
+  colors = _colors(list(by_point))
+  for axis, metric in zip(axes, metrics):
+    for point, runs in by_point.items():
+      steps, mean, stderr = _curves(runs, metric.name)
+      if not np.isfinite(mean).any():
+        continue
+      # Sparse series (evaluations every few steps) get markers so single points show.
+      axis.plot(steps, mean, color=colors[point], linewidth=1.2, label=point,
+                marker="o" if len(steps) <= 25 else None, markersize=3)
+      band = np.isfinite(stderr)
+      axis.fill_between(steps, np.where(band, mean - stderr, np.nan),
+                        np.where(band, mean + stderr, np.nan), color=colors[point], alpha=0.2,
+                        linewidth=0)
+    axis.set_title(metric.name, fontsize=9)
+    axis.set_xlabel("step", fontsize=8)
+    axis.tick_params(labelsize=7)
+    axis.grid(alpha=0.3)
+  _legend(figure, colors)
+  figure.savefig(path, dpi=90)
+  return path
+
+
+def plot_final_bars(path: pathlib.Path, by_point: Mapping[str, Sequence[RunMetrics]],
+                    metrics: Sequence[MetricSpec]) -> pathlib.Path:
+  """Final values: a bar per point at the mean, ±1 s.e. error bar, a dot per seed."""
+  figure, axes = _panels(len(metrics))
+  colors = _colors(list(by_point))
+  for axis, metric in zip(axes, metrics):
+    for x, (point, runs) in enumerate(by_point.items()):
+      finals = [run_statistics(r.records, metric)["final"] for r in runs]
+      stat = mean_stderr(finals)
+      if not stat.num_finite:
+        continue
+      axis.bar(x, stat.mean, color=colors[point], alpha=0.7,
+               yerr=stat.stderr if stat.num_finite > 1 else None, capsize=3)
+      axis.scatter(np.full(len(finals), x), finals, color="black", s=8, zorder=3)
+    axis.set_title(f"final {metric.name}", fontsize=9)
+    axis.set_xticks(range(len(by_point)), [""] * len(by_point))
+    axis.tick_params(labelsize=7)
+    axis.grid(alpha=0.3, axis="y")
+  _legend(figure, colors)
+  figure.savefig(path, dpi=90)
+  return path
+
+
+def _legend(figure: Figure, colors: Mapping[str, Any]) -> None:
+  figure.legend(handles=[Patch(color=c, label=p) for p, c in colors.items()],
+                loc="outside right upper", fontsize=8)
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(row) + " |" for row in rows]
+  return lines
+
+
+def aggregate(out: str | pathlib.Path, runs: Sequence[RunMetrics], *,
+              points: Sequence[str], metrics: Sequence[MetricSpec] = DEFAULT_METRICS,
+              curves: Sequence[MetricSpec] | None = None,
+              point_overrides: Mapping[str, Sequence[str]] | None = None,
+              expected_runs: Mapping[str, int] | None = None,
+              notes: Sequence[str] = ()) -> dict[str, pathlib.Path]:
+  """Writes table.md, table.csv, runs.csv, curves.png and final_bars.png into `out`.
+
+  Args:
+    out: the results folder.
+    runs: the finished runs' records.
+    points: every grid point, in the table's order (a point without runs gets an empty row).
+    metrics: what the tables and bar charts report.
+    curves: what the learning curves show (default: `metrics`).
+    point_overrides: point -> its overrides as 'key=value' strings, listed under the tables.
+    expected_runs: point -> seeds launched, to show "finished/expected" per point.
+    notes: lines printed under the title (the base config, missing runs, ...).
+
+  Returns:
+    {'table_md', 'table_csv', 'runs_csv', 'curves', 'bars'} -> the files written.
+
+  Raises:
+    ValueError: no metrics, a run of an unknown point, or no runs at all.
+  """
+  out = pathlib.Path(out)
+  metrics = list(metrics)
+  curves = list(metrics if curves is None else curves)
+  if not metrics or not curves:
+    raise ValueError("name at least one metric")
+  unknown = sorted({r.point for r in runs} - set(points))
+  if unknown:
+    raise ValueError(f"runs of unknown points {unknown}")
+  if not runs:
+    raise ValueError("no finished run to aggregate")
+  by_point = {p: [r for r in runs if r.point == p] for p in points}
+  available = {k for r in runs for record in r.records for k in record} - {"step"}
+  absent = [m.name for m in {*metrics, *curves} if m.name not in available]
+
+  per_run = []  # (point, seed, metric, statistic, value)
+  for run in runs:
+    for metric in metrics:
+      for statistic, value in run_statistics(run.records, metric).items():
+        per_run.append((run.point, run.seed, metric.name, statistic, value))
+  stats: dict[tuple[str, str, str], Stat] = {}
+  for point, point_runs in by_point.items():
+    for metric in metrics:
+      for statistic in ("initial", "final", metric.mode):
+        stats[point, metric.name, statistic] = mean_stderr(
+            v for p, _, m, s, v in per_run if (p, m, s) == (point, metric.name, statistic))
+
+  out.mkdir(parents=True, exist_ok=True)
+  files = {"table_md": out / TABLE_MD, "table_csv": out / TABLE_CSV, "runs_csv": out / RUNS_CSV}
+  with files["runs_csv"].open("w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["point", "seed", "metric", "statistic", "value"])
+    writer.writerows([p, seed, m, s, _csv_float(v)] for p, seed, m, s, v in per_run)
+  with files["table_csv"].open("w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["point", "metric", "statistic", "mean", "stderr", "num_finite", "num_runs"])
+    for (point, metric, statistic), stat in stats.items():
+      writer.writerow([point, metric, statistic, _csv_float(stat.mean), _csv_float(stat.stderr),
+                       stat.num_finite, stat.num_runs])
+
+  def seeds_cell(point: str) -> str:
+    done = len(by_point[point])
+    return f"{done}/{expected_runs[point]}" if expected_runs else str(done)
+
+  lines = ["# Ablation results", ""] + [f"- {note}" for note in notes]
+  lines += ["- mean ± standard error over seeds (s/√n, ddof = 1), the mean rounded to the s.e.'s "
+            "second significant digit; (k/n): only k of n runs had a finite value", ""]
+  if absent:
+    lines += [f"- not logged by any run: {', '.join(sorted(absent))}", ""]
+  sections = [("Final values", lambda m: "final", lambda m: m.name),
+              ("Extremes over the RL steps (step >= 1)", lambda m: m.mode,
+               lambda m: f"{m.name} ({m.mode})")]
+  initial_metrics = [m for m in metrics
+                     if any(stats[p, m.name, "initial"].num_finite for p in points)]
+  for title, statistic, label in sections:
+    lines += [f"## {title}", ""]
+    lines += _markdown_table(
+        ["point", "seeds"] + [label(m) for m in metrics],
+        [[p, seeds_cell(p)] + [_fmt(stats[p, m.name, statistic(m)]) for m in metrics]
+         for p in points])
+    lines.append("")
+  if initial_metrics:
+    lines += ["## Before RL (step 0)", ""]
+    lines += _markdown_table(
+        ["point"] + [m.name for m in initial_metrics],
+        [[p] + [_fmt(stats[p, m.name, "initial"]) for m in initial_metrics] for p in points])
+    lines.append("")
+  if point_overrides:
+    lines += ["## Points", ""]
+    lines += _markdown_table(
+        ["point", "overrides"],
+        [[p, "<br>".join(f"`{o}`" for o in point_overrides.get(p, ())) or "(base config)"]
+         for p in points])
+    lines.append("")
+  files["table_md"].write_text("\n".join(lines))
+
+  curve_points = {p: r for p, r in by_point.items() if r}
+  files["curves"] = plot_curves(out / CURVES_PNG, curve_points, curves)
+  files["bars"] = plot_final_bars(out / BARS_PNG, curve_points, metrics)
+  return files
+
+
+def load_runs(entries: Iterable[tuple[str, int, str | pathlib.Path]]) -> list[RunMetrics]:
+  """(point, seed, workdir) -> the run's records (`gmpo_jax.metrics.read_metrics`)."""
+  return [RunMetrics(point, seed, metrics_lib.read_metrics(workdir))
+          for point, seed, workdir in entries]
