@@ -88,7 +88,7 @@ def main():
   mfu = 6 * num_params * b * t / train_time / (args.peak_tflops * 1e12)
 
   print(f"device: {jax.devices()[0].device_kind}; date {datetime.date.today()}; jax {jax.__version__}")
-  print(f"| measurement | value |\n|---|---|")
+  print("| measurement | value |\n|---|---|")
   print(f"| copy bandwidth (2 GiB f32, read+write) | {copy_bw / 1e9:.0f} GB/s |")
   print(f"| {args.config} bf16: params | {num_params / 1e6:.1f} M ({param_bytes / 2**30:.2f} GiB) |")
   print(f"| decode step, B={args.batch}, cache {args.cache} | {decode_time * 1e3:.2f} ms "

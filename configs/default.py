@@ -14,15 +14,15 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.num_steps = 60
-  config.prompts_per_step = 16
-  config.eval_every = 20
+  config.num_steps = 200
+  config.prompts_per_step = 32
+  config.eval_every = 50
   config.chunk_size = 32
   config.progress = ml_collections.FieldReference(None, field_type=bool)
 
   config.task = ml_collections.ConfigDict()
   config.task.name = "arithmetic"
-  config.task.kwargs = {"num_digits": 2, "operations": ("+", "-"), "num_train": 5000,
+  config.task.kwargs = {"num_digits": 2, "operations": ("+",), "num_train": 5000,
                         "num_test": 500}
   config.task.data_dir = ""  # empty: <workdir>/data
   config.task.train_split = "train"
@@ -49,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.algorithm.objective_kwargs = {"epsilon_low": 0.4, "epsilon_high": 0.4}
   config.algorithm.loss_agg_mode = ml_collections.FieldReference(None, field_type=str)
   config.algorithm.num_generations = 8
-  config.algorithm.num_epochs = 2
+  config.algorithm.num_epochs = 1
   config.algorithm.num_minibatches = 2
   config.algorithm.num_microbatches = 1
   config.algorithm.beta = 0.0
@@ -58,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.algorithm.overlong_buffer = 0
 
   config.optim = ml_collections.ConfigDict()
-  config.optim.learning_rate = 3e-4
+  config.optim.learning_rate = 5e-5
   config.optim.warmup_steps = 5
   config.optim.end_lr_fraction = 0.1
   config.optim.max_grad_norm = 1.0
@@ -67,14 +67,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.weight_decay = 0.0
 
   config.warm_start = ml_collections.ConfigDict()
-  config.warm_start.steps = 400
+  config.warm_start.steps = 1500
   config.warm_start.batch_size = 64
+  config.warm_start.demonstration_noise = 0.5
   config.warm_start.optim = ml_collections.ConfigDict(config.optim.to_dict())
   config.warm_start.optim.learning_rate = 3e-3
   config.warm_start.optim.warmup_steps = 20
 
   config.eval = ml_collections.ConfigDict()
-  config.eval.num_examples = 200
+  config.eval.num_examples = 500
   config.eval.temperature = 1.0
   config.eval.k = 4
 

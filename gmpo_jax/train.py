@@ -19,9 +19,8 @@ any step and resumed reproduces the uninterrupted run's metrics exactly.
 from __future__ import annotations
 
 import dataclasses
-import functools
+import json
 import logging
-import math
 import pathlib
 import time
 from collections.abc import Mapping, Sequence
@@ -276,26 +275,38 @@ def warm_start(run: Run) -> Any:
                                          key=key, metadata={})
   with checkpointing.Checkpointer(directory, max_to_keep=1, async_save=False) as ckpt:
     restored = ckpt.restore_latest(target)
-    if restored is not None and restored.step == cfg.steps:
+    if restored is not None and restored.metadata == _warm_start_signature(cfg):
       logger.info("warm start: reusing %s (step %d)", directory, restored.step)
       return restored.model
     update = _make_update(run, optimizer, learner.supervised_loss(chunk_size=run.config.chunk_size),
                           run.params, opt_state)
     params = jax.tree.map(jnp.copy, run.params)
     stream = PromptStream(run.train_examples, seed=run.config.seed + 1)
+    noise_rng = np.random.default_rng([run.config.seed, 2])
     start = time.perf_counter()
     for step in range(cfg.steps):
       examples = stream.take(cfg.batch_size)
       prompts = [run.task.prompt(e) for e in examples]
-      solutions = [run.task.solution(e) for e in examples]
+      # Imperfect demonstrations: with probability `demonstration_noise` the target is the
+      # solution of another problem (well-formed but wrong), so the warm-started policy
+      # knows the answer format and often, not always, the answer: room for RL to improve.
+      noisy = noise_rng.random(len(examples)) < cfg.demonstration_noise
+      sources = [run.train_examples[int(noise_rng.integers(len(run.train_examples)))]
+                 if n else e for n, e in zip(noisy, examples)]
+      solutions = [run.task.solution(e) for e in sources]
       batch = _supervised_batch(run, prompts, solutions)
       params, opt_state, out = update(params, opt_state, run.place_batch(batch))
       if step % max(cfg.steps // 5, 1) == 0 or step == cfg.steps - 1:
         logger.info("warm start step %d/%d: nll %.4f", step + 1, cfg.steps, float(out.loss))
     logger.info("warm start: %d steps in %.1fs", cfg.steps, time.perf_counter() - start)
     ckpt.save(checkpointing.CheckpointState(step=cfg.steps, model=params, opt_state=opt_state,
-                                            key=key, metadata={}))
+                                            key=key, metadata=_warm_start_signature(cfg)))
   return params
+
+
+def _warm_start_signature(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What the cached warm start was trained with; a different config retrains it."""
+  return json.loads(cfg.to_json())
 
 
 def _supervised_batch(run: Run, prompts: Sequence[str], solutions: Sequence[str]) -> learner.Batch:
@@ -494,7 +505,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       if eval_due:
         record.update(evaluate(run, params, eval_key))
       writer.write(done, record)
-      stop = preemption.requested
+      # Every process must stop at the same step (the save below is collective).
+      stop = preemption.requested_on_any_process()
       if eval_due or done % config.checkpoint.every == 0 or stop or done == config.num_steps:
         ckpt.save(
             checkpointing.CheckpointState(

@@ -1,6 +1,5 @@
 """The runner end to end on `configs/smoke.py`: train, checkpoint, stop, resume, compare."""
 
-import json
 import os
 import signal
 
