@@ -14,9 +14,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.num_steps = 200
+  config.num_steps = 400
   config.prompts_per_step = 32
-  config.eval_every = 50
+  config.eval_every = 100
   config.chunk_size = 32
   config.progress = ml_collections.FieldReference(None, field_type=bool)
 
@@ -58,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.algorithm.overlong_buffer = 0
 
   config.optim = ml_collections.ConfigDict()
-  config.optim.learning_rate = 5e-5
+  config.optim.learning_rate = 1e-4
   config.optim.warmup_steps = 5
   config.optim.end_lr_fraction = 0.1
   config.optim.max_grad_norm = 1.0
@@ -67,9 +67,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.weight_decay = 0.0
 
   config.warm_start = ml_collections.ConfigDict()
-  config.warm_start.steps = 1500
+  config.warm_start.steps = 900
   config.warm_start.batch_size = 64
-  config.warm_start.demonstration_noise = 0.5
   config.warm_start.optim = ml_collections.ConfigDict(config.optim.to_dict())
   config.warm_start.optim.learning_rate = 3e-3
   config.warm_start.optim.warmup_steps = 20

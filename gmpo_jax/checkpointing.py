@@ -44,6 +44,7 @@ import json
 import logging
 import math
 import operator
+import os
 import signal
 import time
 import types
@@ -123,7 +124,9 @@ class Checkpointer:
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}.")
     if best_metric is not None and not (isinstance(best_metric, str) and best_metric):
       raise ValueError(f"best_metric must be a non-empty string or None, got {best_metric!r}.")
-    self._directory = epath.Path(directory)
+    # Orbax needs absolute local paths; URLs (gs://...) are left as they are.
+    directory = os.fspath(directory)
+    self._directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
     self._best_metric = best_metric
     self._best_sign = 1.0 if best_mode == "max" else -1.0
     self._name_format = ocp.step.standard_name_format()

@@ -134,10 +134,26 @@ def make_update_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformati
     The jitted update. A non-finite loss or gradient norm leaves params and optimizer state
     unchanged and reports `skipped = 1`.
   """
+  return jax.jit(update_step(graphdef, optimizer, micro_loss),
+                 donate_argnums=(0, 1) if donate else (),
+                 in_shardings=in_shardings, out_shardings=out_shardings)
+
+
+def update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
+                micro_loss: MicroLoss, *, axis_name: str | None = None):
+  """The traceable step that `make_update_fn` compiles (see there).
+
+  With `axis_name` (inside `jax.pmap` / `shard_map` over that axis), each device holds a
+  shard of the minibatch: the counts, loss and gradients are summed over the axis, so every
+  device applies the full-minibatch update, and the diagnostics are combined over all
+  (device, micro-batch) shards as `make_update_fn` combines micro-batches.
+  """
 
   def update(params, opt_state, batch: Batch):
     chex.assert_rank(batch.tokens, 3)
     counts = minibatch_counts(batch.loss_mask)
+    if axis_name is not None:
+      counts = jax.lax.psum(counts, axis_name)
 
     def loss_of_params(p, micro):
       return micro_loss(nnx.merge(graphdef, p), micro, counts)
@@ -153,6 +169,9 @@ def make_update_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformati
     zeros = jax.tree.map(jnp.zeros_like, params)
     (loss, grads), micro_metrics = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
                                                 batch)
+    if axis_name is not None:
+      loss, grads = jax.lax.psum((loss, grads), axis_name)
+      micro_metrics = jax.lax.all_gather(micro_metrics, axis_name)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
@@ -164,8 +183,7 @@ def make_update_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformati
     return params, opt_state, UpdateOutput(loss=loss, grad_norm=grad_norm,
                                            skipped=(~finite).astype(jnp.int32), metrics=metrics)
 
-  return jax.jit(update, donate_argnums=(0, 1) if donate else (),
-                 in_shardings=in_shardings, out_shardings=out_shardings)
+  return update
 
 
 def reduce_metric(name: str, values: Any) -> jax.Array:

@@ -26,7 +26,8 @@ def main(argv):
   # Orbax and TFDS report every file operation at INFO through absl's logger.
   logging.getLogger("absl").setLevel(logging.WARNING)
   # Before anything starts a JAX backend: the device list is fixed then.
-  distributed.initialize(distributed.DistributedConfig.from_config(_CONFIG.value.get("distributed")))
+  distributed.initialize(
+      distributed.DistributedConfig.from_config(_CONFIG.value.get("distributed")))
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

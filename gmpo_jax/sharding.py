@@ -11,7 +11,12 @@ mesh axes `data`, `fsdp` and `tensor`:
 
 Batches are split over `data` x `fsdp`. A parameter dimension that the mesh axes do not divide
 evenly is replicated instead (a KV-head count of 2 on a tensor axis of 4, say), so every
-model runs on every mesh.
+model runs on every mesh. The optimizer state mirrors the parameters: every moment tree is
+placed like the parameter tree it belongs to (`opt_state_shardings`), its step counters are
+replicated.
+
+The mesh spans every device of every process (`jax.devices()`), so the same code runs on one
+CPU, on a multi-GPU host and, after `gmpo_jax.distributed.initialize`, on a TPU pod slice.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -79,6 +85,31 @@ def state_shardings(state: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
                       state, specs)
 
 
+def opt_state_shardings(optimizer: optax.GradientTransformation, params: Any,
+                        param_shardings: Any, mesh: Mesh) -> Any:
+  """`NamedSharding`s of `optimizer.init(params)`: each moment tree sharded like `params`.
+
+  Left to sharding propagation, `jax.jit(optimizer.init)` returns the moments replicated
+  (`zeros_like` does not depend on its argument's values), which would keep a full copy of
+  Adam's two moment trees on every FSDP shard. `optax.tree_utils.tree_map_params` finds the
+  copies of the parameter tree inside the state; everything else (step counts, schedule
+  state) is replicated.
+
+  Args:
+    optimizer: the optax transformation whose state is wanted.
+    params: the parameters (arrays or `jax.ShapeDtypeStruct`s), the argument of `init`.
+    param_shardings: a pytree of `NamedSharding` with the structure of `params`.
+    mesh: the mesh of `param_shardings`.
+
+  Returns:
+    A pytree with the structure of `optimizer.init(params)` and `NamedSharding` leaves.
+  """
+  abstract_state = jax.eval_shape(optimizer.init, params)
+  return optax.tree_utils.tree_map_params(
+      optimizer, lambda _, param_sharding: param_sharding, abstract_state, param_shardings,
+      transform_non_params=lambda _: replicated(mesh))
+
+
 def batch_sharding(mesh: Mesh, *, ndim: int, batch_axis: int = 0) -> NamedSharding:
   """Splits `batch_axis` of an ndim-array over data x fsdp; other axes replicated."""
   spec = [None] * ndim
@@ -88,6 +119,16 @@ def batch_sharding(mesh: Mesh, *, ndim: int, batch_axis: int = 0) -> NamedShardi
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def prng_key(seed: int, mesh: Mesh) -> jax.Array:
+  """The typed PRNG key `jax.random.key(seed)`, replicated over `mesh`.
+
+  Created inside a computation on the mesh: a key made eagerly sits on one local device of
+  each process, which a multi-process Orbax checkpoint cannot save and `jax.device_put`
+  cannot move onto a mesh that spans other processes.
+  """
+  return jax.jit(jax.random.key, out_shardings=replicated(mesh))(seed)
 
 
 def batch_size_multiple(mesh: Mesh) -> int:

@@ -202,15 +202,20 @@ class Run:
                                                             batch_axis=1)), batch)
 
 
-def _logprob_fn(graphdef, temperature: float, chunk_size: int):
+def _logprob_fn(run: Run, temperature: float, chunk_size: int):
+  """Log-probs of rollout rows, data-parallel: rows split over data x fsdp like the learner's."""
+  rows = sharding.batch_sharding(run.mesh, ndim=2)
 
-  @jax.jit
   def logprobs(params, tokens, key_mask):
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(run.graphdef, params)
     return sequence_logprobs(model, tokens, positions_from_mask(key_mask), key_mask,
                              chunk_size=chunk_size, temperature=temperature)
 
-  return logprobs
+  compiled = jax.jit(logprobs, in_shardings=(run.param_shardings, rows, rows),
+                     out_shardings=rows)
+  # The sampler's outputs come in the layout XLA chose for it; move them to the rows layout.
+  return lambda params, tokens, key_mask: compiled(
+      params, jax.device_put(tokens, rows), jax.device_put(key_mask, rows))
 
 
 def _build_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Run:
@@ -282,18 +287,11 @@ def warm_start(run: Run) -> Any:
                           run.params, opt_state)
     params = jax.tree.map(jnp.copy, run.params)
     stream = PromptStream(run.train_examples, seed=run.config.seed + 1)
-    noise_rng = np.random.default_rng([run.config.seed, 2])
     start = time.perf_counter()
     for step in range(cfg.steps):
       examples = stream.take(cfg.batch_size)
       prompts = [run.task.prompt(e) for e in examples]
-      # Imperfect demonstrations: with probability `demonstration_noise` the target is the
-      # solution of another problem (well-formed but wrong), so the warm-started policy
-      # knows the answer format and often, not always, the answer: room for RL to improve.
-      noisy = noise_rng.random(len(examples)) < cfg.demonstration_noise
-      sources = [run.train_examples[int(noise_rng.integers(len(run.train_examples)))]
-                 if n else e for n, e in zip(noisy, examples)]
-      solutions = [run.task.solution(e) for e in sources]
+      solutions = [run.task.solution(e) for e in examples]
       batch = _supervised_batch(run, prompts, solutions)
       params, opt_state, out = update(params, opt_state, run.place_batch(batch))
       if step % max(cfg.steps // 5, 1) == 0 or step == cfg.steps - 1:
@@ -403,7 +401,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   update = _make_update(run, optimizer, learner.policy_loss(
       algo, temperature=run.sampling.logit_temperature, chunk_size=config.chunk_size,
       max_length=max_new), params, opt_state)
-  policy_logprobs = _logprob_fn(run.graphdef, run.sampling.logit_temperature, config.chunk_size)
+  policy_logprobs = _logprob_fn(run, run.sampling.logit_temperature, config.chunk_size)
   advantage_fn = jax.jit(algo.advantage_fn())
 
   ckpt = checkpointing.Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.keep,

@@ -1,0 +1,139 @@
+"""Inputs shared by the multi-device learner tests: a tiny policy, a rollout batch, the
+runner's optimizer and the real GMPO learner loss."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from gmpo_jax import learner
+from gmpo_jax import sharding
+from gmpo_jax import train
+from gmpo_jax.config import AlgorithmConfig
+from gmpo_jax.logprobs import positions_from_mask
+from gmpo_jax.models.transformer import Transformer, TransformerConfig
+
+# 'tiny' divides evenly on every test mesh: vocab 128, embed 64 (fsdp <= 4), 4 heads and
+# 2 KV heads, MLP 128 (tensor <= 2); so every logical rule really shards.
+MODEL = TransformerConfig.from_name("tiny")
+B, G, T = 8, 4, 12  # 8 prompts x 4 completions = 32 sequences of 12 tokens.
+N = B * G
+NUM_STEPS = 3
+ALGO = AlgorithmConfig(advantage="gmpo", advantage_kwargs=(("normalize", True),),
+                       objective="geometric", beta=0.05, num_microbatches=2)
+# The runner's optimizer (global-norm clip, AdamW, warmup + cosine) with the default config's
+# hyperparameters, short warmup so that every step moves the parameters.
+OPTIM = ml_collections.ConfigDict(dict(learning_rate=1e-3, warmup_steps=1, end_lr_fraction=0.1,
+                                       max_grad_norm=1.0, b1=0.9, b2=0.99, weight_decay=0.01))
+
+
+def model():
+  """(graphdef, params) of the tiny policy at a fixed initialisation."""
+  return nnx.split(Transformer(MODEL, rngs=nnx.Rngs(0)))
+
+
+def optimizer():
+  return train.make_optimizer(OPTIM, total_updates=10)
+
+
+def micro_loss(algo=ALGO):
+  return learner.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T)
+
+
+def rollout(seed):
+  """A rollout-shaped batch (NumPy): sequences [N, T], rewards and group mask [B, G].
+
+  Prompts of 2-4 tokens, completions of 1-7 (some rows end in padding), old log-probs near the
+  random policy's -log V so that some GMPO ratios leave the clip range, positive graded
+  rewards; group 3 is dropped (dynamic sampling) and one completion of group 5 is masked.
+  """
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, MODEL.vocab_size, (N, T)).astype(np.int32)
+  prompt = rng.integers(2, 5, N)
+  length = prompt + rng.integers(1, T - 4, N)
+  cols = np.arange(T)[None]
+  key_mask = cols < length[:, None]
+  loss_mask = key_mask & (cols >= prompt[:, None])
+  old_logp = np.where(loss_mask, rng.normal(-np.log(MODEL.vocab_size), 0.3, (N, T)), 0.0)
+  ref_logp = np.where(loss_mask, old_logp + rng.normal(0.0, 0.1, (N, T)), 0.0)
+  group_mask = np.ones((B, G), bool)
+  group_mask[3] = False
+  group_mask[5, 1] = False
+  return dict(
+      tokens=tokens, positions=np.asarray(positions_from_mask(jnp.asarray(key_mask))),
+      key_mask=key_mask, loss_mask=loss_mask, old_logp=old_logp.astype(np.float32),
+      ref_logp=ref_logp.astype(np.float32),
+      rewards=rng.lognormal(0.0, 1.0, (B, G)).astype(np.float32), group_mask=group_mask)
+
+
+@functools.cache
+def _advantage_fn():
+  return jax.jit(ALGO.advantage_fn())
+
+
+def learner_batch(data, num_microbatches):
+  """The runner's learner input for `data`: advantages of the whole batch, the completions of
+  masked groups out of the loss, stacked as [num_microbatches, N / num_microbatches, ...]."""
+  advantages = np.asarray(_advantage_fn()(jnp.asarray(data["rewards"]),
+                                          jnp.asarray(data["group_mask"])))
+  valid = data["group_mask"].reshape(-1)
+  batch = learner.Batch(
+      tokens=data["tokens"], positions=data["positions"], key_mask=data["key_mask"],
+      loss_mask=data["loss_mask"] & valid[:, None], old_logp=data["old_logp"],
+      ref_logp=data["ref_logp"], advantages=advantages.reshape(-1))
+  return jax.tree.map(lambda x: x.reshape((num_microbatches, N // num_microbatches) + x.shape[1:]),
+                      batch)
+
+
+@functools.cache
+def mesh_run(mesh_shape, num_microbatches=ALGO.num_microbatches):
+  """NUM_STEPS updates of the Mesh path as the runner wires it (see test_mesh_equivalence).
+
+  Args:
+    mesh_shape: (data, fsdp, tensor) over the 8 devices, or None for one device.
+    num_microbatches: micro-batches per update.
+
+  Returns:
+    dict: `outputs` and `states` ((params, opt_state)) after every step, as NumPy; the live
+    final `params` and `opt_state`, their expected shardings, and the number of compiles.
+  """
+  if mesh_shape is None:
+    mesh = sharding.make_mesh(data=1, devices=jax.devices()[:1])
+  else:
+    data, fsdp, tensor = mesh_shape
+    mesh = sharding.make_mesh(data=data, fsdp=fsdp, tensor=tensor)
+  graphdef, params = model()
+  opt = optimizer()
+  param_shardings = sharding.state_shardings(params, mesh)
+  params = jax.device_put(params, param_shardings)
+  opt_shardings = sharding.opt_state_shardings(opt, params, param_shardings, mesh)
+  opt_state = jax.jit(opt.init, out_shardings=opt_shardings)(params)
+  update = learner.make_update_fn(graphdef, opt, micro_loss(),
+                                  in_shardings=(param_shardings, opt_shardings, None),
+                                  out_shardings=(param_shardings, opt_shardings, None))
+  outputs, states = [], []
+  for step in range(NUM_STEPS):
+    batch = learner_batch(rollout(seed=step), num_microbatches)
+    batch = jax.tree.map(
+        lambda x: jax.device_put(x, sharding.batch_sharding(mesh, ndim=x.ndim, batch_axis=1)),
+        batch)
+    params, opt_state, out = update(params, opt_state, batch)
+    outputs.append(jax.device_get(out))
+    states.append(jax.device_get((params, opt_state)))
+  return dict(outputs=outputs, states=states, params=params, opt_state=opt_state,
+              param_shardings=param_shardings, opt_shardings=opt_shardings,
+              compiles=update._cache_size())  # pylint: disable=protected-access
+
+
+def adam_first_moment(opt_state):
+  """Adam's first moment: make_optimizer = chain(clip_by_global_norm, adamw)."""
+  return opt_state[1][0].mu
+
+
+def assert_trees_close(actual, expected, *, rtol=1e-5, atol=1e-5):
+  """Every leaf of `actual` equals `expected`'s to float32 rounding; the trees match."""
+  jax.tree.map(lambda a, e: np.testing.assert_allclose(np.asarray(a), np.asarray(e),
+                                                       rtol=rtol, atol=atol), actual, expected)
