@@ -172,7 +172,7 @@ def update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
     if axis_name is not None:
       loss, grads = jax.lax.psum((loss, grads), axis_name)
       micro_metrics = jax.lax.all_gather(micro_metrics, axis_name)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)

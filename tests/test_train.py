@@ -70,3 +70,40 @@ def test_rerun_of_a_finished_workdir_does_nothing_new(uninterrupted):
   before = (workdir / metrics_lib.METRICS_FILE).read_text()
   train.train_and_evaluate(smoke.get_config(), workdir)
   assert (workdir / metrics_lib.METRICS_FILE).read_text() == before
+
+
+def test_overlong_penalty_is_linear_in_the_buffer():
+  lengths = np.array([0, 6, 7, 8, 9, 10])
+  got = train.overlong_penalty(lengths, max_new_tokens=10, buffer=4, penalty=2.0)
+  np.testing.assert_allclose(got, [0.0, 0.0, -0.5, -1.0, -1.5, -2.0])
+  np.testing.assert_array_equal(
+      train.overlong_penalty(lengths, max_new_tokens=10, buffer=0, penalty=2.0), 0.0)
+
+
+def test_group_statistics_of_a_batch():
+  rewards = np.array([[10.0, 10.0, 10.0, 1000.0], [2.0, 2.0, 2.0, 2.0]])
+  stats = train.group_statistics(rewards)
+  assert stats["groups/zero_std_fraction"] == 0.5
+  np.testing.assert_allclose(stats["reward/mean"], rewards.mean())
+  np.testing.assert_allclose(stats["reward/geometric_mean"], np.exp(np.log(rewards).mean()))
+
+
+def test_reference_model_kl_dynamic_sampling_and_overlong_penalty(tmp_path):
+  config = smoke.get_config()
+  config.num_steps = 2
+  config.algorithm.beta = 0.05
+  config.algorithm.dynamic_sampling = True
+  config.algorithm.overlong_buffer = 1
+  config.algorithm.overlong_penalty = 0.005  # keeps the rewards positive for the log baseline
+  train.train_and_evaluate(config, tmp_path)
+  records = _records(tmp_path)[1:]
+  assert all(np.isfinite(r["loss"]) and np.isfinite(r["kl"]) for r in records)
+  # After the first update the policy differs from the frozen reference.
+  assert records[-1]["kl"] > 0
+
+
+def test_misspelt_or_invalid_algorithm_options_fail_before_training(tmp_path):
+  config = smoke.get_config()
+  config.algorithm.objective = "geometrik"
+  with pytest.raises(ValueError, match="geometric"):
+    train.train_and_evaluate(config, tmp_path)
