@@ -1,9 +1,10 @@
-"""The default run: GMPO on 2-digit arithmetic with a tiny char-level policy, on the CPU.
+"""The default run: GMPO on 2-digit addition with a tiny char-level policy, on the CPU.
 
     make train        # = python -m gmpo_jax.main --config=configs/default.py --workdir=workdirs/default
 
-Expected on 2 CPU cores: about 6-8 minutes in all (dataset build, a supervised warm start
-cached in the workdir, then RL). The log-reward geometric-mean baseline supplies the
+Expected on 2 CPU cores: about 1.5-3 minutes in all (dataset build, a 900-step supervised warm
+start cached in the workdir, 400 RL steps, 5 held-out evaluations). Measured 2026-11-24: held-out
+greedy pass@1 0.252 -> 0.282 and sampled mean@4 0.181 -> 0.229 from the warm start to the end. The log-reward geometric-mean baseline supplies the
 advantages and the geometric-mean (GMPO) objective the update; swap either by name:
 `--config.algorithm.advantage=grpo --config.algorithm.objective=token_clip`.
 """
