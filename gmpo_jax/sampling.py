@@ -251,7 +251,7 @@ def _generate_bucketed(graphdef, state, prompt_tokens, prompt_mask, key, knobs, 
       logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32),
       policy_logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32))
   final = jax.lax.while_loop(cond, body, record(init, hidden[:, -1]))
-  return SampleOutput(
+  out = SampleOutput(
       tokens=jnp.concatenate([prompt_tokens, final.tokens], axis=1),
       prompt_mask=prompt_mask,
       completion_tokens=final.tokens,
@@ -260,6 +260,11 @@ def _generate_bucketed(graphdef, state, prompt_tokens, prompt_mask, key, knobs, 
       policy_logprobs=final.policy_logprobs,
       lengths=jnp.sum(final.mask, axis=1, dtype=jnp.int32),
       finished=final.done)
+  # Under the runner's mesh the model splits the batch over the data axes; the host reads every
+  # row of the result, so it comes back replicated (addressable on every process).
+  if not jax.sharding.get_abstract_mesh().empty:
+    out = jax.lax.with_sharding_constraint(out, jax.P())
+  return out
 
 
 def prompt_bucket(length: int, *, minimum: int) -> int:

@@ -9,7 +9,8 @@ mesh axes `data`, `fsdp` and `tensor`:
   (ZeRO-3 style: XLA all-gathers a layer's weights where it is used).
 - `tensor`: Megatron-style tensor parallelism over heads, MLP width and vocabulary.
 
-Batches are split over `data` x `fsdp`. A parameter dimension that the mesh axes do not divide
+Batches are split over `data` x `fsdp`, and so are the model's hidden states when it is traced
+under `jax.set_mesh` (`constrain_to_batch_axes`). A parameter dimension that the mesh axes do not divide
 evenly is replicated instead (a KV-head count of 2 on a tensor axis of 4, say), so every
 model runs on every mesh. The optimizer state mirrors the parameters: every moment tree is
 placed like the parameter tree it belongs to (`opt_state_shardings`), its step counters are
@@ -115,6 +116,31 @@ def batch_sharding(mesh: Mesh, *, ndim: int, batch_axis: int = 0) -> NamedShardi
   spec = [None] * ndim
   spec[batch_axis] = BATCH_AXES
   return NamedSharding(mesh, P(*spec))
+
+
+def constrain_to_batch_axes(x: jax.Array) -> jax.Array:
+  """Pins axis 0 of `x` to data x fsdp, other axes replicated, when traced under a mesh.
+
+  Inside the model, the hidden states [B, T, D] otherwise take whatever layout XLA's sharding
+  propagation picks; with FSDP-sharded weights it can keep whole activations on every device
+  (measured: 1787 -> 930 MiB of temporaries for llama-100m, batch 16, on a 2x4x1 mesh). The
+  constraint applies only under `jax.set_mesh` with `data` and `fsdp` as Auto axes and a batch
+  divisible by data x fsdp; anywhere else (no mesh, single-device code, manual axes inside
+  `shard_map`, a sampler or eval batch that does not divide) it returns `x` unchanged. It
+  changes where values live, never their values.
+
+  Args:
+    x: [B, ...] an activation with the batch on its leading axis.
+
+  Returns:
+    `x`, constrained to P(("data", "fsdp"), None, ...) or unchanged.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.auto_axes):
+    return x
+  if x.ndim == 0 or x.shape[0] % int(np.prod([mesh.shape[a] for a in BATCH_AXES])):
+    return x
+  return jax.lax.with_sharding_constraint(x, P(BATCH_AXES, *([None] * (x.ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -381,7 +381,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   run = _build_run(config, workdir)
-  algo = run.algo
+  # Every jitted function traces under the run's mesh, so the model can pin its activations to
+  # the batch axes (`sharding.constrain_to_batch_axes`); the mesh changes no value.
+  with jax.set_mesh(run.mesh):
+    return _train(run)
+
+
+def _train(run: Run) -> dict[str, Any]:
+  config, workdir, algo = run.config, run.workdir, run.algo
   if config.warm_start.steps > 0:
     run.params = warm_start(run)
   ref_params = jax.tree.map(jnp.copy, run.params) if algo.beta > 0 else None

@@ -20,6 +20,8 @@ Every parameter carries logical axis names (``vocab``, ``embed``, ``mlp``, ``hea
 ``kv_heads``, ``head_dim``, ``layers``) as ``out_sharding`` metadata, created with
 ``eager_sharding=False`` so the model builds without a mesh; a sharding module maps the
 names to mesh axes with ``nnx.get_partition_spec`` under ``nnx.logical_axis_rules``.
+Traced under ``jax.set_mesh``, the hidden states are pinned to the batch axes after the
+embedding and at the top of every layer (``gmpo_jax.sharding.constrain_to_batch_axes``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flax import struct
+
+from gmpo_jax.sharding import constrain_to_batch_axes
 
 _SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 # Masked attention scores: a finite floor instead of -inf, so a query with no valid key
@@ -638,6 +642,8 @@ class Transformer(nnx.Module):
 
     # Under jit ids cannot be checked; clip instead of jnp.take's default NaN fill.
     x = jnp.take(self.embedding[...], tokens, axis=0, mode="clip").astype(config.dtype)
+    # Under a mesh, keep activations split over the batch axes (a no-op without one).
+    x = constrain_to_batch_axes(x)
     inv_freq = jnp.asarray(rope_inverse_frequencies(config))
     if cache is None:
       causal = jnp.tril(jnp.ones((length, length), bool))
@@ -655,6 +661,7 @@ class Transformer(nnx.Module):
 
     def layer(carry, xs):
       h, all_k, all_v = carry
+      h = constrain_to_batch_axes(h)
       state, layer_index = xs
       block = nnx.merge(graphdef, state)
       q, k, v = block.attn.qkv(block.attn_norm(h), positions, inv_freq)

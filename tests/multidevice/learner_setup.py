@@ -1,6 +1,7 @@
 """Inputs shared by the multi-device learner tests: a tiny policy, a rollout batch, the
 runner's optimizer and the real GMPO learner loss."""
 
+import contextlib
 import functools
 
 import jax
@@ -89,12 +90,14 @@ def learner_batch(data, num_microbatches):
 
 
 @functools.cache
-def mesh_run(mesh_shape, num_microbatches=ALGO.num_microbatches):
+def mesh_run(mesh_shape, num_microbatches=ALGO.num_microbatches, in_mesh_context=False):
   """NUM_STEPS updates of the Mesh path as the runner wires it (see test_mesh_equivalence).
 
   Args:
     mesh_shape: (data, fsdp, tensor) over the 8 devices, or None for one device.
     num_microbatches: micro-batches per update.
+    in_mesh_context: run the updates under `jax.set_mesh(mesh)`, as `train_and_evaluate`
+      does, so the model's activations are constrained to the batch axes.
 
   Returns:
     dict: `outputs` and `states` ((params, opt_state)) after every step, as NumPy; the live
@@ -115,14 +118,15 @@ def mesh_run(mesh_shape, num_microbatches=ALGO.num_microbatches):
                                   in_shardings=(param_shardings, opt_shardings, None),
                                   out_shardings=(param_shardings, opt_shardings, None))
   outputs, states = [], []
-  for step in range(NUM_STEPS):
-    batch = learner_batch(rollout(seed=step), num_microbatches)
-    batch = jax.tree.map(
-        lambda x: jax.device_put(x, sharding.batch_sharding(mesh, ndim=x.ndim, batch_axis=1)),
-        batch)
-    params, opt_state, out = update(params, opt_state, batch)
-    outputs.append(jax.device_get(out))
-    states.append(jax.device_get((params, opt_state)))
+  with jax.set_mesh(mesh) if in_mesh_context else contextlib.nullcontext():
+    for step in range(NUM_STEPS):
+      batch = learner_batch(rollout(seed=step), num_microbatches)
+      batch = jax.tree.map(
+          lambda x: jax.device_put(x, sharding.batch_sharding(mesh, ndim=x.ndim, batch_axis=1)),
+          batch)
+      params, opt_state, out = update(params, opt_state, batch)
+      outputs.append(jax.device_get(out))
+      states.append(jax.device_get((params, opt_state)))
   return dict(outputs=outputs, states=states, params=params, opt_state=opt_state,
               param_shardings=param_shardings, opt_shardings=opt_shardings,
               compiles=update._cache_size())  # pylint: disable=protected-access
