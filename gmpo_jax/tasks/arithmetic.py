@@ -109,7 +109,7 @@ def generate_arithmetic(
   return {"test": problems[:num_test], "train": problems[num_test:]}
 
 
-class ArithmeticBuilder(tfds.core.GeneratorBasedBuilder):
+class ArithmeticBuilder(base.GeneratedBuilder):
   """TFDS builder of the `arithmetic` task's problems."""
 
   name = "gmpo_arithmetic"
@@ -126,20 +126,15 @@ class ArithmeticBuilder(tfds.core.GeneratorBasedBuilder):
         ),
     )
 
-  def _split_generators(self, dl_manager):
-    del dl_manager  # Generated locally.
+  def _generated_splits(self):
     config = self.builder_config
-    splits = generate_arithmetic(
+    return generate_arithmetic(
         num_digits=config.num_digits,
         operations=config.operations,
         num_train=config.num_train,
         num_test=config.num_test,
         seed=config.seed,
     )
-    return {split: self._generate_examples(examples) for split, examples in splits.items()}
-
-  def _generate_examples(self, examples):
-    yield from enumerate(examples)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -128,6 +128,26 @@ class DecodedSource(Sequence):
       yield self[i]
 
 
+class GeneratedBuilder(tfds.core.GeneratorBasedBuilder):
+  """A TFDS builder whose splits a seeded generator makes locally (nothing is downloaded).
+
+  Abstract, so TFDS does not register it; subclasses implement `_info` and
+  `_generated_splits`.
+  """
+
+  @abc.abstractmethod
+  def _generated_splits(self) -> Mapping[str, Sequence[Mapping[str, Any]]]:
+    """{split name: examples} for `self.builder_config`."""
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Generated locally.
+    return {split: self._generate_examples(examples)
+            for split, examples in self._generated_splits().items()}
+
+  def _generate_examples(self, examples):
+    yield from enumerate(examples)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Task(abc.ABC):
   """A prompt distribution (a TFDS dataset) with a reward function on completions.

@@ -143,7 +143,7 @@ def generate_chains(
   return {"test": chains[:num_test], "train": chains[num_test:]}
 
 
-class MultiplicativeBuilder(tfds.core.GeneratorBasedBuilder):
+class MultiplicativeBuilder(base.GeneratedBuilder):
   """TFDS builder of the `multiplicative` task's chains."""
 
   name = "gmpo_multiplicative"
@@ -166,10 +166,9 @@ class MultiplicativeBuilder(tfds.core.GeneratorBasedBuilder):
         }),
     )
 
-  def _split_generators(self, dl_manager):
-    del dl_manager  # Generated locally.
+  def _generated_splits(self):
     config = self.builder_config
-    splits = generate_chains(
+    return generate_chains(
         num_steps=config.num_steps,
         max_start=config.max_start,
         max_operand=config.max_operand,
@@ -178,10 +177,6 @@ class MultiplicativeBuilder(tfds.core.GeneratorBasedBuilder):
         num_test=config.num_test,
         seed=config.seed,
     )
-    return {split: self._generate_examples(examples) for split, examples in splits.items()}
-
-  def _generate_examples(self, examples):
-    yield from enumerate(examples)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -154,7 +154,7 @@ def generate_programs(
   return {"test": problems[:num_test], "train": problems[num_test:]}
 
 
-class ProgramTestsBuilder(tfds.core.GeneratorBasedBuilder):
+class ProgramTestsBuilder(base.GeneratedBuilder):
   """TFDS builder of the `program_tests` task's problems."""
 
   name = "gmpo_program_tests"
@@ -178,10 +178,9 @@ class ProgramTestsBuilder(tfds.core.GeneratorBasedBuilder):
         }),
     )
 
-  def _split_generators(self, dl_manager):
-    del dl_manager  # Generated locally.
+  def _generated_splits(self):
     config = self.builder_config
-    splits = generate_programs(
+    return generate_programs(
         num_shown=config.num_shown,
         num_tests=config.num_tests,
         x_min=config.x_min,
@@ -191,10 +190,6 @@ class ProgramTestsBuilder(tfds.core.GeneratorBasedBuilder):
         num_test=config.num_test,
         seed=config.seed,
     )
-    return {split: self._generate_examples(examples) for split, examples in splits.items()}
-
-  def _generate_examples(self, examples):
-    yield from enumerate(examples)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
