@@ -321,12 +321,11 @@ def _supervised_batch(run: Run, prompts: Sequence[str], solutions: Sequence[str]
   # Train on the solution and EOS; the prompt is context only.
   loss_mask = key_mask & (np.arange(tokens.shape[1])[None, :] >= prompt_mask.sum(1)[:, None])
   zeros = np.zeros(tokens.shape, np.float32)
-  return learner.Batch(
-      tokens=to_microbatches(tokens, 1), positions=to_microbatches(
-          np.asarray(positions_from_mask(jnp.asarray(key_mask))), 1),
-      key_mask=to_microbatches(key_mask, 1), loss_mask=to_microbatches(loss_mask, 1),
-      old_logp=to_microbatches(zeros, 1), ref_logp=to_microbatches(zeros, 1),
-      advantages=to_microbatches(np.zeros(len(prompts), np.float32), 1))
+  batch = learner.Batch(
+      tokens=tokens, positions=positions_from_mask(jnp.asarray(key_mask)), key_mask=key_mask,
+      loss_mask=loss_mask, old_logp=zeros, ref_logp=zeros,
+      advantages=np.zeros(len(prompts), np.float32))
+  return jax.tree.map(lambda x: to_microbatches(x, 1), batch)
 
 
 # --- Evaluation ------------------------------------------------------------------------------
@@ -459,6 +458,9 @@ def _train(run: Run) -> dict[str, Any]:
       t2 = time.perf_counter()
 
       loss_mask = rollout.completion_mask & jnp.repeat(jnp.asarray(group_mask[:, 0]), g)[:, None]
+      # pi_old is rescored by the learner's own program (same sharding, chunking and dtype as
+      # the update) rather than taken from the sampler: the GMPO ratio exponentiates a sum of
+      # per-token differences, so any sampler/learner numerical drift would accumulate.
       old_logp = policy_logprobs(params, rollout.tokens, rollout.key_mask)
       ref_logp = (policy_logprobs(ref_params, rollout.tokens, rollout.key_mask)
                   if ref_params is not None else jnp.zeros_like(old_logp))
