@@ -1,6 +1,7 @@
 """Tests of gmpo_jax.tasks: the mini-language, the four tasks' data and rewards."""
 
 import ast
+import dataclasses
 import json
 import math
 import operator
@@ -278,6 +279,26 @@ class TestShared:
     other = tasks.get_task(name, seed=1).builder(data_dir=str(tmp_path))
     assert other.builder_config.name != builder.builder_config.name
     assert not list(tmp_path.iterdir())  # Nothing is built before `load`.
+
+  @pytest.mark.parametrize(
+      "name, kwargs, config_name",
+      [("arithmetic", {}, "digits2_opsadd.sub_train10000_test1000_seed0"),
+       ("arithmetic", dict(num_digits=3, operations=("*", "//", "%"), num_train=5, num_test=7, seed=3),
+        "digits3_opsmul.floordiv.mod_train5_test7_seed3"),
+       ("multiplicative", {}, "steps3_start20_operand9_opsadd.sub.mul_train10000_test1000_seed0"),
+       ("program_tests", dict(x_min=-20, x_max=-1, num_shown=2, num_tests=3, max_depth=3, seed=4),
+        "shown2_tests3_x_minm20_x_maxm1_depth3_train3000_test300_seed4")],
+  )
+  def test_config_names_are_stable(self, name, kwargs, config_name):
+    # The names are the cache directories of datasets already built: they must not change.
+    task = tasks.get_task(name, **kwargs)
+    assert task.builder_config().name == config_name
+    params = task.builder_config().params
+    assert type(params) is task.builder_cls.params_cls and isinstance(task, type(params))
+    # The builder config carries the data parameters only, with the task's values.
+    data_fields = {field.name for field in dataclasses.fields(params)}
+    assert params.data_params() == {key: getattr(task, key) for key in data_fields}
+    assert not data_fields & {"min_reward", "correct_reward", "step_floor", "limits"}
 
   def test_decoded_source(self):
     source = base.DecodedSource(

@@ -31,28 +31,33 @@ _OPERATIONS = base.BINARY_OPERATIONS
 _DIVISIONS = ("//", "%")
 
 
-@dataclasses.dataclass(kw_only=True)
-class ArithmeticConfig(tfds.core.BuilderConfig):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ArithmeticData(base.DataParams):
   """Data parameters of `arithmetic` (see the module docstring).
 
-  The name is derived from the parameters, so each setting gets its own cache directory.
+  Attributes:
+    num_digits: operands have at most this many digits (1..18).
+    operations: symbols among '+', '-', '*', '//', '%'.
+    num_train, num_test: split sizes.
+    seed: seed of the problem generator.
   """
 
-  name: str = dataclasses.field(init=False, default="")
-  num_digits: int = 2
-  operations: tuple[str, ...] = ("+", "-")
-  num_train: int = 10_000
-  num_test: int = 1_000
-  seed: int = 0
+  num_digits: int = base.data_field(2, key="digits")
+  operations: tuple[str, ...] = base.data_field(("+", "-"), key="ops", encode=base.spell_operations)
+  num_train: int = base.data_field(10_000, key="train")
+  num_test: int = base.data_field(1_000, key="test")
+  seed: int = base.data_field(0, key="seed")
 
   def __post_init__(self):
-    self.name = base.config_name(
-        digits=self.num_digits,
-        ops=".".join(_OPERATIONS[op][0] for op in self.operations),
-        train=self.num_train,
-        test=self.num_test,
-        seed=self.seed,
+    base.check_int("num_digits", self.num_digits, minimum=1, maximum=18)
+    object.__setattr__(
+        self, "operations", base.check_operations(self.operations, allowed=tuple(_OPERATIONS))
     )
+    base.check_int("num_train", self.num_train, minimum=0)
+    base.check_int("num_test", self.num_test, minimum=0)
+    base.check_int("seed", self.seed, minimum=0)
+    _check_capacity(num_digits=self.num_digits, operations=self.operations,
+                    num_train=self.num_train, num_test=self.num_test)
 
 
 def _check_capacity(
@@ -115,7 +120,8 @@ class ArithmeticBuilder(base.GeneratedBuilder):
   name = "gmpo_arithmetic"
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
-  BUILDER_CONFIGS = [ArithmeticConfig()]
+  params_cls = ArithmeticData
+  BUILDER_CONFIGS = [base.ParamsConfig(params=ArithmeticData())]
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -127,67 +133,31 @@ class ArithmeticBuilder(base.GeneratedBuilder):
     )
 
   def _generated_splits(self):
-    config = self.builder_config
-    return generate_arithmetic(
-        num_digits=config.num_digits,
-        operations=config.operations,
-        num_train=config.num_train,
-        num_test=config.num_test,
-        seed=config.seed,
-    )
+    return generate_arithmetic(**self.params.data_params())
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ArithmeticTask(base.Task):
+class ArithmeticTask(ArithmeticData, base.GeneratedTask):
   """Multi-digit arithmetic with an exact-match reward plus a format credit.
 
   Attributes:
-    num_digits: operands have at most this many digits (1..18).
-    operations: symbols among '+', '-', '*', '//', '%'.
-    num_train, num_test: split sizes.
-    seed: seed of the problem generator.
+    (data) num_digits, operations, num_train, num_test, seed: see `ArithmeticData`.
     correct_reward: added for an exact-match answer.
     format_reward: added for a well-formed integer.
     min_reward: given to every completion; keeps rewards > 0 for the log-reward baseline.
   """
 
   name: ClassVar[str] = "arithmetic"
-  builder_cls: ClassVar[type[tfds.core.GeneratorBasedBuilder]] = ArithmeticBuilder
+  builder_cls: ClassVar[type[base.GeneratedBuilder]] = ArithmeticBuilder
 
-  num_digits: int = 2
-  operations: tuple[str, ...] = ("+", "-")
-  num_train: int = 10_000
-  num_test: int = 1_000
-  seed: int = 0
   correct_reward: float = 1.0
   format_reward: float = 0.1
   min_reward: float = 0.01
 
   def __post_init__(self):
-    base.check_int("num_digits", self.num_digits, minimum=1, maximum=18)
-    object.__setattr__(
-        self, "operations", base.check_operations(self.operations, allowed=tuple(_OPERATIONS))
-    )
-    base.check_int("num_train", self.num_train, minimum=0)
-    base.check_int("num_test", self.num_test, minimum=0)
-    base.check_int("seed", self.seed, minimum=0)
-    _check_capacity(
-        num_digits=self.num_digits,
-        operations=self.operations,
-        num_train=self.num_train,
-        num_test=self.num_test,
-    )
+    super().__post_init__()
     for weight in ("correct_reward", "format_reward", "min_reward"):
       base.check_nonnegative(weight, getattr(self, weight))
-
-  def builder_config(self) -> ArithmeticConfig:
-    return ArithmeticConfig(
-        num_digits=self.num_digits,
-        operations=self.operations,
-        num_train=self.num_train,
-        num_test=self.num_test,
-        seed=self.seed,
-    )
 
   @property
   def reward_range(self) -> tuple[float, float]:

@@ -5,13 +5,32 @@ A task is a frozen dataclass of hyperparameters. Its data is a TFDS dataset
 cached under `data_dir/<builder name>/<config name>/<version>`; `load` reads a split back
 through `builder.as_data_source` (random access, no TensorFlow needed) and decodes each
 record into plain Python values (str, int, tuple of int).
+
+A generated task declares each data parameter once, as a `data_field` of a `DataParams`
+dataclass that both its builder and the task itself use:
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class CountingData(base.DataParams):
+      num_train: int = base.data_field(100, key="train")
+
+    class CountingBuilder(base.GeneratedBuilder):
+      params_cls = CountingData
+      BUILDER_CONFIGS = [base.ParamsConfig(params=CountingData())]
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class CountingTask(CountingData, base.GeneratedTask):
+      builder_cls = CountingBuilder
+      min_reward: float = 0.01  # a reward setting: not part of the data
+
+The task's builder config then carries `CountingData(num_train=task.num_train)`, named
+'train100', so every data setting has its own cache directory.
 """
 
 import abc
 import dataclasses
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -57,6 +76,11 @@ BINARY_OPERATIONS = {
     "//": ("floordiv", lambda a, b: a // b),
     "%": ("mod", lambda a, b: a % b),
 }
+
+
+def spell_operations(operations: Sequence[str]) -> str:
+  """The operations' config-name spelling: ('+', '//') -> 'add.floordiv'."""
+  return ".".join(BINARY_OPERATIONS[op][0] for op in operations)
 
 
 def check_operations(operations: Sequence[str], *, allowed: Sequence[str]) -> tuple[str, ...]:
@@ -128,16 +152,75 @@ class DecodedSource(Sequence):
       yield self[i]
 
 
+_CONFIG_KEY = "gmpo_config_key"
+_ENCODE = "gmpo_encode"
+
+
+def data_field(default: Any, *, key: str, encode: Callable[[Any], Any] | None = None) -> Any:
+  """Declares a data parameter of a `DataParams` dataclass.
+
+  Args:
+    default: the parameter's default value.
+    key: how the builder-config name spells it ('digits' for num_digits=2: 'digits2').
+    encode: value -> what the name writes after the key; None writes the value itself.
+  """
+  return dataclasses.field(default=default, metadata={_CONFIG_KEY: key, _ENCODE: encode})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataParams:
+  """The parameters that fix a generated dataset, each declared with `data_field`.
+
+  Subclasses validate their fields in `__post_init__`. A task inherits its data-parameter
+  class (see the module docstring), so these methods see only the data fields, never the
+  task's reward settings.
+  """
+
+  def data_params(self) -> dict[str, Any]:
+    """{field name: value} of the data parameters, in declaration order."""
+    return {field.name: getattr(self, field.name)
+            for field in dataclasses.fields(self) if _CONFIG_KEY in field.metadata}
+
+  def config_name(self) -> str:
+    """The builder-config name that spells every data parameter (see `config_name`)."""
+    spelled = {}
+    for field in dataclasses.fields(self):
+      if _CONFIG_KEY in field.metadata:
+        value, encode = getattr(self, field.name), field.metadata[_ENCODE]
+        spelled[field.metadata[_CONFIG_KEY]] = value if encode is None else encode(value)
+    return config_name(**spelled)
+
+
+@dataclasses.dataclass(kw_only=True)
+class ParamsConfig(tfds.core.BuilderConfig):
+  """A builder config carrying a `DataParams`; its name, hence its cache directory, is
+  derived from the parameters."""
+
+  name: str = dataclasses.field(init=False, default="")
+  params: DataParams
+
+  def __post_init__(self):
+    self.name = self.params.config_name()
+
+
 class GeneratedBuilder(tfds.core.GeneratorBasedBuilder):
   """A TFDS builder whose splits a seeded generator makes locally (nothing is downloaded).
 
-  Abstract, so TFDS does not register it; subclasses implement `_info` and
+  Abstract, so TFDS does not register it; subclasses set `params_cls` and
+  `BUILDER_CONFIGS = [ParamsConfig(params=params_cls())]`, and implement `_info` and
   `_generated_splits`.
   """
 
+  params_cls: ClassVar[type[DataParams]]
+
+  @property
+  def params(self) -> DataParams:
+    """The data parameters of `self.builder_config`."""
+    return self.builder_config.params
+
   @abc.abstractmethod
   def _generated_splits(self) -> Mapping[str, Sequence[Mapping[str, Any]]]:
-    """{split name: examples} for `self.builder_config`."""
+    """{split name: examples} for `self.params`."""
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Generated locally.
@@ -207,3 +290,17 @@ class Task(abc.ABC):
         file_format="array_record", download_config=self.download_config()
     )
     return DecodedSource(builder.as_data_source(split))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GeneratedTask(DataParams, Task):
+  """A task whose data a `GeneratedBuilder` makes from the task's own data parameters.
+
+  A subclass also inherits its builder's `params_cls` (module docstring), so each data
+  parameter is declared once, there, and is a hyperparameter of the task.
+  """
+
+  builder_cls: ClassVar[type[GeneratedBuilder]]
+
+  def builder_config(self) -> ParamsConfig:
+    return ParamsConfig(params=self.builder_cls.params_cls(**self.data_params()))

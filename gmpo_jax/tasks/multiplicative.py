@@ -40,32 +40,51 @@ from gmpo_jax.tasks import base
 _OPERATIONS = {op: base.BINARY_OPERATIONS[op] for op in ("+", "-", "*")}
 
 
-@dataclasses.dataclass(kw_only=True)
-class MultiplicativeConfig(tfds.core.BuilderConfig):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MultiplicativeData(base.DataParams):
   """Data parameters of `multiplicative` (see the module docstring).
 
-  The name is derived from the parameters, so each setting gets its own cache directory.
+  Attributes:
+    num_steps: operations per chain.
+    max_start: start values lie in [0, max_start].
+    max_operand: operands lie in [1, max_operand].
+    operations: symbols among '+', '-', '*'.
+    num_train, num_test: split sizes.
+    seed: seed of the chain generator.
   """
 
-  name: str = dataclasses.field(init=False, default="")
-  num_steps: int = 3
-  max_start: int = 20
-  max_operand: int = 9
-  operations: tuple[str, ...] = ("+", "-", "*")
-  num_train: int = 10_000
-  num_test: int = 1_000
-  seed: int = 0
+  num_steps: int = base.data_field(3, key="steps")
+  max_start: int = base.data_field(20, key="start")
+  max_operand: int = base.data_field(9, key="operand")
+  operations: tuple[str, ...] = base.data_field(
+      ("+", "-", "*"), key="ops", encode=base.spell_operations)
+  num_train: int = base.data_field(10_000, key="train")
+  num_test: int = base.data_field(1_000, key="test")
+  seed: int = base.data_field(0, key="seed")
 
   def __post_init__(self):
-    self.name = base.config_name(
-        steps=self.num_steps,
-        start=self.max_start,
-        operand=self.max_operand,
-        ops=".".join(_OPERATIONS[op][0] for op in self.operations),
-        train=self.num_train,
-        test=self.num_test,
-        seed=self.seed,
+    base.check_int("num_steps", self.num_steps, minimum=1)
+    base.check_int("max_start", self.max_start, minimum=0)
+    base.check_int("max_operand", self.max_operand, minimum=1)
+    object.__setattr__(
+        self, "operations", base.check_operations(self.operations, allowed=tuple(_OPERATIONS))
     )
+    base.check_int("num_train", self.num_train, minimum=0)
+    base.check_int("num_test", self.num_test, minimum=0)
+    base.check_int("seed", self.seed, minimum=0)
+    # Every running value must fit the 18 digits a completion may use (and int64).
+    bound = self.max_start
+    for _ in range(self.num_steps):
+      bound = max(bound + self.max_operand, bound * self.max_operand)
+      if bound >= 10**base.MAX_INTEGER_DIGITS:
+        raise ValueError(
+            f"running values can exceed {base.MAX_INTEGER_DIGITS} digits: "
+            "lower num_steps, max_start or max_operand"
+        )
+    capacity = (self.max_start + 1) * (len(self.operations) * self.max_operand) ** self.num_steps
+    if self.num_train + self.num_test > capacity:
+      raise ValueError(f"num_train + num_test = {self.num_train + self.num_test} but only "
+                       f"{capacity} distinct chains exist")
 
 
 def _running_values(start: int, operations: str, operands: tuple[int, ...]) -> list[int]:
@@ -74,22 +93,6 @@ def _running_values(start: int, operations: str, operands: tuple[int, ...]) -> l
     value = _OPERATIONS[op][1](value, operand)
     values.append(value)
   return values
-
-
-def _check_capacity(
-    *,
-    num_steps: int,
-    max_start: int,
-    max_operand: int,
-    operations: tuple[str, ...],
-    num_train: int,
-    num_test: int,
-) -> None:
-  capacity = (max_start + 1) * (len(operations) * max_operand) ** num_steps
-  if num_train + num_test > capacity:
-    raise ValueError(
-        f"num_train + num_test = {num_train + num_test} but only {capacity} distinct chains exist"
-    )
 
 
 def generate_chains(
@@ -110,16 +113,12 @@ def generate_chains(
     num_steps ints) and 'answer' (the values joined by ',').
 
   Raises:
-    ValueError: more chains requested than exist.
+    ValueError: invalid parameters (see `MultiplicativeData`), such as more chains
+      requested than exist.
   """
-  _check_capacity(
-      num_steps=num_steps,
-      max_start=max_start,
-      max_operand=max_operand,
-      operations=operations,
-      num_train=num_train,
-      num_test=num_test,
-  )
+  # Checks the parameters, and that enough distinct chains exist.
+  MultiplicativeData(num_steps=num_steps, max_start=max_start, max_operand=max_operand,
+                     operations=operations, num_train=num_train, num_test=num_test, seed=seed)
   wanted = num_train + num_test
   rng = random.Random(seed)
   seen: set[tuple[int, str, tuple[int, ...]]] = set()
@@ -149,10 +148,11 @@ class MultiplicativeBuilder(base.GeneratedBuilder):
   name = "gmpo_multiplicative"
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
-  BUILDER_CONFIGS = [MultiplicativeConfig()]
+  params_cls = MultiplicativeData
+  BUILDER_CONFIGS = [base.ParamsConfig(params=MultiplicativeData())]
 
   def _info(self) -> tfds.core.DatasetInfo:
-    steps = (self.builder_config.num_steps,)
+    steps = (self.params.num_steps,)
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
@@ -167,88 +167,32 @@ class MultiplicativeBuilder(base.GeneratedBuilder):
     )
 
   def _generated_splits(self):
-    config = self.builder_config
-    return generate_chains(
-        num_steps=config.num_steps,
-        max_start=config.max_start,
-        max_operand=config.max_operand,
-        operations=config.operations,
-        num_train=config.num_train,
-        num_test=config.num_test,
-        seed=config.seed,
-    )
+    return generate_chains(**self.params.data_params())
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class MultiplicativeTask(base.Task):
+class MultiplicativeTask(MultiplicativeData, base.GeneratedTask):
   """Chains of arithmetic steps; reward = product of per-step partial credits.
 
   Attributes:
-    num_steps: operations per chain.
-    max_start: start values lie in [0, max_start].
-    max_operand: operands lie in [1, max_operand].
-    operations: symbols among '+', '-', '*'.
-    num_train, num_test: split sizes.
-    seed: seed of the chain generator.
+    (data) num_steps, max_start, max_operand, operations, num_train, num_test, seed: see
+      `MultiplicativeData`.
     step_floor: smallest per-step score, in (0, 1]; the reward is >= step_floor**num_steps.
   """
 
   name: ClassVar[str] = "multiplicative"
-  builder_cls: ClassVar[type[tfds.core.GeneratorBasedBuilder]] = MultiplicativeBuilder
+  builder_cls: ClassVar[type[base.GeneratedBuilder]] = MultiplicativeBuilder
 
-  num_steps: int = 3
-  max_start: int = 20
-  max_operand: int = 9
-  operations: tuple[str, ...] = ("+", "-", "*")
-  num_train: int = 10_000
-  num_test: int = 1_000
-  seed: int = 0
   step_floor: float = 0.01
 
   def __post_init__(self):
-    base.check_int("num_steps", self.num_steps, minimum=1)
-    base.check_int("max_start", self.max_start, minimum=0)
-    base.check_int("max_operand", self.max_operand, minimum=1)
-    object.__setattr__(
-        self, "operations", base.check_operations(self.operations, allowed=tuple(_OPERATIONS))
-    )
-    base.check_int("num_train", self.num_train, minimum=0)
-    base.check_int("num_test", self.num_test, minimum=0)
-    base.check_int("seed", self.seed, minimum=0)
-    # Every running value must fit the 18 digits a completion may use (and int64).
-    bound = self.max_start
-    for _ in range(self.num_steps):
-      bound = max(bound + self.max_operand, bound * self.max_operand)
-      if bound >= 10**base.MAX_INTEGER_DIGITS:
-        raise ValueError(
-            f"running values can exceed {base.MAX_INTEGER_DIGITS} digits: "
-            "lower num_steps, max_start or max_operand"
-        )
-    _check_capacity(
-        num_steps=self.num_steps,
-        max_start=self.max_start,
-        max_operand=self.max_operand,
-        operations=self.operations,
-        num_train=self.num_train,
-        num_test=self.num_test,
-    )
+    super().__post_init__()
     base.check_nonnegative("step_floor", self.step_floor)
     if not 0 < self.step_floor <= 1:
       raise ValueError(f"step_floor must be in (0, 1], got {self.step_floor}")
     # The smallest reward must stay a normal positive float (log R finite).
     if self.num_steps * math.log(self.step_floor) < math.log(np.finfo(np.float64).tiny):
       raise ValueError(f"step_floor**num_steps = {self.step_floor}**{self.num_steps} underflows")
-
-  def builder_config(self) -> MultiplicativeConfig:
-    return MultiplicativeConfig(
-        num_steps=self.num_steps,
-        max_start=self.max_start,
-        max_operand=self.max_operand,
-        operations=self.operations,
-        num_train=self.num_train,
-        num_test=self.num_test,
-        seed=self.seed,
-    )
 
   @property
   def reward_range(self) -> tuple[float, float]:

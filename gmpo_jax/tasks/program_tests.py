@@ -40,34 +40,42 @@ _MAX_OUTPUT = 10**6
 _FORMS = ("+", "-", "*", "//", "%", "abs", "min", "max")
 
 
-@dataclasses.dataclass(kw_only=True)
-class ProgramTestsConfig(tfds.core.BuilderConfig):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ProgramTestsData(base.DataParams):
   """Data parameters of `program_tests` (see the module docstring).
 
-  The name is derived from the parameters, so each setting gets its own cache directory.
+  Attributes:
+    num_shown: input/output pairs shown in the prompt.
+    num_tests: K, hidden test cases per problem.
+    x_min, x_max: inputs are drawn from [x_min, x_max] (|x| <= 10**6).
+    max_depth: nesting depth of the generated hidden functions (1..4).
+    num_train, num_test: split sizes.
+    seed: seed of the problem generator.
   """
 
-  name: str = dataclasses.field(init=False, default="")
-  num_shown: int = 4
-  num_tests: int = 20
-  x_min: int = -50
-  x_max: int = 50
-  max_depth: int = 2
-  num_train: int = 3_000
-  num_test: int = 300
-  seed: int = 0
+  num_shown: int = base.data_field(4, key="shown")
+  num_tests: int = base.data_field(20, key="tests")
+  x_min: int = base.data_field(-50, key="x_min")
+  x_max: int = base.data_field(50, key="x_max")
+  max_depth: int = base.data_field(2, key="depth")
+  num_train: int = base.data_field(3_000, key="train")
+  num_test: int = base.data_field(300, key="test")
+  seed: int = base.data_field(0, key="seed")
 
   def __post_init__(self):
-    self.name = base.config_name(
-        shown=self.num_shown,
-        tests=self.num_tests,
-        x_min=self.x_min,
-        x_max=self.x_max,
-        depth=self.max_depth,
-        train=self.num_train,
-        test=self.num_test,
-        seed=self.seed,
-    )
+    base.check_int("num_shown", self.num_shown, minimum=0)
+    base.check_int("num_tests", self.num_tests, minimum=1)
+    base.check_int("x_min", self.x_min, minimum=-_MAX_OUTPUT, maximum=_MAX_OUTPUT)
+    base.check_int("x_max", self.x_max, minimum=self.x_min, maximum=_MAX_OUTPUT)
+    if self.x_max - self.x_min + 1 < self.num_shown + self.num_tests:
+      raise ValueError(
+          f"[x_min, x_max] = [{self.x_min}, {self.x_max}] has fewer than "
+          f"num_shown + num_tests = {self.num_shown + self.num_tests} distinct inputs"
+      )
+    base.check_int("max_depth", self.max_depth, minimum=1, maximum=4)
+    base.check_int("num_train", self.num_train, minimum=0)
+    base.check_int("num_test", self.num_test, minimum=0)
+    base.check_int("seed", self.seed, minimum=0)
 
 
 def random_expression(rng: random.Random, depth: int, *, top: bool = True) -> str:
@@ -160,11 +168,12 @@ class ProgramTestsBuilder(base.GeneratedBuilder):
   name = "gmpo_program_tests"
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
-  BUILDER_CONFIGS = [ProgramTestsConfig()]
+  params_cls = ProgramTestsData
+  BUILDER_CONFIGS = [base.ParamsConfig(params=ProgramTestsData())]
 
   def _info(self) -> tfds.core.DatasetInfo:
-    shown = (self.builder_config.num_shown,)
-    tests = (self.builder_config.num_tests,)
+    shown = (self.params.num_shown,)
+    tests = (self.params.num_tests,)
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
@@ -179,81 +188,35 @@ class ProgramTestsBuilder(base.GeneratedBuilder):
     )
 
   def _generated_splits(self):
-    config = self.builder_config
-    return generate_programs(
-        num_shown=config.num_shown,
-        num_tests=config.num_tests,
-        x_min=config.x_min,
-        x_max=config.x_max,
-        max_depth=config.max_depth,
-        num_train=config.num_train,
-        num_test=config.num_test,
-        seed=config.seed,
-    )
+    return generate_programs(**self.params.data_params())
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ProgramTestsTask(base.Task):
+class ProgramTestsTask(ProgramTestsData, base.GeneratedTask):
   """Programs from examples; reward = hidden tests passed + min_reward.
 
   Attributes:
-    num_shown: input/output pairs shown in the prompt.
-    num_tests: K, hidden test cases per problem.
-    x_min, x_max: inputs are drawn from [x_min, x_max] (|x| <= 10**6).
-    max_depth: nesting depth of the generated hidden functions (1..4).
-    num_train, num_test: split sizes.
-    seed: seed of the problem generator.
+    (data) num_shown, num_tests, x_min, x_max, max_depth, num_train, num_test, seed: see
+      `ProgramTestsData`.
     min_reward: added to every reward; keeps rewards > 0 for the log-reward baseline.
     limits: interpreter bounds used to score completions (a `minilang.Limits` or a
       mapping of its fields); they must admit the reference solutions, as the defaults do.
   """
 
   name: ClassVar[str] = "program_tests"
-  builder_cls: ClassVar[type[tfds.core.GeneratorBasedBuilder]] = ProgramTestsBuilder
+  builder_cls: ClassVar[type[base.GeneratedBuilder]] = ProgramTestsBuilder
 
-  num_shown: int = 4
-  num_tests: int = 20
-  x_min: int = -50
-  x_max: int = 50
-  max_depth: int = 2
-  num_train: int = 3_000
-  num_test: int = 300
-  seed: int = 0
   min_reward: float = 0.01
   limits: minilang.Limits = minilang.Limits()
 
   def __post_init__(self):
-    base.check_int("num_shown", self.num_shown, minimum=0)
-    base.check_int("num_tests", self.num_tests, minimum=1)
-    base.check_int("x_min", self.x_min, minimum=-_MAX_OUTPUT, maximum=_MAX_OUTPUT)
-    base.check_int("x_max", self.x_max, minimum=self.x_min, maximum=_MAX_OUTPUT)
-    if self.x_max - self.x_min + 1 < self.num_shown + self.num_tests:
-      raise ValueError(
-          f"[x_min, x_max] = [{self.x_min}, {self.x_max}] has fewer than "
-          f"num_shown + num_tests = {self.num_shown + self.num_tests} distinct inputs"
-      )
-    base.check_int("max_depth", self.max_depth, minimum=1, maximum=4)
-    base.check_int("num_train", self.num_train, minimum=0)
-    base.check_int("num_test", self.num_test, minimum=0)
-    base.check_int("seed", self.seed, minimum=0)
+    super().__post_init__()
     base.check_nonnegative("min_reward", self.min_reward)
     # Config files hold plain mappings; the task holds the frozen (hashable) Limits.
     if isinstance(self.limits, Mapping):
       object.__setattr__(self, "limits", minilang.Limits(**self.limits))
     if not isinstance(self.limits, minilang.Limits):
       raise ValueError(f"limits must be a minilang.Limits or a mapping, got {self.limits!r}")
-
-  def builder_config(self) -> ProgramTestsConfig:
-    return ProgramTestsConfig(
-        num_shown=self.num_shown,
-        num_tests=self.num_tests,
-        x_min=self.x_min,
-        x_max=self.x_max,
-        max_depth=self.max_depth,
-        num_train=self.num_train,
-        num_test=self.num_test,
-        seed=self.seed,
-    )
 
   @property
   def reward_range(self) -> tuple[float, float]:
