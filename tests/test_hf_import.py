@@ -165,6 +165,20 @@ def test_missing_files_name_the_path(checkpoint, tmp_path):
     hf_import.load_hf_checkpoint(broken)
 
 
+def test_truncated_or_corrupt_shard_names_the_file(checkpoint, tmp_path):
+  broken = _copy(checkpoint, tmp_path)
+  weights = broken / hf_import.WEIGHTS_FILE
+  data = weights.read_bytes()
+  weights.write_bytes(data[: len(data) // 2])  # The header survives, the tensors do not.
+  with pytest.raises(ValueError, match=r"Checkpoint shard '.*/copy/model\.safetensors' cannot be "
+                     r"read: .*incomplete metadata") as caught:
+    hf_import.load_hf_checkpoint(broken)
+  assert type(caught.value.__cause__).__name__ == "SafetensorError"
+  weights.write_bytes(b"\x07\x00")  # Not even a header length.
+  with pytest.raises(ValueError, match=r"model\.safetensors' cannot be read: .*header"):
+    hf_import.load_hf_checkpoint(broken)
+
+
 def test_missing_tensor(checkpoint, tmp_path):
   broken = _copy(checkpoint, tmp_path)
   _edit_tensors(broken, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))

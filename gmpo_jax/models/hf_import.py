@@ -9,10 +9,11 @@ missing tensor, an unexpected tensor or a wrong shape is an error, never a silen
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 # bfloat16 safetensors are read through NumPy, which needs ml_dtypes' bfloat16 registered.
 import ml_dtypes  # noqa: F401
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from gmpo_jax.models.transformer import Transformer, TransformerConfig
 
@@ -128,6 +129,20 @@ def _weight_files(path: str) -> list[str]:
   return files
 
 
+@contextlib.contextmanager
+def _open_shard(file: str) -> Iterator[Any]:
+  """`safe_open(file)`; a truncated or corrupt file raises a ValueError that names it.
+
+  safetensors' own error ("incomplete metadata, file not fully covered") does not say which
+  file; it is chained as the cause.
+  """
+  try:
+    with safe_open(file, framework="np") as reader:
+      yield reader
+  except SafetensorError as error:
+    raise ValueError(f"Checkpoint shard {file!r} cannot be read: {error}") from error
+
+
 def load_hf_checkpoint(
     path: str | os.PathLike, *, param_dtype: Any = None, dtype: Any = None
 ) -> tuple[Transformer, TransformerConfig]:
@@ -146,7 +161,8 @@ def load_hf_checkpoint(
   Raises:
     FileNotFoundError: config.json, the weights or a shard is missing (the path is named).
     ValueError: an unsupported config, a missing or unexpected tensor, a shape mismatch,
-      or tied embeddings whose stored lm_head.weight differs from the embedding.
+      tied embeddings whose stored lm_head.weight differs from the embedding, or a
+      truncated or corrupt safetensors file ("Checkpoint shard '<file>' cannot be read: ...").
   """
   path = os.fspath(path)
   config_path = os.path.join(path, CONFIG_FILE)
@@ -167,7 +183,7 @@ def load_hf_checkpoint(
   unexpected: list[str] = []
   stored_lm_head = None
   for file in _weight_files(path):
-    with safe_open(file, framework="np") as reader:
+    with _open_shard(file) as reader:
       for name in reader.keys():
         if name.endswith(_IGNORED_SUFFIXES):
           continue
