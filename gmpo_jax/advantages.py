@@ -19,8 +19,21 @@ Numerics shared by all estimators (see ``_moments``):
 * Standard deviations use ``ddof = 1`` and a square root whose gradient stays
   finite at 0, so the estimators can be differentiated without producing NaN.
 
+Non-finite input, one rule for every estimator (see ``_nan_where_invalid``):
+
+* A NaN or ±inf reward on a *valid* entry makes every valid advantage of its group
+  NaN (of the whole batch for :func:`batch_std_advantages`, whose spread couples the
+  groups); so does a reward outside an estimator's domain where the formula has no
+  value (a negative reward for :func:`maxrl_advantages`). Never a plausible-looking
+  number: the learner's non-finite guard then skips the update. Floors and offsets
+  (the log-reward baselines) are documented clamps of finite rewards, not errors.
+* Anything in a *masked* entry (NaN and ±inf included) contributes nothing: masked
+  entries are 0 and the other advantages are what they would be without them.
+
 Value checks (finite, positive) cannot run under ``jit``: call
-:func:`validate_rewards` on the host before the rewards enter a jitted step.
+:func:`validate_rewards` on the host before the rewards enter a jitted step; it
+names the offending groups, and :func:`reward_domain` says which check an
+estimator needs.
 """
 
 from __future__ import annotations
@@ -43,6 +56,9 @@ __all__ = [
     "get_advantage_fn",
     "gmpo_advantages",
     "grpo_advantages",
+    "maxrl_advantages",
+    "power_mean_advantages",
+    "reward_domain",
     "rloo_advantages",
     "validate_rewards",
 ]
@@ -126,13 +142,13 @@ def _safe_std(variance: jax.Array) -> jax.Array:
   return jnp.where(positive, jnp.sqrt(jnp.where(positive, variance, 1)), 0)
 
 
-def _standardize(centered: jax.Array, std: jax.Array, eps: jax.Array) -> jax.Array:
-  """centered / (std + eps), with 0 / 0 = 0.
+def _standardize(centered: jax.Array, spread: jax.Array, eps: jax.Array) -> jax.Array:
+  """centered / (spread + eps), with 0 / 0 = 0.
 
-  The denominator is 0 only for eps = 0 and no spread, where the centered values
-  are 0 too.
+  The denominator is 0 only for eps = 0 and no spread (std, or MaxRL's mean),
+  where the centered values are 0 too.
   """
-  denominator = std + eps
+  denominator = spread + eps
   positive = denominator > 0
   return jnp.where(positive, centered / jnp.where(positive, denominator, 1), 0)
 
@@ -154,6 +170,40 @@ def _group_relative(
     return _standardize(centered, _safe_std(variance), eps * inverse_scale)
 
   return jax.vmap(one_group)(values, valid)
+
+
+def _nan_where_invalid(
+    advantages: jax.Array,
+    rewards: jax.Array,
+    valid: jax.Array,
+    *,
+    whole_batch: bool = False,
+    outside_domain: jax.Array | None = None,
+) -> jax.Array:
+  """The module's non-finite rule: NaN on every valid entry of a poisoned group.
+
+  A group is poisoned when one of its valid rewards is NaN or ±inf, or lies
+  outside the estimator's domain (``outside_domain`` [B, G] bool); with
+  ``whole_batch`` one such reward poisons the batch. Masked entries keep their 0.
+  """
+  bad = valid & ~jnp.isfinite(rewards)
+  if outside_domain is not None:
+    bad = bad | (valid & outside_domain)
+  poisoned = jnp.any(bad, axis=None if whole_batch else -1, keepdims=True)
+  # The masked entries of a poisoned group may hold 0 * NaN: reset them to 0.
+  return jnp.where(valid, jnp.where(poisoned, jnp.nan, advantages), 0)
+
+
+def _log_rewards(rewards: chex.Array, *, floor: float, offset: float) -> jax.Array:
+  """L = log(max(R + offset, floor)) in the compute dtype, for R [B, G]."""
+  dtype = _compute_dtype(rewards)
+  if not np.asarray(floor, dtype) > 0:
+    raise ValueError(f"floor must be > 0 and representable in {dtype}, got {floor}.")
+  shifted = rewards.astype(dtype) + jnp.asarray(offset, dtype)
+  # Clamping above too keeps log finite if R + offset overflows to inf. The log
+  # rewards lie in [log floor, log max] (about [-87, 89] in float32), so sums and
+  # squares of them cannot overflow and need no scaling.
+  return jnp.log(jnp.clip(shifted, floor, jnp.finfo(dtype).max))
 
 
 def gmpo_advantages(
@@ -198,19 +248,95 @@ def gmpo_advantages(
     [B, G] advantages, float32 (float64 for float64 rewards). 0 on masked entries,
     and exactly 0 for every entry of a group whose valid rewards are all equal
     (including groups with fewer than two valid completions). Finite for every
-    finite input.
+    finite input; NaN for a group holding a non-finite valid reward.
   """
   valid = _check_inputs(rewards, mask)
   _check_eps(eps)
-  dtype = _compute_dtype(rewards)
-  if not np.asarray(floor, dtype) > 0:
-    raise ValueError(f"floor must be > 0 and representable in {dtype}, got {floor}.")
-  shifted = rewards.astype(dtype) + jnp.asarray(offset, dtype)
-  # Clamping above too keeps log finite if R + offset overflows to inf. The log
-  # rewards lie in [log floor, log max] (about [-87, 89] in float32), so sums and
-  # squares of them cannot overflow and need no scaling.
-  log_rewards = jnp.log(jnp.clip(shifted, floor, jnp.finfo(dtype).max))
-  return _group_relative(log_rewards, valid, normalize=normalize, eps=eps, scaled=False)
+  log_rewards = _log_rewards(rewards, floor=floor, offset=offset)
+  advantages = _group_relative(log_rewards, valid, normalize=normalize, eps=eps, scaled=False)
+  return _nan_where_invalid(advantages, rewards, valid)
+
+
+def power_mean_advantages(
+    rewards: chex.Array,
+    mask: chex.Array | None = None,
+    *,
+    p: float,
+    normalize: bool = False,
+    eps: float = 1e-6,
+    floor: float = 1e-8,
+    offset: float = 0.0,
+) -> jax.Array:
+  """Power-mean (Box–Cox) baseline: A_i = L_i - mean_j L_j, L = (R'^p - 1) / p.
+
+  R' = max(R + offset, floor); L = log R' at p = 0, the limit of (R'^p - 1) / p
+  (Box & Cox 1964, "An Analysis of Transformations", JRSS B 26(2)). mean_j L_j is
+  the p-power mean of the group in Box–Cox units, so the family runs from the
+  arithmetic-mean baseline (p = 1: Dr.GRPO, Liu et al. 2025, arXiv 2503.20783;
+  normalized, GRPO, Shao et al. 2024, arXiv 2402.03300) through the log-reward
+  geometric-mean baseline (p = 0: exactly :func:`gmpo_advantages`, the founding
+  document §2.2–3.1) to harmonic-like baselines (p < 0) that weigh the small
+  rewards more. With ``normalize=True`` the result is divided by the unbiased
+  (ddof = 1) std of L plus ``eps``.
+
+  Continuous in p, with no jump near 0: per group, with c the valid log reward
+  that maximizes p · log R', L_i - mean L = e^{pc} (u_i - mean u) where
+  u_i = expm1(p (log R'_i - c)) / p. Then p (log R' - c) <= 0, so nothing
+  overflows and |u| <= min(1 / |p|, log-range); expm1 keeps full precision as
+  p -> 0 (p = 1e-7 agrees with p = 0 to float32 rounding). Only the unnormalized
+  result of a group whose true advantages exceed the float range (p · log R'
+  beyond ~88 in float32) saturates at the largest float.
+
+  ``R + offset <= floor`` is clamped to ``floor``, silently, as in
+  :func:`gmpo_advantages`: for p <= 0 the floor then decides the value (R'^p
+  grows without bound as R' -> 0), so reject such rewards on the host with
+  ``validate_rewards(..., require_positive=True, offset=offset)``
+  (:func:`reward_domain` says 'positive' for p <= 0). For p > 0 the clamp only
+  moves zero and negative rewards up to the floor: p = 1 equals Dr.GRPO for
+  rewards above the floor.
+
+  Args:
+    rewards: [B, G] float rewards, groups on the last axis.
+    mask: optional [B, G] bool, True for valid completions.
+    p: the power (a finite Python float; p = 0 is the log).
+    normalize: divide by std_j(L_j) + eps.
+    eps: >= 0, added to the standard deviation.
+    floor: > 0, smallest value of R + offset.
+    offset: added to the rewards before the transform.
+
+  Returns:
+    [B, G] advantages, float32 (float64 for float64 rewards). 0 on masked entries,
+    exactly 0 for groups whose valid rewards are all equal (including groups with
+    fewer than two valid completions); NaN for a group holding a non-finite valid
+    reward.
+  """
+  if not np.isfinite(p):
+    raise ValueError(f"p must be a finite number, got {p}.")
+  if p == 0:
+    return gmpo_advantages(
+        rewards, mask, normalize=normalize, eps=eps, floor=floor, offset=offset)
+  valid = _check_inputs(rewards, mask)
+  _check_eps(eps)
+  log_rewards = _log_rewards(rewards, floor=floor, offset=offset)
+  largest = jnp.finfo(log_rewards.dtype).max
+
+  def one_group(x, group_valid):
+    # p c: the largest valid p log R'. A constant for autodiff: the advantages are
+    # the same function of the rewards for any fixed c.
+    pc = jnp.max(jnp.where(group_valid, p * x, -jnp.inf))
+    pc = jax.lax.stop_gradient(jnp.where(jnp.isfinite(pc), pc, 0))  # all masked: any c
+    u = jnp.expm1(p * x - pc) / p
+    centered, variance, _ = _moments(u, group_valid)
+    if not normalize:
+      # e^{pc} saturates at the largest float instead of overflowing, so that
+      # an all-equal group (centered exactly 0) stays 0 rather than 0 * inf.
+      return centered * jnp.minimum(jnp.exp(pc), largest)
+    # (L_i - mean L) / (std L + eps), with L = e^{pc} u divided through by e^{pc}.
+    return _standardize(centered, _safe_std(variance),
+                        eps * jnp.minimum(jnp.exp(-pc), largest))
+
+  advantages = jax.vmap(one_group)(log_rewards, valid)
+  return _nan_where_invalid(advantages, rewards, valid)
 
 
 def grpo_advantages(
@@ -239,12 +365,14 @@ def grpo_advantages(
     [B, G] advantages, float32 (float64 for float64 rewards). 0 on masked entries
     and exactly 0 for groups whose valid rewards are all equal (including groups
     with fewer than two valid completions). Finite for every finite input, except
-    that unnormalized advantages beyond the float range become ±inf.
+    that unnormalized advantages beyond the float range become ±inf; NaN for a
+    group holding a non-finite valid reward.
   """
   valid = _check_inputs(rewards, mask)
   _check_eps(eps)
   values = rewards.astype(_compute_dtype(rewards))
-  return _group_relative(values, valid, normalize=normalize, eps=eps, scaled=True)
+  advantages = _group_relative(values, valid, normalize=normalize, eps=eps, scaled=True)
+  return _nan_where_invalid(advantages, rewards, valid)
 
 
 def dr_grpo_advantages(rewards: chex.Array, mask: chex.Array | None = None) -> jax.Array:
@@ -276,7 +404,8 @@ def rloo_advantages(rewards: chex.Array, mask: chex.Array | None = None) -> jax.
 
   Returns:
     [B, G] advantages, float32 (float64 for float64 rewards). 0 on masked entries
-    and for groups with fewer than two valid completions or all-equal rewards.
+    and for groups with fewer than two valid completions or all-equal rewards;
+    NaN for a group holding a non-finite valid reward.
   """
   valid = _check_inputs(rewards, mask)
 
@@ -286,7 +415,49 @@ def rloo_advantages(rewards: chex.Array, mask: chex.Array | None = None) -> jax.
     # For n < 2 the centered values are already 0; the maximum only avoids 0 / 0.
     return centered * scale * (count / jnp.maximum(count - 1, 1))
 
-  return jax.vmap(one_group)(rewards.astype(_compute_dtype(rewards)), valid)
+  advantages = jax.vmap(one_group)(rewards.astype(_compute_dtype(rewards)), valid)
+  return _nan_where_invalid(advantages, rewards, valid)
+
+
+def maxrl_advantages(
+    rewards: chex.Array, mask: chex.Array | None = None, *, eps: float = 1e-6
+) -> jax.Array:
+  """MaxRL: A_i = (R_i - mean_j R_j) / (mean_j R_j + eps), for rewards R >= 0.
+
+  Tajwar, Zeng et al. 2026, "Maximum Likelihood Reinforcement Learning", arXiv
+  2602.02710: averaging the score function over the successful samples only is an
+  unbiased estimator of a truncation (of order G) of the gradient of
+  log P(success), the maximum-likelihood objective; with the group mean as control
+  variate this is the GRPO advantage divided by the group's mean reward instead of
+  its std. For 0/1 rewards with success rate p̂ it is (R_i - p̂) / p̂: hard prompts
+  (small p̂) weigh about 1 / p̂.
+
+  Args:
+    rewards: [B, G] float rewards >= 0, groups on the last axis.
+    mask: optional [B, G] bool, True for valid completions.
+    eps: >= 0, added to the mean.
+
+  Returns:
+    [B, G] advantages, float32 (float64 for float64 rewards). 0 on masked entries,
+    exactly 0 for groups whose valid rewards are all equal (a group without a
+    success, mean 0, included; also groups with fewer than two valid
+    completions); NaN for a group holding a negative or non-finite valid reward
+    (the paper's rewards are 0/1; check on the host with
+    ``validate_rewards(..., require_non_negative=True)``).
+  """
+  valid = _check_inputs(rewards, mask)
+  _check_eps(eps)
+  values = rewards.astype(_compute_dtype(rewards))
+
+  def one_group(group_values, group_valid):
+    _, inverse_scale = _scale(group_values, group_valid)
+    centered, _, count = _moments(group_values, group_valid, inverse_scale)
+    mean = jnp.sum(jnp.where(group_valid, group_values * inverse_scale, 0)) / jnp.maximum(count, 1)
+    # In units of s: (c / s) / (mean / s + eps / s); 0 / 0 = 0 for eps = 0 and mean 0.
+    return _standardize(centered, mean, eps * inverse_scale)
+
+  advantages = jax.vmap(one_group)(values, valid)
+  return _nan_where_invalid(advantages, rewards, valid, outside_domain=values < 0)
 
 
 def batch_std_advantages(
@@ -308,6 +479,8 @@ def batch_std_advantages(
     [B, G] advantages, float32 (float64 for float64 rewards). 0 on masked entries
     and exactly 0 for groups whose valid rewards are all equal (including groups
     with fewer than two valid completions); all zeros if the batch has no spread.
+    NaN on every valid entry of the batch if one valid reward is non-finite (the
+    batch std is then undefined).
   """
   valid = _check_inputs(rewards, mask)
   _check_eps(eps)
@@ -318,7 +491,8 @@ def batch_std_advantages(
   centered = jax.vmap(lambda v, m: _moments(v, m, inverse_scale)[0])(values, valid)
   # The whole batch is one set for the spread: the same masked two-pass variance.
   _, batch_variance, _ = _moments(flat_values, flat_valid, inverse_scale)
-  return _standardize(centered, _safe_std(batch_variance), eps * inverse_scale)
+  advantages = _standardize(centered, _safe_std(batch_variance), eps * inverse_scale)
+  return _nan_where_invalid(advantages, rewards, valid, whole_batch=True)
 
 
 ADVANTAGE_ESTIMATORS: Mapping[str, Callable[..., jax.Array]] = types.MappingProxyType(
@@ -328,6 +502,8 @@ ADVANTAGE_ESTIMATORS: Mapping[str, Callable[..., jax.Array]] = types.MappingProx
         "dr_grpo": dr_grpo_advantages,
         "rloo": rloo_advantages,
         "batch_std": batch_std_advantages,
+        "power_mean": power_mean_advantages,
+        "maxrl": maxrl_advantages,
     }
 )
 
@@ -337,34 +513,62 @@ def get_advantage_fn(name: str, **hyperparameters) -> Callable[..., jax.Array]:
 
   Args:
     name: one of ``ADVANTAGE_ESTIMATORS`` ('grpo', 'gmpo', 'dr_grpo', 'rloo',
-      'batch_std').
+      'batch_std', 'power_mean', 'maxrl').
     **hyperparameters: keyword-only arguments of that estimator (e.g. ``normalize``,
-      ``eps``, ``floor``, ``offset`` for 'gmpo').
+      ``eps``, ``floor``, ``offset`` for 'gmpo'; 'power_mean' needs ``p``).
 
   Returns:
     ``fn(rewards [B, G], mask [B, G] | None = None) -> advantages [B, G]``.
 
   Raises:
-    ValueError: unknown name, or a hyperparameter the estimator does not take (the
-      message lists the valid ones).
+    ValueError: unknown name, a hyperparameter the estimator does not take, or a
+      missing required one (the message lists the valid ones).
   """
   if name not in ADVANTAGE_ESTIMATORS:
     raise ValueError(
         f"Unknown advantage estimator {name!r}; valid names: {sorted(ADVANTAGE_ESTIMATORS)}."
     )
   estimator = ADVANTAGE_ESTIMATORS[name]
-  accepted = [
-      p.name
-      for p in inspect.signature(estimator).parameters.values()
+  keyword_only = [
+      p for p in inspect.signature(estimator).parameters.values()
       if p.kind is inspect.Parameter.KEYWORD_ONLY
   ]
+  accepted = [p.name for p in keyword_only]
   unknown = sorted(set(hyperparameters) - set(accepted))
   if unknown:
     raise ValueError(
         f"Advantage estimator {name!r} takes no hyperparameter(s) {unknown}; "
         f"valid: {accepted or 'none'}."
     )
+  missing = [p.name for p in keyword_only
+             if p.default is inspect.Parameter.empty and p.name not in hyperparameters]
+  if missing:
+    raise ValueError(f"Advantage estimator {name!r} needs hyperparameter(s) {missing}.")
   return functools.partial(estimator, **hyperparameters)
+
+
+def reward_domain(name: str, **hyperparameters) -> str:
+  """Which rewards an estimator's formula is defined for: 'positive', 'non_negative' or 'real'.
+
+  'positive' (R + offset > 0): the log-reward baseline ('gmpo') and 'power_mean' with
+  p <= 0, which clamp anything else to their floor; 'non_negative' (R >= 0): 'maxrl';
+  'real': every other estimator. Pass the answer to :func:`validate_rewards` as
+  ``require_positive=(domain == 'positive')``,
+  ``require_non_negative=(domain == 'non_negative')``.
+
+  Args:
+    name: a key of ``ADVANTAGE_ESTIMATORS``.
+    **hyperparameters: the estimator's hyperparameters (only ``p`` matters).
+
+  Raises:
+    ValueError: as :func:`get_advantage_fn`.
+  """
+  get_advantage_fn(name, **hyperparameters)  # the registry's own errors
+  if name == "gmpo" or (name == "power_mean" and hyperparameters["p"] <= 0):
+    return "positive"
+  if name == "maxrl":
+    return "non_negative"
+  return "real"
 
 
 def validate_rewards(
@@ -372,20 +576,24 @@ def validate_rewards(
     mask: npt.ArrayLike | None = None,
     *,
     require_positive: bool,
+    require_non_negative: bool = False,
     offset: float = 0.0,
     group_names: Sequence[str] | None = None,
 ) -> np.ndarray:
   """Host-side value checks of rewards [B, G] before they enter a jitted step.
 
   Checks only the valid (unmasked) entries: every reward must be finite and, with
-  ``require_positive`` (the log-reward baseline), R + offset must be > 0 (positive
-  values below the estimator's ``floor`` are still clamped to it).
+  ``require_positive`` (the log-reward baselines), R + offset must be > 0 (positive
+  values below the estimator's ``floor`` are still clamped to it); with
+  ``require_non_negative`` (MaxRL), R >= 0. :func:`reward_domain` says which an
+  estimator needs.
 
   Args:
     rewards: [B, G] real rewards (NumPy or anything ``np.asarray`` takes).
     mask: optional [B, G] bool, True for valid completions.
     require_positive: also require R + offset > 0 on valid entries.
-    offset: the offset the estimator will add.
+    require_non_negative: also require R >= 0 on valid entries.
+    offset: the offset the estimator will add (used by ``require_positive``).
     group_names: optional B names used in error messages instead of indices.
 
   Returns:
@@ -439,5 +647,11 @@ def validate_rewards(
         valid & (values + offset <= 0),
         f"Rewards with R + offset <= 0 (offset={offset}) cannot enter the "
         "log-reward baseline; pass an offset or use another estimator",
+    )
+  if require_non_negative:
+    fail_if_any(
+        valid & (values < 0),
+        "Negative rewards cannot enter MaxRL (its advantages divide by the mean "
+        "reward); shift the rewards or use another estimator",
     )
   return values

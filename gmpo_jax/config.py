@@ -85,7 +85,8 @@ class AlgorithmConfig:
     if self.overlong_buffer < 0 or self.overlong_penalty < 0:
       raise ValueError("overlong_buffer and overlong_penalty must be >= 0")
     if self.require_positive_rewards is None:
-      object.__setattr__(self, "require_positive_rewards", self.advantage == "gmpo")
+      domain = advantages_lib.reward_domain(self.advantage, **dict(self.advantage_kwargs))
+      object.__setattr__(self, "require_positive_rewards", domain == "positive")
 
   @classmethod
   def from_config(cls, config: Mapping[str, Any]) -> AlgorithmConfig:

@@ -84,13 +84,45 @@ def reference_batch_std(rewards, mask=None, *, eps=1e-6):
   return reference_dr_grpo(rewards, mask) / (std + eps)
 
 
+def reference_power_mean(rewards, mask=None, *, p, normalize=False, eps=1e-6, floor=1e-8, offset=0.0):
+  """Box-Cox: R' = max(R + offset, floor), L = (R'^p - 1) / p (log R' at p = 0), centered."""
+  rewards, mask = _valid_rows(rewards, mask)
+  shifted = np.maximum(rewards + offset, floor)
+  with np.errstate(invalid="ignore"):  # NaN in masked entries
+    transformed = np.log(shifted) if p == 0 else (shifted**p - 1) / p
+  return _reference_group_relative(transformed, mask, normalize=normalize, eps=eps)
+
+
+def reference_maxrl(rewards, mask=None, *, eps=1e-6):
+  """Tajwar et al. 2026: (R_i - mean R) / (mean R + eps); 0 / 0 = 0; NaN for a negative reward."""
+  rewards, mask = _valid_rows(rewards, mask)
+  out = np.zeros(rewards.shape)
+  for b in range(rewards.shape[0]):
+    v = rewards[b, mask[b]]
+    if (v < 0).any():
+      out[b, mask[b]] = np.nan
+    elif v.size and v.mean() + eps > 0:
+      out[b, mask[b]] = (v - v.mean()) / (v.mean() + eps)
+  return out
+
+
 REFERENCES = {
     "grpo": reference_grpo,
     "gmpo": reference_gmpo,
     "dr_grpo": reference_dr_grpo,
     "rloo": reference_rloo,
     "batch_std": reference_batch_std,
+    "power_mean": reference_power_mean,
+    "maxrl": reference_maxrl,
 }
+# Hyperparameters without a default, for the checks of every estimator.
+REQUIRED = {"power_mean": {"p": 0.5}}
+# Estimators defined only for non-negative rewards get |R| in the shared cases.
+NON_NEGATIVE = {"maxrl"}
+
+
+def in_domain(name, rewards):
+  return np.abs(rewards) if name in NON_NEGATIVE else rewards
 
 # (estimator name, hyperparameters): every configuration the comparisons cover.
 # grpo with normalize=False is dr_grpo (same code path), so it is not repeated.
@@ -103,11 +135,16 @@ CONFIGS = [
     ("dr_grpo", {}),
     ("rloo", {}),
     ("batch_std", {}),
+    ("power_mean", {"p": 0.5}),
+    ("power_mean", {"p": -0.5, "normalize": True}),
+    ("power_mean", {"p": -1.0, "floor": 1e-3, "offset": 0.5}),
+    ("power_mean", {"p": 2.0, "normalize": True, "eps": 0.0}),
+    ("maxrl", {}),
 ]
 CONFIG_IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in kw.items()) or 'default'}" for name, kw in CONFIGS]
 # One configuration per estimator, for the checks of code paths that do not depend on
 # the hyperparameters (no mask, vmap, a group of one).
-DEFAULTS = [(name, {}) for name in REFERENCES]
+DEFAULTS = [(name, REQUIRED.get(name, {})) for name in REFERENCES]
 
 
 @functools.cache
@@ -127,12 +164,13 @@ def estimator(name, transform="jit", **hyperparameters):
 B, G = 6, 5
 
 
-def random_case(seed, batch=B, group=G):
+def random_case(seed, batch=B, group=G, name=None):
   """Rewards and mask with every degenerate kind of group mixed into random ones.
 
-  Rewards in [-1, 5): the negative ones exercise the log-reward baseline's floor.
-  Row 1: all-equal rewards; row 2: all masked; row 3: one valid completion;
-  masked entries hold NaN, inf or garbage that must not leak.
+  Rewards in [-1, 5) ([0, 5) for estimators of non-negative rewards): the negative
+  ones exercise the log-reward baseline's floor. Row 1: all-equal rewards; row 2:
+  all masked; row 3: one valid completion; masked entries hold NaN, inf or garbage
+  that must not leak.
   """
   rng = np.random.default_rng(seed)
   rewards = rng.uniform(-1.0, 5.0, (batch, group))
@@ -144,7 +182,7 @@ def random_case(seed, batch=B, group=G):
   mask[3] = False
   mask[3, 1] = True
   garbage = rng.choice([np.nan, np.inf, -np.inf, -7.0, 1e30], size=(batch, group))
-  rewards = np.where(mask, rewards, garbage).astype(np.float32)
+  rewards = np.where(mask, in_domain(name, rewards), garbage).astype(np.float32)
   return rewards, mask
 
 
@@ -162,7 +200,7 @@ def assert_close(actual, expected, *, rtol=2e-5, atol=2e-5):
     ids=[f"{i}-jit" for i in CONFIG_IDS] + [f"{name}-eager" for name in REFERENCES],
 )
 def test_matches_reference_with_mask(name, hyperparameters, transform):
-  rewards, mask = random_case(seed=zlib.crc32(f"{name}{hyperparameters}{transform}".encode()))
+  rewards, mask = random_case(seed=zlib.crc32(f"{name}{hyperparameters}{transform}".encode()), name=name)
   got = estimator(name, transform, **hyperparameters)(jnp.asarray(rewards), jnp.asarray(mask))
   assert got.dtype == jnp.float32 and got.shape == rewards.shape
   assert_close(got, REFERENCES[name](rewards, mask, **hyperparameters))
@@ -171,6 +209,7 @@ def test_matches_reference_with_mask(name, hyperparameters, transform):
 @pytest.mark.parametrize(("name", "hyperparameters"), DEFAULTS, ids=list(REFERENCES))
 def test_matches_reference_without_mask(name, hyperparameters):
   rewards = np.random.default_rng(7).lognormal(0.0, 1.5, (B, G)).astype(np.float32)
+  rewards[1] = 0.0  # a group without a success (MaxRL), all floored (log baselines)
   got = estimator(name, **hyperparameters)(jnp.asarray(rewards))
   assert_close(got, REFERENCES[name](rewards, **hyperparameters))
 
@@ -178,7 +217,7 @@ def test_matches_reference_without_mask(name, hyperparameters):
 @pytest.mark.parametrize(("name", "hyperparameters"), DEFAULTS, ids=list(REFERENCES))
 def test_vmap_over_batches_matches_reference(name, hyperparameters):
   # vmap over a leading axis of independent batches: [N, B, G] -> [N, B, G].
-  cases = [random_case(seed) for seed in (11, 12, 13)]
+  cases = [random_case(seed, name=name) for seed in (11, 12, 13)]
   rewards = np.stack([r for r, _ in cases])
   mask = np.stack([m for _, m in cases])
   got = estimator(name, "vmap", **hyperparameters)(jnp.asarray(rewards), jnp.asarray(mask))
@@ -189,7 +228,7 @@ def test_vmap_over_batches_matches_reference(name, hyperparameters):
 @pytest.mark.parametrize(("name", "hyperparameters"), CONFIGS, ids=CONFIG_IDS)
 def test_float64_matches_reference_to_1e_12(name, hyperparameters):
   # With x64 the only differences left are float64 rounding: any formula slip shows.
-  rewards, mask = random_case(seed=5)
+  rewards, mask = random_case(seed=5, name=name)
   with jax.enable_x64(True):
     fn = jax.jit(advantages.get_advantage_fn(name, **hyperparameters))
     got = fn(jnp.asarray(rewards, jnp.float64), jnp.asarray(mask))
@@ -232,7 +271,7 @@ def test_worked_example_grpo_unnormalized():
 
 @pytest.mark.parametrize(("name", "hyperparameters"), DEFAULTS, ids=list(REFERENCES))
 def test_group_of_one_is_zero(name, hyperparameters):
-  rewards = jnp.array([[3.0], [0.25], [-1.0]])
+  rewards = jnp.asarray(in_domain(name, np.array([[3.0], [0.25], [-1.0]], np.float32)))
   got = estimator(name, **hyperparameters)(rewards)
   np.testing.assert_array_equal(got, np.zeros((3, 1)))
 
@@ -242,7 +281,8 @@ def test_all_equal_groups_are_exactly_zero(name, hyperparameters):
   # Values whose float32 mean does not round back to themselves (0.1 * 3 / 3, ...):
   # a plain mean leaves ~1e-8 noise that eps would blow up to O(0.1) advantages.
   values = [0.1, 1000.1, 0.0, 1e-8, 7.3e12, -2.7]  # 0.0: all clamped to the floor
-  rewards = jnp.asarray(np.repeat(np.array(values, np.float32)[:, None], G, axis=1))
+  rewards = np.repeat(np.array(values, np.float32)[:, None], G, axis=1)
+  rewards = jnp.asarray(in_domain(name, rewards))
   got = estimator(name, **hyperparameters)(rewards, jnp.ones(rewards.shape, bool))
   np.testing.assert_array_equal(got, np.zeros(rewards.shape))
   # Same with some completions masked out.
@@ -252,7 +292,7 @@ def test_all_equal_groups_are_exactly_zero(name, hyperparameters):
 
 @pytest.mark.parametrize(("name", "hyperparameters"), CONFIGS, ids=CONFIG_IDS)
 def test_masked_entries_are_zero_and_excluded(name, hyperparameters):
-  rewards, mask = random_case(seed=21)
+  rewards, mask = random_case(seed=21, name=name)
   got = np.asarray(estimator(name, **hyperparameters)(jnp.asarray(rewards), jnp.asarray(mask)))
   assert np.all(np.isfinite(got))
   np.testing.assert_array_equal(got[~mask], 0.0)
@@ -289,7 +329,7 @@ def test_gradient_is_finite_and_matches_finite_differences(name, hyperparameters
   # Gradients through masks, an all-equal group (sqrt'(0)), a single and an all-masked
   # group must be finite; away from the all-equal kink they must match central
   # differences of the float64 reference.
-  rewards, mask = random_case(seed=8)
+  rewards, mask = random_case(seed=8, name=name)
   rewards = np.where(mask, rewards, np.float32(-7.0))
   weights = np.random.default_rng(9).normal(size=rewards.shape)
   grad = np.asarray(
@@ -398,13 +438,15 @@ def test_finite_output_for_any_positive_reward(rewards, mask):
     mask=masks,
 )
 def test_no_nan_for_any_finite_reward(rewards, mask):
-  # Any finite float32, sign and magnitude included (up to +-3.4e38). The normalized
-  # estimators stay finite; the unnormalized ones may only reach +-inf where the true
-  # advantage itself exceeds the float range.
+  # Any finite float32, sign and magnitude included (up to +-3.4e38; |R| for MaxRL).
+  # The normalized estimators, the log-reward baselines and MaxRL stay finite; the
+  # other unnormalized ones may only reach +-inf where the true advantage itself
+  # exceeds the float range.
   for name, hyperparameters in CONFIGS:
-    got = np.asarray(estimator(name, **hyperparameters)(rewards, mask))
+    got = np.asarray(estimator(name, **hyperparameters)(in_domain(name, rewards), mask))
     assert not np.any(np.isnan(got)), (name, hyperparameters)
-    if name in ("gmpo", "batch_std") or (name == "grpo" and hyperparameters.get("normalize", True)):
+    if name in ("gmpo", "batch_std", "power_mean", "maxrl") or (
+        name == "grpo" and hyperparameters.get("normalize", True)):
       assert np.all(np.isfinite(got)), (name, hyperparameters)
 
 
@@ -427,11 +469,132 @@ def test_binary_rewards_log_baseline_vs_grpo(rewards, mask):
 
 
 # ---------------------------------------------------------------------------------------
+# The power-mean family: its special cases and its continuity in p.
+
+
+def positive_case(seed):
+  """Positive rewards spanning orders of magnitude (above every floor), with a mask."""
+  rng = np.random.default_rng(seed)
+  rewards = rng.lognormal(0.0, 1.5, (B, G)).astype(np.float32)
+  mask = rng.uniform(size=(B, G)) < 0.8
+  mask[:, :2] = True
+  return rewards, mask
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_power_mean_at_p_1_is_dr_grpo_and_grpo(normalize):
+  rewards, mask = positive_case(31)
+  got = estimator("power_mean", p=1.0, normalize=normalize)(rewards, mask)
+  want = estimator("grpo" if normalize else "dr_grpo")(rewards, mask)
+  assert np.abs(np.asarray(want)).max() > 0.1
+  assert_close(got, np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_power_mean_at_p_0_is_the_log_reward_baseline(normalize):
+  rewards, mask = random_case(seed=32)
+  log_baseline = np.asarray(estimator("gmpo", normalize=normalize)(rewards, mask))
+  np.testing.assert_array_equal(
+      estimator("power_mean", p=0.0, normalize=normalize)(rewards, mask), log_baseline)
+  for p in (-1e-7, 1e-7):
+    assert_close(estimator("power_mean", p=p, normalize=normalize)(rewards, mask),
+                 log_baseline, rtol=1e-5, atol=1e-5 * np.abs(log_baseline).max())
+
+
+def test_power_mean_is_continuous_across_p_0():
+  # Near p = 0 the float32 result follows the float64 formula (R^p - 1) / p, and its
+  # distance to the log baseline shrinks linearly with |p|: no jump at 0.
+  rewards, mask = positive_case(33)
+  at_zero = reference_power_mean(rewards, mask, p=0.0)
+  slope = np.abs(reference_power_mean(rewards, mask, p=1e-3) - at_zero).max() / 1e-3
+  assert slope > 0.1
+  for p in (-1e-2, -1e-4, -1e-6, 1e-6, 1e-4, 1e-2):
+    got = np.asarray(estimator("power_mean", p=p)(rewards, mask), np.float64)
+    assert_close(got, reference_power_mean(rewards, mask, p=p), rtol=1e-5, atol=1e-5)
+    assert np.abs(got - at_zero).max() <= 2 * slope * abs(p) + 1e-5, p
+
+
+@pytest.mark.parametrize("p", [-8.0, 8.0])
+def test_power_mean_extreme_powers_stay_finite(p):
+  # R from 1e-15 to 1e15: R^p spans 1e-120 .. 1e120 (float64 holds it; float32 does
+  # not). Normalized advantages are O(1) and must match; unnormalized ones beyond the
+  # float range saturate: finite, and in the right proportions within each group.
+  rng = np.random.default_rng(34)
+  rewards = (10.0 ** rng.uniform(-15, 15, (B, G))).astype(np.float32)
+  mask = np.ones((B, G), bool)
+  normalized = estimator("power_mean", p=p, normalize=True)(rewards, mask)
+  assert_close(normalized, reference_power_mean(rewards, mask, p=p, normalize=True), atol=1e-4)
+  unnormalized = np.asarray(estimator("power_mean", p=p)(rewards, mask))
+  assert np.all(np.isfinite(unnormalized))
+  expected = reference_power_mean(rewards, mask, p=p)
+  relative = lambda a: a / np.abs(a).max(axis=1, keepdims=True)
+  assert_close(relative(unnormalized), relative(expected), atol=1e-5)
+
+
+def test_maxrl_worked_example():
+  # 0/1 rewards with success rate 1/4: (R - 1/4) / (1/4) = [3, -1, -1, -1].
+  rewards = jnp.array([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+  np.testing.assert_allclose(
+      advantages.maxrl_advantages(rewards, eps=0.0),
+      [[3.0, -1.0, -1.0, -1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, -1.0, -1.0]], rtol=1e-6)
+  # A hard prompt (1 success in 4) weighs more than under GRPO, an easy one less.
+  np.testing.assert_allclose(
+      estimator("maxrl")(rewards)[:, 0], reference_maxrl(rewards)[:, 0], rtol=1e-6)
+
+
+def test_maxrl_negative_reward_gives_nan():
+  rewards = jnp.array([[1.0, -0.5, 2.0], [1.0, 0.5, 2.0]])
+  got = np.asarray(estimator("maxrl")(rewards))
+  assert np.all(np.isnan(got[0])) and np.all(np.isfinite(got[1]))
+
+
+# ---------------------------------------------------------------------------------------
+# One rule for non-finite input, for every estimator in the registry.
+
+ALL_ESTIMATORS = sorted(advantages.ADVANTAGE_ESTIMATORS)
+
+
+def test_configs_cover_every_estimator():
+  assert {name for name, _ in CONFIGS} == set(ALL_ESTIMATORS)
+
+
+@SETTINGS
+@hypothesis.given(
+    name=st.sampled_from(ALL_ESTIMATORS),
+    seed=st.integers(0, 2**16),
+    bad=st.sampled_from([np.nan, np.inf, -np.inf]),
+)
+def test_non_finite_valid_reward_gives_nan_and_masked_garbage_nothing(name, seed, bad):
+  fn = estimator(name, **REQUIRED.get(name, {}))
+  rewards, mask = random_case(seed, name=name)
+  clean = np.asarray(fn(rewards, mask))
+  assert np.all(np.isfinite(clean))
+  rng = np.random.default_rng(seed)
+  # Masked garbage changes nothing, to the bit.
+  garbage = rewards.copy()
+  garbage[~mask] = bad
+  np.testing.assert_array_equal(fn(garbage, mask), clean)
+  # A non-finite valid reward: NaN on every valid entry of its group (of the batch
+  # for batch_std), never a plausible zero; masked entries 0; other groups unchanged.
+  group = rng.choice([0, 1, 3])  # a random, an all-equal and a one-valid group
+  poisoned = rewards.copy()
+  poisoned[group, rng.choice(np.flatnonzero(mask[group]))] = bad
+  got = np.asarray(fn(poisoned, mask))
+  rows = np.arange(B) if name == "batch_std" else np.array([group])
+  others = np.setdiff1d(np.arange(B), rows)
+  assert np.all(np.isnan(got[rows][mask[rows]])), (name, got[rows])
+  np.testing.assert_array_equal(got[~mask], 0.0)
+  np.testing.assert_array_equal(got[others], clean[others])
+
+
+# ---------------------------------------------------------------------------------------
 # Registry, static checks, hyperparameter checks.
 
 
 def test_registry_names_and_lookup():
-  assert set(advantages.ADVANTAGE_ESTIMATORS) == {"grpo", "gmpo", "dr_grpo", "rloo", "batch_std"}
+  assert set(advantages.ADVANTAGE_ESTIMATORS) == {
+      "grpo", "gmpo", "dr_grpo", "rloo", "batch_std", "power_mean", "maxrl"}
+  assert set(advantages.ADVANTAGE_ESTIMATORS) == set(REFERENCES)
   rewards, mask = random_case(seed=4)
   fn = advantages.get_advantage_fn("gmpo", normalize=True, floor=1e-4)
   np.testing.assert_array_equal(
@@ -440,8 +603,12 @@ def test_registry_names_and_lookup():
 
 
 def test_get_advantage_fn_errors_list_the_valid_choices():
-  with pytest.raises(ValueError, match=r"'ppo'.*\['batch_std', 'dr_grpo', 'gmpo', 'grpo', 'rloo'\]"):
+  with pytest.raises(
+      ValueError,
+      match=r"'ppo'.*\['batch_std', 'dr_grpo', 'gmpo', 'grpo', 'maxrl', 'power_mean', 'rloo'\]"):
     advantages.get_advantage_fn("ppo")
+  with pytest.raises(ValueError, match=r"'power_mean' needs hyperparameter\(s\) \['p'\]"):
+    advantages.get_advantage_fn("power_mean", normalize=True)
   with pytest.raises(ValueError, match=r"\['floor'\].*\['normalize', 'eps'\]"):
     advantages.get_advantage_fn("grpo", floor=1e-8)
   with pytest.raises(ValueError, match=r"\['normalize'\].*valid: none"):
@@ -450,7 +617,7 @@ def test_get_advantage_fn_errors_list_the_valid_choices():
 
 @pytest.mark.parametrize("name", sorted(advantages.ADVANTAGE_ESTIMATORS))
 def test_static_checks(name):
-  fn = advantages.ADVANTAGE_ESTIMATORS[name]
+  fn = advantages.get_advantage_fn(name, **REQUIRED.get(name, {}))
   with pytest.raises(AssertionError, match="rank"):
     fn(jnp.ones((4,)))
   with pytest.raises(AssertionError, match="type"):
@@ -469,6 +636,12 @@ def test_invalid_hyperparameters_raise():
     advantages.gmpo_advantages(rewards, floor=0.0)
   with pytest.raises(ValueError, match="floor"):
     advantages.gmpo_advantages(rewards, floor=1e-50)  # flushes to 0 in float32
+  with pytest.raises(ValueError, match="floor"):
+    advantages.power_mean_advantages(rewards, p=0.5, floor=0.0)
+  with pytest.raises(ValueError, match="p must be a finite"):
+    advantages.power_mean_advantages(rewards, p=float("nan"))
+  with pytest.raises(ValueError, match="eps"):
+    advantages.maxrl_advantages(rewards, eps=-1e-6)
 
 
 # ---------------------------------------------------------------------------------------
@@ -521,3 +694,30 @@ def test_validate_rewards_shape_errors():
     advantages.validate_rewards(np.ones((2, 3)), np.ones((2, 3)), require_positive=False)
   with pytest.raises(ValueError, match="group_names"):
     advantages.validate_rewards(np.ones((2, 3)), require_positive=False, group_names=["a"])
+
+
+def test_validate_rewards_require_non_negative():
+  rewards = np.array([[1.0, 0.0], [0.5, -0.25]])
+  with pytest.raises(ValueError, match=r"(?s)Negative rewards.*MaxRL.*group 1: positions \[1\]"):
+    advantages.validate_rewards(rewards, require_positive=False, require_non_negative=True)
+  advantages.validate_rewards(rewards[:1], require_positive=False, require_non_negative=True)
+  mask = np.array([[True, True], [True, False]])
+  advantages.validate_rewards(rewards, mask, require_positive=False, require_non_negative=True)
+
+
+@pytest.mark.parametrize(("name", "hyperparameters", "domain"), [
+    ("gmpo", {}, "positive"),
+    ("power_mean", {"p": -0.5}, "positive"),
+    ("power_mean", {"p": 0.0}, "positive"),
+    ("power_mean", {"p": 0.5}, "real"),
+    ("maxrl", {}, "non_negative"),
+    ("grpo", {"normalize": False}, "real"),
+])
+def test_reward_domain_and_the_runner_default(name, hyperparameters, domain):
+  from gmpo_jax.config import AlgorithmConfig
+
+  assert advantages.reward_domain(name, **hyperparameters) == domain
+  algo = AlgorithmConfig(advantage=name, advantage_kwargs=tuple(sorted(hyperparameters.items())))
+  assert algo.require_positive_rewards == (domain == "positive")
+  with pytest.raises(ValueError, match="needs hyperparameter"):
+    advantages.reward_domain("power_mean")
