@@ -137,7 +137,7 @@ class ArithmeticBuilder(base.GeneratedBuilder):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ArithmeticTask(ArithmeticData, base.GeneratedTask):
+class ArithmeticTask(base.WeightedReward, ArithmeticData, base.GeneratedTask):
   """Multi-digit arithmetic with an exact-match reward plus a format credit.
 
   Attributes:
@@ -150,18 +150,12 @@ class ArithmeticTask(ArithmeticData, base.GeneratedTask):
   name: ClassVar[str] = "arithmetic"
   builder_cls: ClassVar[type[base.GeneratedBuilder]] = ArithmeticBuilder
 
-  correct_reward: float = 1.0
   format_reward: float = 0.1
   min_reward: float = 0.01
 
   def __post_init__(self):
     super().__post_init__()
-    for weight in ("correct_reward", "format_reward", "min_reward"):
-      base.check_nonnegative(weight, getattr(self, weight))
-
-  @property
-  def reward_range(self) -> tuple[float, float]:
-    return (self.min_reward, self.min_reward + self.format_reward + self.correct_reward)
+    self.check_weights()
 
   def prompt(self, example: Mapping[str, Any]) -> str:
     return example["question"]
@@ -174,4 +168,4 @@ class ArithmeticTask(ArithmeticData, base.GeneratedTask):
     answer = completion.strip()
     well_formed = base.INTEGER_RE.fullmatch(answer) is not None
     correct = answer == example["answer"]
-    return float(self.min_reward + self.format_reward * well_formed + self.correct_reward * correct)
+    return self.weighted_reward(well_formed=well_formed, correct=correct)

@@ -28,13 +28,16 @@ The task's builder config then carries `CountingData(num_train=task.num_train)`,
 
 import abc
 import dataclasses
+import json
 import math
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 # A decimal integer as a task expects it: ASCII digits only (`\d` would also accept
 # other scripts' digits, and int() would accept '1_000' and surrounding whitespace).
@@ -231,6 +234,86 @@ class GeneratedBuilder(tfds.core.GeneratorBasedBuilder):
     yield from enumerate(examples)
 
 
+class ManualJsonlBuilder(tfds.core.GeneratorBasedBuilder):
+  """A TFDS builder of splits read from JSONL files placed in the manual directory.
+
+  Split `s` is read from `manual_dir / SPLIT_FILES[s]`, one JSON object per line; blank
+  lines are skipped. Abstract, so TFDS does not register it; subclasses set
+  `MANUAL_DOWNLOAD_INSTRUCTIONS`, `TEXT_FEATURES`, `HOMEPAGE` and `CITATION`, and implement
+  `_example`.
+  """
+
+  SPLIT_FILES: ClassVar[Mapping[str, str]] = {"train": "train.jsonl", "test": "test.jsonl"}
+  TEXT_FEATURES: ClassVar[tuple[str, ...]]  # The str fields of an example, as `_example` makes.
+  HOMEPAGE: ClassVar[str]
+  CITATION: ClassVar[str]
+
+  @abc.abstractmethod
+  def _example(self, record: Mapping[str, Any]) -> dict[str, Any]:
+    """The example of one JSON object; ValueError (saying what is wrong) if it is invalid."""
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=sys.modules[type(self).__module__].__doc__,
+        features=tfds.features.FeaturesDict(
+            {name: tfds.features.Text() for name in self.TEXT_FEATURES}),
+        homepage=self.HOMEPAGE,
+        citation=self.CITATION,
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    paths = {split: dl_manager.manual_dir / name for split, name in self.SPLIT_FILES.items()}
+    for path in paths.values():
+      if not path.exists():
+        raise FileNotFoundError(f"{path} not found.\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+    return {split: self._generate_examples(path) for split, path in paths.items()}
+
+  def _generate_examples(self, path: epath.Path):
+    """Yields (line number, example); a bad line is a ValueError naming 'file:line'."""
+    with path.open() as lines:
+      for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+          continue
+        where = f"{path}:{line_number}"
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError as error:
+          raise ValueError(f"{where}: not JSON ({error})") from None
+        try:
+          if not isinstance(record, dict):
+            raise ValueError("expected a JSON object")
+          example = self._example(record)
+        except ValueError as error:
+          raise ValueError(f"{where}: {error}") from None
+        yield line_number, example
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WeightedReward:
+  """R = min_reward + format_reward·[well formed] + correct_reward·[correct], all >= 0.
+
+  A mixin of the tasks whose reward has this form (a subclass may redeclare a weight to
+  change its default); what "well formed" and "correct" mean is the task's.
+  """
+
+  correct_reward: float = 1.0
+  format_reward: float = 0.0
+  min_reward: float = 0.0
+
+  def check_weights(self) -> None:
+    """Raises ValueError unless every weight is a finite number >= 0."""
+    for weight in ("correct_reward", "format_reward", "min_reward"):
+      check_nonnegative(weight, getattr(self, weight))
+
+  @property
+  def reward_range(self) -> tuple[float, float]:
+    return (self.min_reward, self.min_reward + self.format_reward + self.correct_reward)
+
+  def weighted_reward(self, *, well_formed: bool, correct: bool) -> float:
+    return float(self.min_reward + self.format_reward * well_formed + self.correct_reward * correct)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Task(abc.ABC):
   """A prompt distribution (a TFDS dataset) with a reward function on completions.
@@ -304,3 +387,24 @@ class GeneratedTask(DataParams, Task):
 
   def builder_config(self) -> ParamsConfig:
     return ParamsConfig(params=self.builder_cls.params_cls(**self.data_params()))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ManualJsonlTask(Task):
+  """A task whose data a `ManualJsonlBuilder` reads from the JSONL files in `manual_dir`.
+
+  Attributes:
+    manual_dir: directory holding the builder's files (None or '': TFDS's default,
+      `<data_dir>/downloads/manual`; '' lets a locked config leave it unset).
+  """
+
+  builder_cls: ClassVar[type[ManualJsonlBuilder]]
+
+  manual_dir: str | None = None
+
+  def builder_config(self) -> None:
+    """A single configuration: the cache does not depend on `manual_dir`."""
+    return None
+
+  def download_config(self) -> tfds.download.DownloadConfig:
+    return tfds.download.DownloadConfig(manual_dir=self.manual_dir or None)

@@ -18,13 +18,11 @@ baseline pick min_reward > 0 (or the baseline's floor/offset).
 """
 
 import dataclasses
-import json
 import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import tensorflow_datasets as tfds
-from etils import epath
 
 from gmpo_jax.tasks import base
 
@@ -33,7 +31,6 @@ _NUMBER_RE = re.compile(r"-?\$?(?:[0-9]{1,3}(?:,[0-9]{3})+(?![0-9])|[0-9]+)(?:\.
 _MARKER = "####"
 # GSM8K solutions mark each calculation for a calculator tool: "48/2 = <<48/2=24>>24".
 _CALCULATOR_RE = re.compile(r"<<[^<>]*>>")
-_FILES = {"train": "train.jsonl", "test": "test.jsonl"}
 
 
 def _number_after_marker(text: str) -> str | None:
@@ -67,7 +64,7 @@ def answers_match(predicted: str | None, reference: str, *, tolerance: float) ->
   return abs(float(predicted) - float(reference)) <= tolerance
 
 
-class Gsm8kBuilder(tfds.core.GeneratorBasedBuilder):
+class Gsm8kBuilder(base.ManualJsonlBuilder):
   """TFDS builder of GSM8K from manually placed JSONL files."""
 
   name = "gmpo_gsm8k"
@@ -79,59 +76,29 @@ class Gsm8kBuilder(tfds.core.GeneratorBasedBuilder):
   directory. Each line is a JSON object with "question" and "answer"; the answer ends
   with "#### <final answer>".
   """
+  TEXT_FEATURES = ("question", "answer", "final_answer")
+  HOMEPAGE = "https://github.com/openai/grade-school-math"
+  CITATION = "Cobbe et al. 2021, Training Verifiers to Solve Math Word Problems, arXiv 2110.14168"
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "question": tfds.features.Text(),
-            "answer": tfds.features.Text(),
-            "final_answer": tfds.features.Text(),
-        }),
-        homepage="https://github.com/openai/grade-school-math",
-        citation="Cobbe et al. 2021, Training Verifiers to Solve Math Word Problems, "
-        "arXiv 2110.14168",
-    )
-
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    paths = {split: dl_manager.manual_dir / filename for split, filename in _FILES.items()}
-    for path in paths.values():
-      if not path.exists():
-        raise FileNotFoundError(f"{path} not found.\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
-    return {split: self._generate_examples(path) for split, path in paths.items()}
-
-  def _generate_examples(self, path: epath.Path):
-    with path.open() as lines:
-      for line_number, line in enumerate(lines, start=1):
-        if not line.strip():
-          continue
-        where = f"{path}:{line_number}"
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as error:
-          raise ValueError(f"{where}: not JSON ({error})") from None
-        if not isinstance(record, dict) or not all(
-            isinstance(record.get(key), str) for key in ("question", "answer")
-        ):
-          raise ValueError(f"{where}: expected an object with str 'question' and 'answer'")
-        final_answer = _number_after_marker(record["answer"])
-        if final_answer is None:
-          raise ValueError(f"{where}: the answer has no number after '{_MARKER}'")
-        yield line_number, {
-            "question": record["question"],
-            "answer": record["answer"],
-            "final_answer": final_answer,
-        }
+  def _example(self, record: Mapping[str, Any]) -> dict[str, str]:
+    if not all(isinstance(record.get(key), str) for key in ("question", "answer")):
+      raise ValueError("expected an object with str 'question' and 'answer'")
+    final_answer = _number_after_marker(record["answer"])
+    if final_answer is None:
+      raise ValueError(f"the answer has no number after '{_MARKER}'")
+    return {
+        "question": record["question"],
+        "answer": record["answer"],
+        "final_answer": final_answer,
+    }
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Gsm8kTask(base.Task):
+class Gsm8kTask(base.WeightedReward, base.ManualJsonlTask):
   """GSM8K with final-answer matching.
 
   Attributes:
-    manual_dir: directory holding train.jsonl and test.jsonl (None or '': TFDS's default,
-      `<data_dir>/downloads/manual`; '' lets a locked config leave it unset).
+    manual_dir: directory holding train.jsonl and test.jsonl (see `base.ManualJsonlTask`).
     prompt_template: str.format template with a `{question}` field.
     tolerance: largest |predicted - reference| that counts as correct.
     correct_reward: added for a correct final answer.
@@ -140,14 +107,10 @@ class Gsm8kTask(base.Task):
   """
 
   name: ClassVar[str] = "gsm8k"
-  builder_cls: ClassVar[type[tfds.core.GeneratorBasedBuilder]] = Gsm8kBuilder
+  builder_cls: ClassVar[type[base.ManualJsonlBuilder]] = Gsm8kBuilder
 
-  manual_dir: str | None = None
   prompt_template: str = "Question: {question}\nAnswer:\n"
   tolerance: float = 1e-6
-  correct_reward: float = 1.0
-  format_reward: float = 0.0
-  min_reward: float = 0.0
 
   def __post_init__(self):
     if not isinstance(self.prompt_template, str) or "{question}" not in self.prompt_template:
@@ -161,19 +124,7 @@ class Gsm8kTask(base.Task):
           f"prompt_template {self.prompt_template!r} is not a valid template: {error!r}"
       ) from None
     base.check_nonnegative("tolerance", self.tolerance)
-    for weight in ("correct_reward", "format_reward", "min_reward"):
-      base.check_nonnegative(weight, getattr(self, weight))
-
-  def builder_config(self) -> None:
-    """GSM8K has a single configuration."""
-    return None
-
-  def download_config(self) -> tfds.download.DownloadConfig:
-    return tfds.download.DownloadConfig(manual_dir=self.manual_dir or None)
-
-  @property
-  def reward_range(self) -> tuple[float, float]:
-    return (self.min_reward, self.min_reward + self.format_reward + self.correct_reward)
+    self.check_weights()
 
   def prompt(self, example: Mapping[str, Any]) -> str:
     return self.prompt_template.format(question=example["question"])
@@ -188,4 +139,4 @@ class Gsm8kTask(base.Task):
         extract_final_answer(completion), example["final_answer"], tolerance=self.tolerance
     )
     formatted = _number_after_marker(completion) is not None
-    return float(self.min_reward + self.format_reward * formatted + self.correct_reward * correct)
+    return self.weighted_reward(well_formed=formatted, correct=correct)
