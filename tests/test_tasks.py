@@ -1,10 +1,11 @@
-"""Tests of gmpo_jax.tasks: the mini-language, the four tasks' data and rewards."""
+"""Tests of gmpo_jax.tasks: the mini-language, the five tasks' data and rewards."""
 
 import ast
 import dataclasses
 import json
 import math
 import operator
+import threading
 
 import hypothesis
 import ml_collections
@@ -13,7 +14,8 @@ import pytest
 from hypothesis import strategies as st
 
 from gmpo_jax import tasks
-from gmpo_jax.tasks import arithmetic, base, gsm8k, minilang, multiplicative, program_tests
+from gmpo_jax.tasks import (arithmetic, base, competition_math, gsm8k, minilang, multiplicative,
+                            program_tests)
 
 SMALL = {
     "arithmetic": dict(num_train=40, num_test=15),
@@ -48,6 +50,15 @@ ADVERSARIAL = [
     ",,,,",
     "1,2,3," * 1000,
     "😀 #### 😀",
+    "\\boxed{",
+    "\\boxed{" * 2000,
+    "\\boxed{}",
+    "\\boxed{\\frac{1}{2}",
+    "}" * 1000 + "\\boxed{" + "{" * 1000,
+    "\\boxed{" + "(" * 3000 + "}",  # Longer than max_answer_chars: not compared.
+    "\\boxed{\\}",
+    "\\boxed{\\x00\ufffd}",
+    "\\boxed{\\\\}",
 ]
 
 
@@ -103,6 +114,31 @@ def gsm8k_manual_dir(tmp_path_factory):
   for split, rows in records.items():
     lines = [json.dumps(row) for row in rows]
     (manual / f"{split}.jsonl").write_text("\n".join(lines) + "\n\n")  # Blank line skipped.
+  return str(manual)
+
+
+# A MATH-500-layout fixture: 'answer' and 'solution' (extra fields ignored), 'solution' only
+# (the answer is its last box: nested and escaped braces), 'answer' only.
+MATH_RECORDS = {
+    "train": [
+        {"problem": "Write $0.5$ as a fraction.", "solution": "It is $\\boxed{\\frac{1}{2}}$.",
+         "answer": "\\frac{1}{2}", "subject": "Prealgebra", "level": 1, "unique_id": "t/1.json"},
+        {"problem": "Compute $\\sin 60^\\circ$.",
+         "solution": "First $\\boxed{1}$? No: $\\boxed{\\frac{\\sqrt{3}}{2}}$."},
+        {"problem": "Which set solves $x^2 = 3x - 2$?",
+         "solution": "Factor: $\\boxed{\\{1, 2\\}}$"},
+        {"problem": "What is $2 + 3$?", "answer": " 5 "},
+    ],
+    "test": [{"problem": "Simplify $\\dfrac{6}{4}$.", "solution": "$\\boxed{\\dfrac{3}{2}}$",
+              "answer": "\\frac{3}{2}"}],
+}
+
+
+@pytest.fixture(scope="module")
+def math_manual_dir(tmp_path_factory):
+  manual = tmp_path_factory.mktemp("math_manual")
+  for split, rows in MATH_RECORDS.items():
+    (manual / f"{split}.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n\n")
   return str(manual)
 
 
@@ -269,7 +305,7 @@ class TestShared:
       tasks.get_task("arithmetic", digits=3)
     with pytest.raises(ValueError, match="num_digits"):
       tasks.get_task("arithmetic", num_digits=0)
-    assert sorted(tasks.TASKS) == ["arithmetic", "gsm8k", "multiplicative", "program_tests"]
+    assert sorted(tasks.TASKS) == ["arithmetic", "gsm8k", "math", "multiplicative", "program_tests"]
 
   @pytest.mark.parametrize("name", ["arithmetic", "program_tests", "multiplicative"])
   def test_default_task_uses_the_predefined_config(self, name, tmp_path):
@@ -283,7 +319,8 @@ class TestShared:
   @pytest.mark.parametrize(
       "name, kwargs, config_name",
       [("arithmetic", {}, "digits2_opsadd.sub_train10000_test1000_seed0"),
-       ("arithmetic", dict(num_digits=3, operations=("*", "//", "%"), num_train=5, num_test=7, seed=3),
+       ("arithmetic",
+        dict(num_digits=3, operations=("*", "//", "%"), num_train=5, num_test=7, seed=3),
         "digits3_opsmul.floordiv.mod_train5_test7_seed3"),
        ("multiplicative", {}, "steps3_start20_operand9_opsadd.sub.mul_train10000_test1000_seed0"),
        ("program_tests", dict(x_min=-20, x_max=-1, num_shown=2, num_tests=3, max_depth=3, seed=4),
@@ -314,20 +351,25 @@ class TestShared:
       source[2]
 
 
+ALL_TASKS = ["arithmetic", "program_tests", "multiplicative", "gsm8k", "math"]
+
+
 @pytest.fixture(scope="module")
-def loaded(data_dir, gsm8k_manual_dir):
+def loaded(data_dir, gsm8k_manual_dir, math_manual_dir):
   """name -> (small task, its first test example read back through TFDS)."""
   result = {}
-  for name in ["arithmetic", "program_tests", "multiplicative", "gsm8k"]:
+  for name in ALL_TASKS:
     if name == "gsm8k":
       task = tasks.get_task("gsm8k", manual_dir=gsm8k_manual_dir)
+    elif name == "math":
+      task = tasks.get_task("math", manual_dir=math_manual_dir)
     else:
       task = tasks.get_task(name, **SMALL[name])
     result[name] = (task, task.load("test", data_dir=data_dir)[0])
   return result
 
 
-@pytest.mark.parametrize("name", ["arithmetic", "program_tests", "multiplicative", "gsm8k"])
+@pytest.mark.parametrize("name", ALL_TASKS)
 @pytest.mark.parametrize("completion", ADVERSARIAL)
 def test_rewards_never_raise_and_stay_in_range(name, completion, loaded):
   task, example = loaded[name]
@@ -346,11 +388,11 @@ def test_rewards_on_any_text(completion, loaded):
   for name, (task, example) in loaded.items():
     reward = task.reward(completion, example)
     assert math.isfinite(reward) and task.reward_range[0] <= reward <= task.reward_range[1]
-    if name != "gsm8k":
+    if name not in ("gsm8k", "math"):  # Their default rewards are 0/1.
       assert reward > 0
 
 
-@pytest.mark.parametrize("name", ["arithmetic", "program_tests", "multiplicative", "gsm8k"])
+@pytest.mark.parametrize("name", ALL_TASKS)
 def test_solution_earns_the_maximum(name, loaded, data_dir):
   task, _ = loaded[name]
   for split in ("train", "test"):
@@ -723,3 +765,216 @@ class TestGsm8k:
     (manual / "test.jsonl").write_text("{not json\n")
     with pytest.raises(ValueError, match=r"test.jsonl:1: not JSON"):
       task.load("train", data_dir=str(tmp_path / "c"))
+
+
+# ----------------------------------------------------------------------------- math
+
+
+class TestMath:
+
+  TASK = tasks.get_task("math", format_reward=0.1, min_reward=0.01)
+  HALF = {"problem": "p", "solution": "", "answer": "\\frac{1}{2}"}
+
+  @pytest.mark.parametrize(
+      "text, expected",
+      [("so $\\boxed{5}$.", "5"),
+       ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}"),  # Nested braces.
+       ("\\boxed{1} then \\boxed{ 2 }", " 2 "),  # The last box, unstripped.
+       ("\\boxed {7}", "7"),
+       ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),  # Escaped braces do not count.
+       ("\\boxed{a\\\\}", "a\\\\"),  # '\\' is a line break, then '}' closes.
+       ("\\boxed{\\boxed{3}}", "3"),  # The last '\boxed{' is the inner one.
+       ("\\boxed{1} and \\boxed{2", None),  # The last box never closes: no answer.
+       ("\\boxed{\\}", None),
+       ("\\boxed{3}}}", "3"),
+       ("\\boxed3", None),
+       ("no box", None),
+       ("", None),
+       ("\\boxed{", None),
+       ("\\boxed{x\\", None)],
+  )
+  def test_last_boxed(self, text, expected):
+    assert competition_math.last_boxed(text) == expected
+
+  @pytest.mark.parametrize(
+      "completion",
+      ["\\boxed{\\frac{1}{2}}", "\\boxed{0.5}", "\\boxed{1/2}", "\\boxed{\\dfrac{1}{2}}",
+       "\\boxed{\\tfrac12}", "\\boxed{ \\frac { 1 } { 2 } }", "\\boxed{.5}", "\\boxed{0.50}",
+       "\\boxed{\\frac{2}{4}}", "Thus the answer is $\\boxed{\\frac{1}{2}}$.",
+       "\\boxed{3} is wrong, so \\boxed{0.5}"],
+  )
+  def test_equivalent_forms_are_correct(self, completion):
+    assert self.TASK.reward(completion, self.HALF) == pytest.approx(1.11)
+    # The reference's form does not matter either.
+    assert self.TASK.reward(completion, {**self.HALF, "answer": "0.5"}) == pytest.approx(1.11)
+
+  @pytest.mark.parametrize(
+      "completion, reward",
+      [("\\boxed{0.51}", 0.11), ("\\boxed{2}", 0.11), ("\\boxed{\\frac{1}{3}}", 0.11),
+       ("\\boxed{x}", 0.11), ("\\boxed{\\text{half}}", 0.11),
+       ("\\boxed{0.5} then \\boxed{3}", 0.11),  # Only the last box counts.
+       ("1/2", 0.01), ("", 0.01), ("   ", 0.01), ("\\boxed{}", 0.01), ("\\boxed{  }", 0.01),
+       ("\\boxed{\\frac{1}{2}", 0.01),  # Unbalanced.
+       ("\\boxed{0.5} and \\boxed{", 0.01),  # The last box never closes.
+       ("\\boxed{\\frac{1}{2}}}", 1.11),  # A stray '}' after a closed box is harmless.
+       ("\\boxed{\\frac{1}{2}\\}", 0.01),
+       ("\\boxed{}{}}", 0.01),
+       ("\\boxed{\\frac{}{}}", 0.11),
+       ("\\boxed{\\sqrt{}}", 0.11),
+       ("\\boxed{{{{}}}}", 0.11),
+       ("\\boxed{$}", 0.11),
+       ("\\boxed{\\begin{pmatrix}}", 0.11)],
+  )
+  def test_wrong_and_malformed(self, completion, reward):
+    assert self.TASK.reward(completion, self.HALF) == pytest.approx(reward)
+
+  def test_extract_answer(self):
+    assert self.TASK.extract_answer("so \\boxed{ \\frac{1}{2} }.") == "\\frac{1}{2}"
+    for completion in ("0.5", "\\boxed{ }", "\\boxed{0.5"):
+      assert self.TASK.extract_answer(completion) is None
+
+  def test_default_reward_and_range(self):
+    task = tasks.get_task("math")
+    assert task.reward_range == (0.0, 1.0)
+    rewards = [task.reward(c, self.HALF) for c in ("\\boxed{0.5}", "\\boxed{2}", "0.5")]
+    assert rewards == [1.0, 0.0, 0.0]
+    assert self.TASK.reward_range == pytest.approx((0.01, 1.11))
+
+  def test_other_answer_kinds(self):
+    cases = [("\\{1, 2\\}", "\\{2,1\\}"), ("(1, 2)", "(1,2)"),
+             ("\\frac{\\sqrt{3}}{2}", "\\sqrt{3}/2"), ("x^2 + 1", "1 + x^2"),
+             ("\\text{(C)}", "\\text{(C)}"), ("5", "x = 5"), ("10\\%", "10")]
+    for reference, predicted in cases:
+      reward = self.TASK.reward(f"\\boxed{{{predicted}}}", {"answer": reference})
+      assert reward == pytest.approx(1.11), (reference, predicted)
+
+  def test_slow_answers_time_out(self):
+    # sympy cannot decide 9^(9^(9^9)) = 3 in any reasonable time: the timeout cuts it off.
+    task = tasks.get_task("math", timeout_seconds=1)
+    assert task.reward("\\boxed{9^{9^{9^{9}}}}", {"answer": "3"}) == 0.0
+    long = tasks.get_task("math", max_answer_chars=10, format_reward=0.5)
+    assert long.reward("\\boxed{0.500000000000}", self.HALF) == 0.5  # Not compared.
+    assert long.reward("\\boxed{0.5}", self.HALF) == 1.5
+
+  @hypothesis.settings(max_examples=25, deadline=None)
+  @hypothesis.given(
+      content=st.text(alphabet=st.sampled_from("0123456789+-*/.,=x()[]{}\\ fracqt$%"), max_size=24))
+  def test_any_box_content(self, content):
+    task = tasks.get_task("math", timeout_seconds=1, min_reward=0.01, format_reward=0.1)
+    reward = task.reward(f"so \\boxed{{{content}}}.", self.HALF)
+    assert reward in (pytest.approx(0.01), pytest.approx(0.11), pytest.approx(1.11))
+
+  def test_timeout_needs_the_main_thread(self):
+    results = {}
+
+    def score(task, key):
+      try:
+        results[key] = task.reward("\\boxed{0.5}", self.HALF)
+      except RuntimeError as error:
+        results[key] = error
+      try:
+        results[key + "_unboxed"] = task.reward("0.5", self.HALF)
+      except RuntimeError as error:
+        results[key + "_unboxed"] = error
+
+    for key, task in [("timeout", tasks.get_task("math")),
+                      ("no_timeout", tasks.get_task("math", timeout_seconds=None))]:
+      thread = threading.Thread(target=score, args=(task, key))
+      thread.start()
+      thread.join()
+    # A clear error for any completion, not a silent 0 for boxed ones.
+    for key in ("timeout", "timeout_unboxed"):
+      assert isinstance(results[key], RuntimeError) and "main thread" in str(results[key])
+    assert (results["no_timeout"], results["no_timeout_unboxed"]) == (1.0, 0.0)
+
+  def test_prompt_template(self):
+    example = {"problem": "What is $\\frac{1}{2}$?"}
+    assert self.TASK.prompt(example) == (
+        "What is $\\frac{1}{2}$?\n\nPlease reason step by step, and put your final answer "
+        "within \\boxed{}.")
+    task = tasks.get_task("math", prompt_template="<user>{problem} Use \\boxed{}.<assistant>")
+    assert task.prompt(example) == "<user>What is $\\frac{1}{2}$? Use \\boxed{}.<assistant>"
+    for bad in ["no field", "{question}", 3]:
+      with pytest.raises(ValueError, match="prompt_template"):
+        tasks.get_task("math", prompt_template=bad)
+
+  def test_validation(self):
+    for bad in [dict(timeout_seconds=0), dict(timeout_seconds=1.5), dict(max_answer_chars=0),
+                dict(correct_reward=-1.0), dict(min_reward=math.nan)]:
+      with pytest.raises(ValueError):
+        tasks.get_task("math", **bad)
+
+  @pytest.mark.parametrize(
+      "example, expected",
+      [({"solution": "So $\\boxed{ \\frac{1}{2} }$.", "answer": "0.5"}, "So $\\boxed{0.5}$."),
+       ({"solution": "It is one half.", "answer": "0.5"},
+        "It is one half.\n\nThe final answer is $\\boxed{0.5}$."),
+       ({"solution": "", "answer": "0.5"}, "The final answer is $\\boxed{0.5}$.")],
+  )
+  def test_solution(self, example, expected):
+    assert self.TASK.solution(example) == expected
+    assert self.TASK.reward(expected, example) == self.TASK.reward_range[1]
+
+  def test_builder(self, data_dir, math_manual_dir, tmp_path):
+    task = tasks.get_task("math", manual_dir=math_manual_dir)
+    train, test = task.load("train", data_dir=data_dir), task.load("test", data_dir=data_dir)
+    by_problem = {e["problem"]: e for e in train}
+    assert len(train) == 4 and len(by_problem) == 4
+    assert set(by_problem["Write $0.5$ as a fraction."]) == {"problem", "solution", "answer"}
+    assert [by_problem[r["problem"]]["answer"] for r in MATH_RECORDS["train"]] == [
+        "\\frac{1}{2}", "\\frac{\\sqrt{3}}{2}", "\\{1, 2\\}", "5"]
+    assert by_problem["What is $2 + 3$?"]["solution"] == ""
+    assert list(test) == [{"problem": "Simplify $\\dfrac{6}{4}$.",
+                           "solution": "$\\boxed{\\dfrac{3}{2}}$", "answer": "\\frac{3}{2}"}]
+    assert task.prompt(test[0]).startswith("Simplify $\\dfrac{6}{4}$.\n\nPlease reason")
+    assert task.reward("6/4 = \\boxed{1.5}", test[0]) == 1.0
+    assert task.reward("\\boxed{\\frac{6}{4}}", test[0]) == 1.0
+    assert task.reward("\\boxed{\\frac{2}{3}}", test[0]) == 0.0
+    assert list(task.load("train", data_dir=str(tmp_path))) == list(train)
+
+  def test_builder_errors(self, tmp_path):
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    (manual / "train.jsonl").write_text(json.dumps({"problem": "p", "answer": "1"}) + "\n")
+    task = tasks.get_task("math", manual_dir=str(manual))
+    with pytest.raises(FileNotFoundError, match="test.jsonl"):
+      task.load("train", data_dir=str(tmp_path / "a"))
+    for n, (line, message) in enumerate([
+        (json.dumps({"problem": "p", "solution": "no box"}), "no 'answer', and no closed"),
+        (json.dumps({"problem": "p", "solution": "\\boxed{1"}), "no 'answer', and no closed"),
+        (json.dumps({"problem": "p"}), "no 'answer'"),
+        (json.dumps({"problem": "p", "answer": "  "}), "blank"),
+        (json.dumps({"problem": 3, "answer": "1"}), "str 'problem'"),
+        (json.dumps({"problem": "p", "answer": 1}), "must be str"),
+        (json.dumps(["p"]), "JSON object"),
+        ("{not json", "not JSON")]):
+      (manual / "test.jsonl").write_text("\n" + line + "\n")
+      with pytest.raises(ValueError, match=f"test.jsonl:2: .*{message}"):
+        task.load("train", data_dir=str(tmp_path / str(n)))
+
+
+# -------------------------------------------------------------------------- configs
+
+
+def test_qwen2_5_math_config():
+  from configs import qwen2_5_math
+
+  from gmpo_jax.config import AlgorithmConfig
+
+  config = qwen2_5_math.get_config()
+  algorithm = AlgorithmConfig.from_config(config.algorithm)
+  # The GMPO paper's hyperparameters (arXiv 2507.20673).
+  assert (algorithm.advantage, algorithm.objective) == ("gmpo", "geometric")
+  assert dict(algorithm.objective_kwargs) == {"epsilon_low": 0.4, "epsilon_high": 0.4}
+  assert algorithm.num_generations == 8 and algorithm.beta == 0.0
+  assert config.optim.learning_rate == 1e-6
+  assert config.sampling.max_new_tokens >= 1024
+  assert config.model.hf_path == "" and config.task.kwargs.manual_dir is None  # Set at launch.
+  # The task section builds the math task, whose prompt is Qwen's chat format.
+  config.task.kwargs.manual_dir = "/data/math"
+  task = tasks.get_task(config.task.name, **config.task.kwargs)
+  assert isinstance(task, competition_math.MathTask) and task.manual_dir == "/data/math"
+  assert task.reward_range[0] > 0  # The log-reward baseline needs positive rewards.
+  prompt = task.prompt({"problem": "What is $1+1$?"})
+  assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
+  assert "What is $1+1$?\nPlease reason step by step" in prompt and "\\boxed{}" in prompt

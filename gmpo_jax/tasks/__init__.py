@@ -2,6 +2,7 @@
 
 from gmpo_jax.tasks.arithmetic import ArithmeticTask
 from gmpo_jax.tasks.base import DecodedSource, Task
+from gmpo_jax.tasks.competition_math import MathTask, answers_equivalent, last_boxed
 from gmpo_jax.tasks.gsm8k import Gsm8kTask, answers_match, extract_final_answer
 from gmpo_jax.tasks.minilang import (
     Limits,
@@ -19,15 +20,18 @@ __all__ = [
     "DecodedSource",
     "Gsm8kTask",
     "Limits",
+    "MathTask",
     "MiniLangError",
     "MultiplicativeTask",
     "ProgramTestsTask",
     "TASKS",
     "Task",
+    "answers_equivalent",
     "answers_match",
     "compile_program",
     "count_passed",
     "extract_final_answer",
     "get_task",
+    "last_boxed",
     "run_program",
 ]

@@ -8,6 +8,7 @@ import ml_collections
 
 from gmpo_jax.tasks import arithmetic
 from gmpo_jax.tasks import base
+from gmpo_jax.tasks import competition_math
 from gmpo_jax.tasks import gsm8k
 from gmpo_jax.tasks import multiplicative
 from gmpo_jax.tasks import program_tests
@@ -19,6 +20,7 @@ TASKS: Mapping[str, type[base.Task]] = {
         program_tests.ProgramTestsTask,
         multiplicative.MultiplicativeTask,
         gsm8k.Gsm8kTask,
+        competition_math.MathTask,
     )
 }
 
