@@ -6,6 +6,7 @@ import json
 import math
 import operator
 import threading
+import time
 
 import hypothesis
 import ml_collections
@@ -851,7 +852,9 @@ class TestMath:
   def test_slow_answers_time_out(self):
     # sympy cannot decide 9^(9^(9^9)) = 3 in any reasonable time: the timeout cuts it off.
     task = tasks.get_task("math", timeout_seconds=1)
+    start = time.monotonic()
     assert task.reward("\\boxed{9^{9^{9^{9}}}}", {"answer": "3"}) == 0.0
+    assert time.monotonic() - start < 10  # Without the timeout it never returns.
     long = tasks.get_task("math", max_answer_chars=10, format_reward=0.5)
     assert long.reward("\\boxed{0.500000000000}", self.HALF) == 0.5  # Not compared.
     assert long.reward("\\boxed{0.5}", self.HALF) == 1.5
