@@ -1,4 +1,4 @@
-"""Policy objectives (token-clip PPO/GRPO, GMPO, GSPO) and their aggregation.
+"""Policy objectives (token-clip PPO/GRPO, GMPO and its power means, GSPO) and their aggregation.
 
 Notation (docs/CONTRACTS.md): B sequences, T tokens; delta_t = logp_t - old_logp_t,
 rho_t = exp(delta_t); A_i is the advantage of sequence i; |o_i| its number of valid
@@ -14,14 +14,20 @@ branch on a traced value, so any batch size works.
 
 Conventions shared by all objectives:
   * Masked positions are replaced before any arithmetic, so padding may hold any
-    value (even -inf or NaN) without reaching the loss, the gradient or the extras.
+    value (even -inf or NaN) without reaching the loss, the gradient or the extras;
+    the advantage of an all-masked row is ignored the same way.
+  * Non-finite *valid* input gives NaN, never a plausible number: a valid token
+    whose delta (or, with ref_logp, whose KL) is not finite, or a nonempty row
+    whose advantage is not finite, makes the loss NaN, so the learner's
+    non-finite guard skips the update.
   * A log-ratio entering exp is clamped above at `kl.MAX_LOG_RATIO` (= 20): past it
     the loss is constant and its gradient 0, so a huge delta gives finite values.
   * An all-masked sequence contributes 0 to the loss and the gradient, and is not
     counted as a sequence by the seq-mean modes.
   * `num_sequences` / `num_tokens` are the counts of the full (mini)batch: pass them
     when the batch is split into micro-batches or shards, and the micro-batch losses
-    (and gradients) sum to the full-batch loss (and gradient).
+    (and gradients) sum to the full-batch loss (and gradient). seq-mean-token-sum-norm
+    requires `max_length`, so its divisor never depends on how a batch is trimmed.
 """
 
 import functools
@@ -33,6 +39,7 @@ from typing import Final, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gmpo_jax.kl import KL_ESTIMATORS, MAX_LOG_RATIO, kl_penalty
 
@@ -42,7 +49,7 @@ AGGREGATION_MODES: Final[tuple[str, ...]] = (
     'seq-mean-token-sum',
     'seq-mean-token-sum-norm',
 )
-CLIP_MODES: Final[tuple[str, ...]] = ('token', 'sequence', 'none')
+CLIP_MODES: Final[tuple[str, ...]] = ('token', 'sequence', 'sequence_mean', 'none')
 
 
 class LossExtras(NamedTuple):
@@ -103,7 +110,8 @@ def aggregate_loss(
     mask: [B, T] bool or float (nonzero = valid token).
     mode: one of AGGREGATION_MODES.
     max_length: the constant divisor of seq-mean-token-sum-norm (Dr.GRPO: the
-      generation budget); defaults to T. An error with any other mode.
+      generation budget), required by that mode (a default of T would change
+      with the padding of each micro-batch); an error with any other mode.
     num_sequences: N_seq, the number of sequences with >= 1 valid token in the
       full batch; defaults to the count in `mask`. Unused by token-mean.
     num_tokens: N_tok, the number of valid tokens in the full batch; defaults to
@@ -115,8 +123,8 @@ def aggregate_loss(
     all-masked batch gives 0, never NaN.
 
   Raises:
-    ValueError: unknown mode, max_length with a mode that does not use it, or a
-      non-positive max_length.
+    ValueError: unknown mode, max_length missing for seq-mean-token-sum-norm or
+      given with another mode, or a non-positive max_length.
   """
   chex.assert_rank([per_token, mask], 2)
   chex.assert_equal_shape([per_token, mask])
@@ -125,8 +133,8 @@ def aggregate_loss(
   row_sums = jnp.sum(jnp.where(valid, per_token.astype(jnp.float32), 0.0),
                      axis=-1)
   weights = _row_weights(
-      _row_count(valid), mode=mode, length=mask.shape[1],
-      max_length=max_length, num_sequences=num_sequences, num_tokens=num_tokens)
+      _row_count(valid), mode=mode, max_length=max_length,
+      num_sequences=num_sequences, num_tokens=num_tokens)
   return jnp.sum(weights * row_sums)
 
 
@@ -134,16 +142,21 @@ def _check_aggregation(mode, max_length) -> None:
   if mode not in AGGREGATION_MODES:
     raise ValueError(
         f'Unknown loss_agg_mode {mode!r}; valid: {", ".join(AGGREGATION_MODES)}.')
-  if max_length is not None:
-    if mode != 'seq-mean-token-sum-norm':
+  if mode == 'seq-mean-token-sum-norm':
+    if max_length is None:
       raise ValueError(
-          f'max_length applies only to loss_agg_mode="seq-mean-token-sum-norm", '
-          f'got mode {mode!r}.')
+          'loss_agg_mode="seq-mean-token-sum-norm" needs max_length, its constant '
+          'divisor (Dr.GRPO: the generation budget); without it the divisor would '
+          'be the padded length of each (micro-)batch.')
     if not max_length > 0:
       raise ValueError(f'max_length must be positive, got {max_length}.')
+  elif max_length is not None:
+    raise ValueError(
+        f'max_length applies only to loss_agg_mode="seq-mean-token-sum-norm", '
+        f'got mode {mode!r}.')
 
 
-def _row_weights(lengths, *, mode, length, max_length, num_sequences,
+def _row_weights(lengths, *, mode, max_length, num_sequences,
                  num_tokens) -> jax.Array:
   """[B] weights w_i with aggregate = sum_i w_i sum_t l_it (see aggregate_loss).
 
@@ -159,8 +172,7 @@ def _row_weights(lengths, *, mode, length, max_length, num_sequences,
   if mode == 'seq-mean-token-mean':
     return per_sequence / jnp.maximum(lengths, 1).astype(jnp.float32)
   if mode == 'seq-mean-token-sum-norm':
-    per_sequence = per_sequence / float(
-        length if max_length is None else max_length)
+    per_sequence = per_sequence / float(max_length)
   return jnp.broadcast_to(per_sequence, lengths.shape)
 
 
@@ -205,16 +217,22 @@ def _row_count(flags: jax.Array) -> jax.Array:
   return jnp.sum(flags, axis=-1, dtype=jnp.float32).astype(jnp.int32)
 
 
-def _masked_log_ratio(logp, old_logp, mask):
-  """(valid [B, T] bool, delta [B, T] f32 with 0 on padding, lengths [B] int32).
+def _masked_inputs(logp, old_logp, advantages, mask):
+  """(valid [B, T] bool, delta [B, T] f32, lengths [B] int32, adv [B] f32).
 
-  Zero on padding, so garbage there (-inf, NaN) never reaches a sum or an exp;
-  jnp.where also blocks its gradient.
+  delta is 0 on padding and adv 0 on all-masked rows, so garbage there (-inf,
+  NaN) never reaches a sum or an exp; jnp.where also blocks its gradient. A
+  valid token's non-finite delta and a nonempty row's non-finite advantage
+  become NaN: the MAX_LOG_RATIO clamp and the clips would otherwise turn +-inf
+  into a finite, plausible loss.
   """
   valid = mask.astype(bool)
-  log_ratio = jnp.where(
-      valid, logp.astype(jnp.float32) - old_logp.astype(jnp.float32), 0.0)
-  return valid, log_ratio, _row_count(valid)
+  lengths = _row_count(valid)
+  delta = logp.astype(jnp.float32) - old_logp.astype(jnp.float32)
+  log_ratio = jnp.where(valid, jnp.where(jnp.isfinite(delta), delta, jnp.nan), 0.0)
+  adv = advantages.astype(jnp.float32)
+  adv = jnp.where(lengths > 0, jnp.where(jnp.isfinite(adv), adv, jnp.nan), 0.0)
+  return valid, log_ratio, lengths, adv
 
 
 def _finish(
@@ -242,15 +260,18 @@ def _finish(
   kl_rows = None
   if ref_logp is not None:
     # Zeroing both inputs on padding makes x = 0 there, where every estimator
-    # is 0 (and garbage in the padding cannot leak).
+    # is 0 (and garbage in the padding cannot leak); a non-finite valid input
+    # gives NaN rather than the value of the clamped x.
+    finite = jnp.isfinite(logp) & jnp.isfinite(ref_logp)
     token_kl = kl_penalty(
-        jnp.where(valid, logp, 0.0), jnp.where(valid, ref_logp, 0.0),
-        estimator=kl_estimator)
+        jnp.where(valid & finite, logp, 0.0),
+        jnp.where(valid & finite, ref_logp, 0.0), estimator=kl_estimator)
+    token_kl = jnp.where(valid & ~finite, jnp.nan, token_kl)
     kl_rows = jnp.sum(token_kl, axis=-1)
     if beta > 0:
       row_losses = row_losses + beta * kl_rows
   weights = _row_weights(
-      lengths, mode=loss_agg_mode, length=valid.shape[1], max_length=max_length,
+      lengths, mode=loss_agg_mode, max_length=max_length,
       num_sequences=num_sequences, num_tokens=num_tokens)
   loss = jnp.sum(weights * row_losses)
   extras = _extras(log_ratio, valid, lengths, low_counts, high_counts, kl_rows)
@@ -342,15 +363,16 @@ def token_clip_loss(
   _check_epsilons(epsilon_low, epsilon_high, ratio_space=True)
   if dual_clip is not None and not dual_clip > 1:
     raise ValueError(f'dual_clip must be > 1 (or None), got {dual_clip}.')
-  valid, log_ratio, lengths = _masked_log_ratio(logp, old_logp, mask)
+  valid, log_ratio, lengths, row_adv = _masked_inputs(
+      logp, old_logp, advantages, mask)
   ratio = jnp.exp(jnp.minimum(log_ratio, MAX_LOG_RATIO))
-  adv = advantages.astype(jnp.float32)[:, None]
+  adv = row_adv[:, None]
   clipped_ratio = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
   per_token = jnp.maximum(-ratio * adv, -clipped_ratio * adv)
   # The clipped branch is the larger loss (and constant in logp) exactly when
   # the ratio has left the range on the side the advantage pushes it to: high
   # for A > 0, low for A < 0. Padding has ratio 1 and is never counted.
-  positive, negative = advantages > 0, advantages < 0
+  positive, negative = row_adv > 0, row_adv < 0
   clipped_counts = _row_count(jnp.where(
       positive[:, None], ratio > 1.0 + epsilon_high,
       negative[:, None] & (ratio < 1.0 - epsilon_low)))
@@ -367,6 +389,41 @@ def token_clip_loss(
       ref_logp, beta=beta, kl_estimator=kl_estimator,
       loss_agg_mode=loss_agg_mode, max_length=max_length,
       num_sequences=num_sequences, num_tokens=num_tokens)
+
+
+def _one_sided_clip(x, positive, negative, *, epsilon_low, epsilon_high):
+  """GMPO's clip in log space: (x~, clipped), for x of any shape.
+
+  x~ = min(x, clip(x, -epsilon_low, epsilon_high)) where A > 0 and max(...)
+  elsewhere; `clipped` marks where the clip holds x~ constant (x above the range
+  for A > 0, below it for A < 0). `positive` / `negative` broadcast against x.
+  """
+  bounded = jnp.clip(x, -epsilon_low, epsilon_high)
+  clipped_x = jnp.where(positive, jnp.minimum(x, bounded),
+                        jnp.maximum(x, bounded))
+  clipped = jnp.where(positive, x > epsilon_high,
+                      negative & (x < -epsilon_low))
+  return clipped_x, clipped
+
+
+def _log_power_mean(x, valid, lengths, *, p: float):
+  """log M_p per row, M_p = (mean_t e^{p x_t})^{1/p} over the valid x; [B] f32.
+
+  p = 0 is the limit, mean_t x_t (x must be 0 on padding). For p != 0, with c
+  the valid x that maximizes p x:
+  log M_p = c + log1p(mean_t expm1(p (x_t - c))) / p. Every p (x_t - c) <= 0,
+  so nothing overflows for any |p x|; the sum has terms of one sign (no
+  cancellation) and expm1 / log1p keep full precision as p -> 0. An all-masked
+  row gives 0.
+  """
+  denominator = jnp.maximum(lengths, 1).astype(jnp.float32)
+  if p == 0:
+    return jnp.sum(x, axis=-1) / denominator
+  pc = jnp.max(jnp.where(valid, p * x, -jnp.inf), axis=-1)
+  # A shift, so a constant for autodiff; 0 for rows with no valid (or a NaN) x.
+  pc = jax.lax.stop_gradient(jnp.where(jnp.isfinite(pc), pc, 0.0))
+  terms = jnp.where(valid, jnp.expm1(p * x - pc[:, None]), 0.0)
+  return (pc + jnp.log1p(jnp.sum(terms, axis=-1) / denominator)) / p
 
 
 def geometric_mean_loss(
@@ -393,18 +450,18 @@ def geometric_mean_loss(
   delta~_t = min(delta_t, clip(delta_t, -epsilon_low, epsilon_high)) if A_i > 0,
   max(...) if A_i < 0; broadcast to the valid tokens, + beta * KL_t, aggregated.
 
-  Zhao et al. 2025, "Geometric-Mean Policy Optimization", arXiv 2507.20673.
+  Zhao et al. 2025, "Geometric-Mean Policy Optimization", arXiv 2507.20673. This
+  is `power_mean_loss` at p = 0 (the same code), which documents the clip modes,
+  the numerics and the degenerate cases.
 
   The clip is one-sided, as in PPO: for A > 0 only a ratio above e^epsilon_high is
   clipped, for A < 0 only one below e^-epsilon_low; the gradient flows through
-  every other valid token. clip_mode='sequence' clips the mean log-ratio instead
-  (the paper's sequence-level ablation) and 'none' does not clip (then GMPO equals
-  GSPO without clipping); epsilons are unused with 'none'. The loss is computed in
-  log space and the mean log-ratio is clamped above at 20 before the exp (only the
-  unclipped side of A < 0, or clip_mode='none', can get there): past it the loss
-  of the sequence is -A e^20 and its gradient 0, so any finite delta gives a
-  finite loss and gradient. Defaults: epsilon 0.4 (clip range (e^-0.4, e^0.4)),
-  no KL, seq-mean-token-mean (the mean of l_i over sequences).
+  every other valid token. clip_mode='sequence' is the paper's sequence-level
+  ablation (the clip acts on prod_t rho_t, i.e. on sum_t delta_t, before the
+  1/|o_i| root), 'sequence_mean' clips the mean log-ratio instead, and 'none'
+  does not clip (then GMPO equals GSPO without clipping). Defaults: epsilon 0.4
+  (clip range (e^-0.4, e^0.4)), no KL, seq-mean-token-mean (the mean of l_i over
+  sequences).
 
   Args:
     logp: [B, T] float, log pi_theta of the sampled tokens (differentiated).
@@ -413,7 +470,97 @@ def geometric_mean_loss(
     mask: [B, T] bool or float (nonzero = valid token).
     epsilon_low: lower clip of the log-ratio, >= 0.
     epsilon_high: upper clip of the log-ratio, >= 0.
-    clip_mode: 'token', 'sequence' or 'none'.
+    clip_mode: one of CLIP_MODES: 'token', 'sequence', 'sequence_mean', 'none'.
+    loss_agg_mode: one of AGGREGATION_MODES (applied to the broadcast l_i).
+    ref_logp: [B, T] float, log pi_ref; with it, `LossExtras.kl` is reported.
+    beta: KL coefficient (Python float >= 0); > 0 needs ref_logp.
+    kl_estimator: 'k1', 'k2' or 'k3' (see `kl.kl_penalty`).
+    max_length, num_sequences, num_tokens: see `aggregate_loss`.
+
+  Returns:
+    (loss, extras): float32 scalar and LossExtras, as `power_mean_loss`.
+
+  Raises:
+    ValueError: as `power_mean_loss`.
+  """
+  return power_mean_loss(
+      logp, old_logp, advantages, mask, p=0.0, epsilon_low=epsilon_low,
+      epsilon_high=epsilon_high, clip_mode=clip_mode,
+      loss_agg_mode=loss_agg_mode, ref_logp=ref_logp, beta=beta,
+      kl_estimator=kl_estimator, max_length=max_length,
+      num_sequences=num_sequences, num_tokens=num_tokens)
+
+
+def power_mean_loss(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array,
+    *,
+    p: float,
+    epsilon_low: float = 0.4,
+    epsilon_high: float = 0.4,
+    clip_mode: str = 'token',
+    loss_agg_mode: str = 'seq-mean-token-mean',
+    ref_logp: jax.Array | None = None,
+    beta: float = 0.0,
+    kl_estimator: str = 'k3',
+    max_length: int | None = None,
+    num_sequences: float | jax.Array | None = None,
+    num_tokens: float | jax.Array | None = None,
+) -> tuple[jax.Array, LossExtras]:
+  """The power mean of the clipped token ratios, times the advantage.
+
+  l_i = -A_i M_p,  M_p = (mean_t exp(p delta~_t))^(1/p)  (M_0 = exp(mean_t delta~_t)),
+  delta~_t clipped in log space on the side chosen by sgn(A_i), exactly as in
+  `geometric_mean_loss`; broadcast to the valid tokens, + beta * KL_t, aggregated.
+
+  p = 0 is GMPO (Zhao et al. 2025, "Geometric-Mean Policy Optimization", arXiv
+  2507.20673; `geometric_mean_loss` is this function at p = 0), p = 1 the
+  arithmetic mean of the clipped token ratios (GRPO's per-sequence mean with
+  GMPO's log-space clip), p = -1 their harmonic mean (the GMPO authors' HMPO,
+  `train_zero_math_hmpo.py` in github.com/callsys/GMPO). Power-mean policy
+  optimization with a fixed p: Zhao et al. 2026, "One Ring to Rule Them All:
+  Unifying Group-Based RL via Dynamic Power-Mean Geometry" (PMPO), arXiv
+  2601.22521 (its adaptive p is not implemented). M_p grows with p, so the
+  gradient concentrates on the tokens with the largest ratios for p > 0 (token
+  t weighs rho_t^p / sum_s rho_s^p) and on the smallest for p < 0.
+
+  Clip modes (`epsilon_*` are unused with 'none'):
+    * 'token': delta~_t = min(delta_t, clip(delta_t, -epsilon_low,
+      epsilon_high)) if A > 0, max(...) if A < 0 (one-sided, as in PPO; GMPO).
+    * 'sequence': the GMPO paper's sequence-level clip ablation, which clips the
+      product of the token ratios, prod_t rho_t = pi_theta(o) / pi_old(o),
+      instead of each ratio, and takes the 1/|o| root after the clip:
+      l = -A r~^(1/|o|), r~ = min(prod_t rho_t, clip(prod_t rho_t,
+      e^-epsilon_low, e^epsilon_high)) if A > 0, max(...) if A < 0; i.e. the
+      one-sided clip applied in log space to sum_t delta_t before dividing by |o|
+      (for p != 0 to |o| log M_p, the log of M_p^|o|). This is what the official
+      code's `gmpo_seqclip` ablation runs (github.com/callsys/GMPO,
+      train_zero_math_gmpo.py: the clamp acts on the masked sum of the log-ratios,
+      then divides by the length). delta = [.3, .3], A = 1, epsilon 0.4:
+      sum 0.6 -> 0.4, loss -e^0.2 = -1.2214.
+    * 'sequence_mean': the one-sided clip applied to log M_p (for p = 0 the mean
+      log-ratio), a GSPO-like clip in log space; not the paper's ablation. The
+      example above gives -e^0.3 = -1.3499 (unclipped).
+    * 'none': no clip (at p = 0, GSPO without clipping).
+
+  Numerics: log M_p is computed in log space with a shift (see
+  `_log_power_mean`), so any finite delta and any p give finite values, and
+  p -> 0 is continuous (p = 1e-7 matches p = 0 to float32 rounding). log M_p is
+  clamped above at 20 before the exp (only the unclipped side of A < 0, or
+  clip_mode='none', can get there): past it the loss of the sequence is
+  -A e^20 and its gradient 0.
+
+  Args:
+    logp: [B, T] float, log pi_theta of the sampled tokens (differentiated).
+    old_logp: [B, T] float, log pi_old (the rollout policy's).
+    advantages: [B] float, one advantage per sequence.
+    mask: [B, T] bool or float (nonzero = valid token).
+    p: the power, a finite Python float (static).
+    epsilon_low: lower clip of the log-ratio, >= 0.
+    epsilon_high: upper clip of the log-ratio, >= 0.
+    clip_mode: one of CLIP_MODES: 'token', 'sequence', 'sequence_mean', 'none'.
     loss_agg_mode: one of AGGREGATION_MODES (applied to the broadcast l_i).
     ref_logp: [B, T] float, log pi_ref; with it, `LossExtras.kl` is reported.
     beta: KL coefficient (Python float >= 0); > 0 needs ref_logp.
@@ -422,11 +569,13 @@ def geometric_mean_loss(
 
   Returns:
     (loss, extras): float32 scalar and LossExtras. A = 0 gives loss 0 and zero
-    gradient; an all-masked sequence contributes 0.
+    gradient; an all-masked sequence contributes 0 whatever its advantage holds.
+    For the sequence clips every valid token of a clipped sequence counts as
+    clipped.
 
   Raises:
-    ValueError: unknown clip_mode, negative epsilons, or the options errors of
-      `aggregate_loss` and beta/ref_logp/kl_estimator.
+    ValueError: non-finite p, unknown clip_mode, negative epsilons, or the
+      options errors of `aggregate_loss` and beta/ref_logp/kl_estimator.
   """
   _check_inputs(logp, old_logp, advantages, mask, ref_logp)
   _check_options(loss_agg_mode=loss_agg_mode, max_length=max_length,
@@ -435,38 +584,36 @@ def geometric_mean_loss(
     raise ValueError(
         f'Unknown clip_mode {clip_mode!r}; valid: {", ".join(CLIP_MODES)}.')
   _check_epsilons(epsilon_low, epsilon_high, ratio_space=False)
-  valid, log_ratio, lengths = _masked_log_ratio(logp, old_logp, mask)
-  denominator = jnp.maximum(lengths, 1).astype(jnp.float32)
-  adv = advantages.astype(jnp.float32)
+  if not np.isfinite(p):
+    raise ValueError(f'p must be a finite number, got {p}.')
+  valid, log_ratio, lengths, adv = _masked_inputs(
+      logp, old_logp, advantages, mask)
   positive, negative = adv > 0, adv < 0
+  clip = functools.partial(_one_sided_clip, epsilon_low=epsilon_low,
+                           epsilon_high=epsilon_high)
   if clip_mode == 'token':
-    bounded = jnp.clip(log_ratio, -epsilon_low, epsilon_high)
-    pos = positive[:, None]
     # Padding has log_ratio 0, which clipping keeps at 0: it adds nothing and
     # is never counted as clipped.
-    clipped_log_ratio = jnp.where(pos, jnp.minimum(log_ratio, bounded),
-                                  jnp.maximum(log_ratio, bounded))
-    mean_log_ratio = jnp.sum(clipped_log_ratio, axis=-1) / denominator
-    # For A > 0 only the high side can clip, for A < 0 only the low side.
-    clipped = jnp.where(pos, log_ratio > epsilon_high,
-                        negative[:, None] & (log_ratio < -epsilon_low))
+    clipped_log_ratio, clipped = clip(log_ratio, positive[:, None],
+                                      negative[:, None])
+    log_mean = _log_power_mean(clipped_log_ratio, valid, lengths, p=p)
     clipped_counts = _row_count(clipped)
-    low_counts = jnp.where(negative, clipped_counts, 0)
-    high_counts = jnp.where(positive, clipped_counts, 0)
   else:
-    mean_log_ratio = jnp.sum(log_ratio, axis=-1) / denominator
-    if clip_mode == 'sequence':
-      bounded = jnp.clip(mean_log_ratio, -epsilon_low, epsilon_high)
-      low_counts = jnp.where(negative & (mean_log_ratio < -epsilon_low),
-                             lengths, 0)
-      high_counts = jnp.where(positive & (mean_log_ratio > epsilon_high),
-                              lengths, 0)
-      mean_log_ratio = jnp.where(positive, jnp.minimum(mean_log_ratio, bounded),
-                                 jnp.maximum(mean_log_ratio, bounded))
-    else:
-      low_counts = high_counts = jnp.zeros_like(lengths)
-  sequence_loss = -adv * jnp.exp(jnp.minimum(mean_log_ratio, MAX_LOG_RATIO))
-  # Broadcasting l_i to the |o_i| valid tokens of its row.
+    log_mean = _log_power_mean(log_ratio, valid, lengths, p=p)
+    clipped_counts = jnp.zeros_like(lengths)
+    if clip_mode != 'none':
+      # 'sequence' clips |o| log M_p (sum_t delta_t at p = 0), 'sequence_mean'
+      # log M_p itself.
+      size = (jnp.maximum(lengths, 1).astype(jnp.float32)
+              if clip_mode == 'sequence' else 1.0)
+      clipped_total, clipped = clip(log_mean * size, positive, negative)
+      log_mean = clipped_total / size
+      clipped_counts = jnp.where(clipped, lengths, 0)
+  low_counts = jnp.where(negative, clipped_counts, 0)
+  high_counts = jnp.where(positive, clipped_counts, 0)
+  sequence_loss = -adv * jnp.exp(jnp.minimum(log_mean, MAX_LOG_RATIO))
+  # Broadcasting l_i to the |o_i| valid tokens of its row (adv is 0 on rows
+  # without any).
   row_losses = lengths * sequence_loss
   return _finish(
       row_losses, log_ratio, valid, lengths, low_counts, high_counts, logp,
@@ -527,11 +674,10 @@ def gspo_loss(
   _check_options(loss_agg_mode=loss_agg_mode, max_length=max_length,
                  ref_logp=ref_logp, beta=beta, kl_estimator=kl_estimator)
   _check_epsilons(epsilon_low, epsilon_high, ratio_space=True)
-  valid, log_ratio, lengths = _masked_log_ratio(logp, old_logp, mask)
-  adv = advantages.astype(jnp.float32)
-  mean_log_ratio = jnp.sum(log_ratio, axis=-1) / jnp.maximum(lengths, 1).astype(
-      jnp.float32)
-  ratio = jnp.exp(jnp.minimum(mean_log_ratio, MAX_LOG_RATIO))
+  valid, log_ratio, lengths, adv = _masked_inputs(
+      logp, old_logp, advantages, mask)
+  ratio = jnp.exp(jnp.minimum(_log_power_mean(log_ratio, valid, lengths, p=0.0),
+                              MAX_LOG_RATIO))
   clipped_ratio = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
   sequence_loss = jnp.maximum(-ratio * adv, -clipped_ratio * adv)
   high_counts = jnp.where((adv > 0) & (ratio > 1.0 + epsilon_high), lengths, 0)
@@ -550,6 +696,7 @@ POLICY_LOSSES: Final[Mapping[str, Callable[..., tuple[jax.Array, LossExtras]]]] 
         'token_clip': token_clip_loss,
         'geometric': geometric_mean_loss,
         'gspo': gspo_loss,
+        'power_mean': power_mean_loss,
     }))
 
 # Per-batch data, not hyperparameters: binding them once would go stale.
@@ -563,30 +710,38 @@ def get_policy_loss(
   """Looks up a policy objective by name and binds its hyperparameters.
 
   Args:
-    name: a key of POLICY_LOSSES ('token_clip', 'geometric', 'gspo').
+    name: a key of POLICY_LOSSES ('token_clip', 'geometric', 'gspo',
+      'power_mean').
     **hyperparameters: keyword-only options of that objective (e.g.
-      epsilon_low, clip_mode, loss_agg_mode, beta); not ref_logp, num_sequences
-      or num_tokens, which change with every batch.
+      epsilon_low, clip_mode, loss_agg_mode, beta; 'power_mean' needs p); not
+      ref_logp, num_sequences or num_tokens, which change with every batch.
 
   Returns:
     fn(logp, old_logp, advantages, mask, *, ref_logp=None, num_sequences=None,
     num_tokens=None) -> (loss, LossExtras). Values are validated at the first call.
 
   Raises:
-    ValueError: unknown name or hyperparameter (the message lists the valid ones).
+    ValueError: unknown name or hyperparameter, or a missing required one (the
+      message lists the valid ones).
   """
   if name not in POLICY_LOSSES:
     raise ValueError(
         f'Unknown policy loss {name!r}; valid: {", ".join(POLICY_LOSSES)}.')
   fn = POLICY_LOSSES[name]
-  allowed = [
-      p.name for p in inspect.signature(fn).parameters.values()
+  options = [
+      p for p in inspect.signature(fn).parameters.values()
       if p.kind is inspect.Parameter.KEYWORD_ONLY
       and p.name not in _PER_BATCH_ARGUMENTS
   ]
+  allowed = [p.name for p in options]
   unknown = sorted(set(hyperparameters) - set(allowed))
   if unknown:
     raise ValueError(
         f'Unknown hyperparameter(s) {", ".join(unknown)} for policy loss '
         f'{name!r}; valid: {", ".join(allowed)}.')
+  missing = [p.name for p in options
+             if p.default is inspect.Parameter.empty and p.name not in hyperparameters]
+  if missing:
+    raise ValueError(
+        f'Policy loss {name!r} needs hyperparameter(s) {", ".join(missing)}.')
   return functools.partial(fn, **hyperparameters)

@@ -39,10 +39,12 @@ def _split(batch, m):
   return jax.tree.map(lambda x: x.reshape((m, N // m) + x.shape[1:]), batch)
 
 
-@pytest.mark.parametrize("objective,agg", [("geometric", None), ("token_clip", "token-mean"),
-                                           ("gspo", "seq-mean-token-sum-norm")])
-def test_update_does_not_depend_on_the_micro_batch_split(objective, agg):
-  algo = AlgorithmConfig(objective=objective, loss_agg_mode=agg, beta=0.02)
+@pytest.mark.parametrize("objective,agg,kwargs", [
+    ("geometric", None, ()), ("token_clip", "token-mean", ()),
+    ("gspo", "seq-mean-token-sum-norm", ()), ("power_mean", None, (("p", -1.0),))])
+def test_update_does_not_depend_on_the_micro_batch_split(objective, agg, kwargs):
+  algo = AlgorithmConfig(objective=objective, objective_kwargs=kwargs, loss_agg_mode=agg,
+                         beta=0.02)
   graphdef, params = _model()
   optimizer = optax.sgd(1.0)
   update = learner.make_update_fn(

@@ -2,7 +2,9 @@
 
 The references below follow the published formulas directly (GMPO as the product
 form sgn(A) prod_t |min(rho_t A, clip(rho_t, e^-eps_low, e^eps_high) A)|^(1/|o|),
-GSPO with s = (prod_t rho_t)^(1/|o|)), not the log-space code under test.
+its power means as sgn(A) M_p(|min(rho_t A, clip(rho_t, ...) A)|) with
+M_p(x) = (mean_t x_t^p)^(1/p), GMPO's sequence-level clip on prod_t rho_t, GSPO
+with s = (prod_t rho_t)^(1/|o|)), not the log-space code under test.
 Gradients are compared with central finite differences of these references.
 Shapes are tiny and the jitted functions are shared across tests to keep the
 compile count (the dominant cost) low.
@@ -31,17 +33,33 @@ CASES = {
     'dapo_dual_clip': ('token_clip', dict(epsilon_low=0.2, epsilon_high=0.28,
                                           dual_clip=1.5), 0.4),
     'gmpo_token': ('geometric', dict(epsilon_low=0.3, epsilon_high=0.2), 0.4),
-    'gmpo_sequence': ('geometric', dict(epsilon_low=0.1, epsilon_high=0.15,
+    'gmpo_sequence': ('geometric', dict(epsilon_low=0.3, epsilon_high=0.4,
                                         clip_mode='sequence'), 0.4),
+    'gmpo_sequence_mean': ('geometric', dict(epsilon_low=0.1, epsilon_high=0.15,
+                                             clip_mode='sequence_mean'), 0.4),
     'gmpo_none': ('geometric', dict(clip_mode='none'), 0.4),
     'gmpo_token_unclipped': ('geometric', dict(epsilon_low=np.inf,
                                                epsilon_high=np.inf), 0.4),
     'gspo': ('gspo', dict(epsilon_low=0.05, epsilon_high=0.08), 0.3),
     'gspo_paper_range': ('gspo', dict(), 1e-3),
     'gspo_unclipped': ('gspo', dict(epsilon_low=1.0, epsilon_high=np.inf), 0.4),
+    'pmpo_arithmetic': ('power_mean', dict(p=1.0, epsilon_low=0.3,
+                                           epsilon_high=0.2), 0.4),
+    'pmpo_harmonic': ('power_mean', dict(p=-1.0, epsilon_low=0.2,
+                                         epsilon_high=0.3), 0.4),
+    'pmpo_sequence': ('power_mean', dict(p=0.5, epsilon_low=0.3, epsilon_high=0.4,
+                                         clip_mode='sequence'), 0.4),
+    # |p delta| up to ~200: e^(p delta) overflows float32, not the log-space code.
+    'pmpo_steep': ('power_mean', dict(p=-30.0, epsilon_low=0.5,
+                                      epsilon_high=0.5), 2.0),
 }
+# One case per registered objective, for the checks that must cover all of them.
+OBJECTIVE_CASES = {'token_clip': 'grpo', 'geometric': 'gmpo_token',
+                   'gspo': 'gspo', 'power_mean': 'pmpo_harmonic'}
+# pmpo_steep is left out: at p = -30 the gradient weights rho_t^p / sum_s rho_s^p of
+# unclipped tokens underflow to exactly 0, which the exact-zero check cannot tell apart.
 CLIPPING_CASES = [c for c in CASES if c not in (
-    'gmpo_none', 'gmpo_token_unclipped', 'gspo_unclipped')]
+    'gmpo_none', 'gmpo_token_unclipped', 'gspo_unclipped', 'pmpo_steep')]
 
 
 def _evaluate_eager(case, logp, old_logp, advantages, mask, ref_logp, *,
@@ -78,6 +96,17 @@ def _gm(x):
   return np.prod(x) ** (1.0 / x.size)
 
 
+def _power_mean(x, p):
+  """M_p(x) = (mean x^p)^(1/p); the geometric mean at p = 0."""
+  return _gm(x) if p == 0 else np.mean(x**p) ** (1.0 / p)
+
+
+def _one_sided(ratio, adv, low, high):
+  """The PPO-side clip of a ratio: min(r, clip(r)) for A > 0, max(...) for A < 0."""
+  bounded = np.clip(ratio, low, high)
+  return np.minimum(ratio, bounded) if adv > 0 else np.maximum(ratio, bounded)
+
+
 def _reference_per_token(objective, logp, old_logp, advantages, mask, hp):
   """[B, T] float64 policy loss per token; 0 on padding."""
   per_token = np.zeros(logp.shape)
@@ -91,17 +120,22 @@ def _reference_per_token(objective, logp, old_logp, advantages, mask, hp):
       loss = -np.minimum(rho * adv, np.clip(rho, low, high) * adv)
       if hp.get('dual_clip') is not None and adv < 0:
         loss = np.minimum(loss, hp['dual_clip'] * abs(adv))
-    elif objective == 'geometric':
-      mode = hp.get('clip_mode', 'token')
+    elif objective in ('geometric', 'power_mean'):
+      p, mode = hp.get('p', 0.0), hp.get('clip_mode', 'token')
       low = np.exp(-hp.get('epsilon_low', 0.4))
       high = np.exp(hp.get('epsilon_high', 0.4))
       if mode == 'token':
         terms = np.minimum(rho * adv, np.clip(rho, low, high) * adv)
-        loss = -np.sign(adv) * _gm(np.abs(terms))
+        loss = -np.sign(adv) * _power_mean(np.abs(terms), p)
       elif mode == 'sequence':
-        loss = -np.minimum(_gm(rho) * adv, np.clip(_gm(rho), low, high) * adv)
+        # The paper's ablation: clip the product (for p != 0, M_p^|o|), then the root.
+        n = rho.size
+        loss = -adv * _one_sided(_power_mean(rho, p) ** n, adv, low, high) ** (1 / n)
+      elif mode == 'sequence_mean':
+        mean = _power_mean(rho, p)
+        loss = -np.minimum(mean * adv, np.clip(mean, low, high) * adv)
       else:
-        loss = -adv * _gm(rho)
+        loss = -adv * _power_mean(rho, p)
     else:
       low = 1 - hp.get('epsilon_low', 3e-4)
       high = 1 + hp.get('epsilon_high', 4e-4)
@@ -127,7 +161,7 @@ def _reference_aggregate(per_token, mask, mode, max_length=None,
   elif mode == 'seq-mean-token-sum':
     per_sequence = sums
   else:
-    per_sequence = sums / (mask.shape[1] if max_length is None else max_length)
+    per_sequence = sums / max_length
   count = (lengths > 0).sum() if num_sequences is None else num_sequences
   return np.sum(per_sequence) / count
 
@@ -157,11 +191,12 @@ def _reference_clipped(objective, logp, old_logp, advantages, mask, hp):
           (adv < 0) & (rho > (hp.get('dual_clip') or np.inf)))
       low[i, valid] = (adv < 0) & (rho < 1 - hp['epsilon_low'])
       continue
-    if objective == 'geometric':
-      mode = hp.get('clip_mode', 'token')
+    if objective in ('geometric', 'power_mean'):
+      p, mode = hp.get('p', 0.0), hp.get('clip_mode', 'token')
       if mode == 'none':
         continue
-      ratio = rho if mode == 'token' else _gm(rho)
+      ratio = {'token': rho, 'sequence': _power_mean(rho, p) ** rho.size,
+               'sequence_mean': _power_mean(rho, p)}[mode]
       bounds = np.exp(-hp['epsilon_low']), np.exp(hp['epsilon_high'])
     else:
       ratio = _gm(rho)
@@ -199,23 +234,42 @@ def _finite_difference_grad(f, logp, mask, h=1e-6):
 # ---------------------------------------------------------------------- inputs
 
 
+def _row_log_power_mean(d, mask, p, *, times_length=False):
+  """[B] float64 log M_p(e^d) over each row's valid d (times |o| if asked)."""
+  out = np.zeros(len(mask))
+  for i, valid in enumerate(mask):
+    if valid.any():
+      x = d[i, valid]
+      out[i] = x.mean() if p == 0 else np.log(np.mean(np.exp(p * x))) / p
+      out[i] *= x.size if times_length else 1
+  return out
+
+
 def _kinks(objective, hp):
-  """(level, log-ratio points where the loss has a kink) for one case."""
+  """(level, log-space points where the loss has a kink, row statistic) of a case.
+
+  Token-level kinks are in delta; row-level ones in a per-row statistic of delta.
+  """
   if np.isinf(hp.get('epsilon_high', 0.0)):
-    return 'none', ()
+    return 'none', (), None
   if objective == 'token_clip':
     points = [np.log(1 + hp['epsilon_high']), np.log(1 - hp['epsilon_low'])]
     if hp.get('dual_clip'):
       points.append(np.log(hp['dual_clip']))
-    return 'token', points
-  if objective == 'geometric':
+    return 'token', points, None
+  if objective in ('geometric', 'power_mean'):
     mode = hp.get('clip_mode', 'token')
-    return mode, [hp.get('epsilon_high', 0.4), -hp.get('epsilon_low', 0.4)]
-  return 'sequence', [np.log(1 + hp.get('epsilon_high', 4e-4)),
-                      np.log(1 - hp.get('epsilon_low', 3e-4))]
+    points = [hp.get('epsilon_high', 0.4), -hp.get('epsilon_low', 0.4)]
+    if mode in ('token', 'none'):
+      return mode, points, None
+    return 'row', points, functools.partial(
+        _row_log_power_mean, p=hp.get('p', 0.0), times_length=mode == 'sequence')
+  return 'row', [np.log(1 + hp.get('epsilon_high', 4e-4)),
+                 np.log(1 - hp.get('epsilon_low', 3e-4))], functools.partial(
+                     _row_log_power_mean, p=0.0)
 
 
-def _make_batch(seed, *, scale=0.4, kinks=('none', ()), margin=5e-5):
+def _make_batch(seed, *, scale=0.4, kinks=('none', (), None), margin=5e-5):
   """Random float32 [B, T] inputs with padding: right-padded random lengths,
   holes, one fully masked row, NaN in every padded position, A of both signs,
   and log-ratios at least `margin` away from the loss's kinks (for finite
@@ -227,15 +281,15 @@ def _make_batch(seed, *, scale=0.4, kinks=('none', ()), margin=5e-5):
   mask[rng.integers(2, B)] = False
   old_logp = rng.normal(-1.5, 0.5, size=(B, T)).astype(np.float32)
   delta = rng.normal(0.0, scale, size=(B, T))
-  level, points = kinks
+  level, points, statistic = kinks
   for _ in range(1000):
     logp = (old_logp + delta).astype(np.float32)
     d = logp.astype(np.float64) - old_logp
     if level == 'token':
       near = np.any([np.abs(d - p) < margin for p in points], axis=0) & mask
-    elif level == 'sequence':
-      mean = np.where(mask, d, 0).sum(-1) / np.maximum(mask.sum(-1), 1)
-      near_rows = np.any([np.abs(mean - p) < margin for p in points], axis=0)
+    elif level == 'row':
+      value = statistic(d, mask)
+      near_rows = np.any([np.abs(value - p) < margin for p in points], axis=0)
       near = near_rows[:, None] & mask
     else:
       break
@@ -332,29 +386,31 @@ def test_aggregate_loss_matches_reference(mode, use_jit):
   per_token[~mask] = np.nan
   fn = _aggregate if use_jit else losses.aggregate_loss
   options = [{}, {'num_sequences': 5.0, 'num_tokens': 40.0}]
-  if mode == 'seq-mean-token-sum-norm':
-    options.append({'max_length': 20})
+  if mode == 'seq-mean-token-sum-norm':  # max_length is required
+    options = [{'max_length': 20}, {'max_length': 7, 'num_sequences': 5.0}]
   for kwargs in options:
     got = fn(jnp.asarray(per_token), jnp.asarray(mask), mode=mode, **kwargs)
     expected = _reference_aggregate(_f64(per_token), mask, mode, **kwargs)
     np.testing.assert_allclose(got, expected, rtol=1e-5, err_msg=str(kwargs))
   # A float mask means the same as a bool one.
   np.testing.assert_allclose(
-      fn(jnp.asarray(per_token), jnp.asarray(mask, jnp.float32), mode=mode),
-      fn(jnp.asarray(per_token), jnp.asarray(mask), mode=mode), rtol=1e-6)
+      fn(jnp.asarray(per_token), jnp.asarray(mask, jnp.float32), mode=mode, **kwargs),
+      fn(jnp.asarray(per_token), jnp.asarray(mask), mode=mode, **kwargs), rtol=1e-6)
 
 
 @pytest.mark.parametrize('mode', MODES)
 def test_aggregate_loss_of_all_masked_batch_is_zero(mode):
   per_token = jnp.full((2, 3), jnp.nan)
   mask = jnp.zeros((2, 3), bool)
+  length = {'max_length': 4} if mode == 'seq-mean-token-sum-norm' else {}
   value, grad = jax.value_and_grad(
-      lambda x: losses.aggregate_loss(x, mask, mode=mode))(per_token)
+      lambda x: losses.aggregate_loss(x, mask, mode=mode, **length))(per_token)
   assert value == 0
   np.testing.assert_array_equal(grad, 0.0)
 
 
-@pytest.mark.parametrize('case', ['grpo', 'gmpo_token', 'gspo'])
+@pytest.mark.parametrize('case', ['grpo', 'gmpo_token', 'gmpo_sequence', 'gspo',
+                                  'pmpo_harmonic'])
 def test_micro_batches_with_global_counts_sum_to_full_batch(case):
   """Gradient accumulation: losses add up, and the gradient of each micro-batch
   is the full-batch gradient of its rows (so parameter gradients add up too)."""
@@ -430,7 +486,8 @@ def test_huge_log_ratios_give_finite_loss_gradient_and_extras(case):
     assert all(np.isfinite(x) for x in extras), mode
 
 
-@pytest.mark.parametrize('case', ['gmpo_token', 'gmpo_sequence', 'gmpo_none'])
+@pytest.mark.parametrize('case', ['gmpo_token', 'gmpo_sequence', 'gmpo_sequence_mean',
+                                  'gmpo_none', 'pmpo_harmonic', 'pmpo_sequence'])
 def test_gmpo_overflow_guard_holds_the_ratio_at_e_to_the_20(case):
   # A < 0 and delta = +1e3 on every token: the unclipped side. Without the guard
   # exp(1e3) = inf and the gradient is NaN; with it the loss is -A e^20.
@@ -446,7 +503,7 @@ def test_gmpo_overflow_guard_holds_the_ratio_at_e_to_the_20(case):
 @pytest.mark.parametrize('objective', sorted(losses.POLICY_LOSSES))
 def test_extras_carry_no_gradient(objective):
   logp, old_logp, advantages, mask, ref_logp = _make_batch(61)
-  fn = losses.POLICY_LOSSES[objective]
+  fn = losses.get_policy_loss(objective, **CASES[OBJECTIVE_CASES[objective]][1])
 
   def extras(lp):
     return fn(lp, jnp.asarray(old_logp), jnp.asarray(advantages),
@@ -463,7 +520,7 @@ def test_extras_carry_no_gradient(objective):
             jnp.asarray(mask))[1].kl == 0
 
 
-@pytest.mark.parametrize('case', ['grpo', 'gmpo_token', 'gspo'])
+@pytest.mark.parametrize('case', ['grpo', 'gmpo_token', 'gspo', 'pmpo_harmonic'])
 def test_all_masked_input_gives_zero_loss_and_finite_extras(case):
   logp, old_logp, advantages, _, ref_logp = _make_batch(62)
   results = _evaluate(case, *map(jnp.asarray, (
@@ -481,7 +538,12 @@ def test_all_masked_input_gives_zero_loss_and_finite_extras(case):
     (losses.token_clip_loss, dict(beta=-0.1), 'beta must be >= 0'),
     (losses.token_clip_loss, dict(loss_agg_mode='sum'), 'token-mean'),
     (losses.geometric_mean_loss, dict(kl_estimator='k4'), 'k1, k2, k3'),
-    (losses.geometric_mean_loss, dict(clip_mode='tokens'), 'token, sequence'),
+    (losses.geometric_mean_loss, dict(clip_mode='tokens'),
+     'token, sequence, sequence_mean, none'),
+    (functools.partial(losses.power_mean_loss, p=float('inf')), {},
+     'p must be a finite'),
+    (functools.partial(losses.power_mean_loss, p=1.0), dict(epsilon_high=-1.0),
+     'epsilon_high >= 0'),
     (losses.geometric_mean_loss, dict(epsilon_low=-0.1), 'epsilon_low >= 0'),
     (losses.token_clip_loss, dict(epsilon_low=1.2), '0 <= epsilon_low <= 1'),
     (losses.gspo_loss, dict(epsilon_high=float('nan')), 'epsilon_high >= 0'),
@@ -489,6 +551,8 @@ def test_all_masked_input_gives_zero_loss_and_finite_extras(case):
     (losses.geometric_mean_loss, dict(max_length=16), 'applies only'),
     (losses.token_clip_loss, dict(loss_agg_mode='seq-mean-token-sum-norm',
                                   max_length=0), 'positive'),
+    (losses.gspo_loss, dict(loss_agg_mode='seq-mean-token-sum-norm'),
+     'needs max_length'),
 ])
 def test_options_that_cannot_apply_are_errors(fn, kwargs, message):
   x = jnp.zeros((2, 3))
@@ -513,4 +577,132 @@ def test_get_policy_loss_binds_hyperparameters_and_rejects_unknown_names():
     losses.get_policy_loss('gspo', clip_mode='token')
   with pytest.raises(ValueError, match='num_tokens'):
     losses.get_policy_loss('token_clip', num_tokens=100)
-  assert set(losses.POLICY_LOSSES) == {'token_clip', 'geometric', 'gspo'}
+  with pytest.raises(ValueError, match="'power_mean' needs hyperparameter.*p"):
+    losses.get_policy_loss('power_mean', clip_mode='sequence')
+  assert set(losses.POLICY_LOSSES) == {'token_clip', 'geometric', 'gspo',
+                                       'power_mean'}
+  assert set(OBJECTIVE_CASES) == set(losses.POLICY_LOSSES)
+
+
+# ------------------------------------------------- the power-mean family
+
+
+@pytest.mark.parametrize('clip_mode', losses.CLIP_MODES)
+def test_power_mean_at_p_0_is_geometric_mean_loss_and_continuous(clip_mode):
+  batch = [jnp.asarray(x) for x in _make_batch(81)]
+  hp = dict(epsilon_low=0.2, epsilon_high=0.3, clip_mode=clip_mode)
+
+  def evaluate(fn, **extra):
+    return jax.value_and_grad(fn, has_aux=True)(*batch[:4], **hp, **extra)
+
+  (want, want_extras), want_grad = evaluate(losses.geometric_mean_loss)
+  (got, got_extras), got_grad = evaluate(losses.power_mean_loss, p=0.0)
+  assert got == want and abs(float(want)) > 1e-3
+  np.testing.assert_array_equal(got_grad, want_grad)
+  assert got_extras == want_extras
+  for p in (-1e-7, 1e-7):  # no jump at p = 0
+    (near, _), near_grad = evaluate(losses.power_mean_loss, p=p)
+    np.testing.assert_allclose(near, want, rtol=1e-5)
+    np.testing.assert_allclose(near_grad, want_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_power_mean_at_p_1_without_clip_is_the_arithmetic_mean_of_ratios():
+  # -A mean_t rho_t per sequence: the unclipped token surrogate, sequence-averaged.
+  batch = [jnp.asarray(x) for x in _make_batch(82)]
+  (got, _), got_grad = jax.value_and_grad(losses.power_mean_loss, has_aux=True)(
+      *batch[:4], p=1.0, clip_mode='none')
+  (want, _), want_grad = jax.value_and_grad(losses.token_clip_loss, has_aux=True)(
+      *batch[:4], epsilon_low=1.0, epsilon_high=np.inf,
+      loss_agg_mode='seq-mean-token-mean')
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize('advantage, delta, sequence, sequence_mean', [
+    # The issue's example: the sum 0.6 is clipped to 0.4 before dividing by 2,
+    # -e^0.2 = -1.2214; the mean 0.3 is inside the range, -e^0.3 = -1.3499.
+    (1.0, [0.3, 0.3], -np.exp(0.2), -np.exp(0.3)),
+    (-1.0, [-0.3, -0.3], np.exp(-0.2), np.exp(-0.3)),  # 0.8187 and 0.7408
+    (1.0, [0.3, -0.3], -1.0, -1.0),  # the product is 1: nothing to clip
+])
+def test_sequence_clip_worked_example(advantage, delta, sequence, sequence_mean):
+  logp = jnp.asarray([delta], jnp.float32)
+  args = (logp, jnp.zeros_like(logp), jnp.asarray([advantage]),
+          jnp.ones(logp.shape, bool))
+  for mode, want in [('sequence', sequence), ('sequence_mean', sequence_mean)]:
+    got, _ = losses.geometric_mean_loss(*args, clip_mode=mode)
+    reference = _reference_loss('geometric', _f64(logp), np.zeros(logp.shape),
+                                np.array([advantage]), np.ones(logp.shape, bool),
+                                dict(clip_mode=mode), loss_agg_mode='seq-mean-token-mean')
+    np.testing.assert_allclose([got, reference], [want, want], rtol=1e-6, err_msg=mode)
+
+
+# ------------------------------------------------- non-finite input, every objective
+
+
+def _garbage(rng, shape):
+  return rng.choice(np.array([np.nan, np.inf, -np.inf, 1e30], np.float32), size=shape)
+
+
+@hypothesis.settings(max_examples=12, deadline=None, derandomize=True)
+@hypothesis.given(objective=st.sampled_from(sorted(losses.POLICY_LOSSES)),
+                  seed=st.integers(0, 2**16))
+def test_masked_garbage_contributes_nothing_for_every_objective(objective, seed):
+  """NaN/inf in masked tokens and in fully masked rows (logp, old_logp and the
+  row's advantage): a finite loss, equal to the loss without those rows."""
+  case = OBJECTIVE_CASES[objective]
+  logp, old_logp, advantages, mask, ref_logp = _case_batch(case, seed=seed)
+  empty = ~mask.any(-1)
+  assert empty.any()
+  rng = np.random.default_rng(seed)
+  dirty = [x.copy() for x in (logp, old_logp, advantages)]
+  for x in dirty[:2]:
+    x[~mask] = _garbage(rng, (~mask).sum())
+  dirty[2][empty] = _garbage(rng, empty.sum())
+  got = _evaluate(case, *map(jnp.asarray, (*dirty, mask, ref_logp)))
+  kept = ~empty
+  without = _evaluate(case, *(jnp.asarray(x[kept]) for x in (
+      logp, old_logp, advantages, mask, ref_logp)))
+  for mode in MODES:
+    (loss, extras), grad = got[mode]
+    (want, want_extras), want_grad = without[mode]
+    assert np.isfinite(loss) and np.all(np.isfinite(grad)), mode
+    np.testing.assert_allclose(loss, want, rtol=1e-6, atol=1e-8, err_msg=mode)
+    np.testing.assert_array_equal(np.asarray(grad)[~mask], 0.0)
+    np.testing.assert_allclose(np.asarray(grad)[kept], want_grad, rtol=1e-5, atol=1e-9)
+    for name, a, b in zip(losses.LossExtras._fields, extras, want_extras):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9, err_msg=f'{mode} {name}')
+
+
+@hypothesis.settings(max_examples=16, deadline=None, derandomize=True)
+@hypothesis.given(objective=st.sampled_from(sorted(losses.POLICY_LOSSES)),
+                  where=st.sampled_from(['logp', 'old_logp', 'advantage']),
+                  bad=st.sampled_from([np.nan, np.inf, -np.inf]),
+                  seed=st.integers(0, 2**16))
+def test_non_finite_valid_input_gives_nan_for_every_objective(objective, where, bad,
+                                                              seed):
+  case = OBJECTIVE_CASES[objective]
+  batch = list(_case_batch(case, seed=seed))
+  mask = batch[3]
+  rng = np.random.default_rng(seed)
+  row = rng.choice(np.flatnonzero(mask.any(-1)))
+  if where == 'advantage':
+    batch[2] = batch[2].copy()
+    batch[2][row] = bad
+  else:
+    index = 0 if where == 'logp' else 1
+    batch[index] = batch[index].copy()
+    batch[index][row, rng.choice(np.flatnonzero(mask[row]))] = bad
+  for mode, ((loss, _), _) in _evaluate(case, *map(jnp.asarray, batch)).items():
+    assert np.isnan(loss), (mode, float(loss))
+
+
+@pytest.mark.parametrize('case, estimator', [
+    ('dapo_dual_clip', 'k1'), ('gmpo_token', 'k2'), ('gspo', 'k3')])
+def test_non_finite_valid_ref_logp_gives_nan(case, estimator):
+  batch = list(_case_batch(case, seed=300))
+  batch[4] = batch[4].copy()
+  batch[4][0, 0] = -np.inf  # a valid token (rows 0 and 1 start valid)
+  for mode, ((loss, extras), _) in _evaluate(
+      case, *map(jnp.asarray, batch), beta=0.1, kl_estimator=estimator).items():
+    assert np.isnan(loss) and np.isnan(extras.kl), mode

@@ -21,6 +21,8 @@ B, G, T = 2, 4, 12  # B * G = 8 sequences: one group of sequences per device pai
 
 ESTIMATORS = sorted(adv.ADVANTAGE_ESTIMATORS)
 OBJECTIVES = sorted(losses.POLICY_LOSSES)
+# Hyperparameters without a default.
+REQUIRED = {"power_mean": {"p": 0.5}}
 
 
 def _rewards(seed, batch=N_DEV, group=G):
@@ -44,7 +46,7 @@ def _rollout_batch(seed, n=N_DEV * 2):
 
 @pytest.mark.parametrize("name", ESTIMATORS)
 def test_advantages_vmap_pmap_and_mesh_equal_single_device(name):
-  fn = adv.get_advantage_fn(name)
+  fn = adv.get_advantage_fn(name, **REQUIRED.get(name, {}))
   rewards, mask = _rewards(seed=len(name))
   expected = np.asarray(jax.jit(fn)(rewards, mask))
 
@@ -73,7 +75,7 @@ def _loss_kwargs(name):
 
 @pytest.mark.parametrize("name", OBJECTIVES)
 def test_loss_and_grad_pmap_with_global_counts_equal_single_device(name):
-  loss_fn = losses.get_policy_loss(name)
+  loss_fn = losses.get_policy_loss(name, **REQUIRED.get(name, {}))
   logp, old, ref, mask, advantages = _rollout_batch(seed=len(name))
 
   def loss(lp, o, r, m, a, **counts):
@@ -97,7 +99,7 @@ def test_loss_and_grad_pmap_with_global_counts_equal_single_device(name):
 
 @pytest.mark.parametrize("name", OBJECTIVES)
 def test_loss_under_mesh_sharding_equals_single_device(name):
-  loss_fn = losses.get_policy_loss(name)
+  loss_fn = losses.get_policy_loss(name, **REQUIRED.get(name, {}))
   logp, old, ref, mask, advantages = _rollout_batch(seed=3 + len(name))
 
   def loss(lp, o, r, m, a):
