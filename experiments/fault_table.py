@@ -1,0 +1,458 @@
+"""Fault table for `gmpo_jax.checkpointing`: damage saved steps, restore, record what happens.
+
+    .venv/bin/python -m experiments.fault_table            # prints the markdown tables (~1 min)
+    .venv/bin/python -m experiments.fault_table --runner   # adds trials through the real runner
+
+Every trial starts from the same three steps (1, 2, 3) of a tiny model with its adamw state,
+saved with `best_metric`, copies them, injects one fault, opens a new `Checkpointer` and calls
+`restore_latest`. Positions:
+
+  latest    the fault is in step 3, the newest: the run must resume from step 2.
+  fallback  step 3 is already bad (its manifest deleted) and the fault is in step 2, the step
+            the run falls back to: it must resume from step 1.
+  only      the directory holds step 3 alone: nothing may be loaded; a clear error.
+
+Outcomes: `recovered` (the expected step's arrays, key and metadata restored exactly, a warning
+names the damaged step, and it was moved to corrupted/), `error` (an exception with a message,
+nothing loaded), `skipped` (an unreadable step left in place, the previous one restored), and
+anything else is printed as a failure: `LOADED DAMAGED STEP`, `WRONG STEP`, `NOT MOVED`.
+
+`--runner` corrupts the step a real run (configs/smoke.py, stopped by SIGTERM after step 3)
+resumes from, resumes it, and compares its metrics with an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import io
+import json
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from gmpo_jax import checkpointing
+
+# -- faults: each takes a file and damages it in place ---------------------------------------
+
+
+def truncate(path: pathlib.Path) -> None:
+  """Keeps the first half of the file (an empty file stays empty: that case is skipped)."""
+  with path.open("r+b") as file:
+    file.truncate(path.stat().st_size // 2)
+
+
+def _offset(size: int, where: str) -> int:
+  return {"start": 0, "middle": size // 2, "end": max(size - 1, 0)}[where]
+
+
+def garbage(where: str, length: int = 16) -> Callable[[pathlib.Path], None]:
+  """Overwrites `length` bytes at `where` with their complement (always a change)."""
+
+  def fault(path: pathlib.Path) -> None:
+    data = bytearray(path.read_bytes())
+    start = min(_offset(len(data), where), max(len(data) - length, 0))
+    for i in range(start, min(start + length, len(data))):
+      data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+  fault.__name__ = f"garbage@{where}"
+  return fault
+
+
+def bit_flip(where: str) -> Callable[[pathlib.Path], None]:
+  """Flips one bit of the byte at `where` (bit = offset mod 8)."""
+
+  def fault(path: pathlib.Path) -> None:
+    data = bytearray(path.read_bytes())
+    offset = _offset(len(data), where)
+    data[offset] ^= 1 << (offset % 8)
+    path.write_bytes(bytes(data))
+
+  fault.__name__ = f"bit_flip@{where}"
+  return fault
+
+
+def delete(path: pathlib.Path) -> None:
+  path.unlink()
+
+
+FAULTS: dict[str, Callable[[pathlib.Path], None]] = {
+    "truncate": truncate,
+    **{f"garbage@{w}": garbage(w) for w in ("start", "middle", "end")},
+    **{f"bit_flip@{w}": bit_flip(w) for w in ("start", "middle", "end")},
+    "delete": delete,
+}
+
+
+def step_files(step_dir: pathlib.Path) -> list[str]:
+  """Every file of a step directory, relative, sorted."""
+  return sorted(str(p.relative_to(step_dir)) for p in step_dir.rglob("*") if p.is_file())
+
+
+def file_type(name: str) -> str:
+  """What a file of an Orbax step (as this repository saves it) holds."""
+  if name == checkpointing.MANIFEST_FILE:
+    return "integrity manifest (gmpo_manifest.json)"
+  if name == "_CHECKPOINT_METADATA":
+    return "Orbax step metadata (_CHECKPOINT_METADATA)"
+  if name == "commit_success.txt":
+    return "step commit marker (commit_success.txt)"
+  if name.endswith("/commit_success.txt"):
+    return "item commit markers (*/commit_success.txt)"
+  if name == "metadata/metadata":
+    return "run metadata JSON (metadata/metadata)"
+  if name == "metrics/metrics":
+    return "metrics JSON (metrics/metrics)"
+  if name.endswith("manifest.ocdbt"):
+    return "OCDBT manifests (state/**/manifest.ocdbt)"
+  if "/d/" in name:
+    return "array data (state/**/d/*)"
+  if name == "state/_METADATA":
+    return "tree metadata (state/_METADATA)"
+  if name == "state/_sharding":
+    return "shardings (state/_sharding)"
+  if name.startswith("state/array_metadatas/"):
+    return "array metadatas (state/array_metadatas/*)"
+  return f"other ({name})"
+
+
+# -- the saved steps --------------------------------------------------------------------------
+
+TX = optax.adamw(1e-2)
+
+
+def make_state(step: int, *, features: int = 4) -> checkpointing.CheckpointState:
+  """A Linear(3, features) after one adamw update, distinct per step."""
+  _, params = nnx.split(nnx.Linear(3, features, rngs=nnx.Rngs(step)))
+  opt_state = TX.init(params)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5 + step), params)
+  _, opt_state = TX.update(grads, opt_state, params)
+  return checkpointing.CheckpointState(
+      step=step, model=params, opt_state=opt_state, key=jax.random.fold_in(jax.random.key(7), step),
+      metadata={"data_position": 10 * step, "skipped_updates": 0})
+
+
+def abstract_target(*, features: int = 4) -> checkpointing.CheckpointState:
+  _, params = nnx.split(nnx.eval_shape(lambda: nnx.Linear(3, features, rngs=nnx.Rngs(0))))
+  return checkpointing.CheckpointState(
+      step=0, model=params, opt_state=jax.eval_shape(TX.init, params),
+      key=jax.eval_shape(lambda: jax.random.key(0)), metadata={})
+
+
+def save_steps(directory: pathlib.Path, steps=(1, 2, 3), *, features: int = 4) -> None:
+  with checkpointing.Checkpointer(directory, best_metric="acc") as ckpt:
+    for step in steps:
+      ckpt.save(make_state(step, features=features), metrics={"acc": float(step)})
+
+
+def host_values(state: checkpointing.CheckpointState) -> list[np.ndarray]:
+  return [np.asarray(x) for x in jax.tree.leaves((state.model, state.opt_state))] + [
+      np.asarray(jax.random.key_data(state.key))]
+
+
+def same_state(restored: checkpointing.CheckpointState, step: int) -> bool:
+  expected = make_state(step)
+  return (restored.step == step and dict(restored.metadata) == dict(expected.metadata)
+          and all(np.array_equal(a, b) for a, b in zip(host_values(restored), host_values(expected))))
+
+
+# -- trials ---------------------------------------------------------------------------------
+
+
+class _Warnings(logging.Handler):
+
+  def __init__(self):
+    super().__init__(logging.WARNING)
+    self.messages: list[str] = []
+
+  def emit(self, record: logging.LogRecord) -> None:
+    self.messages.append(record.getMessage())
+
+
+def restore_outcome(directory: pathlib.Path, *, expected_step: int | None, damaged: list[int],
+                    target: checkpointing.CheckpointState | None = None) -> str:
+  """Restores `directory` and names the outcome (see the module docstring)."""
+  handler = _Warnings()
+  logger = logging.getLogger("gmpo_jax.checkpointing")
+  logger.addHandler(handler)
+  stderr = io.StringIO()
+  try:
+    with contextlib.redirect_stderr(stderr):
+      try:
+        with checkpointing.Checkpointer(directory, best_metric="acc") as ckpt:
+          restored = ckpt.restore_latest(target or abstract_target())
+      except Exception as error:  # noqa: BLE001 - an error is an outcome
+        if expected_step is not None:
+          return f"UNEXPECTED ERROR {type(error).__name__}: {error}"
+        return "error" if str(error) else "ERROR WITHOUT MESSAGE"
+  finally:
+    logger.removeHandler(handler)
+  if "Event loop is closed" in stderr.getvalue():
+    return "EVENT LOOP TRACEBACK"
+  if restored is None or expected_step is None:
+    return f"LOADED {'NOTHING' if restored is None else 'STEP %d' % restored.step} (expected an error)"
+  if restored.step != expected_step:
+    return f"WRONG STEP {restored.step}"
+  if not same_state(restored, expected_step):
+    return "LOADED DAMAGED STEP"
+  moved = {p.name.split(".")[0] for p in (directory / checkpointing.CORRUPTED_DIR).glob("*")}
+  if not all(any(f"step {s}" in m for m in handler.messages) for s in damaged):
+    return "NO WARNING"
+  if moved != {str(s) for s in damaged}:
+    return f"NOT MOVED (corrupted/ holds {sorted(moved)})"
+  return "recovered"
+
+
+POSITIONS = {
+    # position: (steps saved, step damaged, steps damaged in all, expected step)
+    "latest": ((1, 2, 3), 3, [3], 2),
+    "fallback": ((1, 2, 3), 2, [2, 3], 1),
+    "only": ((3,), 3, [3], None),
+}
+
+
+def corruption_trials(pristine: dict[tuple[int, ...], pathlib.Path], scratch: pathlib.Path):
+  """Yields (file type, fault, position, file, outcome) for every file x fault x position."""
+  files = step_files(pristine[(1, 2, 3)] / "3")
+  for position, (steps, step, damaged, expected) in POSITIONS.items():
+    for name in files:
+      for fault_name, fault in FAULTS.items():
+        directory = scratch / f"{position}-{fault_name}-{name.replace('/', '_')}"
+        shutil.copytree(pristine[steps], directory)
+        path = directory / str(step) / name
+        if not path.exists() or (path.stat().st_size == 0 and fault_name != "delete"):
+          shutil.rmtree(directory)
+          continue
+        fault(path)
+        if position == "fallback":
+          (directory / "3" / checkpointing.MANIFEST_FILE).unlink()
+        outcome = restore_outcome(directory, expected_step=expected, damaged=damaged)
+        yield file_type(name), fault_name, position, name, outcome
+        shutil.rmtree(directory)
+
+
+def special_trials(pristine: dict[tuple[int, ...], pathlib.Path], scratch: pathlib.Path):
+  """Faults that are not byte damage of one file: yields (fault, position, outcome)."""
+  base = pristine[(1, 2, 3)]
+
+  def trial(name, position, damage, *, expected=2, damaged=(3,), target=None, source=base):
+    directory = scratch / name.replace(" ", "_").replace("/", "_")
+    shutil.copytree(source, directory)
+    damage(directory)
+    outcome = restore_outcome(directory, expected_step=expected, damaged=list(damaged), target=target)
+    shutil.rmtree(directory, ignore_errors=True)
+    return name, position, outcome
+
+  def edit_json(relative, edit):
+    def damage(directory):
+      path = directory / "3" / relative
+      path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    return damage
+
+  yield trial("metadata: valid JSON, data_position 0", "latest",
+              edit_json("metadata/metadata", lambda m: {**m, "data_position": 0}))
+  yield trial("metrics: valid JSON, acc 1e9", "latest", edit_json("metrics/metrics", lambda m: {"acc": 1e9}))
+  yield trial("manifest: valid JSON, one hash changed", "latest", edit_json(
+      checkpointing.MANIFEST_FILE,
+      lambda m: {**m, "files": {**m["files"], "metadata/metadata": {
+          **m["files"]["metadata/metadata"], "sha256": "0" * 64}}}))
+  yield trial("manifest: valid JSON, a shape changed", "latest", edit_json(
+      checkpointing.MANIFEST_FILE,
+      lambda m: {**m, "tree": {**m["tree"], "['model']['kernel'].value": {"shape": [9, 9], "dtype": "float32"}}}))
+
+  def extra_truncated(directory):
+    data = sorted((directory / "3" / "state").rglob("d/*"))[0]
+    (data.parent / "0123456789abcdef").write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+  yield trial("extra truncated data file", "latest", extra_truncated)
+  yield trial("half-written step 4 committed without manifest", "latest",
+              lambda d: (shutil.copytree(d / "3", d / "4"), (d / "4" / checkpointing.MANIFEST_FILE).unlink()),
+              expected=3, damaged=(4,))
+  yield trial("Orbax tmp directory of step 4 left by a kill", "latest",
+              lambda d: shutil.copytree(d / "3", d / "4.orbax-checkpoint-tmp"), expected=3, damaged=())
+
+  other_latest = scratch / "other_latest_src"
+  save_steps(other_latest, (1, 2))
+  save_steps(other_latest, (3,), features=5)
+  yield trial("another model (Linear 3x5) in step 3", "latest", lambda d: None, source=other_latest)
+  yield trial("another model in every step", "only", lambda d: None, expected=None,
+              target=abstract_target(features=5))
+
+
+def unreadable_trials(pristine: dict[tuple[int, ...], pathlib.Path], scratch: pathlib.Path):
+  """A step (or one file) with mode 000, restored by a user who is not its owner.
+
+  As root (chmod has no effect on root), the restore runs as `nobody` through setpriv.
+  """
+  cases = {"step directory mode 000": "3", "one data file mode 000": None}
+  for name, relative in cases.items():
+    directory = pathlib.Path(tempfile.mkdtemp(prefix="unreadable-", dir="/tmp"))
+    shutil.copytree(pristine[(1, 2, 3)], directory / "ckpt")
+    target = directory / "ckpt" / "3"
+    if relative is None:
+      target = sorted((target / "state").rglob("d/*"))[0]
+    as_other_user = os.geteuid() == 0
+    if as_other_user:
+      if shutil.which("setpriv") is None:
+        yield name, "latest", "not run (root without setpriv)"
+        continue
+      subprocess.run(["chown", "-R", "65534:65534", str(directory)], check=True)
+    os.chmod(target, 0)
+    script = (
+        "import sys, pathlib, logging\n"
+        "from experiments import fault_table as f\n"
+        "warnings = f._Warnings()\n"
+        "logging.getLogger('gmpo_jax.checkpointing').addHandler(warnings)\n"
+        "outcome = f.restore_outcome(pathlib.Path(sys.argv[1]), expected_step=2, damaged=[])\n"
+        "print('WARNINGS', sum('is not readable by this process' in m for m in warnings.messages))\n"
+        "print('OUTCOME', outcome)\n")
+    command = [sys.executable, "-c", script, str(directory / "ckpt")]
+    if as_other_user:
+      command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] + command
+    result = subprocess.run(command, capture_output=True, text=True, cwd=os.getcwd(),
+                            env=dict(os.environ, HOME=str(directory), JAX_PLATFORMS="cpu"))
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines()
+                 if line.startswith(("OUTCOME ", "WARNINGS ")))
+    outcome = lines.get("OUTCOME", f"CRASHED: {result.stderr[-500:]}")
+    warned = int(lines.get("WARNINGS", -1))
+    still_there = target.exists()
+    if outcome == "recovered" and warned == 1 and still_there:
+      outcome = "skipped (one warning naming the path, left in place), step 2 restored"
+    elif outcome == "recovered":
+      outcome = f"recovered but {warned} warnings"
+    os.chmod(target, 0o755)
+    shutil.rmtree(directory, ignore_errors=True)
+    yield name, "latest", outcome
+
+
+# -- through the real runner -----------------------------------------------------------------
+
+
+def runner_trials(scratch: pathlib.Path):
+  """Corrupts the step a stopped smoke run resumes from; the resumed run must match."""
+  import signal
+
+  from configs import smoke
+  from gmpo_jax import metrics as metrics_lib
+  from gmpo_jax import train
+
+  def records(workdir):
+    return [{k: v for k, v in r.items() if k not in train.TIMING_METRICS}
+            for r in metrics_lib.read_metrics(workdir)]
+
+  reference_dir = scratch / "runner_reference"
+  train.train_and_evaluate(smoke.get_config(), reference_dir)
+  reference = records(reference_dir)
+
+  stopped = scratch / "runner_stopped"
+  write = metrics_lib.MetricsWriter.write
+
+  def write_then_preempt(self, step, record):
+    write(self, step, record)
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  metrics_lib.MetricsWriter.write = write_then_preempt
+  try:
+    train.train_and_evaluate(smoke.get_config(), stopped)
+  finally:
+    metrics_lib.MetricsWriter.write = write
+  data_file = sorted((stopped / "checkpoints" / "3" / "state").rglob("d/*"))[0].relative_to(
+      stopped / "checkpoints" / "3")
+  for fault_name in ("truncate", "garbage@middle", "bit_flip@middle", "delete"):
+    for relative in (str(data_file), "metadata/metadata"):
+      workdir = scratch / f"runner-{fault_name}-{relative.replace('/', '_')}"
+      shutil.copytree(stopped, workdir)
+      FAULTS[fault_name](workdir / "checkpoints" / "3" / relative)
+      # The metrics already written for step 3 are rewritten by the resumed run from step 2.
+      try:
+        train.train_and_evaluate(smoke.get_config(), workdir)
+        got = records(workdir)
+        by_step = {r["step"]: r for r in got}
+        same = sorted(by_step) == [r["step"] for r in reference] and all(
+            by_step[r["step"]].keys() == r.keys() and all(
+                np.allclose(by_step[r["step"]][k], r[k], rtol=1e-6) for k in r) for r in reference)
+        moved = [p.name.split(".")[0] for p in (workdir / "checkpoints" / "corrupted").glob("*")]
+        outcome = ("recovered: resumed from step 2, metrics equal the uninterrupted run"
+                   if same and moved == ["3"] else f"DIFFERENT (moved {moved})")
+      except Exception as error:  # noqa: BLE001
+        outcome = f"ERROR {type(error).__name__}: {error}"
+      yield file_type(relative), fault_name, outcome
+      shutil.rmtree(workdir)
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--runner", action="store_true", help="add trials through the real runner")
+  args = parser.parse_args(argv)
+  logging.disable(logging.NOTSET)
+  scratch = pathlib.Path(tempfile.mkdtemp(prefix="fault_table-"))
+  failures = 0
+  try:
+    pristine = {}
+    for steps in ((1, 2, 3), (3,)):
+      pristine[steps] = scratch / ("pristine_" + "_".join(map(str, steps)))
+      save_steps(pristine[steps], steps)
+
+    table = collections.defaultdict(collections.Counter)
+    examples = {}
+    for kind, fault, position, name, outcome in corruption_trials(pristine, scratch):
+      table[(kind, fault)][(position, outcome)] += 1
+      if outcome not in ("recovered", "error"):
+        failures += 1
+        examples.setdefault((kind, fault, position), (name, outcome))
+    print("## Byte damage: every file of a step x every fault x position\n")
+    print("| file type | fault | trials | latest | fallback | only |")
+    print("|---|---|---|---|---|---|")
+    for (kind, fault), counts in sorted(table.items()):
+      total = sum(counts.values())
+      cells = []
+      for position in POSITIONS:
+        outcomes = {o: n for (p, o), n in counts.items() if p == position}
+        cells.append(", ".join(f"{o} {n}" for o, n in sorted(outcomes.items())) or "-")
+      print(f"| {kind} | {fault} | {total} | " + " | ".join(cells) + " |")
+    total_trials = sum(sum(c.values()) for c in table.values())
+    print(f"\n{total_trials} trials, {failures} not recovered and not a clear error.")
+    for (kind, fault, position), (name, outcome) in examples.items():
+      print(f"- {position} {fault} {name}: {outcome}")
+
+    print("\n## Other faults\n")
+    print("| fault | position | outcome |")
+    print("|---|---|---|")
+    for name, position, outcome in list(special_trials(pristine, scratch)) + list(
+        unreadable_trials(pristine, scratch)):
+      if not (outcome in ("recovered", "error") or outcome.startswith("skipped")):
+        failures += 1
+      print(f"| {name} | {position} | {outcome} |")
+
+    if args.runner:
+      print("\n## Through the runner (configs/smoke.py stopped after step 3, step 3 damaged)\n")
+      print("| file type | fault | outcome |")
+      print("|---|---|---|")
+      for kind, fault, outcome in runner_trials(scratch):
+        if not outcome.startswith("recovered"):
+          failures += 1
+        print(f"| {kind} | {fault} | {outcome} |")
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
+  print(f"\nfailures: {failures}")
+  return 1 if failures else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
