@@ -820,6 +820,7 @@ class Checkpointer:
       mesh: jax.sharding.Mesh | None = None,
       config: Mapping[str, Any] | None = None,
       allow_config_changes: bool = False,
+      resumable: Sequence[str] = RESUMABLE_FIELDS,
   ) -> CheckpointState | None:
     """Restores the newest valid step into `target` (see `restore` for `target` and `mesh`).
 
@@ -835,6 +836,7 @@ class Checkpointer:
         on every field outside `RESUMABLE_FIELDS`. None: no check.
       allow_config_changes: resume despite differing fields (warned, see
         `check_config`); the caller should record `config_changes(...)`.
+      resumable: the fields that may differ (`fnmatch` patterns over dotted names).
 
     Returns:
       None if the directory holds no checkpoint, else the restored state of the
@@ -887,7 +889,8 @@ class Checkpointer:
         continue
       if config is not None:
         check_config(self._restore_metadata(step).get(CONFIG_METADATA_KEY), config,
-                     allow_changes=allow_config_changes, where=f"Checkpoint step {step} in {self._directory}")
+                     allow_changes=allow_config_changes, resumable=resumable,
+                     where=f"Checkpoint step {step} in {self._directory}")
       mismatch = _tree_mismatch(manifest["tree"], abstract)
       if mismatch:
         logger.warning("Checkpoint step %d in %s does not match the restore target: %s; trying an "

@@ -718,6 +718,8 @@ class TestConfig:
       _assert_restored_equals(checkpointer.restore_latest(target, config=self.CONFIG), expected)
       _assert_restored_equals(
           checkpointer.restore_latest(target, config=self._with(num_steps=20)), expected)
+      with pytest.raises(ConfigMismatchError, match="num_steps: 10 -> 20"):
+        checkpointer.restore_latest(target, config=self._with(num_steps=20), resumable=())
       other = self._with(seed=1, optim__learning_rate=3e-4)
       with pytest.raises(ConfigMismatchError, match=r"optim\.learning_rate: 0\.0001 -> 0\.0003; "
                                                      r"seed: 0 -> 1") as error:
