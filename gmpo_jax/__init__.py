@@ -2,8 +2,9 @@
 
 Two methods share the name GMPO, and both live here, orthogonally:
 the log-reward geometric-mean *baseline* (`gmpo_advantages`) and the geometric-mean policy
-*objective* of Zhao et al. 2025 (`geometric_mean_loss`). Any advantage estimator combines with
-any objective. This module only re-exports the public API.
+*objective* of Zhao et al. 2025 (`geometric_mean_loss`). Each is the p = 0 member of a power-mean
+family (`power_mean_advantages`, `power_mean_loss`). Any advantage estimator combines with any
+objective. This module only re-exports the public API.
 """
 
 from gmpo_jax.advantages import ADVANTAGE_ESTIMATORS
@@ -12,6 +13,9 @@ from gmpo_jax.advantages import dr_grpo_advantages
 from gmpo_jax.advantages import get_advantage_fn
 from gmpo_jax.advantages import gmpo_advantages
 from gmpo_jax.advantages import grpo_advantages
+from gmpo_jax.advantages import maxrl_advantages
+from gmpo_jax.advantages import power_mean_advantages
+from gmpo_jax.advantages import reward_domain
 from gmpo_jax.advantages import rloo_advantages
 from gmpo_jax.advantages import validate_rewards
 from gmpo_jax.config import AlgorithmConfig
@@ -19,13 +23,17 @@ from gmpo_jax.kl import KL_ESTIMATORS
 from gmpo_jax.kl import entropy_from_logits
 from gmpo_jax.kl import kl_penalty
 from gmpo_jax.losses import AGGREGATION_MODES
+from gmpo_jax.losses import CLIP_MODES
 from gmpo_jax.losses import POLICY_LOSSES
 from gmpo_jax.losses import LossExtras
 from gmpo_jax.losses import aggregate_loss
 from gmpo_jax.losses import geometric_mean_loss
 from gmpo_jax.losses import get_policy_loss
 from gmpo_jax.losses import gspo_loss
+from gmpo_jax.losses import power_mean_loss
 from gmpo_jax.losses import token_clip_loss
+from gmpo_jax.reward_shape import recommend_advantage
+from gmpo_jax.reward_shape import reward_diagnostics
 
 __version__ = "0.1.0"
 
@@ -33,6 +41,7 @@ __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "AGGREGATION_MODES",
     "AlgorithmConfig",
+    "CLIP_MODES",
     "KL_ESTIMATORS",
     "LossExtras",
     "POLICY_LOSSES",
@@ -47,6 +56,12 @@ __all__ = [
     "grpo_advantages",
     "gspo_loss",
     "kl_penalty",
+    "maxrl_advantages",
+    "power_mean_advantages",
+    "power_mean_loss",
+    "recommend_advantage",
+    "reward_diagnostics",
+    "reward_domain",
     "rloo_advantages",
     "token_clip_loss",
     "validate_rewards",
