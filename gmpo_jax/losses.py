@@ -468,14 +468,8 @@ def geometric_mean_loss(
     old_logp: [B, T] float, log pi_old (the rollout policy's).
     advantages: [B] float, one advantage per sequence.
     mask: [B, T] bool or float (nonzero = valid token).
-    epsilon_low: lower clip of the log-ratio, >= 0.
-    epsilon_high: upper clip of the log-ratio, >= 0.
-    clip_mode: one of CLIP_MODES: 'token', 'sequence', 'sequence_mean', 'none'.
-    loss_agg_mode: one of AGGREGATION_MODES (applied to the broadcast l_i).
-    ref_logp: [B, T] float, log pi_ref; with it, `LossExtras.kl` is reported.
-    beta: KL coefficient (Python float >= 0); > 0 needs ref_logp.
-    kl_estimator: 'k1', 'k2' or 'k3' (see `kl.kl_penalty`).
-    max_length, num_sequences, num_tokens: see `aggregate_loss`.
+    epsilon_low, epsilon_high, clip_mode, loss_agg_mode, ref_logp, beta,
+      kl_estimator, max_length, num_sequences, num_tokens: as `power_mean_loss`.
 
   Returns:
     (loss, extras): float32 scalar and LossExtras, as `power_mean_loss`.
