@@ -38,12 +38,10 @@ import numpy as np
 from flax import nnx
 from flax import struct
 
+from gmpo_jax import attention as attention_lib
 from gmpo_jax.sharding import constrain_to_batch_axes
 
 _SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
-# Masked attention scores: a finite floor instead of -inf, so a query with no valid key
-# (a left-padding position) gets a finite, uniform softmax rather than NaN.
-_MASK_VALUE = float(np.finfo(np.float32).min)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +154,13 @@ class TransformerConfig:
     max_position_embeddings: the longest context the model was trained for (informational).
     remat: rematerialize each block in the backward pass (saves activation memory).
     rope_scaling: optional RoPE frequency rescaling (llama-3.2-1b uses 'llama3').
+    attention_impl: attention kernel, one of `gmpo_jax.attention.IMPLEMENTATIONS`: 'auto'
+      (per backend, dtype and length: `gmpo_jax.attention.resolve_impl`), 'xla' (dense
+      [B, H, T, S] scores, the reference), 'blockwise' (flash-style pure JAX, no T×S array
+      in value or gradient), 'cudnn' (GPU, float16/bfloat16) or 'splash' (TPU). A single
+      decode step always uses the dense kernel; the vendor kernels do not extend a cache.
+    attention_block_size: query/key block length of 'blockwise' and 'splash'; None = per
+      backend (`gmpo_jax.attention.default_block_size`: 128 on CPU, 512 elsewhere).
   """
 
   vocab_size: int
@@ -175,10 +180,14 @@ class TransformerConfig:
   max_position_embeddings: int = 2048
   remat: bool = False
   rope_scaling: RopeScaling | None = None
+  attention_impl: str = "auto"
+  attention_block_size: int | None = None
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                 "num_kv_heads", "head_dim", "max_position_embeddings"):
+                 "num_kv_heads", "head_dim", "max_position_embeddings", "attention_block_size"):
+      if name == "attention_block_size" and self.attention_block_size is None:
+        continue
       value = getattr(self, name)
       if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"TransformerConfig.{name} must be a positive int, got {value!r}.")
@@ -194,6 +203,9 @@ class TransformerConfig:
       raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}.")
     if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
       raise ValueError(f"rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}.")
+    if self.attention_impl not in attention_lib.IMPLEMENTATIONS:
+      raise ValueError(f"attention_impl={self.attention_impl!r} is not one of "
+                       f"{attention_lib.IMPLEMENTATIONS}.")
     object.__setattr__(self, "param_dtype", _canonical_dtype("param_dtype", self.param_dtype))
     object.__setattr__(self, "dtype", _canonical_dtype("dtype", self.dtype))
 
@@ -424,43 +436,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def grouped_query_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
-    precision: jax.lax.Precision = jax.lax.Precision.DEFAULT,
-) -> jax.Array:
-  """softmax(q kᵀ / sqrt(head_dim) masked) v, each query head reading key head h // (H/K).
-
-  Scaled dot-product attention ("Attention Is All You Need", arXiv 1706.03762) with
-  grouped-query heads (Ainslie et al. 2023, arXiv 2305.13245). Scores and softmax in
-  float32; the probabilities are cast to v's dtype for the value product.
-
-  Args:
-    q: [B, T, H, head_dim] queries.
-    k: [B, S, K, head_dim] keys, H % K == 0.
-    v: [B, S, K, head_dim] values.
-    mask: [B, T, S] bool, True where query t may attend to key s.
-    precision: matmul precision of both products.
-
-  Returns:
-    [B, T, H, head_dim] in q's dtype. A query row with no True in its mask attends
-    uniformly to all S keys (finite, meaningless): only padding positions have such rows.
-  """
-  chex.assert_rank([q, k, v, mask], [4, 4, 4, 3])
-  chex.assert_equal_shape([k, v])
-  batch, length, num_heads, head_dim = q.shape
-  num_kv_heads = k.shape[2]
-  if num_heads % num_kv_heads:
-    raise ValueError(f"{num_heads} query heads is not a multiple of {num_kv_heads} kv heads.")
-  chex.assert_shape(mask, (batch, length, k.shape[1]))
-  q = q.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, precision=precision,
-                      preferred_element_type=jnp.float32)
-  scores = scores * (head_dim**-0.5)
-  scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, precision=precision,
-                   preferred_element_type=jnp.float32)
-  return out.reshape(batch, length, num_heads, head_dim).astype(q.dtype)
+# The dense reference kernel, under its historical name.
+grouped_query_attention = attention_lib.dense_attention
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str) -> nnx.Param:
@@ -646,16 +623,24 @@ class Transformer(nnx.Module):
     x = constrain_to_batch_axes(x)
     inv_freq = jnp.asarray(rope_inverse_frequencies(config))
     if cache is None:
-      causal = jnp.tril(jnp.ones((length, length), bool))
-      mask = causal[None] & key_mask[:, None, :]
+      attended_mask, offset = key_mask, 0
       layers_k = layers_v = index = None
     else:
-      index = cache.index
+      index = offset = cache.index
       new_key_mask = jax.lax.dynamic_update_slice(cache.key_mask, key_mask, (0, index))
-      slots = jnp.arange(cache.capacity)
-      query_slots = index + jnp.arange(length)
-      mask = (slots[None, :] <= query_slots[:, None])[None] & new_key_mask[:, None, :]
+      attended_mask = new_key_mask
       layers_k, layers_v = cache.k, cache.v
+    backend = jax.default_backend()
+    impl = attention_lib.resolve_impl(config.attention_impl, backend=backend, dtype=config.dtype,
+                                      num_queries=length, cached=cache is not None)
+    # The dense kernel's [B, T, S] mask is built once and shared by the layers.
+    dense_mask = (attention_lib.causal_padding_mask(attended_mask, length, offset)
+                  if impl == "xla" else None)
+    attend = functools.partial(
+        attention_lib.causal_attention, key_mask=attended_mask, impl=impl, query_offset=offset,
+        block_size=config.attention_block_size or attention_lib.default_block_size(backend),
+        precision=config.matmul_precision,
+        dense_mask=dense_mask)
 
     graphdef, block_state = nnx.split(self.blocks)
 
@@ -670,7 +655,7 @@ class Transformer(nnx.Module):
         all_k = jax.lax.dynamic_update_slice(all_k, k.astype(all_k.dtype)[None], start)
         all_v = jax.lax.dynamic_update_slice(all_v, v.astype(all_v.dtype)[None], start)
         k, v = all_k[layer_index].astype(q.dtype), all_v[layer_index].astype(q.dtype)
-      attended = grouped_query_attention(q, k, v, mask, precision=config.matmul_precision)
+      attended = attend(q, k, v)
       h = h + block.attn.output(attended)
       h = h + block.mlp(block.mlp_norm(h))
       return (h, all_k, all_v), None
