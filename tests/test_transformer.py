@@ -151,7 +151,10 @@ def _params(model):
 
 class TestForwardAgainstReference:
 
-  @pytest.mark.parametrize("config", [FULL, TINY], ids=["bias_qknorm_untied", "tiny"])
+  @pytest.mark.parametrize("config", [
+      FULL, TINY, dataclasses.replace(FULL, attention_impl="xla"),
+      dataclasses.replace(FULL, attention_impl="blockwise", attention_block_size=4),
+  ], ids=["bias_qknorm_untied", "tiny", "dense", "blockwise_3_blocks"])
   def test_matches_float64_reference_with_left_padding(self, config):
     model = _make(config)
     with np.errstate(invalid="ignore"):  # padding rows of the reference are all-masked
@@ -207,14 +210,17 @@ class TestKVCache:
     assert cache.index.dtype == jnp.int32 and int(cache.index) == 0
     assert tfm.init_cache(FULL, 1, 4, jnp.bfloat16).k.dtype == jnp.bfloat16
 
-  def test_prefill_then_decode_equals_full_forward(self):
-    model = _make(FULL)
+  @pytest.mark.parametrize("config", [
+      FULL, dataclasses.replace(FULL, attention_impl="blockwise", attention_block_size=4),
+  ], ids=["auto", "blockwise_prefill_at_cache_offsets"])
+  def test_prefill_then_decode_equals_full_forward(self, config):
+    model = _make(config)
     tokens, positions, mask = _batch(FULL, np.random.default_rng(3), [0, 2, 5])
     # One row has a padding token in the middle of the decode (a finished sequence).
     mask[0, 9] = False
     positions = (np.cumsum(mask, 1) - 1).astype(np.int32)
     ref_hidden, ref_logits = _forward(model, *map(jnp.asarray, (tokens, positions, mask)))
-    cache = tfm.init_cache(FULL, 3, 16)  # spare slots stay invalid
+    cache = tfm.init_cache(config, 3, 16)  # spare slots stay invalid
     pieces, logits_pieces = [], []
     for start, stop in [(0, 6), (6, 8)] + [(t, t + 1) for t in range(8, 12)]:
       sl = slice(start, stop)
@@ -262,6 +268,29 @@ class TestTrainingPath:
                                  atol=2e-6 * float(np.abs(np.asarray(a)).max()))
     # Every parameter receives gradient (nothing is accidentally disconnected).
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads[0]))
+
+  def test_blockwise_attention_gives_the_dense_gradient(self):
+    """Logits (to 1e-5) and every parameter's gradient through blockwise attention (3 blocks
+    of 4, left padding) equal those through the dense reference kernel."""
+    batch = tuple(map(jnp.asarray, _batch(FULL, np.random.default_rng(7), [0, 3, 7])))
+    weights = jnp.asarray(np.random.default_rng(8).standard_normal((3, 12, FULL.vocab_size)))
+
+    def loss(model, tokens, positions, mask):
+      hidden, _ = model(tokens, positions, key_mask=mask)
+      return jnp.sum(model.logits(hidden) * weights * mask[..., None])
+
+    params = nnx.state(_make(FULL), nnx.Param)
+    grads, logits = [], []
+    for impl in ("xla", "blockwise"):
+      model = _make(dataclasses.replace(FULL, attention_impl=impl, attention_block_size=4))
+      nnx.update(model, params)
+      grads.append(nnx.jit(nnx.grad(loss))(model, *batch))
+      logits.append(np.asarray(_forward(model, *batch)[1]))
+    mask = np.asarray(batch[2])
+    np.testing.assert_allclose(logits[1][mask], logits[0][mask], atol=1e-5, rtol=0)
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5,
+                                 atol=1e-5 * float(np.abs(np.asarray(a)).max()))
 
   def test_bfloat16_compute_is_close_and_logits_are_float32(self):
     model32 = _make(FULL)
@@ -349,6 +378,10 @@ class TestConfig:
       dataclasses.replace(TINY, num_layers=0)
     with pytest.raises(ValueError, match="Unsupported RoPE"):
       tfm.RopeScaling("yarn", factor=2.0)
+    with pytest.raises(ValueError, match="attention_impl"):
+      dataclasses.replace(TINY, attention_impl="flash")
+    with pytest.raises(ValueError, match="attention_block_size"):
+      dataclasses.replace(TINY, attention_block_size=0)
 
   def test_config_is_hashable_and_dtypes_canonical(self):
     config = dataclasses.replace(TINY, dtype=jnp.bfloat16, param_dtype="bfloat16")
