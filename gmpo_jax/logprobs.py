@@ -23,6 +23,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from gmpo_jax.models.transformer import matmul_precision
+
 DEFAULT_CHUNK_SIZE = 256
 
 
@@ -37,16 +39,20 @@ class TokenLogprobs(NamedTuple):
   entropy: jax.Array
 
 
-def project_logits(hidden: jax.Array, unembed: jax.Array, *, temperature: float = 1.0) -> jax.Array:
+def project_logits(hidden: jax.Array, unembed: jax.Array, *, temperature: float = 1.0,
+                   precision: jax.lax.Precision | None = None) -> jax.Array:
   """Vocabulary logits in float32: z = (h · W) / τ.
 
   The matrix product runs in the dtype of `hidden` (the model's compute dtype; `unembed` is
-  cast to it, as Flax does with parameters) and accumulates in float32.
+  cast to it, as Flax does with parameters) at the model's matmul precision for that dtype
+  (`gmpo_jax.models.transformer.matmul_precision`: HIGHEST for float32), and accumulates in
+  float32.
 
   Args:
     hidden: [..., D] final hidden states (any float dtype).
     unembed: [D, V] output projection (`Transformer.unembed_matrix()`).
     temperature: τ > 0, a Python float.
+    precision: override of the matmul precision; None = the model's rule for hidden.dtype.
 
   Returns:
     [..., V] float32 logits.
@@ -54,8 +60,10 @@ def project_logits(hidden: jax.Array, unembed: jax.Array, *, temperature: float 
   chex.assert_rank(unembed, 2)
   chex.assert_axis_dimension(hidden, -1, unembed.shape[0])
   _check_temperature(temperature)
-  logits = jnp.einsum(
-      '...d,dv->...v', hidden, unembed.astype(hidden.dtype), preferred_element_type=jnp.float32)
+  if precision is None:
+    precision = matmul_precision(hidden.dtype)
+  logits = jnp.einsum('...d,dv->...v', hidden, unembed.astype(hidden.dtype), precision=precision,
+                      preferred_element_type=jnp.float32)
   return logits if temperature == 1.0 else logits * (1.0 / temperature)
 
 
@@ -175,6 +183,7 @@ def _chunked_logprobs_bwd(with_entropy, temperature, chunk_size, residuals, cota
   num_blocks = max(hidden.shape[1] // chunk_size, 1)
   block = -(-vocab // num_blocks)
   unembed_c = unembed.astype(compute_dtype)
+  precision = matmul_precision(compute_dtype)
 
   def body(carry, i):
     grad_hidden, grad_unembed = carry
@@ -194,9 +203,10 @@ def _chunked_logprobs_bwd(with_entropy, temperature, chunk_size, residuals, cota
           log_probs + entropy[..., None])
     # z = (h · W) / τ: the 1/τ factor goes once onto the shared cotangent.
     grad_logits = jnp.where(fresh, grad_logits * (1.0 / temperature), 0.0).astype(compute_dtype)
-    grad_hidden = grad_hidden + jnp.einsum('btv,dv->btd', grad_logits, w,
+    # The projection's gradient at the projection's precision (see `project_logits`).
+    grad_hidden = grad_hidden + jnp.einsum('btv,dv->btd', grad_logits, w, precision=precision,
                                            preferred_element_type=jnp.float32)
-    grad_w = jnp.einsum('btd,btv->dv', hidden, grad_logits,
+    grad_w = jnp.einsum('btd,btv->dv', hidden, grad_logits, precision=precision,
                         preferred_element_type=jnp.float32).astype(unembed.dtype)
     previous = jax.lax.dynamic_slice_in_dim(grad_unembed, start, block, axis=1)
     grad_unembed = jax.lax.dynamic_update_slice_in_dim(

@@ -393,6 +393,42 @@ class TestConfig:
     assert config.matmul_precision == jax.lax.Precision.DEFAULT
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_logits_projection_value_and_gradient_use_the_model_precision(dtype):
+  """`project_logits` and the chunked log-probs' backward run their matmuls at the model's
+  precision (HIGHEST in float32), like every matmul of the transformer."""
+  from gmpo_jax import logprobs  # pylint: disable=g-import-not-at-top
+
+  config = dataclasses.replace(TINY, dtype=dtype)
+  hidden = jnp.ones((2, 4, config.hidden_size), config.dtype)
+  unembed = jnp.ones((config.hidden_size, config.vocab_size), jnp.float32)
+  targets = jnp.zeros((2, 4), jnp.int32)
+
+  def precisions(fn, *args):
+    found = []
+
+    def walk(jaxpr):
+      for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+          found.append(eqn.params["precision"])
+        for param in eqn.params.values():
+          for sub in param if isinstance(param, (tuple, list)) else (param,):
+            inner = getattr(sub, "jaxpr", sub)
+            if hasattr(inner, "eqns"):
+              walk(inner)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+  expected = config.matmul_precision
+  project = precisions(logprobs.project_logits, hidden, unembed)
+  grad = precisions(jax.grad(lambda h, w: jnp.sum(logprobs.token_logprobs(
+      h, w, targets, chunk_size=2)), argnums=(0, 1)), hidden, unembed)
+  assert len(project) == 1 and len(grad) >= 3  # forward chunk, two backward products
+  for precision in project + grad:
+    assert precision in ((expected, expected), expected), precision
+
+
 def test_every_parameter_has_logical_axis_names():
   model = nnx.eval_shape(lambda: tfm.Transformer(FULL, rngs=nnx.Rngs(0)))
   flat = nnx.to_flat_state(nnx.state(model, nnx.Param))

@@ -85,6 +85,18 @@ def _canonical_dtype(name: str, value: Any) -> np.dtype:
   return dtype
 
 
+def matmul_precision(dtype: Any) -> jax.lax.Precision:
+  """The matmul precision of a compute dtype: HIGHEST for float32, DEFAULT otherwise.
+
+  On GPUs/TPUs the default runs float32 matmuls in TF32/bfloat16 passes (errors ~1e-3 in the
+  logits), and log-prob ratios need float32. Every matmul of the model and of the logits
+  projection (`gmpo_jax.logprobs.project_logits`) uses this rule.
+  """
+  if jnp.dtype(dtype) == jnp.float32:
+    return jax.lax.Precision.HIGHEST
+  return jax.lax.Precision.DEFAULT
+
+
 # Published hyperparameters (each model's config.json on the Hugging Face hub).
 _NAMED_CONFIGS: dict[str, dict[str, Any]] = {
     # CPU default and tests; vocabulary covers CharTokenizer (99 ids).
@@ -211,11 +223,8 @@ class TransformerConfig:
 
   @property
   def matmul_precision(self) -> jax.lax.Precision:
-    """HIGHEST for float32 compute: on GPUs/TPUs the default runs float32 matmuls in
-    TF32/bfloat16 passes (errors ~1e-3 in the logits), and log-prob ratios need float32."""
-    if self.dtype == jnp.float32:
-      return jax.lax.Precision.HIGHEST
-    return jax.lax.Precision.DEFAULT
+    """`matmul_precision(self.dtype)`: HIGHEST for float32 compute."""
+    return matmul_precision(self.dtype)
 
   @classmethod
   def from_name(cls, name: str) -> TransformerConfig:
