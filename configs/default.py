@@ -77,7 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   config.eval.num_examples = 500
   config.eval.temperature = 1.0
-  config.eval.k = 4
+  config.eval.num_samples = 8  # n sampled completions per prompt
+  config.eval.k = (4, 8)  # pass@k and maj@k for each k (<= n); mean@n always
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every = 10

@@ -47,5 +47,6 @@ def get_config():
   config.warm_start.steps = 0  # an instruction-tuned checkpoint already succeeds sometimes
 
   config.eval.num_examples = 256
-  config.eval.k = 4
+  config.eval.num_samples = 4
+  config.eval.k = (4,)
   return config

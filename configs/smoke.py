@@ -19,6 +19,7 @@ def get_config():
   config.warm_start.steps = 3
   config.warm_start.batch_size = 8
   config.eval.num_examples = 8
-  config.eval.k = 2
+  config.eval.num_samples = 2
+  config.eval.k = (2,)
   config.checkpoint.every = 1
   return config

@@ -1,4 +1,4 @@
-"""Tables and plots of a launched grid: per grid point, mean ± standard error over seeds.
+"""Tables and plots of a launched grid: per grid point, mean ± 95% confidence interval over seeds.
 
 `experiments/launch.py` calls `aggregate` after its runs (or alone with `--aggregate-only`).
 Input: each finished run's `metrics.jsonl` (`gmpo_jax.metrics.read_metrics`: one record per
@@ -8,18 +8,21 @@ step, step 0 = the evaluation before RL, `null` for a non-finite value). Output,
                       grid point, "mean ± s.e." over seeds; then what each point overrides
     table.csv         the same numbers, one row per (point, metric, statistic), full precision
     runs.csv          the per-run values behind them, one row per (point, seed, metric, statistic)
-    curves.png        one panel per metric: the mean over seeds against the step, one line per
-                      point, with a ±1 s.e. band
-    final_bars.png    one panel per metric: the final value per point, ±1 s.e. error bars, one
+    curves.png        one panel per metric: the mean over seeds against the step, one color per
+                      point, with its 95% confidence band, and a legend
+    final_bars.png    one panel per metric: the final value per point, 95% CI error bars, one
                       dot per seed
 
 Statistics of one run and metric (records without the metric do not count):
   final    the value of the last record that has the metric;
   max/min  the largest (smallest) finite value over the RL steps (step >= 1), as chosen per metric;
-  initial  the step-0 value (the evaluation before RL), for the metrics logged there.
-Over seeds: mean and standard error s / sqrt(n) (s with ddof = 1) of the finite values; the
-standard error of one value is undefined (NaN in the CSV, left out of the table), and a cell
-says "(k/n)" when only k of the n runs had a finite value (a diverged run is never hidden).
+  initial  the step-0 value (the evaluation before RL), for the metrics logged there;
+  gain     final − initial: what RL added to its starting policy (the seeds' CI of it is the
+           number to quote).
+Over seeds: mean, standard error s / sqrt(n) (s with ddof = 1) and the half-width of the 95%
+confidence interval of the mean, t_{0.975, n-1} · s / sqrt(n) (Student's t: seeds are few), of
+the finite values; both are undefined for one value (NaN in the CSV, left out of the table), and
+a cell says "(k/n)" when only k of the n runs had a finite value (a diverged run is never hidden).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
+import scipy.stats
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
@@ -86,25 +90,27 @@ class RunMetrics:
 
 
 class Stat(NamedTuple):
-  """Mean ± standard error of the finite values among `num_runs` runs."""
+  """Mean, standard error and 95% CI half-width of the finite values among `num_runs` runs."""
   mean: float
   stderr: float
   num_finite: int
   num_runs: int
+  ci95: float
 
 
 def mean_stderr(values: Iterable[float]) -> Stat:
-  """Mean and standard error s / sqrt(n) (ddof = 1) of the finite values.
+  """Mean, standard error s / sqrt(n) (ddof = 1) and t_{0.975, n-1}·s/sqrt(n) of the finite values.
 
   NaN stands for a missing or non-finite value: it is left out and counted. No finite value:
-  mean NaN; one: stderr NaN (undefined, not 0).
+  mean NaN; one: stderr and ci95 NaN (undefined, not 0).
   """
   values = np.asarray(list(values), np.float64)
   finite = values[np.isfinite(values)]
   n = finite.size
   mean = float(finite.mean()) if n else math.nan
   stderr = float(finite.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
-  return Stat(mean, stderr, n, values.size)
+  ci95 = float(scipy.stats.t.ppf(0.975, n - 1) * stderr) if n > 1 else math.nan
+  return Stat(mean, stderr, n, values.size, ci95)
 
 
 def _value(record: Mapping[str, Any], name: str) -> float:
@@ -113,29 +119,31 @@ def _value(record: Mapping[str, Any], name: str) -> float:
 
 
 def run_statistics(records: Sequence[Mapping[str, Any]], metric: MetricSpec) -> dict[str, float]:
-  """{'initial', 'final', metric.mode} of one run (see the module docstring); NaN if absent."""
+  """{'initial', 'final', 'gain', metric.mode} of one run (see the module docstring); NaN if
+  absent."""
   rows = [r for r in records if metric.name in r]
   rl = np.array([_value(r, metric.name) for r in rows if r["step"] >= 1], np.float64)
   rl = rl[np.isfinite(rl)]
   extreme = (rl.max() if metric.mode == "max" else rl.min()) if rl.size else math.nan
   initial = [_value(r, metric.name) for r in rows if r["step"] == 0]
-  return {"initial": initial[-1] if initial else math.nan,
-          "final": _value(rows[-1], metric.name) if rows else math.nan,
-          metric.mode: float(extreme)}
+  initial = initial[-1] if initial else math.nan
+  final = _value(rows[-1], metric.name) if rows else math.nan
+  return {"initial": initial, "final": final, "gain": final - initial, metric.mode: float(extreme)}
 
 
 def _fmt(stat: Stat) -> str:
-  """'mean ± se' with the se to 2 significant digits and the mean to the same decimal place;
-  4 significant digits where there is no se (one run) or it is zero (up to float rounding)."""
+  """'mean ± ci95' with the CI half-width to 2 significant digits and the mean to the same
+  decimal place; 4 significant digits where there is none (one run) or it is zero (up to float
+  rounding)."""
   if not stat.num_finite:
     return "n/a"
   if stat.num_finite < 2:
     text = f"{stat.mean:.4g}"
-  elif stat.stderr <= 1e-9 * abs(stat.mean) or stat.stderr == 0:
+  elif stat.ci95 <= 1e-9 * abs(stat.mean) or stat.ci95 == 0:
     text = f"{stat.mean:.4g} ± 0"
   else:
-    decimals = max(0, 1 - math.floor(math.log10(stat.stderr)))
-    text = f"{stat.mean:.{decimals}f} ± {stat.stderr:.{decimals}f}"
+    decimals = max(0, 1 - math.floor(math.log10(stat.ci95)))
+    text = f"{stat.mean:.{decimals}f} ± {stat.ci95:.{decimals}f}"
   if stat.num_finite < stat.num_runs:
     text += f" ({stat.num_finite}/{stat.num_runs})"
   return text
@@ -146,7 +154,7 @@ def _csv_float(value: float) -> str:
 
 
 def _curves(runs: Sequence[RunMetrics], name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Steps, mean and standard error over the runs of the finite values of `name` per step."""
+  """Steps, mean and 95% CI half-width over the runs of the finite values of `name` per step."""
   by_step: dict[int, list[float]] = {}
   for run in runs:
     for record in run.records:
@@ -154,7 +162,7 @@ def _curves(runs: Sequence[RunMetrics], name: str) -> tuple[np.ndarray, np.ndarr
         by_step.setdefault(record["step"], []).append(_value(record, name))
   steps = sorted(by_step)
   stats = [mean_stderr(by_step[s]) for s in steps]
-  return (np.array(steps), np.array([s.mean for s in stats]), np.array([s.stderr for s in stats]))
+  return (np.array(steps), np.array([s.mean for s in stats]), np.array([s.ci95 for s in stats]))
 
 
 def _panels(count: int, *, ncols: int = 3, height: float = 2.8):
@@ -175,20 +183,20 @@ def _colors(points: Sequence[str]) -> dict[str, Any]:
 
 def plot_curves(path: pathlib.Path, by_point: Mapping[str, Sequence[RunMetrics]],
                 metrics: Sequence[MetricSpec]) -> pathlib.Path:
-  """Learning curves: mean over seeds per step, ±1 s.e. band, one line per point."""
+  """Learning curves: mean over seeds per step, 95% CI band, one color per point, a legend."""
   figure, axes = _panels(len(metrics))
   colors = _colors(list(by_point))
   for axis, metric in zip(axes, metrics):
     for point, runs in by_point.items():
-      steps, mean, stderr = _curves(runs, metric.name)
+      steps, mean, ci95 = _curves(runs, metric.name)
       if not np.isfinite(mean).any():
         continue
       # Sparse series (evaluations every few steps) get markers so single points show.
       axis.plot(steps, mean, color=colors[point], linewidth=1.2, label=point,
                 marker="o" if len(steps) <= 25 else None, markersize=3)
-      band = np.isfinite(stderr)
-      axis.fill_between(steps, np.where(band, mean - stderr, np.nan),
-                        np.where(band, mean + stderr, np.nan), color=colors[point], alpha=0.2,
+      band = np.isfinite(ci95)
+      axis.fill_between(steps, np.where(band, mean - ci95, np.nan),
+                        np.where(band, mean + ci95, np.nan), color=colors[point], alpha=0.2,
                         linewidth=0)
     axis.set_title(metric.name, fontsize=9)
     axis.set_xlabel("step", fontsize=8)
@@ -201,7 +209,7 @@ def plot_curves(path: pathlib.Path, by_point: Mapping[str, Sequence[RunMetrics]]
 
 def plot_final_bars(path: pathlib.Path, by_point: Mapping[str, Sequence[RunMetrics]],
                     metrics: Sequence[MetricSpec]) -> pathlib.Path:
-  """Final values: a bar per point at the mean, ±1 s.e. error bar, a dot per seed."""
+  """Final values: a bar per point at the mean, 95% CI error bar, a dot per seed."""
   figure, axes = _panels(len(metrics))
   colors = _colors(list(by_point))
   for axis, metric in zip(axes, metrics):
@@ -211,7 +219,7 @@ def plot_final_bars(path: pathlib.Path, by_point: Mapping[str, Sequence[RunMetri
       if not stat.num_finite:
         continue
       axis.bar(x, stat.mean, color=colors[point], alpha=0.7,
-               yerr=stat.stderr if stat.num_finite > 1 else None, capsize=3)
+               yerr=stat.ci95 if stat.num_finite > 1 else None, capsize=3)
       axis.scatter(np.full(len(finals), x), finals, color="black", s=8, zorder=3)
     axis.set_title(f"final {metric.name}", fontsize=9)
     axis.set_xticks(range(len(by_point)), [""] * len(by_point))
@@ -279,7 +287,7 @@ def aggregate(out: str | pathlib.Path, runs: Sequence[RunMetrics], *,
   stats: dict[tuple[str, str, str], Stat] = {}
   for point, point_runs in by_point.items():
     for metric in metrics:
-      for statistic in ("initial", "final", metric.mode):
+      for statistic in ("initial", "final", "gain", metric.mode):
         stats[point, metric.name, statistic] = mean_stderr(
             v for p, _, m, s, v in per_run if (p, m, s) == (point, metric.name, statistic))
 
@@ -291,18 +299,20 @@ def aggregate(out: str | pathlib.Path, runs: Sequence[RunMetrics], *,
     writer.writerows([p, seed, m, s, _csv_float(v)] for p, seed, m, s, v in per_run)
   with files["table_csv"].open("w", newline="") as f:
     writer = csv.writer(f)
-    writer.writerow(["point", "metric", "statistic", "mean", "stderr", "num_finite", "num_runs"])
+    writer.writerow(["point", "metric", "statistic", "mean", "stderr", "ci95", "num_finite",
+                     "num_runs"])
     for (point, metric, statistic), stat in stats.items():
       writer.writerow([point, metric, statistic, _csv_float(stat.mean), _csv_float(stat.stderr),
-                       stat.num_finite, stat.num_runs])
+                       _csv_float(stat.ci95), stat.num_finite, stat.num_runs])
 
   def seeds_cell(point: str) -> str:
     done = len(by_point[point])
     return f"{done}/{expected_runs[point]}" if expected_runs else str(done)
 
   lines = ["# Ablation results", ""] + [f"- {note}" for note in notes]
-  lines += ["- mean ± standard error over seeds (s/√n, ddof = 1), the mean rounded to the s.e.'s "
-            "second significant digit; (k/n): only k of n runs had a finite value", ""]
+  lines += ["- mean ± half-width of its 95% confidence interval over seeds "
+            "(t_{0.975, n−1}·s/√n, ddof = 1), the mean rounded to the half-width's second "
+            "significant digit; (k/n): only k of n runs had a finite value", ""]
   if absent:
     lines += [f"- not logged by any run: {', '.join(sorted(absent))}", ""]
   sections = [("Final values", lambda m: "final", lambda m: m.name),
@@ -322,6 +332,10 @@ def aggregate(out: str | pathlib.Path, runs: Sequence[RunMetrics], *,
     lines += _markdown_table(
         ["point"] + [m.name for m in initial_metrics],
         [[p] + [_fmt(stats[p, m.name, "initial"]) for m in initial_metrics] for p in points])
+    lines += ["", "## RL gain (final − step 0)", ""]
+    lines += _markdown_table(
+        ["point"] + [m.name for m in initial_metrics],
+        [[p] + [_fmt(stats[p, m.name, "gain"]) for m in initial_metrics] for p in points])
     lines.append("")
   if point_overrides:
     lines += ["## Points", ""]

@@ -88,6 +88,27 @@ class AlgorithmConfig:
       domain = advantages_lib.reward_domain(self.advantage, **dict(self.advantage_kwargs))
       object.__setattr__(self, "require_positive_rewards", domain == "positive")
 
+  @property
+  def reward_domain(self) -> str:
+    """'positive', 'non_negative' or 'real': the rewards the estimator is defined for."""
+    return advantages_lib.reward_domain(self.advantage, **dict(self.advantage_kwargs))
+
+  def check_reward_range(self, reward_range: tuple[float, float]) -> None:
+    """Raises ValueError, before any work, when a task's rewards can leave the estimator's domain.
+
+    Args:
+      reward_range: the task's (smallest, largest) reward (`Task.reward_range`).
+    """
+    low = reward_range[0]
+    if self.require_positive_rewards and low + self.offset <= 0:
+      raise ValueError(
+          f"advantage={self.advantage!r} takes log(R + offset) and needs R + offset > 0, but the "
+          f"task's smallest reward is {low} (offset {self.offset}); raise the task's min_reward "
+          "or set algorithm.advantage_kwargs.offset")
+    if self.reward_domain == "non_negative" and low < 0:
+      raise ValueError(f"advantage={self.advantage!r} needs rewards >= 0, but the task's "
+                       f"smallest reward is {low}")
+
   @classmethod
   def from_config(cls, config: Mapping[str, Any]) -> AlgorithmConfig:
     """Builds it from the `algorithm` section of an experiment ConfigDict."""

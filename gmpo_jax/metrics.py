@@ -139,6 +139,7 @@ class MetricsWriter:
     self._final: dict[str, int | float | None] = {}
     self._best: dict[str, dict[str, int | float]] = {}
     self._nonfinite_counts: dict[str, int] = {}
+    self._extra: dict[str, Any] = {}
     self._closed = False
     self._is_primary = jax.process_index() == 0
     if not self._is_primary:
@@ -225,8 +226,15 @@ class MetricsWriter:
           best is None or (value > best["value"] if mode == "max" else value < best["value"])):
         self._best[name] = {"value": value, "step": record["step"]}
 
+  def add_to_summary(self, name: str, value: Any) -> None:
+    """Adds a JSON-serializable entry to the summary (e.g. the evaluation before training)."""
+    if name in ("total_steps", "last_step", "num_records", "final", "best", "nonfinite_counts"):
+      raise ValueError(f"{name!r} is a reserved summary entry")
+    self._extra[name] = value
+
   def summary(self) -> dict[str, Any]:
-    """The run so far: last step, last value of every metric, best values, non-finite counts."""
+    """The run so far: last step, last value of every metric, best values, non-finite counts,
+    and the entries given to `add_to_summary`."""
     return {
         "total_steps": self._total_steps,
         "last_step": self._last_step,
@@ -234,6 +242,7 @@ class MetricsWriter:
         "final": dict(self._final),
         "best": {name: self._best.get(name) for name in self._best_modes},
         "nonfinite_counts": dict(self._nonfinite_counts),
+        **self._extra,
     }
 
   def close(self) -> dict[str, Any] | None:
@@ -278,21 +287,50 @@ def _format_summary(summary: Mapping[str, Any], workdir: pathlib.Path) -> str:
   return "\n".join(lines)
 
 
+def ema(values: np.ndarray, smoothing: float) -> np.ndarray:
+  """Exponential moving average that skips NaN (gaps) and is unbiased at the start.
+
+  out_t = Σ_s w_s x_s / Σ_s w_s over the finite x_s up to t, w_s = smoothing^(t − s); NaN
+  before the first finite value.
+  """
+  if not 0 <= smoothing < 1:
+    raise ValueError(f"smoothing={smoothing} must lie in [0, 1)")
+  out = np.full(values.shape, np.nan)
+  total = weight = 0.0
+  for i, value in enumerate(values):
+    total, weight = total * smoothing, weight * smoothing
+    if np.isfinite(value):
+      total, weight = total + value, weight + 1.0
+    if weight > 0:
+      out[i] = total / weight
+  return out
+
+
+# A series with at most this many points is drawn as markers (evaluations), not as a curve.
+_SPARSE_POINTS = 25
+
+
 def plot_learning_curves(
     workdir: str | os.PathLike,
-    keys: Sequence[str],
+    keys: Sequence[str | Sequence[str]],
     *,
+    title: str | None = None,
+    smoothing: float = 0.9,
     filename: str = PLOT_FILE,
 ) -> pathlib.Path:
-  """Plots `keys` against the step from `workdir/metrics.jsonl`, one panel per key.
+  """Plots metrics against the step from `workdir/metrics.jsonl`, one panel per entry of `keys`.
 
-  Uses matplotlib's Agg canvas directly (no pyplot, no global backend change).
-  Null (non-finite) values show as gaps in the line; a key without any finite
-  value gets an empty panel saying so.
+  A dense series (a value every step) is drawn raw and faint with its EMA (`ema`, weight
+  `smoothing`) on top; a sparse one (evaluations) as markers joined by a line, with error
+  bars where the records carry '<key>/ci_low' and '<key>/ci_high'. Null (non-finite) values
+  show as gaps; a panel without any finite value says so. Uses matplotlib's Agg canvas
+  directly (no pyplot, no global backend change).
 
   Args:
     workdir: the run directory.
-    keys: metric names to plot.
+    keys: per panel, a metric name or a list of names sharing the panel (with a legend).
+    title: the figure's title (say which run it is: task, advantage, objective, seed).
+    smoothing: the EMA weight of dense series, in [0, 1).
     filename: the PNG's name inside `workdir`.
 
   Returns:
@@ -302,30 +340,60 @@ def plot_learning_curves(
     ValueError: no keys, no records, or a key that no record has (the error lists
       the available ones).
   """
-  keys = list(keys)
-  if not keys:
-    raise ValueError("keys must name at least one metric.")
+  panels = [[entry] if isinstance(entry, str) else list(entry) for entry in keys]
+  if not panels or not all(panels):
+    raise ValueError("keys must name at least one metric per panel.")
   records = read_metrics(workdir)
   if not records:
     raise ValueError(f"No metrics in {pathlib.Path(workdir) / METRICS_FILE}.")
   available = sorted({name for record in records for name in record} - {"step"})
-  missing = [key for key in keys if key not in available]
+  missing = [key for panel in panels for key in panel if key not in available]
   if missing:
     raise ValueError(f"Metrics {missing} not found; available: {available}.")
-  figure = Figure(figsize=(7.0, 2.4 * len(keys)), layout="constrained")
-  FigureCanvasAgg(figure)
-  axes = figure.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0]
-  for axis, key in zip(axes, keys):
+
+  def series(key):
     rows = [r for r in records if key in r]
     # NaN breaks the line, so a null (non-finite) value shows as a gap.
-    values = np.array([np.nan if r[key] is None else r[key] for r in rows], dtype=np.float64)
-    if np.isfinite(values).any():
-      axis.plot([r["step"] for r in rows], values, linewidth=1.2)
-    else:
+    value = lambda r, k: np.nan if r.get(k) is None else r[k]
+    return (np.array([r["step"] for r in rows]), np.array([value(r, key) for r in rows], float),
+            np.array([[value(r, f"{key}/ci_low") for r in rows],
+                      [value(r, f"{key}/ci_high") for r in rows]], float))
+
+  figure = Figure(figsize=(7.5, 2.3 * len(panels) + (0.4 if title else 0)), layout="constrained")
+  FigureCanvasAgg(figure)
+  axes = figure.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+  for axis, panel in zip(axes, panels):
+    drawn = False
+    for color, key in zip(_COLORS, panel):
+      steps, values, interval = series(key)
+      if not np.isfinite(values).any():
+        continue
+      drawn = True
+      if len(values) <= _SPARSE_POINTS:
+        errors = np.abs(interval - values)
+        axis.errorbar(steps, values, yerr=np.where(np.isfinite(errors), errors, 0.0),
+                      color=color, marker="o", markersize=3.5, linewidth=1.2, capsize=3,
+                      label=key)
+      else:
+        axis.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
+        axis.plot(steps, ema(values, smoothing), color=color, linewidth=1.6, label=key)
+    if not drawn:
       axis.text(0.5, 0.5, "no finite values", ha="center", va="center", transform=axis.transAxes)
-    axis.set_ylabel(key)
+    if len(panel) > 1:
+      axis.legend(fontsize="small", loc="best")
+    axis.set_ylabel(panel[0] if len(panel) == 1 else _common_prefix(panel), fontsize="small")
     axis.grid(alpha=0.3)
   axes[-1].set_xlabel("step")
+  if title:
+    figure.suptitle(title, fontsize="medium")
   path = pathlib.Path(workdir) / filename
   figure.savefig(path, dpi=100)
   return path
+
+
+_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+
+
+def _common_prefix(names: Sequence[str]) -> str:
+  prefix = os.path.commonprefix(list(names)).rstrip("/_@")
+  return prefix or ", ".join(names)

@@ -36,6 +36,7 @@ from flax import nnx
 from gmpo_jax import advantages as advantages_lib
 from gmpo_jax import checkpointing
 from gmpo_jax import distributed
+from gmpo_jax import evaluation
 from gmpo_jax import learner
 from gmpo_jax import metrics as metrics_lib
 from gmpo_jax import sharding
@@ -49,6 +50,8 @@ from gmpo_jax.rollout import JaxRollout, Rollout
 from gmpo_jax.sampling import SamplingConfig
 
 logger = logging.getLogger(__name__)
+
+EVAL_RESULTS_DIR = "eval_results"
 
 # Timing metrics differ between otherwise identical runs; everything else must not.
 TIMING_METRICS = ("time/step", "time/rollout", "time/reward", "time/update", "tokens_per_sec")
@@ -220,7 +223,9 @@ def _logprob_fn(run: Run, temperature: float, chunk_size: int):
 
 def _build_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Run:
   algo = AlgorithmConfig.from_config(config.algorithm)
+  evaluation.check_ks(config.eval.k, config.eval.num_samples)
   task = tasks_lib.get_task(config.task.name, **config.task.get("kwargs", {}))
+  algo.check_reward_range(task.reward_range)
   data_dir = str(config.task.get("data_dir") or workdir / "data")
   train_examples, eval_examples = distributed.primary_first(
       lambda: tuple(task.load(split, data_dir=data_dir)
@@ -280,7 +285,7 @@ def warm_start(run: Run) -> Any:
                                          key=key, metadata={})
   with checkpointing.Checkpointer(directory, max_to_keep=1, async_save=False) as ckpt:
     restored = ckpt.restore_latest(target)
-    if restored is not None and restored.metadata == _warm_start_signature(cfg):
+    if restored is not None and restored.metadata == _warm_start_signature(run.config):
       logger.info("warm start: reusing %s (step %d)", directory, restored.step)
       return restored.model
     update = _make_update(run, optimizer, learner.supervised_loss(chunk_size=run.config.chunk_size),
@@ -291,20 +296,23 @@ def warm_start(run: Run) -> Any:
     for step in range(cfg.steps):
       examples = stream.take(cfg.batch_size)
       prompts = [run.task.prompt(e) for e in examples]
-      solutions = [run.task.solution(e) for e in examples]
+      solutions = [run.task.demonstration(e) for e in examples]
       batch = _supervised_batch(run, prompts, solutions)
       params, opt_state, out = update(params, opt_state, run.place_batch(batch))
       if step % max(cfg.steps // 5, 1) == 0 or step == cfg.steps - 1:
         logger.info("warm start step %d/%d: nll %.4f", step + 1, cfg.steps, float(out.loss))
     logger.info("warm start: %d steps in %.1fs", cfg.steps, time.perf_counter() - start)
     ckpt.save(checkpointing.CheckpointState(step=cfg.steps, model=params, opt_state=opt_state,
-                                            key=key, metadata=_warm_start_signature(cfg)))
+                                            key=key, metadata=_warm_start_signature(run.config)))
   return params
 
 
-def _warm_start_signature(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-  """What the cached warm start was trained with; a different config retrains it."""
-  return json.loads(cfg.to_json())
+def _warm_start_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What the cached warm start depends on (its own settings, the task, the model, the seed);
+  a change to any of them retrains it."""
+  return {"warm_start": json.loads(config.warm_start.to_json()),
+          "task": json.loads(config.task.to_json()), "model": json.loads(config.model.to_json()),
+          "seed": config.seed, "chunk_size": config.chunk_size}
 
 
 def _supervised_batch(run: Run, prompts: Sequence[str], solutions: Sequence[str]) -> learner.Batch:
@@ -331,34 +339,42 @@ def _supervised_batch(run: Run, prompts: Sequence[str], solutions: Sequence[str]
 # --- Evaluation ------------------------------------------------------------------------------
 
 
-def evaluate(run: Run, params, key: jax.Array) -> dict[str, float]:
-  """Held-out metrics: greedy pass@1 and sampled pass@k / mean@k, and the mean reward.
+def evaluate(run: Run, params, key: jax.Array, *, step: int) -> dict[str, float]:
+  """Held-out metrics with 95% intervals (`gmpo_jax.evaluation`), and the per-prompt results.
 
-  A completion passes when its reward reaches the task's maximum (`Task.reward_range`).
-  pass@k: the fraction of prompts with at least one passing completion among k samples;
-  mean@k: the passing rate over all k samples.
+  Each of the first `eval.num_examples` prompts gets one greedy completion and
+  `eval.num_samples` sampled at `eval.temperature`; a completion passes when its reward reaches
+  the task's maximum (`Task.reward_range`). Metrics: greedy pass@1 and mean reward, mean@n,
+  and pass@k (unbiased) and maj@k for each k >= 2 in `eval.k`. The per-prompt results go to
+  `workdir/eval_results/step_<step>.jsonl`, from which `evaluation.summarize` recomputes them.
   """
   cfg = run.config.eval
   examples = [run.eval_examples[i] for i in range(min(cfg.num_examples, len(run.eval_examples)))]
   prompts = [run.task.prompt(e) for e in examples]
   best = run.task.reward_range[1]
-  graphdef = run.graphdef
-  results = {}
-  for name, temperature, k in (("greedy", 0.0, 1), ("sampled", cfg.temperature, cfg.k)):
+  completions = {}
+  for name, temperature, n in (("greedy", 0.0, 1), ("sampled", cfg.temperature, cfg.num_samples)):
     config = dataclasses.replace(run.sampling, temperature=temperature)
-    backend = JaxRollout(nnx.merge(graphdef, params), config=config, chunk_size=run.config.chunk_size)
-    tokens, mask = encode_batch([p for p in prompts for _ in range(k)], run.tokenizer)
-    rollout = backend.generate(tokens, mask, key)
-    texts = decode_completions(rollout, run.tokenizer, run.stop_ids)
-    rewards = np.array([run.task.reward(t, e) for t, e in zip(texts, [e for e in examples for _ in range(k)])])
-    passed = (rewards >= best - 1e-6).reshape(len(examples), k)
-    if name == "greedy":
-      results["eval/pass@1"] = float(passed.mean())
-      results["eval/reward"] = float(rewards.mean())
-    else:
-      results[f"eval/pass@{k}"] = float(passed.any(axis=1).mean())
-      results[f"eval/mean@{k}"] = float(passed.mean())
-  return results
+    backend = JaxRollout(nnx.merge(run.graphdef, params), config=config,
+                         chunk_size=run.config.chunk_size)
+    tokens, mask = encode_batch([p for p in prompts for _ in range(n)], run.tokenizer)
+    texts = decode_completions(backend.generate(tokens, mask, key), run.tokenizer, run.stop_ids)
+    rewards = np.array([run.task.reward(t, examples[i // n]) for i, t in enumerate(texts)])
+    completions[name] = ([texts[i * n:(i + 1) * n] for i in range(len(examples))],
+                         (rewards >= best - 1e-6).reshape(len(examples), n),
+                         rewards.reshape(len(examples), n))
+  _, greedy_passed, greedy_rewards = completions["greedy"]
+  sampled_texts, sampled_passed, _ = completions["sampled"]
+  results = [
+      evaluation.PromptResult(
+          prompt_id=i, prompt=prompts[i], greedy_passed=bool(greedy_passed[i, 0]),
+          greedy_reward=float(greedy_rewards[i, 0]),
+          answers=tuple(run.task.extract_answer(t) for t in sampled_texts[i]),
+          passed=tuple(bool(p) for p in sampled_passed[i]))
+      for i in range(len(examples))]
+  if jax.process_index() == 0:
+    evaluation.write_results(run.workdir / EVAL_RESULTS_DIR / f"step_{step:06d}.jsonl", results)
+  return evaluation.summarize(results, cfg.k)
 
 
 # --- RL --------------------------------------------------------------------------------------
@@ -432,9 +448,10 @@ def _train(run: Run) -> dict[str, Any]:
       progress_keys=("reward/mean", "eval/pass@1", "loss"),
       best_modes={"eval/pass@1": "max", "eval/reward": "max", "reward/mean": "max"})
   if initial_eval is None:
-    initial_eval = evaluate(run, params, eval_key)
+    initial_eval = evaluate(run, params, eval_key, step=0)
     logger.info("before RL: %s", initial_eval)
     writer.write(0, initial_eval)
+  writer.add_to_summary("initial_eval", initial_eval)
 
   with writer, ckpt, checkpointing.install_preemption_handler() as preemption:
     for step in range(start_step, config.num_steps):
@@ -449,7 +466,8 @@ def _train(run: Run) -> dict[str, Any]:
 
       rewards = _rewards_for(run, rollout, examples)
       rewards = advantages_lib.validate_rewards(
-          rewards, require_positive=algo.require_positive_rewards, offset=algo.offset,
+          rewards, require_positive=algo.require_positive_rewards,
+          require_non_negative=algo.reward_domain == "non_negative", offset=algo.offset,
           group_names=[repr(run.task.prompt(e)) for e in examples])
       group_mask = np.ones(rewards.shape, bool)
       if algo.dynamic_sampling:
@@ -510,7 +528,7 @@ def _train(run: Run) -> dict[str, Any]:
       done = step + 1
       eval_due = done % config.eval_every == 0 or done == config.num_steps
       if eval_due:
-        record.update(evaluate(run, params, eval_key))
+        record.update(evaluate(run, params, eval_key, step=done))
       writer.write(done, record)
       # Every process must stop at the same step (the save below is collective).
       stop = preemption.requested_on_any_process()
@@ -525,8 +543,18 @@ def _train(run: Run) -> dict[str, Any]:
       if stop:
         logger.warning("preemption requested: checkpoint saved at step %d, exiting", done)
         break
+    # What RL added to its starting policy: the last evaluation minus the one before RL.
+    final = writer.summary()["final"]
+    writer.add_to_summary("eval_gain", {name: final[name] - value
+                                        for name, value in initial_eval.items()
+                                        if "/ci_" not in name and final.get(name) is not None})
     summary = writer.summary()
-  summary["initial_eval"] = initial_eval
+  n = config.eval.num_samples
   metrics_lib.plot_learning_curves(
-      workdir, keys=["reward/mean", "reward/geometric_mean", "eval/pass@1", "entropy"])
+      workdir,
+      keys=[["reward/mean", "reward/geometric_mean"],
+            ["eval/pass@1", f"eval/mean@{n}"] + [f"eval/maj@{k}" for k in config.eval.k if k > 1],
+            "entropy", ["clip_fraction_low", "clip_fraction_high"], "approx_kl"],
+      title=(f"{config.task.name} | advantage {algo.advantage} | objective {algo.objective} | "
+             f"seed {config.seed}"))
   return summary

@@ -109,11 +109,17 @@ def test_grid_runs_and_table_matches_hand_computed_statistics(tmp_path, fake_run
     assert (int(row["num_finite"]), int(row["num_runs"])) == (finite, 2), key
   assert ("advantage=grpo", "reward/mean", "min") not in table  # only the chosen extreme
   markdown = (out / aggregate.TABLE_MD).read_text()
-  assert "| advantage=grpo | 2/2 | 4.5 ± 1.5 | 0.5 (1/2) | 0.850 ± 0.050 |" in markdown
+  # 95% CI half-widths of two seeds: t_{0.975, 1} = 12.706 times the s.e.
+  assert "| advantage=grpo | 2/2 | 4 ± 19 | 0.5 (1/2) | 0.85 ± 0.64 |" in markdown
+  assert _float(table["advantage=grpo", "reward/mean", "final"]["ci95"]) == pytest.approx(
+      12.706205 * 1.5, rel=1e-6)
   assert "`algorithm.advantage=gmpo`" in markdown
   with (out / aggregate.RUNS_CSV).open() as f:
     runs = list(csv.DictReader(f))
-  assert len(runs) == 4 * 3 * 3  # runs x metrics x (initial, final, extreme)
+  assert len(runs) == 4 * 3 * 4  # runs x metrics x (initial, final, gain, extreme)
+  # gain = final - initial per run: 0.5 - 0.1 for seed 0; seed 1's final is null.
+  assert _float(table["advantage=grpo", "eval/pass@1", "gain"]["mean"]) == pytest.approx(0.4)
+  assert "## RL gain (final − step 0)" in markdown
   for name in (aggregate.CURVES_PNG, aggregate.BARS_PNG):
     data = (out / name).read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from gmpo_jax import metrics as metrics_lib
 from gmpo_jax.metrics import (
     METRICS_FILE,
     PLOT_FILE,
@@ -170,6 +171,15 @@ class TestTensorBoard:
 
 class TestSummaryAndProgress:
 
+  def test_add_to_summary_lands_in_summary_json(self, tmp_path):
+    with MetricsWriter(tmp_path, total_steps=1, progress=False) as writer:
+      writer.write(1, {"loss": 0.5})
+      writer.add_to_summary("initial_eval", {"eval/pass@1": 0.25})
+      with pytest.raises(ValueError, match="reserved"):
+        writer.add_to_summary("final", {})
+    summary = json.loads((tmp_path / SUMMARY_FILE).read_text())
+    assert summary["initial_eval"] == {"eval/pass@1": 0.25} and summary["final"] == {"loss": 0.5}
+
   def test_close_writes_and_prints_summary(self, tmp_path, capsys):
     summary = _write_run(tmp_path, range(1, 7)).close()
     assert summary is None  # the `with` block already closed it
@@ -203,6 +213,29 @@ class TestPlot:
     path = plot_learning_curves(tmp_path, keys=["loss", "grad_norm"])
     assert path == tmp_path / PLOT_FILE
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+  def test_panels_with_several_keys_intervals_and_title(self, tmp_path):
+    with MetricsWriter(tmp_path, total_steps=60, progress=False) as writer:
+      for step in range(0, 61):
+        record = {"loss": 1.0 / (step + 1), "grad_norm": float(step % 7)}
+        if step % 20 == 0:
+          record.update({"eval/acc": 0.1 * step / 20, "eval/acc/ci_low": 0.05 * step / 20,
+                         "eval/acc/ci_high": 0.15 * step / 20})
+        writer.write(step, record)
+    path = plot_learning_curves(tmp_path, keys=[["loss", "grad_norm"], "eval/acc"],
+                                title="task | seed 0", filename="panels.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="at least one metric"):
+      plot_learning_curves(tmp_path, keys=[[]])
+
+  def test_ema_skips_gaps_and_starts_unbiased(self):
+    values = np.array([np.nan, 2.0, np.nan, 4.0])
+    smoothed = metrics_lib.ema(values, 0.5)
+    assert np.isnan(smoothed[0]) and smoothed[1] == 2.0 and smoothed[2] == 2.0
+    assert smoothed[3] == pytest.approx((0.25 * 2.0 + 4.0) / 1.25)
+    np.testing.assert_allclose(metrics_lib.ema(np.arange(5.0), 0.0), np.arange(5.0))
+    with pytest.raises(ValueError, match="smoothing"):
+      metrics_lib.ema(values, 1.0)
 
   def test_all_null_key_and_errors(self, tmp_path):
     with MetricsWriter(tmp_path, total_steps=2, progress=False) as writer:

@@ -440,6 +440,47 @@ class TestArithmetic:
     assert task.reward_range == (0.5, 2.5)
     assert self.TASK.reward_range == pytest.approx((0.01, 1.11))
 
+  @pytest.mark.parametrize("predicted, reference, credit", [
+      ("81", "81", 1.0), ("71", "81", 0.5), ("80", "81", 0.5), ("18", "81", 0.0),
+      ("181", "81", 2 / 3), ("1", "81", 0.5), ("-12", "12", 2 / 3), ("", "5", 0.0), ("", "", 0.0)])
+  def test_digit_credit(self, predicted, reference, credit):
+    assert arithmetic.digit_credit(predicted, reference) == pytest.approx(credit)
+
+  @pytest.mark.parametrize("a, b, expected", [(58, 23, 71), (99, 99, 88), (5, 5, 0), (0, 0, 0),
+                                              (123, 9, 122), (40, 7, 47)])
+  def test_carry_less_sum(self, a, b, expected):
+    assert arithmetic.carry_less_sum(a, b) == expected
+
+  def test_teacher_drops_carries_at_its_rate_and_rewards_check_the_truth(self):
+    splits = arithmetic.generate_arithmetic(num_digits=2, operations=("+",), num_train=2000,
+                                            num_test=0, seed=0)
+    examples = splits["train"]
+    exact = tasks.get_task("arithmetic", num_digits=2, operations=("+",))
+    assert all(exact.demonstration(e) == e["answer"] for e in examples)
+    teacher = tasks.get_task("arithmetic", num_digits=2, operations=("+",),
+                             teacher_carry_drop=0.6)
+    carries = [e for e in examples if e["answer"] != str(arithmetic.carry_less_sum(
+        *map(int, e["question"][:-1].split("+"))))]
+    dropped = [e for e in carries if teacher.demonstration(e) != e["answer"]]
+    assert len(dropped) / len(carries) == pytest.approx(0.6, abs=0.05)
+    assert all(teacher.demonstration(e) == e["answer"] for e in examples if e not in carries)
+    assert [teacher.demonstration(e) for e in dropped] == [teacher.demonstration(e) for e in dropped]
+    e = dropped[0]
+    assert teacher.reward(teacher.demonstration(e), e) < teacher.reward(e["answer"], e)
+    assert teacher.reward(e["answer"], e) == teacher.reward_range[1]
+    with pytest.raises(ValueError, match="teacher_carry_drop"):
+      tasks.get_task("arithmetic", teacher_carry_drop=1.5)
+
+  def test_digit_reward_is_partial_credit_and_passing_stays_exact(self):
+    task = tasks.get_task("arithmetic", **SMALL["arithmetic"], digit_reward=0.5)
+    assert task.reward_range == pytest.approx((0.01, 1.61))
+    rewards = {c: task.reward(c, self.EXAMPLE) for c in ("81", "71", "18", "x1", "181")}
+    assert rewards == pytest.approx({"81": 1.61, "71": 0.36, "18": 0.11, "x1": 0.01,
+                                     "181": 0.11 + 0.5 * 2 / 3})
+    assert [c for c, r in rewards.items() if r >= task.reward_range[1] - 1e-6] == ["81"]
+    with pytest.raises(ValueError, match="digit_reward"):
+      tasks.get_task("arithmetic", digit_reward=-1.0)
+
   @pytest.mark.parametrize("operations", [("+", "-", "*", "//", "%")])
   def test_generated_answers(self, operations):
     splits = arithmetic.generate_arithmetic(

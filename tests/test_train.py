@@ -1,5 +1,6 @@
 """The runner end to end on `configs/smoke.py`: train, checkpoint, stop, resume, compare."""
 
+import json
 import os
 import signal
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
+from gmpo_jax import evaluation
 from gmpo_jax import metrics as metrics_lib
 from gmpo_jax import train
 
@@ -39,6 +41,22 @@ def test_run_writes_metrics_checkpoints_and_plot(uninterrupted):
   assert list((workdir / "tensorboard").iterdir())
   assert summary["initial_eval"]["eval/pass@1"] == records[0]["eval/pass@1"]
   assert (workdir / "warm_start").exists()
+  # summary.json keeps the evaluation before RL and what RL added to it.
+  saved = json.loads((workdir / metrics_lib.SUMMARY_FILE).read_text())
+  assert saved["initial_eval"] == summary["initial_eval"]
+  last_eval = [r for r in records if "eval/pass@1" in r][-1]
+  assert saved["eval_gain"]["eval/pass@1"] == pytest.approx(
+      last_eval["eval/pass@1"] - records[0]["eval/pass@1"])
+  # Every evaluation: intervals beside each number, and the per-prompt results on disk.
+  n = config.eval.num_samples
+  for name in ("pass@1", f"mean@{n}", f"pass@{n}", f"maj@{n}"):
+    assert records[0][f"eval/{name}/ci_low"] <= records[0][f"eval/{name}"] <= records[0][
+        f"eval/{name}/ci_high"], name
+  for record in records:
+    if "eval/pass@1" in record:
+      path = workdir / train.EVAL_RESULTS_DIR / f"step_{record['step']:06d}.jsonl"
+      recomputed = evaluation.summarize(evaluation.read_results(path), config.eval.k)
+      assert recomputed == pytest.approx({k: record[k] for k in recomputed}), path
 
 
 def test_sigterm_then_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp_path, monkeypatch):
@@ -100,6 +118,17 @@ def test_reference_model_kl_dynamic_sampling_and_overlong_penalty(tmp_path):
   assert all(np.isfinite(r["loss"]) and np.isfinite(r["kl"]) for r in records)
   # After the first update the policy differs from the frozen reference.
   assert records[-1]["kl"] > 0
+
+
+def test_rewards_outside_the_estimators_domain_fail_before_any_work(tmp_path):
+  config = smoke.get_config()
+  config.task.kwargs = dict(config.task.kwargs, min_reward=0.0)  # log(0) for the log baseline
+  with pytest.raises(ValueError, match="R \\+ offset > 0"):
+    train.train_and_evaluate(config, tmp_path)
+  assert not (tmp_path / "data").exists()
+  config.eval.k = (0,)
+  with pytest.raises(ValueError, match="eval.k"):
+    train.train_and_evaluate(config, tmp_path)
 
 
 def test_misspelt_or_invalid_algorithm_options_fail_before_training(tmp_path):

@@ -20,6 +20,7 @@ the test split does not depend on `num_train`.
 
 import dataclasses
 import random
+import zlib
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -138,24 +139,45 @@ class ArithmeticBuilder(base.GeneratedBuilder):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ArithmeticTask(base.WeightedReward, ArithmeticData, base.GeneratedTask):
-  """Multi-digit arithmetic with an exact-match reward plus a format credit.
+  """Multi-digit arithmetic with an exact-match reward plus format and per-digit credit.
 
   Attributes:
     (data) num_digits, operations, num_train, num_test, seed: see `ArithmeticData`.
     correct_reward: added for an exact-match answer.
     format_reward: added for a well-formed integer.
+    digit_reward: added, for a well-formed integer, times the fraction of its characters that
+      match the answer's, aligned at the last digit, over the longer of the two lengths
+      (`digit_credit`); 0 (the default) turns partial credit off. An exact match gets all of
+      it, so passing (reaching `reward_range[1]`) still means the exact answer.
     min_reward: given to every completion; keeps rewards > 0 for the log-reward baseline.
+    teacher_carry_drop: the probability that a warm-start demonstration (`demonstration`) of
+      an addition forgets every carry (adds digit by digit, mod 10), as a teacher that has
+      not mastered carrying would; drawn once per problem (a hash of its question), so the
+      same problem always gets the same demonstration. 0 (the default): demonstrations are
+      the exact answers. Only '+' problems are affected. Rewards and evaluation always check
+      the true answer: the gap is what RL can recover and supervised imitation cannot.
   """
 
   name: ClassVar[str] = "arithmetic"
   builder_cls: ClassVar[type[base.GeneratedBuilder]] = ArithmeticBuilder
 
   format_reward: float = 0.1
+  digit_reward: float = 0.0
   min_reward: float = 0.01
+  teacher_carry_drop: float = 0.0
 
   def __post_init__(self):
     super().__post_init__()
     self.check_weights()
+    base.check_nonnegative("digit_reward", self.digit_reward)
+    base.check_nonnegative("teacher_carry_drop", self.teacher_carry_drop)
+    if self.teacher_carry_drop > 1:
+      raise ValueError(f"teacher_carry_drop must lie in [0, 1], got {self.teacher_carry_drop}")
+
+  @property
+  def reward_range(self) -> tuple[float, float]:
+    low, high = super().reward_range
+    return (low, high + self.digit_reward)
 
   def prompt(self, example: Mapping[str, Any]) -> str:
     return example["question"]
@@ -163,9 +185,44 @@ class ArithmeticTask(base.WeightedReward, ArithmeticData, base.GeneratedTask):
   def solution(self, example: Mapping[str, Any]) -> str:
     return example["answer"]
 
+  def demonstration(self, example: Mapping[str, Any]) -> str:
+    """The teacher's answer: the true one, or with probability `teacher_carry_drop` (per
+    problem) the carry-less digit-wise sum."""
+    question = example["question"]
+    if "+" not in question or not self.teacher_carry_drop:
+      return example["answer"]
+    draw = zlib.crc32(question.encode()) / 2**32
+    if draw >= self.teacher_carry_drop:
+      return example["answer"]
+    a, b = question[:-1].split("+")
+    return str(carry_less_sum(int(a), int(b)))
+
   def reward(self, completion: str, example: Mapping[str, Any]) -> float:
-    """min_reward + format_reward·[well-formed] + correct_reward·[exact match]."""
+    """min_reward + format_reward·[well-formed] + digit_reward·digit_credit + correct_reward·[exact]."""
     answer = completion.strip()
     well_formed = base.INTEGER_RE.fullmatch(answer) is not None
     correct = answer == example["answer"]
-    return self.weighted_reward(well_formed=well_formed, correct=correct)
+    partial = self.digit_reward * digit_credit(answer, example["answer"]) if well_formed else 0.0
+    return self.weighted_reward(well_formed=well_formed, correct=correct) + partial
+
+
+def carry_less_sum(a: int, b: int) -> int:
+  """a + b with every carry dropped: each decimal digit is (digit of a + digit of b) mod 10."""
+  total, place = 0, 1
+  while a or b:
+    total += ((a % 10 + b % 10) % 10) * place
+    a, b, place = a // 10, b // 10, place * 10
+  return total
+
+
+def digit_credit(predicted: str, reference: str) -> float:
+  """The fraction of matching characters, right-aligned, over the longer length.
+
+  '81' vs '81': 1; '71' vs '81': 1/2; '181' vs '81': 2/3 (one character too many); '' vs
+  anything: 0.
+  """
+  length = max(len(predicted), len(reference))
+  if not length:
+    return 0.0
+  matches = sum(p == r for p, r in zip(reversed(predicted), reversed(reference)))
+  return matches / length

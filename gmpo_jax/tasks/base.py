@@ -350,6 +350,19 @@ class Task(abc.ABC):
   def solution(self, example: Mapping[str, Any]) -> str:
     """A reference completion (for supervised warm starts); it earns `reward_range[1]`."""
 
+  def demonstration(self, example: Mapping[str, Any]) -> str:
+    """The completion a supervised warm start imitates: `solution` unless the task models an
+    imperfect teacher (whose demonstrations may be wrong; the reward still checks the truth)."""
+    return self.solution(example)
+
+  def extract_answer(self, completion: str) -> str:
+    """The final answer a completion states, for majority voting (maj@k).
+
+    Two completions with the same extracted answer count as one vote. The default is the
+    stripped completion; tasks with reasoning before the answer override it.
+    """
+    return completion.strip()
+
   def download_config(self) -> tfds.download.DownloadConfig:
     """Settings for `download_and_prepare` (the manual directory, for GSM8K)."""
     return tfds.download.DownloadConfig()

@@ -29,7 +29,7 @@ from gmpo_jax import train
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 OVERRIDES = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
              # 16 prompts x 1 sample: evaluation reuses the training rollout's compiled sampler.
-             "eval.num_examples": 16, "eval.k": 1}
+             "eval.num_examples": 16, "eval.num_samples": 1, "eval.k": (1,)}
 NUM_PROCESSES = 2
 TIMEOUT_S = 400
 
