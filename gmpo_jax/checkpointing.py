@@ -691,6 +691,8 @@ class Checkpointer:
     # CommitFile (object stores): the final directory, marked at commit.
     temporary = final.parent / (final.name + ocp.path.atomicity.TMP_DIR_SUFFIX)
     step_dir = temporary if temporary.exists() else final
+    if not step_dir.exists():
+      raise RuntimeError(f"Orbax's directory for step {step} is neither {temporary} nor {final}")
     manifest = _build_manifest(step_dir, step, tree)
     _write_atomically(step_dir / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
     self._unsealed = step
