@@ -44,7 +44,7 @@ import numpy as np
 Impl = Literal["auto", "xla", "blockwise", "cudnn", "splash"]
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "splash")
 DEFAULT_BLOCK_SIZE = 512
-CPU_BLOCK_SIZE = 128
+CPU_BLOCK_SIZE = 64
 
 # Masked scores: a finite floor instead of −inf, so a query with no allowed key gets a finite
 # softmax rather than NaN (uniform over its S keys).
@@ -473,9 +473,9 @@ def splash_attention(
 def default_block_size(backend: str) -> int:
   """Block length for 'blockwise' / 'splash' when the config leaves it unset.
 
-  128 on CPU, where a [B, H, 128, 128] float32 tile stays in cache (fastest of 64–512 for
-  the tiny config, BENCHMARKS.md "Attention memory"); 512 elsewhere (fewer loop steps for
-  accelerators; the splash kernel's usual tile).
+  64 on CPU, where small float32 tiles stay in cache (fastest of 64–512 for the tiny config
+  at every T from 128 to 4096, BENCHMARKS.md "Attention memory"); 512 elsewhere (fewer loop
+  steps on accelerators; the splash kernel's usual tile).
   """
   return CPU_BLOCK_SIZE if backend == "cpu" else DEFAULT_BLOCK_SIZE
 

@@ -172,7 +172,7 @@ class TransformerConfig:
       in value or gradient), 'cudnn' (GPU, float16/bfloat16) or 'splash' (TPU). A single
       decode step always uses the dense kernel; the vendor kernels do not extend a cache.
     attention_block_size: query/key block length of 'blockwise' and 'splash'; None = per
-      backend (`gmpo_jax.attention.default_block_size`: 128 on CPU, 512 elsewhere).
+      backend (`gmpo_jax.attention.default_block_size`: 64 on CPU, 512 elsewhere).
   """
 
   vocab_size: int
