@@ -20,6 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every = 100
   config.chunk_size = 32
   config.progress = ml_collections.FieldReference(None, field_type=bool)
+  # Resume a workdir whose checkpoint holds another config (the differences are logged and kept
+  # in the checkpoints); False: such a workdir is an error naming the differing fields.
+  config.resume_with_changes = False
 
   config.task = ml_collections.ConfigDict()
   config.task.name = "arithmetic"

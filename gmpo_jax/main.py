@@ -5,11 +5,13 @@ locked, so a misspelt field is an error. Rerunning with the same workdir resumes
 """
 
 import logging
+import sys
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from gmpo_jax import checkpointing
 from gmpo_jax import distributed
 from gmpo_jax import train
 
@@ -28,7 +30,12 @@ def main(argv):
   # Before anything starts a JAX backend: the device list is fixed then.
   distributed.initialize(
       distributed.DistributedConfig.from_config(_CONFIG.value.get("distributed")))
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (checkpointing.ConfigMismatchError, checkpointing.CheckpointMismatchError) as error:
+    # A user error, not a crash: one line naming what differs, no traceback.
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,14 @@ The runner computes the metrics; nothing here knows what they mean.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import operator
 import os
 import pathlib
+import re
 import time
 from typing import Any, Literal, Mapping, Sequence
 
@@ -68,6 +70,16 @@ def to_python_scalar(name: str, value: Any) -> int | float:
   if jnp.issubdtype(array.dtype, jnp.floating):
     return float(array)
   raise TypeError(f"Metric {name!r} must be numeric, got {type(value).__name__} of dtype {array.dtype}.")
+
+
+_TENSORBOARD_ILLEGAL = re.compile(r"[^A-Za-z0-9_.\-/]")
+
+
+@functools.cache
+def tensorboard_name(name: str) -> str:
+  """A metric name TensorBoard accepts as it is ('@' -> '_at_', other illegal characters -> '_'),
+  so it never rewrites (and logs a line about) a name itself: 'eval/pass@8' -> 'eval/pass_at_8'."""
+  return _TENSORBOARD_ILLEGAL.sub("_", name.replace("@", "_at_"))
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -203,7 +215,7 @@ class MetricsWriter:
     for name, value in values.items():
       # The same gap as the JSON null (tensorboardX would also warn per value).
       if math.isfinite(value):
-        self._tensorboard.add_scalar(name, value, global_step=step)
+        self._tensorboard.add_scalar(tensorboard_name(name), value, global_step=step)
     self._tensorboard.flush()
     shown = {name: f"{values[name]:.4g}" for name in self._progress_keys if name in values}
     if shown:

@@ -430,7 +430,20 @@ def _train(run: Run) -> dict[str, Any]:
                                     best_metric=config.checkpoint.best_metric, best_mode="max")
   target = checkpointing.CheckpointState(step=0, model=params, opt_state=opt_state,
                                          key=base_key, metadata={})
-  restored = ckpt.restore_latest(target)
+  # A workdir resumes only the experiment that wrote it (the fields in
+  # `checkpointing.RESUMABLE_FIELDS` may differ); `resume_with_changes` accepts any change,
+  # and the changes are logged and kept in every later checkpoint.
+  resolved = json.loads(config.to_json())
+  restored = ckpt.restore_latest(target, config=resolved,
+                                 allow_config_changes=config.resume_with_changes)
+  config_record = checkpointing.config_record(resolved)
+  if restored is not None and config.resume_with_changes:
+    stored = restored.metadata.get(checkpointing.CONFIG_METADATA_KEY)
+    changes = checkpointing.config_changes(stored, resolved) if stored else []
+    if changes:
+      logger.warning("resuming with config changes: %s", changes)
+      config_record["resumed_with_changes"] = [
+          [c.field, repr(c.stored), repr(c.current)] for c in changes]
   start_step, position, skipped_total, initial_eval = 0, 0, 0, None
   if restored is not None:
     start_step, params, opt_state = restored.step, restored.model, restored.opt_state
@@ -536,7 +549,8 @@ def _train(run: Run) -> dict[str, Any]:
         ckpt.save(
             checkpointing.CheckpointState(
                 step=done, model=params, opt_state=opt_state, key=base_key,
-                metadata={"data_position": stream.position, "skipped_updates": skipped_total,
+                metadata={checkpointing.CONFIG_METADATA_KEY: config_record,
+                          "data_position": stream.position, "skipped_updates": skipped_total,
                           "initial_eval": initial_eval}),
             metrics={config.checkpoint.best_metric: record[config.checkpoint.best_metric]}
             if config.checkpoint.best_metric in record else None)

@@ -169,6 +169,20 @@ class TestTensorBoard:
         assert event.value == np.float32(metrics[tag])
 
 
+  def test_names_are_made_legal_once_and_silently(self, tmp_path, caplog):
+    assert metrics_lib.tensorboard_name("eval/pass@8/ci_low") == "eval/pass_at_8/ci_low"
+    assert metrics_lib.tensorboard_name("a b:c") == "a_b_c"
+    with caplog.at_level(logging.INFO):
+      with MetricsWriter(tmp_path, total_steps=1, progress=False) as writer:
+        writer.write(1, {"eval/maj@4": 0.5})
+    assert "illegal" not in caplog.text
+    accumulator = EventAccumulator(str(tmp_path / TENSORBOARD_DIR))
+    accumulator.Reload()
+    assert accumulator.Tags()["scalars"] == ["eval/maj_at_4"]
+    # metrics.jsonl keeps the name as logged.
+    assert read_metrics(tmp_path)[0]["eval/maj@4"] == 0.5
+
+
 class TestSummaryAndProgress:
 
   def test_add_to_summary_lands_in_summary_json(self, tmp_path):

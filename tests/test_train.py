@@ -2,12 +2,14 @@
 
 import json
 import os
+import shutil
 import signal
 
 import numpy as np
 import pytest
 
 from configs import smoke
+from gmpo_jax import checkpointing
 from gmpo_jax import evaluation
 from gmpo_jax import metrics as metrics_lib
 from gmpo_jax import train
@@ -88,6 +90,26 @@ def test_rerun_of_a_finished_workdir_does_nothing_new(uninterrupted):
   before = (workdir / metrics_lib.METRICS_FILE).read_text()
   train.train_and_evaluate(smoke.get_config(), workdir)
   assert (workdir / metrics_lib.METRICS_FILE).read_text() == before
+
+
+def test_a_workdir_of_another_experiment_is_refused_unless_changes_are_allowed(uninterrupted,
+                                                                               tmp_path):
+  workdir = tmp_path / "copy"
+  shutil.copytree(uninterrupted[0], workdir)
+  before = (workdir / metrics_lib.METRICS_FILE).read_text()
+  config = smoke.get_config()
+  config.algorithm.advantage = "grpo"
+  config.optim.learning_rate = 3e-4
+  with pytest.raises(checkpointing.ConfigMismatchError,
+                     match=r"algorithm.advantage[\s\S]*optim.learning_rate"):
+    train.train_and_evaluate(config, workdir)
+  assert (workdir / metrics_lib.METRICS_FILE).read_text() == before
+  config.resume_with_changes = True
+  train.train_and_evaluate(config, workdir)  # accepted: finished, so nothing new to run
+  # Fields that do not change the experiment never count.
+  config = smoke.get_config()
+  config.eval_every = 1
+  train.train_and_evaluate(config, workdir)
 
 
 def test_overlong_penalty_is_linear_in_the_buffer():
