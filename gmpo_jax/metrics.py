@@ -115,8 +115,11 @@ class MetricsWriter:
     start_step: step of the restored checkpoint when resuming: earlier lines
       are kept and replayed into the summary, later ones are dropped. None: a
       fresh run; an existing metrics.jsonl is emptied.
-    progress: show a tqdm progress bar on stderr; None: only when stderr is a TTY.
-    progress_keys: metrics shown next to the bar (when present in a record).
+    progress: show a tqdm progress bar on stderr; None: only when stderr is a TTY. Without
+      the bar (CI, nohup, a cluster log) a status line is logged every `status_every` steps
+      instead: step, the `progress_keys` present, s/step and the ETA.
+    progress_keys: metrics shown next to the bar or in the status line (when present).
+    status_every: steps between status lines when there is no bar (and at the last step).
     best_modes: metric name -> 'max' | 'min' for the metrics whose best value
       (and its step) goes into the summary. Only finite values compete.
   """
@@ -130,6 +133,7 @@ class MetricsWriter:
       progress: bool | None = None,
       progress_keys: Sequence[str] = (),
       best_modes: Mapping[str, Literal["max", "min"]] | None = None,
+      status_every: int = 50,
   ):
     total_steps = operator.index(total_steps)
     if total_steps < 1:
@@ -144,6 +148,9 @@ class MetricsWriter:
     self._total_steps = total_steps
     self._best_modes = best_modes
     self._progress_keys = tuple(progress_keys)
+    self._status_every = max(1, operator.index(status_every))
+    self._status_shown: dict[str, str] = {}
+    self._status_clock: tuple[int, float] | None = None
     # Steps must not go back: after a resume from S the next record is S + 1 or later.
     self._min_step = 0 if start_step is None else start_step + 1
     self._num_records = 0
@@ -221,6 +228,24 @@ class MetricsWriter:
     if shown:
       self._bar.set_postfix(shown, refresh=False)
     self._bar.update(step - self._bar.n)
+    if self._bar.disable:
+      self._status(step, shown)
+
+  def _status(self, step: int, shown: Mapping[str, str]) -> None:
+    """One log line every `status_every` steps, for logs that are not a terminal."""
+    self._status_shown.update(shown)
+    now = time.perf_counter()
+    if self._status_clock is None:
+      self._status_clock = (step, now)
+      return
+    if step % self._status_every and step != self._total_steps:
+      return
+    first_step, start = self._status_clock
+    per_step = (now - start) / max(step - first_step, 1)
+    eta = per_step * (self._total_steps - step)
+    fields = " ".join(f"{name}={value}" for name, value in self._status_shown.items())
+    logger.info("step %d/%d %s | %.3g s/step | ETA %dm%02ds", step, self._total_steps, fields,
+                per_step, eta // 60, eta % 60)
 
   def _track(self, record: Mapping[str, Any]) -> None:
     self._num_records += 1

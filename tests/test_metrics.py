@@ -185,6 +185,16 @@ class TestTensorBoard:
 
 class TestSummaryAndProgress:
 
+  def test_status_lines_replace_the_bar_off_a_terminal(self, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="gmpo_jax.metrics"):
+      with MetricsWriter(tmp_path, total_steps=7, progress=False, progress_keys=("loss",),
+                         status_every=3) as writer:
+        for step in range(8):
+          writer.write(step, {"loss": 1.0 / (step + 1)})
+    lines = [r.getMessage() for r in caplog.records if "s/step" in r.getMessage()]
+    assert [line.split()[1] for line in lines] == ["3/7", "6/7", "7/7"]
+    assert "loss=0.125" in lines[-1] and "ETA 0m00s" in lines[-1]
+
   def test_add_to_summary_lands_in_summary_json(self, tmp_path):
     with MetricsWriter(tmp_path, total_steps=1, progress=False) as writer:
       writer.write(1, {"loss": 0.5})
