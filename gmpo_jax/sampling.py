@@ -54,7 +54,8 @@ class SamplingConfig:
     pad_id: written after a completion's end and in prompt padding.
     batch_multiple: the batch is padded up to a multiple of this.
     min_prompt_bucket: prompt lengths are padded up to the next power of two, at least this.
-    cache_dtype: KV-cache storage dtype; None = the model's compute dtype.
+    cache_dtype: KV-cache storage dtype; None = `transformer.default_cache_dtype` (the
+      model's compute dtype on the CPU, bfloat16 for a float32 model on GPU/TPU).
   """
 
   max_new_tokens: int

@@ -209,6 +209,14 @@ class TestKVCache:
     assert cache.key_mask.shape == (3, 16) and not cache.key_mask.any()
     assert cache.index.dtype == jnp.int32 and int(cache.index) == 0
     assert tfm.init_cache(FULL, 1, 4, jnp.bfloat16).k.dtype == jnp.bfloat16
+    # Default: the compute dtype on the CPU, bfloat16 for a float32 model on accelerators.
+    assert cache.k.dtype == tfm.default_cache_dtype(FULL) == (
+        jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    bf16 = dataclasses.replace(FULL, dtype="bfloat16")
+    for backend, config, expected in [("cpu", FULL, jnp.float32), ("gpu", FULL, jnp.bfloat16),
+                                      ("tpu", FULL, jnp.bfloat16), ("cpu", bf16, jnp.bfloat16),
+                                      ("cuda", bf16, jnp.bfloat16)]:
+      assert tfm.default_cache_dtype(config, backend) == expected, (backend, config.dtype)
 
   @pytest.mark.parametrize("config", [
       FULL, dataclasses.replace(FULL, attention_impl="blockwise", attention_block_size=4),
@@ -220,7 +228,7 @@ class TestKVCache:
     mask[0, 9] = False
     positions = (np.cumsum(mask, 1) - 1).astype(np.int32)
     ref_hidden, ref_logits = _forward(model, *map(jnp.asarray, (tokens, positions, mask)))
-    cache = tfm.init_cache(config, 3, 16)  # spare slots stay invalid
+    cache = tfm.init_cache(config, 3, 16, config.dtype)  # spare slots stay invalid
     pieces, logits_pieces = [], []
     for start, stop in [(0, 6), (6, 8)] + [(t, t + 1) for t in range(8, 12)]:
       sl = slice(start, stop)

@@ -13,6 +13,11 @@ et al. 2023, arXiv 2305.13245); "GLU Variants Improve Transformer" (Shazeer 2020
 "Qwen2 Technical Report" (arXiv 2407.10671, q/k/v bias); "Qwen3 Technical Report" (arXiv
 2505.09388, per-head q/k RMSNorm).
 
+Attention runs through `gmpo_jax.attention` (``TransformerConfig.attention_impl``): by default
+a blockwise flash-style kernel on the CPU, cuDNN on GPUs (16-bit), splash on TPUs, so neither
+the training step nor a prefill holds a [B, H, T, T] score matrix; a single decode step uses
+the dense kernel (its scores are [B, H, 1, S]).
+
 The rotary embedding uses the "rotate half" pairing (dimension i with i + head_dim/2) that
 Hugging Face checkpoints are stored for, so their weights load without permutation.
 
@@ -342,6 +347,28 @@ class KVCache:
     return self.k.shape[2]
 
 
+def default_cache_dtype(config: TransformerConfig, backend: str | None = None) -> np.dtype:
+  """KV-cache storage dtype when none is asked for: bfloat16 on accelerators, else the model's.
+
+  A decode step reads the whole live cache; on a GPU/TPU, where that read is the step's cost,
+  a float32 model keeps its cache in bfloat16 (half the bytes; the scores and softmax stay
+  float32). On the CPU, and for 16-bit models, the cache has the compute dtype. The learner
+  rescores log-probabilities without a cache, so this affects which tokens are sampled, not
+  the log-probs the objective uses.
+
+  Args:
+    config: the model config.
+    backend: `jax.default_backend()` when None.
+
+  Returns:
+    bfloat16 for a float32 model on 'gpu' / 'cuda' / 'rocm' / 'tpu', else ``config.dtype``.
+  """
+  backend = jax.default_backend() if backend is None else backend
+  if backend in ("gpu", "cuda", "rocm", "tpu") and config.dtype == jnp.float32:
+    return jnp.dtype(jnp.bfloat16)
+  return config.dtype
+
+
 def init_cache(
     config: TransformerConfig, batch: int, capacity: int, dtype: Any = None
 ) -> KVCache:
@@ -351,14 +378,15 @@ def init_cache(
     config: the model config.
     batch: B.
     capacity: S, the most tokens (prompt + generated, padding included) the cache holds.
-    dtype: storage dtype of k/v; default ``config.dtype``.
+    dtype: storage dtype of k/v; default `default_cache_dtype(config)` (``config.dtype`` on
+      the CPU, bfloat16 for a float32 model on GPU/TPU).
 
   Returns:
     KVCache with k, v [L, B, S, K, head_dim], key_mask [B, S] all False, index 0.
   """
   if batch <= 0 or capacity <= 0:
     raise ValueError(f"init_cache needs batch > 0 and capacity > 0, got {batch}, {capacity}.")
-  dtype = config.dtype if dtype is None else jnp.dtype(dtype)
+  dtype = default_cache_dtype(config) if dtype is None else jnp.dtype(dtype)
   shape = (config.num_layers, batch, capacity, config.num_kv_heads, config.head_dim)
   return KVCache(
       k=jnp.zeros(shape, dtype),
