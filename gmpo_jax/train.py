@@ -39,6 +39,7 @@ from gmpo_jax import distributed
 from gmpo_jax import evaluation
 from gmpo_jax import learner
 from gmpo_jax import metrics as metrics_lib
+from gmpo_jax import reward_shape
 from gmpo_jax import sharding
 from gmpo_jax import tasks as tasks_lib
 from gmpo_jax import tokenization
@@ -164,6 +165,22 @@ def group_statistics(rewards: np.ndarray, floor: float = 1e-8) -> dict[str, floa
       "reward/min": float(rewards.min()),
       "groups/zero_std_fraction": float(np.mean(np.ptp(rewards, axis=1) == 0)),
   }
+
+
+def sampler_learner_kl(rollout: Rollout, learner_logp: jax.Array) -> float:
+  """Mean k3 estimate of KL(sampler ‖ learner) over the completion tokens.
+
+  The sampler's own log-probs of its tokens (`Rollout.policy_logprobs`, the untruncated
+  temperature-scaled policy) against the learner's rescoring of the same tokens with the same
+  parameters: 0 up to numerics. It measures the sampler/learner drift (another dtype, kernel or
+  engine) that rescoring π_old hides from the ratio; x = log π_learner − log π_sampler and
+  k3 = e^x − x − 1 on tokens drawn from the sampler.
+  """
+  mask = np.asarray(rollout.completion_mask)
+  if not mask.any():
+    return 0.0
+  x = (np.asarray(learner_logp, np.float64) - np.asarray(rollout.policy_logprobs, np.float64))[mask]
+  return float(np.mean(np.expm1(x) - x))
 
 
 def to_microbatches(x: np.ndarray | jax.Array, num: int) -> jax.Array:
@@ -482,6 +499,14 @@ def _train(run: Run) -> dict[str, Any]:
           rewards, require_positive=algo.require_positive_rewards,
           require_non_negative=algo.reward_domain == "non_negative", offset=algo.offset,
           group_names=[repr(run.task.prompt(e)) for e in examples])
+      # The advisor's `reward_shape/...` statistics of every group (before dynamic sampling);
+      # NaN where not measurable, written as null.
+      shape_record = reward_shape.reward_diagnostics(rewards)
+      if restored is None and step == start_step:
+        name, reason = reward_shape.recommend_advantage(shape_record)
+        logger.info("reward shape at step 1: recommended advantage %r (%s)%s", name, reason,
+                    "" if name == algo.advantage else
+                    f"; differs from the configured advantage {algo.advantage!r}")
       group_mask = np.ones(rewards.shape, bool)
       if algo.dynamic_sampling:
         group_mask &= (np.ptp(rewards, axis=1) > 0)[:, None]
@@ -517,7 +542,8 @@ def _train(run: Run) -> dict[str, Any]:
       lengths = np.asarray(rollout.lengths)
       adv = np.asarray(advantages)
       record = {
-          **group_statistics(rewards),
+          **group_statistics(rewards), **shape_record,
+          "mismatch/kl": sampler_learner_kl(rollout, old_logp),
           "advantage/mean": float(adv.mean()), "advantage/std": float(adv.std()),
           "advantage/min": float(adv.min()), "advantage/max": float(adv.max()),
           "loss": float(np.mean([o.loss for o in outputs])),

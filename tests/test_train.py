@@ -35,8 +35,14 @@ def test_run_writes_metrics_checkpoints_and_plot(uninterrupted):
   assert "eval/pass@1" in records[0]  # the evaluation before any RL update
   for key in ("reward/mean", "reward/geometric_mean", "advantage/std", "loss", "grad_norm",
               "clip_fraction_low", "ratio_max", "entropy", "groups/zero_std_fraction",
-              "response_length/mean"):
+              "response_length/mean", "mismatch/kl"):
     assert key in records[1], key
+  # The sampler and the learner score the same tokens with the same parameters in float32.
+  assert all(0 <= r["mismatch/kl"] < 1e-5 for r in records[1:])
+  # The reward-shape advisor's statistics, every RL step (null where not measurable).
+  assert records[1]["reward_shape/groups"] == config.prompts_per_step
+  assert 0 <= records[1]["reward_shape/zero_std_group_fraction"] <= 1
+  assert all("reward_shape/tail_index" in r for r in records[1:])
   # The update step compiles once, on the first step, and never again.
   assert all(r["compiles/update"] == 1 for r in records[1:])
   assert (workdir / metrics_lib.PLOT_FILE).exists()
@@ -82,6 +88,9 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp
   for got, want in zip(resumed, reference):
     assert got.keys() == want.keys()
     for key in want:
+      if want[key] is None:  # a non-finite metric (e.g. reward_shape/tail_index), as null
+        assert got[key] is None, (want["step"], key)
+        continue
       np.testing.assert_allclose(got[key], want[key], rtol=1e-6, err_msg=f"step {want['step']} {key}")
 
 
@@ -110,6 +119,18 @@ def test_a_workdir_of_another_experiment_is_refused_unless_changes_are_allowed(u
   config = smoke.get_config()
   config.eval_every = 1
   train.train_and_evaluate(config, workdir)
+
+
+def test_sampler_learner_kl_is_k3_over_completion_tokens():
+  rollout = train.Rollout(
+      tokens=None, positions=None, key_mask=None, lengths=None, finished=None, logprobs=None,
+      completion_mask=np.array([[False, True, True], [False, False, True]]),
+      policy_logprobs=np.array([[0.0, -1.0, -2.0], [0.0, 0.0, -0.5]]))
+  learner = np.array([[5.0, -1.2, -1.9], [9.0, 0.0, -0.5]])  # masked entries differ freely
+  x = np.array([-0.2, 0.1, 0.0])
+  assert train.sampler_learner_kl(rollout, learner) == pytest.approx(np.mean(np.exp(x) - x - 1))
+  nothing = rollout._replace(completion_mask=np.zeros((2, 3), bool))
+  assert train.sampler_learner_kl(nothing, learner) == 0.0
 
 
 def test_overlong_penalty_is_linear_in_the_buffer():
