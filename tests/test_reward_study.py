@@ -99,6 +99,35 @@ class TestQuickRun:
     np.testing.assert_allclose(deviation['Dr.GRPO'][1e3], 999, rtol=1e-4)
     # The offset breaks it: log(1000 R + 1) - log(R + 1) is not a constant.
     assert deviation['log(R+1)'][1e3] > 0.1
+    # Unnormalized power means scale as c^p; normalized ones and MaxRL are invariant
+    # up to their eps (MaxRL's eps sits next to the mean: visible at c = 1e-3).
+    for method in ('pow-norm p=0.5', 'pow-norm p=-0.5', 'MaxRL'):
+      assert deviation[method][1e3] < 1e-4, method
+    np.testing.assert_allclose(deviation['pow p=0.5'][1e3], 1e3**0.5 - 1, rtol=1e-4)
+    np.testing.assert_allclose(deviation['pow p=-0.5'][1e-3], 1e-3**-0.5 - 1, rtol=1e-4)
+
+  def test_power_mean_family_reduces_to_its_ends(self, quick):
+    checks = quick[1]['summary']['checks']
+    # p = 1 is Dr.GRPO (normalized: GRPO), p -> 0 the log baseline.
+    assert set(checks['power_mean_ends']) == {
+        'pow p=1 vs Dr.GRPO', 'pow-norm p=1 vs GRPO', 'pow p=1e-6 vs log d=1e-8',
+        'pow-norm p=1e-6 vs log-norm d=1e-8'}
+    assert all(v < 2e-5 for v in checks['power_mean_ends'].values()), checks
+    assert 'pow p=-0.5 vs 19998 x Dr.GRPO' in checks['binary_identities']
+
+  def test_the_power_decides_who_is_penalized(self, quick):
+    rows = _rows(quick[1]['summary'], [1.0, 5.0, 10.0, 20.0, 30.0, 1000.0])
+    # Power means of this group: M_1 = 177.7 > M_0.5 = 64.0 > 20, 30 > M_0 = 17.6 >
+    # M_-0.5 = 7.4. The baseline falls with p, and with it the penalized count.
+    for method in ('pow p=0.5', 'pow-norm p=0.5', 'MaxRL'):
+      assert (rows[method]['penalized'], rows[method]['above_median']) == (2, 3), method
+    for method in ('pow p=-0.5', 'pow-norm p=-0.5'):
+      assert (rows[method]['penalized'], rows[method]['above_median']) == (0, 3), method
+    assert rows['pow p=-0.5']['negative'] < rows['log d=1e-8']['negative'] < rows[
+        'pow p=0.5']['negative']
+    # MaxRL is Dr.GRPO divided by the group mean.
+    np.testing.assert_allclose(np.multiply(rows['MaxRL']['advantages'], 1066 / 6),
+                               rows['Dr.GRPO']['advantages'], rtol=1e-5)
 
 
 # A few sequences per environment: all A, all B, all D, and ABCD.
@@ -114,6 +143,10 @@ def test_exact_moments_match_monte_carlo(env):
                                            envs.NUM_TOKENS))
   rewards = np.asarray(jax.jit(env.sample)(jax.random.key(1), jnp.asarray(tokens)),
                        np.float64).reshape(env.num_contexts, len(_SEQUENCES), num)
+  # MaxRL needs R >= 0 and the study runs it everywhere; only counts and binary
+  # have zeros, which the log and power-mean (p <= 0) rows clamp to their floor.
+  assert rewards.min() >= 0
+  assert (rewards.min() > 0) == (env.name not in ('counts', 'binary')), env.name
   tables = env.exact_tables()
   for values, table in ((rewards, tables.mean_reward),
                         (np.log(rewards + env.geo_offset), tables.mean_log_reward)):

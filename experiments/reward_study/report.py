@@ -2,7 +2,8 @@
 
 Everything here works on NumPy copies of `study.TrainResult` / `study.Diagnostics`
 and returns plain dicts (for results.json) or markdown strings. Statistics are
-mean +- standard error over seeds (ddof = 1).
+mean +- the half-width of the 95% Student-t confidence interval over seeds
+(t_{0.975, n-1} times the standard error, ddof = 1).
 """
 
 import collections
@@ -13,17 +14,24 @@ import matplotlib
 matplotlib.use('Agg')  # files only; no display on the study machines.
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from scipy import stats  # noqa: E402
 
 from experiments.reward_study import envs, study  # noqa: E402
 
 TARGET: float = 0.9  # steps-to-target threshold on the normalized scores.
 
 
-def mean_se(values: np.ndarray) -> tuple[float, float]:
-  """Mean and standard error over the first axis (se = 0 for one value)."""
+def ci95_factor(n: int) -> float:
+  """t_{0.975, n-1}: standard errors per 95% half-width (1.998 for 64 seeds)."""
+  return float(stats.t.ppf(0.975, n - 1)) if n > 1 else 0.0
+
+
+def mean_ci(values: np.ndarray) -> tuple[float, float]:
+  """Mean and 95% confidence half-width over the first axis (0 for one value)."""
   values = np.asarray(values, np.float64)
-  se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0.0
-  return float(values.mean()), float(se)
+  n = len(values)
+  se = values.std(ddof=1) / np.sqrt(n) if n > 1 else 0.0
+  return float(values.mean()), float(ci95_factor(n) * se)
 
 
 def fmt(stat: Sequence[float], digits: int = 3) -> str:
@@ -37,21 +45,21 @@ def steps_to_target(curves: np.ndarray, target: float = TARGET) -> dict:
     curves: [S, num_steps + 1] scores per seed, index 0 before training.
 
   Returns:
-    {'mean', 'se'} over the seeds that reached it (NaN if none), and
+    {'mean', 'ci95'} over the seeds that reached it (NaN if none), and
     'reached' / 'seeds' counts: a seed that never reaches it is not averaged in.
   """
   hit = curves >= target
   reached = hit.any(axis=1)
   first = hit.argmax(axis=1)[reached]
-  stat = mean_se(first) if reached.any() else (float('nan'), float('nan'))
-  return {'mean': stat[0], 'se': stat[1], 'reached': int(reached.sum()),
+  stat = mean_ci(first) if reached.any() else (float('nan'), float('nan'))
+  return {'mean': stat[0], 'ci95': stat[1], 'reached': int(reached.sum()),
           'seeds': int(len(curves))}
 
 
 def fmt_steps(steps: dict) -> str:
   if not steps['reached']:
     return f'never (0/{steps["seeds"]})'
-  return (f'{steps["mean"]:.0f} ± {steps["se"]:.0f} '
+  return (f'{steps["mean"]:.0f} ± {steps["ci95"]:.0f} '
           f'({steps["reached"]}/{steps["seeds"]})')
 
 
@@ -100,18 +108,18 @@ def summarize_runs(config: study.TrainConfig, result: study.TrainResult) -> list
       rows.append({
           'method': method.label,
           'objective': objective.label,
-          'arith_final': mean_se(arith[:, -1].mean(-1)),
-          'geo_final': mean_se(geo[:, -1].mean(-1)),
-          'arith_final_per_context': [mean_se(arith[:, -1, c]) for c in contexts],
+          'arith_final': mean_ci(arith[:, -1].mean(-1)),
+          'geo_final': mean_ci(geo[:, -1].mean(-1)),
+          'arith_final_per_context': [mean_ci(arith[:, -1, c]) for c in contexts],
           'steps_arith': steps_to_target(arith.mean(-1)),
           'steps_geo': steps_to_target(geo.mean(-1)),
-          'prob_arith_opt': mean_se(prob[:, contexts, arith_best].mean(-1)),
-          'prob_geo_opt': mean_se(prob[:, contexts, geo_best].mean(-1)),
+          'prob_arith_opt': mean_ci(prob[:, contexts, arith_best].mean(-1)),
+          'prob_geo_opt': mean_ci(prob[:, contexts, geo_best].mean(-1)),
           'modal_sequence': label,
           'modal_count': count,
-          'penalized_fraction': mean_se(result.penalized_fraction[m, o]),
-          'clip_fraction': mean_se(result.clip_fraction[m, o]),
-          'zero_advantage_fraction': mean_se(result.zero_advantage_fraction[m, o]),
+          'penalized_fraction': mean_ci(result.penalized_fraction[m, o]),
+          'clip_fraction': mean_ci(result.clip_fraction[m, o]),
+          'zero_advantage_fraction': mean_ci(result.zero_advantage_fraction[m, o]),
       })
   return rows
 
@@ -121,7 +129,7 @@ def summarize_diagnostics(
   """One row per method from a `study.run_diagnostics` result ([S, M], NumPy)."""
   return [{
       'method': method.label,
-      **{field: mean_se(getattr(diagnostics, field)[:, m])
+      **{field: mean_ci(getattr(diagnostics, field)[:, m])
          for field in study.Diagnostics._fields},
   } for m, method in enumerate(config.methods)]
 
@@ -169,12 +177,18 @@ _LINE_STYLES = ('-', '--', ':', '-.')
 
 
 def _band(ax, curves, **style):
-  """Mean +- standard error over seeds of [S, steps + 1] curves."""
+  """Mean +- 95% confidence half-width over seeds of [S, steps + 1] curves."""
   mean = curves.mean(axis=0)
-  se = curves.std(axis=0, ddof=1) / np.sqrt(len(curves)) if len(curves) > 1 else 0 * mean
+  n = len(curves)
+  ci = (ci95_factor(n) * curves.std(axis=0, ddof=1) / np.sqrt(n)) if n > 1 else 0 * mean
   steps = np.arange(len(mean))
   (line,) = ax.plot(steps, mean, lw=1.3, **style)
-  ax.fill_between(steps, mean - se, mean + se, color=line.get_color(), alpha=0.2, lw=0)
+  ax.fill_between(steps, mean - ci, mean + ci, color=line.get_color(), alpha=0.2, lw=0)
+
+
+def _colors(num_methods: int):
+  """One distinct color per method (tab10 repeats its last color past 10)."""
+  return plt.get_cmap('tab10' if num_methods <= 10 else 'tab20')
 
 
 def plot_curves(path, config: study.TrainConfig, result: study.TrainResult,
@@ -183,7 +197,7 @@ def plot_curves(path, config: study.TrainConfig, result: study.TrainResult,
   num_objectives = len(config.objectives)
   fig, axes = plt.subplots(num_objectives, 2, figsize=(11, 3.2 * num_objectives),
                            squeeze=False, sharex=True)
-  colors = plt.get_cmap('tab10')
+  colors = _colors(len(config.methods))
   for o, objective in enumerate(config.objectives):
     for col, (field, name) in enumerate(
         (('arith_score', 'E[R] score'), ('geo_score', 'E[log R] score'))):
@@ -209,7 +223,7 @@ def plot_contexts(path, config: study.TrainConfig, result: study.TrainResult,
   env = config.env
   fig, axes = plt.subplots(1, env.num_contexts, figsize=(4 * env.num_contexts, 3.2),
                            squeeze=False, sharey=True)
-  colors = plt.get_cmap('tab10')
+  colors = _colors(len(config.methods))
   for c, scale in enumerate(env.context_scales):
     ax = axes[0, c]
     for m, method in enumerate(config.methods):

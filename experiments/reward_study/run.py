@@ -44,6 +44,14 @@ GEOMETRIC_NARROW = study.Objective(
      ('loss_agg_mode', 'seq-mean-token-mean')))
 
 
+# p = 1 and p -> 0 of the power-mean family, checked against the estimators they
+# reduce to (Dr.GRPO / GRPO and the log baseline) rather than trained twice.
+_POWER_MEAN_ENDS = tuple(
+    study.Method(f'pow{"-norm" if normalize else ""} p={label}', 'power_mean',
+                 (('p', p), ('normalize', normalize), ('floor', 1e-8)))
+    for p, label in ((1.0, '1'), (1e-6, '1e-6')) for normalize in (False, True))
+
+
 @dataclasses.dataclass(frozen=True)
 class StudyConfig:
   """Sizes of the study.
@@ -88,7 +96,7 @@ class StudyConfig:
           f'Unknown environment(s) or method(s) {sorted(unknown)}; environments: '
           f'{sorted(known_envs)}, methods: {sorted(known_methods)}.')
     if self.num_seeds < 2 or self.diag_seeds < 2:
-      raise ValueError('num_seeds and diag_seeds must be >= 2 (standard errors).')
+      raise ValueError('num_seeds and diag_seeds must be >= 2 (confidence intervals).')
 
 
 FULL = StudyConfig()
@@ -118,7 +126,8 @@ def _uniform_policy_rewards(env: envs.RewardEnv, key, num_groups: int,
 
 
 def advantage_checks(config: StudyConfig, key) -> dict:
-  """Worked examples, scale invariance and the binary-reward identities."""
+  """Worked examples, scale invariance, the binary-reward identities and the ends
+  of the power-mean family."""
   methods = study.METHODS
   advantage = study.all_advantages(methods)
   # The groups padded to one shape with a mask: one compiled call for all of them.
@@ -147,6 +156,10 @@ def advantage_checks(config: StudyConfig, key) -> dict:
   positive = _uniform_policy_rewards(_env('lognormal'), key_positive,
                                      config.scale_groups, config.group_size)
   deviation = study.scale_deviation(positive, methods, scales)
+  # The ends of the power-mean family, which METHODS leave out as duplicates.
+  ends = study.all_advantages(_POWER_MEAN_ENDS)(positive)
+  same = dict(zip((m.label for m in methods), np.asarray(advantage(positive), np.float64)))
+  end = dict(zip((m.label for m in _POWER_MEAN_ENDS), np.asarray(ends, np.float64)))
 
   binary = _uniform_policy_rewards(_env('binary'), key_binary, config.scale_groups,
                                    config.group_size)
@@ -162,6 +175,21 @@ def advantage_checks(config: StudyConfig, key) -> dict:
       'log d=1e-2 vs |ln 1e-2| x Dr.GRPO': max_relative(
           by_label['log d=1e-2'], -math.log(1e-2) * by_label['Dr.GRPO']),
   }
+  # Any increasing transform of two values standardizes to GRPO; unnormalized, the
+  # power mean is Dr.GRPO times L(1) - L(0) = (1 - d^p) / p with the floor d = 1e-8.
+  for p in (0.5, -0.5):
+    identities[f'pow-norm p={p:g} vs GRPO'] = max_relative(
+        by_label[f'pow-norm p={p:g}'], by_label['GRPO'])
+    factor = (1 - 1e-8**p) / p
+    identities[f'pow p={p:g} vs {factor:.5g} x Dr.GRPO'] = max_relative(
+        by_label[f'pow p={p:g}'], factor * by_label['Dr.GRPO'])
+  power_mean_ends = {
+      'pow p=1 vs Dr.GRPO': max_relative(end['pow p=1'], same['Dr.GRPO']),
+      'pow-norm p=1 vs GRPO': max_relative(end['pow-norm p=1'], same['GRPO']),
+      'pow p=1e-6 vs log d=1e-8': max_relative(end['pow p=1e-6'], same['log d=1e-8']),
+      'pow-norm p=1e-6 vs log-norm d=1e-8': max_relative(
+          end['pow-norm p=1e-6'], same['log-norm d=1e-8']),
+  }
   return {
       'worked_examples': worked,
       'scale_invariance': {
@@ -170,6 +198,7 @@ def advantage_checks(config: StudyConfig, key) -> dict:
           'rows': [{'method': m.label, 'max_relative_deviation': deviation[i].tolist()}
                    for i, m in enumerate(methods)]},
       'binary_identities': identities,
+      'power_mean_ends': power_mean_ends,
   }
 
 
@@ -272,7 +301,7 @@ def results_markdown(summary: dict, config: StudyConfig) -> str:
       f'Main regime: T = {envs.NUM_TOKENS} tokens, V = {envs.VOCAB_SIZE}, G = '
       f'{config.group_size}, {config.num_steps} steps, {config.num_epochs} Adam epochs '
       f'per batch at lr {config.learning_rate}, {config.num_seeds} seeds (mean ± '
-      f'standard error). Scores are normalized per prompt: 0 = worst, 1 = best '
+      f'half-width of the 95% Student-t confidence interval over seeds). Scores are normalized per prompt: 0 = worst, 1 = best '
       f'deterministic policy, computed exactly. "Steps to 0.9" averages the seeds '
       f'that reached 0.9 (count in brackets).\n',
       '## Worked examples (advantages of one group)\n',
@@ -300,6 +329,11 @@ def results_markdown(summary: dict, config: StudyConfig) -> str:
   parts.append(
       '## Binary 0/1 rewards: identities (max relative deviation)\n\n'
       + '\n'.join(f'- {k}: {v:.2e}' for k, v in summary['checks']['binary_identities'].items())
+      + '\n')
+  parts.append(
+      '## The ends of the power-mean family (max relative deviation, '
+      f'{scale["rewards"]} rewards)\n\n'
+      + '\n'.join(f'- {k}: {v:.2e}' for k, v in summary['checks']['power_mean_ends'].items())
       + '\n')
   for name, env_summary in summary['envs'].items():
     optima_lines = '\n'.join(

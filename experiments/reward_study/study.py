@@ -54,6 +54,14 @@ class Objective:
 # 'log' is the founding document's log-reward geometric-mean baseline (registry
 # name 'gmpo'): A = log(max(R + offset, d)) - mean; 'log-norm' also divides by the
 # std of the log-rewards. d (the floor) only acts on rewards below it.
+# 'pow p' is the power-mean (Box-Cox) family, L = (max(R, d)^p - 1) / p with the
+# log baseline's floor d = 1e-8, so zero rewards are clamped as in 'log d=1e-8'
+# (for p = 0.5 that moves 0 to 1e-4, for p = -0.5 it makes a zero worth
+# -2e4); 'pow-norm' divides by the std of L. p = 1 is Dr.GRPO (normalized: GRPO)
+# and p = 0 the log baseline, so only the interior and negative points are new
+# rows; `run.advantage_checks` verifies the two ends. MaxRL (Tajwar et al. 2026,
+# arXiv 2602.02710) divides R - mean by the mean: it needs R >= 0, which every
+# study environment satisfies (tests/test_reward_study.py checks it).
 METHODS: Final[tuple[Method, ...]] = (
     Method('GRPO', 'grpo'),
     Method('Dr.GRPO', 'dr_grpo'),
@@ -62,6 +70,14 @@ METHODS: Final[tuple[Method, ...]] = (
     Method('log-norm d=1e-8', 'gmpo', (('normalize', True), ('floor', 1e-8))),
     Method('log d=1e-2', 'gmpo', (('normalize', False), ('floor', 1e-2))),
     Method('log(R+1)', 'gmpo', (('normalize', False), ('offset', 1.0))),
+    Method('pow p=0.5', 'power_mean', (('p', 0.5), ('normalize', False), ('floor', 1e-8))),
+    Method('pow-norm p=0.5', 'power_mean',
+           (('p', 0.5), ('normalize', True), ('floor', 1e-8))),
+    Method('pow p=-0.5', 'power_mean',
+           (('p', -0.5), ('normalize', False), ('floor', 1e-8))),
+    Method('pow-norm p=-0.5', 'power_mean',
+           (('p', -0.5), ('normalize', True), ('floor', 1e-8))),
+    Method('MaxRL', 'maxrl'),
 )
 
 # Token-clip: PPO/GRPO with epsilon 0.2. Geometric: GMPO (Zhao et al. 2025, arXiv
