@@ -286,31 +286,44 @@ def _init_opt_state(optimizer, params, mesh):
 # --- Supervised warm start -------------------------------------------------------------------
 
 
-def warm_start(run: Run) -> Any:
-  """A short supervised pass on the train split's reference solutions, cached in the workdir.
+def warm_start(run: Run, preemption: checkpointing.PreemptionHandler) -> Any:
+  """A short supervised pass on the train split's demonstrations, cached in the workdir.
 
   A randomly initialised policy earns a constant reward on these tasks (zero advantages
   everywhere), so RL needs a starting policy that sometimes succeeds. The result is saved
-  under `workdir/warm_start` and reused by later runs in the same workdir.
+  under `workdir/warm_start` and reused by later runs in the same workdir. A SIGTERM during
+  it saves its progress and raises `Preempted`; the next run continues from that step with the
+  same data order, so the result does not depend on the interruption.
   """
   cfg = run.config.warm_start
   directory = run.workdir / "warm_start"
   optimizer = make_optimizer(cfg.optim, cfg.steps)
   opt_state = _init_opt_state(optimizer, run.params, run.mesh)
   key = sharding.prng_key(run.config.seed, run.mesh)
+  signature = _warm_start_signature(run.config)
   target = checkpointing.CheckpointState(step=0, model=run.params, opt_state=opt_state,
                                          key=key, metadata={})
   with checkpointing.Checkpointer(directory, max_to_keep=1, async_save=False) as ckpt:
     restored = ckpt.restore_latest(target)
-    if restored is not None and restored.metadata == _warm_start_signature(run.config):
-      logger.info("warm start: reusing %s (step %d)", directory, restored.step)
-      return restored.model
+    params, first = jax.tree.map(jnp.copy, run.params), 0
+    if restored is not None and restored.metadata.get("signature") == signature:
+      if restored.step == cfg.steps:
+        logger.info("warm start: reusing %s (step %d)", directory, restored.step)
+        return restored.model
+      params, opt_state, first = restored.model, restored.opt_state, restored.step
+      logger.info("warm start: resuming at step %d of %d", first, cfg.steps)
     update = _make_update(run, optimizer, learner.supervised_loss(chunk_size=run.config.chunk_size),
                           run.params, opt_state)
-    params = jax.tree.map(jnp.copy, run.params)
-    stream = PromptStream(run.train_examples, seed=run.config.seed + 1)
+    stream = PromptStream(run.train_examples, seed=run.config.seed + 1,
+                          position=first * cfg.batch_size)
     start = time.perf_counter()
-    for step in range(cfg.steps):
+    save = lambda step: ckpt.save(checkpointing.CheckpointState(
+        step=step, model=params, opt_state=opt_state, key=key,
+        metadata={"signature": signature}))
+    for step in range(first, cfg.steps):
+      if preemption.requested_on_any_process():
+        save(step)
+        raise Preempted(f"warm start, step {step} of {cfg.steps} saved")
       examples = stream.take(cfg.batch_size)
       prompts = [run.task.prompt(e) for e in examples]
       solutions = [run.task.demonstration(e) for e in examples]
@@ -318,10 +331,13 @@ def warm_start(run: Run) -> Any:
       params, opt_state, out = update(params, opt_state, run.place_batch(batch))
       if step % max(cfg.steps // 5, 1) == 0 or step == cfg.steps - 1:
         logger.info("warm start step %d/%d: nll %.4f", step + 1, cfg.steps, float(out.loss))
-    logger.info("warm start: %d steps in %.1fs", cfg.steps, time.perf_counter() - start)
-    ckpt.save(checkpointing.CheckpointState(step=cfg.steps, model=params, opt_state=opt_state,
-                                            key=key, metadata=_warm_start_signature(run.config)))
+    logger.info("warm start: %d steps in %.1fs", cfg.steps - first, time.perf_counter() - start)
+    save(cfg.steps)
   return params
+
+
+class Preempted(Exception):
+  """A SIGTERM/SIGINT stopped the run outside the RL loop; what was in flight is saved."""
 
 
 def _warm_start_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -415,14 +431,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   run = _build_run(config, workdir)
   # Every jitted function traces under the run's mesh, so the model can pin its activations to
   # the batch axes (`sharding.constrain_to_batch_axes`); the mesh changes no value.
-  with jax.set_mesh(run.mesh):
-    return _train(run)
+  # One SIGTERM/SIGINT handler for every phase: the warm start, the first evaluation and the RL
+  # loop each save what is in flight and stop; a second signal forces the exit.
+  with jax.set_mesh(run.mesh), checkpointing.install_preemption_handler() as preemption:
+    try:
+      return _train(run, preemption)
+    except Preempted as stopped:
+      logger.warning("preempted during the %s; rerun the same command to resume", stopped)
+      return {"preempted": str(stopped)}
 
 
-def _train(run: Run) -> dict[str, Any]:
+def _train(run: Run, preemption: checkpointing.PreemptionHandler) -> dict[str, Any]:
   config, workdir, algo = run.config, run.workdir, run.algo
   if config.warm_start.steps > 0:
-    run.params = warm_start(run)
+    run.params = warm_start(run, preemption)
   ref_params = jax.tree.map(jnp.copy, run.params) if algo.beta > 0 else None
 
   g = algo.num_generations
@@ -483,7 +505,17 @@ def _train(run: Run) -> dict[str, Any]:
     writer.write(0, initial_eval)
   writer.add_to_summary("initial_eval", initial_eval)
 
-  with writer, ckpt, checkpointing.install_preemption_handler() as preemption:
+  def state(done: int) -> checkpointing.CheckpointState:
+    return checkpointing.CheckpointState(
+        step=done, model=params, opt_state=opt_state, key=base_key,
+        metadata={checkpointing.CONFIG_METADATA_KEY: config_record,
+                  "data_position": stream.position, "skipped_updates": skipped_total,
+                  "initial_eval": initial_eval})
+
+  with writer, ckpt:
+    if restored is None and preemption.requested_on_any_process():
+      ckpt.save(state(0))  # the evaluation before RL is kept; the next run starts at step 1
+      raise Preempted("first evaluation, saved as step 0")
     for step in range(start_step, config.num_steps):
       t0 = time.perf_counter()
       step_key = jax.random.fold_in(base_key, step)
@@ -573,11 +605,7 @@ def _train(run: Run) -> dict[str, Any]:
       stop = preemption.requested_on_any_process()
       if eval_due or done % config.checkpoint.every == 0 or stop or done == config.num_steps:
         ckpt.save(
-            checkpointing.CheckpointState(
-                step=done, model=params, opt_state=opt_state, key=base_key,
-                metadata={checkpointing.CONFIG_METADATA_KEY: config_record,
-                          "data_position": stream.position, "skipped_updates": skipped_total,
-                          "initial_eval": initial_eval}),
+            state(done),
             metrics={config.checkpoint.best_metric: record[config.checkpoint.best_metric]}
             if config.checkpoint.best_metric in record else None)
       if stop:

@@ -94,6 +94,37 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp
       np.testing.assert_allclose(got[key], want[key], rtol=1e-6, err_msg=f"step {want['step']} {key}")
 
 
+@pytest.mark.parametrize("phase", ["warm_start", "first_evaluation"])
+def test_sigterm_outside_the_rl_loop_saves_and_resumes_exactly(uninterrupted, tmp_path,
+                                                               monkeypatch, phase):
+  reference = _records(uninterrupted[0])
+  workdir = tmp_path / phase
+  target = "_supervised_batch" if phase == "warm_start" else "evaluate"
+  original = getattr(train, target)
+  calls = []
+
+  def call_then_preempt(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2 or target == "evaluate":
+      os.kill(os.getpid(), signal.SIGTERM)  # the real handler, mid-phase
+    return original(*args, **kwargs)
+
+  with monkeypatch.context() as patch:
+    patch.setattr(train, target, call_then_preempt)
+    summary = train.train_and_evaluate(smoke.get_config(), workdir)
+  assert "preempted" in summary
+  assert not (workdir / "checkpoints").exists() or phase == "first_evaluation"
+  train.train_and_evaluate(smoke.get_config(), workdir)
+  resumed = _records(workdir)
+  assert [r["step"] for r in resumed] == [r["step"] for r in reference]
+  for got, want in zip(resumed, reference):
+    for key in want:
+      if want[key] is None:
+        assert got[key] is None, (want["step"], key)
+        continue
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-6, err_msg=f"step {want['step']} {key}")
+
+
 def test_rerun_of_a_finished_workdir_does_nothing_new(uninterrupted):
   workdir, _ = uninterrupted
   before = (workdir / metrics_lib.METRICS_FILE).read_text()
