@@ -1,12 +1,33 @@
-"""The default run: GMPO on 2-digit addition with a tiny char-level policy, on the CPU.
+"""The default run: GMPO on 2-digit addition with a small char-level policy, on the CPU.
 
     make train        # = python -m gmpo_jax.main --config=configs/default.py --workdir=workdirs/default
 
-Expected on 2 CPU cores: about 1.5-3 minutes in all (dataset build, a 900-step supervised warm
-start cached in the workdir, 400 RL steps, 5 held-out evaluations). Measured 2026-11-24: held-out
-greedy pass@1 0.252 -> 0.282 and sampled mean@4 0.181 -> 0.229 from the warm start to the end. The log-reward geometric-mean baseline supplies the
-advantages and the geometric-mean (GMPO) objective the update; swap either by name:
+What it does: builds the task (5,000 train / 500 held-out problems `a+b=`), a 900-step supervised
+warm start on the train split (cached in the workdir), then 600 RL steps of 32 prompts x 8
+completions: the log-reward geometric-mean baseline (normalized) for the advantages, the GMPO
+objective (token clip e^±0.4) for the update, each rollout reused for 2 epochs x 4 minibatches
+(8 AdamW steps at 1e-4). Held-out greedy pass@1, mean@8, pass@k and maj@k with 95% intervals
+every 100 steps. Swap either half by name:
 `--config.algorithm.advantage=grpo --config.algorithm.objective=token_clip`.
+
+Why these settings (2026-12-02, 2-core CPU shared with other jobs; held-out greedy pass@1 from
+the warm start to the end, seed 0):
+
+| change from the earlier default (64-wide, 1 epoch x 2 minibatches, 400 steps) | pass@1 |
+|---|---|
+| the earlier default (measured 2026-11-24) | 0.252 -> 0.282 (approx_kl ~2e-6: the clip never binds) |
+| lr 3e-4, 2 x 2 | 0.386 -> 0.260 (step 100) -> 0.414 (step 400) |
+| lr 1e-3, 2 epochs x 4 minibatches | 0.386 -> 0.008 at step 100: collapse (entropy 0.04) |
+| lr 3e-4, 1 x 4 | 0.386 -> 0.244 (step 100) -> 0.380 (step 400) |
+| lr 1e-4, 2 x 4, 1000 steps | 0.386 -> 0.364 (600) -> 0.440 (1000); mean@8 0.240 -> 0.374 |
+| the same, binary reward (no format credit) or per-digit credit | 0.386 -> 0.40 / 0.39 at 600 |
+| a teacher that drops carries (`teacher_carry_drop=0.6`) | 0.05-0.09 -> 0.10-0.20 |
+| **hidden 128 (this config), lr 1e-4, 2 x 4** | **0.528 -> 0.532 (100) -> 0.632 (200) -> 0.656 (300)** |
+
+The 64-wide model mostly sharpens under RL (sampled accuracy climbs toward greedy, greedy
+barely moves); the 128-wide one changes its greedy answers. Eight updates per rollout at 1e-4
+keep the clip binding (clip fraction ≈ 0.025 of tokens, approx_kl ≈ 0.015, ratios leave
+e^±0.4 on both sides) without the collapse seen at 1e-3. The 5-seed result is in the README.
 """
 
 import ml_collections

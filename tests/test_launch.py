@@ -246,7 +246,7 @@ def test_gmpo_design_preset_resolves_to_the_papers_variants(tmp_path):
   config = os.path.abspath("configs/ablation_gmpo.py")
   points = launch.make_points([launch.preset_axis(launch.load_preset(config, "gmpo_design"))])
   assert [p.name for p in points] == ["gmpo_full", "gmpo_noclip", "gmpo_seqclip",
-                                      "gmpo_clip0.2", "gmpo_clip0.8", "grpo"]
+                                      "gmpo_clip0.2", "gmpo_clip0.8", "grpo", "pm_p1", "pm_pm1"]
   got = {}
   for point in points:
     algorithm = launch.resolve_config(launch.RunSpec(point, 0, config, tmp_path)).algorithm
@@ -260,6 +260,10 @@ def test_gmpo_design_preset_resolves_to_the_papers_variants(tmp_path):
       "gmpo_clip0.2": ("geometric", {"epsilon_low": 0.2, "epsilon_high": 0.2, "clip_mode": "token"}),
       "gmpo_clip0.8": ("geometric", {"epsilon_low": 0.8, "epsilon_high": 0.8, "clip_mode": "token"}),
       "grpo": ("token_clip", {"epsilon_low": 0.2, "epsilon_high": 0.2}),
+      "pm_p1": ("power_mean", {"epsilon_low": 0.4, "epsilon_high": 0.4, "clip_mode": "token",
+                               "p": 1.0}),
+      "pm_pm1": ("power_mean", {"epsilon_low": 0.4, "epsilon_high": 0.4, "clip_mode": "token",
+                                "p": -1.0}),
   }
   with pytest.raises(ValueError, match="known"):
     ablation_gmpo.get_grid("nope")

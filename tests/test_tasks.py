@@ -455,10 +455,10 @@ class TestArithmetic:
     splits = arithmetic.generate_arithmetic(num_digits=2, operations=("+",), num_train=2000,
                                             num_test=0, seed=0)
     examples = splits["train"]
-    exact = tasks.get_task("arithmetic", num_digits=2, operations=("+",))
+    small = {"num_digits": 2, "operations": ("+",), "num_train": 100, "num_test": 10}
+    exact = tasks.get_task("arithmetic", **small)
     assert all(exact.demonstration(e) == e["answer"] for e in examples)
-    teacher = tasks.get_task("arithmetic", num_digits=2, operations=("+",),
-                             teacher_carry_drop=0.6)
+    teacher = tasks.get_task("arithmetic", **small, teacher_carry_drop=0.6)
     carries = [e for e in examples if e["answer"] != str(arithmetic.carry_less_sum(
         *map(int, e["question"][:-1].split("+"))))]
     dropped = [e for e in carries if teacher.demonstration(e) != e["answer"]]
@@ -469,7 +469,7 @@ class TestArithmetic:
     assert teacher.reward(teacher.demonstration(e), e) < teacher.reward(e["answer"], e)
     assert teacher.reward(e["answer"], e) == teacher.reward_range[1]
     with pytest.raises(ValueError, match="teacher_carry_drop"):
-      tasks.get_task("arithmetic", teacher_carry_drop=1.5)
+      tasks.get_task("arithmetic", **small, teacher_carry_drop=1.5)
 
   def test_digit_reward_is_partial_credit_and_passing_stays_exact(self):
     task = tasks.get_task("arithmetic", **SMALL["arithmetic"], digit_reward=0.5)
