@@ -4,7 +4,7 @@
 completions), in plain floats keyed `reward_shape/...`, ready to log every step; it is NumPy on
 the host, never traced. `recommend_advantage` turns them into an estimator name and a one-line
 reason, each rule backed by a measured row of the reward-distribution study
-(`docs/reward_study.md`, tabular policies, 64 seeds per cell).
+(`docs/reward_study.md`, tabular policies, 64 seeds per cell, mean ± 95% confidence interval).
 
 Both take plain arrays, not a config, and do no I/O.
 """
@@ -138,22 +138,28 @@ def recommend_advantage(diagnostics: Mapping[str, float]) -> tuple[str, str]:
   """An advantage estimator for rewards of this shape, with a one-line reason.
 
   The rules, in order, each resting on measured rows of docs/reward_study.md (tabular
-  policies, 64 seeds per cell):
+  policies, 64 seeds per cell, mean ± 95% confidence interval):
 
   1. No usable group, or every group without spread: 'grpo' (every estimator gives
      0 there; the reason suggests dynamic sampling).
   2. Any reward <= 0 (`non_positive_fraction` > 0): 'grpo'. Section "(d)", zeros among
      graded rewards (`counts`): every unnormalized log baseline converged to the safe
-     sequence, E[R] score 0.550 vs GRPO 0.967 ± 0.007 (normalized: 0.655); with 0/1
-     rewards the log baseline only reproduces GRPO or a scaled Dr.GRPO.
+     sequence, E[R] score 0.550 ± 0.001 vs GRPO 0.967 ± 0.013 (normalized: 0.655 ±
+     0.009); with 0/1 rewards the log baseline only reproduces GRPO or a scaled Dr.GRPO.
+     The power-mean table ("counts (zeros)") and the MaxRL table ("counts") find nothing
+     better: power_mean p = 0.5 0.737 ± 0.026 (normalized 0.820 ± 0.018), MaxRL
+     0.939 ± 0.017.
   3. Positive rewards with a heavy right tail (Hill alpha < 3): 'gmpo' with
      ``normalize=True``. Table "(a) Robust to outliers": row "lognormal: E[R] score",
-     0.976 ± 0.007 (log-norm d=1e-8) vs 0.949 ± 0.011 (GRPO); row "pareto: steps to 0.9",
-     34 ± 1 vs 40 ± 2. Its cost where a wide bounded spread looks heavy-tailed too, row
-     "product: steps to 0.9 (E[R])", 33 ± 0 vs 30 ± 0. The reason warns that it
-     optimizes E[log R], not E[R] (the `kelly` verdict: E[R] score 0.627 vs 0.689).
-  4. Otherwise (positive, light-tailed): 'grpo'. Table "(b)", `multiscale`: GRPO 21 ± 0
-     steps to 0.9 vs 23 ± 0 for the log baseline, which has nothing to add there.
+     0.976 ± 0.014 (log-norm d=1e-8) vs 0.949 ± 0.023 (GRPO); row "pareto: steps to 0.9",
+     34 ± 3 vs 40 ± 4. Its cost where a wide bounded spread looks heavy-tailed too, row
+     "product: steps to 0.9 (E[R])", 33 ± 1 vs 30 ± 1. The reason warns that it
+     optimizes E[log R], not E[R] (the `kelly` verdict: E[R] score 0.627 vs 0.689). The
+     normalized power-mean table does not beat it overall: p = -0.5 is faster on pareto
+     (30 ± 2 steps, intervals overlapping) but not better on lognormal (0.973 ± 0.016) and
+     slower on product (35 ± 1); p = 0.5 lies between GRPO and the log baseline everywhere.
+  4. Otherwise (positive, light-tailed): 'grpo'. Table "(b)", `multiscale`: GRPO 21 ± 1
+     steps to 0.9 vs 23 ± 1 for the log baseline, which has nothing to add there.
 
   Args:
     diagnostics: the mapping `reward_diagnostics` returns (NaN entries mean "not
@@ -177,13 +183,13 @@ def recommend_advantage(diagnostics: Mapping[str, float]) -> tuple[str, str]:
   if non_positive > 0:
     return "grpo", (
         f"{non_positive:.0%} of rewards are <= 0: a log baseline's floor would redefine "
-        "the objective (reward study, counts: E[R] score 0.550 vs GRPO 0.967 ± 0.007)"
+        "the objective (reward study, counts: E[R] score 0.550 vs GRPO 0.967 ± 0.013)"
         + note)
   if tail < HEAVY_TAIL_INDEX:
     return "gmpo", (
         f"positive rewards with a heavy right tail (Hill alpha {tail:.2f} < "
         f"{HEAVY_TAIL_INDEX:g}): the log-reward baseline with normalize=True (reward "
-        "study, lognormal E[R] score 0.976 ± 0.007 vs GRPO 0.949 ± 0.011; pareto 34 vs 40 "
+        "study, lognormal E[R] score 0.976 ± 0.014 vs GRPO 0.949 ± 0.023; pareto 34 vs 40 "
         "steps to 0.9); it optimizes E[log R], not E[R] (kelly)" + note)
   return "grpo", (
       f"positive rewards without a heavy tail (Hill alpha {tail:.2f}): GRPO, the log "

@@ -301,9 +301,10 @@ def results_markdown(summary: dict, config: StudyConfig) -> str:
       f'Main regime: T = {envs.NUM_TOKENS} tokens, V = {envs.VOCAB_SIZE}, G = '
       f'{config.group_size}, {config.num_steps} steps, {config.num_epochs} Adam epochs '
       f'per batch at lr {config.learning_rate}, {config.num_seeds} seeds (mean ± '
-      f'half-width of the 95% Student-t confidence interval over seeds). Scores are normalized per prompt: 0 = worst, 1 = best '
-      f'deterministic policy, computed exactly. "Steps to 0.9" averages the seeds '
-      f'that reached 0.9 (count in brackets).\n',
+      f'half-width of the 95% Student-t confidence interval over seeds). Scores are '
+      f'normalized per prompt: 0 = worst, 1 = best deterministic policy, computed '
+      f'exactly. "Steps to 0.9" averages the seeds that reached 0.9 (count in '
+      f'brackets).\n',
       '## Worked examples (advantages of one group)\n',
   ]
   for example in summary['checks']['worked_examples']:
