@@ -167,20 +167,18 @@ def group_statistics(rewards: np.ndarray, floor: float = 1e-8) -> dict[str, floa
   }
 
 
-def sampler_learner_kl(rollout: Rollout, learner_logp: jax.Array) -> float:
-  """Mean k3 estimate of KL(sampler ‖ learner) over the completion tokens.
+def sampler_learner_kl(learner_logp: jax.Array, sampler_logp: jax.Array,
+                       mask: jax.Array) -> jax.Array:
+  """Mean k3 estimate of KL(sampler ‖ learner) over the completion tokens ([B, T] each).
 
   The sampler's own log-probs of its tokens (`Rollout.policy_logprobs`, the untruncated
   temperature-scaled policy) against the learner's rescoring of the same tokens with the same
   parameters: 0 up to numerics. It measures the sampler/learner drift (another dtype, kernel or
   engine) that rescoring π_old hides from the ratio; x = log π_learner − log π_sampler and
-  k3 = e^x − x − 1 on tokens drawn from the sampler.
+  k3 = e^x − x − 1 on tokens drawn from the sampler. No completion token: 0.
   """
-  mask = np.asarray(rollout.completion_mask)
-  if not mask.any():
-    return 0.0
-  x = (np.asarray(learner_logp, np.float64) - np.asarray(rollout.policy_logprobs, np.float64))[mask]
-  return float(np.mean(np.expm1(x) - x))
+  x = jnp.where(mask, learner_logp.astype(jnp.float32) - sampler_logp.astype(jnp.float32), 0.0)
+  return jnp.sum(jnp.expm1(x) - x) / jnp.maximum(jnp.sum(mask), 1)
 
 
 def to_microbatches(x: np.ndarray | jax.Array, num: int) -> jax.Array:
@@ -464,6 +462,8 @@ def _train(run: Run, preemption: checkpointing.PreemptionHandler) -> dict[str, A
       max_length=max_new), params, opt_state)
   policy_logprobs = _logprob_fn(run, run.sampling.logit_temperature, config.chunk_size)
   advantage_fn = jax.jit(algo.advantage_fn())
+  # Replicated, so every process can read the scalar of row-sharded inputs.
+  mismatch_kl = jax.jit(sampler_learner_kl, out_shardings=sharding.replicated(run.mesh))
 
   ckpt = checkpointing.Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.keep,
                                     best_metric=config.checkpoint.best_metric, best_mode="max")
@@ -575,7 +575,8 @@ def _train(run: Run, preemption: checkpointing.PreemptionHandler) -> dict[str, A
       adv = np.asarray(advantages)
       record = {
           **group_statistics(rewards), **shape_record,
-          "mismatch/kl": sampler_learner_kl(rollout, old_logp),
+          "mismatch/kl": float(mismatch_kl(old_logp, rollout.policy_logprobs,
+                                           rollout.completion_mask)),
           "advantage/mean": float(adv.mean()), "advantage/std": float(adv.std()),
           "advantage/min": float(adv.min()), "advantage/max": float(adv.max()),
           "loss": float(np.mean([o.loss for o in outputs])),

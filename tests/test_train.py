@@ -153,15 +153,13 @@ def test_a_workdir_of_another_experiment_is_refused_unless_changes_are_allowed(u
 
 
 def test_sampler_learner_kl_is_k3_over_completion_tokens():
-  rollout = train.Rollout(
-      tokens=None, positions=None, key_mask=None, lengths=None, finished=None, logprobs=None,
-      completion_mask=np.array([[False, True, True], [False, False, True]]),
-      policy_logprobs=np.array([[0.0, -1.0, -2.0], [0.0, 0.0, -0.5]]))
-  learner = np.array([[5.0, -1.2, -1.9], [9.0, 0.0, -0.5]])  # masked entries differ freely
+  mask = np.array([[False, True, True], [False, False, True]])
+  sampler = np.array([[0.0, -1.0, -2.0], [0.0, 0.0, -0.5]])
+  learner = np.array([[50.0, -1.2, -1.9], [90.0, 0.0, -0.5]])  # masked entries differ freely
   x = np.array([-0.2, 0.1, 0.0])
-  assert train.sampler_learner_kl(rollout, learner) == pytest.approx(np.mean(np.exp(x) - x - 1))
-  nothing = rollout._replace(completion_mask=np.zeros((2, 3), bool))
-  assert train.sampler_learner_kl(nothing, learner) == 0.0
+  assert float(train.sampler_learner_kl(learner, sampler, mask)) == pytest.approx(
+      np.mean(np.exp(x) - x - 1), rel=1e-5)
+  assert float(train.sampler_learner_kl(learner, sampler, np.zeros((2, 3), bool))) == 0.0
 
 
 def test_overlong_penalty_is_linear_in_the_buffer():
