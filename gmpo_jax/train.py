@@ -37,7 +37,9 @@ from gmpo_jax import advantages as advantages_lib
 from gmpo_jax import checkpointing
 from gmpo_jax import distributed
 from gmpo_jax import evaluation
+from gmpo_jax import kl as kl_lib
 from gmpo_jax import learner
+from gmpo_jax import losses as losses_lib
 from gmpo_jax import metrics as metrics_lib
 from gmpo_jax import reward_shape
 from gmpo_jax import sharding
@@ -177,8 +179,8 @@ def sampler_learner_kl(learner_logp: jax.Array, sampler_logp: jax.Array,
   engine) that rescoring π_old hides from the ratio; x = log π_learner − log π_sampler and
   k3 = e^x − x − 1 on tokens drawn from the sampler. No completion token: 0.
   """
-  x = jnp.where(mask, learner_logp.astype(jnp.float32) - sampler_logp.astype(jnp.float32), 0.0)
-  return jnp.sum(jnp.expm1(x) - x) / jnp.maximum(jnp.sum(mask), 1)
+  k3 = kl_lib.kl_penalty(sampler_logp, learner_logp, estimator="k3")
+  return losses_lib.aggregate_loss(k3, mask, mode="token-mean")
 
 
 def to_microbatches(x: np.ndarray | jax.Array, num: int) -> jax.Array:
