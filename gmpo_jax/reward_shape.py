@@ -191,6 +191,8 @@ def recommend_advantage(diagnostics: Mapping[str, float]) -> tuple[str, str]:
         f"{HEAVY_TAIL_INDEX:g}): the log-reward baseline with normalize=True (reward "
         "study, lognormal E[R] score 0.976 ± 0.014 vs GRPO 0.949 ± 0.023; pareto 34 vs 40 "
         "steps to 0.9); it optimizes E[log R], not E[R] (kelly)" + note)
+  shape = (f"without a heavy tail (Hill alpha {tail:.2f})" if not math.isnan(tail) else
+           f"too few to measure a tail (Hill needs {_MIN_TAIL_SAMPLES} positive rewards)")
   return "grpo", (
-      f"positive rewards without a heavy tail (Hill alpha {tail:.2f}): GRPO, the log "
-      "baseline adds nothing (reward study, multiscale: 21 vs 23 steps to 0.9)" + note)
+      f"positive rewards {shape}: GRPO, the log baseline adds nothing (reward study, "
+      "multiscale: 21 vs 23 steps to 0.9)" + note)

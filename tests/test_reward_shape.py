@@ -97,7 +97,7 @@ def _diagnostics(**values):
     (dict(tail_index=1.2), "gmpo", "lognormal E[R] score 0.976"),
     (dict(tail_index=1.2, zero_std_group_fraction=0.6), "gmpo", "dynamic_sampling"),
     (dict(tail_index=9.0), "grpo", "multiscale"),
-    (dict(tail_index=math.nan), "grpo", "multiscale"),
+    (dict(tail_index=math.nan), "grpo", "too few to measure a tail"),
 ])
 def test_recommendation_rules(values, name, cited):
   got, reason = gmpo_jax.recommend_advantage(_diagnostics(**values))
