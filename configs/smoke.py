@@ -16,7 +16,11 @@ def get_config():
   config.algorithm.num_generations = 4
   config.algorithm.num_epochs = 1
   config.algorithm.num_minibatches = 2
-  config.warm_start.steps = 3
+  config.warm_start.steps = 4
+  # Any pass rate reaches 0: the probe runs, and the warm start stops at step 3.
+  config.warm_start.target_train_pass_rate = 0.0
+  config.warm_start.probe_every = 3
+  config.warm_start.probe_size = 8
   config.warm_start.batch_size = 8
   config.eval.num_examples = 8
   config.eval.num_samples = 2

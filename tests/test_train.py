@@ -5,6 +5,7 @@ import os
 import shutil
 import signal
 
+import jax
 import numpy as np
 import pytest
 
@@ -49,6 +50,9 @@ def test_run_writes_metrics_checkpoints_and_plot(uninterrupted):
   assert list((workdir / "tensorboard").iterdir())
   assert summary["initial_eval"]["eval/pass@1"] == records[0]["eval/pass@1"]
   assert (workdir / "warm_start").exists()
+  # The smoke config's target (0) is met at the first probe, after probe_every = 3 steps.
+  assert summary["warm_start"]["warm_start/steps"] == 3
+  assert 0 <= summary["warm_start"]["warm_start/train_pass_rate"] <= 1
   # summary.json keeps the evaluation before RL and what RL added to it.
   saved = json.loads((workdir / metrics_lib.SUMMARY_FILE).read_text())
   assert saved["initial_eval"] == summary["initial_eval"]
@@ -123,6 +127,23 @@ def test_sigterm_outside_the_rl_loop_saves_and_resumes_exactly(uninterrupted, tm
         assert got[key] is None, (want["step"], key)
         continue
       np.testing.assert_allclose(got[key], want[key], rtol=1e-6, err_msg=f"step {want['step']} {key}")
+
+
+def test_warm_start_stops_at_the_first_probe_that_reaches_the_target(tmp_path, monkeypatch):
+  config = smoke.get_config()
+  config.warm_start.steps, config.warm_start.target_train_pass_rate = 9, 0.3
+  rates = iter([0.1, 0.29, 0.31, 0.9])
+  monkeypatch.setattr(train, "_train_pass_rate_probe", lambda run, size: lambda params: next(rates))
+  run = train._build_run(config, tmp_path)
+  with checkpointing.install_preemption_handler() as preemption:
+    params, result = train.warm_start(run, preemption)
+    assert result == {"warm_start/steps": 6, "warm_start/train_pass_rate": 0.31}
+    # The finished pass is cached with its result: no more steps, no more probes.
+    again, cached = train.warm_start(run, preemption)
+  assert cached == result
+  assert next(rates) == 0.9
+  for got, want in zip(jax.tree.leaves(again), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(got, want)
 
 
 def test_rerun_of_a_finished_workdir_does_nothing_new(uninterrupted):
