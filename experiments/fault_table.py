@@ -1,7 +1,8 @@
 """Fault table for `gmpo_jax.checkpointing`: damage saved steps, restore, record what happens.
 
-    .venv/bin/python -m experiments.fault_table            # prints the markdown tables (~1 min)
-    .venv/bin/python -m experiments.fault_table --runner   # adds trials through the real runner
+    .venv/bin/python -m experiments.fault_table            # the Checkpointer's tables (~1 min)
+    .venv/bin/python -m experiments.fault_table --sections checkpointer runner > docs/faults.md
+    .venv/bin/python -m experiments.fault_table --sections command-line >> docs/faults.md
 
 Every trial starts from the same three steps (1, 2, 3) of a tiny model with its adamw state,
 saved with `best_metric`, copies them, injects one fault, opens a new `Checkpointer` and calls
@@ -17,24 +18,34 @@ names the damaged step, and it was moved to corrupted/), `error` (an exception w
 nothing loaded), `skipped` (an unreadable step left in place, the previous one restored), and
 anything else is printed as a failure: `LOADED DAMAGED STEP`, `WRONG STEP`, `NOT MOVED`.
 
-`--runner` corrupts the step a real run (configs/smoke.py, stopped by SIGTERM after step 3)
+`runner` corrupts the step a real run (configs/smoke.py, stopped by SIGTERM after step 3)
 resumes from, resumes it, and compares its metrics with an uninterrupted run.
+
+`command-line` runs `gmpo_jax.main` in child processes: kill -9 and SIGTERM at random moments
+of each phase (warm start, first evaluation, RL steps, a checkpoint write), each rerun to the end
+and compared with an uninterrupted run; workdirs the runner must refuse with one line (another
+model or experiment, read-only); and a long run whose resident memory is read as it goes.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import contextlib
 import io
 import json
 import logging
 import os
 import pathlib
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from typing import Callable
 
 import jax
@@ -44,6 +55,7 @@ import optax
 from flax import nnx
 
 from gmpo_jax import checkpointing
+from gmpo_jax import metrics as metrics_lib
 
 # -- faults: each takes a file and damages it in place ---------------------------------------
 
@@ -358,10 +370,7 @@ def unreadable_trials(pristine: dict[tuple[int, ...], pathlib.Path], scratch: pa
 
 def runner_trials(scratch: pathlib.Path):
   """Corrupts the step a stopped smoke run resumes from; the resumed run must match."""
-  import signal
-
   from configs import smoke
-  from gmpo_jax import metrics as metrics_lib
   from gmpo_jax import train
 
   def records(workdir):
@@ -420,13 +429,275 @@ def runner_trials(scratch: pathlib.Path):
       shutil.rmtree(workdir)
 
 
+# -- through the command line, in a child process ---------------------------------------------
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+_TMP_MARK = "orbax-checkpoint-tmp"
+PHASES = ("warm start", "first evaluation", "RL steps", "checkpoint write")
+
+
+class _Child:
+  """`gmpo_jax.main` on configs/smoke.py in a child process, its log and workdir watched.
+
+  The phase it is in is read from what it leaves behind: the warm start begins when
+  `warm_start/` appears, the first evaluation at the warm start's last log line, the RL steps
+  at `before RL:`, and it is done at the run summary; a checkpoint write is under way while an
+  Orbax tmp directory exists in `checkpoints/` or `warm_start/`.
+  """
+
+  _MARKERS = (("warm start: ", "first evaluation"), ("before RL:", "RL steps"),
+              ("Run summary", "done"))
+
+  def __init__(self, workdir: pathlib.Path, *extra: str, env: dict[str, str],
+               prefix: tuple[str, ...] = ()):
+    self.workdir = workdir
+    self.lines: list[str] = []
+    self.events: list[tuple[float, str]] = []  # (time, phase that begins)
+    self.writes: list[str] = []  # tmp directories seen, in order
+    self.start = time.monotonic()
+    self.proc = subprocess.Popen(
+        [*prefix, sys.executable, "-m", "gmpo_jax.main", "--config=configs/smoke.py",
+         f"--workdir={workdir}", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=_REPO, env=env)
+    self._reader = threading.Thread(target=self._read, daemon=True)
+    self._reader.start()
+
+  def _read(self) -> None:
+    for line in self.proc.stdout:
+      self.lines.append(line.rstrip("\n"))
+      for marker, phase in self._MARKERS:
+        if marker in line and phase not in [p for _, p in self.events]:
+          if phase != "first evaluation" or "steps in" in line or "reusing" in line:
+            self.events.append((time.monotonic(), phase))
+
+  def poll(self) -> tuple[str, str | None]:
+    """(phase, the step being written or None), after looking at the workdir."""
+    if not any(p == "warm start" for _, p in self.events) and (self.workdir / "warm_start").exists():
+      self.events.append((time.monotonic(), "warm start"))
+    writing = None
+    for sub in ("checkpoints", "warm_start"):
+      with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(self.workdir / sub):
+          if _TMP_MARK in name:
+            writing = f"{sub}/{name.split('.')[0]}"
+            if f"{sub}/{name}" not in self.writes:
+              self.writes.append(f"{sub}/{name}")
+    phases = sorted(self.events)
+    return (phases[-1][1] if phases else "start-up"), writing
+
+  def began(self, phase: str) -> float | None:
+    return next((t for t, p in self.events if p == phase), None)
+
+  def wait(self, timeout: float = 900.0) -> int:
+    rc = self.proc.wait(timeout)
+    self._reader.join(10)
+    return rc
+
+  def log(self) -> str:
+    return "\n".join(self.lines)
+
+
+def _child_env(scratch: pathlib.Path) -> dict[str, str]:
+  # A persistent compilation cache keeps each trial to seconds; it changes no value.
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(_REPO), PYTHONUNBUFFERED="1",
+              JAX_COMPILATION_CACHE_DIR=str(scratch / "jax_cache"),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def _records(workdir: pathlib.Path) -> dict[int, dict]:
+  """The last record of every step, timings removed."""
+  from gmpo_jax import train
+  return {r["step"]: {k: v for k, v in r.items() if k not in train.TIMING_METRICS}
+          for r in metrics_lib.read_metrics(workdir)}
+
+
+def _saved_steps(workdir: pathlib.Path) -> set[str]:
+  return {f"{sub}/{p.name}" for sub in ("checkpoints", "warm_start")
+          for p in (workdir / sub).glob("*") if p.name.isdigit()}
+
+
+def _reference_timeline(scratch: pathlib.Path, env) -> tuple[dict[int, dict], dict[str, float], int]:
+  """An uninterrupted run: its records, how long each phase lasted, how many saves it made.
+
+  Run twice, the first filling the compilation cache, so the phases last as in the trials.
+  """
+  for name in ("process_warmup", "process_reference"):
+    child = _Child(scratch / name, env=env)
+    while child.proc.poll() is None:
+      child.poll()
+      time.sleep(0.002)
+    if child.wait():
+      raise RuntimeError(f"the reference run failed:\n{child.log()[-3000:]}")
+  times = [child.began(p) for p in ("warm start", "first evaluation", "RL steps", "done")]
+  durations = {p: b - a for p, a, b in zip(PHASES, times, times[1:])}
+  return _records(child.workdir), durations, len(child.writes)
+
+
+def interruption_trial(scratch: pathlib.Path, env, name: str, signum: int, target: str,
+                       rng: np.random.Generator, durations: dict[str, float], saves: int,
+                       reference: dict[int, dict]) -> dict:
+  """Signals a run at a random moment of `target`, reruns it to the end, compares the metrics."""
+  workdir = scratch / name
+  child = _Child(workdir, env=env)
+  if target == "checkpoint write":
+    nth, delay = int(rng.integers(saves)), 0.0
+  else:
+    nth, delay = None, float(rng.uniform(0, durations[target]))
+  phase, writing, sent, before = "not sent (the run ended first)", None, None, set()
+  while child.proc.poll() is None:
+    phase, writing = child.poll()
+    due = (len(child.writes) > nth and writing is not None) if nth is not None else (
+        child.began(target) is not None and time.monotonic() >= child.began(target) + delay)
+    if due:
+      before = _saved_steps(workdir)
+      sent = time.monotonic()
+      os.kill(child.proc.pid, signum)
+      break
+    time.sleep(0.002)
+  first_rc = child.wait()
+  exit_s = time.monotonic() - sent if sent else None
+  saved = sorted(_saved_steps(workdir) - before)
+  log = child.log()
+  finished = max(_records(workdir), default=-1) == max(reference)
+  rerun = _Child(workdir, env=env)
+  rerun_rc = rerun.wait()
+  equal = rerun_rc == 0 and _records(workdir) == reference
+  trial = {"signal": signal.Signals(signum).name, "target": target,
+           "phase": (f"checkpoint write ({writing})" if writing else phase) if sent else phase,
+           "at_s": round(sent - child.start, 2) if sent else None, "rc": first_rc,
+           "exit_s": exit_s, "saved": saved, "resumed": _resume_point(rerun.log()),
+           "rerun_rc": rerun_rc, "finished": finished,
+           "equal": equal, "event_loop": "Event loop is closed" in log + rerun.log()}
+  # A SIGTERM after the last step's stop check finds nothing in flight: the run just ends.
+  if signum == signal.SIGKILL:
+    ok = sent and equal
+  else:
+    ok = sent and first_rc == 0 and equal and (
+        (saved and "preempt" in log) or (finished and "preempt" not in log))
+  trial["outcome"] = "recovered" if ok and not trial["event_loop"] else "FAILED"
+  if trial["outcome"] != "recovered":
+    trial["log"] = (log[-1500:], rerun.log()[-1500:])
+  shutil.rmtree(workdir, ignore_errors=True)
+  return trial
+
+
+def _resume_point(log: str) -> str:
+  """Where a rerun started, from its log: the warm start's and the RL loop's."""
+  warm = re.search(r"warm start: (reusing|resuming at step (\d+))", log)
+  rl = re.search(r"resuming from step (\d+)", log)
+  return ", ".join([
+      "warm start " + ("redone" if not warm else "reused" if warm[1] == "reusing" else f"from {warm[2]}"),
+      "RL from " + (f"step {rl[1]}" if rl else "scratch")])
+
+
+def interruption_trials(scratch: pathlib.Path, *, kills: int, sigterms: int, seed: int,
+                        jobs: int) -> tuple[list[dict], dict[str, float]]:
+  """`kills` kill -9 trials and `sigterms` SIGTERM trials per phase, `jobs` runs at a time."""
+  env = _child_env(scratch)
+  reference, durations, saves = _reference_timeline(scratch, env)
+  rng = np.random.default_rng(seed)
+  plan = [(f"kill-{i}", signal.SIGKILL, PHASES[i % len(PHASES)]) for i in range(kills)] + [
+      (f"term-{p.replace(' ', '_')}-{i}", signal.SIGTERM, p)
+      for p in PHASES for i in range(sigterms)]
+  seeds = rng.integers(2**31, size=len(plan))
+  with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+    trials = list(pool.map(
+        lambda args: interruption_trial(scratch, env, *args[0], np.random.default_rng(args[1]),
+                                        durations, saves, reference), zip(plan, seeds)))
+  return trials, durations
+
+
+def cli_error_trials(scratch: pathlib.Path):
+  """Faults the command line must refuse with one line: yields (fault, rc, last line, outcome)."""
+  env = _child_env(scratch)
+  done = scratch / "cli_done"
+  if _Child(done, env=env).wait():
+    raise RuntimeError("the smoke run failed")
+
+  def one_line_error(child: _Child) -> tuple[int, str, str]:
+    rc = child.wait()
+    last = child.lines[-1] if child.lines else ""
+    clear = rc == 2 and last.startswith("error: ") and "Traceback" not in child.log()
+    return rc, last, "clear error" if clear else "NO CLEAR ERROR"
+
+  for name, extra in (
+      ("another model (hidden_size 48) in the workdir", ("--config.model.overrides.hidden_size=48",)),
+      ("another model, resume_with_changes=True", ("--config.model.overrides.hidden_size=48",
+                                                  "--config.resume_with_changes=True")),
+      ("another experiment (advantage grpo)", ("--config.algorithm.advantage=grpo",))):
+    workdir = scratch / "cli_other"
+    shutil.copytree(done, workdir)
+    yield (name, *one_line_error(_Child(workdir, *extra, env=env)))
+    shutil.rmtree(workdir)
+
+  # Read-only: as root (whom modes do not bind) the run is `nobody`, through setpriv.
+  as_root = os.geteuid() == 0
+  if as_root and shutil.which("setpriv") is None:
+    yield "read-only workdir", None, "", "not run (root without setpriv)"
+    return
+  home = pathlib.Path(tempfile.mkdtemp(prefix="read_only-", dir="/tmp"))
+  os.chmod(home, 0o755)
+  (home / "parent").mkdir()
+  shutil.copytree(done, home / "finished")
+  shutil.copytree(done, home / "checkpoints_read_only")
+  shutil.copytree(done / "data", home / "fresh_data")
+  prefix = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups") if as_root else ()
+  if as_root:
+    subprocess.run(["chown", "-R", "65534:65534", str(home)], check=True)
+  cases = {"new workdir in a read-only directory": (home / "parent" / "run", [home / "parent"]),
+           "finished workdir, all read-only (chmod -R a-w)": (home / "finished", None),
+           "workdir with a read-only checkpoints/": (home / "checkpoints_read_only",
+                                                     [home / "checkpoints_read_only" / "checkpoints"])}
+  child_env = dict(env, HOME=str(home), JAX_COMPILATION_CACHE_DIR=str(home / "jax_cache"))
+  try:
+    for name, (workdir, read_only) in cases.items():
+      paths = read_only or [pathlib.Path(d) for d, _, _ in os.walk(workdir)]
+      for path in paths:
+        os.chmod(path, 0o555)
+      yield (name, *one_line_error(_Child(workdir, env=child_env, prefix=prefix)))
+      for path in paths:
+        os.chmod(path, 0o755)
+  finally:
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def soak(scratch: pathlib.Path, steps: int) -> dict:
+  """A `steps`-step smoke run: RSS at every status line, and `compiles/update` of every step."""
+  env = _child_env(scratch)
+  every = max(steps // 10, 1)
+  child = _Child(scratch / "soak", f"--config.num_steps={steps}", f"--config.eval_every={every}",
+                 f"--config.checkpoint.every={every}", env=env)
+  rss, seen = [], 0
+  while child.proc.poll() is None:
+    status = [line for line in child.lines if "metrics.py" in line and f"/{steps} " in line]
+    if len(status) > seen:
+      seen = len(status)
+      step = int(status[-1].split("step ", 1)[1].split("/")[0])
+      with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        kib = next(int(line.split()[1]) for line in
+                   pathlib.Path(f"/proc/{child.proc.pid}/status").read_text().splitlines()
+                   if line.startswith("VmRSS:"))
+        rss.append((step, kib / 1024))
+    time.sleep(0.05)
+  rc = child.wait()
+  records = _records(child.workdir)
+  wall = time.monotonic() - child.start
+  compiles = sorted({r["compiles/update"] for r in records.values() if "compiles/update" in r})
+  seconds = [r["time/step"] for r in metrics_lib.read_metrics(child.workdir) if "time/step" in r]
+  shutil.rmtree(child.workdir, ignore_errors=True)
+  return {"rc": rc, "rss": rss, "compiles": compiles, "steps": max(records), "wall_s": wall,
+          "s_per_step": float(np.median(seconds))}
+
+
 # -- report -----------------------------------------------------------------------------------
 
 _HEADER = """\
 # Checkpoint fault table
 
-Generated by `experiments/fault_table.py` (`python -m experiments.fault_table --runner >
-docs/faults.md`); every number below comes from that run. The rules it checks are in the
+Generated by `experiments/fault_table.py` (`python -m experiments.fault_table --sections
+checkpointer runner > docs/faults.md`, then `--sections command-line >> docs/faults.md` for the
+sections from "Interrupted runs" on); every number below comes from those two runs. The rules it checks are in the
 `gmpo_jax/checkpointing.py` docstring: every step holds an integrity manifest (size and SHA-256
 of each file, shape and dtype of each array) written before Orbax commits the step; a restore
 verifies the step against it, then compares the stored shapes with the model's, and only then
@@ -452,9 +723,102 @@ the manifest when the save finishes (next `save`, `wait_until_finished`, `close`
 killed between the commit and that point leaves a step whose manifest lacks them ("unsealed"
 below): the first is then only checked to be a JSON object and the second to exist, so a flip of
 a digit inside the commit timestamp goes unnoticed there; nothing in either file is used to
-restore (tests/test_checkpointing.py checks that such a step still restores exactly). Not in this
-table: kill -9 and SIGTERM in each phase, and a read-only workdir (runner-level trials).
+restore (tests/test_checkpointing.py checks that such a step still restores exactly). The last
+sections run the real runner: damage to the step a run resumes from, kill -9 and SIGTERM in each
+phase, workdirs it must refuse, and a long run's memory.
 """
+
+
+def print_command_line_sections(args, scratch: pathlib.Path) -> int:
+  """The child-process trials (signals, refused workdirs, the long run); returns the failures."""
+  failures = 0
+  started, load = time.strftime("%Y-%m-%d %H:%M"), os.getloadavg()[0]
+  trials, durations = interruption_trials(scratch, kills=args.kills, sigterms=args.sigterms,
+                                          seed=args.seed, jobs=args.jobs)
+  print("\n## Interrupted runs: kill -9 and SIGTERM\n")
+  print(f"Run {started}, {os.cpu_count()} CPUs, load average {load:.1f} at the start and "
+        f"{os.getloadavg()[0]:.1f} after the trials (other jobs share the machine: wall times "
+        f"below are stretched by them).\n")
+  print(f"`python -m gmpo_jax.main --config=configs/smoke.py` in a child process (a persistent "
+        f"compilation cache keeps each run to seconds; {args.jobs} trials at a time), sent the "
+        f"signal at a random moment of the target phase (uniform over the phase's duration in an "
+        f"uninterrupted run: warm start {durations['warm start']:.1f} s, first evaluation "
+        f"{durations['first evaluation']:.1f} s, RL steps {durations['RL steps']:.1f} s), or, for "
+        f"a checkpoint write, while a randomly chosen save of the run has its Orbax tmp directory "
+        f"(warm-start saves included); then rerun with the same command to the end. The phase "
+        f"column is where the run was when the signal was sent, as its log and workdir showed. "
+        f"`recovered` = the rerun's metrics (every step, every key, timings aside) are identical to "
+        f"the uninterrupted run's (exact equality), no `Event loop is closed`, and, for SIGTERM: "
+        f"exit code 0 and a step saved after the signal (or the run had already logged its last "
+        f"step).\n")
+  print("| signal | target phase | trials | phase at the signal | exit code | saved after the signal "
+        "| rerun identical | outcome |")
+  print("|---|---|---|---|---|---|---|---|")
+  groups = collections.defaultdict(list)
+  for trial in trials:
+    groups[(trial["signal"], trial["target"])].append(trial)
+  for (name, target), group in groups.items():
+    phases = collections.Counter(t["phase"].split(" (")[0] for t in group)
+    codes = collections.Counter(t["rc"] for t in group)
+    saved = sum(bool(t["saved"]) for t in group)
+    good = sum(t["outcome"] == "recovered" for t in group)
+    failures += len(group) - good
+    print(f"| {name} | {target} | {len(group)} | "
+          + ", ".join(f"{p} {n}" for p, n in phases.most_common()) + " | "
+          + ", ".join(f"{c}: {n}" for c, n in sorted(codes.items())) + f" | {saved}/{len(group)} | "
+          + f"{sum(t['equal'] for t in group)}/{len(group)} | recovered {good}/{len(group)}"
+          + (f", **FAILED {len(group) - good}**" if good < len(group) else "") + " |")
+  kills = [t for t in trials if t["signal"] == "SIGKILL"]
+  terms = [t for t in trials if t["signal"] == "SIGTERM"]
+  exits = [t["exit_s"] for t in terms if t["rc"] == 0 and t["exit_s"] is not None]
+  print(f"\n{len(kills)} kill -9 and {len(terms)} SIGTERM trials; "
+        f"{sum(t['outcome'] == 'recovered' for t in trials)} recovered. SIGTERM to exit: median "
+        f"{np.median(exits):.1f} s, max {max(exits):.1f} s (the step in flight finishes first).\n")
+  print("| trial | signal | target | phase at the signal | sent at (s) | exit code | saved | rerun "
+        "started | identical | outcome |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for i, t in enumerate(trials, 1):
+    print(f"| {i} | {t['signal']} | {t['target']} | {t['phase']} | {t['at_s']} | {t['rc']} | "
+          f"{', '.join(t['saved']) or '-'} | {t['resumed']} | {t['equal']} | {t['outcome']} |")
+  for t in trials:
+    if t["outcome"] != "recovered":
+      print(f"\n<details><summary>{t['signal']} {t['phase']}</summary>\n\n```\n{t['log'][0]}\n"
+            f"--- rerun ---\n{t['log'][1]}\n```\n</details>")
+
+  sys.stdout.flush()
+  print("\n## Refused workdirs\n")
+  print("The same command on a finished smoke workdir changed as named (the read-only cases run "
+        "as `nobody` when the table is made as root, whom file modes do not bind). Expected: exit "
+        "code 2 and one line naming the problem, no traceback, nothing written.\n")
+  print("| fault | exit code | the line printed | outcome |")
+  print("|---|---|---|---|")
+  for name, rc, line, outcome in cli_error_trials(scratch):
+    if outcome != "clear error":
+      failures += 1
+    line = re.sub(r"/tmp/(fault_table|read_only)-[^/ ]+", "…", line).replace("|", "/")
+    print(f"| {name} | {rc} | `{line}` | {outcome} |")
+
+  sys.stdout.flush()
+  result = soak(scratch, args.soak_steps)
+  rss = result["rss"]
+  print(f"\n## A {args.soak_steps:,}-step run\n")
+  print(f"`configs/smoke.py` with `--config.num_steps={args.soak_steps} "
+        f"--config.eval_every={max(args.soak_steps // 10, 1)} "
+        f"--config.checkpoint.every={max(args.soak_steps // 10, 1)}`, resident set size (VmRSS) "
+        f"read at each status line. Exit code {result['rc']}, {result['steps']} steps in "
+        f"{result['wall_s']:.0f} s ({result['s_per_step']:.3f} s/step median), `compiles/update` "
+        f"over all steps: {result['compiles']}.\n")
+  print("| step | " + " | ".join(str(step) for step, _ in rss) + " |")
+  print("|---|" + "---|" * len(rss))
+  print("| RSS (MiB) | " + " | ".join(f"{mib:.0f}" for _, mib in rss) + " |")
+  steps, mib = np.array([s for s, _ in rss], float), np.array([m for _, m in rss])
+  slope = np.polyfit(steps, mib, 1)[0] * 1000 if len(rss) > 1 else float("nan")
+  print(f"\nStart (step {int(steps[0])}) {mib[0]:.0f} MiB, end (step {int(steps[-1])}) "
+        f"{mib[-1]:.0f} MiB, max {mib.max():.0f} MiB; least-squares slope {slope:+.1f} MiB per "
+        f"1,000 steps; load average {os.getloadavg()[0]:.1f} at the end.")
+  if result["rc"] != 0 or result["compiles"] != [1]:
+    failures += 1
+  return failures
 
 
 def _cell(counts: collections.Counter, position: str) -> str:
@@ -470,55 +834,66 @@ def _cell(counts: collections.Counter, position: str) -> str:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--runner", action="store_true", help="add trials through the real runner")
+  parser.add_argument(
+      "--sections", nargs="+", default=["checkpointer"],
+      choices=["checkpointer", "runner", "command-line"],
+      help="checkpointer: damage saved steps of a tiny model; runner: damage the step a real run "
+           "resumes from; command-line: kill -9 / SIGTERM trials, refused workdirs and a long run, "
+           "each through gmpo_jax.main in a child process")
+  parser.add_argument("--kills", type=int, default=24, help="kill -9 trials, spread over phases")
+  parser.add_argument("--sigterms", type=int, default=5, help="SIGTERM trials per phase")
+  parser.add_argument("--soak-steps", type=int, default=1000, help="steps of the long run")
+  parser.add_argument("--jobs", type=int, default=2, help="trials run at a time")
+  parser.add_argument("--seed", type=int, default=0, help="seeds the signal times")
   args = parser.parse_args(argv)
   scratch = pathlib.Path(tempfile.mkdtemp(prefix="fault_table-"))
   failures = 0
   try:
-    pristine = {}
-    for steps in ((1, 2, 3), (3,)):
-      pristine[steps] = scratch / ("pristine_" + "_".join(map(str, steps)))
-      save_steps(pristine[steps], steps)
+    if "checkpointer" in args.sections:
+      pristine = {}
+      for steps in ((1, 2, 3), (3,)):
+        pristine[steps] = scratch / ("pristine_" + "_".join(map(str, steps)))
+        save_steps(pristine[steps], steps)
 
-    table = collections.defaultdict(collections.Counter)
-    by_fault = collections.defaultdict(collections.Counter)
-    examples = []
-    for kind, fault, position, name, outcome in corruption_trials(pristine, scratch):
-      family = fault.split("@")[0].replace("_", " ")
-      table[(kind, family)][(position, outcome)] += 1
-      by_fault[family][(position, outcome)] += 1
-      expected = "error" if position == "only" else "recovered"
-      if outcome != expected:
-        failures += 1
-        examples.append(f"- {position} {fault} {name}: {outcome}")
-    print(_HEADER)
-    total_trials = sum(sum(c.values()) for c in table.values())
-    print("## Summary\n")
-    print("| fault | trials | latest | fallback | only |")
-    print("|---|---|---|---|---|")
-    for family, counts in by_fault.items():
-      print(f"| {family} | {sum(counts.values())} | "
-            + " | ".join(_cell(counts, p) for p in POSITIONS) + " |")
-    print(f"\n{total_trials} byte-damage trials over {len(table) // len(by_fault)} file types; "
-          f"{failures} neither recovered nor a clear error.\n")
-    print("\n".join(examples))
-    print("## Byte damage by file type\n")
-    print("| file type | fault | trials | latest | fallback | only |")
-    print("|---|---|---|---|---|---|")
-    for (kind, family), counts in sorted(table.items()):
-      print(f"| {kind} | {family} | {sum(counts.values())} | "
-            + " | ".join(_cell(counts, p) for p in POSITIONS) + " |")
+      table = collections.defaultdict(collections.Counter)
+      by_fault = collections.defaultdict(collections.Counter)
+      examples = []
+      for kind, fault, position, name, outcome in corruption_trials(pristine, scratch):
+        family = fault.split("@")[0].replace("_", " ")
+        table[(kind, family)][(position, outcome)] += 1
+        by_fault[family][(position, outcome)] += 1
+        expected = "error" if position == "only" else "recovered"
+        if outcome != expected:
+          failures += 1
+          examples.append(f"- {position} {fault} {name}: {outcome}")
+      print(_HEADER)
+      total_trials = sum(sum(c.values()) for c in table.values())
+      print("## Summary\n")
+      print("| fault | trials | latest | fallback | only |")
+      print("|---|---|---|---|---|")
+      for family, counts in by_fault.items():
+        print(f"| {family} | {sum(counts.values())} | "
+              + " | ".join(_cell(counts, p) for p in POSITIONS) + " |")
+      print(f"\n{total_trials} byte-damage trials over {len(table) // len(by_fault)} file types; "
+            f"{failures} neither recovered nor a clear error.\n")
+      print("\n".join(examples))
+      print("## Byte damage by file type\n")
+      print("| file type | fault | trials | latest | fallback | only |")
+      print("|---|---|---|---|---|---|")
+      for (kind, family), counts in sorted(table.items()):
+        print(f"| {kind} | {family} | {sum(counts.values())} | "
+              + " | ".join(_cell(counts, p) for p in POSITIONS) + " |")
 
-    print("\n## Other faults\n")
-    print("| fault | position | outcome |")
-    print("|---|---|---|")
-    for name, position, outcome in list(special_trials(pristine, scratch)) + list(
-        unreadable_trials(pristine, scratch)):
-      if not (outcome in ("recovered", "error") or outcome.startswith("skipped")):
-        failures += 1
-      print(f"| {name} | {position} | {outcome} |")
+      print("\n## Other faults\n")
+      print("| fault | position | outcome |")
+      print("|---|---|---|")
+      for name, position, outcome in list(special_trials(pristine, scratch)) + list(
+          unreadable_trials(pristine, scratch)):
+        if not (outcome in ("recovered", "error") or outcome.startswith("skipped")):
+          failures += 1
+        print(f"| {name} | {position} | {outcome} |")
 
-    if args.runner:
+    if "runner" in args.sections:
       print("\n## Through the runner\n")
       print("`configs/smoke.py` stopped by SIGTERM after step 3, then one file of step 3 (the step "
             "the rerun resumes from) damaged, then rerun to the end; `recovered` = it resumed "
@@ -533,6 +908,8 @@ def main(argv=None) -> int:
         if not outcome.startswith("recovered"):
           failures += 1
         print(f"| {kind} | {fault} | {outcome} |")
+    if "command-line" in args.sections:
+      failures += print_command_line_sections(args, scratch)
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
   print(f"\nFailures (neither recovered nor a clear error): {failures}.")
