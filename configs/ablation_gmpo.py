@@ -61,6 +61,7 @@ def get_config(regime: str = "clip"):
   config.optim.learning_rate = REGIMES[regime]
   config.optim.warmup_steps = 5
   config.warm_start.steps = 150
+  config.warm_start.target_train_pass_rate = None  # a fixed 150 steps (measured above)
   config.warm_start.batch_size = 64
   config.warm_start.optim.learning_rate = 3e-3
   config.eval.num_examples = 50
