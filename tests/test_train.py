@@ -132,6 +132,7 @@ def test_sigterm_outside_the_rl_loop_saves_and_resumes_exactly(uninterrupted, tm
 def test_warm_start_stops_at_the_first_probe_that_reaches_the_target(tmp_path, monkeypatch):
   config = smoke.get_config()
   config.warm_start.steps, config.warm_start.target_train_pass_rate = 9, 0.3
+  config.warm_start.probe_every = 2
   rates = iter([0.1, 0.29, 0.31, 0.9])
   monkeypatch.setattr(train, "_train_pass_rate_probe", lambda run, size: lambda params: next(rates))
   run = train._build_run(config, tmp_path)
