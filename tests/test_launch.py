@@ -265,6 +265,9 @@ def test_gmpo_design_preset_resolves_to_the_papers_variants(tmp_path):
       "pm_pm1": ("power_mean", {"epsilon_low": 0.4, "epsilon_high": 0.4, "clip_mode": "token",
                                 "p": -1.0}),
   }
+  stress = ablation_gmpo.get_grid("gmpo_stress")
+  assert list(stress) == ["gmpo_full", "gmpo_noclip", "gmpo_seqclip", "grpo"]
+  assert all(stress[p] == ablation_gmpo.get_grid("gmpo_design")[p] for p in stress)
   with pytest.raises(ValueError, match="known"):
     ablation_gmpo.get_grid("nope")
 
