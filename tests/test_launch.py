@@ -120,6 +120,12 @@ def test_grid_runs_and_table_matches_hand_computed_statistics(tmp_path, fake_run
   # gain = final - initial per run: 0.5 - 0.1 for seed 0; seed 1's final is null.
   assert _float(table["advantage=grpo", "eval/pass@1", "gain"]["mean"]) == pytest.approx(0.4)
   assert "## RL gain (final − step 0)" in markdown
+  # Paired by seed: gmpo's finals 13, 16 minus grpo's 3, 6 are 10 and 10, no spread at all,
+  # where the unpaired intervals (4 ± 19, 14 ± 19) overlap.
+  paired = table["advantage=gmpo", "reward/mean", "final_minus_advantage=grpo"]
+  assert (_float(paired["mean"]), _float(paired["stderr"])) == pytest.approx((10.0, 0.0))
+  assert "## Final values minus advantage=grpo's, paired by seed" in markdown
+  assert "| advantage=gmpo | 2 | 10 ± 0 |" in markdown
   for name in (aggregate.CURVES_PNG, aggregate.BARS_PNG):
     data = (out / name).read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
