@@ -106,8 +106,7 @@ def measure(model_name, mesh_name, timed):
   update = learner.make_update_fn(
       graphdef, optimizer,
       learner.policy_loss(algo, temperature=1.0, chunk_size=64, max_length=ARGS.length),
-      in_shardings=(param_shardings, opt_shardings, None),
-      out_shardings=(param_shardings, opt_shardings, None))
+      param_shardings=param_shardings, opt_shardings=opt_shardings)
   batch = _batch(config, np.random.default_rng(0))
   batch_shardings = jax.tree.map(
       lambda x: sharding.batch_sharding(mesh, ndim=x.ndim, batch_axis=1), batch)

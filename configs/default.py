@@ -66,20 +66,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.task.name = "arithmetic"
   config.task.kwargs = {"num_digits": 2, "operations": ("+",), "num_train": 5000,
                         "num_test": 500}
-  config.task.data_dir = ""  # empty: <workdir>/data
+  config.task.data_dir = ml_collections.FieldReference(None, field_type=str)  # None: <workdir>/data
   config.task.train_split = "train"
   config.task.eval_split = "test"
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = "tiny"
-  config.model.hf_path = ""
-  config.model.tokenizer = "char"
+  config.model.name = ml_collections.FieldReference("tiny", field_type=str)  # or hf_path
+  config.model.hf_path = ml_collections.FieldReference(None, field_type=str)
+  config.model.tokenizer = ml_collections.FieldReference("char", field_type=str)
   # `tiny` widened to 128: the 64-wide model learns addition too slowly for RL to move its
   # greedy answers in minutes (see the docstring).
   config.model.overrides = {"hidden_size": 128, "intermediate_size": 256, "num_heads": 4,
                             "num_kv_heads": 2, "head_dim": 32}
-  config.model.param_dtype = ""  # empty: the checkpoint's (hf_path) or float32
-  config.model.dtype = ""
+  # None: the checkpoint's (hf_path) or float32
+  config.model.param_dtype = ml_collections.FieldReference(None, field_type=str)
+  config.model.dtype = ml_collections.FieldReference(None, field_type=str)
 
   config.sampling = ml_collections.ConfigDict()
   config.sampling.max_new_tokens = 6
@@ -136,11 +137,15 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
 
+  # Who generates the rollouts (gmpo_jax.rollout.ROLLOUT_BACKENDS): 'jax' is the in-process
+  # sampler; see docs/rollout_backends.md for an external engine.
+  config.rollout = ml_collections.ConfigDict({"backend": "jax"})
+
   # Multi-process runs (gmpo_jax.distributed): all three of coordinator_address, num_processes
   # and process_id (or the JAX_* environment variables), or auto_detect on a TPU pod slice /
   # Slurm; none: one process.
   config.distributed = ml_collections.ConfigDict()
-  config.distributed.coordinator_address = ""
+  config.distributed.coordinator_address = ml_collections.FieldReference(None, field_type=str)
   config.distributed.num_processes = ml_collections.FieldReference(None, field_type=int)
   config.distributed.process_id = ml_collections.FieldReference(None, field_type=int)
   config.distributed.auto_detect = False

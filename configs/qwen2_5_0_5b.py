@@ -12,6 +12,8 @@ baseline then equals GRPO on binary rewards — see docs/reward_study.md). Param
 log-probs are reduced in float32. Expected: about a minute per step on one H100.
 """
 
+import ml_collections
+
 from configs import default
 
 
@@ -23,11 +25,13 @@ def get_config():
   config.chunk_size = 256
 
   config.task.name = "gsm8k"
-  config.task.kwargs = {"manual_dir": "", "min_reward": 0.01}
+  config.task.kwargs = {"manual_dir": ml_collections.FieldReference(None, field_type=str),
+                        "min_reward": 0.01}
 
-  config.model.name = ""
-  config.model.hf_path = ""  # required: a local checkpoint directory
-  config.model.tokenizer = ""  # empty: the tokenizer.json next to the weights
+  config.model.name = None  # the architecture comes from hf_path
+  config.model.hf_path = None  # required: a local checkpoint directory
+  config.model.tokenizer = None  # the tokenizer.json next to the weights
+  config.model.overrides = {}  # the architecture is the checkpoint's
   config.model.param_dtype = "bfloat16"
   config.model.dtype = "bfloat16"
 

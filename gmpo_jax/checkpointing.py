@@ -601,7 +601,10 @@ class Checkpointer:
     if self._best_metric is None:
       return None
     best = self._manager.best_step()
-    return best if best is None or best in self.all_steps() else None
+    if best is None or best not in self.all_steps():
+      return None
+    # Steps saved without metrics rank last; one of them is never "the best".
+    return best if math.isfinite(self._score(self._manager.metrics(best) or {})) else None
 
   def _step_dir(self, step: int) -> epath.Path:
     return self._directory / self._name_format.build_name(step)
@@ -629,7 +632,9 @@ class Checkpointer:
         `CONFIG_METADATA_KEY` in it for `restore_latest(config=)` to check.
       metrics: scalar metrics ranking this checkpoint; must contain
         `best_metric`. Only allowed when the Checkpointer has a `best_metric`.
-        A checkpoint saved without metrics is kept only while among the latest.
+        A checkpoint saved without metrics is kept only while among the latest
+        (Orbax gets empty metrics for it, which rank last, so every save of a
+        best-tracking manager carries metrics).
 
     Returns:
       True if written; False if `state.step` is already the latest saved step
@@ -715,7 +720,7 @@ class Checkpointer:
 
   def _checked_metrics(self, metrics: Mapping[str, Any] | None) -> dict[str, float] | None:
     if metrics is None:
-      return None
+      return None if self._best_metric is None else {}
     if self._best_metric is None:
       raise ValueError("metrics were given but this Checkpointer has no best_metric to rank them.")
     if self._best_metric not in metrics:

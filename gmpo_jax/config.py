@@ -1,21 +1,62 @@
-"""The validated, hashable algorithm configuration.
+"""The experiment configuration, typed: one frozen, validated dataclass per config section.
 
-Experiment configs are `ml_collections.ConfigDict`s (see `configs/`); the part that decides the
-math of an update is turned into `AlgorithmConfig`, a frozen dataclass that checks itself in
-`__post_init__` and can be a static argument of `jax.jit`.
+Experiment configs are `ml_collections.ConfigDict`s (see `configs/`). `ExperimentConfig.from_config`
+turns one into frozen dataclasses, one per section (`TaskConfig`, `ModelConfig`, the sampler's
+`gmpo_jax.sampling.SamplingConfig`, `AlgorithmConfig`, `OptimConfig`, `WarmStartConfig`,
+`EvalConfig`, `CheckpointConfig`, `MeshConfig`, `RolloutConfig`), each checking its values in
+`__post_init__`. A bad value or an unknown field raises one `ConfigError` naming it
+(`config.<section>: <field>=<value> ...`) before any dataset is built or program compiled.
+"Unset" is None (a `FieldReference(None, field_type=...)` in the config file), never "".
+
+`AlgorithmConfig`, the part that decides the math of an update, is hashable and can be a static
+argument of `jax.jit`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
 from gmpo_jax import advantages as advantages_lib
+from gmpo_jax import evaluation
 from gmpo_jax import kl as kl_lib
 from gmpo_jax import losses as losses_lib
+from gmpo_jax import rollout as rollout_lib
+from gmpo_jax.models.transformer import TransformerConfig
+from gmpo_jax.sampling import SamplingConfig
 
+
+class ConfigError(ValueError):
+  """A bad experiment config: the message names the field, e.g. `config.optim: b1=1.5 ...`."""
+
+
+def _require(ok: bool, field: str, value: Any, requirement: str) -> None:
+  if not ok:
+    raise ValueError(f"{field}={value!r} {requirement}")
+
+
+def _section(cls, section: Mapping[str, Any] | None, path: str, **converted: Any):
+  """`cls(**section)`, with the fields in `converted` replaced; every error a `ConfigError`
+  that names `config.<path>` (`config` alone for the top level, path '')."""
+  where = f"config.{path}" if path else "config"
+  fields = dict(section or {})
+  accepted = [f.name for f in dataclasses.fields(cls)]
+  unknown = sorted(set(fields) - set(accepted))
+  if unknown:
+    raise ConfigError(f"{where}: unknown field(s) {unknown}; accepted: {accepted}")
+  fields.update(converted)
+  try:
+    return cls(**fields)
+  except ConfigError:
+    raise
+  except (TypeError, ValueError) as error:
+    raise ConfigError(f"{where}: {error}") from error
 
 
 def _frozen(mapping: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
@@ -67,9 +108,7 @@ class AlgorithmConfig:
     for key in ("loss_agg_mode", "beta", "kl_estimator"):
       if key in dict(self.objective_kwargs):
         raise ValueError(f"set algorithm.{key}, not algorithm.objective_kwargs.{key}")
-    # Building the functions checks names and hyperparameters with the registries' own errors.
-    self.advantage_fn()
-    self.loss_fn()
+    self._check_hyperparameter_values()
     if self.loss_agg_mode is not None and self.loss_agg_mode not in losses_lib.AGGREGATION_MODES:
       raise ValueError(f"loss_agg_mode={self.loss_agg_mode!r}; expected one of "
                        f"{losses_lib.AGGREGATION_MODES}")
@@ -87,6 +126,16 @@ class AlgorithmConfig:
     if self.require_positive_rewards is None:
       domain = advantages_lib.reward_domain(self.advantage, **dict(self.advantage_kwargs))
       object.__setattr__(self, "require_positive_rewards", domain == "positive")
+
+  def _check_hyperparameter_values(self) -> None:
+    """Builds the estimator and the objective (the registries check names and hyperparameter
+    names) and traces each on abstract [1, 2] inputs, which runs their own value checks (clip
+    ranges, p, ...): a bad value fails here, not at the first update."""
+    rows, mask = jax.ShapeDtypeStruct((1, 2), jnp.float32), jax.ShapeDtypeStruct((1, 2), bool)
+    jax.eval_shape(self.advantage_fn(), rows, mask)
+    norm = {"max_length": 2} if self.agg_mode == "seq-mean-token-sum-norm" else {}
+    jax.eval_shape(functools.partial(self.loss_fn(), **norm), rows, rows,
+                   jax.ShapeDtypeStruct((1,), jnp.float32), mask)
 
   @property
   def reward_domain(self) -> str:
@@ -112,13 +161,9 @@ class AlgorithmConfig:
   @classmethod
   def from_config(cls, config: Mapping[str, Any]) -> AlgorithmConfig:
     """Builds it from the `algorithm` section of an experiment ConfigDict."""
-    fields = dict(config)
-    unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f"unknown algorithm options {sorted(unknown)}")
-    for key in ("advantage_kwargs", "objective_kwargs"):
-      fields[key] = _frozen(fields.get(key))
-    return cls(**fields)
+    return _section(cls, config, "algorithm",
+                    **{key: _frozen(config.get(key)) for key in ("advantage_kwargs",
+                                                                  "objective_kwargs")})
 
   @property
   def offset(self) -> float:
@@ -142,3 +187,256 @@ class AlgorithmConfig:
     if self.loss_agg_mode is not None:
       kwargs["loss_agg_mode"] = self.loss_agg_mode
     return losses_lib.get_policy_loss(self.objective, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+  """`config.task`: which task (`gmpo_jax.tasks.TASKS`) and where its data lives.
+
+  Attributes:
+    name: the task's registry name.
+    kwargs: its constructor options, as sorted (name, value) pairs.
+    data_dir: where the TFDS data is built; None: `<workdir>/data`.
+    train_split / eval_split: the splits RL trains and evaluates on.
+  """
+  name: str
+  kwargs: tuple[tuple[str, Any], ...] = ()
+  data_dir: str | None = None
+  train_split: str = "train"
+  eval_split: str = "test"
+
+  def __post_init__(self):
+    _require(self.data_dir is None or bool(self.data_dir), "data_dir", self.data_dir,
+             "must be a path or None (<workdir>/data)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """`config.model`: the policy, a named architecture at random init or a local checkpoint.
+
+  Attributes:
+    name: a `TransformerConfig.from_name` name; None with `hf_path`.
+    hf_path: a local Hugging Face checkpoint directory; None with `name`.
+    tokenizer: 'char' or a tokenizer path; None: the tokenizer.json of `hf_path`.
+    overrides: `TransformerConfig` fields replacing the named config's, as sorted pairs
+      (`vocab_size` comes from the tokenizer); none with `hf_path`.
+    param_dtype / dtype: parameter and compute dtypes; None: the checkpoint's, or float32.
+  """
+  name: str | None = None
+  hf_path: str | None = None
+  tokenizer: str | None = None
+  overrides: tuple[tuple[str, Any], ...] = ()
+  param_dtype: str | None = None
+  dtype: str | None = None
+
+  def __post_init__(self):
+    _require((self.name is None) != (self.hf_path is None), "name", self.name,
+             f"and hf_path={self.hf_path!r}: set exactly one of them")
+    if self.name is not None:
+      TransformerConfig.from_name(self.name)  # its error lists the known names
+    _require(self.tokenizer is not None or self.hf_path is not None, "tokenizer",
+             self.tokenizer, "is needed without an hf_path to read tokenizer.json from")
+    _require(self.hf_path is None or not self.overrides, "overrides", dict(self.overrides),
+             "apply to a named config, not to the checkpoint of hf_path")
+    fields = {f.name for f in dataclasses.fields(TransformerConfig)} - {"vocab_size"}
+    unknown = sorted(set(dict(self.overrides)) - fields)
+    _require(not unknown, "overrides", unknown, f"are not TransformerConfig fields {sorted(fields)}")
+    for name in ("param_dtype", "dtype"):
+      value = getattr(self, name)
+      if value is not None:
+        try:
+          jnp.dtype(value)
+        except TypeError as error:
+          raise ValueError(f"{name}={value!r} is not a dtype") from error
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """`config.optim` (and `config.warm_start.optim`): AdamW, warmup then cosine decay, after
+  global-norm clipping (`gmpo_jax.train.make_optimizer`)."""
+  learning_rate: float
+  warmup_steps: int
+  end_lr_fraction: float
+  max_grad_norm: float
+  b1: float
+  b2: float
+  weight_decay: float
+
+  def __post_init__(self):
+    _require(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be > 0")
+    _require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
+    _require(0 <= self.end_lr_fraction <= 1, "end_lr_fraction", self.end_lr_fraction,
+             "must lie in [0, 1]")
+    _require(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "must be > 0")
+    for name in ("b1", "b2"):
+      _require(0 <= getattr(self, name) < 1, name, getattr(self, name), "must lie in [0, 1)")
+    _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmStartConfig:
+  """`config.warm_start`: the supervised pass before RL (`gmpo_jax.train.warm_start`).
+
+  Attributes:
+    steps: at most this many steps (0: no warm start).
+    batch_size: demonstrations per step.
+    optim: its optimizer.
+    target_train_pass_rate: stop at the first probe whose greedy pass rate on train prompts
+      reaches it; None: run all `steps`.
+    probe_every: steps between probes.
+    probe_size: train prompts per probe.
+  """
+  steps: int
+  batch_size: int
+  optim: OptimConfig
+  target_train_pass_rate: float | None = None
+  probe_every: int = 50
+  probe_size: int = 256
+
+  def __post_init__(self):
+    _require(self.steps >= 0, "steps", self.steps, "must be >= 0")
+    _require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+    _require(self.target_train_pass_rate is None or 0 <= self.target_train_pass_rate <= 1,
+             "target_train_pass_rate", self.target_train_pass_rate, "must lie in [0, 1] or be None")
+    _require(self.probe_every >= 1, "probe_every", self.probe_every, "must be >= 1")
+    _require(self.probe_size >= 1, "probe_size", self.probe_size, "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """`config.eval`: held-out evaluation (`gmpo_jax.train.evaluate`).
+
+  Attributes:
+    num_examples: the first this many held-out prompts.
+    temperature: of the `num_samples` sampled completions per prompt.
+    num_samples: n, sampled completions per prompt (mean@n).
+    k: the k of pass@k and maj@k, sorted, each 1 <= k <= n.
+  """
+  num_examples: int
+  temperature: float
+  num_samples: int
+  k: tuple[int, ...]
+
+  def __post_init__(self):
+    _require(self.num_examples >= 1, "num_examples", self.num_examples, "must be >= 1")
+    _require(self.temperature >= 0, "temperature", self.temperature, "must be >= 0")
+    object.__setattr__(self, "k", evaluation.check_ks(self.k, self.num_samples))
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """`config.checkpoint`: a save every `every` RL steps (and at each evaluation), the `keep`
+  latest kept, and the best by `best_metric` (None: no best-step tracking)."""
+  every: int
+  keep: int
+  best_metric: str | None = None
+
+  def __post_init__(self):
+    _require(self.every >= 1, "every", self.every, "must be >= 1")
+    _require(self.keep >= 1, "keep", self.keep, "must be >= 1")
+    _require(self.best_metric is None or bool(self.best_metric), "best_metric",
+             self.best_metric, "must be a metric name or None")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """`config.mesh`: the (data, fsdp, tensor) device mesh; one size may be -1 (what is left)."""
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+  def __post_init__(self):
+    sizes = dataclasses.asdict(self)
+    for name, size in sizes.items():
+      _require(size == -1 or size >= 1, name, size, "must be >= 1 or -1")
+    _require(list(sizes.values()).count(-1) <= 1, "data", self.data,
+             f"fsdp={self.fsdp} tensor={self.tensor}: at most one axis may be -1")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  """`config.rollout`: who generates the RL rollouts (`gmpo_jax.rollout.ROLLOUT_BACKENDS`)."""
+  backend: str = "jax"
+
+  def __post_init__(self):
+    _require(self.backend in rollout_lib.ROLLOUT_BACKENDS, "backend", self.backend,
+             f"is not one of {sorted(rollout_lib.ROLLOUT_BACKENDS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """A whole experiment config, every section typed and validated.
+
+  Attributes:
+    seed: everything random derives from it.
+    num_steps: RL steps.
+    prompts_per_step: B, prompts per RL step (each gets `algorithm.num_generations` completions).
+    eval_every: RL steps between evaluations (and after the last).
+    chunk_size: sequence chunk of the memory-lean log-prob computation.
+    progress: a progress bar (True), a status line every few steps (False), or by whether
+      stdout is a terminal (None).
+    resume_with_changes: resume a workdir whose checkpoint holds another config.
+    task, model, sampling, algorithm, optim, warm_start, eval, checkpoint, mesh, rollout: the
+      sections. `sampling` is the sampler's own `SamplingConfig` without the tokenizer's ids
+      (`eos_id`, `pad_id`: the runner sets them).
+  """
+  seed: int
+  num_steps: int
+  prompts_per_step: int
+  eval_every: int
+  chunk_size: int
+  progress: bool | None
+  resume_with_changes: bool
+  task: TaskConfig
+  model: ModelConfig
+  sampling: SamplingConfig
+  algorithm: AlgorithmConfig
+  optim: OptimConfig
+  warm_start: WarmStartConfig
+  eval: EvalConfig
+  checkpoint: CheckpointConfig
+  mesh: MeshConfig
+  rollout: RolloutConfig
+
+  def __post_init__(self):
+    _require(self.num_steps >= 0, "num_steps", self.num_steps, "must be >= 0")
+    _require(self.prompts_per_step >= 1, "prompts_per_step", self.prompts_per_step,
+             "must be >= 1")
+    _require(self.eval_every >= 1, "eval_every", self.eval_every, "must be >= 1")
+    _require(self.chunk_size >= 1, "chunk_size", self.chunk_size, "must be >= 1")
+
+  # Built by `gmpo_jax.main` before any JAX backend starts (`distributed.DistributedConfig`).
+  _UNTYPED_SECTIONS = ("distributed",)
+
+  @classmethod
+  def from_config(cls, config: Mapping[str, Any]) -> ExperimentConfig:
+    """Types and validates an experiment ConfigDict (see `configs/default.py`).
+
+    Raises:
+      ConfigError: an unknown field or a bad value, naming it.
+    """
+    missing = sorted({f.name for f in dataclasses.fields(cls)} - set(config))
+    if missing:
+      raise ConfigError(f"config: missing field(s) {missing}")
+    sections = {name: config[name] for name in ("task", "model", "sampling", "optim",
+                                                "warm_start", "eval", "checkpoint", "mesh",
+                                                "rollout")}
+    warm_start = sections["warm_start"]
+    top = {name: value for name, value in dict(config).items()
+           if name not in sections and name not in cls._UNTYPED_SECTIONS + ("algorithm",)}
+    return _section(
+        cls, top, "",
+        task=_section(TaskConfig, sections["task"], "task",
+                      kwargs=_frozen(sections["task"].get("kwargs"))),
+        model=_section(ModelConfig, sections["model"], "model",
+                       overrides=_frozen(sections["model"].get("overrides"))),
+        sampling=_section(SamplingConfig, sections["sampling"], "sampling"),
+        algorithm=AlgorithmConfig.from_config(config["algorithm"]),
+        optim=_section(OptimConfig, sections["optim"], "optim"),
+        warm_start=_section(WarmStartConfig, warm_start, "warm_start",
+                            optim=_section(OptimConfig, warm_start.get("optim"),
+                                           "warm_start.optim")),
+        eval=_section(EvalConfig, sections["eval"], "eval", k=tuple(sections["eval"].get("k", ()))),
+        checkpoint=_section(CheckpointConfig, sections["checkpoint"], "checkpoint"),
+        mesh=_section(MeshConfig, sections["mesh"], "mesh"),
+        rollout=_section(RolloutConfig, sections["rollout"], "rollout"))

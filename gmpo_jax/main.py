@@ -1,14 +1,16 @@
 """Command line: `python -m gmpo_jax.main --config=configs/default.py --workdir=DIR`.
 
 Any config field can be overridden, e.g. `--config.algorithm.advantage=grpo`; the config is
-locked, so a misspelt field is an error. Rerunning with the same workdir resumes. A workdir
-this process cannot write to, or one of another experiment, is a one-line error (exit 2).
+locked, so a misspelt field is an error. Config errors (an unknown field, a bad value, a workdir
+this process cannot write to, one of another experiment) print one line and exit with status 2,
+before any work. Rerunning with the same workdir resumes.
 """
 
 import logging
 import os
 import pathlib
 import sys
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -17,6 +19,7 @@ from ml_collections import config_flags
 from gmpo_jax import checkpointing
 from gmpo_jax import distributed
 from gmpo_jax import train
+from gmpo_jax.config import ConfigError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, data and metrics.")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
@@ -59,12 +62,52 @@ def main(argv):
     distributed.initialize(
         distributed.DistributedConfig.from_config(_CONFIG.value.get("distributed")))
     train.train_and_evaluate(_CONFIG.value, workdir)
-  except (WorkdirError, checkpointing.ConfigMismatchError,
+  except (ConfigError, WorkdirError, checkpointing.ConfigMismatchError,
           checkpointing.CheckpointMismatchError) as error:
-    # A user error, not a crash: one line naming what differs, no traceback.
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+    # A user error, not a crash: one line naming what is wrong, no traceback.
+    _exit_with_config_error(str(error))
+
+
+def _exit_with_config_error(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def unknown_override(argv: list[str]) -> str | None:
+  """The message for the first `--config.a.b=...` of `argv` that names no field of the config
+  file that `--config=PATH` loads (None: every override names a field).
+
+  ml_collections reports such an override as a bare `AttributeError: "'b'"` (or a `KeyError`
+  below a value) from inside flag parsing; this names the field and what its parent accepts.
+  """
+  paths = [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+  if not paths:
+    return None
+  config = flags.FLAGS[_CONFIG.name].parser.parse(paths[-1])
+  for arg in argv[1:]:
+    name = arg.lstrip("-").split("=", 1)[0]
+    if not name.startswith("config."):
+      continue
+    holder, parent = config, "config"
+    for key in name.split(".")[1:]:
+      if not hasattr(holder, "keys"):
+        return f"{parent} is a value, not a section: {name} cannot be set"
+      if key not in holder:
+        return f"unknown config field {name}; {parent} accepts: {', '.join(sorted(holder))}"
+      holder, parent = holder[key], f"{parent}.{key}"
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with an unknown `--config.` field as one line and exit status 2."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError):
+    message = unknown_override(argv)
+    if message is None:
+      raise
+    _exit_with_config_error(message)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -187,3 +187,34 @@ class MockRollout:
 
   def update_params(self, state: Any) -> None:
     self.updates.append(state)
+
+
+def _jax_backend(model: nnx.Module, *, config: SamplingConfig, chunk_size: int) -> JaxRollout:
+  return JaxRollout(model, config=config, chunk_size=chunk_size)
+
+
+def _mock_backend(model: nnx.Module, *, config: SamplingConfig, chunk_size: int) -> MockRollout:
+  del chunk_size  # nothing is computed with the model
+  return MockRollout(vocab_size=model.config.vocab_size, max_new_tokens=config.max_new_tokens,
+                     eos_id=config.eos_id, pad_id=config.pad_id)
+
+
+# name -> factory(policy, *, config, chunk_size) -> RolloutBackend, for `config.rollout.backend`.
+# An external engine registers here (docs/rollout_backends.md).
+ROLLOUT_BACKENDS = {"jax": _jax_backend, "mock": _mock_backend}
+
+
+def make_backend(name: str, model: nnx.Module, *, config: SamplingConfig,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> RolloutBackend:
+  """The backend `name` of `ROLLOUT_BACKENDS` for the policy `model`.
+
+  Args:
+    name: 'jax' (the in-process KV-cache sampler, `JaxRollout`) or 'mock' (`MockRollout`, a
+      uniform-random policy that exercises the learner without sampling).
+    model: the policy at its current parameters.
+    config: the decoding settings.
+    chunk_size: sequence chunk of the backend's log-prob computation.
+  """
+  if name not in ROLLOUT_BACKENDS:
+    raise ValueError(f"unknown rollout backend {name!r}; expected one of {sorted(ROLLOUT_BACKENDS)}")
+  return ROLLOUT_BACKENDS[name](model, config=config, chunk_size=chunk_size)

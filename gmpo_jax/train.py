@@ -24,7 +24,7 @@ import logging
 import pathlib
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,14 +42,15 @@ from gmpo_jax import learner
 from gmpo_jax import losses as losses_lib
 from gmpo_jax import metrics as metrics_lib
 from gmpo_jax import reward_shape
+from gmpo_jax import rollout as rollout_lib
 from gmpo_jax import sharding
 from gmpo_jax import tasks as tasks_lib
 from gmpo_jax import tokenization
-from gmpo_jax.config import AlgorithmConfig
-from gmpo_jax.logprobs import positions_from_mask, sequence_logprobs
+from gmpo_jax.config import AlgorithmConfig, ConfigError, ExperimentConfig, ModelConfig, OptimConfig
+from gmpo_jax.logprobs import positions_from_mask
 from gmpo_jax.models import hf_import
 from gmpo_jax.models.transformer import Transformer, TransformerConfig
-from gmpo_jax.rollout import JaxRollout, Rollout
+from gmpo_jax.rollout import JaxRollout, Rollout, RolloutBackend
 from gmpo_jax.sampling import SamplingConfig
 
 logger = logging.getLogger(__name__)
@@ -65,33 +66,27 @@ TIMING_METRICS = ("time/step", "time/rollout", "time/reward", "time/update", "to
 # ---------------------------------------------------------------------------------------------
 
 
-def build_tokenizer(model_config: ml_collections.ConfigDict) -> tokenization.Tokenizer:
-  """`model.tokenizer` ('char' or a path); empty: the tokenizer.json of `model.hf_path`."""
-  source = model_config.tokenizer or model_config.get("hf_path")
-  if not source:
-    raise ValueError("config.model.tokenizer is empty and there is no model.hf_path to read it from")
-  return tokenization.load_tokenizer(source)
+def build_tokenizer(model: ModelConfig) -> tokenization.Tokenizer:
+  """`model.tokenizer` ('char' or a path); None: the tokenizer.json of `model.hf_path`."""
+  return tokenization.load_tokenizer(model.hf_path if model.tokenizer is None else model.tokenizer)
 
 
-def build_model(model_config: ml_collections.ConfigDict, tokenizer: tokenization.Tokenizer,
-                *, seed: int) -> Transformer:
+def build_model(model: ModelConfig, tokenizer: tokenization.Tokenizer, *, seed: int
+                ) -> Transformer:
   """The policy: a Hugging Face checkpoint from a local path, or a named config at random init."""
-  if model_config.get("hf_path"):
-    model, _ = hf_import.load_hf_checkpoint(model_config.hf_path,
-                                            param_dtype=model_config.get("param_dtype") or None,
-                                            dtype=model_config.get("dtype") or None)
-    return model
-  overrides = dict(model_config.get("overrides", {}))
-  config = TransformerConfig.from_name(model_config.name)
-  overrides["vocab_size"] = tokenizer.vocab_size
+  if model.hf_path is not None:
+    policy, _ = hf_import.load_hf_checkpoint(model.hf_path, param_dtype=model.param_dtype,
+                                             dtype=model.dtype)
+    return policy
+  overrides = dict(model.overrides, vocab_size=tokenizer.vocab_size)
   for name in ("param_dtype", "dtype"):
-    if model_config.get(name):
-      overrides[name] = model_config[name]
-  config = dataclasses.replace(config, **overrides)
+    if getattr(model, name) is not None:
+      overrides[name] = getattr(model, name)
+  config = dataclasses.replace(TransformerConfig.from_name(model.name), **overrides)
   return Transformer(config, rngs=nnx.Rngs(seed))
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_updates: int
+def make_optimizer(optim: OptimConfig, total_updates: int
                    ) -> optax.GradientTransformation:
   """AdamW with linear warmup then cosine decay, after global-norm clipping."""
   schedule = optax.warmup_cosine_decay_schedule(
@@ -183,13 +178,6 @@ def sampler_learner_kl(learner_logp: jax.Array, sampler_logp: jax.Array,
   return losses_lib.aggregate_loss(k3, mask, mode="token-mean")
 
 
-def to_microbatches(x: np.ndarray | jax.Array, num: int) -> jax.Array:
-  """[N, ...] -> [num, N // num, ...]."""
-  if x.shape[0] % num:
-    raise ValueError(f"{x.shape[0]} sequences do not split into {num} micro-batches")
-  return jnp.reshape(x, (num, x.shape[0] // num) + x.shape[1:])
-
-
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
@@ -197,10 +185,14 @@ def to_microbatches(x: np.ndarray | jax.Array, num: int) -> jax.Array:
 
 @dataclasses.dataclass
 class Run:
-  """Everything `train_and_evaluate` builds once, shared by warm start, training and eval."""
-  config: ml_collections.ConfigDict
+  """Everything `train_and_evaluate` builds once, shared by warm start, training and eval.
+
+  `config` is the typed configuration; `config_dict` the ConfigDict it came from, whose JSON
+  is the experiment's fingerprint (checkpoints, the warm-start cache).
+  """
+  config: ExperimentConfig
+  config_dict: ml_collections.ConfigDict
   workdir: pathlib.Path
-  algo: AlgorithmConfig
   task: tasks_lib.Task
   tokenizer: tokenization.Tokenizer
   mesh: jax.sharding.Mesh
@@ -212,75 +204,52 @@ class Run:
   eval_examples: Sequence[Mapping[str, Any]]
 
   @property
+  def algo(self) -> AlgorithmConfig:
+    return self.config.algorithm
+
+  @property
   def stop_ids(self) -> tuple[int, ...]:
     return self.sampling.all_stop_ids
 
-  def place_batch(self, batch: learner.Batch) -> learner.Batch:
-    """Micro-batched arrays [M, b, ...]: b is split over the data axes of the mesh."""
-    return jax.tree.map(
-        lambda x: jax.device_put(x, sharding.batch_sharding(self.mesh, ndim=x.ndim,
-                                                            batch_axis=1)), batch)
 
-
-def _logprob_fn(run: Run, temperature: float, chunk_size: int):
-  """Log-probs of rollout rows, data-parallel: rows split over data x fsdp like the learner's."""
-  rows = sharding.batch_sharding(run.mesh, ndim=2)
-
-  def logprobs(params, tokens, key_mask):
-    model = nnx.merge(run.graphdef, params)
-    return sequence_logprobs(model, tokens, positions_from_mask(key_mask), key_mask,
-                             chunk_size=chunk_size, temperature=temperature)
-
-  compiled = jax.jit(logprobs, in_shardings=(run.param_shardings, rows, rows),
-                     out_shardings=rows)
-  # The sampler's outputs come in the layout XLA chose for it; move them to the rows layout.
-  return lambda params, tokens, key_mask: compiled(
-      params, jax.device_put(tokens, rows), jax.device_put(key_mask, rows))
-
-
-def _build_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Run:
-  algo = AlgorithmConfig.from_config(config.algorithm)
-  evaluation.check_ks(config.eval.k, config.eval.num_samples)
-  task = tasks_lib.get_task(config.task.name, **config.task.get("kwargs", {}))
-  algo.check_reward_range(task.reward_range)
-  data_dir = str(config.task.get("data_dir") or workdir / "data")
+def _build_run(config_dict: ml_collections.ConfigDict, workdir: pathlib.Path) -> Run:
+  """Validates everything it can before the first dataset or program is built."""
+  config = ExperimentConfig.from_config(config_dict)
+  algo = config.algorithm
+  try:
+    mesh = sharding.make_mesh(**dataclasses.asdict(config.mesh))
+  except ValueError as error:
+    raise ConfigError(f"config.mesh: {error}") from error
+  num_sequences = config.prompts_per_step * algo.num_generations
+  multiple = sharding.batch_size_multiple(mesh) * algo.num_minibatches * algo.num_microbatches
+  if num_sequences % multiple:
+    raise ConfigError(
+        f"config: prompts_per_step x algorithm.num_generations = {num_sequences} must be a "
+        f"multiple of mesh data x fsdp x algorithm.num_minibatches x num_microbatches = {multiple}")
+  try:
+    task = tasks_lib.get_task(config.task.name, **dict(config.task.kwargs))
+  except (TypeError, ValueError) as error:
+    raise ConfigError(f"config.task: {error}") from error
+  try:
+    algo.check_reward_range(task.reward_range)
+  except ValueError as error:
+    raise ConfigError(f"config.algorithm: {error}") from error
+  data_dir = str(workdir / "data") if config.task.data_dir is None else config.task.data_dir
   train_examples, eval_examples = distributed.primary_first(
       lambda: tuple(task.load(split, data_dir=data_dir)
                     for split in (config.task.train_split, config.task.eval_split)),
       name="task_data")
   tokenizer = build_tokenizer(config.model)
   model = build_model(config.model, tokenizer, seed=config.seed)
-  mesh = sharding.make_mesh(**config.mesh)
   graphdef, params = nnx.split(model)
   param_shardings = sharding.state_shardings(params, mesh)
   params = jax.device_put(params, param_shardings)
-  sampling_config = SamplingConfig(
-      max_new_tokens=config.sampling.max_new_tokens, temperature=config.sampling.temperature,
-      top_k=config.sampling.get("top_k"), top_p=config.sampling.top_p,
-      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-  return Run(config=config, workdir=workdir, algo=algo, task=task, tokenizer=tokenizer,
-             mesh=mesh, graphdef=graphdef, params=params, param_shardings=param_shardings,
-             sampling=sampling_config, train_examples=train_examples,
-             eval_examples=eval_examples)
-
-
-def _make_update(run: Run, optimizer, micro_loss, params, opt_state):
-  opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
-  return learner.make_update_fn(
-      run.graphdef, optimizer, micro_loss,
-      in_shardings=(run.param_shardings, opt_shardings, None),
-      out_shardings=(run.param_shardings, opt_shardings, None))
-
-
-def _init_opt_state(optimizer, params, mesh):
-  """Optimizer state placed like the parameters it mirrors; its scalars replicated on the mesh.
-
-  Every leaf gets a `NamedSharding` on `mesh`, so the update step's explicit input and output
-  shardings agree from the first call on (no recompile at step 2).
-  """
-  shardings = sharding.opt_state_shardings(
-      optimizer, params, jax.tree.map(lambda x: x.sharding, params), mesh)
-  return jax.jit(optimizer.init, out_shardings=shardings)(params)
+  sampling_config = dataclasses.replace(config.sampling, eos_id=tokenizer.eos_id,
+                                        pad_id=tokenizer.pad_id)
+  return Run(config=config, config_dict=config_dict, workdir=workdir, task=task,
+             tokenizer=tokenizer, mesh=mesh, graphdef=graphdef, params=params,
+             param_shardings=param_shardings, sampling=sampling_config,
+             train_examples=train_examples, eval_examples=eval_examples)
 
 
 # --- Supervised warm start -------------------------------------------------------------------
@@ -312,12 +281,12 @@ def warm_start(run: Run, preemption: checkpointing.PreemptionHandler
   cfg = run.config.warm_start
   directory = run.workdir / "warm_start"
   optimizer = make_optimizer(cfg.optim, cfg.steps)
-  opt_state = _init_opt_state(optimizer, run.params, run.mesh)
+  opt_state = learner.init_opt_state(optimizer, run.params, run.mesh)
   key = sharding.prng_key(run.config.seed, run.mesh)
-  signature = _warm_start_signature(run.config)
+  signature = _warm_start_signature(run.config_dict)
   target = checkpointing.CheckpointState(step=0, model=run.params, opt_state=opt_state,
                                          key=key, metadata={})
-  target_rate = cfg.get("target_train_pass_rate")
+  target_rate = cfg.target_train_pass_rate
   with checkpointing.Checkpointer(directory, max_to_keep=1, async_save=False) as ckpt:
     restored = ckpt.restore_latest(target)
     params, first, rate = jax.tree.map(jnp.copy, run.params), 0, None
@@ -328,8 +297,9 @@ def warm_start(run: Run, preemption: checkpointing.PreemptionHandler
         return restored.model, info
       params, opt_state, first = restored.model, restored.opt_state, restored.step
       logger.info("warm start: resuming at step %d of %d", first, cfg.steps)
-    update = _make_update(run, optimizer, learner.supervised_loss(chunk_size=run.config.chunk_size),
-                          run.params, opt_state)
+    update = learner.make_update_fn(
+        run.graphdef, optimizer, learner.supervised_loss(chunk_size=run.config.chunk_size),
+        param_shardings=run.param_shardings, opt_shardings=_shardings(opt_state))
     probe = _train_pass_rate_probe(run, cfg.probe_size) if target_rate is not None else None
     stream = PromptStream(run.train_examples, seed=run.config.seed + 1,
                           position=first * cfg.batch_size)
@@ -346,7 +316,7 @@ def warm_start(run: Run, preemption: checkpointing.PreemptionHandler
       prompts = [run.task.prompt(e) for e in examples]
       solutions = [run.task.demonstration(e) for e in examples]
       batch = _supervised_batch(run, prompts, solutions)
-      params, opt_state, out = update(params, opt_state, run.place_batch(batch))
+      params, opt_state, out = update(params, opt_state, learner.place_batch(batch, run.mesh))
       step += 1
       if step % max(cfg.steps // 5, 1) == 1 or step == cfg.steps:
         logger.info("warm start step %d/%d: nll %.4f", step, cfg.steps, float(out.loss))
@@ -411,7 +381,7 @@ def _supervised_batch(run: Run, prompts: Sequence[str], solutions: Sequence[str]
       tokens=tokens, positions=positions_from_mask(jnp.asarray(key_mask)), key_mask=key_mask,
       loss_mask=loss_mask, old_logp=zeros, ref_logp=zeros,
       advantages=np.zeros(len(prompts), np.float32))
-  return jax.tree.map(lambda x: to_microbatches(x, 1), batch)
+  return jax.tree.map(lambda x: learner.to_microbatches(x, 1), batch)
 
 
 # --- Evaluation ------------------------------------------------------------------------------
@@ -468,6 +438,156 @@ def _rewards_for(run: Run, rollout: Rollout, examples: Sequence[Mapping[str, Any
   return rewards.reshape(len(examples), g)
 
 
+class RLState(NamedTuple):
+  """What an RL step changes: RL steps done, the policy's parameters and optimizer state, and
+  the number of updates skipped so far (non-finite loss or gradient)."""
+  step: int
+  params: Any
+  opt_state: Any
+  skipped_updates: int = 0
+
+
+def rollout_batch(rollout: Rollout, *, advantages: jax.Array, group_mask: np.ndarray,
+                  old_logp: jax.Array, ref_logp: jax.Array) -> learner.Batch:
+  """The learner's [N, ...] view of a rollout of N = B·G sequences (group-major).
+
+  Args:
+    rollout: the sequences (`tokens`, `positions`, `key_mask`, `completion_mask` are used).
+    advantages: [B, G] float32, one per sequence.
+    group_mask: [B, G] bool; a masked completion (dynamic sampling masks whole groups) keeps
+      its advantage but none of its tokens is trained or counted.
+    old_logp, ref_logp: [N, T] float32 log-probs under the rollout and reference policies.
+  """
+  valid = jnp.asarray(group_mask).reshape(-1)
+  return learner.Batch(
+      tokens=rollout.tokens, positions=rollout.positions, key_mask=rollout.key_mask,
+      loss_mask=rollout.completion_mask & valid[:, None], old_logp=old_logp, ref_logp=ref_logp,
+      advantages=advantages.reshape(-1))
+
+
+def minibatches(sequences: learner.Batch, key: jax.Array, algo: AlgorithmConfig):
+  """Yields the micro-batched input of every optimizer step over one rollout: mu epochs, each a
+  fresh permutation (from `fold_in(key, 1 + epoch)`) cut into `num_minibatches` parts."""
+  num_sequences = sequences.tokens.shape[0]
+  for epoch in range(algo.num_epochs):
+    order = jax.random.permutation(jax.random.fold_in(key, 1 + epoch), num_sequences)
+    for minibatch in np.split(np.asarray(order), algo.num_minibatches):
+      yield jax.tree.map(lambda x: learner.to_microbatches(x[minibatch], algo.num_microbatches),
+                         sequences)
+
+
+def make_rl_step(run: Run, *, backend: RolloutBackend, optimizer: optax.GradientTransformation,
+                 opt_shardings: Any, key: jax.Array, ref_params: Any = None):
+  """Builds `rl_step(state, examples) -> (state, record)`: one RL step on B prompts.
+
+  The step samples G completions per prompt from `backend`, scores them with the task, checks
+  the rewards on the host, computes group advantages, rescores π_old (and π_ref) with the
+  learner's own program, runs mu epochs of minibatch updates and pushes the new parameters to
+  `backend`. Everything random derives from (`key`, `state.step`).
+
+  Args:
+    run: the run's task, tokenizer, mesh, model graph and parameter shardings, and algorithm.
+    backend: any `RolloutBackend` (the one `config.rollout.backend` names, or a test's).
+    optimizer: the RL optimizer (`make_optimizer`).
+    opt_shardings: the shardings of its state (`learner.init_opt_state`'s placement).
+    key: the run's base key.
+    ref_params: the frozen reference policy, needed when `algo.beta > 0`.
+
+  Returns:
+    `rl_step`; its record holds the reward, reward-shape, advantage, loss and update
+    statistics, response lengths, compile count and timings (`TIMING_METRICS`).
+  """
+  algo, g = run.algo, run.algo.num_generations
+  temperature, chunk_size = run.sampling.logit_temperature, run.config.chunk_size
+  update = learner.make_update_fn(
+      run.graphdef, optimizer,
+      learner.policy_loss(algo, temperature=temperature, chunk_size=chunk_size,
+                          max_length=run.sampling.max_new_tokens),
+      param_shardings=run.param_shardings, opt_shardings=opt_shardings)
+  policy_logprobs = learner.make_logprob_fn(run.graphdef, run.param_shardings, run.mesh,
+                                            temperature=temperature, chunk_size=chunk_size)
+  advantage_fn = jax.jit(algo.advantage_fn())
+  # Replicated, so every process can read the scalar of row-sharded inputs.
+  mismatch_kl = jax.jit(sampler_learner_kl, out_shardings=sharding.replicated(run.mesh))
+
+  def rl_step(state: RLState, examples: Sequence[Mapping[str, Any]]
+              ) -> tuple[RLState, dict[str, Any]]:
+    t0 = time.perf_counter()
+    params, opt_state = state.params, state.opt_state
+    step_key = jax.random.fold_in(key, state.step)
+    prompt_tokens, prompt_mask = encode_batch(
+        [run.task.prompt(e) for e in examples for _ in range(g)], run.tokenizer)
+    rollout = backend.generate(prompt_tokens, prompt_mask, jax.random.fold_in(step_key, 0))
+    jax.block_until_ready(rollout.tokens)
+    t1 = time.perf_counter()
+
+    rewards = _rewards_for(run, rollout, examples)
+    rewards = advantages_lib.validate_rewards(
+        rewards, require_positive=algo.require_positive_rewards,
+        require_non_negative=algo.reward_domain == "non_negative", offset=algo.offset,
+        group_names=[repr(run.task.prompt(e)) for e in examples])
+    # The advisor's `reward_shape/...` statistics of every group (before dynamic sampling);
+    # NaN where not measurable, written as null.
+    shape_record = reward_shape.reward_diagnostics(rewards)
+    if state.step == 0:
+      name, reason = reward_shape.recommend_advantage(shape_record)
+      logger.info("reward shape at step 1: recommended advantage %r (%s)%s", name, reason,
+                  "" if name == algo.advantage else
+                  f"; differs from the configured advantage {algo.advantage!r}")
+    group_mask = np.ones(rewards.shape, bool)
+    if algo.dynamic_sampling:
+      group_mask &= (np.ptp(rewards, axis=1) > 0)[:, None]
+    advantages = advantage_fn(jnp.asarray(rewards), jnp.asarray(group_mask))
+    t2 = time.perf_counter()
+
+    # pi_old is rescored by the learner's own program (same sharding, chunking and dtype as
+    # the update) rather than taken from the sampler: the GMPO ratio exponentiates a sum of
+    # per-token differences, so any sampler/learner numerical drift would accumulate.
+    old_logp = policy_logprobs(params, rollout.tokens, rollout.key_mask)
+    ref_logp = (policy_logprobs(ref_params, rollout.tokens, rollout.key_mask)
+                if ref_params is not None else jnp.zeros_like(old_logp))
+    sequences = rollout_batch(rollout, advantages=advantages, group_mask=group_mask,
+                              old_logp=old_logp, ref_logp=ref_logp)
+    outputs = []
+    for batch in minibatches(sequences, step_key, algo):
+      params, opt_state, out = update(params, opt_state, learner.place_batch(batch, run.mesh))
+      outputs.append(out)
+    backend.update_params(params)
+    jax.block_until_ready(params)
+    t3 = time.perf_counter()
+
+    outputs = jax.device_get(outputs)
+    skipped = sum(int(o.skipped) for o in outputs)
+    lengths = np.asarray(rollout.lengths)
+    adv = np.asarray(advantages)
+    metrics = jax.tree.map(lambda *values: np.stack(values), *[o.metrics for o in outputs])
+    record = {
+        **group_statistics(rewards), **shape_record,
+        "mismatch/kl": float(mismatch_kl(old_logp, rollout.policy_logprobs,
+                                         rollout.completion_mask)),
+        "advantage/mean": float(adv.mean()), "advantage/std": float(adv.std()),
+        "advantage/min": float(adv.min()), "advantage/max": float(adv.max()),
+        "loss": float(np.mean([o.loss for o in outputs])),
+        "grad_norm": float(np.mean([o.grad_norm for o in outputs])),
+        "response_length/mean": float(lengths.mean()),
+        "response_length/max": float(lengths.max()),
+        "response_length/truncated_fraction": float(1.0 - np.mean(np.asarray(rollout.finished))),
+        "updates/skipped": skipped, "updates/skipped_total": state.skipped_updates + skipped,
+        "compiles/update": update._cache_size(),  # pylint: disable=protected-access
+        "time/step": t3 - t0, "time/rollout": t1 - t0, "time/reward": t2 - t1,
+        "time/update": t3 - t2,
+        "tokens_per_sec": float(lengths.sum()) / max(t1 - t0, 1e-9),
+        **metrics.combine().as_record(),
+    }
+    if skipped:
+      logger.warning("step %d: %d update(s) skipped (non-finite loss or gradient)",
+                     state.step + 1, skipped)
+    return RLState(step=state.step + 1, params=params, opt_state=opt_state,
+                   skipped_updates=state.skipped_updates + skipped), record
+
+  return rl_step
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
                        ) -> dict[str, Any]:
   """Runs (or resumes) the experiment of `config` in `workdir`; returns the summary."""
@@ -486,40 +606,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       return {"preempted": str(stopped)}
 
 
+def _shardings(tree: Any) -> Any:
+  return jax.tree.map(lambda x: x.sharding, tree)
+
+
 def _train(run: Run, preemption: checkpointing.PreemptionHandler) -> dict[str, Any]:
   config, workdir, algo = run.config, run.workdir, run.algo
   if config.warm_start.steps > 0:
     run.params, warm_start_result = warm_start(run, preemption)
   ref_params = jax.tree.map(jnp.copy, run.params) if algo.beta > 0 else None
-
-  g = algo.num_generations
-  num_sequences = config.prompts_per_step * g
-  multiple = sharding.batch_size_multiple(run.mesh) * algo.num_minibatches * algo.num_microbatches
-  if num_sequences % multiple:
-    raise ValueError(f"prompts_per_step x num_generations = {num_sequences} must be a multiple of "
-                     f"data x fsdp x num_minibatches x num_microbatches = {multiple}")
-  total_updates = config.num_steps * algo.num_epochs * algo.num_minibatches
-  optimizer = make_optimizer(config.optim, total_updates)
-  params = run.params
-  opt_state = _init_opt_state(optimizer, params, run.mesh)
+  optimizer = make_optimizer(config.optim,
+                             config.num_steps * algo.num_epochs * algo.num_minibatches)
+  opt_state = learner.init_opt_state(optimizer, run.params, run.mesh)
   base_key, eval_key = jax.random.split(sharding.prng_key(config.seed, run.mesh))
-  max_new = run.sampling.max_new_tokens
-  update = _make_update(run, optimizer, learner.policy_loss(
-      algo, temperature=run.sampling.logit_temperature, chunk_size=config.chunk_size,
-      max_length=max_new), params, opt_state)
-  policy_logprobs = _logprob_fn(run, run.sampling.logit_temperature, config.chunk_size)
-  advantage_fn = jax.jit(algo.advantage_fn())
-  # Replicated, so every process can read the scalar of row-sharded inputs.
-  mismatch_kl = jax.jit(sampler_learner_kl, out_shardings=sharding.replicated(run.mesh))
 
   ckpt = checkpointing.Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.keep,
                                     best_metric=config.checkpoint.best_metric, best_mode="max")
-  target = checkpointing.CheckpointState(step=0, model=params, opt_state=opt_state,
+  target = checkpointing.CheckpointState(step=0, model=run.params, opt_state=opt_state,
                                          key=base_key, metadata={})
   # A workdir resumes only the experiment that wrote it (the fields in
   # `checkpointing.RESUMABLE_FIELDS` may differ); `resume_with_changes` accepts any change,
   # and the changes are logged and kept in every later checkpoint.
-  resolved = json.loads(config.to_json())
+  resolved = json.loads(run.config_dict.to_json())
   restored = ckpt.restore_latest(target, config=resolved,
                                  allow_config_changes=config.resume_with_changes)
   config_record = checkpointing.config_record(resolved)
@@ -530,132 +638,55 @@ def _train(run: Run, preemption: checkpointing.PreemptionHandler) -> dict[str, A
       logger.warning("resuming with config changes: %s", changes)
       config_record["resumed_with_changes"] = [
           [c.field, repr(c.stored), repr(c.current)] for c in changes]
-  start_step, position, skipped_total, initial_eval = 0, 0, 0, None
+  state, position, initial_eval = RLState(step=0, params=run.params, opt_state=opt_state), 0, None
   if restored is not None:
-    start_step, params, opt_state = restored.step, restored.model, restored.opt_state
+    state = RLState(step=restored.step, params=restored.model, opt_state=restored.opt_state,
+                    skipped_updates=int(restored.metadata["skipped_updates"]))
     position = int(restored.metadata["data_position"])
-    skipped_total = int(restored.metadata["skipped_updates"])
     initial_eval = restored.metadata.get("initial_eval")
-    logger.info("resuming from step %d (data position %d)", start_step, position)
+    logger.info("resuming from step %d (data position %d)", state.step, position)
   stream = PromptStream(run.train_examples, seed=config.seed, position=position)
-  backend = JaxRollout(nnx.merge(run.graphdef, params), config=run.sampling,
-                       chunk_size=config.chunk_size)
+  backend = rollout_lib.make_backend(config.rollout.backend, nnx.merge(run.graphdef, state.params),
+                                     config=run.sampling, chunk_size=config.chunk_size)
+  rl_step = make_rl_step(run, backend=backend, optimizer=optimizer,
+                         opt_shardings=_shardings(opt_state), key=base_key, ref_params=ref_params)
 
   writer = metrics_lib.MetricsWriter(
-      workdir, total_steps=config.num_steps, start_step=start_step if restored else None,
-      progress=config.get("progress"),
+      workdir, total_steps=config.num_steps, start_step=state.step if restored else None,
+      progress=config.progress,
       progress_keys=("reward/mean", "eval/pass@1", "loss"),
       best_modes={"eval/pass@1": "max", "eval/reward": "max", "reward/mean": "max"})
   if initial_eval is None:
-    initial_eval = evaluate(run, params, eval_key, step=0)
+    initial_eval = evaluate(run, state.params, eval_key, step=0)
     logger.info("before RL: %s", initial_eval)
     writer.write(0, initial_eval)
   writer.add_to_summary("initial_eval", initial_eval)
   if config.warm_start.steps > 0:
     writer.add_to_summary("warm_start", warm_start_result)
 
-  def state(done: int) -> checkpointing.CheckpointState:
+  def checkpoint(state: RLState) -> checkpointing.CheckpointState:
     return checkpointing.CheckpointState(
-        step=done, model=params, opt_state=opt_state, key=base_key,
+        step=state.step, model=state.params, opt_state=state.opt_state, key=base_key,
         metadata={checkpointing.CONFIG_METADATA_KEY: config_record,
-                  "data_position": stream.position, "skipped_updates": skipped_total,
+                  "data_position": stream.position, "skipped_updates": state.skipped_updates,
                   "initial_eval": initial_eval})
 
   with writer, ckpt:
     if restored is None and preemption.requested_on_any_process():
-      ckpt.save(state(0))  # the evaluation before RL is kept; the next run starts at step 1
+      ckpt.save(checkpoint(state))  # the evaluation before RL is kept; the next run starts at step 1
       raise Preempted("first evaluation, saved as step 0")
-    for step in range(start_step, config.num_steps):
-      t0 = time.perf_counter()
-      step_key = jax.random.fold_in(base_key, step)
-      examples = stream.take(config.prompts_per_step)
-      prompt_tokens, prompt_mask = encode_batch(
-          [run.task.prompt(e) for e in examples for _ in range(g)], run.tokenizer)
-      rollout = backend.generate(prompt_tokens, prompt_mask, jax.random.fold_in(step_key, 0))
-      jax.block_until_ready(rollout.tokens)
-      t1 = time.perf_counter()
-
-      rewards = _rewards_for(run, rollout, examples)
-      rewards = advantages_lib.validate_rewards(
-          rewards, require_positive=algo.require_positive_rewards,
-          require_non_negative=algo.reward_domain == "non_negative", offset=algo.offset,
-          group_names=[repr(run.task.prompt(e)) for e in examples])
-      # The advisor's `reward_shape/...` statistics of every group (before dynamic sampling);
-      # NaN where not measurable, written as null.
-      shape_record = reward_shape.reward_diagnostics(rewards)
-      if restored is None and step == start_step:
-        name, reason = reward_shape.recommend_advantage(shape_record)
-        logger.info("reward shape at step 1: recommended advantage %r (%s)%s", name, reason,
-                    "" if name == algo.advantage else
-                    f"; differs from the configured advantage {algo.advantage!r}")
-      group_mask = np.ones(rewards.shape, bool)
-      if algo.dynamic_sampling:
-        group_mask &= (np.ptp(rewards, axis=1) > 0)[:, None]
-      advantages = advantage_fn(jnp.asarray(rewards), jnp.asarray(group_mask))
-      t2 = time.perf_counter()
-
-      loss_mask = rollout.completion_mask & jnp.repeat(jnp.asarray(group_mask[:, 0]), g)[:, None]
-      # pi_old is rescored by the learner's own program (same sharding, chunking and dtype as
-      # the update) rather than taken from the sampler: the GMPO ratio exponentiates a sum of
-      # per-token differences, so any sampler/learner numerical drift would accumulate.
-      old_logp = policy_logprobs(params, rollout.tokens, rollout.key_mask)
-      ref_logp = (policy_logprobs(ref_params, rollout.tokens, rollout.key_mask)
-                  if ref_params is not None else jnp.zeros_like(old_logp))
-      sequences = learner.Batch(
-          tokens=rollout.tokens, positions=rollout.positions, key_mask=rollout.key_mask,
-          loss_mask=loss_mask, old_logp=old_logp, ref_logp=ref_logp,
-          advantages=advantages.reshape(-1))
-      outputs = []
-      for epoch in range(algo.num_epochs):
-        order = jax.random.permutation(jax.random.fold_in(step_key, 1 + epoch), num_sequences)
-        for minibatch in np.split(np.asarray(order), algo.num_minibatches):
-          batch = jax.tree.map(lambda x: to_microbatches(x[minibatch], algo.num_microbatches),
-                               sequences)
-          params, opt_state, out = update(params, opt_state, run.place_batch(batch))
-          outputs.append(out)
-      backend.update_params(params)
-      jax.block_until_ready(params)
-      t3 = time.perf_counter()
-
-      outputs = jax.device_get(outputs)
-      skipped = sum(int(o.skipped) for o in outputs)
-      skipped_total += skipped
-      lengths = np.asarray(rollout.lengths)
-      adv = np.asarray(advantages)
-      record = {
-          **group_statistics(rewards), **shape_record,
-          "mismatch/kl": float(mismatch_kl(old_logp, rollout.policy_logprobs,
-                                           rollout.completion_mask)),
-          "advantage/mean": float(adv.mean()), "advantage/std": float(adv.std()),
-          "advantage/min": float(adv.min()), "advantage/max": float(adv.max()),
-          "loss": float(np.mean([o.loss for o in outputs])),
-          "grad_norm": float(np.mean([o.grad_norm for o in outputs])),
-          "response_length/mean": float(lengths.mean()),
-          "response_length/max": float(lengths.max()),
-          "response_length/truncated_fraction": float(1.0 - np.mean(np.asarray(rollout.finished))),
-          "updates/skipped": skipped, "updates/skipped_total": skipped_total,
-          "compiles/update": update._cache_size(),  # pylint: disable=protected-access
-          "time/step": t3 - t0, "time/rollout": t1 - t0, "time/reward": t2 - t1,
-          "time/update": t3 - t2,
-          "tokens_per_sec": float(lengths.sum()) / max(t1 - t0, 1e-9),
-      }
-      for name in outputs[0].metrics:
-        values = [float(o.metrics[name]) for o in outputs]
-        record[name] = float(learner.reduce_metric(name, np.asarray(values)))
-      if skipped:
-        logger.warning("step %d: %d update(s) skipped (non-finite loss or gradient)", step + 1,
-                       skipped)
-
-      done = step + 1
+    while state.step < config.num_steps:
+      state, record = rl_step(state, stream.take(config.prompts_per_step))
+      done = state.step
       eval_due = done % config.eval_every == 0 or done == config.num_steps
       if eval_due:
-        record.update(evaluate(run, params, eval_key, step=done))
+        record.update(evaluate(run, state.params, eval_key, step=done))
       writer.write(done, record)
       # Every process must stop at the same step (the save below is collective).
       stop = preemption.requested_on_any_process()
       if eval_due or done % config.checkpoint.every == 0 or stop or done == config.num_steps:
         ckpt.save(
-            state(done),
+            checkpoint(state),
             metrics={config.checkpoint.best_metric: record[config.checkpoint.best_metric]}
             if config.checkpoint.best_metric in record else None)
       if stop:

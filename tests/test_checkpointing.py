@@ -229,6 +229,21 @@ class TestRetention:
       assert checkpointer.best_step == 7
       assert checkpointer.all_steps() == [6, 7]
 
+  def test_saves_without_metrics_are_quiet_and_never_the_best(self, tmp_path, caplog):
+    # Orbax warns on every save without metrics when it tracks a metric; the Checkpointer
+    # passes it empty metrics instead, which rank last.
+    with caplog.at_level(logging.WARNING), Checkpointer(
+        tmp_path, max_to_keep=1, best_metric="acc") as checkpointer:
+      for step in (1, 2):
+        checkpointer.save(_make_state(step, seed=step)[1])
+      checkpointer.wait_until_finished()
+      assert checkpointer.all_steps() == [2] and checkpointer.best_step is None
+      checkpointer.save(_make_state(3, seed=3)[1], metrics={"acc": 0.5})
+      checkpointer.save(_make_state(4, seed=4)[1])
+      checkpointer.wait_until_finished()
+      assert checkpointer.all_steps() == [3, 4] and checkpointer.best_step == 3
+    assert not [r for r in caplog.records if "tracked_metric" in r.getMessage()]
+
   def test_without_best_metric_keeps_latest_n(self, tmp_path):
     _save_steps(tmp_path, [1, 2, 3, 4], max_to_keep=2)
     with Checkpointer(tmp_path) as checkpointer:

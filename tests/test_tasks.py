@@ -1013,7 +1013,7 @@ def test_qwen2_5_math_config():
   assert algorithm.num_generations == 8 and algorithm.beta == 0.0
   assert config.optim.learning_rate == 1e-6
   assert config.sampling.max_new_tokens >= 1024
-  assert config.model.hf_path == "" and config.task.kwargs.manual_dir is None  # Set at launch.
+  assert config.model.hf_path is None and config.task.kwargs.manual_dir is None  # Set at launch.
   # The task section builds the math task, whose prompt is Qwen's chat format.
   config.task.kwargs.manual_dir = "/data/math"
   task = tasks.get_task(config.task.name, **config.task.kwargs)

@@ -1,5 +1,7 @@
 """Inputs shared by the multi-device learner tests: a tiny policy, a rollout batch, the
-runner's optimizer and the real GMPO learner loss."""
+runner's optimizer and the real GMPO learner loss, wired by the runner's own functions
+(`train.rollout_batch`, `learner.init_opt_state`, `learner.make_update_fn`,
+`learner.place_batch`), so the tests check the code the runner runs."""
 
 import contextlib
 import functools
@@ -16,6 +18,7 @@ from gmpo_jax import train
 from gmpo_jax.config import AlgorithmConfig
 from gmpo_jax.logprobs import positions_from_mask
 from gmpo_jax.models.transformer import Transformer, TransformerConfig
+from gmpo_jax.rollout import Rollout
 
 # 'tiny' divides evenly on every test mesh: vocab 128, embed 64 (fsdp <= 4), 4 heads and
 # 2 KV heads, MLP 128 (tensor <= 2); so every logical rule really shards.
@@ -76,17 +79,16 @@ def _advantage_fn():
 
 
 def learner_batch(data, num_microbatches):
-  """The runner's learner input for `data`: advantages of the whole batch, the completions of
-  masked groups out of the loss, stacked as [num_microbatches, N / num_microbatches, ...]."""
-  advantages = np.asarray(_advantage_fn()(jnp.asarray(data["rewards"]),
-                                          jnp.asarray(data["group_mask"])))
-  valid = data["group_mask"].reshape(-1)
-  batch = learner.Batch(
-      tokens=data["tokens"], positions=data["positions"], key_mask=data["key_mask"],
-      loss_mask=data["loss_mask"] & valid[:, None], old_logp=data["old_logp"],
-      ref_logp=data["ref_logp"], advantages=advantages.reshape(-1))
-  return jax.tree.map(lambda x: x.reshape((num_microbatches, N // num_microbatches) + x.shape[1:]),
-                      batch)
+  """The runner's learner input for `data` (`train.rollout_batch`): advantages of the whole
+  batch, the masked completions out of the loss, as [num_microbatches, N / num_microbatches, ...]."""
+  advantages = _advantage_fn()(jnp.asarray(data["rewards"]), jnp.asarray(data["group_mask"]))
+  # Only the sequence fields of a Rollout enter the learner's batch.
+  sequences = Rollout(tokens=data["tokens"], positions=data["positions"],
+                      key_mask=data["key_mask"], completion_mask=data["loss_mask"],
+                      logprobs=None, policy_logprobs=None, lengths=None, finished=None)
+  batch = train.rollout_batch(sequences, advantages=advantages, group_mask=data["group_mask"],
+                              old_logp=data["old_logp"], ref_logp=data["ref_logp"])
+  return jax.tree.map(lambda x: learner.to_microbatches(x, num_microbatches), batch)
 
 
 @functools.cache
@@ -112,18 +114,14 @@ def mesh_run(mesh_shape, num_microbatches=ALGO.num_microbatches, in_mesh_context
   opt = optimizer()
   param_shardings = sharding.state_shardings(params, mesh)
   params = jax.device_put(params, param_shardings)
-  opt_shardings = sharding.opt_state_shardings(opt, params, param_shardings, mesh)
-  opt_state = jax.jit(opt.init, out_shardings=opt_shardings)(params)
-  update = learner.make_update_fn(graphdef, opt, micro_loss(),
-                                  in_shardings=(param_shardings, opt_shardings, None),
-                                  out_shardings=(param_shardings, opt_shardings, None))
+  opt_state = learner.init_opt_state(opt, params, mesh)
+  opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
+  update = learner.make_update_fn(graphdef, opt, micro_loss(), param_shardings=param_shardings,
+                                  opt_shardings=opt_shardings)
   outputs, states = [], []
   with jax.set_mesh(mesh) if in_mesh_context else contextlib.nullcontext():
     for step in range(NUM_STEPS):
-      batch = learner_batch(rollout(seed=step), num_microbatches)
-      batch = jax.tree.map(
-          lambda x: jax.device_put(x, sharding.batch_sharding(mesh, ndim=x.ndim, batch_axis=1)),
-          batch)
+      batch = learner.place_batch(learner_batch(rollout(seed=step), num_microbatches), mesh)
       params, opt_state, out = update(params, opt_state, batch)
       outputs.append(jax.device_get(out))
       states.append(jax.device_get((params, opt_state)))

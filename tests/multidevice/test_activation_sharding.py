@@ -90,8 +90,7 @@ def test_update_temporaries_drop_on_2x4x1():
   algo = AlgorithmConfig(advantage="gmpo", objective="geometric")
   update = learner.make_update_fn(
       GRAPHDEF, opt, learner.policy_loss(algo, temperature=1.0, chunk_size=64, max_length=t),
-      in_shardings=(param_shardings, opt_shardings, None),
-      out_shardings=(param_shardings, opt_shardings, None))
+      param_shardings=param_shardings, opt_shardings=opt_shardings)
   mask = np.ones((1, n, t), bool)
   floats = np.zeros((1, n, t), np.float32)
   batch = learner.Batch(

@@ -72,7 +72,6 @@ def test_diagnostics_equal_one_device_with_the_same_shards_as_micro_batches():
   outputs, _ = pmap_run()
   single = setup.mesh_run(None, num_microbatches=D * ALGO.num_microbatches)
   for got, want in zip(outputs, single["outputs"]):
-    assert got.update.metrics.keys() == want.metrics.keys()
     assert_trees_close(pmap_step.unreplicate(got.update.metrics), want.metrics)
     np.testing.assert_allclose(got.update.loss[0], want.loss, rtol=1e-5, atol=1e-6)
 

@@ -1,0 +1,104 @@
+"""The typed experiment config: every section validated, one error naming the bad field."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import default
+from configs import qwen2_5_0_5b
+from configs import smoke
+from gmpo_jax import main
+from gmpo_jax import train
+from gmpo_jax.config import ConfigError, ExperimentConfig, OptimConfig
+
+
+def test_the_shipped_configs_are_valid():
+  typed = ExperimentConfig.from_config(default.get_config())
+  assert typed.model.name == "tiny" and typed.model.hf_path is None
+  assert typed.task.data_dir is None and typed.eval.k == (4, 8)
+  assert typed.warm_start.optim == OptimConfig(**default.get_config().warm_start.optim)
+  assert ExperimentConfig.from_config(smoke.get_config()).rollout.backend == "jax"
+  config = qwen2_5_0_5b.get_config()
+  with pytest.raises(ConfigError, match="config.model: .*hf_path=None"):  # set at launch
+    ExperimentConfig.from_config(config)
+  config.model.hf_path = "/models/qwen"
+  assert ExperimentConfig.from_config(config).model.tokenizer is None
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("prompts_per_step", 0, r"config: prompts_per_step=0 must be >= 1"),
+    ("num_steps", -1, r"config: num_steps=-1"),
+    ("eval.k", (0,), r"config.eval: eval.k=\(0,\)"),
+    ("eval.num_samples", 0, r"config.eval: .*num_samples=0"),
+    ("algorithm.objective_kwargs.epsilon_low", -1.0, r"config.algorithm: .*epsilon_low=-1"),
+    ("algorithm.num_generations", 1, r"config.algorithm: num_generations=1"),
+    ("optim.b1", 1.5, r"config.optim: b1=1.5 must lie in \[0, 1\)"),
+    ("warm_start.optim.learning_rate", 0.0, r"config.warm_start.optim: learning_rate=0.0"),
+    ("warm_start.batch_size", 0, r"config.warm_start: batch_size=0"),
+    ("sampling.top_p", 2.0, r"config.sampling: top_p must lie in \(0, 1\]"),
+    ("checkpoint.keep", 0, r"config.checkpoint: keep=0"),
+    ("mesh.fsdp", 0, r"config.mesh: fsdp=0 must be >= 1 or -1"),
+    ("rollout.backend", "vllm", r"config.rollout: backend='vllm' is not one of \['jax', 'mock'\]"),
+    ("model.dtype", "float33", r"config.model: dtype='float33' is not a dtype"),
+    ("model.name", "gpt5", r"config.model: Unknown model name 'gpt5'"),
+    ("model.tokenizer", None, r"config.model: tokenizer=None is needed without an hf_path"),
+])
+def test_a_bad_value_is_one_error_naming_its_field(field, value, message):
+  config = smoke.get_config()
+  *parents, name = field.split(".")
+  section = config
+  for parent in parents:
+    section = section[parent]
+  section[name] = value
+  with pytest.raises(ConfigError, match=message):
+    ExperimentConfig.from_config(config)
+
+
+def test_unknown_fields_are_named_with_what_the_section_accepts():
+  config = smoke.get_config().to_dict()
+  config["eval"]["ks"] = (2,)
+  with pytest.raises(ConfigError, match=r"config.eval: unknown field\(s\) \['ks'\]; accepted: "
+                                        r"\['num_examples', 'temperature', 'num_samples', 'k'\]"):
+    ExperimentConfig.from_config(config)
+  del config["eval"]["ks"], config["rollout"]
+  with pytest.raises(ConfigError, match=r"config: missing field\(s\) \['rollout'\]"):
+    ExperimentConfig.from_config(config)
+
+
+def test_bad_values_fail_before_any_dataset_is_built(tmp_path):
+  config = smoke.get_config()
+  config.algorithm.objective_kwargs.epsilon_low = -1.0
+  with pytest.raises(ConfigError, match="epsilon_low"):
+    train.train_and_evaluate(config, tmp_path)
+  config = smoke.get_config()
+  config.prompts_per_step = 3  # 3 x 4 completions do not split into 2 minibatches of 8 devices
+  config.algorithm.num_minibatches = 8
+  with pytest.raises(ConfigError, match="prompts_per_step x algorithm.num_generations = 12"):
+    train.train_and_evaluate(config, tmp_path)
+  assert not (tmp_path / "data").exists()
+
+
+def test_an_unknown_override_names_the_field_and_what_its_section_accepts():
+  path = os.path.join(os.path.dirname(smoke.__file__), "smoke.py")
+  argv = ["main", f"--config={path}", "--workdir=/tmp/w"]
+  assert main.unknown_override(argv + ["--config.seed=3"]) is None
+  assert main.unknown_override(argv + ["--config.algorithm.advantage_kwargs.offset=1"]) == (
+      "unknown config field config.algorithm.advantage_kwargs.offset; "
+      "config.algorithm.advantage_kwargs accepts: normalize")
+  assert main.unknown_override(argv + ["--config.seed.x=1"]) == (
+      "config.seed is a value, not a section: config.seed.x cannot be set")
+
+
+def test_the_command_line_prints_one_line_and_exits_2(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "gmpo_jax.main", "--config=configs/smoke.py",
+       f"--workdir={tmp_path}", "--config.algorithm.advantage_kwargs.offset=1"],
+      capture_output=True, text=True, timeout=300,
+      cwd=os.path.dirname(os.path.dirname(smoke.__file__)))
+  assert result.returncode == 2, result.stderr[-2000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert errors == ["error: unknown config field config.algorithm.advantage_kwargs.offset; "
+                    "config.algorithm.advantage_kwargs accepts: normalize"]
+  assert "Traceback" not in result.stderr and not list(tmp_path.iterdir())
