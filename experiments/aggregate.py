@@ -5,8 +5,9 @@ Input: each finished run's `metrics.jsonl` (`gmpo_jax.metrics.read_metrics`: one
 step, step 0 = the evaluation before RL, `null` for a non-finite value). Output, in `out`:
 
     table.md          final values, extremes over the RL steps and step-0 values, one row per
-                      grid point, "mean ± s.e." over seeds; each point's final values minus
-                      the first point's, paired by seed; then what each point overrides
+                      grid point, "mean ± s.e." over seeds; each point's final values and
+                      extremes minus the first point's, paired by seed; then what each point
+                      overrides
     table.csv         the same numbers, one row per (point, metric, statistic), full precision
     runs.csv          the per-run values behind them, one row per (point, seed, metric, statistic)
     curves.png        one panel per metric: the mean over seeds against the step, one color per
@@ -25,8 +26,9 @@ confidence interval of the mean, t_{0.975, n-1} · s / sqrt(n) (Student's t: see
 the finite values; both are undefined for one value (NaN in the CSV, left out of the table), and
 a cell says "(k/n)" when only k of the n runs had a finite value (a diverged run is never hidden).
 
-Paired by seed (statistic `final_minus_<first point>`): the same statistics of the per-seed
-differences final(point, s) − final(first point, s) over the seeds both finished. Runs of one
+Paired by seed (statistics `final_minus_<first point>` and `max_minus_...` / `min_minus_...`):
+the same statistics of the per-seed differences, e.g. final(point, s) − final(first point, s),
+over the seeds both finished. Runs of one
 seed share the warm start, the data order and the sampling keys, so the difference removes the
 spread between seeds that dominates the unpaired intervals; it is the interval to read when
 ordering methods.
@@ -298,13 +300,14 @@ def aggregate(out: str | pathlib.Path, runs: Sequence[RunMetrics], *,
         stats[point, metric.name, statistic] = mean_stderr(
             v for p, _, m, s, v in per_run if (p, m, s) == (point, metric.name, statistic))
   reference = points[0]
-  paired = f"final_minus_{reference}"
-  finals = {(p, seed, m): v for p, seed, m, s, v in per_run if s == "final"}
+  by_run = {(p, seed, m, s): v for p, seed, m, s, v in per_run}
   for point in points[1:]:
     for metric in metrics:
-      stats[point, metric.name, paired] = mean_stderr(
-          v - finals[reference, seed, m] for (p, seed, m), v in finals.items()
-          if (p, m) == (point, metric.name) and (reference, seed, m) in finals)
+      for statistic in ("final", metric.mode):
+        stats[point, metric.name, f"{statistic}_minus_{reference}"] = mean_stderr(
+            v - by_run[reference, seed, m, s] for (p, seed, m, s), v in by_run.items()
+            if (p, m, s) == (point, metric.name, statistic)
+            and (reference, seed, m, s) in by_run)
 
   out.mkdir(parents=True, exist_ok=True)
   files = {"table_md": out / TABLE_MD, "table_csv": out / TABLE_CSV, "runs_csv": out / RUNS_CSV}
@@ -352,12 +355,13 @@ def aggregate(out: str | pathlib.Path, runs: Sequence[RunMetrics], *,
         ["point"] + [m.name for m in initial_metrics],
         [[p] + [_fmt(stats[p, m.name, "gain"]) for m in initial_metrics] for p in points])
     lines.append("")
-  if len(points) > 1:
-    lines += [f"## Final values minus {reference}'s, paired by seed", ""]
+  for title, statistic, label in (sections if len(points) > 1 else ()):
+    lines += [f"## {title} minus {reference}'s, paired by seed", ""]
     lines += _markdown_table(
-        ["point", "seeds"] + [m.name for m in metrics],
-        [[p, str(stats[p, metrics[0].name, paired].num_runs)]
-         + [_fmt(stats[p, m.name, paired]) for m in metrics] for p in points[1:]])
+        ["point", "seeds"] + [label(m) for m in metrics],
+        [[p, str(stats[p, metrics[0].name, f"{statistic(metrics[0])}_minus_{reference}"].num_runs)]
+         + [_fmt(stats[p, m.name, f"{statistic(m)}_minus_{reference}"]) for m in metrics]
+         for p in points[1:]])
     lines.append("")
   if point_overrides:
     lines += ["## Points", ""]

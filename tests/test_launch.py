@@ -125,6 +125,7 @@ def test_grid_runs_and_table_matches_hand_computed_statistics(tmp_path, fake_run
   paired = table["advantage=gmpo", "reward/mean", "final_minus_advantage=grpo"]
   assert (_float(paired["mean"]), _float(paired["stderr"])) == pytest.approx((10.0, 0.0))
   assert "## Final values minus advantage=grpo's, paired by seed" in markdown
+  assert "## Extremes over the RL steps (step >= 1) minus advantage=grpo's, paired by seed" in markdown
   assert "| advantage=gmpo | 2 | 10 ± 0 |" in markdown
   for name in (aggregate.CURVES_PNG, aggregate.BARS_PNG):
     data = (out / name).read_bytes()
