@@ -131,10 +131,11 @@ class AlgorithmConfig:
     """Builds the estimator and the objective (the registries check names and hyperparameter
     names) and traces each on abstract [1, 2] inputs, which runs their own value checks (clip
     ranges, p, ...): a bad value fails here, not at the first update."""
+    advantage_fn, loss_fn = self.advantage_fn(), self.loss_fn()
     rows, mask = jax.ShapeDtypeStruct((1, 2), jnp.float32), jax.ShapeDtypeStruct((1, 2), bool)
-    jax.eval_shape(self.advantage_fn(), rows, mask)
+    jax.eval_shape(advantage_fn, rows, mask)
     norm = {"max_length": 2} if self.agg_mode == "seq-mean-token-sum-norm" else {}
-    jax.eval_shape(functools.partial(self.loss_fn(), **norm), rows, rows,
+    jax.eval_shape(functools.partial(loss_fn, **norm), rows, rows,
                    jax.ShapeDtypeStruct((1,), jnp.float32), mask)
 
   @property
