@@ -546,7 +546,7 @@ def interruption_trial(scratch: pathlib.Path, env, name: str, signum: int, targe
     nth, delay = int(rng.integers(saves)), 0.0
   else:
     nth, delay = None, float(rng.uniform(0, durations[target]))
-  phase, writing, sent, before = "not sent (the run ended first)", None, None, set()
+  phase, writing, sent, before = "start-up", None, None, set()
   while child.proc.poll() is None:
     phase, writing = child.poll()
     due = (len(child.writes) > nth and writing is not None) if nth is not None else (
@@ -558,6 +558,8 @@ def interruption_trial(scratch: pathlib.Path, env, name: str, signum: int, targe
       break
     time.sleep(0.01)
   first_rc = child.wait()
+  if sent is None:
+    phase = "not sent (the run ended first)"
   exit_s = time.monotonic() - sent if sent else None
   saved = sorted(_saved_steps(workdir) - before)
   log = child.log()
