@@ -67,7 +67,7 @@ from ml_collections import config_flags
 
 from experiments import aggregate as aggregate_lib
 from gmpo_jax import metrics as metrics_lib
-from gmpo_jax.config import AlgorithmConfig
+from gmpo_jax.config import ExperimentConfig
 # pylint: enable=wrong-import-position
 
 # Short names for the fields an ablation varies most; one alias may set several fields.
@@ -300,7 +300,8 @@ def resolve_config(spec: RunSpec) -> ml_collections.ConfigDict:
 
   Raises:
     ValueError: an unknown key, a value of the wrong type, a preset value that does not parse
-      back to itself, or an invalid algorithm section (`AlgorithmConfig`).
+      back to itself, or an invalid value in any section (`ExperimentConfig`, the runner's own
+      check), so a bad grid point fails before any run starts.
   """
   argv = ["runner", *spec.args()]
   flag_values = flags.FlagValues()
@@ -315,8 +316,7 @@ def resolve_config(spec: RunSpec) -> ml_collections.ConfigDict:
         got = config_path_value(config, override.path)
         if got != override.expected:
           raise ValueError(f"{override.flag()} parses to {got!r}, not {override.expected!r}")
-    if "algorithm" in config:
-      AlgorithmConfig.from_config(config.algorithm)
+    ExperimentConfig.from_config(config)
   except (flags.Error, ValueError, KeyError, AttributeError, TypeError) as error:
     raise ValueError(f"{spec.label}: {error}") from error
   return config

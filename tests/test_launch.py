@@ -247,6 +247,8 @@ def test_resolve_config_uses_the_runners_flag_parser(tmp_path):
                                                "{'epsilon_low': 0.2, 'clip_mode': 'none'}")))
   with pytest.raises(ValueError, match="parses to 7"):  # a preset value must survive the flag
     launch.resolve_config(spec(launch.Override("num_steps", "7", "7")))
+  with pytest.raises(ValueError, match="prompts_per_step"):  # and every other section too
+    launch.resolve_config(spec(launch.Override("prompts_per_step", "0")))
 
 
 def test_gmpo_design_preset_resolves_to_the_papers_variants(tmp_path):
