@@ -335,18 +335,10 @@ def warm_start(run: Run, preemption: checkpointing.PreemptionHandler
 def _train_pass_rate_probe(run: Run, size: int):
   """Greedy pass rate of `params` on the first `size` train prompts (deterministic)."""
   examples = run.train_examples[:size]
-  prompts = [run.task.prompt(e) for e in examples]
-  tokens, mask = encode_batch(prompts, run.tokenizer)
-  greedy = dataclasses.replace(run.sampling, temperature=0.0)
-  best = run.task.reward_range[1]
 
   def pass_rate(params) -> float:
-    backend = JaxRollout(nnx.merge(run.graphdef, params), config=greedy,
-                         chunk_size=run.config.chunk_size)
-    texts = decode_completions(backend.generate(tokens, mask, jax.random.key(0)),
-                               run.tokenizer, run.stop_ids)
-    return float(np.mean([run.task.reward(t, e) >= best - 1e-6
-                          for t, e in zip(texts, examples)]))
+    _, _, passed = _complete(run, params, examples, temperature=0.0, n=1, key=jax.random.key(0))
+    return float(passed.mean())
 
   return pass_rate
 
@@ -387,6 +379,27 @@ def _supervised_batch(run: Run, prompts: Sequence[str], solutions: Sequence[str]
 # --- Evaluation ------------------------------------------------------------------------------
 
 
+def _complete(run: Run, params, examples: Sequence[Mapping[str, Any]], *, temperature: float,
+              n: int, key: jax.Array) -> tuple[list[list[str]], np.ndarray, np.ndarray]:
+  """`n` completions of each example's prompt at `temperature` (0: greedy), by the in-process
+  sampler.
+
+  Returns:
+    (texts: E lists of n strings, rewards [E, n], passed [E, n] bool: the reward reaches the
+    task's maximum, `Task.reward_range`).
+  """
+  config = dataclasses.replace(run.sampling, temperature=temperature)
+  backend = JaxRollout(nnx.merge(run.graphdef, params), config=config,
+                       chunk_size=run.config.chunk_size)
+  tokens, mask = encode_batch([run.task.prompt(e) for e in examples for _ in range(n)],
+                              run.tokenizer)
+  texts = decode_completions(backend.generate(tokens, mask, key), run.tokenizer, run.stop_ids)
+  rewards = np.array([run.task.reward(t, examples[i // n]) for i, t in enumerate(texts)])
+  rewards = rewards.reshape(len(examples), n)
+  return ([texts[i * n:(i + 1) * n] for i in range(len(examples))], rewards,
+          rewards >= run.task.reward_range[1] - 1e-6)
+
+
 def evaluate(run: Run, params, key: jax.Array, *, step: int) -> dict[str, float]:
   """Held-out metrics with 95% intervals (`gmpo_jax.evaluation`), and the per-prompt results.
 
@@ -399,20 +412,11 @@ def evaluate(run: Run, params, key: jax.Array, *, step: int) -> dict[str, float]
   cfg = run.config.eval
   examples = [run.eval_examples[i] for i in range(min(cfg.num_examples, len(run.eval_examples)))]
   prompts = [run.task.prompt(e) for e in examples]
-  best = run.task.reward_range[1]
-  completions = {}
-  for name, temperature, n in (("greedy", 0.0, 1), ("sampled", cfg.temperature, cfg.num_samples)):
-    config = dataclasses.replace(run.sampling, temperature=temperature)
-    backend = JaxRollout(nnx.merge(run.graphdef, params), config=config,
-                         chunk_size=run.config.chunk_size)
-    tokens, mask = encode_batch([p for p in prompts for _ in range(n)], run.tokenizer)
-    texts = decode_completions(backend.generate(tokens, mask, key), run.tokenizer, run.stop_ids)
-    rewards = np.array([run.task.reward(t, examples[i // n]) for i, t in enumerate(texts)])
-    completions[name] = ([texts[i * n:(i + 1) * n] for i in range(len(examples))],
-                         (rewards >= best - 1e-6).reshape(len(examples), n),
-                         rewards.reshape(len(examples), n))
-  _, greedy_passed, greedy_rewards = completions["greedy"]
-  sampled_texts, sampled_passed, _ = completions["sampled"]
+  _, greedy_rewards, greedy_passed = _complete(run, params, examples, temperature=0.0, n=1,
+                                               key=key)
+  sampled_texts, _, sampled_passed = _complete(run, params, examples,
+                                               temperature=cfg.temperature,
+                                               n=cfg.num_samples, key=key)
   results = [
       evaluation.PromptResult(
           prompt_id=i, prompt=prompts[i], greedy_passed=bool(greedy_passed[i, 0]),
