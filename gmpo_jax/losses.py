@@ -28,6 +28,17 @@ Conventions shared by all objectives:
     when the batch is split into micro-batches or shards, and the micro-batch losses
     (and gradients) sum to the full-batch loss (and gradient). seq-mean-token-sum-norm
     requires `max_length`, so its divisor never depends on how a batch is trimmed.
+  * `token_weights` [B, T] (optional, >= 0, any value on padding; e.g.
+    `gmpo_jax.importance.correction_weights`) multiply each valid token's loss, KL penalty included, before aggregation: a sequence
+    loss l_i enters as l_i sum_t w_it. They are constants (no gradient flows into them) and
+    leave the normalizers alone: `num_tokens` / `num_sequences` and |o_i| count every valid
+    token whatever its weight, so a weight of 0 removes a token's loss but not its share of
+    the denominator, and the loss stays linear in the weights. (slime and verl instead drop
+    rejected tokens from the denominator too.) All-ones weights give exactly the unweighted
+    loss and gradient; None skips the weighting altogether. For a sequence
+    objective a token's weight scales only its copy of l_i: the token still enters
+    l_i (its ratio is in the sequence's mean), so a weight of 0 there down-weights
+    the sequence rather than removing the token from the mean.
 """
 
 import functools
@@ -236,7 +247,6 @@ def _masked_inputs(logp, old_logp, advantages, mask):
 
 
 def _finish(
-    row_losses: jax.Array,
     log_ratio: jax.Array,
     valid: jax.Array,
     lengths: jax.Array,
@@ -245,6 +255,9 @@ def _finish(
     logp: jax.Array,
     ref_logp: jax.Array | None,
     *,
+    token_losses: jax.Array | None = None,
+    sequence_losses: jax.Array | None = None,
+    token_weights: jax.Array | None,
     beta: float,
     kl_estimator: str,
     loss_agg_mode: str,
@@ -252,11 +265,18 @@ def _finish(
     num_sequences,
     num_tokens,
 ) -> tuple[jax.Array, LossExtras]:
-  """Adds the KL penalty, aggregates, and computes the diagnostics.
+  """Weights and adds the KL penalty, aggregates, and computes the diagnostics.
 
-  row_losses [B] is sum_t of the policy loss over the valid tokens of each row;
-  low_counts / high_counts [B] count the valid tokens clipped on each side.
+  The policy loss comes per token (`token_losses` [B, T]) or per sequence
+  (`sequence_losses` [B], broadcast to the row's valid tokens); low_counts /
+  high_counts [B] count the valid tokens clipped on each side.
   """
+  if token_weights is not None:
+    chex.assert_equal_shape([token_weights, valid])
+    token_weights = jax.lax.stop_gradient(
+        jnp.where(valid, token_weights.astype(jnp.float32), 0.0))
+  row_losses = _row_sums(valid, lengths, token_weights, token_losses=token_losses,
+                         sequence_losses=sequence_losses)
   kl_rows = None
   if ref_logp is not None:
     # Zeroing both inputs on padding makes x = 0 there, where every estimator
@@ -269,13 +289,31 @@ def _finish(
     token_kl = jnp.where(valid & ~finite, jnp.nan, token_kl)
     kl_rows = jnp.sum(token_kl, axis=-1)
     if beta > 0:
-      row_losses = row_losses + beta * kl_rows
+      row_losses = row_losses + beta * (
+          kl_rows if token_weights is None
+          else _row_sums(valid, lengths, token_weights, token_losses=token_kl))
   weights = _row_weights(
       lengths, mode=loss_agg_mode, max_length=max_length,
       num_sequences=num_sequences, num_tokens=num_tokens)
   loss = jnp.sum(weights * row_losses)
   extras = _extras(log_ratio, valid, lengths, low_counts, high_counts, kl_rows)
   return loss, jax.tree.map(jax.lax.stop_gradient, extras)
+
+
+def _row_sums(valid, lengths, token_weights, *, token_losses=None,
+              sequence_losses=None) -> jax.Array:
+  """[B] sum_t w_it l_it over the valid tokens (w = 1 without weights; the
+  weights must be 0 on padding).
+
+  A per-sequence loss l_i stands for l_i on each valid token: |o_i| l_i, or
+  l_i sum_t w_it with weights.
+  """
+  if token_losses is not None:
+    weighted = token_losses if token_weights is None else token_weights * token_losses
+    return jnp.sum(jnp.where(valid, weighted, 0.0), axis=-1)
+  if token_weights is None:
+    return lengths * sequence_losses
+  return jnp.sum(token_weights, axis=-1) * sequence_losses
 
 
 def _extras(log_ratio, valid, lengths, low_counts, high_counts,
@@ -323,6 +361,7 @@ def token_clip_loss(
     max_length: int | None = None,
     num_sequences: float | jax.Array | None = None,
     num_tokens: float | jax.Array | None = None,
+    token_weights: jax.Array | None = None,
 ) -> tuple[jax.Array, LossExtras]:
   """PPO/GRPO clipped surrogate per token, with clip-higher and dual clip.
 
@@ -347,6 +386,8 @@ def token_clip_loss(
     beta: KL coefficient (Python float >= 0); > 0 needs ref_logp.
     kl_estimator: 'k1', 'k2' or 'k3' (see `kl.kl_penalty`).
     max_length, num_sequences, num_tokens: see `aggregate_loss`.
+    token_weights: [B, T] float >= 0, per-token loss weights (see the module
+      docstring); None: unweighted.
 
   Returns:
     (loss, extras): float32 scalar and LossExtras. A = 0 gives loss 0 and zero
@@ -383,10 +424,10 @@ def token_clip_loss(
     per_token = jnp.where(adv < 0, jnp.minimum(per_token, -dual_clip * adv),
                           per_token)
     high_counts = high_counts + _row_count(negative[:, None] & (ratio > dual_clip))
-  row_losses = jnp.sum(jnp.where(valid, per_token, 0.0), axis=-1)
   return _finish(
-      row_losses, log_ratio, valid, lengths, low_counts, high_counts, logp,
-      ref_logp, beta=beta, kl_estimator=kl_estimator,
+      log_ratio, valid, lengths, low_counts, high_counts, logp, ref_logp,
+      token_losses=per_token, token_weights=token_weights, beta=beta,
+      kl_estimator=kl_estimator,
       loss_agg_mode=loss_agg_mode, max_length=max_length,
       num_sequences=num_sequences, num_tokens=num_tokens)
 
@@ -442,6 +483,7 @@ def geometric_mean_loss(
     max_length: int | None = None,
     num_sequences: float | jax.Array | None = None,
     num_tokens: float | jax.Array | None = None,
+    token_weights: jax.Array | None = None,
 ) -> tuple[jax.Array, LossExtras]:
   """GMPO: the geometric mean of the clipped token ratios, times the advantage.
 
@@ -469,7 +511,8 @@ def geometric_mean_loss(
     advantages: [B] float, one advantage per sequence.
     mask: [B, T] bool or float (nonzero = valid token).
     epsilon_low, epsilon_high, clip_mode, loss_agg_mode, ref_logp, beta,
-      kl_estimator, max_length, num_sequences, num_tokens: as `power_mean_loss`.
+      kl_estimator, max_length, num_sequences, num_tokens, token_weights: as
+      `power_mean_loss`.
 
   Returns:
     (loss, extras): float32 scalar and LossExtras, as `power_mean_loss`.
@@ -482,7 +525,8 @@ def geometric_mean_loss(
       epsilon_high=epsilon_high, clip_mode=clip_mode,
       loss_agg_mode=loss_agg_mode, ref_logp=ref_logp, beta=beta,
       kl_estimator=kl_estimator, max_length=max_length,
-      num_sequences=num_sequences, num_tokens=num_tokens)
+      num_sequences=num_sequences, num_tokens=num_tokens,
+      token_weights=token_weights)
 
 
 def power_mean_loss(
@@ -502,6 +546,7 @@ def power_mean_loss(
     max_length: int | None = None,
     num_sequences: float | jax.Array | None = None,
     num_tokens: float | jax.Array | None = None,
+    token_weights: jax.Array | None = None,
 ) -> tuple[jax.Array, LossExtras]:
   """The power mean of the clipped token ratios, times the advantage.
 
@@ -560,6 +605,8 @@ def power_mean_loss(
     beta: KL coefficient (Python float >= 0); > 0 needs ref_logp.
     kl_estimator: 'k1', 'k2' or 'k3' (see `kl.kl_penalty`).
     max_length, num_sequences, num_tokens: see `aggregate_loss`.
+    token_weights: [B, T] float >= 0, per-token loss weights (see the module
+      docstring); None: unweighted.
 
   Returns:
     (loss, extras): float32 scalar and LossExtras. A = 0 gives loss 0 and zero
@@ -605,13 +652,12 @@ def power_mean_loss(
       clipped_counts = jnp.where(clipped, lengths, 0)
   low_counts = jnp.where(negative, clipped_counts, 0)
   high_counts = jnp.where(positive, clipped_counts, 0)
+  # adv is 0 on rows without a valid token.
   sequence_loss = -adv * jnp.exp(jnp.minimum(log_mean, MAX_LOG_RATIO))
-  # Broadcasting l_i to the |o_i| valid tokens of its row (adv is 0 on rows
-  # without any).
-  row_losses = lengths * sequence_loss
   return _finish(
-      row_losses, log_ratio, valid, lengths, low_counts, high_counts, logp,
-      ref_logp, beta=beta, kl_estimator=kl_estimator,
+      log_ratio, valid, lengths, low_counts, high_counts, logp, ref_logp,
+      sequence_losses=sequence_loss, token_weights=token_weights, beta=beta,
+      kl_estimator=kl_estimator,
       loss_agg_mode=loss_agg_mode, max_length=max_length,
       num_sequences=num_sequences, num_tokens=num_tokens)
 
@@ -631,6 +677,7 @@ def gspo_loss(
     max_length: int | None = None,
     num_sequences: float | jax.Array | None = None,
     num_tokens: float | jax.Array | None = None,
+    token_weights: jax.Array | None = None,
 ) -> tuple[jax.Array, LossExtras]:
   """GSPO: PPO clipping of the sequence ratio (the geometric mean of rho_t).
 
@@ -654,6 +701,8 @@ def gspo_loss(
     beta: KL coefficient (Python float >= 0); > 0 needs ref_logp.
     kl_estimator: 'k1', 'k2' or 'k3' (see `kl.kl_penalty`).
     max_length, num_sequences, num_tokens: see `aggregate_loss`.
+    token_weights: [B, T] float >= 0, per-token loss weights (see the module
+      docstring); None: unweighted.
 
   Returns:
     (loss, extras): float32 scalar and LossExtras. A = 0 gives loss 0 and zero
@@ -676,11 +725,10 @@ def gspo_loss(
   sequence_loss = jnp.maximum(-ratio * adv, -clipped_ratio * adv)
   high_counts = jnp.where((adv > 0) & (ratio > 1.0 + epsilon_high), lengths, 0)
   low_counts = jnp.where((adv < 0) & (ratio < 1.0 - epsilon_low), lengths, 0)
-  # Broadcasting l_i to the |o_i| valid tokens of its row.
-  row_losses = lengths * sequence_loss
   return _finish(
-      row_losses, log_ratio, valid, lengths, low_counts, high_counts, logp,
-      ref_logp, beta=beta, kl_estimator=kl_estimator,
+      log_ratio, valid, lengths, low_counts, high_counts, logp, ref_logp,
+      sequence_losses=sequence_loss, token_weights=token_weights, beta=beta,
+      kl_estimator=kl_estimator,
       loss_agg_mode=loss_agg_mode, max_length=max_length,
       num_sequences=num_sequences, num_tokens=num_tokens)
 
@@ -695,7 +743,7 @@ POLICY_LOSSES: Final[Mapping[str, Callable[..., tuple[jax.Array, LossExtras]]]] 
 
 # Per-batch data, not hyperparameters: binding them once would go stale.
 _PER_BATCH_ARGUMENTS: Final[frozenset[str]] = frozenset(
-    {'ref_logp', 'num_sequences', 'num_tokens'})
+    {'ref_logp', 'num_sequences', 'num_tokens', 'token_weights'})
 
 
 def get_policy_loss(
@@ -708,11 +756,12 @@ def get_policy_loss(
       'power_mean').
     **hyperparameters: keyword-only options of that objective (e.g.
       epsilon_low, clip_mode, loss_agg_mode, beta; 'power_mean' needs p); not
-      ref_logp, num_sequences or num_tokens, which change with every batch.
+      ref_logp, num_sequences, num_tokens or token_weights, which change with
+      every batch.
 
   Returns:
     fn(logp, old_logp, advantages, mask, *, ref_logp=None, num_sequences=None,
-    num_tokens=None) -> (loss, LossExtras). Values are validated at the first call.
+    num_tokens=None, token_weights=None) -> (loss, LossExtras). Values are validated at the first call.
 
   Raises:
     ValueError: unknown name or hyperparameter, or a missing required one (the

@@ -64,7 +64,7 @@ CLIPPING_CASES = [c for c in CASES if c not in (
 
 def _evaluate_eager(case, logp, old_logp, advantages, mask, ref_logp, *,
                     beta=0.0, kl_estimator='k3', num_sequences=None,
-                    num_tokens=None):
+                    num_tokens=None, token_weights=None):
   """((loss, extras), d loss / d logp) of one case in every aggregation mode."""
   objective, hp, _ = CASES[case]
   value_and_grad = jax.value_and_grad(losses.POLICY_LOSSES[objective],
@@ -74,7 +74,8 @@ def _evaluate_eager(case, logp, old_logp, advantages, mask, ref_logp, *,
           logp, old_logp, advantages, mask, ref_logp=ref_logp, beta=beta,
           kl_estimator=kl_estimator, loss_agg_mode=mode,
           max_length=MAX_LENGTH if mode == 'seq-mean-token-sum-norm' else None,
-          num_sequences=num_sequences, num_tokens=num_tokens, **hp)
+          num_sequences=num_sequences, num_tokens=num_tokens,
+          token_weights=token_weights, **hp)
       for mode in MODES
   }
 
@@ -168,12 +169,14 @@ def _reference_aggregate(per_token, mask, mode, max_length=None,
 
 def _reference_loss(objective, logp, old_logp, advantages, mask, hp, *,
                     loss_agg_mode, ref_logp=None, beta=0.0, kl_estimator='k3',
-                    **counts):
+                    weights=None, **counts):
   per_token = _reference_per_token(objective, logp, old_logp, advantages, mask,
                                    hp)
   if beta > 0:
     per_token = per_token + beta * np.where(
         mask, _reference_kl(logp, ref_logp, kl_estimator), 0.0)
+  if weights is not None:  # each valid token's loss scaled; the counts unchanged
+    per_token = np.where(mask, weights * per_token, 0.0)
   return _reference_aggregate(per_token, mask, loss_agg_mode, **counts)
 
 
@@ -316,7 +319,7 @@ def _f64(x):
 
 
 def _check_against_reference(case, batch, results, *, beta=0.0,
-                             kl_estimator='k3'):
+                             kl_estimator='k3', weights=None):
   """Loss (all modes), gradient (finite differences) and extras vs float64."""
   objective, hp, _ = CASES[case]
   logp, old_logp, advantages, mask, ref_logp = (
@@ -327,7 +330,8 @@ def _check_against_reference(case, batch, results, *, beta=0.0,
     def reference(lp, mode=mode, length=length):
       return _reference_loss(objective, lp, old_logp, advantages, mask, hp,
                              loss_agg_mode=mode, ref_logp=ref_logp, beta=beta,
-                             kl_estimator=kl_estimator, **length)
+                             kl_estimator=kl_estimator, weights=weights,
+                             **length)
 
     expected_grad = _finite_difference_grad(reference, logp, mask)
     assert loss.dtype == jnp.float32 and loss.shape == ()
@@ -375,6 +379,50 @@ def test_kl_penalty_is_added_per_token_before_aggregation(case, estimator):
                       kl_estimator=estimator)
   _check_against_reference(case, batch, results, beta=0.1,
                            kl_estimator=estimator)
+
+
+# A token-level and two sequence-level objectives, each with the KL estimator its
+# unweighted run above already compiled.
+WEIGHTED_CASES = [('dapo_dual_clip', 'k1'), ('gmpo_token', 'k2'), ('gspo', 'k3')]
+
+
+def _token_weights(seed, mask):
+  """Importance-like weights in [0, 2], a fifth of them 0, NaN on padding."""
+  rng = np.random.default_rng(seed)
+  weights = rng.uniform(0.0, 2.0, size=mask.shape).astype(np.float32)
+  weights[rng.random(mask.shape) < 0.2] = 0.0
+  weights[~mask] = np.nan
+  return weights
+
+
+@pytest.mark.parametrize('case, estimator', WEIGHTED_CASES)
+def test_token_weights_scale_each_tokens_loss_and_kl(case, estimator):
+  # Constant weights: the loss is the aggregate of w_t (l_t + beta KL_t) with the
+  # counts of the unweighted batch, and its gradient (checked by finite
+  # differences) is the weighted per-token gradient.
+  batch = _case_batch(case, seed=300)
+  weights = _token_weights(301, batch[3])
+  results = _evaluate(case, *map(jnp.asarray, batch), beta=0.1,
+                      kl_estimator=estimator, token_weights=jnp.asarray(weights))
+  _check_against_reference(case, batch, results, beta=0.1,
+                           kl_estimator=estimator, weights=_f64(weights))
+  zero = (weights == 0) & batch[3]
+  # A token objective's token of weight 0 trains nothing; in a sequence objective
+  # it still enters l_i, of which only its own copy is dropped.
+  token_level = CASES[case][0] == 'token_clip'
+  for mode, (_, grad) in results.items():
+    assert np.all(np.asarray(grad)[zero] == 0) == token_level, mode
+
+
+@pytest.mark.parametrize('case, estimator', WEIGHTED_CASES)
+def test_all_ones_token_weights_give_exactly_the_unweighted_loss(case, estimator):
+  batch = [jnp.asarray(x) for x in _case_batch(case, seed=300)]
+  plain = _evaluate(case, *batch, beta=0.1, kl_estimator=estimator)
+  ones = _evaluate(case, *batch, beta=0.1, kl_estimator=estimator,
+                   token_weights=jnp.ones((B, T), jnp.float32))
+  for mode in MODES:
+    for got, want in zip(jax.tree.leaves(ones[mode]), jax.tree.leaves(plain[mode])):
+      np.testing.assert_array_equal(got, want, err_msg=mode)
 
 
 @pytest.mark.parametrize('use_jit', [True, False])
