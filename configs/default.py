@@ -61,6 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Resume a workdir whose checkpoint holds another config (the differences are logged and kept
   # in the checkpoints); False: such a workdir is an error naming the differing fields.
   config.resume_with_changes = False
+  # How the RL update runs over the devices: "mesh" (one SPMD program on config.mesh) or "pmap"
+  # (data parallel, parameters replicated; needs mesh.fsdp = mesh.tensor = 1, one process).
+  config.parallelism = "mesh"
 
   config.task = ml_collections.ConfigDict()
   config.task.name = "arithmetic"
@@ -102,6 +105,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.algorithm.kl_estimator = "k3"
   config.algorithm.dynamic_sampling = False
   config.algorithm.overlong_buffer = 0
+  # Importance weights pi_learner / pi_sampler on every token's loss (gmpo_jax.importance):
+  # "none", "token_tis", "sequence_tis", "token_mask" or "sequence_mask", with cap is_cap.
+  config.algorithm.is_correction = "none"
+  config.algorithm.is_cap = 2.0
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 1e-4

@@ -121,6 +121,7 @@ RESUMABLE_FIELDS: tuple[str, ...] = (
     "checkpoint.keep",
     "task.data_dir",      # where the dataset is cached
     "mesh.*",             # resuming on other hardware
+    "parallelism",        # likewise: 'mesh' and 'pmap' compute the same update
     "distributed.*",      # coordinator address, process ids, timeouts
     "resume_with_changes",
 )

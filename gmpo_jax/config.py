@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from gmpo_jax import advantages as advantages_lib
 from gmpo_jax import evaluation
+from gmpo_jax import importance
 from gmpo_jax import kl as kl_lib
 from gmpo_jax import losses as losses_lib
 from gmpo_jax import rollout as rollout_lib
@@ -86,6 +87,12 @@ class AlgorithmConfig:
     overlong_penalty: the largest such penalty.
     require_positive_rewards: reject (with the group named) any reward with R + offset <= 0
       before it enters jit; on by default for the log-reward baseline.
+    is_correction: importance weights between the learner's rescoring (the proximal policy)
+      and the sampler's own log-probs (the behaviour policy) on every token's loss: 'none',
+      or one of `gmpo_jax.importance.IS_CORRECTIONS` ('token_tis', 'sequence_tis',
+      'token_mask', 'sequence_mask'); see `gmpo_jax.importance`.
+    is_cap: c > 1, the truncation of the TIS weights (min(w, c)) and the masks' range
+      [1/c, c]; unused with 'none'.
   """
 
   advantage: str = "gmpo"
@@ -103,6 +110,8 @@ class AlgorithmConfig:
   overlong_buffer: int = 0
   overlong_penalty: float = 1.0
   require_positive_rewards: bool | None = None
+  is_correction: str = "none"
+  is_cap: float = 2.0
 
   def __post_init__(self):
     for key in ("loss_agg_mode", "beta", "kl_estimator"):
@@ -123,6 +132,9 @@ class AlgorithmConfig:
       raise ValueError(f"kl_estimator={self.kl_estimator!r}; expected one of {tuple(kl_lib.KL_ESTIMATORS)}")
     if self.overlong_buffer < 0 or self.overlong_penalty < 0:
       raise ValueError("overlong_buffer and overlong_penalty must be >= 0")
+    _require(self.is_correction in ("none",) + importance.IS_CORRECTIONS, "is_correction",
+             self.is_correction, f"is not one of {('none',) + importance.IS_CORRECTIONS}")
+    _require(self.is_cap > 1, "is_cap", self.is_cap, "must be > 1")
     if self.require_positive_rewards is None:
       domain = advantages_lib.reward_domain(self.advantage, **dict(self.advantage_kwargs))
       object.__setattr__(self, "require_positive_rewards", domain == "positive")
@@ -364,6 +376,9 @@ class RolloutConfig:
              f"is not one of {sorted(rollout_lib.ROLLOUT_BACKENDS)}")
 
 
+PARALLELISMS = ("mesh", "pmap")
+
+
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
   """A whole experiment config, every section typed and validated.
@@ -377,6 +392,10 @@ class ExperimentConfig:
     progress: a progress bar (True), a status line every few steps (False), or by whether
       stdout is a terminal (None).
     resume_with_changes: resume a workdir whose checkpoint holds another config.
+    parallelism: how the RL update runs over the devices: 'mesh', one SPMD program on the
+      (data, fsdp, tensor) mesh (`gmpo_jax.learner.make_update_fn`), or 'pmap', data
+      parallel with replicated parameters (`gmpo_jax.pmap_step`), which needs fsdp = tensor = 1
+      and one process.
     task, model, sampling, algorithm, optim, warm_start, eval, checkpoint, mesh, rollout: the
       sections. `sampling` is the sampler's own `SamplingConfig` without the tokenizer's ids
       (`eos_id`, `pad_id`: the runner sets them).
@@ -388,6 +407,7 @@ class ExperimentConfig:
   chunk_size: int
   progress: bool | None
   resume_with_changes: bool
+  parallelism: str
   task: TaskConfig
   model: ModelConfig
   sampling: SamplingConfig
@@ -405,6 +425,12 @@ class ExperimentConfig:
              "must be >= 1")
     _require(self.eval_every >= 1, "eval_every", self.eval_every, "must be >= 1")
     _require(self.chunk_size >= 1, "chunk_size", self.chunk_size, "must be >= 1")
+    _require(self.parallelism in PARALLELISMS, "parallelism", self.parallelism,
+             f"is not one of {PARALLELISMS}")
+    if self.parallelism == "pmap":
+      _require(self.mesh.fsdp == 1 and self.mesh.tensor == 1, "parallelism", self.parallelism,
+               f"replicates the parameters: it needs mesh.fsdp = mesh.tensor = 1, got "
+               f"fsdp={self.mesh.fsdp} tensor={self.mesh.tensor}")
 
   # Built by `gmpo_jax.main` before any JAX backend starts (`distributed.DistributedConfig`).
   _UNTYPED_SECTIONS = ("distributed",)

@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from gmpo_jax import importance as importance_lib
 from gmpo_jax import losses as losses_lib
 from gmpo_jax import sharding
 from gmpo_jax.config import AlgorithmConfig
@@ -43,9 +44,12 @@ class Batch(NamedTuple):
     key_mask: [M, b, T] bool, real tokens.
     loss_mask: [M, b, T] bool, the tokens whose log-prob is trained (completion tokens; for
       supervised warm start, the answer tokens).
-    old_logp: [M, b, T] float32 log-probs under the rollout policy (zeros for supervised).
+    old_logp: [M, b, T] float32 log-probs under the rollout policy as the learner rescores it
+      at update time, the proximal policy of the ratio (zeros for supervised).
     ref_logp: [M, b, T] float32 log-probs under the reference policy (zeros when unused).
     advantages: [M, b] float32, one per sequence (zeros for supervised).
+    behav_logp: [M, b, T] float32 log-probs under the behaviour policy, the sampler's own
+      (`Rollout.policy_logprobs`), for the importance correction; None without one.
   """
   tokens: jax.Array
   positions: jax.Array
@@ -54,6 +58,7 @@ class Batch(NamedTuple):
   old_logp: jax.Array
   ref_logp: jax.Array
   advantages: jax.Array
+  behav_logp: jax.Array | None = None
 
 
 class Counts(NamedTuple):
@@ -69,21 +74,66 @@ class PolicyMetrics(NamedTuple):
     extras: the objective's `gmpo_jax.losses.LossExtras` (clip fractions, ratio statistics,
       approximate KL, KL to the reference).
     entropy: token-mean entropy of the current policy on the trained tokens.
+    importance: the applied importance weights' `gmpo_jax.importance.ImportanceStats`; None
+      without a correction (`algorithm.is_correction='none'`: nothing is computed or logged).
   """
   extras: losses_lib.LossExtras
   entropy: jax.Array
+  importance: importance_lib.ImportanceStats | None = None
 
   def combine(self) -> PolicyMetrics:
-    """One value per field over every axis (micro-batches, devices, updates): the ratio
-    extremes stay extremes, every other field is averaged."""
+    """One value per field over every axis (micro-batches, updates): the ratio and weight
+    maxima and minima stay extremes, every other field is averaged."""
     mean = jax.tree.map(jnp.mean, self)
-    return mean._replace(extras=mean.extras._replace(ratio_min=jnp.min(self.extras.ratio_min),
-                                                     ratio_max=jnp.max(self.extras.ratio_max)))
+    combined = mean._replace(extras=mean.extras._replace(
+        ratio_min=jnp.min(self.extras.ratio_min), ratio_max=jnp.max(self.extras.ratio_max)))
+    if self.importance is None:
+      return combined
+    return combined._replace(importance=mean.importance._replace(
+        weight_max=jnp.max(self.importance.weight_max)))
+
+  def pool(self, counts: Counts, axis_name: str) -> PolicyMetrics:
+    """Each micro-batch's metrics over the devices of `axis_name`, each device holding a
+    shard of it: what the whole micro-batch gives, to float rounding.
+
+    Token statistics are averaged with the shards' token counts as weights,
+    `fully_clipped_fraction` with their sequence counts, extremes are taken over the shards
+    that hold a token; a micro-batch without any token keeps the (common) empty values.
+
+    Args:
+      counts: this device's `Counts` of each of its micro-batch shards, [M] each.
+      axis_name: the device axis (inside `jax.pmap` / `shard_map`).
+    """
+    tokens = counts.num_tokens
+    any_token = jax.lax.psum(tokens, axis_name) > 0
+
+    def mean(x, weight):
+      total = jax.lax.psum(weight, axis_name)
+      pooled = jax.lax.psum(weight * x, axis_name) / jnp.maximum(total, 1.0)
+      return jnp.where(total > 0, pooled, x)
+
+    def extreme(x, reduce, neutral):
+      return jnp.where(any_token, reduce(jnp.where(tokens > 0, x, neutral), axis_name), x)
+
+    pooled = jax.tree.map(lambda x: mean(x, tokens), self)
+    pooled = pooled._replace(extras=pooled.extras._replace(
+        fully_clipped_fraction=mean(self.extras.fully_clipped_fraction, counts.num_sequences),
+        ratio_min=extreme(self.extras.ratio_min, jax.lax.pmin, jnp.inf),
+        ratio_max=extreme(self.extras.ratio_max, jax.lax.pmax, -jnp.inf)))
+    if self.importance is None:
+      return pooled
+    return pooled._replace(importance=pooled.importance._replace(
+        weight_max=extreme(self.importance.weight_max, jax.lax.pmax, -jnp.inf)))
 
   def as_record(self) -> dict[str, float]:
-    """Flat metric names (the `LossExtras` field names and 'entropy') -> Python floats."""
-    return {**{name: float(value) for name, value in self.extras._asdict().items()},
-            "entropy": float(self.entropy)}
+    """Flat metric names (the `LossExtras` field names, 'entropy', and with a correction
+    'is/weight_mean', 'is/weight_max', 'is/masked_fraction') -> Python floats."""
+    record = {**{name: float(value) for name, value in self.extras._asdict().items()},
+              "entropy": float(self.entropy)}
+    if self.importance is not None:
+      record.update({f"is/{name}": float(value)
+                     for name, value in self.importance._asdict().items()})
+    return record
 
 
 # loss(model, micro-batch, counts) -> (scalar loss, its diagnostics; None for none)
@@ -94,8 +144,14 @@ def policy_loss(algo: AlgorithmConfig, *, temperature: float, chunk_size: int,
                 max_length: int) -> MicroLoss:
   """The RL objective of `algo` on one micro-batch, plus its `PolicyMetrics`.
 
+  With `algo.is_correction` other than 'none', every token's loss is weighted by the
+  importance weight between `batch.old_logp` (the proximal policy) and `batch.behav_logp`
+  (the behaviour policy), `gmpo_jax.importance.correction_weights`; with 'none' no weight is
+  computed or passed, and the program is the uncorrected one.
+
   Args:
-    algo: the validated algorithm configuration (objective, clip, aggregation, KL).
+    algo: the validated algorithm configuration (objective, clip, aggregation, KL,
+      importance correction).
     temperature: the sampler's logit temperature, so the learner's log-probs describe the
       policy that generated the rollout.
     chunk_size: sequence chunk of the memory-lean log-prob computation.
@@ -107,14 +163,22 @@ def policy_loss(algo: AlgorithmConfig, *, temperature: float, chunk_size: int,
   def micro_loss(model, batch: Batch, counts: Counts):
     out = sequence_logprobs(model, batch.tokens, batch.positions, batch.key_mask,
                             chunk_size=chunk_size, temperature=temperature, with_entropy=True)
+    weights, stats = None, None
+    if algo.is_correction != "none":
+      if batch.behav_logp is None:
+        raise ValueError(f"algorithm.is_correction={algo.is_correction!r} needs the sampler's "
+                         "log-probs in Batch.behav_logp")
+      weights, stats = importance_lib.correction_weights(
+          batch.old_logp, batch.behav_logp, batch.loss_mask, mode=algo.is_correction,
+          cap=algo.is_cap)
     loss, extras = loss_fn(
         out.logp, batch.old_logp, batch.advantages, batch.loss_mask,
         ref_logp=batch.ref_logp if algo.beta > 0 else None, beta=algo.beta,
         kl_estimator=algo.kl_estimator, num_sequences=counts.num_sequences,
-        num_tokens=counts.num_tokens, **norm)
+        num_tokens=counts.num_tokens, token_weights=weights, **norm)
     entropy = losses_lib.aggregate_loss(
         jax.lax.stop_gradient(out.entropy), batch.loss_mask, mode="token-mean")
-    return loss, PolicyMetrics(extras=extras, entropy=entropy)
+    return loss, PolicyMetrics(extras=extras, entropy=entropy, importance=stats)
 
   return micro_loss
 
@@ -180,9 +244,10 @@ def update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
   """The traceable step that `make_update_fn` compiles (see there).
 
   With `axis_name` (inside `jax.pmap` / `shard_map` over that axis), each device holds a
-  shard of the minibatch: the counts, loss and gradients are summed over the axis, so every
-  device applies the full-minibatch update, and the diagnostics are combined over all
-  (device, micro-batch) shards as `make_update_fn` combines micro-batches.
+  shard of every micro-batch: the counts, loss and gradients are summed over the axis, so
+  every device applies the full-minibatch update, and each micro-batch's diagnostics are
+  pooled over the devices (`PolicyMetrics.pool`) before they are combined over micro-batches
+  as `make_update_fn` combines them: the same values as the unsharded step.
   """
 
   def update(params, opt_state, batch: Batch):
@@ -207,7 +272,9 @@ def update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                                                 batch)
     if axis_name is not None:
       loss, grads = jax.lax.psum((loss, grads), axis_name)
-      micro_metrics = jax.lax.all_gather(micro_metrics, axis_name)
+      if micro_metrics is not None:
+        micro_metrics = micro_metrics.pool(jax.vmap(minibatch_counts)(batch.loss_mask),
+                                           axis_name)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)

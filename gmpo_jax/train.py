@@ -41,6 +41,7 @@ from gmpo_jax import kl as kl_lib
 from gmpo_jax import learner
 from gmpo_jax import losses as losses_lib
 from gmpo_jax import metrics as metrics_lib
+from gmpo_jax import pmap_step
 from gmpo_jax import reward_shape
 from gmpo_jax import rollout as rollout_lib
 from gmpo_jax import sharding
@@ -220,6 +221,9 @@ def _build_run(config_dict: ml_collections.ConfigDict, workdir: pathlib.Path) ->
     mesh = sharding.make_mesh(**dataclasses.asdict(config.mesh))
   except ValueError as error:
     raise ConfigError(f"config.mesh: {error}") from error
+  if config.parallelism == "pmap" and jax.process_count() > 1:
+    raise ConfigError(f"config: parallelism='pmap' maps over one process's devices; this run "
+                      f"has {jax.process_count()} processes: use parallelism='mesh'")
   num_sequences = config.prompts_per_step * algo.num_generations
   multiple = sharding.batch_size_multiple(mesh) * algo.num_minibatches * algo.num_microbatches
   if num_sequences % multiple:
@@ -452,7 +456,8 @@ class RLState(NamedTuple):
 
 
 def rollout_batch(rollout: Rollout, *, advantages: jax.Array, group_mask: np.ndarray,
-                  old_logp: jax.Array, ref_logp: jax.Array) -> learner.Batch:
+                  old_logp: jax.Array, ref_logp: jax.Array,
+                  behav_logp: jax.Array | None = None) -> learner.Batch:
   """The learner's [N, ...] view of a rollout of N = B·G sequences (group-major).
 
   Args:
@@ -461,12 +466,14 @@ def rollout_batch(rollout: Rollout, *, advantages: jax.Array, group_mask: np.nda
     group_mask: [B, G] bool; a masked completion (dynamic sampling masks whole groups) keeps
       its advantage but none of its tokens is trained or counted.
     old_logp, ref_logp: [N, T] float32 log-probs under the rollout and reference policies.
+    behav_logp: [N, T] float32 log-probs under the behaviour policy (the sampler's own,
+      `rollout.policy_logprobs`) for the importance correction; None without one.
   """
   valid = jnp.asarray(group_mask).reshape(-1)
   return learner.Batch(
       tokens=rollout.tokens, positions=rollout.positions, key_mask=rollout.key_mask,
       loss_mask=rollout.completion_mask & valid[:, None], old_logp=old_logp, ref_logp=ref_logp,
-      advantages=advantages.reshape(-1))
+      advantages=advantages.reshape(-1), behav_logp=behav_logp)
 
 
 def minibatches(sequences: learner.Batch, key: jax.Array, algo: AlgorithmConfig):
@@ -485,9 +492,11 @@ def make_rl_step(run: Run, *, backend: RolloutBackend, optimizer: optax.Gradient
   """Builds `rl_step(state, examples) -> (state, record)`: one RL step on B prompts.
 
   The step samples G completions per prompt from `backend`, scores them with the task, checks
-  the rewards on the host, computes group advantages, rescores π_old (and π_ref) with the
-  learner's own program, runs mu epochs of minibatch updates and pushes the new parameters to
-  `backend`. Everything random derives from (`key`, `state.step`).
+  the rewards on the host, computes group advantages over the whole batch, rescores π_old
+  (and π_ref) with the learner's own program, runs mu epochs of minibatch updates (on the
+  mesh, or through `gmpo_jax.pmap_step` with `config.parallelism='pmap'`; both take the same
+  batches) and pushes the new parameters to `backend`. Everything random derives from
+  (`key`, `state.step`).
 
   Args:
     run: the run's task, tokenizer, mesh, model graph and parameter shardings, and algorithm.
@@ -499,15 +508,21 @@ def make_rl_step(run: Run, *, backend: RolloutBackend, optimizer: optax.Gradient
 
   Returns:
     `rl_step`; its record holds the reward, reward-shape, advantage, loss and update
-    statistics, response lengths, compile count and timings (`TIMING_METRICS`).
+    statistics (with an importance correction, `is/weight_mean`, `is/weight_max` and
+    `is/masked_fraction`), response lengths, compile count and timings (`TIMING_METRICS`).
   """
   algo, g = run.algo, run.algo.num_generations
   temperature, chunk_size = run.sampling.logit_temperature, run.config.chunk_size
-  update = learner.make_update_fn(
-      run.graphdef, optimizer,
-      learner.policy_loss(algo, temperature=temperature, chunk_size=chunk_size,
-                          max_length=run.sampling.max_new_tokens),
-      param_shardings=run.param_shardings, opt_shardings=opt_shardings)
+  micro_loss = learner.policy_loss(algo, temperature=temperature, chunk_size=chunk_size,
+                                   max_length=run.sampling.max_new_tokens)
+  if run.config.parallelism == "pmap":
+    update = pmap_step.make_pmap_update_fn(
+        run.graphdef, optimizer, micro_loss, devices=list(run.mesh.devices.flat),
+        param_shardings=run.param_shardings, opt_shardings=opt_shardings)
+  else:
+    update = learner.make_update_fn(run.graphdef, optimizer, micro_loss,
+                                    param_shardings=run.param_shardings,
+                                    opt_shardings=opt_shardings)
   policy_logprobs = learner.make_logprob_fn(run.graphdef, run.param_shardings, run.mesh,
                                             temperature=temperature, chunk_size=chunk_size)
   advantage_fn = jax.jit(algo.advantage_fn())
@@ -550,8 +565,10 @@ def make_rl_step(run: Run, *, backend: RolloutBackend, optimizer: optax.Gradient
     old_logp = policy_logprobs(params, rollout.tokens, rollout.key_mask)
     ref_logp = (policy_logprobs(ref_params, rollout.tokens, rollout.key_mask)
                 if ref_params is not None else jnp.zeros_like(old_logp))
-    sequences = rollout_batch(rollout, advantages=advantages, group_mask=group_mask,
-                              old_logp=old_logp, ref_logp=ref_logp)
+    sequences = rollout_batch(
+        rollout, advantages=advantages, group_mask=group_mask, old_logp=old_logp,
+        ref_logp=ref_logp,
+        behav_logp=rollout.policy_logprobs if algo.is_correction != "none" else None)
     outputs = []
     for batch in minibatches(sequences, step_key, algo):
       params, opt_state, out = update(params, opt_state, learner.place_batch(batch, run.mesh))

@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from gmpo_jax import learner
+from gmpo_jax import pmap_step
 from gmpo_jax import sharding
 from gmpo_jax import train
 from gmpo_jax.config import AlgorithmConfig
@@ -51,8 +52,9 @@ def rollout(seed):
   """A rollout-shaped batch (NumPy): sequences [N, T], rewards and group mask [B, G].
 
   Prompts of 2-4 tokens, completions of 1-7 (some rows end in padding), old log-probs near the
-  random policy's -log V so that some GMPO ratios leave the clip range, positive graded
-  rewards; group 3 is dropped (dynamic sampling) and one completion of group 5 is masked.
+  random policy's -log V so that some GMPO ratios leave the clip range, the sampler's
+  log-probs 0.3 (std) away from them, positive graded rewards; group 3 is dropped (dynamic
+  sampling) and one completion of group 5 is masked.
   """
   rng = np.random.default_rng(seed)
   tokens = rng.integers(0, MODEL.vocab_size, (N, T)).astype(np.int32)
@@ -63,13 +65,14 @@ def rollout(seed):
   loss_mask = key_mask & (cols >= prompt[:, None])
   old_logp = np.where(loss_mask, rng.normal(-np.log(MODEL.vocab_size), 0.3, (N, T)), 0.0)
   ref_logp = np.where(loss_mask, old_logp + rng.normal(0.0, 0.1, (N, T)), 0.0)
+  behav_logp = np.where(loss_mask, old_logp + rng.normal(0.0, 0.3, (N, T)), 0.0)
   group_mask = np.ones((B, G), bool)
   group_mask[3] = False
   group_mask[5, 1] = False
   return dict(
       tokens=tokens, positions=np.asarray(positions_from_mask(jnp.asarray(key_mask))),
       key_mask=key_mask, loss_mask=loss_mask, old_logp=old_logp.astype(np.float32),
-      ref_logp=ref_logp.astype(np.float32),
+      ref_logp=ref_logp.astype(np.float32), behav_logp=behav_logp.astype(np.float32),
       rewards=rng.lognormal(0.0, 1.0, (B, G)).astype(np.float32), group_mask=group_mask)
 
 
@@ -78,21 +81,25 @@ def _advantage_fn():
   return jax.jit(ALGO.advantage_fn())
 
 
-def learner_batch(data, num_microbatches):
+def learner_batch(data, num_microbatches, algo=ALGO):
   """The runner's learner input for `data` (`train.rollout_batch`): advantages of the whole
-  batch, the masked completions out of the loss, as [num_microbatches, N / num_microbatches, ...]."""
+  batch, the masked completions out of the loss, the sampler's log-probs with an importance
+  correction, as [num_microbatches, N / num_microbatches, ...]."""
   advantages = _advantage_fn()(jnp.asarray(data["rewards"]), jnp.asarray(data["group_mask"]))
   # Only the sequence fields of a Rollout enter the learner's batch.
   sequences = Rollout(tokens=data["tokens"], positions=data["positions"],
                       key_mask=data["key_mask"], completion_mask=data["loss_mask"],
                       logprobs=None, policy_logprobs=None, lengths=None, finished=None)
-  batch = train.rollout_batch(sequences, advantages=advantages, group_mask=data["group_mask"],
-                              old_logp=data["old_logp"], ref_logp=data["ref_logp"])
+  batch = train.rollout_batch(
+      sequences, advantages=advantages, group_mask=data["group_mask"],
+      old_logp=data["old_logp"], ref_logp=data["ref_logp"],
+      behav_logp=data["behav_logp"] if algo.is_correction != "none" else None)
   return jax.tree.map(lambda x: learner.to_microbatches(x, num_microbatches), batch)
 
 
 @functools.cache
-def mesh_run(mesh_shape, num_microbatches=ALGO.num_microbatches, in_mesh_context=False):
+def mesh_run(mesh_shape, num_microbatches=ALGO.num_microbatches, in_mesh_context=False,
+             algo=ALGO, parallelism="mesh"):
   """NUM_STEPS updates of the Mesh path as the runner wires it (see test_mesh_equivalence).
 
   Args:
@@ -100,6 +107,8 @@ def mesh_run(mesh_shape, num_microbatches=ALGO.num_microbatches, in_mesh_context
     num_microbatches: micro-batches per update.
     in_mesh_context: run the updates under `jax.set_mesh(mesh)`, as `train_and_evaluate`
       does, so the model's activations are constrained to the batch axes.
+    algo: the algorithm (its objective and importance correction).
+    parallelism: 'mesh', or 'pmap' for the runner's `pmap_step` update over the mesh's devices.
 
   Returns:
     dict: `outputs` and `states` ((params, opt_state)) after every step, as NumPy; the live
@@ -116,12 +125,15 @@ def mesh_run(mesh_shape, num_microbatches=ALGO.num_microbatches, in_mesh_context
   params = jax.device_put(params, param_shardings)
   opt_state = learner.init_opt_state(opt, params, mesh)
   opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
-  update = learner.make_update_fn(graphdef, opt, micro_loss(), param_shardings=param_shardings,
-                                  opt_shardings=opt_shardings)
+  build = (functools.partial(pmap_step.make_pmap_update_fn, devices=list(mesh.devices.flat))
+           if parallelism == "pmap" else learner.make_update_fn)
+  update = build(graphdef, opt, micro_loss(algo), param_shardings=param_shardings,
+                 opt_shardings=opt_shardings)
   outputs, states = [], []
   with jax.set_mesh(mesh) if in_mesh_context else contextlib.nullcontext():
     for step in range(NUM_STEPS):
-      batch = learner.place_batch(learner_batch(rollout(seed=step), num_microbatches), mesh)
+      batch = learner.place_batch(
+          learner_batch(rollout(seed=step), num_microbatches, algo), mesh)
       params, opt_state, out = update(params, opt_state, batch)
       outputs.append(jax.device_get(out))
       states.append(jax.device_get((params, opt_state)))

@@ -1,88 +1,85 @@
-"""The `jax.pmap` advantage -> loss -> gradient -> update path equals the Mesh path.
+"""The `jax.pmap` update (`config.parallelism='pmap'`) equals the Mesh path, alone and in a run.
 
-One group of G completions per device (8 devices, 8 groups): every device computes its
-group's advantages, its share of the loss with psum'd global counts, and applies the psum'd
-gradient. After every one of NUM_STEPS updates the loss, gradient norm, parameters and
-optimizer state must equal the Mesh path on an (8,1,1) mesh, and the diagnostics must equal
-one device's update split into the same 16 micro-batches (pmap's 8 devices x 2).
+The learner check: NUM_STEPS GMPO updates of two micro-batches on the 8 simulated devices, each
+micro-batch split 8 ways by pmap, against `learner.make_update_fn` on the (8,1,1) mesh: loss,
+gradient norm, every diagnostic (pooled over the devices), parameters and optimizer state after
+every step, to 1e-5; once more with a token-mask importance correction, whose statistics are
+pooled too. The runner check: `configs/smoke.py` on 8 devices logs the same metrics either way.
 """
 
-import functools
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import smoke
+from gmpo_jax import learner
+from gmpo_jax import metrics as metrics_lib
 from gmpo_jax import pmap_step
-from gmpo_jax.config import AlgorithmConfig
-from learner_setup import ALGO, B, G, NUM_STEPS, assert_trees_close
+from gmpo_jax import train
+from learner_setup import ALGO, assert_trees_close
 import learner_setup as setup
 
-D = 8
+MESH = (8, 1, 1)
+ALGO_MASKED = dataclasses.replace(ALGO, is_correction="token_mask", is_cap=1.5)
 
 
-@functools.cache
-def pmap_run():
+@pytest.mark.parametrize("algo", [ALGO, ALGO_MASKED], ids=["uncorrected", "token_mask"])
+def test_update_diagnostics_parameters_and_optimizer_state_equal_the_mesh_path(algo):
+  got = setup.mesh_run(MESH, algo=algo, parallelism="pmap")
+  want = setup.mesh_run(MESH, algo=algo)
+  for step, (o, e) in enumerate(zip(got["outputs"], want["outputs"])):
+    np.testing.assert_allclose(o.loss, e.loss, rtol=1e-5, atol=1e-6, err_msg=f"step {step}")
+    np.testing.assert_allclose(o.grad_norm, e.grad_norm, rtol=1e-5, err_msg=f"step {step}")
+    assert int(o.skipped) == int(e.skipped) == 0 and float(o.grad_norm) > 1e-3
+    assert_trees_close(o.metrics, e.metrics)
+    assert_trees_close(got["states"][step], want["states"][step])
+  importance = got["outputs"][0].metrics.importance
+  if algo.is_correction == "none":
+    assert importance is None
+  else:  # some tokens masked, in some micro-batches more than in others
+    assert 0 < float(importance.masked_fraction) < 0.5
+  # One compile, and the state keeps the runner's shardings from step to step.
+  assert got["compiles"] == 1
+  for leaf, sharding in zip(jax.tree.leaves(got["params"]), jax.tree.leaves(got["param_shardings"])):
+    assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
+
+
+def test_micro_batches_that_do_not_split_over_the_devices_are_an_error():
   graphdef, params = setup.model()
   optimizer = setup.optimizer()
-  step = pmap_step.make_pmap_update_fn(graphdef, optimizer, ALGO, setup.micro_loss())
-  opt_state = pmap_step.replicate(optimizer.init(params), D)
-  params = pmap_step.replicate(params, D)
-  outputs, states = [], []
-  for seed in range(NUM_STEPS):
-    shard = pmap_step.split_across_devices(
-        pmap_step.GroupShard(**setup.rollout(seed=seed)), D)
-    params, opt_state, out = step(params, opt_state, shard)
-    outputs.append(jax.device_get(out))
-    states.append(jax.device_get((params, opt_state)))
-  return outputs, states
+  update = pmap_step.make_pmap_update_fn(graphdef, optimizer, setup.micro_loss(),
+                                         devices=jax.devices(), donate=False)
+  batch = setup.learner_batch(setup.rollout(seed=0), 1)
+  batch = jax.tree.map(lambda x: x[:, :12], batch)  # 12 sequences, 8 devices
+  with pytest.raises(ValueError, match="12 sequences do not split over 8 devices"):
+    update(params, optimizer.init(params), batch)
 
 
-def test_every_device_holds_the_same_parameters_and_reports_the_same_update():
-  outputs, states = pmap_run()
-  for out, state in zip(outputs, states):
-    for leaf in jax.tree.leaves((state, out.update)):
-      np.testing.assert_array_equal(leaf, np.broadcast_to(leaf[:1], leaf.shape))
-    assert int(out.update.skipped[0]) == 0 and float(out.update.grad_norm[0]) > 1e-3
+def _smoke_records(workdir, parallelism):
+  config = smoke.get_config()
+  config.parallelism = parallelism
+  config.num_steps, config.eval_every = 2, 2
+  config.eval.num_examples, config.eval.num_samples, config.eval.k = 16, 1, (1,)
+  train.train_and_evaluate(config, workdir)
+  return [{k: v for k, v in r.items() if k not in train.TIMING_METRICS}
+          for r in metrics_lib.read_metrics(workdir)]
 
 
-def test_advantages_per_device_equal_the_whole_batch_estimator():
-  outputs, _ = pmap_run()
-  data = setup.rollout(seed=NUM_STEPS - 1)
-  want = setup.learner_batch(data, 1).advantages.reshape(B, G)
-  np.testing.assert_allclose(outputs[-1].advantages.reshape(B, G), want, rtol=1e-6, atol=1e-6)
-  assert np.all(want[3] == 0) and want[5, 1] == 0 and np.abs(want).max() > 0.5
-
-
-def test_loss_gradient_parameters_and_optimizer_state_equal_the_mesh_path():
-  outputs, states = pmap_run()
-  mesh = setup.mesh_run((8, 1, 1))
-  for step in range(NUM_STEPS):
-    got, want = outputs[step].update, mesh["outputs"][step]
-    np.testing.assert_allclose(got.loss[0], want.loss, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(got.grad_norm[0], want.grad_norm, rtol=1e-5)
-    assert_trees_close(pmap_step.unreplicate(states[step]), mesh["states"][step])
-  # After the first step Adam's first moment is (1 - b1) x the clipped gradient.
-  assert_trees_close(setup.adam_first_moment(pmap_step.unreplicate(states[0][1])),
-                     setup.adam_first_moment(mesh["states"][0][1]))
-
-
-def test_diagnostics_equal_one_device_with_the_same_shards_as_micro_batches():
-  outputs, _ = pmap_run()
-  single = setup.mesh_run(None, num_microbatches=D * ALGO.num_microbatches)
-  for got, want in zip(outputs, single["outputs"]):
-    assert_trees_close(pmap_step.unreplicate(got.update.metrics), want.metrics)
-    np.testing.assert_allclose(got.update.loss[0], want.loss, rtol=1e-5, atol=1e-6)
-
-
-def test_estimator_coupling_groups_is_refused():
-  graphdef, _ = setup.model()
-  algo = AlgorithmConfig(advantage="batch_std")
-  with pytest.raises(ValueError, match="batch_std.*Mesh path"):
-    pmap_step.make_pmap_update_fn(graphdef, setup.optimizer(), algo, setup.micro_loss(algo))
-
-
-def test_uneven_split_is_an_error():
-  with pytest.raises(ValueError, match="does not split over 8 devices"):
-    pmap_step.split_across_devices({"rewards": jnp.zeros((12, G))}, D)
+def test_a_smoke_run_logs_the_same_metrics_with_mesh_and_pmap(tmp_path):
+  want = _smoke_records(tmp_path / "mesh", "mesh")
+  got = _smoke_records(tmp_path / "pmap", "pmap")
+  assert [r["step"] for r in got] == [r["step"] for r in want] == [0, 1, 2]
+  for g, w in zip(got, want):
+    assert g.keys() == w.keys()
+    for key, value in w.items():
+      if value is None:
+        assert g[key] is None, (w["step"], key)
+      else:
+        np.testing.assert_allclose(g[key], value, rtol=1e-5, atol=1e-7,
+                                   err_msg=f"step {w['step']} {key}")
+  # The smoke policy earns a constant reward in most groups; one of the steps updates it.
+  assert max(r["grad_norm"] for r in want[1:]) > 0.1
+  assert all(r["compiles/update"] == 1 for r in want[1:])
