@@ -44,6 +44,9 @@ def test_the_shipped_configs_are_valid():
     ("model.dtype", "float33", r"config.model: dtype='float33' is not a dtype"),
     ("model.name", "gpt5", r"config.model: Unknown model name 'gpt5'"),
     ("model.tokenizer", None, r"config.model: tokenizer=None is needed without an hf_path"),
+    ("algorithm.is_correction", "tis", r"config.algorithm: is_correction='tis' is not one of"),
+    ("algorithm.is_cap", 1.0, r"config.algorithm: is_cap=1.0 must be > 1"),
+    ("parallelism", "shard_map", r"config: parallelism='shard_map' is not one of"),
 ])
 def test_a_bad_value_is_one_error_naming_its_field(field, value, message):
   config = smoke.get_config()
@@ -54,6 +57,16 @@ def test_a_bad_value_is_one_error_naming_its_field(field, value, message):
   section[name] = value
   with pytest.raises(ConfigError, match=message):
     ExperimentConfig.from_config(config)
+
+
+def test_pmap_refuses_sharded_parameters():
+  config = smoke.get_config()
+  config.parallelism, config.mesh.tensor = "pmap", 2
+  with pytest.raises(ConfigError, match=r"config: parallelism='pmap' replicates the parameters: "
+                                        r"it needs mesh.fsdp = mesh.tensor = 1, got fsdp=1 tensor=2"):
+    ExperimentConfig.from_config(config)
+  config.mesh.tensor = 1
+  assert ExperimentConfig.from_config(config).parallelism == "pmap"
 
 
 def test_unknown_fields_are_named_with_what_the_section_accepts():

@@ -7,6 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
+from gmpo_jax import importance
 from gmpo_jax import learner
 from gmpo_jax.config import AlgorithmConfig
 from gmpo_jax.logprobs import positions_from_mask
@@ -82,3 +83,43 @@ def test_non_finite_loss_leaves_parameters_and_optimizer_untouched():
   assert int(out.skipped) == 0 and np.isfinite(float(out.loss))
   changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new_params, params))
   assert any(changed)
+
+
+
+def test_importance_correction_weighs_the_loss_and_reports_its_weights():
+  graphdef, params = _model()
+  optimizer = optax.sgd(1.0)
+  batch = _sequences(seed=5)
+  rng = np.random.default_rng(5)
+  behav = batch.old_logp + jnp.asarray(rng.normal(0.0, 0.5, batch.old_logp.shape), jnp.float32)
+  algo = AlgorithmConfig(is_correction="token_tis", is_cap=1.5)
+  update = learner.make_update_fn(
+      graphdef, optimizer,
+      learner.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T), donate=False)
+  run = lambda behav_logp: update(params, optimizer.init(params),
+                                  _split(batch._replace(behav_logp=behav_logp), 2))[2]
+  # Sampler and learner agree: every weight is 1 (all-ones weights leave the loss exactly
+  # unchanged: test_losses).
+  on_policy = run(batch.old_logp)
+  assert on_policy.metrics.combine().as_record()["is/weight_max"] == 1.0
+  # They disagree: the loss is reweighted, and the statistics are those of each micro-batch's
+  # weights, averaged (the maximum: the largest).
+  out = run(behav)
+  assert not np.isclose(float(out.loss), float(on_policy.loss), rtol=1e-3)
+  micro = [importance.correction_weights(b.old_logp, b.behav_logp, b.loss_mask,
+                                         mode="token_tis", cap=1.5)[1]
+           for b in (jax.tree.map(lambda x, i=i: x[i], _split(batch._replace(behav_logp=behav), 2))
+                     for i in range(2))]
+  record = out.metrics.combine().as_record()
+  np.testing.assert_allclose(record["is/weight_mean"], np.mean([s.weight_mean for s in micro]),
+                             rtol=1e-6)
+  assert record["is/weight_max"] == 1.5 and record["is/masked_fraction"] == 0.0
+  # Without a correction nothing is computed or logged; with one, the sampler's log-probs
+  # are required.
+  model = nnx.merge(graphdef, params)
+  counts = learner.minibatch_counts(batch.loss_mask)
+  plain = learner.policy_loss(AlgorithmConfig(), temperature=1.0, chunk_size=4, max_length=T)
+  assert jax.eval_shape(plain, model, batch, counts)[1].importance is None
+  with pytest.raises(ValueError, match="needs the sampler's log-probs"):
+    jax.eval_shape(learner.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T),
+                   model, batch, counts)

@@ -45,6 +45,8 @@ def test_run_writes_metrics_checkpoints_and_plot(uninterrupted):
     assert key in records[1], key
   # The sampler and the learner score the same tokens with the same parameters in float32.
   assert all(0 <= r["mismatch/kl"] < 1e-5 for r in records[1:])
+  # Without an importance correction (the default) no weight is computed or logged.
+  assert not any(key.startswith("is/") for key in records[1])
   # The reward-shape advisor's statistics, every RL step (null where not measurable).
   assert records[1]["reward_shape/groups"] == config.prompts_per_step
   assert 0 <= records[1]["reward_shape/zero_std_group_fraction"] <= 1
@@ -304,13 +306,18 @@ def test_rl_step_scores_scripted_completions_and_updates_the_policy(tmp_path):
   assert max(jax.tree.leaves(moved)) > 0
 
 
-def test_the_rollout_backend_is_chosen_by_config(tmp_path):
+def test_the_rollout_backend_is_chosen_by_config_and_importance_weights_correct_it(tmp_path):
   config = smoke.get_config()
   config.num_steps = 1
   config.warm_start.steps = 0
   config.rollout.backend = "mock"  # uniform-random tokens: all completions run to the budget
+  config.algorithm.is_correction, config.algorithm.is_cap = "token_tis", 1.2
   train.train_and_evaluate(config, tmp_path)
   record = _records(tmp_path)[1]
-  # The mock reports -log V for its tokens; the learner's policy is not uniform.
+  # The mock reports -log V for its tokens; the learner's policy is not uniform, so the
+  # weights pi_learner / pi_mock = V pi_learner spread around 1 and the cap binds.
   assert record["mismatch/kl"] > 1e-3
   assert np.isfinite(record["loss"])
+  assert record["is/weight_max"] == np.float32(1.2)
+  assert 0 < record["is/weight_mean"] < record["is/weight_max"]
+  assert record["is/masked_fraction"] == 0
