@@ -64,6 +64,10 @@ def get_config() -> ml_collections.ConfigDict:
   # How the RL update runs over the devices: "mesh" (one SPMD program on config.mesh) or "pmap"
   # (data parallel, parameters replicated; needs mesh.fsdp = mesh.tensor = 1, one process).
   config.parallelism = "mesh"
+  # Compiled programs are kept here for later runs (`gmpo_jax.main`): a second run of the same
+  # shapes skips XLA; None: compile every run.
+  config.compilation_cache_dir = ml_collections.FieldReference(
+      "~/.cache/gmpo_jax/compiled", field_type=str)
 
   config.task = ml_collections.ConfigDict()
   config.task.name = "arithmetic"

@@ -124,6 +124,7 @@ RESUMABLE_FIELDS: tuple[str, ...] = (
     "parallelism",        # likewise: 'mesh' and 'pmap' compute the same update
     "distributed.*",      # coordinator address, process ids, timeouts
     "resume_with_changes",
+    "compilation_cache_dir",  # where compiled programs are kept; changes no value
 )
 """Flattened config fields (`fnmatch` patterns) that may change when a run resumes.
 

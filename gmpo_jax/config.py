@@ -396,6 +396,8 @@ class ExperimentConfig:
       (data, fsdp, tensor) mesh (`gmpo_jax.learner.make_update_fn`), or 'pmap', data
       parallel with replicated parameters (`gmpo_jax.pmap_step`), which needs fsdp = tensor = 1
       and one process.
+    compilation_cache_dir: where `gmpo_jax.main` keeps compiled programs for later runs
+      (`gmpo_jax.compilation.enable_persistent_cache`; `~` is expanded); None: no cache.
     task, model, sampling, algorithm, optim, warm_start, eval, checkpoint, mesh, rollout: the
       sections. `sampling` is the sampler's own `SamplingConfig` without the tokenizer's ids
       (`eos_id`, `pad_id`: the runner sets them).
@@ -408,6 +410,7 @@ class ExperimentConfig:
   progress: bool | None
   resume_with_changes: bool
   parallelism: str
+  compilation_cache_dir: str | None
   task: TaskConfig
   model: ModelConfig
   sampling: SamplingConfig

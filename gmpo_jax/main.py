@@ -17,6 +17,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from gmpo_jax import checkpointing
+from gmpo_jax import compilation
 from gmpo_jax import distributed
 from gmpo_jax import train
 from gmpo_jax.config import ConfigError
@@ -61,6 +62,8 @@ def main(argv):
     # Before anything starts a JAX backend: the device list is fixed then.
     distributed.initialize(
         distributed.DistributedConfig.from_config(_CONFIG.value.get("distributed")))
+    if _CONFIG.value.get("compilation_cache_dir") is not None:
+      compilation.enable_persistent_cache(_CONFIG.value.compilation_cache_dir)
     train.train_and_evaluate(_CONFIG.value, workdir)
   except (ConfigError, WorkdirError, checkpointing.ConfigMismatchError,
           checkpointing.CheckpointMismatchError) as error:

@@ -35,6 +35,7 @@ from flax import nnx
 
 from gmpo_jax import advantages as advantages_lib
 from gmpo_jax import checkpointing
+from gmpo_jax import compilation
 from gmpo_jax import distributed
 from gmpo_jax import evaluation
 from gmpo_jax import kl as kl_lib
@@ -59,7 +60,8 @@ logger = logging.getLogger(__name__)
 EVAL_RESULTS_DIR = "eval_results"
 
 # Timing metrics differ between otherwise identical runs; everything else must not.
-TIMING_METRICS = ("time/step", "time/rollout", "time/reward", "time/update", "tokens_per_sec")
+TIMING_METRICS = ("time/step", "time/rollout", "time/reward", "time/update", "time/compile",
+                  "tokens_per_sec")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,8 +480,17 @@ def rollout_batch(rollout: Rollout, *, advantages: jax.Array, group_mask: np.nda
 
 def minibatches(sequences: learner.Batch, key: jax.Array, algo: AlgorithmConfig):
   """Yields the micro-batched input of every optimizer step over one rollout: mu epochs, each a
-  fresh permutation (from `fold_in(key, 1 + epoch)`) cut into `num_minibatches` parts."""
+  fresh permutation (from `fold_in(key, 1 + epoch)`) cut into `num_minibatches` parts.
+
+  With one minibatch every epoch trains on the whole rollout, whose loss and gradient are sums
+  over its sequences (`learner.Counts`): their order changes nothing but float rounding, so the
+  rollout is used as it is, without the permutation's gather.
+  """
   num_sequences = sequences.tokens.shape[0]
+  if algo.num_minibatches == 1:
+    whole = jax.tree.map(lambda x: learner.to_microbatches(x, algo.num_microbatches), sequences)
+    yield from (whole for _ in range(algo.num_epochs))
+    return
   for epoch in range(algo.num_epochs):
     order = jax.random.permutation(jax.random.fold_in(key, 1 + epoch), num_sequences)
     for minibatch in np.split(np.asarray(order), algo.num_minibatches):
@@ -488,7 +499,8 @@ def minibatches(sequences: learner.Batch, key: jax.Array, algo: AlgorithmConfig)
 
 
 def make_rl_step(run: Run, *, backend: RolloutBackend, optimizer: optax.GradientTransformation,
-                 opt_shardings: Any, key: jax.Array, ref_params: Any = None):
+                 opt_shardings: Any, key: jax.Array, ref_params: Any = None,
+                 compile_timer: compilation.CompileTimer | None = None):
   """Builds `rl_step(state, examples) -> (state, record)`: one RL step on B prompts.
 
   The step samples G completions per prompt from `backend`, scores them with the task, checks
@@ -505,6 +517,9 @@ def make_rl_step(run: Run, *, backend: RolloutBackend, optimizer: optax.Gradient
     opt_shardings: the shardings of its state (`learner.init_opt_state`'s placement).
     key: the run's base key.
     ref_params: the frozen reference policy, needed when `algo.beta > 0`.
+    compile_timer: an active `compilation.CompileTimer`; the record then holds `time/compile`,
+      the seconds of the step spent tracing and compiling programs (or reading them from the
+      persistent cache).
 
   Returns:
     `rl_step`; its record holds the reward, reward-shape, advantage, loss and update
@@ -531,7 +546,7 @@ def make_rl_step(run: Run, *, backend: RolloutBackend, optimizer: optax.Gradient
 
   def rl_step(state: RLState, examples: Sequence[Mapping[str, Any]]
               ) -> tuple[RLState, dict[str, Any]]:
-    t0 = time.perf_counter()
+    t0, wall_start = time.perf_counter(), time.time()
     params, opt_state = state.params, state.opt_state
     step_key = jax.random.fold_in(key, state.step)
     prompt_tokens, prompt_mask = encode_batch(
@@ -597,6 +612,7 @@ def make_rl_step(run: Run, *, backend: RolloutBackend, optimizer: optax.Gradient
         "compiles/update": update._cache_size(),  # pylint: disable=protected-access
         "time/step": t3 - t0, "time/rollout": t1 - t0, "time/reward": t2 - t1,
         "time/update": t3 - t2,
+        **({"time/compile": compile_timer.seconds(wall_start)} if compile_timer else {}),
         "tokens_per_sec": float(lengths.sum()) / max(t1 - t0, 1e-9),
         **metrics.combine().as_record(),
     }
@@ -619,9 +635,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   # the batch axes (`sharding.constrain_to_batch_axes`); the mesh changes no value.
   # One SIGTERM/SIGINT handler for every phase: the warm start, the first evaluation and the RL
   # loop each save what is in flight and stop; a second signal forces the exit.
-  with jax.set_mesh(run.mesh), checkpointing.install_preemption_handler() as preemption:
+  with (jax.set_mesh(run.mesh), checkpointing.install_preemption_handler() as preemption,
+        compilation.CompileTimer() as compile_timer):
     try:
-      return _train(run, preemption)
+      return _train(run, preemption, compile_timer)
     except Preempted as stopped:
       logger.warning("preempted during the %s; rerun the same command to resume", stopped)
       return {"preempted": str(stopped)}
@@ -631,7 +648,8 @@ def _shardings(tree: Any) -> Any:
   return jax.tree.map(lambda x: x.sharding, tree)
 
 
-def _train(run: Run, preemption: checkpointing.PreemptionHandler) -> dict[str, Any]:
+def _train(run: Run, preemption: checkpointing.PreemptionHandler,
+           compile_timer: compilation.CompileTimer) -> dict[str, Any]:
   config, workdir, algo = run.config, run.workdir, run.algo
   if config.warm_start.steps > 0:
     run.params, warm_start_result = warm_start(run, preemption)
@@ -670,7 +688,8 @@ def _train(run: Run, preemption: checkpointing.PreemptionHandler) -> dict[str, A
   backend = rollout_lib.make_backend(config.rollout.backend, nnx.merge(run.graphdef, state.params),
                                      config=run.sampling, chunk_size=config.chunk_size)
   rl_step = make_rl_step(run, backend=backend, optimizer=optimizer,
-                         opt_shardings=_shardings(opt_state), key=base_key, ref_params=ref_params)
+                         opt_shardings=_shardings(opt_state), key=base_key, ref_params=ref_params,
+                         compile_timer=compile_timer)
 
   writer = metrics_lib.MetricsWriter(
       workdir, total_steps=config.num_steps, start_step=state.step if restored else None,

@@ -53,6 +53,10 @@ def test_run_writes_metrics_checkpoints_and_plot(uninterrupted):
   assert all("reward_shape/tail_index" in r for r in records[1:])
   # The update step compiles once, on the first step, and never again.
   assert all(r["compiles/update"] == 1 for r in records[1:])
+  # The first RL step makes the rollout and update programs; time/compile is part of the step.
+  timed = metrics_lib.read_metrics(workdir)[1:]
+  assert timed[0]["time/compile"] > 0
+  assert all(0 <= r["time/compile"] <= r["time/step"] + 0.01 for r in timed)
   assert (workdir / metrics_lib.PLOT_FILE).exists()
   assert list((workdir / "tensorboard").iterdir())
   assert summary["initial_eval"]["eval/pass@1"] == records[0]["eval/pass@1"]
