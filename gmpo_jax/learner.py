@@ -28,6 +28,7 @@ import optax
 from flax import nnx
 
 from gmpo_jax import importance as importance_lib
+from gmpo_jax import kl as kl_lib
 from gmpo_jax import losses as losses_lib
 from gmpo_jax import sharding
 from gmpo_jax.config import AlgorithmConfig
@@ -45,7 +46,8 @@ class Batch(NamedTuple):
     loss_mask: [M, b, T] bool, the tokens whose log-prob is trained (completion tokens; for
       supervised warm start, the answer tokens).
     old_logp: [M, b, T] float32 log-probs under the rollout policy as the learner rescores it
-      at update time, the proximal policy of the ratio (zeros for supervised).
+      at update time, the proximal policy of the ratio (zeros for supervised); None for an
+      on-policy update, whose loss takes them from its own forward pass (`policy_loss`).
     ref_logp: [M, b, T] float32 log-probs under the reference policy (zeros when unused).
     advantages: [M, b] float32, one per sequence (zeros for supervised).
     behav_logp: [M, b, T] float32 log-probs under the behaviour policy, the sampler's own
@@ -55,7 +57,7 @@ class Batch(NamedTuple):
   positions: jax.Array
   key_mask: jax.Array
   loss_mask: jax.Array
-  old_logp: jax.Array
+  old_logp: jax.Array | None
   ref_logp: jax.Array
   advantages: jax.Array
   behav_logp: jax.Array | None = None
@@ -76,10 +78,14 @@ class PolicyMetrics(NamedTuple):
     entropy: token-mean entropy of the current policy on the trained tokens.
     importance: the applied importance weights' `gmpo_jax.importance.ImportanceStats`; None
       without a correction (`algorithm.is_correction='none'`: nothing is computed or logged).
+    mismatch_kl: an on-policy update's `sampler_learner_kl` between its own log-probs and the
+      sampler's (`Batch.behav_logp`), token-mean per micro-batch; None otherwise (the runner
+      measures it from its rescoring).
   """
   extras: losses_lib.LossExtras
   entropy: jax.Array
   importance: importance_lib.ImportanceStats | None = None
+  mismatch_kl: jax.Array | None = None
 
   def combine(self) -> PolicyMetrics:
     """One value per field over every axis (micro-batches, updates): the ratio and weight
@@ -126,13 +132,16 @@ class PolicyMetrics(NamedTuple):
         weight_max=extreme(self.importance.weight_max, jax.lax.pmax, -jnp.inf)))
 
   def as_record(self) -> dict[str, float]:
-    """Flat metric names (the `LossExtras` field names, 'entropy', and with a correction
-    'is/weight_mean', 'is/weight_max', 'is/masked_fraction') -> Python floats."""
+    """Flat metric names (the `LossExtras` field names, 'entropy', with a correction
+    'is/weight_mean', 'is/weight_max', 'is/masked_fraction', and on-policy 'mismatch/kl')
+    -> Python floats."""
     record = {**{name: float(value) for name, value in self.extras._asdict().items()},
               "entropy": float(self.entropy)}
     if self.importance is not None:
       record.update({f"is/{name}": float(value)
                      for name, value in self.importance._asdict().items()})
+    if self.mismatch_kl is not None:
+      record["mismatch/kl"] = float(self.mismatch_kl)
     return record
 
 
@@ -140,8 +149,22 @@ class PolicyMetrics(NamedTuple):
 MicroLoss = Callable[[nnx.Module, Batch, Counts], tuple[jax.Array, PolicyMetrics | None]]
 
 
+def sampler_learner_kl(learner_logp: jax.Array, sampler_logp: jax.Array,
+                       mask: jax.Array) -> jax.Array:
+  """Mean k3 estimate of KL(sampler ‖ learner) over the completion tokens ([B, T] each).
+
+  The sampler's own log-probs of its tokens (`Rollout.policy_logprobs`, the untruncated
+  temperature-scaled policy) against the learner's log-probs of the same tokens with the same
+  parameters: 0 up to numerics. It measures the sampler/learner drift (another dtype, kernel or
+  engine) that rescoring π_old hides from the ratio; x = log π_learner − log π_sampler and
+  k3 = e^x − x − 1 on tokens drawn from the sampler. No completion token: 0.
+  """
+  k3 = kl_lib.kl_penalty(sampler_logp, learner_logp, estimator="k3")
+  return losses_lib.aggregate_loss(k3, mask, mode="token-mean")
+
+
 def policy_loss(algo: AlgorithmConfig, *, temperature: float, chunk_size: int,
-                max_length: int) -> MicroLoss:
+                max_length: int, on_policy: bool = False) -> MicroLoss:
   """The RL objective of `algo` on one micro-batch, plus its `PolicyMetrics`.
 
   With `algo.is_correction` other than 'none', every token's loss is weighted by the
@@ -156,6 +179,12 @@ def policy_loss(algo: AlgorithmConfig, *, temperature: float, chunk_size: int,
       policy that generated the rollout.
     chunk_size: sequence chunk of the memory-lean log-prob computation.
     max_length: the generation budget: Dr.GRPO's constant for 'seq-mean-token-sum-norm'.
+    on_policy: the update is the only one on its rollout and starts from the parameters that
+      sampled it (one epoch, one minibatch, no staleness), so π_old is the current policy:
+      the loss takes `stop_gradient` of its own log-probs as π_old (the ratio is exactly 1,
+      the gradient the same) and `batch.old_logp` is not read, which saves the runner a
+      rescoring forward pass. The sampler/learner drift is then measured here, from
+      `batch.behav_logp` (`PolicyMetrics.mismatch_kl`).
   """
   loss_fn = algo.loss_fn()
   norm = {"max_length": max_length} if algo.agg_mode == "seq-mean-token-sum-norm" else {}
@@ -163,22 +192,26 @@ def policy_loss(algo: AlgorithmConfig, *, temperature: float, chunk_size: int,
   def micro_loss(model, batch: Batch, counts: Counts):
     out = sequence_logprobs(model, batch.tokens, batch.positions, batch.key_mask,
                             chunk_size=chunk_size, temperature=temperature, with_entropy=True)
+    old_logp = jax.lax.stop_gradient(out.logp) if on_policy else batch.old_logp
     weights, stats = None, None
     if algo.is_correction != "none":
       if batch.behav_logp is None:
         raise ValueError(f"algorithm.is_correction={algo.is_correction!r} needs the sampler's "
                          "log-probs in Batch.behav_logp")
       weights, stats = importance_lib.correction_weights(
-          batch.old_logp, batch.behav_logp, batch.loss_mask, mode=algo.is_correction,
+          old_logp, batch.behav_logp, batch.loss_mask, mode=algo.is_correction,
           cap=algo.is_cap)
     loss, extras = loss_fn(
-        out.logp, batch.old_logp, batch.advantages, batch.loss_mask,
+        out.logp, old_logp, batch.advantages, batch.loss_mask,
         ref_logp=batch.ref_logp if algo.beta > 0 else None, beta=algo.beta,
         kl_estimator=algo.kl_estimator, num_sequences=counts.num_sequences,
         num_tokens=counts.num_tokens, token_weights=weights, **norm)
     entropy = losses_lib.aggregate_loss(
         jax.lax.stop_gradient(out.entropy), batch.loss_mask, mode="token-mean")
-    return loss, PolicyMetrics(extras=extras, entropy=entropy, importance=stats)
+    mismatch = (sampler_learner_kl(old_logp, batch.behav_logp, batch.loss_mask)
+                if on_policy else None)
+    return loss, PolicyMetrics(extras=extras, entropy=entropy, importance=stats,
+                               mismatch_kl=mismatch)
 
   return micro_loss
 

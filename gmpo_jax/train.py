@@ -38,9 +38,7 @@ from gmpo_jax import checkpointing
 from gmpo_jax import compilation
 from gmpo_jax import distributed
 from gmpo_jax import evaluation
-from gmpo_jax import kl as kl_lib
 from gmpo_jax import learner
-from gmpo_jax import losses as losses_lib
 from gmpo_jax import metrics as metrics_lib
 from gmpo_jax import pmap_step
 from gmpo_jax import reward_shape
@@ -165,20 +163,6 @@ def group_statistics(rewards: np.ndarray, floor: float = 1e-8) -> dict[str, floa
       "reward/min": float(rewards.min()),
       "groups/zero_std_fraction": float(np.mean(np.ptp(rewards, axis=1) == 0)),
   }
-
-
-def sampler_learner_kl(learner_logp: jax.Array, sampler_logp: jax.Array,
-                       mask: jax.Array) -> jax.Array:
-  """Mean k3 estimate of KL(sampler ‖ learner) over the completion tokens ([B, T] each).
-
-  The sampler's own log-probs of its tokens (`Rollout.policy_logprobs`, the untruncated
-  temperature-scaled policy) against the learner's rescoring of the same tokens with the same
-  parameters: 0 up to numerics. It measures the sampler/learner drift (another dtype, kernel or
-  engine) that rescoring π_old hides from the ratio; x = log π_learner − log π_sampler and
-  k3 = e^x − x − 1 on tokens drawn from the sampler. No completion token: 0.
-  """
-  k3 = kl_lib.kl_penalty(sampler_logp, learner_logp, estimator="k3")
-  return losses_lib.aggregate_loss(k3, mask, mode="token-mean")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,7 +442,7 @@ class RLState(NamedTuple):
 
 
 def rollout_batch(rollout: Rollout, *, advantages: jax.Array, group_mask: np.ndarray,
-                  old_logp: jax.Array, ref_logp: jax.Array,
+                  old_logp: jax.Array | None, ref_logp: jax.Array,
                   behav_logp: jax.Array | None = None) -> learner.Batch:
   """The learner's [N, ...] view of a rollout of N = B·G sequences (group-major).
 
@@ -467,7 +451,8 @@ def rollout_batch(rollout: Rollout, *, advantages: jax.Array, group_mask: np.nda
     advantages: [B, G] float32, one per sequence.
     group_mask: [B, G] bool; a masked completion (dynamic sampling masks whole groups) keeps
       its advantage but none of its tokens is trained or counted.
-    old_logp, ref_logp: [N, T] float32 log-probs under the rollout and reference policies.
+    old_logp, ref_logp: [N, T] float32 log-probs under the rollout and reference policies;
+      old_logp is None for an on-policy update (`learner.policy_loss(on_policy=True)`).
     behav_logp: [N, T] float32 log-probs under the behaviour policy (the sampler's own,
       `rollout.policy_logprobs`) for the importance correction; None without one.
   """
@@ -505,7 +490,9 @@ def make_rl_step(run: Run, *, backend: RolloutBackend, optimizer: optax.Gradient
 
   The step samples G completions per prompt from `backend`, scores them with the task, checks
   the rewards on the host, computes group advantages over the whole batch, rescores π_old
-  (and π_ref) with the learner's own program, runs mu epochs of minibatch updates (on the
+  (and π_ref) with the learner's own program (not π_old when the update is on-policy: one
+  epoch of one minibatch, whose loss takes π_old from its own forward pass,
+  `learner.policy_loss(on_policy=True)`), runs mu epochs of minibatch updates (on the
   mesh, or through `gmpo_jax.pmap_step` with `config.parallelism='pmap'`; both take the same
   batches) and pushes the new parameters to `backend`. Everything random derives from
   (`key`, `state.step`).
@@ -528,8 +515,10 @@ def make_rl_step(run: Run, *, backend: RolloutBackend, optimizer: optax.Gradient
   """
   algo, g = run.algo, run.algo.num_generations
   temperature, chunk_size = run.sampling.logit_temperature, run.config.chunk_size
+  # One optimizer step per rollout, from the parameters that sampled it: π_old = π_θ.
+  on_policy = algo.num_epochs == 1 and algo.num_minibatches == 1
   micro_loss = learner.policy_loss(algo, temperature=temperature, chunk_size=chunk_size,
-                                   max_length=run.sampling.max_new_tokens)
+                                   max_length=run.sampling.max_new_tokens, on_policy=on_policy)
   if run.config.parallelism == "pmap":
     update = pmap_step.make_pmap_update_fn(
         run.graphdef, optimizer, micro_loss, devices=list(run.mesh.devices.flat),
@@ -542,7 +531,7 @@ def make_rl_step(run: Run, *, backend: RolloutBackend, optimizer: optax.Gradient
                                             temperature=temperature, chunk_size=chunk_size)
   advantage_fn = jax.jit(algo.advantage_fn())
   # Replicated, so every process can read the scalar of row-sharded inputs.
-  mismatch_kl = jax.jit(sampler_learner_kl, out_shardings=sharding.replicated(run.mesh))
+  mismatch_kl = jax.jit(learner.sampler_learner_kl, out_shardings=sharding.replicated(run.mesh))
 
   def rl_step(state: RLState, examples: Sequence[Mapping[str, Any]]
               ) -> tuple[RLState, dict[str, Any]]:
@@ -577,13 +566,14 @@ def make_rl_step(run: Run, *, backend: RolloutBackend, optimizer: optax.Gradient
     # pi_old is rescored by the learner's own program (same sharding, chunking and dtype as
     # the update) rather than taken from the sampler: the GMPO ratio exponentiates a sum of
     # per-token differences, so any sampler/learner numerical drift would accumulate.
-    old_logp = policy_logprobs(params, rollout.tokens, rollout.key_mask)
+    old_logp = None if on_policy else policy_logprobs(params, rollout.tokens, rollout.key_mask)
     ref_logp = (policy_logprobs(ref_params, rollout.tokens, rollout.key_mask)
-                if ref_params is not None else jnp.zeros_like(old_logp))
+                if ref_params is not None else jnp.zeros(rollout.tokens.shape, jnp.float32))
     sequences = rollout_batch(
         rollout, advantages=advantages, group_mask=group_mask, old_logp=old_logp,
         ref_logp=ref_logp,
-        behav_logp=rollout.policy_logprobs if algo.is_correction != "none" else None)
+        behav_logp=(rollout.policy_logprobs if on_policy or algo.is_correction != "none"
+                    else None))
     outputs = []
     for batch in minibatches(sequences, step_key, algo):
       params, opt_state, out = update(params, opt_state, learner.place_batch(batch, run.mesh))
@@ -599,8 +589,9 @@ def make_rl_step(run: Run, *, backend: RolloutBackend, optimizer: optax.Gradient
     metrics = jax.tree.map(lambda *values: np.stack(values), *[o.metrics for o in outputs])
     record = {
         **group_statistics(rewards), **shape_record,
-        "mismatch/kl": float(mismatch_kl(old_logp, rollout.policy_logprobs,
-                                         rollout.completion_mask)),
+        # On-policy, the update measured it from its own forward pass (in the record below).
+        **({} if on_policy else {"mismatch/kl": float(mismatch_kl(
+            old_logp, rollout.policy_logprobs, rollout.completion_mask))}),
         "advantage/mean": float(adv.mean()), "advantage/std": float(adv.std()),
         "advantage/min": float(adv.min()), "advantage/max": float(adv.max()),
         "loss": float(np.mean([o.loss for o in outputs])),

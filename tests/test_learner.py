@@ -11,6 +11,7 @@ from gmpo_jax import importance
 from gmpo_jax import learner
 from gmpo_jax.config import AlgorithmConfig
 from gmpo_jax.logprobs import positions_from_mask
+from gmpo_jax.logprobs import sequence_logprobs
 from gmpo_jax.models.transformer import Transformer, TransformerConfig
 
 CONFIG = TransformerConfig.from_name("tiny")
@@ -123,3 +124,40 @@ def test_importance_correction_weighs_the_loss_and_reports_its_weights():
   with pytest.raises(ValueError, match="needs the sampler's log-probs"):
     jax.eval_shape(learner.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T),
                    model, batch, counts)
+
+
+def test_on_policy_update_equals_the_rescored_one_without_reading_old_logp():
+  algo = AlgorithmConfig(objective="token_clip", loss_agg_mode="token-mean",
+                         is_correction="token_tis")
+  graphdef, params = _model()
+  optimizer = optax.sgd(1.0)
+  batch = _sequences(seed=11)
+  # The learner's own log-probs at these parameters: what the runner's rescoring returns.
+  rescored = sequence_logprobs(nnx.merge(graphdef, params), batch.tokens,
+                                       batch.positions, batch.key_mask, chunk_size=4)
+  behav = jnp.where(batch.loss_mask, rescored + 0.05 * jnp.asarray(
+      np.random.default_rng(0).normal(size=rescored.shape), jnp.float32), 0.0)
+
+  def update(on_policy, old_logp):
+    fn = learner.make_update_fn(
+        graphdef, optimizer,
+        learner.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T,
+                            on_policy=on_policy), donate=False)
+    return fn(params, optimizer.init(params),
+              _split(batch._replace(old_logp=old_logp, behav_logp=behav), 1))
+
+  p_on, _, on = update(True, None)
+  p_off, _, off = update(False, rescored)
+  assert float(on.grad_norm) > 0
+  np.testing.assert_allclose(on.loss, off.loss, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(on.grad_norm, off.grad_norm, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), p_on, p_off)
+  # pi_old is the current policy itself: every ratio is exactly 1.
+  assert float(on.metrics.extras.ratio_min) == float(on.metrics.extras.ratio_max) == 1.0
+  np.testing.assert_allclose(on.metrics.importance.weight_mean, off.metrics.importance.weight_mean,
+                             rtol=1e-5)
+  # The sampler/learner drift, measured in the update: k3 of the two log-probs.
+  x = np.where(batch.loss_mask, np.asarray(rescored, np.float64) - np.asarray(behav), 0.0)
+  k3 = (np.exp(x) - x - 1)[np.asarray(batch.loss_mask)].mean()
+  np.testing.assert_allclose(on.metrics.mismatch_kl, k3, rtol=1e-3)
+  assert off.metrics.mismatch_kl is None

@@ -188,11 +188,11 @@ def test_a_workdir_of_another_experiment_is_refused_unless_changes_are_allowed(u
 def test_sampler_learner_kl_is_k3_over_completion_tokens():
   mask = np.array([[False, True, True], [False, False, True]])
   sampler = np.array([[0.0, -1.0, -2.0], [0.0, 0.0, -0.5]])
-  learner = np.array([[50.0, -1.2, -1.9], [90.0, 0.0, -0.5]])  # masked entries differ freely
+  rescored = np.array([[50.0, -1.2, -1.9], [90.0, 0.0, -0.5]])  # masked entries differ freely
   x = np.array([-0.2, 0.1, 0.0])
-  assert float(train.sampler_learner_kl(learner, sampler, mask)) == pytest.approx(
+  assert float(learner.sampler_learner_kl(rescored, sampler, mask)) == pytest.approx(
       np.mean(np.exp(x) - x - 1), rel=1e-5)
-  assert float(train.sampler_learner_kl(learner, sampler, np.zeros((2, 3), bool))) == 0.0
+  assert float(learner.sampler_learner_kl(rescored, sampler, np.zeros((2, 3), bool))) == 0.0
 
 
 def test_overlong_penalty_is_linear_in_the_buffer():
@@ -278,6 +278,9 @@ class ScriptedRollout:
 def test_rl_step_scores_scripted_completions_and_updates_the_policy(tmp_path):
   config = smoke.get_config()
   config.warm_start.steps = 0
+  # One epoch of one minibatch: on-policy, so the update takes pi_old from its own forward pass.
+  config.algorithm.num_minibatches = 1
+  config.optim.warmup_steps = 0  # the step's only update must move the parameters
   with jax.set_mesh((run := train._build_run(config, tmp_path)).mesh):
     g = run.algo.num_generations
     examples = list(run.train_examples[:config.prompts_per_step])
@@ -305,6 +308,9 @@ def test_rl_step_scores_scripted_completions_and_updates_the_policy(tmp_path):
   assert record["groups/zero_std_fraction"] == (len(examples) - 1) / len(examples)
   assert record["updates/skipped"] == 0 and record["compiles/update"] == 1
   assert np.isfinite(record["loss"]) and record["grad_norm"] > 0
+  assert record["ratio_min"] == record["ratio_max"] == 1.0
+  # The script reports log-prob 0 for its tokens: the learner's are below 0, so k3 > 0.
+  assert 0 < record["mismatch/kl"] < np.inf
   assert state.step == 1 and len(backend.updates) == 1 and backend.updates[0] is state.params
   moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))), state.params, before)
   assert max(jax.tree.leaves(moved)) > 0
