@@ -31,15 +31,37 @@ import re
 import time
 from typing import Any, Literal, Mapping, Sequence
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorboardX
 import tqdm
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
+
+
+def _import_tensorboardx():
+  """tensorboardX, without the PyTorch it imports when installed (only to accept its tensors).
+
+  That import costs a run 2.4 s and 170 MB of memory for nothing (measured on the CPU machine,
+  with the `parity` extra's torch). `sys.modules['torch'] = None` makes `import torch` fail for
+  that one import; a process that already has torch keeps it.
+  """
+  if "torch" in sys.modules:
+    import tensorboardX  # pylint: disable=import-outside-toplevel
+    return tensorboardX
+  sys.modules["torch"] = None
+  try:
+    import tensorboardX  # pylint: disable=import-outside-toplevel
+  finally:
+    del sys.modules["torch"]
+  return tensorboardX
+
+
+tensorboardX = _import_tensorboardx()
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"

@@ -2,6 +2,8 @@
 
 import json
 import logging
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -269,3 +271,10 @@ class TestPlot:
       plot_learning_curves(tmp_path, keys=["nope"])
     with pytest.raises(ValueError, match="No metrics"):
       plot_learning_curves(tmp_path / "empty", keys=["loss"])
+
+
+def test_the_metrics_writer_does_not_import_torch():
+  pytest.importorskip("torch")  # tensorboardX imports it only when it is installed
+  code = ("import sys, gmpo_jax.metrics; assert 'torch' not in sys.modules; "
+          "import torch; assert torch.ones(2).sum().item() == 2.0")
+  subprocess.run([sys.executable, "-c", code], check=True)
