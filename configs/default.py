@@ -149,8 +149,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
 
   # Who generates the rollouts (gmpo_jax.rollout.ROLLOUT_BACKENDS): 'jax' is the in-process
-  # sampler; see docs/rollout_backends.md for an external engine.
-  config.rollout = ml_collections.ConfigDict({"backend": "jax"})
+  # sampler; see docs/rollout_backends.md for an external engine. max_staleness k >= 1 samples
+  # step t's rollout with the parameters of k updates earlier, in a thread beside the learner;
+  # devices n gives the sampler the first n devices and the learner the rest (None: shared).
+  config.rollout = ml_collections.ConfigDict()
+  config.rollout.backend = "jax"
+  config.rollout.max_staleness = 0
+  config.rollout.devices = ml_collections.FieldReference(None, field_type=int)
 
   # Multi-process runs (gmpo_jax.distributed): all three of coordinator_address, num_processes
   # and process_id (or the JAX_* environment variables), or auto_detect on a TPU pod slice /

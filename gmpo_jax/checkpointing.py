@@ -2,12 +2,15 @@
 
 A checkpoint is a `CheckpointState`: the NNX model state (`nnx.state(model)` or
 the state half of `nnx.split`), the optax optimizer state, the step, the typed
-PRNG key and a JSON metadata dict (data position, config record, best metric ...).
+PRNG key, a JSON metadata dict (data position, config record, best metric ...)
+and optionally host arrays whose shapes the restoring run cannot know in advance
+(the runner's in-flight rollouts).
 
 On disk, one Orbax step directory per step::
 
     <directory>/<step>/state                 model state, optimizer state, PRNG key (OCDBT)
     <directory>/<step>/metadata              the JSON metadata
+    <directory>/<step>/arrays                the host arrays (only when there are any)
     <directory>/<step>/metrics               the metrics given to `save` (only with `best_metric`)
     <directory>/<step>/gmpo_manifest.json    the integrity manifest (see below)
     <directory>/corrupted/<step>.<ns>        steps that failed verification, moved aside
@@ -21,7 +24,8 @@ Guarantees:
     for asynchronous saves (`AsyncOptions.post_finalization_callback`). So a
     committed step always holds its manifest, and a step without one (a save
     killed by a second SIGTERM or kill -9, an older format, a deleted
-    manifest) is neither listed nor restored. Two files are written by Orbax
+    manifest) is neither listed nor restored. The host arrays' shapes and
+    dtypes are recorded too and checked after they are read. Two files are written by Orbax
     at the commit itself: its step metadata (`_CHECKPOINT_METADATA`, which gets
     the commit timestamp) and its commit marker (`commit_success.txt`); their
     hashes are added to the manifest once the save has finished (`save` of the
@@ -97,6 +101,7 @@ logger = logging.getLogger(__name__)
 
 _STATE_ITEM = "state"
 _METADATA_ITEM = "metadata"
+_ARRAYS_ITEM = "arrays"
 _METRICS_PREFIX = "metrics/"  # Orbax's metrics item inside a step directory
 CORRUPTED_DIR = "corrupted"
 MANIFEST_FILE = "gmpo_manifest.json"
@@ -144,6 +149,10 @@ class CheckpointState(NamedTuple):
     key: a typed PRNG key array (`jax.random.key`), any shape.
     metadata: JSON-serializable dict (data position, config record, best metric ...).
       Restored as plain JSON: tuples come back as lists.
+    arrays: None, or a pytree of NumPy arrays saved beside the state and restored as saved
+      (shapes and dtypes from the checkpoint, whatever the restore target says): data whose
+      shape the restoring run cannot know, such as rollouts in flight. Restored as None
+      when the step holds none.
   """
 
   step: int
@@ -151,6 +160,7 @@ class CheckpointState(NamedTuple):
   opt_state: Any
   key: jax.Array
   metadata: Mapping[str, Any]
+  arrays: Any = None
 
 
 class CorruptCheckpointError(Exception):
@@ -368,14 +378,15 @@ def _write_atomically(path: epath.Path, data: bytes) -> None:
   os.replace(temporary, os.fspath(path))
 
 
-def _build_manifest(step_dir: epath.Path, step: int, tree: dict[str, Any]) -> dict[str, Any]:
+def _build_manifest(step_dir: epath.Path, step: int, tree: dict[str, Any],
+                    arrays: dict[str, Any] | None) -> dict[str, Any]:
   names = _covered_files(step_dir)
   paths = [step_dir / name for name in names]
   digests = _sha256_files(paths)
   files = {name: {"size": p.stat().length, "sha256": d} for name, p, d in zip(names, paths, digests)}
   return _with_self_digest({
       "format": _MANIFEST_FORMAT, "step": step, "created_ns": time.time_ns(), "files": files,
-      "after_commit": None, "tree": tree})
+      "after_commit": None, "tree": tree, "arrays": arrays})
 
 
 def _read_manifest(step_dir: epath.Path) -> dict[str, Any]:
@@ -547,8 +558,9 @@ class Checkpointer:
     # manifest: not listed, skipped by retention (kept, not counted).
     self._unreadable: set[int] = set()
     self._suspect: set[int] = set()
-    # (step, tree record) of the save in flight, for the manifest callback.
-    self._pending: tuple[int, dict[str, Any]] | None = None
+    # (step, tree record, host arrays record or None) of the save in flight, for the
+    # manifest callback.
+    self._pending: tuple[int, dict[str, Any], dict[str, Any] | None] | None = None
     # A committed step whose manifest still lacks the hash of Orbax's step metadata.
     self._unsealed: int | None = None
     latest = ocp.checkpoint_managers.LatestN(n=max_to_keep)
@@ -671,13 +683,15 @@ class Checkpointer:
     except (TypeError, ValueError) as error:
       raise TypeError(f"CheckpointState.metadata must be JSON-serializable: {error}") from error
     tree = _state_tree(state)
-    self._pending = (step, _tree_record(tree))
+    items = {_STATE_ITEM: ocp.args.StandardSave(tree),
+             _METADATA_ITEM: ocp.args.JsonSave(metadata)}
+    arrays = _host_arrays(state.arrays)
+    if arrays is not None:
+      items[_ARRAYS_ITEM] = ocp.args.StandardSave(arrays)
+    self._pending = (step, _tree_record(tree), None if arrays is None else _tree_record(arrays))
     self._manager.save(
         step,
-        args=ocp.args.Composite(**{
-            _STATE_ITEM: ocp.args.StandardSave(tree),
-            _METADATA_ITEM: ocp.args.JsonSave(metadata),
-        }),
+        args=ocp.args.Composite(**items),
         metrics=self._checked_metrics(metrics),
         force=True,  # the save-interval decision belongs to the runner
     )
@@ -692,7 +706,7 @@ class Checkpointer:
     """
     if self._pending is None:
       raise RuntimeError("checkpoint manifest callback without a pending save")
-    step, tree = self._pending
+    step, tree, arrays = self._pending
     final = self._step_dir(step)
     # AtomicRename (local disks): <step>.orbax-checkpoint-tmp, renamed at commit;
     # CommitFile (object stores): the final directory, marked at commit.
@@ -700,7 +714,7 @@ class Checkpointer:
     step_dir = temporary if temporary.exists() else final
     if not step_dir.exists():
       raise RuntimeError(f"Orbax's directory for step {step} is neither {temporary} nor {final}")
-    manifest = _build_manifest(step_dir, step, tree)
+    manifest = _build_manifest(step_dir, step, tree, arrays)
     _write_atomically(step_dir / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
     self._unsealed = step
 
@@ -792,16 +806,20 @@ class Checkpointer:
       raise CheckpointMismatchError(
           f"Checkpoint step {step} in {self._directory} does not match the restore target "
           f"(another model?): {mismatch}.")
-    return self._restore(step, abstract)
+    return self._restore(step, abstract, manifest.get("arrays"))
 
-  def _restore(self, step: int, abstract: dict[str, Any]) -> CheckpointState:
-    restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(**{
-            _STATE_ITEM: ocp.args.StandardRestore(abstract),
-            _METADATA_ITEM: ocp.args.JsonRestore(),
-        }),
-    )
+  def _restore(self, step: int, abstract: dict[str, Any],
+               arrays_record: dict[str, Any] | None) -> CheckpointState:
+    items = {_STATE_ITEM: ocp.args.StandardRestore(abstract),
+             _METADATA_ITEM: ocp.args.JsonRestore()}
+    if arrays_record is not None:
+      items[_ARRAYS_ITEM] = ocp.args.StandardRestore()  # as saved: NumPy arrays
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    arrays = restored[_ARRAYS_ITEM] if arrays_record is not None else None
+    if arrays is not None and _tree_record(arrays) != arrays_record:
+      raise CorruptCheckpointError(
+          f"Checkpoint step {step} in {self._directory}: the host arrays read back differ in "
+          "shape or dtype from the ones its manifest records.")
     tree = restored[_STATE_ITEM]
     # Orbax restores a PRNG key with the implementation it was saved with,
     # whatever the target says; any dtype drift is a mismatch, not a cast.
@@ -816,6 +834,7 @@ class Checkpointer:
         opt_state=tree["opt_state"],
         key=tree["key"],
         metadata=restored[_METADATA_ITEM],
+        arrays=arrays,
     )
 
   def _restore_metadata(self, step: int) -> dict[str, Any]:
@@ -907,7 +926,7 @@ class Checkpointer:
         mismatches.append((step, mismatch))
         continue
       try:
-        restored = self._restore(step, abstract)
+        restored = self._restore(step, abstract, manifest.get("arrays"))
       except Exception as error:  # noqa: BLE001 - every read failure means "try an older step"
         logger.warning(
             "Could not restore checkpoint step %d from %s (%s: %s); trying an older step.",
@@ -1066,6 +1085,17 @@ class Checkpointer:
 
 def _state_tree(state: CheckpointState) -> dict[str, Any]:
   return {"model": state.model, "opt_state": state.opt_state, "key": state.key}
+
+
+def _host_arrays(arrays: Any) -> Any:
+  """`CheckpointState.arrays` checked: None when it holds no leaf, else NumPy leaves."""
+  if arrays is None or not jax.tree.leaves(arrays):
+    return None
+  wrong = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(arrays)
+           if not isinstance(leaf, np.ndarray)]
+  if wrong:
+    raise TypeError(f"CheckpointState.arrays must hold NumPy arrays; not for {wrong[:5]}.")
+  return arrays
 
 
 def _check_typed_key(key: Any) -> None:

@@ -60,6 +60,10 @@ def _section(cls, section: Mapping[str, Any] | None, path: str, **converted: Any
     raise ConfigError(f"{where}: {error}") from error
 
 
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _frozen(mapping: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
   return tuple(sorted((mapping or {}).items()))
 
@@ -368,12 +372,27 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
-  """`config.rollout`: who generates the RL rollouts (`gmpo_jax.rollout.ROLLOUT_BACKENDS`)."""
+  """`config.rollout`: who generates the RL rollouts, from which parameters, on which devices.
+
+  Attributes:
+    backend: a name in `gmpo_jax.rollout.ROLLOUT_BACKENDS`.
+    max_staleness: k. The rollout of RL step t (from 0) is sampled with the parameters after
+      max(t - k, 0) updates; 0 is the on-policy loop. With k >= 1 a producer thread samples the
+      next steps while the learner updates (`gmpo_jax.async_rollout`).
+    devices: None: the sampler shares every device with the learner. n: the sampler gets its
+      own data-parallel mesh on the first n devices and `config.mesh` is built on the rest.
+  """
   backend: str = "jax"
+  max_staleness: int = 0
+  devices: int | None = None
 
   def __post_init__(self):
     _require(self.backend in rollout_lib.ROLLOUT_BACKENDS, "backend", self.backend,
              f"is not one of {sorted(rollout_lib.ROLLOUT_BACKENDS)}")
+    _require(_is_int(self.max_staleness) and self.max_staleness >= 0, "max_staleness",
+             self.max_staleness, "must be an int >= 0")
+    _require(self.devices is None or (_is_int(self.devices) and self.devices >= 1), "devices",
+             self.devices, "must be an int >= 1 or None (shared with the learner)")
 
 
 PARALLELISMS = ("mesh", "pmap")

@@ -34,6 +34,7 @@ import optax
 from flax import nnx
 
 from gmpo_jax import advantages as advantages_lib
+from gmpo_jax import async_rollout
 from gmpo_jax import checkpointing
 from gmpo_jax import compilation
 from gmpo_jax import distributed
@@ -59,7 +60,7 @@ EVAL_RESULTS_DIR = "eval_results"
 
 # Timing metrics differ between otherwise identical runs; everything else must not.
 TIMING_METRICS = ("time/step", "time/rollout", "time/reward", "time/update", "time/compile",
-                  "tokens_per_sec")
+                  "time/wait_rollout", "tokens_per_sec")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +176,9 @@ class Run:
   """Everything `train_and_evaluate` builds once, shared by warm start, training and eval.
 
   `config` is the typed configuration; `config_dict` the ConfigDict it came from, whose JSON
-  is the experiment's fingerprint (checkpoints, the warm-start cache).
+  is the experiment's fingerprint (checkpoints, the warm-start cache). `mesh` is the learner's
+  (and evaluation's); `sampler_mesh` the RL sampler's, `mesh` itself unless
+  `config.rollout.devices` gives the sampler devices of its own.
   """
   config: ExperimentConfig
   config_dict: ml_collections.ConfigDict
@@ -183,9 +186,11 @@ class Run:
   task: tasks_lib.Task
   tokenizer: tokenization.Tokenizer
   mesh: jax.sharding.Mesh
+  sampler_mesh: jax.sharding.Mesh
   graphdef: nnx.GraphDef
   params: Any
   param_shardings: Any
+  sampler_shardings: Any
   sampling: SamplingConfig
   train_examples: Sequence[Mapping[str, Any]]
   eval_examples: Sequence[Mapping[str, Any]]
@@ -198,19 +203,32 @@ class Run:
   def stop_ids(self) -> tuple[int, ...]:
     return self.sampling.all_stop_ids
 
+  def sampler_params(self, params: Any) -> Any:
+    """The RL sampler's parameters made from the learner's `params`.
+
+    The learner's arrays themselves when the two share devices and take turns
+    (`max_staleness` 0: the synchronous loop, no copy); otherwise a copy on the sampler's
+    shardings, device to device (`jax.device_put`), since the learner's next update donates
+    its buffers (`learner.make_update_fn`) while the sampler may still be using them.
+    """
+    if self.sampler_mesh is self.mesh and self.config.rollout.max_staleness == 0:
+      return params
+    return jax.device_put(params, self.sampler_shardings, may_alias=False)
+
 
 def _build_run(config_dict: ml_collections.ConfigDict, workdir: pathlib.Path) -> Run:
   """Validates everything it can before the first dataset or program is built."""
   config = ExperimentConfig.from_config(config_dict)
   algo = config.algorithm
+  num_sequences = config.prompts_per_step * algo.num_generations
+  sampler_mesh, learner_devices = _split_devices(config, num_sequences)
   try:
-    mesh = sharding.make_mesh(**dataclasses.asdict(config.mesh))
+    mesh = sharding.make_mesh(**dataclasses.asdict(config.mesh), devices=learner_devices)
   except ValueError as error:
     raise ConfigError(f"config.mesh: {error}") from error
   if config.parallelism == "pmap" and jax.process_count() > 1:
     raise ConfigError(f"config: parallelism='pmap' maps over one process's devices; this run "
                       f"has {jax.process_count()} processes: use parallelism='mesh'")
-  num_sequences = config.prompts_per_step * algo.num_generations
   multiple = sharding.batch_size_multiple(mesh) * algo.num_minibatches * algo.num_microbatches
   if num_sequences % multiple:
     raise ConfigError(
@@ -234,12 +252,41 @@ def _build_run(config_dict: ml_collections.ConfigDict, workdir: pathlib.Path) ->
   graphdef, params = nnx.split(model)
   param_shardings = sharding.state_shardings(params, mesh)
   params = jax.device_put(params, param_shardings)
+  sampler_mesh = mesh if sampler_mesh is None else sampler_mesh
+  sampler_shardings = (param_shardings if sampler_mesh is mesh
+                       else sharding.state_shardings(params, sampler_mesh))
   sampling_config = dataclasses.replace(config.sampling, eos_id=tokenizer.eos_id,
                                         pad_id=tokenizer.pad_id)
   return Run(config=config, config_dict=config_dict, workdir=workdir, task=task,
-             tokenizer=tokenizer, mesh=mesh, graphdef=graphdef, params=params,
-             param_shardings=param_shardings, sampling=sampling_config,
+             tokenizer=tokenizer, mesh=mesh, sampler_mesh=sampler_mesh, graphdef=graphdef,
+             params=params, param_shardings=param_shardings,
+             sampler_shardings=sampler_shardings, sampling=sampling_config,
              train_examples=train_examples, eval_examples=eval_examples)
+
+
+def _split_devices(config: ExperimentConfig, num_sequences: int
+                   ) -> tuple[jax.sharding.Mesh | None, list[jax.Device]]:
+  """(the sampler's own mesh or None when it shares the learner's, the learner's devices).
+
+  With `config.rollout.devices` = n the sampler gets a data-parallel mesh on the first n
+  devices (parameters replicated, the B·G rows split) and the learner the rest.
+  """
+  rollout, devices = config.rollout, jax.devices()
+  if rollout.max_staleness > 0 and jax.process_count() > 1:
+    raise ConfigError(f"config.rollout: max_staleness={rollout.max_staleness} runs the sampler "
+                      "in a thread of one process; multi-process runs need 0")
+  if rollout.devices is None:
+    return None, devices
+  if jax.process_count() > 1:
+    raise ConfigError(f"config.rollout: devices={rollout.devices} splits one process's devices; "
+                      "multi-process runs share them (None)")
+  if rollout.devices >= len(devices):
+    raise ConfigError(f"config.rollout: devices={rollout.devices} must leave at least one of the "
+                      f"{len(devices)} devices to the learner")
+  if num_sequences % rollout.devices:
+    raise ConfigError(f"config: prompts_per_step x algorithm.num_generations = {num_sequences} "
+                      f"must be a multiple of rollout.devices = {rollout.devices}")
+  return sharding.make_mesh(devices=devices[:rollout.devices]), devices[rollout.devices:]
 
 
 # --- Supervised warm start -------------------------------------------------------------------
@@ -483,67 +530,109 @@ def minibatches(sequences: learner.Batch, key: jax.Array, algo: AlgorithmConfig)
                          sequences)
 
 
-def make_rl_step(run: Run, *, backend: RolloutBackend, optimizer: optax.GradientTransformation,
-                 opt_shardings: Any, key: jax.Array, ref_params: Any = None,
-                 compile_timer: compilation.CompileTimer | None = None):
-  """Builds `rl_step(state, examples) -> (state, record)`: one RL step on B prompts.
+class ScoredRollout(NamedTuple):
+  """One RL step's rollout, scored on the host: what its update needs besides the parameters.
 
-  The step samples G completions per prompt from `backend`, scores them with the task, checks
-  the rewards on the host, computes group advantages over the whole batch, rescores π_old
-  (and π_ref) with the learner's own program (not π_old when the update is on-policy: one
-  epoch of one minibatch, whose loss takes π_old from its own forward pass,
-  `learner.policy_loss(on_policy=True)`), runs mu epochs of minibatch updates (on the
-  mesh, or through `gmpo_jax.pmap_step` with `config.parallelism='pmap'`; both take the same
-  batches) and pushes the new parameters to `backend`. Everything random derives from
-  (`key`, `state.step`).
+  Attributes:
+    step: the RL step (from 0) it is for.
+    version: the parameter version (updates done) that sampled it.
+    rollout: the B·G sequences, group-major.
+    rewards: [B, G] float32, validated for the advantage estimator.
+    shape_record: the `reward_shape/...` statistics of its groups.
+    seconds: `time/rollout` and `time/reward` of producing it (0 for one restored from a
+      checkpoint).
+  """
+  step: int
+  version: int
+  rollout: Rollout
+  rewards: np.ndarray
+  shape_record: dict[str, Any]
+  seconds: dict[str, float]
+
+
+class RLStep:
+  """One RL step on B prompts, in two halves a sampler can run ahead of the learner with.
+
+  `sample(step, examples, version=)` draws G completions per prompt from the backend with the
+  key of `step` and scores them on the host (decode, task rewards, the checks before jit);
+  `learn(state, scored)` computes group advantages over the whole batch, rescores π_old (and
+  π_ref) with the learner's own program (not π_old when the update is on-policy: one epoch of
+  one minibatch, whose loss takes π_old from its own forward pass,
+  `learner.policy_loss(on_policy=True)`), and runs mu epochs of minibatch updates (on the mesh,
+  or through `gmpo_jax.pmap_step` with `config.parallelism='pmap'`; both take the same
+  batches). With a stale rollout π_old is still the current parameters (the proximal policy of
+  decoupled PPO) and `Rollout.policy_logprobs` the behaviour policy. Calling the object does
+  both halves in lock step and pushes the new parameters to the backend: the synchronous loop
+  (`config.rollout.max_staleness` = 0). Everything random derives from (`key`, step).
 
   Args:
-    run: the run's task, tokenizer, mesh, model graph and parameter shardings, and algorithm.
+    run: the run's task, tokenizer, meshes, model graph and shardings, and algorithm.
     backend: any `RolloutBackend` (the one `config.rollout.backend` names, or a test's).
     optimizer: the RL optimizer (`make_optimizer`).
     opt_shardings: the shardings of its state (`learner.init_opt_state`'s placement).
     key: the run's base key.
     ref_params: the frozen reference policy, needed when `algo.beta > 0`.
-    compile_timer: an active `compilation.CompileTimer`; the record then holds `time/compile`,
-      the seconds of the step spent tracing and compiling programs (or reading them from the
-      persistent cache).
+    compile_timer: an active `compilation.CompileTimer`; the step's record then holds
+      `time/compile`, the seconds of the step's wall time in which programs were traced and
+      compiled (or read from the persistent cache), by either thread.
 
-  Returns:
-    `rl_step`; its record holds the reward, reward-shape, advantage, loss and update
-    statistics (with an importance correction, `is/weight_mean`, `is/weight_max` and
-    `is/masked_fraction`), response lengths, compile count and timings (`TIMING_METRICS`).
+  The record of a step holds the reward, reward-shape, advantage, loss and update statistics
+  (with an importance correction, `is/weight_mean`, `is/weight_max` and `is/masked_fraction`),
+  `rollout/staleness`, response lengths, compile count and timings (`TIMING_METRICS`).
   """
-  algo, g = run.algo, run.algo.num_generations
-  temperature, chunk_size = run.sampling.logit_temperature, run.config.chunk_size
-  # One optimizer step per rollout, from the parameters that sampled it: π_old = π_θ.
-  on_policy = algo.num_epochs == 1 and algo.num_minibatches == 1
-  micro_loss = learner.policy_loss(algo, temperature=temperature, chunk_size=chunk_size,
-                                   max_length=run.sampling.max_new_tokens, on_policy=on_policy)
-  if run.config.parallelism == "pmap":
-    update = pmap_step.make_pmap_update_fn(
-        run.graphdef, optimizer, micro_loss, devices=list(run.mesh.devices.flat),
-        param_shardings=run.param_shardings, opt_shardings=opt_shardings)
-  else:
-    update = learner.make_update_fn(run.graphdef, optimizer, micro_loss,
-                                    param_shardings=run.param_shardings,
-                                    opt_shardings=opt_shardings)
-  policy_logprobs = learner.make_logprob_fn(run.graphdef, run.param_shardings, run.mesh,
-                                            temperature=temperature, chunk_size=chunk_size)
-  advantage_fn = jax.jit(algo.advantage_fn())
-  # Replicated, so every process can read the scalar of row-sharded inputs.
-  mismatch_kl = jax.jit(learner.sampler_learner_kl, out_shardings=sharding.replicated(run.mesh))
 
-  def rl_step(state: RLState, examples: Sequence[Mapping[str, Any]]
-              ) -> tuple[RLState, dict[str, Any]]:
-    t0, wall_start = time.perf_counter(), time.time()
-    params, opt_state = state.params, state.opt_state
-    step_key = jax.random.fold_in(key, state.step)
+  def __init__(self, run: Run, *, backend: RolloutBackend, optimizer: optax.GradientTransformation,
+               opt_shardings: Any, key: jax.Array, ref_params: Any = None,
+               compile_timer: compilation.CompileTimer | None = None):
+    self.run, self.backend, self.key, self.ref_params = run, backend, key, ref_params
+    self.compile_timer = compile_timer
+    algo = run.algo
+    temperature, chunk_size = run.sampling.logit_temperature, run.config.chunk_size
+    # One optimizer step per rollout: π_old = π_θ, the parameters of the update.
+    self.on_policy = algo.num_epochs == 1 and algo.num_minibatches == 1
+    micro_loss = learner.policy_loss(algo, temperature=temperature, chunk_size=chunk_size,
+                                     max_length=run.sampling.max_new_tokens,
+                                     on_policy=self.on_policy)
+    if run.config.parallelism == "pmap":
+      self.update = pmap_step.make_pmap_update_fn(
+          run.graphdef, optimizer, micro_loss, devices=list(run.mesh.devices.flat),
+          param_shardings=run.param_shardings, opt_shardings=opt_shardings)
+    else:
+      self.update = learner.make_update_fn(run.graphdef, optimizer, micro_loss,
+                                           param_shardings=run.param_shardings,
+                                           opt_shardings=opt_shardings)
+    self.policy_logprobs = learner.make_logprob_fn(run.graphdef, run.param_shardings, run.mesh,
+                                                   temperature=temperature, chunk_size=chunk_size)
+    self.advantage_fn = jax.jit(algo.advantage_fn())
+    # Replicated, so every process can read the scalar of row-sharded inputs.
+    self.mismatch_kl = jax.jit(learner.sampler_learner_kl,
+                               out_shardings=sharding.replicated(run.mesh))
+
+  def _step_key(self, step: int) -> jax.Array:
+    return jax.random.fold_in(self.key, step)
+
+  def sample(self, step: int, examples: Sequence[Mapping[str, Any]], *, version: int
+             ) -> ScoredRollout:
+    """G completions of each example's prompt from the backend's parameters (`version`)."""
+    run = self.run
+    t0 = time.perf_counter()
     prompt_tokens, prompt_mask = encode_batch(
-        [run.task.prompt(e) for e in examples for _ in range(g)], run.tokenizer)
-    rollout = backend.generate(prompt_tokens, prompt_mask, jax.random.fold_in(step_key, 0))
+        [run.task.prompt(e) for e in examples for _ in range(run.algo.num_generations)],
+        run.tokenizer)
+    # The key lives on the learner's mesh; the sampler may have devices of its own.
+    key = jax.device_put(jax.random.fold_in(self._step_key(step), 0),
+                         sharding.replicated(run.sampler_mesh))
+    with jax.set_mesh(run.sampler_mesh):
+      rollout = self.backend.generate(prompt_tokens, prompt_mask, key)
     jax.block_until_ready(rollout.tokens)
-    t1 = time.perf_counter()
+    return self.score(step, examples, rollout, version=version,
+                      rollout_seconds=time.perf_counter() - t0)
 
+  def score(self, step: int, examples: Sequence[Mapping[str, Any]], rollout: Rollout, *,
+            version: int, rollout_seconds: float = 0.0) -> ScoredRollout:
+    """The host half of `sample` on a given rollout: decode, reward, validate."""
+    run, algo = self.run, self.run.algo
+    t1 = time.perf_counter()
     rewards = _rewards_for(run, rollout, examples)
     rewards = advantages_lib.validate_rewards(
         rewards, require_positive=algo.require_positive_rewards,
@@ -552,33 +641,48 @@ def make_rl_step(run: Run, *, backend: RolloutBackend, optimizer: optax.Gradient
     # The advisor's `reward_shape/...` statistics of every group (before dynamic sampling);
     # NaN where not measurable, written as null.
     shape_record = reward_shape.reward_diagnostics(rewards)
-    if state.step == 0:
+    if step == 0:
       name, reason = reward_shape.recommend_advantage(shape_record)
       logger.info("reward shape at step 1: recommended advantage %r (%s)%s", name, reason,
                   "" if name == algo.advantage else
                   f"; differs from the configured advantage {algo.advantage!r}")
+    return ScoredRollout(step=step, version=version, rollout=rollout, rewards=rewards,
+                         shape_record=shape_record,
+                         seconds={"time/rollout": rollout_seconds,
+                                  "time/reward": time.perf_counter() - t1})
+
+  def learn(self, state: RLState, scored: ScoredRollout) -> tuple[RLState, dict[str, Any]]:
+    """The update of step `state.step` on its scored rollout; the record of the step."""
+    if scored.step != state.step:
+      raise ValueError(f"the rollout of step {scored.step} reached the update of step {state.step}")
+    run, algo, on_policy = self.run, self.run.algo, self.on_policy
+    t2 = time.perf_counter()
+    params, opt_state, rewards = state.params, state.opt_state, scored.rewards
+    # The learner's layout of the rollout, wherever it was sampled (the sampler's devices, a
+    # checkpoint): replicated on the learner's mesh, as the shared-device sampler returns it.
+    rollout = jax.device_put(scored.rollout, sharding.replicated(run.mesh))
     group_mask = np.ones(rewards.shape, bool)
     if algo.dynamic_sampling:
       group_mask &= (np.ptp(rewards, axis=1) > 0)[:, None]
-    advantages = advantage_fn(jnp.asarray(rewards), jnp.asarray(group_mask))
-    t2 = time.perf_counter()
+    advantages = self.advantage_fn(jnp.asarray(rewards), jnp.asarray(group_mask))
 
     # pi_old is rescored by the learner's own program (same sharding, chunking and dtype as
     # the update) rather than taken from the sampler: the GMPO ratio exponentiates a sum of
     # per-token differences, so any sampler/learner numerical drift would accumulate.
-    old_logp = None if on_policy else policy_logprobs(params, rollout.tokens, rollout.key_mask)
-    ref_logp = (policy_logprobs(ref_params, rollout.tokens, rollout.key_mask)
-                if ref_params is not None else jnp.zeros(rollout.tokens.shape, jnp.float32))
+    old_logp = (None if on_policy else
+                self.policy_logprobs(params, rollout.tokens, rollout.key_mask))
+    ref_logp = (self.policy_logprobs(self.ref_params, rollout.tokens, rollout.key_mask)
+                if self.ref_params is not None
+                else jnp.zeros(rollout.tokens.shape, jnp.float32))
     sequences = rollout_batch(
         rollout, advantages=advantages, group_mask=group_mask, old_logp=old_logp,
         ref_logp=ref_logp,
         behav_logp=(rollout.policy_logprobs if on_policy or algo.is_correction != "none"
                     else None))
     outputs = []
-    for batch in minibatches(sequences, step_key, algo):
-      params, opt_state, out = update(params, opt_state, learner.place_batch(batch, run.mesh))
+    for batch in minibatches(sequences, self._step_key(state.step), algo):
+      params, opt_state, out = self.update(params, opt_state, learner.place_batch(batch, run.mesh))
       outputs.append(out)
-    backend.update_params(params)
     jax.block_until_ready(params)
     t3 = time.perf_counter()
 
@@ -588,9 +692,10 @@ def make_rl_step(run: Run, *, backend: RolloutBackend, optimizer: optax.Gradient
     adv = np.asarray(advantages)
     metrics = jax.tree.map(lambda *values: np.stack(values), *[o.metrics for o in outputs])
     record = {
-        **group_statistics(rewards), **shape_record,
+        **group_statistics(rewards), **scored.shape_record,
+        "rollout/staleness": state.step - scored.version,
         # On-policy, the update measured it from its own forward pass (in the record below).
-        **({} if on_policy else {"mismatch/kl": float(mismatch_kl(
+        **({} if on_policy else {"mismatch/kl": float(self.mismatch_kl(
             old_logp, rollout.policy_logprobs, rollout.completion_mask))}),
         "advantage/mean": float(adv.mean()), "advantage/std": float(adv.std()),
         "advantage/min": float(adv.min()), "advantage/max": float(adv.max()),
@@ -600,11 +705,9 @@ def make_rl_step(run: Run, *, backend: RolloutBackend, optimizer: optax.Gradient
         "response_length/max": float(lengths.max()),
         "response_length/truncated_fraction": float(1.0 - np.mean(np.asarray(rollout.finished))),
         "updates/skipped": skipped, "updates/skipped_total": state.skipped_updates + skipped,
-        "compiles/update": update._cache_size(),  # pylint: disable=protected-access
-        "time/step": t3 - t0, "time/rollout": t1 - t0, "time/reward": t2 - t1,
-        "time/update": t3 - t2,
-        **({"time/compile": compile_timer.seconds(wall_start)} if compile_timer else {}),
-        "tokens_per_sec": float(lengths.sum()) / max(t1 - t0, 1e-9),
+        "compiles/update": self.update._cache_size(),  # pylint: disable=protected-access
+        **scored.seconds, "time/update": t3 - t2,
+        "tokens_per_sec": float(lengths.sum()) / max(scored.seconds["time/rollout"], 1e-9),
         **metrics.combine().as_record(),
     }
     if skipped:
@@ -613,7 +716,25 @@ def make_rl_step(run: Run, *, backend: RolloutBackend, optimizer: optax.Gradient
     return RLState(step=state.step + 1, params=params, opt_state=opt_state,
                    skipped_updates=state.skipped_updates + skipped), record
 
-  return rl_step
+  def timings(self, record: dict[str, Any], *, start: float, wall_start: float,
+              waited: float) -> dict[str, Any]:
+    """`record` with the step's `time/wait_rollout`, `time/step` (from `start`, perf_counter)
+    and `time/compile` (from `wall_start`, time.time)."""
+    record["time/wait_rollout"] = waited
+    record["time/step"] = time.perf_counter() - start
+    if self.compile_timer is not None:
+      record["time/compile"] = self.compile_timer.seconds(wall_start)
+    return record
+
+  def __call__(self, state: RLState, examples: Sequence[Mapping[str, Any]]
+               ) -> tuple[RLState, dict[str, Any]]:
+    """The synchronous step: sample with the current parameters, update, push them back."""
+    t0, wall_start = time.perf_counter(), time.time()
+    scored = self.sample(state.step, examples, version=state.step)
+    waited = time.perf_counter() - t0
+    state, record = self.learn(state, scored)
+    self.backend.update_params(self.run.sampler_params(state.params))
+    return state, self.timings(record, start=t0, wall_start=wall_start, waited=waited)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
@@ -637,6 +758,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
 def _shardings(tree: Any) -> Any:
   return jax.tree.map(lambda x: x.sharding, tree)
+
+
+# Checkpoint metadata: [{"step", "version"}] of the rollouts sampled ahead of the checkpoint's
+# step (max_staleness >= 1); their arrays are `CheckpointState.arrays[_in_flight_name(step)]`.
+IN_FLIGHT_METADATA_KEY = "in_flight_rollouts"
+
+
+def _in_flight_name(step: int) -> str:
+  return f"rollout_of_step_{step}"
+
+
+def _producer_sample(rl_step: RLStep, stream: PromptStream, prompts_per_step: int):
+  """The producer thread's work for one step: the backend gets the version's parameters, then
+  samples the stream's next prompts (the producer runs in step order, so the order is the
+  synchronous loop's)."""
+
+  def sample(step: int, version: int, params: Any) -> ScoredRollout:
+    rl_step.backend.update_params(params)
+    return rl_step.sample(step, stream.take(prompts_per_step), version=version)
+
+  return sample
+
+
+def _learn_from(producer: async_rollout.RolloutProducer, rl_step: RLStep, state: RLState
+                ) -> tuple[RLState, dict[str, Any]]:
+  """The asynchronous step: wait for the step's rollout, update, publish the new version."""
+  t0, wall_start = time.perf_counter(), time.time()
+  scored = producer.take(state.step)
+  waited = time.perf_counter() - t0
+  state, record = rl_step.learn(state, scored)
+  producer.publish(state.step, state.params)
+  return state, rl_step.timings(record, start=t0, wall_start=wall_start, waited=waited)
 
 
 def _train(run: Run, preemption: checkpointing.PreemptionHandler,
@@ -669,18 +822,33 @@ def _train(run: Run, preemption: checkpointing.PreemptionHandler,
       config_record["resumed_with_changes"] = [
           [c.field, repr(c.stored), repr(c.current)] for c in changes]
   state, position, initial_eval = RLState(step=0, params=run.params, opt_state=opt_state), 0, None
+  in_flight_entries = []
   if restored is not None:
     state = RLState(step=restored.step, params=restored.model, opt_state=restored.opt_state,
                     skipped_updates=int(restored.metadata["skipped_updates"]))
     position = int(restored.metadata["data_position"])
     initial_eval = restored.metadata.get("initial_eval")
+    in_flight_entries = restored.metadata.get(IN_FLIGHT_METADATA_KEY, [])
     logger.info("resuming from step %d (data position %d)", state.step, position)
+  start_step, start_position = state.step, position
   stream = PromptStream(run.train_examples, seed=config.seed, position=position)
-  backend = rollout_lib.make_backend(config.rollout.backend, nnx.merge(run.graphdef, state.params),
+  sampler_params = run.sampler_params(state.params)
+  backend = rollout_lib.make_backend(config.rollout.backend, nnx.merge(run.graphdef, sampler_params),
                                      config=run.sampling, chunk_size=config.chunk_size)
-  rl_step = make_rl_step(run, backend=backend, optimizer=optimizer,
-                         opt_shardings=_shardings(opt_state), key=base_key, ref_params=ref_params,
-                         compile_timer=compile_timer)
+  rl_step = RLStep(run, backend=backend, optimizer=optimizer, opt_shardings=_shardings(opt_state),
+                   key=base_key, ref_params=ref_params, compile_timer=compile_timer)
+  staleness = config.rollout.max_staleness
+  # The rollouts of the next steps that older parameters sampled before the checkpoint: their
+  # tokens come back from it, their rewards are recomputed from the same prompts.
+  in_flight = []
+  if in_flight_entries and staleness == 0:
+    logger.warning("resuming with max_staleness 0: the %d rollout(s) in flight in the checkpoint "
+                   "are sampled again from its parameters", len(in_flight_entries))
+  elif in_flight_entries:
+    for entry in in_flight_entries:
+      rollout = Rollout(**restored.arrays[_in_flight_name(entry["step"])])
+      in_flight.append(rl_step.score(entry["step"], stream.take(config.prompts_per_step), rollout,
+                                     version=entry["version"]))
 
   writer = metrics_lib.MetricsWriter(
       workdir, total_steps=config.num_steps, start_step=state.step if restored else None,
@@ -695,34 +863,55 @@ def _train(run: Run, preemption: checkpointing.PreemptionHandler,
   if config.warm_start.steps > 0:
     writer.add_to_summary("warm_start", warm_start_result)
 
-  def checkpoint(state: RLState) -> checkpointing.CheckpointState:
+  def checkpoint(state: RLState, in_flight: Sequence[ScoredRollout] = ()
+                 ) -> checkpointing.CheckpointState:
     return checkpointing.CheckpointState(
         step=state.step, model=state.params, opt_state=state.opt_state, key=base_key,
         metadata={checkpointing.CONFIG_METADATA_KEY: config_record,
-                  "data_position": stream.position, "skipped_updates": state.skipped_updates,
-                  "initial_eval": initial_eval})
+                  "data_position": start_position + config.prompts_per_step * (state.step - start_step),
+                  "skipped_updates": state.skipped_updates, "initial_eval": initial_eval,
+                  IN_FLIGHT_METADATA_KEY: [{"step": s.step, "version": s.version}
+                                           for s in in_flight]},
+        arrays={_in_flight_name(s.step): jax.tree.map(np.asarray, s.rollout._asdict())
+                for s in in_flight})
 
   with writer, ckpt:
     if restored is None and preemption.requested_on_any_process():
       ckpt.save(checkpoint(state))  # the evaluation before RL is kept; the next run starts at step 1
       raise Preempted("first evaluation, saved as step 0")
-    while state.step < config.num_steps:
-      state, record = rl_step(state, stream.take(config.prompts_per_step))
-      done = state.step
-      eval_due = done % config.eval_every == 0 or done == config.num_steps
-      if eval_due:
-        record.update(evaluate(run, state.params, eval_key, step=done))
-      writer.write(done, record)
-      # Every process must stop at the same step (the save below is collective).
-      stop = preemption.requested_on_any_process()
-      if eval_due or done % config.checkpoint.every == 0 or stop or done == config.num_steps:
-        ckpt.save(
-            checkpoint(state),
-            metrics={config.checkpoint.best_metric: record[config.checkpoint.best_metric]}
-            if config.checkpoint.best_metric in record else None)
-      if stop:
-        logger.warning("preemption requested: checkpoint saved at step %d, exiting", done)
-        break
+    producer = None
+    if staleness > 0:
+      producer = async_rollout.RolloutProducer(
+          _producer_sample(rl_step, stream, config.prompts_per_step),
+          steps=range(state.step + len(in_flight), config.num_steps), max_staleness=staleness,
+          first_version=state.step, params=sampler_params, place=run.sampler_params,
+          ready={s.step: s for s in in_flight})
+    try:
+      while state.step < config.num_steps:
+        if producer is None:
+          state, record = rl_step(state, stream.take(config.prompts_per_step))
+        else:
+          state, record = _learn_from(producer, rl_step, state)
+        done = state.step
+        eval_due = done % config.eval_every == 0 or done == config.num_steps
+        if eval_due:
+          record.update(evaluate(run, state.params, eval_key, step=done))
+        writer.write(done, record)
+        # Every process must stop at the same step (the save below is collective).
+        stop = preemption.requested_on_any_process()
+        if eval_due or done % config.checkpoint.every == 0 or stop or done == config.num_steps:
+          pending = (() if producer is None else
+                     producer.peek(range(done, min(done + staleness, config.num_steps))))
+          ckpt.save(
+              checkpoint(state, pending),
+              metrics={config.checkpoint.best_metric: record[config.checkpoint.best_metric]}
+              if config.checkpoint.best_metric in record else None)
+        if stop:
+          logger.warning("preemption requested: checkpoint saved at step %d, exiting", done)
+          break
+    finally:
+      if producer is not None:
+        producer.close()
     # What RL added to its starting policy: the last evaluation minus the one before RL.
     final = writer.summary()["final"]
     writer.add_to_summary("eval_gain", {name: final[name] - value

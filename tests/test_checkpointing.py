@@ -151,6 +151,27 @@ class TestRoundTrip:
       with pytest.raises(ValueError, match="must contain best_metric"):
         checkpointer.save(state, metrics={"loss": 1.0})
 
+  def test_host_arrays_come_back_as_saved_whatever_the_target(self, tmp_path):
+    _, state = _make_state(step=2, seed=0)
+    arrays = {"a": {"tokens": np.arange(6, dtype=np.int32).reshape(2, 3),
+                    "mask": np.array([True, False])},
+              "b": {"logp": np.float32([-1.5, -0.25, 0.0])}}
+    with Checkpointer(tmp_path) as checkpointer:
+      with pytest.raises(TypeError, match="NumPy"):
+        checkpointer.save(state._replace(arrays={"x": jnp.zeros(2)}))
+      checkpointer.save(state._replace(arrays=arrays))
+      checkpointer.save(state._replace(step=3))
+    with Checkpointer(tmp_path) as checkpointer:
+      assert checkpointer.restore_latest(_abstract_target()).arrays is None
+      restored = checkpointer.restore(2, _abstract_target()).arrays
+      manifest = json.loads((tmp_path / "2" / MANIFEST_FILE).read_text())
+    assert jax.tree.structure(restored) == jax.tree.structure(arrays)
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(arrays)):
+      assert isinstance(got, np.ndarray) and got.dtype == want.dtype
+      np.testing.assert_array_equal(got, want)
+    assert manifest["arrays"]["['a']['tokens']"] == {"shape": [2, 3], "dtype": "int32"}
+    assert any(name.startswith("arrays/") for name in manifest["files"])
+
   def test_mismatched_target_raises(self, tmp_path):
     _save_steps(tmp_path, [1])
     target = _abstract_target()

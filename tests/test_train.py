@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -291,9 +292,9 @@ def test_rl_step_scores_scripted_completions_and_updates_the_policy(tmp_path):
     backend = ScriptedRollout(run.tokenizer, script)
     optimizer = train.make_optimizer(run.config.optim, total_updates=10)
     opt_state = learner.init_opt_state(optimizer, run.params, run.mesh)
-    rl_step = train.make_rl_step(run, backend=backend, optimizer=optimizer,
-                                 opt_shardings=jax.tree.map(lambda x: x.sharding, opt_state),
-                                 key=sharding.prng_key(0, run.mesh))
+    rl_step = train.RLStep(run, backend=backend, optimizer=optimizer,
+                           opt_shardings=jax.tree.map(lambda x: x.sharding, opt_state),
+                           key=sharding.prng_key(0, run.mesh))
     before = jax.device_get(run.params)
     state, record = rl_step(train.RLState(step=0, params=run.params, opt_state=opt_state),
                             examples)
@@ -331,3 +332,71 @@ def test_the_rollout_backend_is_chosen_by_config_and_importance_weights_correct_
   assert record["is/weight_max"] == np.float32(1.2)
   assert 0 < record["is/weight_mean"] < record["is/weight_max"]
   assert record["is/masked_fraction"] == 0
+
+
+def _async_config():
+  config = smoke.get_config()
+  config.rollout.max_staleness = 1
+  # Updates large enough that a rollout one version old is another policy's.
+  config.optim.learning_rate, config.optim.warmup_steps = 3e-2, 0
+  return config
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_async(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted_async")
+  train.train_and_evaluate(_async_config(), workdir)
+  return workdir
+
+
+def _producer_threads():
+  return [t for t in threading.enumerate() if t.name == "rollout-producer" and t.is_alive()]
+
+
+def test_staleness_one_samples_every_step_from_the_previous_version(uninterrupted_async):
+  records = metrics_lib.read_metrics(uninterrupted_async)[1:]
+  assert [r["rollout/staleness"] for r in records] == [0, 1, 1, 1]
+  # The sampler's log-probs are those of one update earlier, so the drift the rescoring hides
+  # includes an update, not only float noise (< 1e-5 in the synchronous run).
+  assert records[0]["mismatch/kl"] < 1e-5 and max(r["mismatch/kl"] for r in records) > 1e-3
+  assert all(0 <= r["time/wait_rollout"] <= r["time/step"] for r in records)
+  assert not _producer_threads()
+
+
+def test_sigterm_with_staleness_checkpoints_the_rollout_in_flight_and_resumes_exactly(
+    uninterrupted_async, tmp_path, monkeypatch):
+  workdir = tmp_path / "resumed"
+  write = metrics_lib.MetricsWriter.write
+
+  def write_then_preempt(self, step, record):
+    write(self, step, record)
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  with monkeypatch.context() as patch:
+    patch.setattr(metrics_lib.MetricsWriter, "write", write_then_preempt)
+    train.train_and_evaluate(_async_config(), workdir)
+  assert [r["step"] for r in _records(workdir)] == [0, 1, 2] and not _producer_threads()
+  # Step 2's rollout was sampled from version 1 before the stop: it is in the checkpoint.
+  metadata = json.loads((workdir / "checkpoints" / "2" / "metadata" / "metadata").read_text())
+  assert metadata[train.IN_FLIGHT_METADATA_KEY] == [{"step": 2, "version": 1}]
+
+  train.train_and_evaluate(_async_config(), workdir)
+  assert _records(workdir) == _records(uninterrupted_async)
+
+
+def test_an_error_in_the_producer_thread_stops_the_run_with_its_message(tmp_path, monkeypatch):
+  config = _async_config()
+  config.warm_start.steps = 0
+  rewards_for = train._rewards_for
+  calls = []
+
+  def nan_at_step_2(*args):
+    calls.append(1)
+    rewards = rewards_for(*args)
+    return rewards * np.nan if len(calls) == 3 else rewards
+
+  monkeypatch.setattr(train, "_rewards_for", nan_at_step_2)
+  with pytest.raises(ValueError, match="Non-finite rewards"):
+    train.train_and_evaluate(config, tmp_path)
+  assert [r["step"] for r in _records(tmp_path)] == [0, 1, 2] and not _producer_threads()
