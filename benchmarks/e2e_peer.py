@@ -14,8 +14,9 @@ The peer lives in its own throw-away virtual environment (`--peer-venv`, built o
 torch==2.13.0 first, the CPU build; any other version pulls CUDA wheels; then transformers, trl
 and datasets), and `benchmarks/e2e_peer_trl.py` runs there; nothing of the project's
 dependencies enters it. gmpo_jax runs `python -m gmpo_jax.main` with
-`benchmarks/e2e_peer_config.py`, its compilation cache in the benchmark's workdir: the first
-gmpo_jax run of each objective compiles cold, the later ones find the programs cached.
+`benchmarks/e2e_peer_config.py`, compiling every program in every run; with `--jax-cache` the
+runs share a compilation cache in the workdir (the first run of each objective compiles cold,
+the later ones read the programs back, which on XLA:CPU makes them run slower).
 
 Reported per side (medians over rounds): s/step (median of steps 5-30), rollout s/step,
 completion tokens/s over steps 5-30, the first RL step, the whole process, peak RSS; and the
@@ -104,12 +105,12 @@ OBJECTIVE_OVERRIDES = {
 }
 
 
-def run_jax(workdir: pathlib.Path, objective: str, index: int) -> dict:
+def run_jax(workdir: pathlib.Path, objective: str, index: int, cache: bool) -> dict:
   run_dir = workdir / f"jax_{objective}_{index}"
   command = [sys.executable, "-m", "gmpo_jax.main",
              f"--config={ROOT / 'benchmarks' / 'e2e_peer_config.py'}:{workdir / 'model'}",
              f"--workdir={run_dir}", f"--config.task.data_dir={workdir / 'data'}",
-             f"--config.compilation_cache_dir={workdir / 'jax_cache'}",
+             *([f"--config.compilation_cache_dir={workdir / 'jax_cache'}"] if cache else []),
              *OBJECTIVE_OVERRIDES[objective]]
   wall, rss = run_measured(command, env=dict(os.environ, PYTHONPATH=str(ROOT)))
   records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -133,6 +134,8 @@ def main():
   parser.add_argument("--objectives", nargs="+", default=["token_clip", "geometric"],
                       choices=sorted(OBJECTIVE_OVERRIDES))
   parser.add_argument("--trl-threads", type=int, default=1)
+  parser.add_argument("--jax-cache", action="store_true",
+                      help="share a persistent compilation cache between the gmpo_jax runs")
   args = parser.parse_args()
   workdir = pathlib.Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +152,7 @@ def main():
       order = ("trl", "jax") if index % 2 == 0 else ("jax", "trl")
       for side in order:
         run = (run_trl(python, workdir, objective, index, args.trl_threads) if side == "trl"
-               else run_jax(workdir, objective, index))
+               else run_jax(workdir, objective, index, args.jax_cache))
         results[objective][side].append(run)
         print(f"round {index} {objective:10s} {side:4s} "
               + " ".join(f"{k}={v:.3f}" for k, v in run.items() if isinstance(v, float)),
@@ -172,8 +175,8 @@ def main():
     print(f"  completion tokens/s, gmpo_jax / TRL per round: {np.round(ratios, 2).tolist()}, "
           f"median {np.median(ratios):.2f}")
     warm = [r["first_step_s"] for r in sides["jax"][1:]]
-    print(f"  gmpo_jax first RL step: cold {sides['jax'][0]['first_step_s']:.2f} s, "
-          f"warm {np.round(warm, 2).tolist()} s")
+    print(f"  gmpo_jax first RL step: round 0 {sides['jax'][0]['first_step_s']:.2f} s, "
+          f"later rounds {np.round(warm, 2).tolist()} s")
 
 
 if __name__ == "__main__":

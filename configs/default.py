@@ -64,10 +64,10 @@ def get_config() -> ml_collections.ConfigDict:
   # How the RL update runs over the devices: "mesh" (one SPMD program on config.mesh) or "pmap"
   # (data parallel, parameters replicated; needs mesh.fsdp = mesh.tensor = 1, one process).
   config.parallelism = "mesh"
-  # Compiled programs are kept here for later runs (`gmpo_jax.main`): a second run of the same
-  # shapes skips XLA; None: compile every run.
-  config.compilation_cache_dir = ml_collections.FieldReference(
-      "~/.cache/gmpo_jax/compiled", field_type=str)
+  # Where `gmpo_jax.main` keeps compiled programs for later runs; None: compile every run. Off
+  # on the CPU: with jax 0.10.2, XLA:CPU programs read back from the cache ran the RL step 2x
+  # slower than freshly compiled ones (BENCHMARKS.md); accelerator configs turn it on.
+  config.compilation_cache_dir = ml_collections.FieldReference(None, field_type=str)
 
   config.task = ml_collections.ConfigDict()
   config.task.name = "arithmetic"
