@@ -3,11 +3,12 @@
 `generate` left-aligns the prompts (any padding pattern), pads batch and prompt length up to
 buckets so that calls with nearby shapes reuse one compiled program, prefills the KV cache
 with the whole prompt in one forward pass, then decodes one token per step inside a
-`lax.while_loop` that stops as soon as every row has emitted a stop token. Temperature,
+`lax.while_loop` that stops once every row has emitted a stop token, testing that every
+`steps_per_check` steps (see `default_steps_per_check`). Temperature,
 top-k, top-p, the stop tokens and the pad id are traced values: changing them (greedy
 evaluation between sampled training rollouts, say) reuses the compiled program; only the
-shapes (batch bucket, prompt bucket, max_new_tokens), the KV-cache dtype and the model
-structure select a program.
+shapes (batch bucket, prompt bucket, max_new_tokens), the KV-cache dtype, steps_per_check and
+the model structure select a program.
 
 Log-probabilities. Logits come from `gmpo_jax.logprobs.project_logits`, the same function the
 learner's `token_logprobs` uses, and every choice is made in float32. For each generated token
@@ -56,6 +57,10 @@ class SamplingConfig:
     min_prompt_bucket: prompt lengths are padded up to the next power of two, at least this.
     cache_dtype: KV-cache storage dtype; None = `transformer.default_cache_dtype` (the
       model's compute dtype on the CPU, bfloat16 for a float32 model on GPU/TPU).
+    steps_per_check: k, decode steps run between two tests of "every row has stopped";
+      None = `default_steps_per_check()` (by backend). The outputs do not depend on k; a
+      larger k trades up to k − 1 wasted steps after the last row stops for fewer host
+      round trips (GPU).
   """
 
   max_new_tokens: int
@@ -68,6 +73,7 @@ class SamplingConfig:
   batch_multiple: int = 8
   min_prompt_bucket: int = 16
   cache_dtype: Any = None
+  steps_per_check: int | None = None
 
   def __post_init__(self):
     if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
@@ -82,6 +88,11 @@ class SamplingConfig:
     for name in ('batch_multiple', 'min_prompt_bucket'):
       if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
         raise ValueError(f'{name} must be a positive int, got {getattr(self, name)!r}')
+    if self.steps_per_check is not None and (
+        isinstance(self.steps_per_check, bool) or not isinstance(self.steps_per_check, int)
+        or self.steps_per_check <= 0):
+      raise ValueError(f'steps_per_check must be a positive int or None, got '
+                       f'{self.steps_per_check!r}')
     if self.cache_dtype is not None:
       object.__setattr__(self, 'cache_dtype', jnp.dtype(self.cache_dtype))
 
@@ -95,6 +106,31 @@ class SamplingConfig:
   def logit_temperature(self) -> float:
     """The τ that scales the logits: the sampling temperature, or 1 for greedy decoding."""
     return self.temperature if self.temperature > 0 else 1.0
+
+
+def default_steps_per_check(backend: str | None = None) -> int:
+  """Decode steps between two tests of "all rows stopped" when none is asked for: 8 on GPUs.
+
+  XLA:GPU runs a `while_loop` whose trip count it cannot infer by evaluating the condition
+  on the device, copying the predicate to the host and blocking until the stream drains,
+  once per iteration (`WhileThunk::ExecuteOnStream`, openxla/xla
+  xla/backends/gpu/runtime/while_thunk.cc). Each decode step then pays a round trip, and the
+  next step's kernels cannot be queued while the current one runs. An inner loop of k
+  steps has a static trip count, which that thunk runs without the host copy, so the round
+  trips drop from N to about N / k, for at most k − 1 extra steps after the last row stops
+  (8: < 1 % of a 512-token rollout even when every row stops early). On the CPU the loop
+  condition is host code anyway and k = 4 or 8 was no faster (BENCHMARKS.md, "Decode loop:
+  steps per finish check"); a TPU runs control flow on the chip, so there is nothing to save
+  either (not measured).
+
+  Args:
+    backend: `jax.default_backend()` when None.
+
+  Returns:
+    8 on 'gpu' / 'cuda' / 'rocm', else 1.
+  """
+  backend = jax.default_backend() if backend is None else backend
+  return 8 if backend in ('gpu', 'cuda', 'rocm') else 1
 
 
 class SampleOutput(NamedTuple):
@@ -202,9 +238,10 @@ class _DecodeState(NamedTuple):
   policy_logprobs: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'cache_dtype'))
+@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'cache_dtype',
+                                             'steps_per_check'))
 def _generate_bucketed(graphdef, state, prompt_tokens, prompt_mask, key, knobs, *,
-                       max_new_tokens, cache_dtype):
+                       max_new_tokens, cache_dtype, steps_per_check):
   """The compiled program: left-aligned, bucketed [B, P] prompts -> bucketed outputs."""
   model = nnx.merge(graphdef, state)
   batch, prompt_len = prompt_tokens.shape
@@ -236,14 +273,24 @@ def _generate_bucketed(graphdef, state, prompt_tokens, prompt_mask, key, knobs, 
         logprobs=put(s.logprobs, jnp.where(active, logp, 0.0)),
         policy_logprobs=put(s.policy_logprobs, jnp.where(active, policy_logp, 0.0)))
 
-  def cond(s: _DecodeState) -> jax.Array:
-    return (s.step < max_new_tokens) & ~jnp.all(s.done)
-
-  def body(s: _DecodeState) -> _DecodeState:
+  def decode_step(s: _DecodeState) -> _DecodeState:
     last = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=1)
     hidden, cache = model(last, (first_position + s.step - 1)[:, None],
                           key_mask=~s.done[:, None], cache=s.cache)
     return record(s._replace(cache=cache), hidden[:, 0])
+
+  def decode_loop(s: _DecodeState, width: int) -> _DecodeState:
+    """Runs `width` steps at a time while they fit in N columns and some row is running."""
+    def cond(s):
+      return (s.step + width <= max_new_tokens) & ~jnp.all(s.done)
+
+    def body(s):
+      if width == 1:
+        return decode_step(s)
+      # A static trip count: XLA:GPU runs it without a host round trip per step.
+      return jax.lax.fori_loop(0, width, lambda _, s: decode_step(s), s)
+
+    return jax.lax.while_loop(cond, body, s)
 
   init = _DecodeState(
       step=jnp.zeros((), jnp.int32), cache=cache, done=jnp.zeros((batch,), bool),
@@ -251,7 +298,12 @@ def _generate_bucketed(graphdef, state, prompt_tokens, prompt_mask, key, knobs, 
       mask=jnp.zeros((batch, max_new_tokens), bool),
       logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32),
       policy_logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32))
-  final = jax.lax.while_loop(cond, body, record(init, hidden[:, -1]))
+  # Column 0 comes from the prefill; the N − 1 decode steps run k at a time, then the last
+  # (N − 1) mod k in one more iteration, so no step writes past column N − 1. A row that
+  # stopped within an iteration writes pad / False for the rest of it, as with k = 1.
+  final = decode_loop(record(init, hidden[:, -1]), steps_per_check)
+  if (max_new_tokens - 1) % steps_per_check:
+    final = decode_loop(final, (max_new_tokens - 1) % steps_per_check)
   out = SampleOutput(
       tokens=jnp.concatenate([prompt_tokens, final.tokens], axis=1),
       prompt_mask=prompt_mask,
@@ -303,8 +355,8 @@ def generate(
   The policy of GRPO / GMPO rollouts (Shao et al. 2024, arXiv 2402.03300; Zhao et al. 2025,
   "Geometric-Mean Policy Optimization", arXiv 2507.20673). Host-level entry point (not
   traceable): it reads the prompt mask to validate and bucket the shapes, then calls one
-  compiled program per (batch bucket, prompt bucket, max_new_tokens, cache dtype, model
-  structure).
+  compiled program per (batch bucket, prompt bucket, max_new_tokens, cache dtype,
+  steps_per_check, model structure).
 
   Args:
     model_or_graphdef_state: a `Transformer`, or its `nnx.split` (graphdef, state).
@@ -364,7 +416,8 @@ def generate(
       is_stop=is_stop,
       pad_id=np.int32(config.pad_id))
   out = _generate_bucketed(graphdef, state, bucket_tokens, bucket_mask, key, knobs,
-                           max_new_tokens=config.max_new_tokens, cache_dtype=config.cache_dtype)
+                           max_new_tokens=config.max_new_tokens, cache_dtype=config.cache_dtype,
+                           steps_per_check=config.steps_per_check or default_steps_per_check())
   columns = slice(width - prompt_len, None)
   return SampleOutput(
       tokens=out.tokens[:batch, columns],
