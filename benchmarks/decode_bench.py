@@ -9,6 +9,13 @@ only depends on the bucket, so this estimates the same quantity, and the table s
 
   .venv/bin/python benchmarks/decode_bench.py --config tiny llama-100m --batch 32 \\
       --new-tokens 256 --quick
+
+`--steps-per-check 1 4 8` instead times the cached decoder alone for each k decode steps per
+"all rows stopped" check (`SamplingConfig.steps_per_check`), one repetition of each k in turn
+(so load changes on a shared machine hit every k alike), and checks that every k returns the
+tokens of the first:
+
+  .venv/bin/python benchmarks/decode_bench.py --config tiny --steps-per-check 1 4 8 --reps 7
 """
 
 from __future__ import annotations
@@ -103,6 +110,57 @@ def bench(name: str, args) -> dict:
               cached_s=cached_s, recompute_s=recompute_s, agree=agree)
 
 
+def bench_steps_per_check(name: str, args) -> list[dict]:
+  """Cached greedy decoding for each k in --steps-per-check, repetitions interleaved."""
+  config = dataclasses.replace(TransformerConfig.from_name(name), dtype=args.dtype,
+                               param_dtype=args.dtype)
+  model = nnx.jit(lambda: Transformer(config, rngs=nnx.Rngs(0)))()
+  graphdef, state = nnx.split(model)
+  rng = np.random.default_rng(0)
+  prompt = rng.integers(0, config.vocab_size, (args.batch, args.prompt_len)).astype(np.int32)
+  mask = np.ones_like(prompt, bool)
+
+  def decoder(k):
+    sampling_config = sampling.SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.0,
+                                              batch_multiple=1, min_prompt_bucket=1,
+                                              steps_per_check=k)
+    return lambda: sampling.generate((graphdef, state), prompt, mask, jax.random.key(0),
+                                     config=sampling_config)
+
+  decoders = {k: decoder(k) for k in args.steps_per_check}
+  tokens = {k: np.asarray(run().completion_tokens) for k, run in decoders.items()}  # compile
+  times = {k: [] for k in decoders}
+  for _ in range(args.reps):
+    for k, run in decoders.items():
+      times[k].append(_timed(run, 1))
+  first = args.steps_per_check[0]
+  rows = []
+  for k in decoders:
+    seconds = statistics.median(times[k])
+    rows.append(dict(config=name, k=k, tok_s=args.batch * args.new_tokens / seconds,
+                     seconds=seconds, ratio=statistics.median(times[first]) / seconds,
+                     same=bool(np.array_equal(tokens[k], tokens[first]))))
+  return rows
+
+
+def _print_steps_per_check(args):
+  rows = [row for name in args.config for row in bench_steps_per_check(name, args)]
+  device = jax.devices()[0]
+  first = args.steps_per_check[0]
+  print('\n### Cached decode, k steps per finish check\n')
+  print(f'- device: {device.platform} / {device.device_kind} ({jax.device_count()} device(s)), '
+        f'jax {jax.__version__}')
+  print(f'- date: {datetime.datetime.now().isoformat(timespec="seconds")}')
+  print(f'- command: `{" ".join([sys.executable.split("/")[-1]] + sys.argv)}`')
+  print(f'- batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, '
+        f'no stop token, {args.dtype}; median of {args.reps} interleaved repetitions\n')
+  print(f'| config | k | tok/s | median s | speed vs k={first} | tokens equal to k={first} |')
+  print('|---|---|---|---|---|---|')
+  for r in rows:
+    print(f'| {r["config"]} | {r["k"]} | {r["tok_s"]:.0f} | {r["seconds"]:.4f} | '
+          f'{r["ratio"]:.3f} | {r["same"]} |')
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--config', nargs='+', default=['tiny', 'llama-100m'])
@@ -115,7 +173,12 @@ def main(argv=None):
   parser.add_argument('--reps', type=int, default=3, help='timed repetitions (median)')
   parser.add_argument('--quick', action='store_true',
                       help='estimate the baseline from one timed step per length bucket')
+  parser.add_argument('--steps-per-check', type=int, nargs='+', default=None,
+                      help='instead: time the cached decoder for each k (ratios vs the first)')
   args = parser.parse_args(argv)
+  if args.steps_per_check:
+    _print_steps_per_check(args)
+    return
 
   rows = [bench(name, args) for name in args.config]
   device = jax.devices()[0]
