@@ -13,6 +13,11 @@ needed); time is the median of --reps runs after one warm-up, for the lengths in
       --time 64 128 256 512 1024 4096 --reps 7 --dense-max 1024     # block-size sweep
 
 The dense program is not compiled above --dense-max (its T = 8192 step needs > 8 GiB).
+On a GPU, `--cudnn` adds the cuDNN flash kernel (`attention_impl='cudnn'`, float16 / bfloat16
+only: pass `--dtype bfloat16`) to the block-size sweep:
+
+  python benchmarks/attention_memory_bench.py --config qwen2.5-0.5b --dtype bfloat16 \
+      --sweep-blocks 512 --cudnn --time 1024 4096 --dense-max 4096
 """
 
 from __future__ import annotations
@@ -75,17 +80,20 @@ def measure(config, batch, length, timed, reps):
   return scratch, seconds
 
 
-def sweep_blocks(base, batch, lengths, blocks, reps, dense_max):
-  """Median ms of dense and of blockwise at each block size, repetitions interleaved (one
-  of each program in turn), so load changes on a shared machine hit all programs alike."""
-  print(f"| T | dense ms | " + " | ".join(f"block {b} ms" for b in blocks) + " |")
-  print("|---|---|" + "---|" * len(blocks))
+def sweep_blocks(base, batch, lengths, blocks, reps, dense_max, cudnn=False):
+  """Median ms of dense and of blockwise at each block size (and of cuDNN), repetitions
+  interleaved (one of each program in turn), so load changes hit all programs alike."""
+  print(f"| T | dense ms | " + " | ".join(f"block {b} ms" for b in blocks)
+        + (" | cudnn ms" if cudnn else "") + " |")
+  print("|---|---|" + "---|" * (len(blocks) + cudnn))
   for length in lengths:
     programs = {}
     configs = [("xla", dataclasses.replace(base, attention_impl="xla"))] if (
         length <= dense_max) else []
     configs += [(b, dataclasses.replace(base, attention_impl="blockwise", attention_block_size=b))
                 for b in blocks]
+    if cudnn:
+      configs.append(("cudnn", dataclasses.replace(base, attention_impl="cudnn")))
     for name, config in configs:
       model = Transformer(config, rngs=nnx.Rngs(0))
       graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -100,8 +108,8 @@ def sweep_blocks(base, batch, lengths, blocks, reps, dense_max):
         times.append(time.perf_counter() - start)
     median = {name: statistics.median(times) * 1e3 for name, (_, _, times) in programs.items()}
     dense = f"{median['xla']:.1f}" if "xla" in median else "—"
-    print(f"| {length} | {dense} | " + " | ".join(f"{median[b]:.1f}" for b in blocks) + " |",
-          flush=True)
+    print(f"| {length} | {dense} | " + " | ".join(f"{median[b]:.1f}" for b in blocks)
+          + (f" | {median['cudnn']:.1f}" if cudnn else "") + " |", flush=True)
 
 
 def main(argv=None):
@@ -118,17 +126,24 @@ def main(argv=None):
   parser.add_argument("--dense-max", type=int, default=4096)
   parser.add_argument("--sweep-blocks", type=int, nargs="*", default=None,
                       help="instead: time dense and these block sizes at the --time lengths")
+  parser.add_argument("--cudnn", action="store_true",
+                      help="with --sweep-blocks: time the cuDNN kernel too (GPU, 16-bit dtype)")
+  parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                      help="parameters and compute; default the config's")
   args = parser.parse_args(argv)
 
   base = TransformerConfig.from_name(args.config)
+  if args.dtype is not None:
+    base = dataclasses.replace(base, dtype=args.dtype, param_dtype=args.dtype)
   if args.block_size is not None:
     base = dataclasses.replace(base, attention_block_size=args.block_size)
   block = base.attention_block_size or default_block_size(jax.default_backend())
   print(f"# {datetime.date.today()}  jax {jax.__version__}  backend {jax.default_backend()}  "
-        f"{args.config} B={args.batch} block={block}  "
+        f"{args.config} {base.dtype} B={args.batch} block={block}  "
         f"argv: {' '.join(sys.argv[1:])}")
   if args.sweep_blocks:
-    sweep_blocks(base, args.batch, args.time, args.sweep_blocks, args.reps, args.dense_max)
+    sweep_blocks(base, args.batch, args.time, args.sweep_blocks, args.reps, args.dense_max,
+                 cudnn=args.cudnn)
     return
   rows = {}
   for length in args.lengths:

@@ -144,7 +144,6 @@ def bench_steps_per_check(name: str, args) -> list[dict]:
 
 
 def _print_steps_per_check(args):
-  rows = [row for name in args.config for row in bench_steps_per_check(name, args)]
   device = jax.devices()[0]
   first = args.steps_per_check[0]
   print('\n### Cached decode, k steps per finish check\n')
@@ -155,10 +154,11 @@ def _print_steps_per_check(args):
   print(f'- batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, '
         f'no stop token, {args.dtype}; median of {args.reps} interleaved repetitions\n')
   print(f'| config | k | tok/s | median s | speed vs k={first} | tokens equal to k={first} |')
-  print('|---|---|---|---|---|---|')
-  for r in rows:
-    print(f'| {r["config"]} | {r["k"]} | {r["tok_s"]:.0f} | {r["seconds"]:.4f} | '
-          f'{r["ratio"]:.3f} | {r["same"]} |')
+  print('|---|---|---|---|---|---|', flush=True)
+  for name in args.config:  # each config's rows as soon as they are measured
+    for r in bench_steps_per_check(name, args):
+      print(f'| {r["config"]} | {r["k"]} | {r["tok_s"]:.0f} | {r["seconds"]:.4f} | '
+            f'{r["ratio"]:.3f} | {r["same"]} |', flush=True)
 
 
 def main(argv=None):
