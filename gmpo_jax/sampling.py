@@ -118,10 +118,11 @@ def default_steps_per_check(backend: str | None = None) -> int:
   next step's kernels cannot be queued while the current one runs. An inner loop of k
   steps has a static trip count, which that thunk runs without the host copy, so the round
   trips drop from N to about N / k, for at most k − 1 extra steps after the last row stops
-  (8: < 1 % of a 512-token rollout even when every row stops early). On the CPU the loop
-  condition is host code anyway and k = 4 or 8 was no faster (BENCHMARKS.md, "Decode loop:
-  steps per finish check"); a TPU runs control flow on the chip, so there is nothing to save
-  either (not measured).
+  (8: < 1.4 % of a 512-token rollout). The GPU default of 8 follows from this argument and is
+  not measured yet. On the CPU the loop condition is host code anyway, and k = 4 or 8 showed
+  no consistent gain over the shared machine's noise (BENCHMARKS.md, "Decode loop: steps per
+  finish check"), while short completions would pay for the late stop. A TPU runs control
+  flow on the chip, so it should save nothing either (not measured).
 
   Args:
     backend: `jax.default_backend()` when None.
