@@ -157,6 +157,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.rollout.max_staleness = 0
   config.rollout.devices = ml_collections.FieldReference(None, field_type=int)
 
+  # The perf/... metrics of every RL step (gmpo_jax.perf): perf/mfu divides by peak_tflops per
+  # learner device; None: the chip's dense bf16 peak, or on the CPU a measured matmul probe.
+  config.perf = ml_collections.ConfigDict()
+  config.perf.peak_tflops = ml_collections.FieldReference(None, field_type=float)
+
   # Multi-process runs (gmpo_jax.distributed): all three of coordinator_address, num_processes
   # and process_id (or the JAX_* environment variables), or auto_detect on a TPU pod slice /
   # Slurm; none: one process.

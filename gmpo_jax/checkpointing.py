@@ -130,6 +130,7 @@ RESUMABLE_FIELDS: tuple[str, ...] = (
     "distributed.*",      # coordinator address, process ids, timeouts
     "resume_with_changes",
     "compilation_cache_dir",  # where compiled programs are kept; changes no value
+    "perf.*",             # the denominator of perf/mfu; changes no trained value
 )
 """Flattened config fields (`fnmatch` patterns) that may change when a run resumes.
 

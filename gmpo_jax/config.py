@@ -3,8 +3,8 @@
 Experiment configs are `ml_collections.ConfigDict`s (see `configs/`). `ExperimentConfig.from_config`
 turns one into frozen dataclasses, one per section (`TaskConfig`, `ModelConfig`, the sampler's
 `gmpo_jax.sampling.SamplingConfig`, `AlgorithmConfig`, `OptimConfig`, `WarmStartConfig`,
-`EvalConfig`, `CheckpointConfig`, `MeshConfig`, `RolloutConfig`), each checking its values in
-`__post_init__`. A bad value or an unknown field raises one `ConfigError` naming it
+`EvalConfig`, `CheckpointConfig`, `MeshConfig`, `RolloutConfig`, `PerfConfig`), each checking
+its values in `__post_init__`. A bad value or an unknown field raises one `ConfigError` naming it
 (`config.<section>: <field>=<value> ...`) before any dataset is built or program compiled.
 "Unset" is None (a `FieldReference(None, field_type=...)` in the config file), never "".
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -395,6 +396,23 @@ class RolloutConfig:
              self.devices, "must be an int >= 1 or None (shared with the learner)")
 
 
+@dataclasses.dataclass(frozen=True)
+class PerfConfig:
+  """`config.perf`: how the runner's `perf/...` metrics are computed (`gmpo_jax.perf`).
+
+  Attributes:
+    peak_tflops: peak TFLOP/s of one learner device, the denominator of `perf/mfu` (times the
+      learner's devices); None: the chip's dense bf16 peak from `gmpo_jax.perf.CHIP_PEAK_TFLOPS`,
+      or on the CPU a measured float32 matmul probe.
+  """
+  peak_tflops: float | None = None
+
+  def __post_init__(self):
+    peak = self.peak_tflops
+    _require(peak is None or (math.isfinite(peak) and peak > 0), "peak_tflops", peak,
+             "must be a finite number > 0 or None")
+
+
 PARALLELISMS = ("mesh", "pmap")
 
 
@@ -417,8 +435,8 @@ class ExperimentConfig:
       and one process.
     compilation_cache_dir: where `gmpo_jax.main` keeps compiled programs for later runs
       (`gmpo_jax.compilation.enable_persistent_cache`; `~` is expanded); None: no cache.
-    task, model, sampling, algorithm, optim, warm_start, eval, checkpoint, mesh, rollout: the
-      sections. `sampling` is the sampler's own `SamplingConfig` without the tokenizer's ids
+    task, model, sampling, algorithm, optim, warm_start, eval, checkpoint, mesh, rollout, perf:
+      the sections. `sampling` is the sampler's own `SamplingConfig` without the tokenizer's ids
       (`eos_id`, `pad_id`: the runner sets them).
   """
   seed: int
@@ -440,6 +458,7 @@ class ExperimentConfig:
   checkpoint: CheckpointConfig
   mesh: MeshConfig
   rollout: RolloutConfig
+  perf: PerfConfig
 
   def __post_init__(self):
     _require(self.num_steps >= 0, "num_steps", self.num_steps, "must be >= 0")
@@ -469,7 +488,7 @@ class ExperimentConfig:
       raise ConfigError(f"config: missing field(s) {missing}")
     sections = {name: config[name] for name in ("task", "model", "sampling", "optim",
                                                 "warm_start", "eval", "checkpoint", "mesh",
-                                                "rollout")}
+                                                "rollout", "perf")}
     warm_start = sections["warm_start"]
     top = {name: value for name, value in dict(config).items()
            if name not in sections and name not in cls._UNTYPED_SECTIONS + ("algorithm",)}
@@ -488,4 +507,5 @@ class ExperimentConfig:
         eval=_section(EvalConfig, sections["eval"], "eval", k=tuple(sections["eval"].get("k", ()))),
         checkpoint=_section(CheckpointConfig, sections["checkpoint"], "checkpoint"),
         mesh=_section(MeshConfig, sections["mesh"], "mesh"),
-        rollout=_section(RolloutConfig, sections["rollout"], "rollout"))
+        rollout=_section(RolloutConfig, sections["rollout"], "rollout"),
+        perf=_section(PerfConfig, sections["perf"], "perf"))

@@ -41,6 +41,7 @@ from gmpo_jax import distributed
 from gmpo_jax import evaluation
 from gmpo_jax import learner
 from gmpo_jax import metrics as metrics_lib
+from gmpo_jax import perf
 from gmpo_jax import pmap_step
 from gmpo_jax import reward_shape
 from gmpo_jax import rollout as rollout_lib
@@ -50,7 +51,7 @@ from gmpo_jax import tokenization
 from gmpo_jax.config import AlgorithmConfig, ConfigError, ExperimentConfig, ModelConfig, OptimConfig
 from gmpo_jax.logprobs import positions_from_mask
 from gmpo_jax.models import hf_import
-from gmpo_jax.models.transformer import Transformer, TransformerConfig
+from gmpo_jax.models.transformer import Transformer, TransformerConfig, default_cache_dtype
 from gmpo_jax.rollout import JaxRollout, Rollout, RolloutBackend
 from gmpo_jax.sampling import SamplingConfig
 
@@ -58,9 +59,11 @@ logger = logging.getLogger(__name__)
 
 EVAL_RESULTS_DIR = "eval_results"
 
-# Timing metrics differ between otherwise identical runs; everything else must not.
+# Timing metrics differ between otherwise identical runs; everything else must not. The perf/...
+# rates divide by the same times (`gmpo_jax.perf`).
 TIMING_METRICS = ("time/step", "time/rollout", "time/reward", "time/update", "time/compile",
-                  "time/wait_rollout", "tokens_per_sec")
+                  "time/wait_rollout", "tokens_per_sec", "perf/train_tflops", "perf/mfu",
+                  "perf/decode_gb_per_s")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,7 +581,12 @@ class RLStep:
 
   The record of a step holds the reward, reward-shape, advantage, loss and update statistics
   (with an importance correction, `is/weight_mean`, `is/weight_max` and `is/masked_fraction`),
-  `rollout/staleness`, response lengths, compile count and timings (`TIMING_METRICS`).
+  `rollout/staleness`, response lengths, compile count and timings (`TIMING_METRICS`), and the
+  hardware rates of `gmpo_jax.perf`: `perf/train_tflops` (model FLOPs of the update, π_old and
+  π_ref rescoring included, per second of `time/update`), `perf/mfu` (that over `self.peak`, the
+  learner mesh's peak; absent on an accelerator `perf.CHIP_PEAK_TFLOPS` does not know, without
+  `config.perf.peak_tflops`) and `perf/decode_gb_per_s` (the bytes the decode steps must read
+  per second of `time/rollout`: a lower bound on the decode bandwidth).
   """
 
   def __init__(self, run: Run, *, backend: RolloutBackend, optimizer: optax.GradientTransformation,
@@ -607,6 +615,34 @@ class RLStep:
     # Replicated, so every process can read the scalar of row-sharded inputs.
     self.mismatch_kl = jax.jit(learner.sampler_learner_kl,
                                out_shardings=sharding.replicated(run.mesh))
+    self.model_config = nnx.merge(run.graphdef, run.params).config
+    cache_dtype = run.sampling.cache_dtype or default_cache_dtype(
+        self.model_config, backend=run.sampler_mesh.devices.flat[0].platform)
+    self.decode_param_bytes = perf.decode_param_bytes(self.model_config)
+    self.kv_bytes_per_position = perf.kv_bytes_per_position(self.model_config, cache_dtype)
+    self.peak = perf.mesh_peak(list(run.mesh.devices.flat), override=run.config.perf.peak_tflops)
+    if self.peak is None:
+      logger.warning("perf: no peak known for %r; set config.perf.peak_tflops for perf/mfu",
+                     run.mesh.devices.flat[0].device_kind)
+    else:
+      logger.info("perf: peak %.3g TFLOP/s (%.3g per device; %s)", self.peak.tflops,
+                  self.peak.per_device, self.peak.source)
+
+  def _perf_record(self, rollout: Rollout, *, update_seconds: float, rollout_seconds: float
+                   ) -> dict[str, float]:
+    """The step's `perf/...` metrics (`perf.step_record`) for the update on `rollout`."""
+    rows, length = rollout.tokens.shape
+    flops = perf.update_flops(self.model_config, rows=rows, length=length,
+                              num_epochs=self.run.algo.num_epochs,
+                              rescore_old=not self.on_policy,
+                              rescore_ref=self.ref_params is not None)
+    completion = np.asarray(rollout.lengths)
+    decoded = perf.decode_bytes(
+        param_bytes=self.decode_param_bytes, kv_bytes_per_position=self.kv_bytes_per_position,
+        prompt_lengths=np.asarray(rollout.key_mask).sum(axis=1) - completion,
+        completion_lengths=completion)
+    return perf.step_record(flops=flops, update_seconds=update_seconds, peak=self.peak,
+                            decoded_bytes=decoded, rollout_seconds=rollout_seconds)
 
   def _step_key(self, step: int) -> jax.Array:
     return jax.random.fold_in(self.key, step)
@@ -708,6 +744,8 @@ class RLStep:
         "compiles/update": self.update._cache_size(),  # pylint: disable=protected-access
         **scored.seconds, "time/update": t3 - t2,
         "tokens_per_sec": float(lengths.sum()) / max(scored.seconds["time/rollout"], 1e-9),
+        **self._perf_record(rollout, update_seconds=t3 - t2,
+                            rollout_seconds=scored.seconds["time/rollout"]),
         **metrics.combine().as_record(),
     }
     if skipped:
@@ -862,6 +900,8 @@ def _train(run: Run, preemption: checkpointing.PreemptionHandler,
   writer.add_to_summary("initial_eval", initial_eval)
   if config.warm_start.steps > 0:
     writer.add_to_summary("warm_start", warm_start_result)
+  if rl_step.peak is not None:
+    writer.add_to_summary("perf", rl_step.peak._asdict())
 
   def checkpoint(state: RLState, in_flight: Sequence[ScoredRollout] = ()
                  ) -> checkpointing.CheckpointState:
