@@ -1,6 +1,7 @@
 """The runner end to end on `configs/smoke.py`: train, checkpoint, stop, resume, compare."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ from gmpo_jax import checkpointing
 from gmpo_jax import evaluation
 from gmpo_jax import learner
 from gmpo_jax import metrics as metrics_lib
+from gmpo_jax import perf
 from gmpo_jax import rollout as rollout_lib
 from gmpo_jax import sampling
 from gmpo_jax import sharding
@@ -81,6 +83,19 @@ def test_run_writes_metrics_checkpoints_and_plot(uninterrupted):
       path = workdir / train.EVAL_RESULTS_DIR / f"step_{record['step']:06d}.jsonl"
       recomputed = evaluation.summarize(evaluation.read_results(path), config.eval.k)
       assert recomputed == pytest.approx({k: record[k] for k in recomputed}), path
+
+
+def test_every_rl_step_logs_its_hardware_rates(uninterrupted):
+  workdir, summary = uninterrupted
+  # On the CPU the peak is the measured matmul probe, and the summary says so.
+  assert summary["perf"]["source"] == perf.SOURCE_CPU_PROBE
+  assert summary["perf"]["tflops"] == perf.cpu_matmul_tflops()  # the same process's probe
+  for record in metrics_lib.read_metrics(workdir)[1:]:
+    for key in ("perf/train_tflops", "perf/mfu", "perf/decode_gb_per_s"):
+      assert key in train.TIMING_METRICS  # rates of timings: not compared across runs
+      assert math.isfinite(record[key]) and record[key] > 0, (record["step"], key)
+    assert record["perf/mfu"] == pytest.approx(record["perf/train_tflops"]
+                                               / summary["perf"]["tflops"])
 
 
 def test_sigterm_then_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp_path, monkeypatch):
