@@ -25,7 +25,8 @@ Decode bandwidth: a decode step must read every weight it multiplies by once and
 and values of every live context position of every row; `decode_bytes` sums that over the
 decode steps a rollout ran. Divided by the rollout's wall time (which also holds the prefill,
 tokenization and host transfers, and a sampler that reads the whole cache capacity reads
-more), it is a lower bound on the bandwidth the decode loop reached.
+more), it is a lower bound on the bandwidth the decode loop reached. One copy of the weights
+counts per step: a sampler that replicates them over d devices reads d copies.
 """
 
 from __future__ import annotations

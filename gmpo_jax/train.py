@@ -586,7 +586,8 @@ class RLStep:
   π_ref rescoring included, per second of `time/update`), `perf/mfu` (that over `self.peak`, the
   learner mesh's peak; absent on an accelerator `perf.CHIP_PEAK_TFLOPS` does not know, without
   `config.perf.peak_tflops`) and `perf/decode_gb_per_s` (the bytes the decode steps must read
-  per second of `time/rollout`: a lower bound on the decode bandwidth).
+  per second of `time/rollout`: a lower bound on the decode bandwidth, counted for the policy's
+  model and the in-process sampler's cache dtype whatever the backend).
   """
 
   def __init__(self, run: Run, *, backend: RolloutBackend, optimizer: optax.GradientTransformation,
