@@ -227,8 +227,9 @@ def cpu_matmul_tflops(size: int = 1024, budget_seconds: float = 0.25) -> float:
   fastest counts, since other processes sharing the cores only slow a product down. Cached per
   process.
   """
-  device = jax.devices("cpu")[0]
-  # A mesh of its own device: the caller may hold a context mesh (the runner's) over others.
+  # This process's own device (in a multi-process run jax.devices() lists the others' too), on
+  # a mesh of its own: the caller may hold a context mesh (the runner's) over other devices.
+  device = jax.local_devices(backend="cpu")[0]
   with jax.set_mesh(jax.sharding.Mesh(np.array([device]), ("probe",))):
     keys = jax.random.split(jax.random.key(0))
     a, b = (jax.device_put(jax.random.normal(k, (size, size), jnp.float32), device)
