@@ -181,8 +181,9 @@ def decode_bytes(*, param_bytes: int, kv_bytes_per_position: int,
       bytes = (S - 1)·param_bytes + kv_bytes_per_position · Σ_b Σ_{s=1}^{ℓ_b - 1} (p_b + s)
             = (S - 1)·param_bytes + kv_bytes_per_position · Σ_b (ℓ_b - 1)(p_b + ℓ_b / 2).
 
-  Finished rows, cache slots past the live context and the prefill are not counted, so the
-  real traffic is at least this.
+  Finished rows, cache slots past the live context, the prefill and the up to k - 1 steps a
+  sampler checking for the end every k steps (`SamplingConfig.steps_per_check`) runs after
+  the last row stopped are not counted, so the real traffic is at least this.
 
   Args:
     param_bytes: `decode_param_bytes` of the sampler's model.
