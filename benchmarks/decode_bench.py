@@ -64,7 +64,8 @@ def _timed(fn, reps):
   return statistics.median(times)
 
 
-def bench(name: str, args) -> dict:
+def _model_and_prompts(name: str, args):
+  """A randomly initialised `name` model (graphdef, state) and [batch, prompt_len] prompts."""
   config = dataclasses.replace(TransformerConfig.from_name(name), dtype=args.dtype,
                                param_dtype=args.dtype)
   model = nnx.jit(lambda: Transformer(config, rngs=nnx.Rngs(0)))()
@@ -72,6 +73,11 @@ def bench(name: str, args) -> dict:
   rng = np.random.default_rng(0)
   prompt = rng.integers(0, config.vocab_size, (args.batch, args.prompt_len)).astype(np.int32)
   mask = np.ones_like(prompt, bool)
+  return graphdef, state, prompt, mask
+
+
+def bench(name: str, args) -> dict:
+  graphdef, state, prompt, mask = _model_and_prompts(name, args)
   n_new = args.new_tokens
 
   sampling_config = sampling.SamplingConfig(max_new_tokens=n_new, temperature=0.0,
@@ -112,13 +118,7 @@ def bench(name: str, args) -> dict:
 
 def bench_steps_per_check(name: str, args) -> list[dict]:
   """Cached greedy decoding for each k in --steps-per-check, repetitions interleaved."""
-  config = dataclasses.replace(TransformerConfig.from_name(name), dtype=args.dtype,
-                               param_dtype=args.dtype)
-  model = nnx.jit(lambda: Transformer(config, rngs=nnx.Rngs(0)))()
-  graphdef, state = nnx.split(model)
-  rng = np.random.default_rng(0)
-  prompt = rng.integers(0, config.vocab_size, (args.batch, args.prompt_len)).astype(np.int32)
-  mask = np.ones_like(prompt, bool)
+  graphdef, state, prompt, mask = _model_and_prompts(name, args)
 
   def decoder(k):
     sampling_config = sampling.SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.0,

@@ -629,15 +629,15 @@ class RLStep:
       logger.info("perf: peak %.3g TFLOP/s (%.3g per device; %s)", self.peak.tflops,
                   self.peak.per_device, self.peak.source)
 
-  def _perf_record(self, rollout: Rollout, *, update_seconds: float, rollout_seconds: float
-                   ) -> dict[str, float]:
-    """The step's `perf/...` metrics (`perf.step_record`) for the update on `rollout`."""
+  def _perf_record(self, rollout: Rollout, completion: np.ndarray, *, update_seconds: float,
+                   rollout_seconds: float) -> dict[str, float]:
+    """The step's `perf/...` metrics (`perf.step_record`) for the update on `rollout`, whose
+    completion lengths (`rollout.lengths`, on the host) are `completion`."""
     rows, length = rollout.tokens.shape
     flops = perf.update_flops(self.model_config, rows=rows, length=length,
                               num_epochs=self.run.algo.num_epochs,
                               rescore_old=not self.on_policy,
                               rescore_ref=self.ref_params is not None)
-    completion = np.asarray(rollout.lengths)
     decoded = perf.decode_bytes(
         param_bytes=self.decode_param_bytes, kv_bytes_per_position=self.kv_bytes_per_position,
         prompt_lengths=np.asarray(rollout.key_mask).sum(axis=1) - completion,
@@ -745,7 +745,7 @@ class RLStep:
         "compiles/update": self.update._cache_size(),  # pylint: disable=protected-access
         **scored.seconds, "time/update": t3 - t2,
         "tokens_per_sec": float(lengths.sum()) / max(scored.seconds["time/rollout"], 1e-9),
-        **self._perf_record(rollout, update_seconds=t3 - t2,
+        **self._perf_record(rollout, lengths, update_seconds=t3 - t2,
                             rollout_seconds=scored.seconds["time/rollout"]),
         **metrics.combine().as_record(),
     }

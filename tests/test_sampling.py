@@ -2,6 +2,7 @@
 against full recomputation, padding and batch invariance, determinism, truncation, stop tokens,
 log-probs against a full forward, the sampled distribution, and compile counts."""
 
+import contextlib
 import dataclasses
 
 import jax
@@ -248,10 +249,9 @@ def test_sampled_first_tokens_follow_the_filtered_softmax(temperature, top_k, to
   np.testing.assert_allclose(out.logprobs[:, 0], np.log(probs[first]), **TOL)
 
 
-def test_shape_buckets_and_sampling_knobs_avoid_recompilation():
-  # Count backend compiles of the decoding program through jax.monitoring. The (batch 8,
-  # prompt 16, N = 6) program may already be compiled by another test.
-  model = _model()
+@contextlib.contextmanager
+def sampler_compiles():
+  """Yields a list that grows by one per backend compile of the decoding program."""
   compiles = []
 
   def listener(event, duration, **kwargs):
@@ -260,20 +260,28 @@ def test_shape_buckets_and_sampling_knobs_avoid_recompilation():
         '_generate_bucketed' in kwargs.get('fun_name', '')):
       compiles.append(kwargs['fun_name'])
 
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield compiles
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_shape_buckets_and_sampling_knobs_avoid_recompilation():
+  # Count backend compiles of the decoding program through jax.monitoring. The (batch 8,
+  # prompt 16, N = 6) program may already be compiled by another test.
+  model = _model()
   other_knobs = dataclasses.replace(SAMPLE, temperature=0.3, top_k=3, top_p=0.5, eos_id=1,
                                     stop_ids=(2, 3), pad_id=4)
   calls = [(1, 3, GREEDY), (5, 10, SAMPLE), (8, 16, other_knobs), (3, 7, GREEDY),
            (9, 4, GREEDY), (2, 17, SAMPLE)]
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    counts = []
+  counts = []
+  with sampler_compiles() as compiles:
     for batch, length, config in calls:
       tokens = np.full((batch, length), 5, np.int32)
       sampling.generate(model, tokens, np.ones_like(tokens, bool), jax.random.key(0),
                         config=config)
       counts.append(len(compiles))
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
   # Batch ≤ 8 and prompt ≤ 16 share one program whatever the temperature, top-k, top-p and
   # stop tokens; batch 9 and prompt 17 open new buckets.
   assert counts[0] <= 1
