@@ -256,7 +256,9 @@ class TestKVCache:
 
 class TestTrainingPath:
 
-  def test_remat_gives_the_same_gradient(self):
+  def test_remat_and_layer_schedule_give_the_same_gradient(self):
+    """Rematerialized blocks and a layer scan of one layer per iteration give the gradient of
+    the default schedule (on the CPU every layer unrolled)."""
     batch = map(jnp.asarray, _batch(FULL, np.random.default_rng(4), [0, 3, 7]))
     weights = jnp.asarray(np.random.default_rng(5).standard_normal((3, 12, FULL.vocab_size)))
 
@@ -265,17 +267,25 @@ class TestTrainingPath:
       return jnp.sum(model.logits(hidden) * weights * mask[..., None])
 
     @nnx.jit
-    def both_grads(plain, remat, *batch):  # one compilation for both
-      return nnx.grad(loss)(plain, *batch), nnx.grad(loss)(remat, *batch)
+    def all_grads(models, *batch):  # one compilation for all
+      return [nnx.grad(loss)(model, *batch) for model in models]
 
-    grads = both_grads(_make(FULL), _make(dataclasses.replace(FULL, remat=True)), *batch)
-    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
-      assert np.isfinite(np.asarray(a)).all()
-      # Recomputation may reorder float32 sums (on GPUs): tolerance relative to the scale.
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
-                                 atol=2e-6 * float(np.abs(np.asarray(a)).max()))
+    variants = [FULL, dataclasses.replace(FULL, remat=True),
+                dataclasses.replace(FULL, layer_unroll=1)]
+    grads = all_grads([_make(config) for config in variants], *batch)
+    for other in grads[1:]:
+      for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(other)):
+        assert np.isfinite(np.asarray(a)).all()
+        # Recomputation may reorder float32 sums (on GPUs): tolerance relative to the scale.
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                   atol=2e-6 * float(np.abs(np.asarray(a)).max()))
     # Every parameter receives gradient (nothing is accidentally disconnected).
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads[0]))
+
+  def test_default_layer_unroll(self):
+    assert tfm.default_layer_unroll("cpu", 4) == 4
+    assert tfm.default_layer_unroll("cpu", tfm.CPU_UNROLLED_LAYERS + 1) == 1
+    assert tfm.default_layer_unroll("gpu", 4) == tfm.default_layer_unroll("tpu", 4) == 1
 
   def test_blockwise_attention_gives_the_dense_gradient(self):
     """Logits (to 1e-5) and every parameter's gradient through blockwise attention (3 blocks
@@ -390,6 +400,8 @@ class TestConfig:
       dataclasses.replace(TINY, attention_impl="flash")
     with pytest.raises(ValueError, match="attention_block_size"):
       dataclasses.replace(TINY, attention_block_size=0)
+    with pytest.raises(ValueError, match="layer_unroll"):
+      dataclasses.replace(TINY, layer_unroll=0)
 
   def test_config_is_hashable_and_dtypes_canonical(self):
     config = dataclasses.replace(TINY, dtype=jnp.bfloat16, param_dtype="bfloat16")

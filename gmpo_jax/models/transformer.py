@@ -178,6 +178,11 @@ class TransformerConfig:
       decode step always uses the dense kernel; the vendor kernels do not extend a cache.
     attention_block_size: query/key block length of 'blockwise' and 'splash'; None = per
       backend (`gmpo_jax.attention.default_block_size`: 64 on CPU, 512 elsewhere).
+    layer_unroll: layers per iteration of the layer scan (`jax.lax.scan`'s `unroll`) in the
+      forward pass without a cache (the learner's; prefill and decode scan one layer at a
+      time); None = per backend (`default_layer_unroll`: all layers on the CPU for a model of at most 8,
+      where the scan's stacked residuals cost more than the matmuls; 1 elsewhere, where one
+      compiled block keeps compiles short for deep models). Changes no value.
   """
 
   vocab_size: int
@@ -199,11 +204,13 @@ class TransformerConfig:
   rope_scaling: RopeScaling | None = None
   attention_impl: str = "auto"
   attention_block_size: int | None = None
+  layer_unroll: int | None = None
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                 "num_kv_heads", "head_dim", "max_position_embeddings", "attention_block_size"):
-      if name == "attention_block_size" and self.attention_block_size is None:
+                 "num_kv_heads", "head_dim", "max_position_embeddings", "attention_block_size",
+                 "layer_unroll"):
+      if name in ("attention_block_size", "layer_unroll") and getattr(self, name) is None:
         continue
       value = getattr(self, name)
       if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
@@ -345,6 +352,29 @@ class KVCache:
   @property
   def capacity(self) -> int:
     return self.k.shape[2]
+
+
+# On the CPU a scan over at most this many layers is unrolled (`default_layer_unroll`).
+CPU_UNROLLED_LAYERS = 8
+
+
+def default_layer_unroll(backend: str, num_layers: int) -> int:
+  """Layers per layer-scan iteration when the config leaves `layer_unroll` unset.
+
+  XLA:CPU runs a scanned block's backward through stacked residuals (zero-filled buffers,
+  dynamic slices, transposed copies for the weight-gradient matmuls) that an unrolled block
+  does not need: on the 4-layer 3.3M-parameter Llama of `benchmarks/e2e_peer.py` unrolling cut
+  the update's kernel time by about a quarter. Compile time grows with the unrolled layers, so
+  deep models and accelerators keep one compiled block.
+
+  Args:
+    backend: `jax.default_backend()`.
+    num_layers: L.
+
+  Returns:
+    L on 'cpu' when L <= CPU_UNROLLED_LAYERS, else 1.
+  """
+  return num_layers if backend == "cpu" and num_layers <= CPU_UNROLLED_LAYERS else 1
 
 
 def default_cache_dtype(config: TransformerConfig, backend: str | None = None) -> np.dtype:
@@ -699,8 +729,12 @@ class Transformer(nnx.Module):
 
     if config.remat:
       layer = jax.checkpoint(layer, prevent_cse=False)
+    # Unrolling pays in the backward pass; a decode step measured no gain from it.
+    unroll = (1 if cache is not None
+              else config.layer_unroll or default_layer_unroll(backend, config.num_layers))
     (x, layers_k, layers_v), _ = jax.lax.scan(
-        layer, (x, layers_k, layers_v), (block_state, jnp.arange(config.num_layers)))
+        layer, (x, layers_k, layers_v), (block_state, jnp.arange(config.num_layers)),
+        unroll=min(unroll, config.num_layers))
     hidden = self.final_norm(x)
     if cache is None:
       return hidden, None
