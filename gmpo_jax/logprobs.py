@@ -82,8 +82,9 @@ def token_logprobs(
   arXiv 2402.03300) and GMPO (Zhao et al. 2025, "Geometric-Mean Policy Optimization",
   arXiv 2507.20673); the optional entropy is H_t = −Σ_v p_{t,v} log p_{t,v}.
 
-  The forward pass splits T into n = ceil(T / chunk_size) chunks (T is zero-padded
-  internally); each chunk's [B, chunk_size, V] float32 logits live only inside one step of a
+  The forward pass splits T into n = ceil(T / chunk_size) chunks of C = ceil(T / n) <=
+  chunk_size tokens (T is zero-padded internally to n · C, fewer than n extra positions rather
+  than up to chunk_size − 1); each chunk's [B, C, V] float32 logits live only inside one step of a
   `lax.scan`. The backward pass (a custom VJP) recomputes the logits in n vocabulary blocks of
   [B, T, V / n], so both passes need a few times B · chunk_size · V · 4 bytes of scratch plus a
   float32 [B, T, D] accumulator, never a [B, T, V] or an extra [D, V] array. Reductions are
@@ -114,10 +115,12 @@ def token_logprobs(
 
   batch, length, _ = hidden.shape
   vocab = unembed.shape[1]
-  padded = -(-length // chunk_size) * chunk_size
+  num_chunks = max(-(-length // chunk_size), 1)
+  chunk = max(-(-length // num_chunks), 1)
+  padded = num_chunks * chunk
   in_vocab = (targets >= 0) & (targets < vocab)
   outputs = _chunked_logprobs(
-      with_entropy, float(temperature), chunk_size,
+      with_entropy, float(temperature), chunk,
       jnp.pad(hidden, ((0, 0), (0, padded - length), (0, 0))), unembed,
       jnp.pad(jnp.where(in_vocab, targets, 0).astype(jnp.int32), ((0, 0), (0, padded - length))))
   logp = jnp.where(in_vocab, outputs[0][:, :length], -jnp.inf)

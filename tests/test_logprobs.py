@@ -173,6 +173,17 @@ class TestTokenLogprobs:
     with pytest.raises(AssertionError):
       lp.token_logprobs(hidden, unembed, targets.astype(np.float32))
 
+  def test_chunks_split_the_sequence_evenly(self):
+    # T = 39 with chunk_size 32: two chunks of 20 (one padded position), not 32 + 7 padded
+    # to 64 (25 wasted positions of logits and of the unembedding matmul).
+    hidden = jax.ShapeDtypeStruct((2, 39, 4), jnp.float32)
+    unembed = jax.ShapeDtypeStruct((4, 9), jnp.float32)
+    targets = jax.ShapeDtypeStruct((2, 39), jnp.int32)
+    jaxpr = str(jax.make_jaxpr(lambda h, w, y: lp.token_logprobs(h, w, y, chunk_size=32))(
+        hidden, unembed, targets))
+    assert 'f32[2,40,4]' in jaxpr and 'f32[2,64,4]' not in jaxpr
+    assert 'f32[2,2,20,4]' in jaxpr  # the scan's [B, n, C, D] chunks
+
   def test_value_and_grad_memory_stays_at_one_chunk(self):
     # Compiled scratch memory of value+grad: the naive program holds several [B, T, V]
     # float32 buffers (8 MiB each here); the chunked one a few [B, chunk, V] (0.5 MiB).
