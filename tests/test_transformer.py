@@ -2,6 +2,7 @@
 consistency with left padding, configs and sharding metadata."""
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -281,6 +282,18 @@ class TestTrainingPath:
                                    atol=2e-6 * float(np.abs(np.asarray(a)).max()))
     # Every parameter receives gradient (nothing is accidentally disconnected).
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads[0]))
+
+  def test_contract_is_the_einsum(self):
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((3, 5, 4, 6)).astype(np.float32)
+    w = rng.standard_normal((4, 6, 7)).astype(np.float32)
+    contract = functools.partial(tfm.contract, precision=jax.lax.Precision.HIGHEST)
+    np.testing.assert_allclose(contract(x, w[0], axes=1),
+                               np.einsum("btnh,hk->btnk", x, w[0]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(contract(x, w, axes=2),
+                               np.einsum("btnh,nhk->btk", x, w), rtol=1e-5, atol=1e-5)
+    with pytest.raises(AssertionError):
+      contract(x, w[:, :5], axes=2)
 
   def test_default_layer_unroll(self):
     assert tfm.default_layer_unroll("cpu", 4) == 4

@@ -505,6 +505,24 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 grouped_query_attention = attention_lib.dense_attention
 
 
+def contract(x: jax.Array, w: jax.Array, *, axes: int, precision: jax.lax.Precision
+             ) -> jax.Array:
+  """x · w over the last `axes` axes of x and the first `axes` of w, as one 2-D matmul.
+
+  [..., K1..Kn] · [K1..Kn, O...] -> [..., O...] through [M, K] @ [K, O] with the leading axes
+  (batch and time) flattened into M, a free reshape in row-major layout. Why not the einsum:
+  the transpose of a dot_general that keeps B and T apart contracts over both in the weight
+  gradient, and XLA:CPU writes a transposed copy of the [B, T, F] cotangent for it; the 2-D
+  form's weight gradient is a plain [K, M] @ [M, O]. Same values; on the 4-layer Llama of
+  `benchmarks/e2e_peer.py` the MLP alone in this form cut value-and-grad time by 18%.
+  """
+  lead, inner, out = x.shape[:-axes], x.shape[x.ndim - axes:], w.shape[axes:]
+  chex.assert_equal(inner, w.shape[:axes])
+  y = jnp.matmul(x.reshape(math.prod(lead), math.prod(inner)),
+                 w.reshape(math.prod(inner), math.prod(out)), precision=precision)
+  return y.reshape(*lead, *out)
+
+
 def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str) -> nnx.Param:
   """A parameter with logical axis names; `eager_sharding=False` so no mesh is needed."""
   if init == "normal":
@@ -549,8 +567,8 @@ class Attention(nnx.Module):
 
   def _project(self, x: jax.Array, name: str) -> jax.Array:
     dtype = self.config.dtype
-    y = jnp.einsum("btd,dnh->btnh", x, getattr(self, f"{name}_proj")[...].astype(dtype),
-                   precision=self.config.matmul_precision)
+    y = contract(x, getattr(self, f"{name}_proj")[...].astype(dtype), axes=1,
+                 precision=self.config.matmul_precision)
     if self.config.attention_bias:
       y = y + getattr(self, f"{name}_bias")[...].astype(dtype)
     return y
@@ -563,8 +581,8 @@ class Attention(nnx.Module):
     return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
   def output(self, attended: jax.Array) -> jax.Array:
-    return jnp.einsum("btnh,nhd->btd", attended, self.o_proj[...].astype(self.config.dtype),
-                      precision=self.config.matmul_precision)
+    return contract(attended, self.o_proj[...].astype(self.config.dtype), axes=2,
+                    precision=self.config.matmul_precision)
 
 
 class MLP(nnx.Module):
@@ -578,7 +596,7 @@ class MLP(nnx.Module):
     self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), pd, "normal")
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    matmul = functools.partial(jnp.matmul, precision=self.precision)
+    matmul = functools.partial(contract, axes=1, precision=self.precision)
     gate = matmul(x, self.gate_proj[...].astype(self.dtype))
     up = matmul(x, self.up_proj[...].astype(self.dtype))
     return matmul(jax.nn.silu(gate) * up, self.down_proj[...].astype(self.dtype))
