@@ -786,8 +786,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   # the batch axes (`sharding.constrain_to_batch_axes`); the mesh changes no value.
   # One SIGTERM/SIGINT handler for every phase: the warm start, the first evaluation and the RL
   # loop each save what is in flight and stop; a second signal forces the exit.
+  # Freed compiler memory goes back to the OS after every compile (`HeapTrimmer`: peak RSS).
   with (jax.set_mesh(run.mesh), checkpointing.install_preemption_handler() as preemption,
-        compilation.CompileTimer() as compile_timer):
+        compilation.CompileTimer() as compile_timer, compilation.HeapTrimmer()):
     try:
       return _train(run, preemption, compile_timer)
     except Preempted as stopped:
