@@ -20,7 +20,9 @@ Measured (2026-12-02, 5 seeds, held-out greedy pass@1 over 500 prompts never tra
 | 3 | 400 | 0.392 | 0.826 | 0.878 | 0.902 | +0.510 | 0.0106 | 0.0053 |
 | 4 | 2050 | 0.280 | 0.300 | 0.340 | 0.450 | +0.170 | 0.0156 | 0.0094 |
 
-RL gain +0.30 ± 0.22 (95% CI over seeds, Student t); every seed gains at least +0.17. Clip
+RL gain +0.30 ± 0.22 (95% CI over seeds, Student t); every seed gains at least +0.17. A rerun of
+the 5 seeds after the float32-rounding changes of issue 13 (0b56e0a) gained +0.16 ± 0.10 (least
++0.06; not significantly different, Welch p = 0.15): see the README. Clip
 fraction and approx_kl are means over the RL steps; the importance ratios range from ~1e-6
 to 18-52 within a step's 8 updates.
 
