@@ -22,12 +22,12 @@ from jax import monitoring
 # The phases of making a program, each recorded by JAX as a time span. A `jax.jit` called while
 # another function is traced records its own span inside the outer one; the timer counts the
 # union of the spans, so nothing is counted twice.
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # XLA, or the cache read
 COMPILE_EVENTS = frozenset({
     "/jax/core/compile/jaxpr_trace_duration",
     "/jax/core/compile/jaxpr_to_mlir_module_duration",
-    "/jax/core/compile/backend_compile_duration",  # XLA, or the persistent-cache read
+    BACKEND_COMPILE_EVENT,
 })
-BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 def enable_persistent_cache(directory: str | os.PathLike[str]) -> str:
@@ -103,14 +103,13 @@ class HeapTrimmer:
   XLA:CPU compiles through LLVM, whose many small allocations glibc keeps in its arenas once
   freed, so the resident memory of a run carries every compile's peak into the first execution
   of the program it made. `malloc_trim(0)` after each backend compile releases those pages: on
-  `benchmarks/e2e_peer.py` the peak RSS fell from 1159 to 946 MiB (the first update's ~300 MiB
+  `benchmarks/e2e_peer.py` the peak RSS of a 6-step run fell from 1159 to 893 MiB (the first update's ~300 MiB
   of activations no longer sit on top of freed compiler memory). A context manager like
   `CompileTimer`; a no-op where the C library has no `malloc_trim`.
   """
 
   def __init__(self, trim=None):
     self._trim = _malloc_trim() if trim is None else trim
-    self.trims = 0
 
   def __enter__(self) -> HeapTrimmer:
     if self._trim is not None:
@@ -125,4 +124,3 @@ class HeapTrimmer:
     del start, end
     if event == BACKEND_COMPILE_EVENT:
       self._trim(0)
-      self.trims += 1
