@@ -36,6 +36,7 @@ def get_config(hf_path: str | None = None):
   config.algorithm.loss_agg_mode = "token-mean"
   config.algorithm.num_epochs = 1
   config.algorithm.num_minibatches = 1
+  config.algorithm.num_microbatches = 4
   config.optim.warmup_steps = 0
   config.warm_start.steps = 0
   config.eval.num_examples = 8

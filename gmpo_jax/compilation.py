@@ -6,7 +6,8 @@ the next run with the same shapes loads them instead of compiling: the default r
 step then costs what a later step costs plus the cache reads. `CompileTimer` measures the wall
 time a process spends making programs (tracing, lowering to StableHLO, and compiling or reading
 them from the cache), from the events JAX records around each of these phases. `HeapTrimmer`
-hands the memory the compiler freed back to the operating system after every compile.
+hands the memory the compiler freed back to the operating system after every compile, and
+`learner_compiler_options` compiles the learner's programs with less memory on the CPU.
 """
 
 from __future__ import annotations
@@ -28,6 +29,25 @@ COMPILE_EVENTS = frozenset({
     "/jax/core/compile/jaxpr_to_mlir_module_duration",
     BACKEND_COMPILE_EVENT,
 })
+
+
+def learner_compiler_options(backend: str | None = None) -> dict[str, bool] | None:
+  """XLA options for the learner's programs (the update and its rescoring forward pass).
+
+  On the CPU, without XLA's MLIR fusion emitters: compiling the update of the 3.3M-parameter
+  Llama of `benchmarks/e2e_peer.py` then takes 62 instead of 247 MiB above the resident set,
+  the run's peak, at the same speed (0.99-1.01x, measured in one process) and with the same
+  parameters after a step, bit for bit. The sampler keeps the emitters: its decode loop ran
+  1.12x slower without them, and its compile peak is lower.
+
+  Args:
+    backend: `jax.default_backend()` when None.
+
+  Returns:
+    `jax.jit`'s `compiler_options` on 'cpu'; None (XLA's defaults) elsewhere.
+  """
+  backend = jax.default_backend() if backend is None else backend
+  return {"xla_cpu_use_fusion_emitters": False} if backend == "cpu" else None
 
 
 def enable_persistent_cache(directory: str | os.PathLike[str]) -> str:

@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from gmpo_jax import compilation
 from gmpo_jax import importance as importance_lib
 from gmpo_jax import kl as kl_lib
 from gmpo_jax import losses as losses_lib
@@ -89,14 +90,16 @@ class PolicyMetrics(NamedTuple):
 
   def combine(self) -> PolicyMetrics:
     """One value per field over every axis (micro-batches, updates): the ratio and weight
-    maxima and minima stay extremes, every other field is averaged."""
-    mean = jax.tree.map(jnp.mean, self)
+    maxima and minima stay extremes, every other field is averaged. Traced inside the update,
+    and on the host over the updates of a step: array methods, so NumPy input stays NumPy
+    (jnp would compile a program per reduction and shape)."""
+    mean = jax.tree.map(lambda x: x.mean(), self)
     combined = mean._replace(extras=mean.extras._replace(
-        ratio_min=jnp.min(self.extras.ratio_min), ratio_max=jnp.max(self.extras.ratio_max)))
+        ratio_min=self.extras.ratio_min.min(), ratio_max=self.extras.ratio_max.max()))
     if self.importance is None:
       return combined
     return combined._replace(importance=mean.importance._replace(
-        weight_max=jnp.max(self.importance.weight_max)))
+        weight_max=self.importance.weight_max.max()))
 
   def pool(self, counts: Counts, axis_name: str) -> PolicyMetrics:
     """Each micro-batch's metrics over the devices of `axis_name`, each device holding a
@@ -269,7 +272,8 @@ def make_update_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformati
   shardings = (param_shardings, opt_shardings, None)
   return jax.jit(update_step(graphdef, optimizer, micro_loss),
                  donate_argnums=(0, 1) if donate else (),
-                 in_shardings=shardings, out_shardings=shardings)
+                 in_shardings=shardings, out_shardings=shardings,
+                 compiler_options=compilation.learner_compiler_options())
 
 
 def update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
@@ -364,7 +368,9 @@ def make_logprob_fn(graphdef: nnx.GraphDef, param_shardings: Any, mesh: jax.shar
     return sequence_logprobs(model, tokens, positions_from_mask(key_mask), key_mask,
                              chunk_size=chunk_size, temperature=temperature)
 
-  compiled = jax.jit(logprobs, in_shardings=(param_shardings, rows, rows), out_shardings=rows)
+  # The update's compiler options too, so that both programs round alike.
+  compiled = jax.jit(logprobs, in_shardings=(param_shardings, rows, rows), out_shardings=rows,
+                     compiler_options=compilation.learner_compiler_options())
   # The sampler's outputs come in the layout XLA chose for it; move them to the rows layout.
   return lambda params, tokens, key_mask: compiled(
       params, jax.device_put(tokens, rows), jax.device_put(key_mask, rows))

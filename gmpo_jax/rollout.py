@@ -74,8 +74,9 @@ class RolloutBackend(Protocol):
     ...
 
 
+@jax.jit
 def rollout_from_samples(out: SampleOutput) -> Rollout:
-  """Turns `sampling.generate`'s output into the full-sequence `Rollout` layout.
+  """Turns `sampling.generate`'s output into the full-sequence `Rollout` layout (one program).
 
   Args:
     out: `SampleOutput` with tokens [B, P + N], prompt_mask [B, P], completion arrays [B, N].

@@ -419,7 +419,14 @@ def generate(
   out = _generate_bucketed(graphdef, state, bucket_tokens, bucket_mask, key, knobs,
                            max_new_tokens=config.max_new_tokens, cache_dtype=config.cache_dtype,
                            steps_per_check=config.steps_per_check or default_steps_per_check())
-  columns = slice(width - prompt_len, None)
+  return _unbucket(out, batch=batch, prompt_len=prompt_len)
+
+
+@functools.partial(jax.jit, static_argnames=('batch', 'prompt_len'))
+def _unbucket(out: SampleOutput, *, batch: int, prompt_len: int) -> SampleOutput:
+  """The request's rows and prompt columns of the bucketed outputs, as one program (sliced
+  eagerly, every array's slice compiled and kept a program of its own)."""
+  columns = slice(out.prompt_mask.shape[1] - prompt_len, None)
   return SampleOutput(
       tokens=out.tokens[:batch, columns],
       prompt_mask=out.prompt_mask[:batch, columns],

@@ -19,6 +19,7 @@ any step and resumed reproduces the uninterrupted run's metrics exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import pathlib
@@ -88,7 +89,9 @@ def build_model(model: ModelConfig, tokenizer: tokenization.Tokenizer, *, seed: 
     if getattr(model, name) is not None:
       overrides[name] = getattr(model, name)
   config = dataclasses.replace(TransformerConfig.from_name(model.name), **overrides)
-  return Transformer(config, rngs=nnx.Rngs(seed))
+  # One compiled program for every parameter: built eagerly, each initializer and each shape
+  # compiled a program of its own (about 20, some 0.5 s, each kept resident).
+  return nnx.jit(lambda: Transformer(config, rngs=nnx.Rngs(seed)))()
 
 
 def make_optimizer(optim: OptimConfig, total_updates: int
@@ -491,10 +494,11 @@ class RLState(NamedTuple):
   skipped_updates: int = 0
 
 
-def rollout_batch(rollout: Rollout, *, advantages: jax.Array, group_mask: np.ndarray,
-                  old_logp: jax.Array | None, ref_logp: jax.Array,
+@jax.jit
+def rollout_batch(rollout: Rollout, *, advantages: jax.Array, group_mask: jax.Array,
+                  old_logp: jax.Array | None, ref_logp: jax.Array | None,
                   behav_logp: jax.Array | None = None) -> learner.Batch:
-  """The learner's [N, ...] view of a rollout of N = B·G sequences (group-major).
+  """The learner's [N, ...] view of a rollout of N = B·G sequences (group-major), one program.
 
   Args:
     rollout: the sequences (`tokens`, `positions`, `key_mask`, `completion_mask` are used).
@@ -502,11 +506,14 @@ def rollout_batch(rollout: Rollout, *, advantages: jax.Array, group_mask: np.nda
     group_mask: [B, G] bool; a masked completion (dynamic sampling masks whole groups) keeps
       its advantage but none of its tokens is trained or counted.
     old_logp, ref_logp: [N, T] float32 log-probs under the rollout and reference policies;
-      old_logp is None for an on-policy update (`learner.policy_loss(on_policy=True)`).
+      old_logp is None for an on-policy update (`learner.policy_loss(on_policy=True)`),
+      ref_logp None without a reference (the batch then holds zeros).
     behav_logp: [N, T] float32 log-probs under the behaviour policy (the sampler's own,
       `rollout.policy_logprobs`) for the importance correction; None without one.
   """
-  valid = jnp.asarray(group_mask).reshape(-1)
+  valid = group_mask.reshape(-1)
+  if ref_logp is None:
+    ref_logp = jnp.zeros(rollout.tokens.shape, jnp.float32)
   return learner.Batch(
       tokens=rollout.tokens, positions=rollout.positions, key_mask=rollout.key_mask,
       loss_mask=rollout.completion_mask & valid[:, None], old_logp=old_logp, ref_logp=ref_logp,
@@ -521,16 +528,23 @@ def minibatches(sequences: learner.Batch, key: jax.Array, algo: AlgorithmConfig)
   over its sequences (`learner.Counts`): their order changes nothing but float rounding, so the
   rollout is used as it is, without the permutation's gather.
   """
-  num_sequences = sequences.tokens.shape[0]
-  if algo.num_minibatches == 1:
-    whole = jax.tree.map(lambda x: learner.to_microbatches(x, algo.num_microbatches), sequences)
-    yield from (whole for _ in range(algo.num_epochs))
-    return
   for epoch in range(algo.num_epochs):
+    for index in range(algo.num_minibatches):
+      yield _minibatch(sequences, key, epoch, index, num_minibatches=algo.num_minibatches,
+                       num_microbatches=algo.num_microbatches)
+
+
+@functools.partial(jax.jit, static_argnames=("num_minibatches", "num_microbatches"))
+def _minibatch(sequences: learner.Batch, key: jax.Array, epoch: int, index: int, *,
+               num_minibatches: int, num_microbatches: int) -> learner.Batch:
+  """Minibatch `index` of `epoch` (see `minibatches`) as [M, b, ...], one program."""
+  if num_minibatches > 1:
+    num_sequences = sequences.tokens.shape[0]
+    size = num_sequences // num_minibatches
     order = jax.random.permutation(jax.random.fold_in(key, 1 + epoch), num_sequences)
-    for minibatch in np.split(np.asarray(order), algo.num_minibatches):
-      yield jax.tree.map(lambda x: learner.to_microbatches(x[minibatch], algo.num_microbatches),
-                         sequences)
+    rows = jax.lax.dynamic_slice_in_dim(order, index * size, size)
+    sequences = jax.tree.map(lambda x: x[rows], sequences)
+  return jax.tree.map(lambda x: learner.to_microbatches(x, num_microbatches), sequences)
 
 
 class ScoredRollout(NamedTuple):
@@ -701,16 +715,15 @@ class RLStep:
     group_mask = np.ones(rewards.shape, bool)
     if algo.dynamic_sampling:
       group_mask &= (np.ptp(rewards, axis=1) > 0)[:, None]
-    advantages = self.advantage_fn(jnp.asarray(rewards), jnp.asarray(group_mask))
+    advantages = self.advantage_fn(rewards, group_mask)
 
     # pi_old is rescored by the learner's own program (same sharding, chunking and dtype as
     # the update) rather than taken from the sampler: the GMPO ratio exponentiates a sum of
     # per-token differences, so any sampler/learner numerical drift would accumulate.
     old_logp = (None if on_policy else
                 self.policy_logprobs(params, rollout.tokens, rollout.key_mask))
-    ref_logp = (self.policy_logprobs(self.ref_params, rollout.tokens, rollout.key_mask)
-                if self.ref_params is not None
-                else jnp.zeros(rollout.tokens.shape, jnp.float32))
+    ref_logp = (None if self.ref_params is None else
+                self.policy_logprobs(self.ref_params, rollout.tokens, rollout.key_mask))
     sequences = rollout_batch(
         rollout, advantages=advantages, group_mask=group_mask, old_logp=old_logp,
         ref_logp=ref_logp,

@@ -161,3 +161,48 @@ def test_on_policy_update_equals_the_rescored_one_without_reading_old_logp():
   k3 = (np.exp(x) - x - 1)[np.asarray(batch.loss_mask)].mean()
   np.testing.assert_allclose(on.metrics.mismatch_kl, k3, rtol=1e-3)
   assert off.metrics.mismatch_kl is None
+
+
+def test_metrics_combine_on_the_host_stays_numpy_and_matches_the_device(backend_compiles):
+  graphdef, params = _model()
+  optimizer = optax.sgd(1.0)
+  algo = AlgorithmConfig(is_correction="token_tis", is_cap=1.5)
+  update = learner.make_update_fn(
+      graphdef, optimizer,
+      learner.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T), donate=False)
+  batch = _sequences(seed=11)
+  rng = np.random.default_rng(11)
+  behav = batch.old_logp + jnp.asarray(rng.normal(0.0, 0.5, batch.old_logp.shape), jnp.float32)
+  metrics = [update(params, optimizer.init(params),
+                    _split(batch._replace(behav_logp=behav, advantages=sign * batch.advantages), 2)
+                    )[2].metrics for sign in (1.0, -1.0, 0.5)]
+  stacked = jax.tree.map(lambda *v: np.stack(v), *jax.device_get(metrics))
+  backend_compiles.clear()
+  host = stacked.combine()
+  assert not backend_compiles  # NumPy all the way
+  device = jax.jit(learner.PolicyMetrics.combine)(stacked)
+  assert all(isinstance(x, (np.ndarray, np.generic)) for x in jax.tree.leaves(host))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), host, device)
+  assert host.extras.ratio_max == stacked.extras.ratio_max.max()
+  assert host.importance.weight_max == stacked.importance.weight_max.max()
+
+
+def test_learner_programs_compile_without_fusion_emitters_on_the_cpu_to_the_same_bits():
+  assert learner.compilation.learner_compiler_options("cpu") == {
+      "xla_cpu_use_fusion_emitters": False}
+  assert learner.compilation.learner_compiler_options("tpu") is None
+  assert learner.compilation.learner_compiler_options("gpu") is None
+  graphdef, params = _model()
+  optimizer = optax.adamw(1e-2)
+  algo = AlgorithmConfig(objective="geometric", beta=0.02)
+  micro_loss = learner.policy_loss(algo, temperature=0.7, chunk_size=4, max_length=T)
+  lean = learner.make_update_fn(graphdef, optimizer, micro_loss, donate=False)
+  default = jax.jit(learner.update_step(graphdef, optimizer, micro_loss))
+  batch = _split(_sequences(seed=13), 2)
+  opt_state = optimizer.init(params)
+  (p_lean, s_lean, o_lean), (p_default, s_default, o_default) = (
+      f(params, opt_state, batch) for f in (lean, default))
+  jax.tree.map(np.testing.assert_array_equal, p_lean, p_default)
+  jax.tree.map(np.testing.assert_array_equal, s_lean, s_default)
+  np.testing.assert_allclose(o_lean.loss, o_default.loss, rtol=1e-6)
+  assert float(o_lean.grad_norm) == float(o_default.grad_norm) > 0

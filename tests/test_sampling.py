@@ -2,7 +2,6 @@
 against full recomputation, padding and batch invariance, determinism, truncation, stop tokens,
 log-probs against a full forward, the sampled distribution, and compile counts."""
 
-import contextlib
 import dataclasses
 
 import jax
@@ -249,25 +248,7 @@ def test_sampled_first_tokens_follow_the_filtered_softmax(temperature, top_k, to
   np.testing.assert_allclose(out.logprobs[:, 0], np.log(probs[first]), **TOL)
 
 
-@contextlib.contextmanager
-def sampler_compiles():
-  """Yields a list that grows by one per backend compile of the decoding program."""
-  compiles = []
-
-  def listener(event, duration, **kwargs):
-    del duration
-    if event == '/jax/core/compile/backend_compile_duration' and (
-        '_generate_bucketed' in kwargs.get('fun_name', '')):
-      compiles.append(kwargs['fun_name'])
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield compiles
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
-
-
-def test_shape_buckets_and_sampling_knobs_avoid_recompilation():
+def test_shape_buckets_and_sampling_knobs_avoid_recompilation(backend_compiles):
   # Count backend compiles of the decoding program through jax.monitoring. The (batch 8,
   # prompt 16, N = 6) program may already be compiled by another test.
   model = _model()
@@ -276,16 +257,31 @@ def test_shape_buckets_and_sampling_knobs_avoid_recompilation():
   calls = [(1, 3, GREEDY), (5, 10, SAMPLE), (8, 16, other_knobs), (3, 7, GREEDY),
            (9, 4, GREEDY), (2, 17, SAMPLE)]
   counts = []
-  with sampler_compiles() as compiles:
-    for batch, length, config in calls:
-      tokens = np.full((batch, length), 5, np.int32)
-      sampling.generate(model, tokens, np.ones_like(tokens, bool), jax.random.key(0),
-                        config=config)
-      counts.append(len(compiles))
+  for batch, length, config in calls:
+    tokens = np.full((batch, length), 5, np.int32)
+    sampling.generate(model, tokens, np.ones_like(tokens, bool), jax.random.key(0),
+                      config=config)
+    counts.append(sum('_generate_bucketed' in name for name in backend_compiles))
   # Batch ≤ 8 and prompt ≤ 16 share one program whatever the temperature, top-k, top-p and
   # stop tokens; batch 9 and prompt 17 open new buckets.
   assert counts[0] <= 1
   assert [c - counts[0] for c in counts] == [0, 0, 0, 0, 1, 2]
+
+
+def test_a_rollout_of_a_new_shape_compiles_three_programs(backend_compiles):
+  # Sliced and assembled eagerly, the outputs cost a program per array and operation (11).
+  rollout = JaxRollout(_model(), config=SAMPLE, chunk_size=4)
+  tokens = np.full((11, 3), 5, np.int32)  # a batch no other test uses
+  keys = [jax.random.key(0), jax.random.key(1)]
+  backend_compiles.clear()
+  rollout.generate(tokens, np.ones_like(tokens, bool), keys[0])
+  # The decoding program may exist already (its batch bucket holds other tests' batches).
+  assert sorted(set(backend_compiles)) == sorted(backend_compiles)
+  assert {'jit(_unbucket)', 'jit(rollout_from_samples)'} <= set(backend_compiles) <= {
+      'jit(_generate_bucketed)', 'jit(_unbucket)', 'jit(rollout_from_samples)'}
+  backend_compiles.clear()
+  rollout.generate(tokens, np.ones_like(tokens, bool), keys[1])
+  assert not backend_compiles
 
 
 class TestValidation:

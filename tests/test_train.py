@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import smoke
 from gmpo_jax import checkpointing
@@ -22,6 +23,9 @@ from gmpo_jax import rollout as rollout_lib
 from gmpo_jax import sampling
 from gmpo_jax import sharding
 from gmpo_jax import train
+from gmpo_jax.config import AlgorithmConfig
+from gmpo_jax.config import ModelConfig
+from gmpo_jax.models.transformer import Transformer
 
 
 def _records(workdir):
@@ -209,6 +213,48 @@ def test_sampler_learner_kl_is_k3_over_completion_tokens():
   assert float(learner.sampler_learner_kl(rescored, sampler, mask)) == pytest.approx(
       np.mean(np.exp(x) - x - 1), rel=1e-5)
   assert float(learner.sampler_learner_kl(rescored, sampler, np.zeros((2, 3), bool))) == 0.0
+
+
+@pytest.mark.parametrize("num_minibatches,num_microbatches", [(1, 2), (2, 2), (4, 1)])
+def test_minibatches_are_the_permuted_rows_as_micro_batches_from_one_program(
+    num_minibatches, num_microbatches, backend_compiles):
+  n, t = 8, 3
+  rng = np.random.default_rng(num_minibatches)
+  sequences = learner.Batch(
+      tokens=np.arange(n * t, dtype=np.int32).reshape(n, t), positions=rng.integers(0, 9, (n, t)),
+      key_mask=rng.random((n, t)) > 0.3, loss_mask=rng.random((n, t)) > 0.5, old_logp=None,
+      ref_logp=rng.normal(size=(n, t)).astype(np.float32),
+      advantages=rng.normal(size=n).astype(np.float32))
+  algo = AlgorithmConfig(num_epochs=2, num_minibatches=num_minibatches,
+                         num_microbatches=num_microbatches)
+  key = jax.random.key(7)
+  backend_compiles.clear()
+  batches = list(train.minibatches(sequences, key, algo))
+  assert len(backend_compiles) <= 1  # eagerly: fold_in, permutation, a gather and a reshape each
+  assert len(batches) == 2 * num_minibatches
+  for epoch in range(2):
+    # One minibatch trains on the rollout as it is; more take a fresh permutation per epoch.
+    order = (np.arange(n) if num_minibatches == 1 else
+             np.asarray(jax.random.permutation(jax.random.fold_in(key, 1 + epoch), n)))
+    for index, rows in enumerate(np.split(order, num_minibatches)):
+      got = batches[epoch * num_minibatches + index]
+      assert got.old_logp is None
+      for name in ("tokens", "positions", "key_mask", "loss_mask", "ref_logp", "advantages"):
+        want = getattr(sequences, name)[rows]
+        np.testing.assert_array_equal(
+            getattr(got, name), want.reshape((num_microbatches, -1) + want.shape[1:]))
+
+
+def test_a_model_is_built_by_one_program_with_the_eager_initializer_values(backend_compiles):
+  model_config = ModelConfig(name="tiny", tokenizer="char", overrides=(("num_layers", 3),))
+  tokenizer = train.build_tokenizer(model_config)
+  built = train.build_model(model_config, tokenizer, seed=5)
+  assert len(backend_compiles) <= 1
+  eager = Transformer(built.config, rngs=nnx.Rngs(5))
+  # The same keys and initializers; XLA fuses the 0.02 scale into the normal draw, which moves
+  # some values by one unit in the last place.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-7, atol=1e-9),
+               nnx.state(built, nnx.Param), nnx.state(eager, nnx.Param))
 
 
 def test_overlong_penalty_is_linear_in_the_buffer():
