@@ -1,8 +1,10 @@
 """The work of `benchmarks/e2e_peer.py` as a gmpo_jax experiment config.
 
 8 prompts x 8 completions of at most 32 tokens at temperature 1, the token-clip objective with
-token-mean aggregation, beta = 0, one AdamW step per RL step (1 epoch, 1 minibatch), no warm
-start, and an initial evaluation of 8 prompts (the runner always evaluates before RL). The
+token-mean aggregation, beta = 0, one AdamW step per RL step (1 epoch, 1 minibatch, its gradient
+accumulated over 4 micro-batches of 16 sequences: the same step to float rounding, with 71
+instead of 275 MiB of scratch memory and no slower), no warm start, and an initial evaluation
+of 8 prompts (the runner always evaluates before RL). The
 model is the benchmark's Hugging Face checkpoint, passed as `--config=e2e_peer_config.py:<dir>`;
 without one, a random Llama of the same shape with the char tokenizer.
 """

@@ -10,21 +10,11 @@ for the update, each rollout reused for 2 epochs x 4 minibatches (8 AdamW steps 
 Held-out greedy pass@1, mean@8, pass@k and maj@k with 95% intervals every 100 steps. Swap
 either half by name: `--config.algorithm.advantage=grpo --config.algorithm.objective=token_clip`.
 
-Measured (2026-12-02, 5 seeds, held-out greedy pass@1 over 500 prompts never trained on):
-
-| seed | warm-start steps | step 0 | 100 | 300 | 500 | RL gain | clip fraction | approx_kl |
-|---|---|---|---|---|---|---|---|---|
-| 0 | 1350 | 0.344 | 0.416 | 0.486 | 0.516 | +0.172 | 0.0049 | 0.0024 |
-| 1 | 1750 | 0.276 | 0.578 | 0.718 | 0.748 | +0.472 | 0.0053 | 0.0038 |
-| 2 | 1950 | 0.262 | 0.318 | 0.404 | 0.442 | +0.180 | 0.0069 | 0.0049 |
-| 3 | 400 | 0.392 | 0.826 | 0.878 | 0.902 | +0.510 | 0.0106 | 0.0053 |
-| 4 | 2050 | 0.280 | 0.300 | 0.340 | 0.450 | +0.170 | 0.0156 | 0.0094 |
-
-RL gain +0.30 ± 0.22 (95% CI over seeds, Student t); every seed gains at least +0.17. A rerun of
-the 5 seeds after the float32-rounding changes of issue 13 (0b56e0a) gained +0.16 ± 0.10 (least
-+0.06; not significantly different, Welch p = 0.15): see the README. Clip
-fraction and approx_kl are means over the RL steps; the importance ratios range from ~1e-6
-to 18-52 within a step's 8 updates.
+Measured (2026-12-02, 3f18574, 10 seeds, held-out greedy pass@1 over 500 prompts never trained
+on): from 0.32 ± 0.06 after the warm start to 0.57 ± 0.15 at step 500, RL gain +0.24 ± 0.11 (95%
+CI over seeds, Student t); every seed gains (+0.006 to +0.43), the importance ratios range from
+~1e-6 to 18-52 within a step's 8 updates. The per-seed table is in the README; earlier sets of 5
+seeds (other float32 rounding) gave +0.30 ± 0.22 and +0.16 ± 0.10.
 
 How it was chosen (seed 0 unless said; held-out greedy pass@1 from the warm start to the end):
 
@@ -38,7 +28,7 @@ How it was chosen (seed 0 unless said; held-out greedy pass@1 from the warm star
 | the same, binary reward (no format credit) or per-digit credit | 0.386 -> 0.40 / 0.39 at 600 |
 | a teacher that drops carries (`teacher_carry_drop=0.6`) | 0.05-0.09 -> 0.10-0.20 |
 | hidden 128, lr 1e-4, 2 x 4, a fixed 900-step warm start | seed 0: 0.528 -> 0.774 (600); seeds 1-4 start at 0.10-0.15 and gain nothing (seed 1: 0.104 -> 0.104) |
-| **the same, warm start to a train pass rate of 0.3 (this config)** | **5 seeds: 0.311 -> 0.61, see above** |
+| **the same, warm start to a train pass rate of 0.3 (this config)** | **5 seeds: 0.311 -> 0.61; 10 seeds on 3f18574: 0.32 -> 0.57 (README)** |
 
 The 64-wide model mostly sharpens under RL (sampled accuracy climbs toward greedy, greedy
 barely moves); the 128-wide one changes its greedy answers. A fixed warm-start length gives no

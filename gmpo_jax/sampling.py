@@ -424,8 +424,8 @@ def generate(
 
 @functools.partial(jax.jit, static_argnames=('batch', 'prompt_len'))
 def _unbucket(out: SampleOutput, *, batch: int, prompt_len: int) -> SampleOutput:
-  """The request's rows and prompt columns of the bucketed outputs, as one program (sliced
-  eagerly, every array's slice compiled and kept a program of its own)."""
+  """The request's rows and prompt columns of the bucketed outputs, in one program (sliced
+  eagerly, each array's slice is a program of its own, compiled and kept resident)."""
   columns = slice(out.prompt_mask.shape[1] - prompt_len, None)
   return SampleOutput(
       tokens=out.tokens[:batch, columns],
