@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gmpo_jax import advantages
+from gmpo_jax.algo import advantages
 
 
 def numpy_group_relative(

@@ -1,6 +1,6 @@
 """Synchronous vs bounded-staleness RL steps: the speedup model, measured step times, the split.
 
-Each run is the real runner (`gmpo_jax.train.train_and_evaluate`) on `--config` for `--steps`
+Each run is the real runner (`gmpo_jax.loop.train_and_evaluate`) on `--config` for `--steps`
 RL steps from the same short warm start (`--warm-start-steps`, no pass-rate target; the second
 run reuses the first one's cached warm start), with one small evaluation at the end.
 
@@ -56,10 +56,12 @@ if ARGS.devices:  # must precede JAX's initialisation
 import importlib  # noqa: E402
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
-from gmpo_jax import metrics as metrics_lib  # noqa: E402
-from gmpo_jax import train  # noqa: E402
+from gmpo_jax.infra import metrics as metrics_lib  # noqa: E402
+from gmpo_jax.runner import (
+  loop,  # noqa: E402
+  rl_step,  # noqa: E402
+)
 
 
 def _config(staleness, devices):
@@ -82,7 +84,7 @@ def _run(root, name, staleness, devices=None):
   if workdir != first and (first / "warm_start").exists():
     shutil.copytree(first / "warm_start", workdir / "warm_start")
   start = time.perf_counter()
-  train.train_and_evaluate(_config(staleness, devices), workdir)
+  loop.train_and_evaluate(_config(staleness, devices), workdir)
   seconds = time.perf_counter() - start
   return metrics_lib.read_metrics(workdir)[1:], seconds
 
@@ -100,7 +102,7 @@ def _largest_difference(got, want):
   worst, where = 0.0, "none"
   for a, b in zip(got, want):
     for key, value in b.items():
-      if key in train.TIMING_METRICS or not isinstance(value, (int, float)):
+      if key in rl_step.TIMING_METRICS or not isinstance(value, (int, float)):
         continue
       if key == "mismatch/kl" and max(abs(a[key]), abs(value)) < 1e-6:
         continue  # float noise of two partitionings

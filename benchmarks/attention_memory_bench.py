@@ -1,9 +1,9 @@
 """Dense vs blockwise attention in the train step: compiled scratch memory and time vs T.
 
 The program is `jax.value_and_grad` (with respect to every parameter) of the summed
-`gmpo_jax.logprobs.sequence_logprobs` of a left-padded batch, as in a policy-gradient step,
+`gmpo_jax.models.logprobs.sequence_logprobs` of a left-padded batch, as in a policy-gradient step,
 with the model's `attention_impl` set to 'xla' (dense [B, H, T, T] scores, the reference) or
-'blockwise' (`gmpo_jax.attention.blockwise_attention`). Scratch memory is
+'blockwise' (`gmpo_jax.models.attention.blockwise_attention`). Scratch memory is
 `temp_size_in_bytes` of `jax.jit(...).lower(...).compile().memory_analysis()` (no allocation
 needed); time is the median of --reps runs after one warm-up, for the lengths in --time.
 
@@ -34,11 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gmpo_jax.attention import default_block_size
-from gmpo_jax.logprobs import positions_from_mask
-from gmpo_jax.logprobs import sequence_logprobs
-from gmpo_jax.models.transformer import Transformer
-from gmpo_jax.models.transformer import TransformerConfig
+from gmpo_jax.models.attention import default_block_size
+from gmpo_jax.models.logprobs import positions_from_mask, sequence_logprobs
+from gmpo_jax.models.transformer import Transformer, TransformerConfig
 
 MIB = 2**20
 
@@ -83,7 +81,7 @@ def measure(config, batch, length, timed, reps):
 def sweep_blocks(base, batch, lengths, blocks, reps, dense_max, cudnn=False):
   """Median ms of dense and of blockwise at each block size (and of cuDNN), repetitions
   interleaved (one of each program in turn), so load changes hit all programs alike."""
-  print(f"| T | dense ms | " + " | ".join(f"block {b} ms" for b in blocks)
+  print("| T | dense ms | " + " | ".join(f"block {b} ms" for b in blocks)
         + (" | cudnn ms" if cudnn else "") + " |")
   print("|---|---|" + "---|" * (len(blocks) + cudnn))
   for length in lengths:

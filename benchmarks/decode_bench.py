@@ -1,4 +1,4 @@
-"""Decode throughput: KV-cached `gmpo_jax.sampling.generate` vs recomputing the prefix.
+"""Decode throughput: KV-cached `gmpo_jax.rollout.sampling.generate` vs recomputing the prefix.
 
 Both sides decode greedily with random weights (no stop token, so every row runs all N
 steps) and exclude compilation. The baseline has no KV cache: every step runs the model over
@@ -33,9 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gmpo_jax import sampling
-from gmpo_jax.logprobs import project_logits
+from gmpo_jax.models.logprobs import project_logits
 from gmpo_jax.models.transformer import Transformer, TransformerConfig
+from gmpo_jax.rollout import sampling
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'length'), donate_argnames=('buffer',))

@@ -1,7 +1,7 @@
 """Chunked vs naive per-token log-probs: compiled memory and time of value + gradient.
 
 The naive program builds the [B, T, V] float32 logits (`log_softmax(h · W)`); the chunked one
-is `gmpo_jax.logprobs.token_logprobs`. Both are `jax.value_and_grad` with respect to the
+is `gmpo_jax.models.logprobs.token_logprobs`. Both are `jax.value_and_grad` with respect to the
 hidden states and the unembedding matrix, as in a policy-gradient step. Memory comes from
 `jax.jit(f).lower(...).compile().memory_analysis()` (no allocation needed, so every batch
 size is reported even where it would not fit); "peak" = arguments + outputs + scratch − aliased.
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gmpo_jax.logprobs import token_logprobs
+from gmpo_jax.models.logprobs import token_logprobs
 
 GIB = 2**30
 

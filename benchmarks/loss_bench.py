@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gmpo_jax import losses
+from gmpo_jax.algo import losses
 
 
 def _median_seconds(fn: Callable[[], object], *, repeats: int, warmup: int,

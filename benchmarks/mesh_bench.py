@@ -1,7 +1,7 @@
 """Per-device memory and step time of the learner update across (data, fsdp, tensor) meshes.
 
 The update is the runner's: `learner.make_update_fn` with the GMPO policy loss, AdamW behind
-global-norm clipping, parameters and optimizer state placed by `gmpo_jax.sharding`'s logical
+global-norm clipping, parameters and optimizer state placed by `gmpo_jax.infra.sharding`'s logical
 rules, the batch split over data x fsdp. Memory comes from XLA's compiled
 `memory_analysis()` for one device (arguments = parameters + optimizer state + batch shard;
 temporaries = activations, gradients and workspace; peak ≈ arguments + outputs − aliased
@@ -58,12 +58,12 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from configs import default  # noqa: E402
-from gmpo_jax import learner  # noqa: E402
-from gmpo_jax import sharding  # noqa: E402
-from gmpo_jax import train  # noqa: E402
 from gmpo_jax.config import AlgorithmConfig  # noqa: E402
-from gmpo_jax.logprobs import positions_from_mask  # noqa: E402
+from gmpo_jax.infra import sharding  # noqa: E402
+from gmpo_jax.learner import update as learner  # noqa: E402
+from gmpo_jax.models.logprobs import positions_from_mask  # noqa: E402
 from gmpo_jax.models.transformer import Transformer, TransformerConfig  # noqa: E402
+from gmpo_jax.runner import build  # noqa: E402
 
 MIB = 2**20
 
@@ -98,7 +98,7 @@ def measure(model_name, mesh_name, timed):
   mesh = _mesh(mesh_name)
   graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: Transformer(config,
                                                                            rngs=nnx.Rngs(0))))
-  optimizer = train.make_optimizer(default.get_config().optim, total_updates=100)
+  optimizer = build.make_optimizer(default.get_config().optim, total_updates=100)
   param_shardings = sharding.state_shardings(abstract_params, mesh)
   opt_shardings = sharding.opt_state_shardings(optimizer, abstract_params, param_shardings, mesh)
   algo = AlgorithmConfig(advantage="gmpo", objective="geometric",

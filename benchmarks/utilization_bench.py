@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gmpo_jax.logprobs import positions_from_mask, sequence_logprobs
+from gmpo_jax.models.logprobs import positions_from_mask, sequence_logprobs
 from gmpo_jax.models.transformer import Transformer, TransformerConfig, init_cache
 
 

@@ -8,7 +8,7 @@
 Zhao et al. 2025, "Geometric-Mean Policy Optimization" (arXiv 2507.20673) ablate GMPO's design
 on Qwen2.5-Math-7B: the token-level clip against no clip and a sequence-level clip, and clip
 ranges e^±0.2 / e^±0.4 / e^±0.8, next to GRPO. `get_grid('gmpo_design')` is that grid here (the
-paper's "no 1/|o| exponent" variant has no switch in `gmpo_jax.losses` and is left out).
+paper's "no 1/|o| exponent" variant has no switch in `gmpo_jax.algo.losses` and is left out).
 Every point uses the same group-normalized (GRPO) advantage, as the paper does, so only the
 objective changes; note that the registry's `gmpo` *advantage* is the log-reward baseline of
 the founding document, not part of the paper's method.
@@ -31,7 +31,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from configs import default
-
 
 # Learning rate per regime: "clip" moves the policy far enough within each rollout's 8 updates
 # that the clip binds (ratios leave e^±0.4; measured clip fraction 0.0073, ratios 0.09-4.5);

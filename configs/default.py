@@ -101,7 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.algorithm.kl_estimator = "k3"
   config.algorithm.dynamic_sampling = False
   config.algorithm.overlong_buffer = 0
-  # Importance weights pi_learner / pi_sampler on every token's loss (gmpo_jax.importance):
+  # Importance weights pi_learner / pi_sampler on every token's loss (gmpo_jax.algo.importance):
   # "none", "token_tis", "sequence_tis", "token_mask" or "sequence_mask", with cap is_cap.
   config.algorithm.is_correction = "none"
   config.algorithm.is_cap = 2.0
@@ -140,7 +140,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
 
-  # Who generates the rollouts (gmpo_jax.rollout.ROLLOUT_BACKENDS): 'jax' is the in-process
+  # Who generates the rollouts (gmpo_jax.rollout.backends.ROLLOUT_BACKENDS): 'jax' is the in-process
   # sampler; see docs/rollout_backends.md for an external engine. max_staleness k >= 1 samples
   # step t's rollout with the parameters of k updates earlier, in a thread beside the learner;
   # devices n gives the sampler the first n devices and the learner the rest (None: shared).
@@ -149,12 +149,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.rollout.max_staleness = 0
   config.rollout.devices = ml_collections.FieldReference(None, field_type=int)
 
-  # The perf/... metrics of every RL step (gmpo_jax.perf): perf/mfu divides by peak_tflops per
+  # The perf/... metrics of every RL step (gmpo_jax.runner.perf): perf/mfu divides by peak_tflops per
   # learner device; None: the chip's dense bf16 peak, or on the CPU a measured matmul probe.
   config.perf = ml_collections.ConfigDict()
   config.perf.peak_tflops = ml_collections.FieldReference(None, field_type=float)
 
-  # Multi-process runs (gmpo_jax.distributed): all three of coordinator_address, num_processes
+  # Multi-process runs (gmpo_jax.infra.distributed): all three of coordinator_address, num_processes
   # and process_id (or the JAX_* environment variables), or auto_detect on a TPU pod slice /
   # Slurm; none: one process.
   config.distributed = ml_collections.ConfigDict()

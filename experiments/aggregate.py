@@ -1,7 +1,7 @@
 """Tables and plots of a launched grid: per grid point, mean ± 95% confidence interval over seeds.
 
 `experiments/launch.py` calls `aggregate` after its runs (or alone with `--aggregate-only`).
-Input: each finished run's `metrics.jsonl` (`gmpo_jax.metrics.read_metrics`: one record per
+Input: each finished run's `metrics.jsonl` (`gmpo_jax.infra.metrics.read_metrics`: one record per
 step, step 0 = the evaluation before RL, `null` for a non-finite value). Output, in `out`:
 
     table.md          final values, extremes over the RL steps and step-0 values, one row per
@@ -49,7 +49,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from gmpo_jax import metrics as metrics_lib
+from gmpo_jax.infra import metrics as metrics_lib
 
 TABLE_MD = "table.md"
 TABLE_CSV = "table.csv"
@@ -379,6 +379,6 @@ def aggregate(out: str | pathlib.Path, runs: Sequence[RunMetrics], *,
 
 
 def load_runs(entries: Iterable[tuple[str, int, str | pathlib.Path]]) -> list[RunMetrics]:
-  """(point, seed, workdir) -> the run's records (`gmpo_jax.metrics.read_metrics`)."""
+  """(point, seed, workdir) -> the run's records (`gmpo_jax.infra.metrics.read_metrics`)."""
   return [RunMetrics(point, seed, metrics_lib.read_metrics(workdir))
           for point, seed, workdir in entries]

@@ -66,8 +66,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import aggregate as aggregate_lib
-from gmpo_jax import metrics as metrics_lib
 from gmpo_jax.config import ExperimentConfig
+from gmpo_jax.infra import metrics as metrics_lib
+
 # pylint: enable=wrong-import-position
 
 # Short names for the fields an ablation varies most; one alias may set several fields.

@@ -7,33 +7,33 @@ family (`power_mean_advantages`, `power_mean_loss`). Any advantage estimator com
 objective. This module only re-exports the public API.
 """
 
-from gmpo_jax.advantages import ADVANTAGE_ESTIMATORS
-from gmpo_jax.advantages import batch_std_advantages
-from gmpo_jax.advantages import dr_grpo_advantages
-from gmpo_jax.advantages import get_advantage_fn
-from gmpo_jax.advantages import gmpo_advantages
-from gmpo_jax.advantages import grpo_advantages
-from gmpo_jax.advantages import maxrl_advantages
-from gmpo_jax.advantages import power_mean_advantages
-from gmpo_jax.advantages import reward_domain
-from gmpo_jax.advantages import rloo_advantages
-from gmpo_jax.advantages import validate_rewards
+from gmpo_jax.algo.advantages import ADVANTAGE_ESTIMATORS
+from gmpo_jax.algo.advantages import batch_std_advantages
+from gmpo_jax.algo.advantages import dr_grpo_advantages
+from gmpo_jax.algo.advantages import get_advantage_fn
+from gmpo_jax.algo.advantages import gmpo_advantages
+from gmpo_jax.algo.advantages import grpo_advantages
+from gmpo_jax.algo.advantages import maxrl_advantages
+from gmpo_jax.algo.advantages import power_mean_advantages
+from gmpo_jax.algo.advantages import reward_domain
+from gmpo_jax.algo.advantages import rloo_advantages
+from gmpo_jax.algo.advantages import validate_rewards
 from gmpo_jax.config import AlgorithmConfig
-from gmpo_jax.kl import KL_ESTIMATORS
-from gmpo_jax.kl import entropy_from_logits
-from gmpo_jax.kl import kl_penalty
-from gmpo_jax.losses import AGGREGATION_MODES
-from gmpo_jax.losses import CLIP_MODES
-from gmpo_jax.losses import POLICY_LOSSES
-from gmpo_jax.losses import LossExtras
-from gmpo_jax.losses import aggregate_loss
-from gmpo_jax.losses import geometric_mean_loss
-from gmpo_jax.losses import get_policy_loss
-from gmpo_jax.losses import gspo_loss
-from gmpo_jax.losses import power_mean_loss
-from gmpo_jax.losses import token_clip_loss
-from gmpo_jax.reward_shape import recommend_advantage
-from gmpo_jax.reward_shape import reward_diagnostics
+from gmpo_jax.algo.kl import KL_ESTIMATORS
+from gmpo_jax.algo.kl import entropy_from_logits
+from gmpo_jax.algo.kl import kl_penalty
+from gmpo_jax.algo.losses import AGGREGATION_MODES
+from gmpo_jax.algo.losses import CLIP_MODES
+from gmpo_jax.algo.losses import POLICY_LOSSES
+from gmpo_jax.algo.losses import LossExtras
+from gmpo_jax.algo.losses import aggregate_loss
+from gmpo_jax.algo.losses import geometric_mean_loss
+from gmpo_jax.algo.losses import get_policy_loss
+from gmpo_jax.algo.losses import gspo_loss
+from gmpo_jax.algo.losses import power_mean_loss
+from gmpo_jax.algo.losses import token_clip_loss
+from gmpo_jax.algo.reward_shape import recommend_advantage
+from gmpo_jax.algo.reward_shape import reward_diagnostics
 
 __version__ = "0.1.0"
 

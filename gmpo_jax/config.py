@@ -2,7 +2,7 @@
 
 Experiment configs are `ml_collections.ConfigDict`s (see `configs/`). `ExperimentConfig.from_config`
 turns one into frozen dataclasses, one per section (`TaskConfig`, `ModelConfig`, the sampler's
-`gmpo_jax.sampling.SamplingConfig`, `AlgorithmConfig`, `OptimConfig`, `WarmStartConfig`,
+`gmpo_jax.rollout.sampling.SamplingConfig`, `AlgorithmConfig`, `OptimConfig`, `WarmStartConfig`,
 `EvalConfig`, `CheckpointConfig`, `MeshConfig`, `RolloutConfig`, `PerfConfig`), each checking
 its values in `__post_init__`. A bad value or an unknown field raises one `ConfigError` naming it
 (`config.<section>: <field>=<value> ...`) before any dataset is built or program compiled.
@@ -24,14 +24,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from gmpo_jax import advantages as advantages_lib
-from gmpo_jax import evaluation
-from gmpo_jax import importance
-from gmpo_jax import kl as kl_lib
-from gmpo_jax import losses as losses_lib
-from gmpo_jax import rollout as rollout_lib
+from gmpo_jax.algo import advantages as advantages_lib
+from gmpo_jax.algo import importance
+from gmpo_jax.algo import kl as kl_lib
+from gmpo_jax.algo import losses as losses_lib
+from gmpo_jax.algo import pass_at_k as evaluation
 from gmpo_jax.models.transformer import TransformerConfig
-from gmpo_jax.sampling import SamplingConfig
+from gmpo_jax.rollout import backends as rollout_lib
+from gmpo_jax.rollout.sampling import SamplingConfig
 
 
 class ConfigError(ValueError):
@@ -94,8 +94,8 @@ class AlgorithmConfig:
       before it enters jit; on by default for the log-reward baseline.
     is_correction: importance weights between the learner's rescoring (the proximal policy)
       and the sampler's own log-probs (the behaviour policy) on every token's loss: 'none',
-      or one of `gmpo_jax.importance.IS_CORRECTIONS` ('token_tis', 'sequence_tis',
-      'token_mask', 'sequence_mask'); see `gmpo_jax.importance`.
+      or one of `gmpo_jax.algo.importance.IS_CORRECTIONS` ('token_tis', 'sequence_tis',
+      'token_mask', 'sequence_mask'); see `gmpo_jax.algo.importance`.
     is_cap: c > 1, the truncation of the TIS weights (min(w, c)) and the masks' range
       [1/c, c]; unused with 'none'.
   """
@@ -200,7 +200,7 @@ class AlgorithmConfig:
     return advantages_lib.get_advantage_fn(self.advantage, **dict(self.advantage_kwargs))
 
   def loss_fn(self):
-    """The objective with its hyperparameters and aggregation bound; see `gmpo_jax.losses`."""
+    """The objective with its hyperparameters and aggregation bound; see `gmpo_jax.algo.losses`."""
     kwargs = dict(self.objective_kwargs)
     if self.loss_agg_mode is not None:
       kwargs["loss_agg_mode"] = self.loss_agg_mode
@@ -271,7 +271,7 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   """`config.optim` (and `config.warm_start.optim`): AdamW, warmup then cosine decay, after
-  global-norm clipping (`gmpo_jax.train.make_optimizer`)."""
+  global-norm clipping (`gmpo_jax.runner.build.make_optimizer`)."""
   learning_rate: float
   warmup_steps: int
   end_lr_fraction: float
@@ -293,7 +293,7 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class WarmStartConfig:
-  """`config.warm_start`: the supervised pass before RL (`gmpo_jax.train.warm_start`).
+  """`config.warm_start`: the supervised pass before RL (`gmpo_jax.runner.warm_start`).
 
   Attributes:
     steps: at most this many steps (0: no warm start).
@@ -322,7 +322,7 @@ class WarmStartConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-  """`config.eval`: held-out evaluation (`gmpo_jax.train.evaluate`).
+  """`config.eval`: held-out evaluation (`gmpo_jax.runner.evaluate`).
 
   Attributes:
     num_examples: the first this many held-out prompts.
@@ -376,10 +376,10 @@ class RolloutConfig:
   """`config.rollout`: who generates the RL rollouts, from which parameters, on which devices.
 
   Attributes:
-    backend: a name in `gmpo_jax.rollout.ROLLOUT_BACKENDS`.
+    backend: a name in `gmpo_jax.rollout.backends.ROLLOUT_BACKENDS`.
     max_staleness: k. The rollout of RL step t (from 0) is sampled with the parameters after
       max(t - k, 0) updates; 0 is the on-policy loop. With k >= 1 a producer thread samples the
-      next steps while the learner updates (`gmpo_jax.async_rollout`).
+      next steps while the learner updates (`gmpo_jax.rollout.producer`).
     devices: None: the sampler shares every device with the learner. n: the sampler gets its
       own data-parallel mesh on the first n devices and `config.mesh` is built on the rest.
   """
@@ -398,11 +398,11 @@ class RolloutConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PerfConfig:
-  """`config.perf`: how the runner's `perf/...` metrics are computed (`gmpo_jax.perf`).
+  """`config.perf`: how the runner's `perf/...` metrics are computed (`gmpo_jax.runner.perf`).
 
   Attributes:
     peak_tflops: peak TFLOP/s of one learner device, the denominator of `perf/mfu` (times the
-      learner's devices); None: the chip's dense bf16 peak from `gmpo_jax.perf.CHIP_PEAK_TFLOPS`,
+      learner's devices); None: the chip's dense bf16 peak from `gmpo_jax.runner.perf.CHIP_PEAK_TFLOPS`,
       or on the CPU a measured float32 matmul probe.
   """
   peak_tflops: float | None = None
@@ -430,11 +430,11 @@ class ExperimentConfig:
       stdout is a terminal (None).
     resume_with_changes: resume a workdir whose checkpoint holds another config.
     parallelism: how the RL update runs over the devices: 'mesh', one SPMD program on the
-      (data, fsdp, tensor) mesh (`gmpo_jax.learner.make_update_fn`), or 'pmap', data
-      parallel with replicated parameters (`gmpo_jax.pmap_step`), which needs fsdp = tensor = 1
+      (data, fsdp, tensor) mesh (`gmpo_jax.learner.update.make_update_fn`), or 'pmap', data
+      parallel with replicated parameters (`gmpo_jax.learner.pmap_update`), which needs fsdp = tensor = 1
       and one process.
     compilation_cache_dir: where `gmpo_jax.main` keeps compiled programs for later runs
-      (`gmpo_jax.compilation.enable_persistent_cache`; `~` is expanded); None: no cache.
+      (`gmpo_jax.infra.compilation.enable_persistent_cache`; `~` is expanded); None: no cache.
     task, model, sampling, algorithm, optim, warm_start, eval, checkpoint, mesh, rollout, perf:
       the sections. `sampling` is the sampler's own `SamplingConfig` without the tokenizer's ids
       (`eos_id`, `pad_id`: the runner sets them).

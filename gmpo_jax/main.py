@@ -10,17 +10,13 @@ import logging
 import os
 import pathlib
 import sys
-from typing import Any
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
-from gmpo_jax import checkpointing
-from gmpo_jax import compilation
-from gmpo_jax import distributed
-from gmpo_jax import train
 from gmpo_jax.config import ConfigError
+from gmpo_jax.infra import checkpointing, compilation, distributed
+from gmpo_jax.runner import loop
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, data and metrics.")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
@@ -64,7 +60,7 @@ def main(argv):
         distributed.DistributedConfig.from_config(_CONFIG.value.get("distributed")))
     if _CONFIG.value.get("compilation_cache_dir") is not None:
       compilation.enable_persistent_cache(_CONFIG.value.compilation_cache_dir)
-    train.train_and_evaluate(_CONFIG.value, workdir)
+    loop.train_and_evaluate(_CONFIG.value, workdir)
   except (ConfigError, WorkdirError, checkpointing.ConfigMismatchError,
           checkpointing.CheckpointMismatchError) as error:
     # A user error, not a crash: one line naming what is wrong, no traceback.

@@ -11,7 +11,7 @@ import jax
 import pytest
 from jax import monitoring
 
-from gmpo_jax import compilation
+from gmpo_jax.infra import compilation
 
 jax.config.update("jax_compilation_cache_dir",
                   os.environ.get("GMPO_JAX_TEST_CACHE",

@@ -1,4 +1,4 @@
-"""Tests for gmpo_jax.advantages against float64 NumPy references written from the formulas."""
+"""Tests for gmpo_jax.algo.advantages against float64 NumPy references written from the formulas."""
 
 import functools
 import zlib
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gmpo_jax import advantages
+from gmpo_jax.algo import advantages
 
 # ---------------------------------------------------------------------------------------
 # float64 references, one group at a time, straight from the formulas.

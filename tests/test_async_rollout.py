@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from gmpo_jax import async_rollout
-from gmpo_jax.async_rollout import RolloutProducer
+from gmpo_jax.rollout import producer as async_rollout
+from gmpo_jax.rollout.producer import RolloutProducer
 
 
 def _producer_threads():

@@ -1,4 +1,4 @@
-"""Tests for gmpo_jax.attention: every kernel against the dense reference (values and
+"""Tests for gmpo_jax.models.attention: every kernel against the dense reference (values and
 gradients) on padded batches with GQA and lengths that are not a multiple of the block,
 a finite-difference gradient check in float64, the absence of any T×T array in the
 blockwise program, and the 'auto' selection table."""
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax import test_util as jtu
 
-from gmpo_jax import attention as attn
+from gmpo_jax.models import attention as attn
 
 HIGHEST = jax.lax.Precision.HIGHEST
 

@@ -1,4 +1,4 @@
-"""Tests for gmpo_jax.checkpointing: round trip, retention, manifests, corruption, other models,
+"""Tests for gmpo_jax.infra.checkpointing: round trip, retention, manifests, corruption, other models,
 permissions, config fingerprints, crashes, signals."""
 
 import hashlib
@@ -20,24 +20,24 @@ import pytest
 from flax import nnx
 
 from experiments import fault_table
-from gmpo_jax import checkpointing
-from gmpo_jax.checkpointing import (
-    CONFIG_METADATA_KEY,
-    CORRUPTED_DIR,
-    MANIFEST_FILE,
-    MISSING,
-    CheckpointMismatchError,
-    Checkpointer,
-    CheckpointState,
-    ConfigChange,
-    ConfigMismatchError,
-    CorruptCheckpointError,
-    check_config,
-    config_changes,
-    config_fingerprint,
-    config_record,
-    install_preemption_handler,
+from gmpo_jax.infra.checkpointing import (
+  CONFIG_METADATA_KEY,
+  CORRUPTED_DIR,
+  MANIFEST_FILE,
+  MISSING,
+  Checkpointer,
+  CheckpointMismatchError,
+  CheckpointState,
+  ConfigChange,
+  ConfigMismatchError,
+  CorruptCheckpointError,
+  check_config,
+  config_changes,
+  config_fingerprint,
+  config_record,
+  integrity,
 )
+from gmpo_jax.infra.preemption import install_preemption_handler
 
 _TX = optax.adamw(1e-2)
 
@@ -189,7 +189,7 @@ import sys
 import jax, jax.numpy as jnp, numpy as np, optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
-from gmpo_jax.checkpointing import Checkpointer, CheckpointState
+from gmpo_jax.infra.checkpointing import Checkpointer, CheckpointState
 
 assert jax.device_count() == 8
 mesh = jax.make_mesh((4, 2), ("data", "model"))
@@ -322,7 +322,7 @@ def _moved(directory: pathlib.Path) -> list[str]:
 def _assert_falls_back(directory, caplog, expected, *, to, damaged, **restore_kwargs) -> None:
   """restore_latest restores step `to` exactly, warns about and moves every `damaged` step."""
   caplog.clear()
-  with caplog.at_level(logging.WARNING, logger="gmpo_jax.checkpointing"):
+  with caplog.at_level(logging.WARNING, logger="gmpo_jax.infra.checkpointing"):
     with Checkpointer(directory, best_metric="acc") as checkpointer:
       restored = checkpointer.restore_latest(_abstract_target(), **restore_kwargs)
       assert checkpointer.all_steps() == [s for s in _STEPS if s <= to]
@@ -430,7 +430,7 @@ class TestManifest:
     def fail(*args):
       raise OSError("disk full")
 
-    monkeypatch.setattr(checkpointing, "_build_manifest", fail)
+    monkeypatch.setattr(integrity, "build_manifest", fail)
     with Checkpointer(tmp_path, async_save=True) as checkpointer:
       _, state = _make_state(2, seed=2)
       checkpointer.save(state)
@@ -499,7 +499,7 @@ class TestCorruption:
   def test_changed_metrics_of_an_older_step_are_moved_aside_at_open(self, pristine, tmp_path, caplog):
     directory = _copy(pristine, tmp_path)
     (directory / "2" / "metrics" / "metrics").write_text(json.dumps({"acc": 1e9}))
-    with caplog.at_level(logging.WARNING, logger="gmpo_jax.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="gmpo_jax.infra.checkpointing"):
       with Checkpointer(directory, best_metric="acc") as checkpointer:
         assert checkpointer.all_steps() == [1, 3]
         assert checkpointer.best_step == 3
@@ -526,7 +526,7 @@ class TestCorruption:
     directory = _copy(pristine, tmp_path)
     shutil.copytree(directory / "3", directory / "4")
     (directory / "4" / MANIFEST_FILE).unlink()
-    with caplog.at_level(logging.WARNING, logger="gmpo_jax.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="gmpo_jax.infra.checkpointing"):
       with Checkpointer(directory, best_metric="acc") as checkpointer:
         assert checkpointer.all_steps() == [1, 2, 3]
         assert checkpointer.latest_step == 3
@@ -559,15 +559,16 @@ class TestCorruption:
 _SECOND_SIGTERM_SCRIPT = """
 import sys, time
 import jax, jax.numpy as jnp
-from gmpo_jax import checkpointing
-build = checkpointing._build_manifest
+from gmpo_jax.infra import checkpointing, preemption
+from gmpo_jax.infra.checkpointing import integrity
+build = integrity.build_manifest
 def slow_build(*args):
   print("WRITING MANIFEST", flush=True)
   time.sleep(60)
   return build(*args)
-checkpointing._build_manifest = slow_build
+integrity.build_manifest = slow_build
 ckpt = checkpointing.Checkpointer(sys.argv[1])
-with checkpointing.install_preemption_handler():
+with preemption.install_preemption_handler():
   ckpt.save(checkpointing.CheckpointState(2, {"w": jnp.full(3, 2.0)}, {}, jax.random.key(2), {}))
   ckpt.wait_until_finished()
 """
@@ -607,7 +608,7 @@ class TestOtherModel:
     _, state = _make_state(3, seed=3)
     with Checkpointer(tmp_path) as checkpointer:
       checkpointer.save(CheckpointState(3, wider, _TX.init(wider), state.key, {}))
-    with caplog.at_level(logging.WARNING, logger="gmpo_jax.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="gmpo_jax.infra.checkpointing"):
       with Checkpointer(tmp_path) as checkpointer:
         _assert_restored_equals(checkpointer.restore_latest(_abstract_target()), expected[2])
     assert any("step 3" in m and "['model']['bias'].value is float32[5] in the checkpoint, the target "
@@ -651,7 +652,7 @@ class TestUnreadable:
     return directory, _save_steps(directory, [1, 2, 5])
 
   def _check_skipped(self, directory, caplog, expected, unreadable_path) -> None:
-    with caplog.at_level(logging.WARNING, logger="gmpo_jax.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="gmpo_jax.infra.checkpointing"):
       with Checkpointer(directory, max_to_keep=1) as checkpointer:
         _assert_restored_equals(checkpointer.restore_latest(_abstract_target()), expected[2])
         # The run goes on from step 2. Counted among the latest, step 5 would make retention
@@ -674,14 +675,14 @@ class TestUnreadable:
     # Root ignores file modes: simulate what a mode-000 step directory gives another user.
     directory, expected = gapped
     step_dir = directory / "5"
-    read_manifest = checkpointing._read_manifest
+    read_manifest = integrity.read_manifest
 
     def denied(path):
       if pathlib.Path(os.fspath(path)) == step_dir:
         raise PermissionError(13, "Permission denied", os.fspath(path / MANIFEST_FILE))
       return read_manifest(path)
 
-    monkeypatch.setattr(checkpointing, "_read_manifest", denied)
+    monkeypatch.setattr(integrity, "read_manifest", denied)
     monkeypatch.setattr(Checkpointer, "_quarantine", lambda self, steps: pytest.fail(f"moved {steps}"))
     self._check_skipped(directory, caplog, expected, step_dir / MANIFEST_FILE)
     assert (step_dir / MANIFEST_FILE).exists()
@@ -761,7 +762,7 @@ class TestConfig:
                                                      r"seed: 0 -> 1") as error:
         checkpointer.restore_latest(target, config=other)
       assert [c.field for c in error.value.changes] == ["optim.learning_rate", "seed"]
-      with caplog.at_level(logging.WARNING, logger="gmpo_jax.checkpointing"):
+      with caplog.at_level(logging.WARNING, logger="gmpo_jax.infra.checkpointing"):
         _assert_restored_equals(
             checkpointer.restore_latest(target, config=other, allow_config_changes=True), expected)
       assert any("seed: 0 -> 1" in m for m in _warnings(caplog))

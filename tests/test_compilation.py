@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from gmpo_jax import compilation
+from gmpo_jax.infra import compilation
 
 DURATION_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -45,7 +45,7 @@ def test_a_second_process_reads_the_programs_the_first_compiled(tmp_path):
   script = textwrap.dedent(f"""
       import jax, jax.numpy as jnp
       from jax import monitoring
-      from gmpo_jax import compilation
+      from gmpo_jax.infra import compilation
       hits = []
       monitoring.register_event_listener(
           lambda event, **_: hits.append(1) if event.endswith("cache_hits") else None)

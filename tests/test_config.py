@@ -6,12 +6,10 @@ import sys
 
 import pytest
 
-from configs import default
-from configs import qwen2_5_0_5b
-from configs import smoke
+from configs import default, qwen2_5_0_5b, smoke
 from gmpo_jax import main
-from gmpo_jax import train
 from gmpo_jax.config import ConfigError, ExperimentConfig, OptimConfig
+from gmpo_jax.runner import loop
 
 
 def test_the_shipped_configs_are_valid():
@@ -84,12 +82,12 @@ def test_bad_values_fail_before_any_dataset_is_built(tmp_path):
   config = smoke.get_config()
   config.algorithm.objective_kwargs.epsilon_low = -1.0
   with pytest.raises(ConfigError, match="epsilon_low"):
-    train.train_and_evaluate(config, tmp_path)
+    loop.train_and_evaluate(config, tmp_path)
   config = smoke.get_config()
   config.prompts_per_step = 3  # 3 x 4 completions do not split into 2 minibatches of 8 devices
   config.algorithm.num_minibatches = 8
   with pytest.raises(ConfigError, match="prompts_per_step x algorithm.num_generations = 12"):
-    train.train_and_evaluate(config, tmp_path)
+    loop.train_and_evaluate(config, tmp_path)
   assert not (tmp_path / "data").exists()
 
 

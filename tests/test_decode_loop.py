@@ -1,4 +1,4 @@
-"""Tests for the decode loop of gmpo_jax.sampling: k steps per finish check give the same
+"""Tests for the decode loop of gmpo_jax.rollout.sampling: k steps per finish check give the same
 outputs for every k, stop early, select one program each, and write the KV cache in place."""
 
 import contextlib
@@ -9,10 +9,9 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from test_logprobs import _CONFIG, _model
 
-from gmpo_jax import sampling
-from test_logprobs import _CONFIG
-from test_logprobs import _model
+from gmpo_jax.rollout import sampling
 
 N = 14  # (N − 1) mod k is 1, 5, 0 and 13 for k = 3, 8, 13, 20: every loop shape occurs.
 STEPS_PER_CHECK = (3, 8, 13, 20)

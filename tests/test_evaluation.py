@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from gmpo_jax import evaluation
+from gmpo_jax.algo import pass_at_k as evaluation
 
 
 def _pass_at_k_by_enumeration(n: int, c: int, k: int) -> float:

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gmpo_jax import importance
+from gmpo_jax.algo import importance
 
 B, T = 6, 7
 CAP = 1.5

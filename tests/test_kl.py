@@ -1,4 +1,4 @@
-"""Tests for gmpo_jax.kl against float64 NumPy references."""
+"""Tests for gmpo_jax.algo.kl against float64 NumPy references."""
 
 import hypothesis
 import hypothesis.strategies as st
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gmpo_jax import kl
+from gmpo_jax.algo import kl
 
 _kl_penalty = jax.jit(kl.kl_penalty, static_argnames='estimator')
 _entropy = jax.jit(kl.entropy_from_logits)

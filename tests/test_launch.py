@@ -17,8 +17,7 @@ import tempfile
 import pytest
 
 from configs import ablation_gmpo
-from experiments import aggregate
-from experiments import launch
+from experiments import aggregate, launch
 
 # Per point (offset o: grpo 0, gmpo 10) and seed s, over steps 0..4:
 #   eval/pass@1  step 0: 0.1 (s + 1); step 2: 0.2 + 0.1 s; step 4: 0.5 for s = 0, null for s = 1

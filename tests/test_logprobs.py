@@ -1,4 +1,4 @@
-"""Tests for gmpo_jax.logprobs: chunked log-probs and entropy against a float64 NumPy
+"""Tests for gmpo_jax.models.logprobs: chunked log-probs and entropy against a float64 NumPy
 reference (values and finite-difference gradients), the memory bound, and sequence alignment
 on the real Transformer."""
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gmpo_jax import logprobs as lp
+from gmpo_jax.models import logprobs as lp
 from gmpo_jax.models import transformer as tfm
 
 TOL = dict(rtol=1e-5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Tests for gmpo_jax.losses against float64 NumPy references written from the papers.
+"""Tests for gmpo_jax.algo.losses against float64 NumPy references written from the papers.
 
 The references below follow the published formulas directly (GMPO as the product
 form sgn(A) prod_t |min(rho_t A, clip(rho_t, e^-eps_low, e^eps_high) A)|^(1/|o|),
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gmpo_jax import losses
+from gmpo_jax.algo import losses
 
 B, T = 8, 8
 MODES = losses.AGGREGATION_MODES

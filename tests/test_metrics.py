@@ -1,4 +1,4 @@
-"""Tests for gmpo_jax.metrics: JSON lines, resume, TensorBoard, progress, summary, plots."""
+"""Tests for gmpo_jax.infra.metrics: JSON lines, resume, TensorBoard, progress, summary, plots."""
 
 import json
 import logging
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gmpo_jax import metrics as metrics_lib
-from gmpo_jax.metrics import (
+from gmpo_jax.infra import metrics as metrics_lib
+from gmpo_jax.infra.metrics import (
     METRICS_FILE,
     PLOT_FILE,
     SUMMARY_FILE,
@@ -129,7 +129,7 @@ class TestResume:
     _write_run(resumed, range(1, 6))
     with (resumed / METRICS_FILE).open("a") as file:
       file.write('{"step": 6, "loss": 0.1')
-    with caplog.at_level(logging.WARNING, logger="gmpo_jax.metrics"):
+    with caplog.at_level(logging.WARNING, logger="gmpo_jax.infra.metrics"):
       writer = MetricsWriter(resumed, total_steps=6, start_step=3, progress=False, best_modes=_BEST_MODES)
     assert any("unreadable line 6" in r.getMessage() for r in caplog.records)
     assert [r["step"] for r in read_metrics(resumed)] == [1, 2, 3]
@@ -188,7 +188,7 @@ class TestTensorBoard:
 class TestSummaryAndProgress:
 
   def test_status_lines_replace_the_bar_off_a_terminal(self, tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="gmpo_jax.metrics"):
+    with caplog.at_level(logging.INFO, logger="gmpo_jax.infra.metrics"):
       with MetricsWriter(tmp_path, total_steps=7, progress=False, progress_keys=("loss",),
                          status_every=3) as writer:
         for step in range(8):
@@ -275,6 +275,6 @@ class TestPlot:
 
 def test_the_metrics_writer_does_not_import_torch():
   pytest.importorskip("torch")  # tensorboardX imports it only when it is installed
-  code = ("import sys, gmpo_jax.metrics; assert 'torch' not in sys.modules; "
+  code = ("import sys, gmpo_jax.infra.metrics; assert 'torch' not in sys.modules; "
           "import torch; assert torch.ones(2).sum().item() == 2.0")
   subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,4 +1,4 @@
-"""Tests for gmpo_jax.perf: FLOP and byte counts, chip peaks, the CPU probe, the override."""
+"""Tests for gmpo_jax.runner.perf: FLOP and byte counts, chip peaks, the CPU probe, the override."""
 
 import math
 import types
@@ -10,9 +10,9 @@ import pytest
 from flax import nnx
 
 from configs import smoke
-from gmpo_jax import perf
 from gmpo_jax.config import ConfigError, ExperimentConfig
 from gmpo_jax.models.transformer import Transformer, TransformerConfig, init_cache
+from gmpo_jax.runner import perf
 
 
 def _random_config(seed: int, **fixed) -> TransformerConfig:

@@ -1,4 +1,4 @@
-"""Tests for gmpo_jax.reward_shape: diagnostics against float64 references, the advisor's rules,
+"""Tests for gmpo_jax.algo.reward_shape: diagnostics against float64 references, the advisor's rules,
 and its calibration on the reward study's environments."""
 
 import math
@@ -10,7 +10,7 @@ from scipy import stats
 
 import gmpo_jax
 from experiments.reward_study import envs
-from gmpo_jax import reward_shape
+from gmpo_jax.algo import reward_shape
 
 KEYS = ("groups", "zero_std_group_fraction", "non_positive_fraction", "non_finite_fraction",
         "log10_span_mean", "log10_span_max", "tail_index", "skewness")

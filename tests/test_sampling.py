@@ -1,4 +1,4 @@
-"""Tests for gmpo_jax.sampling and gmpo_jax.rollout on the real Transformer: cached decoding
+"""Tests for gmpo_jax.rollout.sampling and gmpo_jax.rollout.backends on the real Transformer: cached decoding
 against full recomputation, padding and batch invariance, determinism, truncation, stop tokens,
 log-probs against a full forward, the sampled distribution, and compile counts."""
 
@@ -10,15 +10,11 @@ import numpy as np
 import pytest
 import scipy.stats
 from flax import nnx
+from test_logprobs import _CONFIG, _full_logits, _model
 
-from gmpo_jax import sampling
-from gmpo_jax.logprobs import positions_from_mask
-from gmpo_jax.rollout import JaxRollout
-from gmpo_jax.rollout import MockRollout
-from gmpo_jax.rollout import RolloutBackend
-from test_logprobs import _CONFIG
-from test_logprobs import _full_logits
-from test_logprobs import _model
+from gmpo_jax.models.logprobs import positions_from_mask
+from gmpo_jax.rollout import sampling
+from gmpo_jax.rollout.backends import JaxRollout, MockRollout, RolloutBackend
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 N = 6

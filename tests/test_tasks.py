@@ -15,8 +15,15 @@ import pytest
 from hypothesis import strategies as st
 
 from gmpo_jax import tasks
-from gmpo_jax.tasks import (arithmetic, base, competition_math, gsm8k, minilang, multiplicative,
-                            program_tests)
+from gmpo_jax.tasks import (
+  arithmetic,
+  base,
+  competition_math,
+  gsm8k,
+  minilang,
+  multiplicative,
+  program_tests,
+)
 
 SMALL = {
     "arithmetic": dict(num_train=40, num_test=15),
@@ -1002,7 +1009,6 @@ class TestMath:
 
 def test_qwen2_5_math_config():
   from configs import qwen2_5_math
-
   from gmpo_jax.config import AlgorithmConfig
 
   config = qwen2_5_math.get_config()

@@ -1,4 +1,4 @@
-"""Tests for gmpo_jax.tokenization: CharTokenizer and HFTokenizer on a tokenizer.json the test
+"""Tests for gmpo_jax.models.tokenization: CharTokenizer and HFTokenizer on a tokenizer.json the test
 trains itself with the `tokenizers` library (no hub)."""
 
 import json
@@ -9,7 +9,7 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from gmpo_jax import tokenization
+from gmpo_jax.models import tokenization
 from gmpo_jax.models.transformer import TransformerConfig
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unused>"]

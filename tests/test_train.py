@@ -14,29 +14,26 @@ import pytest
 from flax import nnx
 
 from configs import smoke
-from gmpo_jax import checkpointing
-from gmpo_jax import evaluation
-from gmpo_jax import learner
-from gmpo_jax import metrics as metrics_lib
-from gmpo_jax import perf
-from gmpo_jax import rollout as rollout_lib
-from gmpo_jax import sampling
-from gmpo_jax import sharding
-from gmpo_jax import train
-from gmpo_jax.config import AlgorithmConfig
-from gmpo_jax.config import ModelConfig
+from gmpo_jax.algo import pass_at_k as evaluation
+from gmpo_jax.config import AlgorithmConfig, ModelConfig
+from gmpo_jax.infra import checkpointing, preemption, sharding
+from gmpo_jax.infra import metrics as metrics_lib
+from gmpo_jax.learner import update as learner
 from gmpo_jax.models.transformer import Transformer
+from gmpo_jax.rollout import backends as rollout_lib
+from gmpo_jax.rollout import sampling
+from gmpo_jax.runner import build, evaluate, loop, perf, rl_step, warm_start
 
 
 def _records(workdir):
-  return [{k: v for k, v in r.items() if k not in train.TIMING_METRICS}
+  return [{k: v for k, v in r.items() if k not in rl_step.TIMING_METRICS}
           for r in metrics_lib.read_metrics(workdir)]
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  summary = train.train_and_evaluate(smoke.get_config(), workdir)
+  summary = loop.train_and_evaluate(smoke.get_config(), workdir)
   return workdir, summary
 
 
@@ -84,7 +81,7 @@ def test_run_writes_metrics_checkpoints_and_plot(uninterrupted):
         f"eval/{name}/ci_high"], name
   for record in records:
     if "eval/pass@1" in record:
-      path = workdir / train.EVAL_RESULTS_DIR / f"step_{record['step']:06d}.jsonl"
+      path = workdir / evaluate.EVAL_RESULTS_DIR / f"step_{record['step']:06d}.jsonl"
       recomputed = evaluation.summarize(evaluation.read_results(path), config.eval.k)
       assert recomputed == pytest.approx({k: record[k] for k in recomputed}), path
 
@@ -96,7 +93,7 @@ def test_every_rl_step_logs_its_hardware_rates(uninterrupted):
   assert summary["perf"]["tflops"] == perf.cpu_matmul_tflops()  # the same process's probe
   for record in metrics_lib.read_metrics(workdir)[1:]:
     for key in ("perf/train_tflops", "perf/mfu", "perf/decode_gb_per_s"):
-      assert key in train.TIMING_METRICS  # rates of timings: not compared across runs
+      assert key in rl_step.TIMING_METRICS  # rates of timings: not compared across runs
       assert math.isfinite(record[key]) and record[key] > 0, (record["step"], key)
     assert record["perf/mfu"] == pytest.approx(record["perf/train_tflops"]
                                                / summary["perf"]["tflops"])
@@ -114,10 +111,10 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp
 
   with monkeypatch.context() as patch:
     patch.setattr(metrics_lib.MetricsWriter, "write", write_then_preempt)
-    train.train_and_evaluate(smoke.get_config(), workdir)
+    loop.train_and_evaluate(smoke.get_config(), workdir)
   assert [r["step"] for r in _records(workdir)] == [0, 1, 2]
 
-  train.train_and_evaluate(smoke.get_config(), workdir)
+  loop.train_and_evaluate(smoke.get_config(), workdir)
   resumed = _records(workdir)
   assert [r["step"] for r in resumed] == [r["step"] for r in reference]
   for got, want in zip(resumed, reference):
@@ -135,7 +132,8 @@ def test_sigterm_outside_the_rl_loop_saves_and_resumes_exactly(uninterrupted, tm
   reference = _records(uninterrupted[0])
   workdir = tmp_path / phase
   target = "_supervised_batch" if phase == "warm_start" else "evaluate"
-  original = getattr(train, target)
+  module = warm_start if phase == "warm_start" else loop
+  original = getattr(module, target)
   calls = []
 
   def call_then_preempt(*args, **kwargs):
@@ -145,11 +143,11 @@ def test_sigterm_outside_the_rl_loop_saves_and_resumes_exactly(uninterrupted, tm
     return original(*args, **kwargs)
 
   with monkeypatch.context() as patch:
-    patch.setattr(train, target, call_then_preempt)
-    summary = train.train_and_evaluate(smoke.get_config(), workdir)
+    patch.setattr(module, target, call_then_preempt)
+    summary = loop.train_and_evaluate(smoke.get_config(), workdir)
   assert "preempted" in summary
   assert not (workdir / "checkpoints").exists() or phase == "first_evaluation"
-  train.train_and_evaluate(smoke.get_config(), workdir)
+  loop.train_and_evaluate(smoke.get_config(), workdir)
   resumed = _records(workdir)
   assert [r["step"] for r in resumed] == [r["step"] for r in reference]
   for got, want in zip(resumed, reference):
@@ -165,13 +163,13 @@ def test_warm_start_stops_at_the_first_probe_that_reaches_the_target(tmp_path, m
   config.warm_start.steps, config.warm_start.target_train_pass_rate = 9, 0.3
   config.warm_start.probe_every = 2
   rates = iter([0.1, 0.29, 0.31, 0.9])
-  monkeypatch.setattr(train, "_train_pass_rate_probe", lambda run, size: lambda params: next(rates))
-  run = train._build_run(config, tmp_path)
-  with checkpointing.install_preemption_handler() as preemption:
-    params, result = train.warm_start(run, preemption)
+  monkeypatch.setattr(warm_start, "train_pass_rate_probe", lambda run, size: lambda params: next(rates))
+  run = build.build_run(config, tmp_path)
+  with preemption.install_preemption_handler() as handler:
+    params, result = warm_start.warm_start(run, handler)
     assert result == {"warm_start/steps": 6, "warm_start/train_pass_rate": 0.31}
     # The finished pass is cached with its result: no more steps, no more probes.
-    again, cached = train.warm_start(run, preemption)
+    again, cached = warm_start.warm_start(run, handler)
   assert cached == result
   assert next(rates) == 0.9
   for got, want in zip(jax.tree.leaves(again), jax.tree.leaves(params)):
@@ -181,7 +179,7 @@ def test_warm_start_stops_at_the_first_probe_that_reaches_the_target(tmp_path, m
 def test_rerun_of_a_finished_workdir_does_nothing_new(uninterrupted):
   workdir, _ = uninterrupted
   before = (workdir / metrics_lib.METRICS_FILE).read_text()
-  train.train_and_evaluate(smoke.get_config(), workdir)
+  loop.train_and_evaluate(smoke.get_config(), workdir)
   assert (workdir / metrics_lib.METRICS_FILE).read_text() == before
 
 
@@ -195,14 +193,14 @@ def test_a_workdir_of_another_experiment_is_refused_unless_changes_are_allowed(u
   config.optim.learning_rate = 3e-4
   with pytest.raises(checkpointing.ConfigMismatchError,
                      match=r"algorithm.advantage[\s\S]*optim.learning_rate"):
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
   assert (workdir / metrics_lib.METRICS_FILE).read_text() == before
   config.resume_with_changes = True
-  train.train_and_evaluate(config, workdir)  # accepted: finished, so nothing new to run
+  loop.train_and_evaluate(config, workdir)  # accepted: finished, so nothing new to run
   # Fields that do not change the experiment never count.
   config = smoke.get_config()
   config.eval_every = 1
-  train.train_and_evaluate(config, workdir)
+  loop.train_and_evaluate(config, workdir)
 
 
 def test_sampler_learner_kl_is_k3_over_completion_tokens():
@@ -229,7 +227,7 @@ def test_minibatches_are_the_permuted_rows_as_micro_batches_from_one_program(
                          num_microbatches=num_microbatches)
   key = jax.random.key(7)
   backend_compiles.clear()
-  batches = list(train.minibatches(sequences, key, algo))
+  batches = list(rl_step.minibatches(sequences, key, algo))
   assert len(backend_compiles) <= 1  # eagerly: fold_in, permutation, a gather and a reshape each
   assert len(batches) == 2 * num_minibatches
   for epoch in range(2):
@@ -247,8 +245,8 @@ def test_minibatches_are_the_permuted_rows_as_micro_batches_from_one_program(
 
 def test_a_model_is_built_by_one_program_with_the_eager_initializer_values(backend_compiles):
   model_config = ModelConfig(name="tiny", tokenizer="char", overrides=(("num_layers", 3),))
-  tokenizer = train.build_tokenizer(model_config)
-  built = train.build_model(model_config, tokenizer, seed=5)
+  tokenizer = build.build_tokenizer(model_config)
+  built = build.build_model(model_config, tokenizer, seed=5)
   assert len(backend_compiles) <= 1
   eager = Transformer(built.config, rngs=nnx.Rngs(5))
   # The same keys and initializers; XLA fuses the 0.02 scale into the normal draw, which moves
@@ -259,15 +257,15 @@ def test_a_model_is_built_by_one_program_with_the_eager_initializer_values(backe
 
 def test_overlong_penalty_is_linear_in_the_buffer():
   lengths = np.array([0, 6, 7, 8, 9, 10])
-  got = train.overlong_penalty(lengths, max_new_tokens=10, buffer=4, penalty=2.0)
+  got = rl_step.overlong_penalty(lengths, max_new_tokens=10, buffer=4, penalty=2.0)
   np.testing.assert_allclose(got, [0.0, 0.0, -0.5, -1.0, -1.5, -2.0])
   np.testing.assert_array_equal(
-      train.overlong_penalty(lengths, max_new_tokens=10, buffer=0, penalty=2.0), 0.0)
+      rl_step.overlong_penalty(lengths, max_new_tokens=10, buffer=0, penalty=2.0), 0.0)
 
 
 def test_group_statistics_of_a_batch():
   rewards = np.array([[10.0, 10.0, 10.0, 1000.0], [2.0, 2.0, 2.0, 2.0]])
-  stats = train.group_statistics(rewards)
+  stats = rl_step.group_statistics(rewards)
   assert stats["groups/zero_std_fraction"] == 0.5
   np.testing.assert_allclose(stats["reward/mean"], rewards.mean())
   np.testing.assert_allclose(stats["reward/geometric_mean"], np.exp(np.log(rewards).mean()))
@@ -280,7 +278,7 @@ def test_reference_model_kl_dynamic_sampling_and_overlong_penalty(tmp_path):
   config.algorithm.dynamic_sampling = True
   config.algorithm.overlong_buffer = 1
   config.algorithm.overlong_penalty = 0.005  # keeps the rewards positive for the log baseline
-  train.train_and_evaluate(config, tmp_path)
+  loop.train_and_evaluate(config, tmp_path)
   records = _records(tmp_path)[1:]
   assert all(np.isfinite(r["loss"]) and np.isfinite(r["kl"]) for r in records)
   # After the first update the policy differs from the frozen reference.
@@ -291,18 +289,18 @@ def test_rewards_outside_the_estimators_domain_fail_before_any_work(tmp_path):
   config = smoke.get_config()
   config.task.kwargs = dict(config.task.kwargs, min_reward=0.0)  # log(0) for the log baseline
   with pytest.raises(ValueError, match="R \\+ offset > 0"):
-    train.train_and_evaluate(config, tmp_path)
+    loop.train_and_evaluate(config, tmp_path)
   assert not (tmp_path / "data").exists()
   config.eval.k = (0,)
   with pytest.raises(ValueError, match="eval.k"):
-    train.train_and_evaluate(config, tmp_path)
+    loop.train_and_evaluate(config, tmp_path)
 
 
 def test_misspelt_or_invalid_algorithm_options_fail_before_training(tmp_path):
   config = smoke.get_config()
   config.algorithm.objective = "geometrik"
   with pytest.raises(ValueError, match="geometric"):
-    train.train_and_evaluate(config, tmp_path)
+    loop.train_and_evaluate(config, tmp_path)
 
 
 class ScriptedRollout:
@@ -343,7 +341,7 @@ def test_rl_step_scores_scripted_completions_and_updates_the_policy(tmp_path):
   # One epoch of one minibatch: on-policy, so the update takes pi_old from its own forward pass.
   config.algorithm.num_minibatches = 1
   config.optim.warmup_steps = 0  # the step's only update must move the parameters
-  with jax.set_mesh((run := train._build_run(config, tmp_path)).mesh):
+  with jax.set_mesh((run := build.build_run(config, tmp_path)).mesh):
     g = run.algo.num_generations
     examples = list(run.train_examples[:config.prompts_per_step])
     # Prompt 0's completions: the right answer once, a wrong one otherwise; the others: wrong.
@@ -351,13 +349,13 @@ def test_rl_step_scores_scripted_completions_and_updates_the_policy(tmp_path):
       group, member = divmod(row, g)
       return run.task.demonstration(examples[group]) if (group, member) == (0, 0) else "x"
     backend = ScriptedRollout(run.tokenizer, script)
-    optimizer = train.make_optimizer(run.config.optim, total_updates=10)
+    optimizer = build.make_optimizer(run.config.optim, total_updates=10)
     opt_state = learner.init_opt_state(optimizer, run.params, run.mesh)
-    rl_step = train.RLStep(run, backend=backend, optimizer=optimizer,
-                           opt_shardings=jax.tree.map(lambda x: x.sharding, opt_state),
-                           key=sharding.prng_key(0, run.mesh))
+    step_fn = rl_step.RLStep(run, backend=backend, optimizer=optimizer,
+                             opt_shardings=jax.tree.map(lambda x: x.sharding, opt_state),
+                             key=sharding.prng_key(0, run.mesh))
     before = jax.device_get(run.params)
-    state, record = rl_step(train.RLState(step=0, params=run.params, opt_state=opt_state),
+    state, record = step_fn(rl_step.RLState(step=0, params=run.params, opt_state=opt_state),
                             examples)
 
   rewards = np.array([[run.task.reward(script(i * g + j), examples[i]) for j in range(g)]
@@ -384,7 +382,7 @@ def test_the_rollout_backend_is_chosen_by_config_and_importance_weights_correct_
   config.warm_start.steps = 0
   config.rollout.backend = "mock"  # uniform-random tokens: all completions run to the budget
   config.algorithm.is_correction, config.algorithm.is_cap = "token_tis", 1.2
-  train.train_and_evaluate(config, tmp_path)
+  loop.train_and_evaluate(config, tmp_path)
   record = _records(tmp_path)[1]
   # The mock reports -log V for its tokens; the learner's policy is not uniform, so the
   # weights pi_learner / pi_mock = V pi_learner spread around 1 and the cap binds.
@@ -406,7 +404,7 @@ def _async_config():
 @pytest.fixture(scope="module")
 def uninterrupted_async(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted_async")
-  train.train_and_evaluate(_async_config(), workdir)
+  loop.train_and_evaluate(_async_config(), workdir)
   return workdir
 
 
@@ -436,20 +434,20 @@ def test_sigterm_with_staleness_checkpoints_the_rollout_in_flight_and_resumes_ex
 
   with monkeypatch.context() as patch:
     patch.setattr(metrics_lib.MetricsWriter, "write", write_then_preempt)
-    train.train_and_evaluate(_async_config(), workdir)
+    loop.train_and_evaluate(_async_config(), workdir)
   assert [r["step"] for r in _records(workdir)] == [0, 1, 2] and not _producer_threads()
   # Step 2's rollout was sampled from version 1 before the stop: it is in the checkpoint.
   metadata = json.loads((workdir / "checkpoints" / "2" / "metadata" / "metadata").read_text())
-  assert metadata[train.IN_FLIGHT_METADATA_KEY] == [{"step": 2, "version": 1}]
+  assert metadata[loop.IN_FLIGHT_METADATA_KEY] == [{"step": 2, "version": 1}]
 
-  train.train_and_evaluate(_async_config(), workdir)
+  loop.train_and_evaluate(_async_config(), workdir)
   assert _records(workdir) == _records(uninterrupted_async)
 
 
 def test_an_error_in_the_producer_thread_stops_the_run_with_its_message(tmp_path, monkeypatch):
   config = _async_config()
   config.warm_start.steps = 0
-  rewards_for = train._rewards_for
+  rewards_for = rl_step.rewards_for
   calls = []
 
   def nan_at_step_2(*args):
@@ -457,7 +455,7 @@ def test_an_error_in_the_producer_thread_stops_the_run_with_its_message(tmp_path
     rewards = rewards_for(*args)
     return rewards * np.nan if len(calls) == 3 else rewards
 
-  monkeypatch.setattr(train, "_rewards_for", nan_at_step_2)
+  monkeypatch.setattr(rl_step, "rewards_for", nan_at_step_2)
   with pytest.raises(ValueError, match="Non-finite rewards"):
-    train.train_and_evaluate(config, tmp_path)
+    loop.train_and_evaluate(config, tmp_path)
   assert [r["step"] for r in _records(tmp_path)] == [0, 1, 2] and not _producer_threads()

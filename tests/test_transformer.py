@@ -430,7 +430,7 @@ class TestConfig:
 def test_logits_projection_value_and_gradient_use_the_model_precision(dtype):
   """`project_logits` and the chunked log-probs' backward run their matmuls at the model's
   precision (HIGHEST in float32), like every matmul of the transformer."""
-  from gmpo_jax import logprobs  # pylint: disable=g-import-not-at-top
+  from gmpo_jax.models import logprobs  # pylint: disable=g-import-not-at-top
 
   config = dataclasses.replace(TINY, dtype=dtype)
   hidden = jnp.ones((2, 4, config.hidden_size), config.dtype)

@@ -3,8 +3,8 @@
 The policy is a table of logits per context and token position (C x T x V, see
 `envs`), optionally mixed across contexts; a group is G sampled sequences per
 context. One training step samples the groups, scores them, computes advantages
-with one of `METHODS` (the estimators of `gmpo_jax.advantages`) and takes
-`num_epochs` Adam steps on one of `OBJECTIVES` (the losses of `gmpo_jax.losses`)
+with one of `METHODS` (the estimators of `gmpo_jax.algo.advantages`) and takes
+`num_epochs` Adam steps on one of `OBJECTIVES` (the losses of `gmpo_jax.algo.losses`)
 with the rollout log-probs held fixed, so the clip matters from the second epoch.
 
 A whole run is a pure function of a PRNG key (`make_train(config)(key, method,
@@ -24,12 +24,12 @@ import numpy as np
 import optax
 
 from experiments.reward_study import envs
-from gmpo_jax import advantages, losses
+from gmpo_jax.algo import advantages, losses
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-  """An advantage estimator of `gmpo_jax.advantages` with bound hyperparameters."""
+  """An advantage estimator of `gmpo_jax.algo.advantages` with bound hyperparameters."""
 
   label: str
   estimator: str
@@ -41,7 +41,7 @@ class Method:
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-  """A policy loss of `gmpo_jax.losses` with bound hyperparameters."""
+  """A policy loss of `gmpo_jax.algo.losses` with bound hyperparameters."""
 
   label: str
   loss: str

@@ -1,11 +1,13 @@
 """Policy models: the decoder-only transformer and the Hugging Face checkpoint importer."""
 
 from gmpo_jax.models.hf_import import load_hf_checkpoint
-from gmpo_jax.models.transformer import KVCache
-from gmpo_jax.models.transformer import RopeScaling
-from gmpo_jax.models.transformer import Transformer
-from gmpo_jax.models.transformer import TransformerConfig
-from gmpo_jax.models.transformer import init_cache
+from gmpo_jax.models.transformer import (
+    KVCache,
+    RopeScaling,
+    Transformer,
+    TransformerConfig,
+    init_cache,
+)
 
 __all__ = [
     "KVCache", "RopeScaling", "Transformer", "TransformerConfig", "init_cache",

@@ -15,10 +15,11 @@ import json
 import os
 from typing import Any, Callable, Iterator, NamedTuple
 
-# bfloat16 safetensors are read through NumPy, which needs ml_dtypes' bfloat16 registered.
-import ml_dtypes  # noqa: F401
 import jax
 import jax.numpy as jnp
+
+# bfloat16 safetensors are read through NumPy, which needs ml_dtypes' bfloat16 registered.
+import ml_dtypes  # noqa: F401
 import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open

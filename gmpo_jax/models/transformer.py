@@ -13,7 +13,7 @@ et al. 2023, arXiv 2305.13245); "GLU Variants Improve Transformer" (Shazeer 2020
 "Qwen2 Technical Report" (arXiv 2407.10671, q/k/v bias); "Qwen3 Technical Report" (arXiv
 2505.09388, per-head q/k RMSNorm).
 
-Attention runs through `gmpo_jax.attention` (``TransformerConfig.attention_impl``): by default
+Attention runs through `gmpo_jax.models.attention` (``TransformerConfig.attention_impl``): by default
 a blockwise flash-style kernel on the CPU, cuDNN on GPUs (16-bit), splash on TPUs, so neither
 the training step nor a prefill holds a [B, H, T, T] score matrix; a single decode step uses
 the dense kernel (its scores are [B, H, 1, S]).
@@ -26,7 +26,7 @@ Every parameter carries logical axis names (``vocab``, ``embed``, ``mlp``, ``hea
 ``eager_sharding=False`` so the model builds without a mesh; a sharding module maps the
 names to mesh axes with ``nnx.get_partition_spec`` under ``nnx.logical_axis_rules``.
 Traced under ``jax.set_mesh``, the hidden states are pinned to the batch axes after the
-embedding and at the top of every layer (``gmpo_jax.sharding.constrain_to_batch_axes``).
+embedding and at the top of every layer (``gmpo_jax.infra.sharding.constrain_to_batch_axes``).
 """
 
 from __future__ import annotations
@@ -40,11 +40,10 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from flax import struct
+from flax import nnx, struct
 
-from gmpo_jax import attention as attention_lib
-from gmpo_jax.sharding import constrain_to_batch_axes
+from gmpo_jax.infra.sharding import constrain_to_batch_axes
+from gmpo_jax.models import attention as attention_lib
 
 _SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -95,7 +94,7 @@ def matmul_precision(dtype: Any) -> jax.lax.Precision:
 
   On GPUs/TPUs the default runs float32 matmuls in TF32/bfloat16 passes (errors ~1e-3 in the
   logits), and log-prob ratios need float32. Every matmul of the model and of the logits
-  projection (`gmpo_jax.logprobs.project_logits`) uses this rule.
+  projection (`gmpo_jax.models.logprobs.project_logits`) uses this rule.
   """
   if jnp.dtype(dtype) == jnp.float32:
     return jax.lax.Precision.HIGHEST
@@ -171,13 +170,13 @@ class TransformerConfig:
     max_position_embeddings: the longest context the model was trained for (informational).
     remat: rematerialize each block in the backward pass (saves activation memory).
     rope_scaling: optional RoPE frequency rescaling (llama-3.2-1b uses 'llama3').
-    attention_impl: attention kernel, one of `gmpo_jax.attention.IMPLEMENTATIONS`: 'auto'
-      (per backend, dtype and length: `gmpo_jax.attention.resolve_impl`), 'xla' (dense
+    attention_impl: attention kernel, one of `gmpo_jax.models.attention.IMPLEMENTATIONS`: 'auto'
+      (per backend, dtype and length: `gmpo_jax.models.attention.resolve_impl`), 'xla' (dense
       [B, H, T, S] scores, the reference), 'blockwise' (flash-style pure JAX, no T×S array
       in value or gradient), 'cudnn' (GPU, float16/bfloat16) or 'splash' (TPU). A single
       decode step always uses the dense kernel; the vendor kernels do not extend a cache.
     attention_block_size: query/key block length of 'blockwise' and 'splash'; None = per
-      backend (`gmpo_jax.attention.default_block_size`: 64 on CPU, 512 elsewhere).
+      backend (`gmpo_jax.models.attention.default_block_size`: 64 on CPU, 512 elsewhere).
     layer_unroll: layers per iteration of the layer scan (`jax.lax.scan`'s `unroll`). None:
       with a cache (prefill, decode) one layer at a time, without one (the learner's forward
       and backward) `default_layer_unroll` for the backend. Changes no value.

@@ -1,6 +1,6 @@
 """Inputs shared by the multi-device learner tests: a tiny policy, a rollout batch, the
 runner's optimizer and the real GMPO learner loss, wired by the runner's own functions
-(`train.rollout_batch`, `learner.init_opt_state`, `learner.make_update_fn`,
+(`rl_step.rollout_batch`, `learner.init_opt_state`, `learner.make_update_fn`,
 `learner.place_batch`), so the tests check the code the runner runs."""
 
 import contextlib
@@ -12,14 +12,14 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from gmpo_jax import learner
-from gmpo_jax import pmap_step
-from gmpo_jax import sharding
-from gmpo_jax import train
 from gmpo_jax.config import AlgorithmConfig
-from gmpo_jax.logprobs import positions_from_mask
+from gmpo_jax.infra import sharding
+from gmpo_jax.learner import pmap_update as pmap_step
+from gmpo_jax.learner import update as learner
+from gmpo_jax.models.logprobs import positions_from_mask
 from gmpo_jax.models.transformer import Transformer, TransformerConfig
-from gmpo_jax.rollout import Rollout
+from gmpo_jax.rollout.backends import Rollout
+from gmpo_jax.runner import build, rl_step
 
 # 'tiny' divides evenly on every test mesh: vocab 128, embed 64 (fsdp <= 4), 4 heads and
 # 2 KV heads, MLP 128 (tensor <= 2); so every logical rule really shards.
@@ -41,7 +41,7 @@ def model():
 
 
 def optimizer():
-  return train.make_optimizer(OPTIM, total_updates=10)
+  return build.make_optimizer(OPTIM, total_updates=10)
 
 
 def micro_loss(algo=ALGO):
@@ -82,7 +82,7 @@ def _advantage_fn():
 
 
 def learner_batch(data, num_microbatches, algo=ALGO):
-  """The runner's learner input for `data` (`train.rollout_batch`): advantages of the whole
+  """The runner's learner input for `data` (`rl_step.rollout_batch`): advantages of the whole
   batch, the masked completions out of the loss, the sampler's log-probs with an importance
   correction, as [num_microbatches, N / num_microbatches, ...]."""
   advantages = _advantage_fn()(jnp.asarray(data["rewards"]), jnp.asarray(data["group_mask"]))
@@ -90,7 +90,7 @@ def learner_batch(data, num_microbatches, algo=ALGO):
   sequences = Rollout(tokens=data["tokens"], positions=data["positions"],
                       key_mask=data["key_mask"], completion_mask=data["loss_mask"],
                       logprobs=None, policy_logprobs=None, lengths=None, finished=None)
-  batch = train.rollout_batch(
+  batch = rl_step.rollout_batch(
       sequences, advantages=advantages, group_mask=data["group_mask"],
       old_logp=data["old_logp"], ref_logp=data["ref_logp"],
       behav_logp=data["behav_logp"] if algo.is_correction != "none" else None)

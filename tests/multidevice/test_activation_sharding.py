@@ -10,16 +10,16 @@ import contextlib
 
 import jax
 import jax.numpy as jnp
+import learner_setup as setup
 import numpy as np
 import pytest
 from flax import nnx
-
 from learner_setup import assert_trees_close
-import learner_setup as setup
-from gmpo_jax import learner
-from gmpo_jax import sharding
+
 from gmpo_jax.config import AlgorithmConfig
-from gmpo_jax.logprobs import positions_from_mask
+from gmpo_jax.infra import sharding
+from gmpo_jax.learner import update as learner
+from gmpo_jax.models.logprobs import positions_from_mask
 
 CONSTRAINT = 'sdy.sharding_constraint'
 BATCH_SPEC = '[{"data", "fsdp"}, {}, {}]'

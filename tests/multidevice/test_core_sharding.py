@@ -11,10 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from gmpo_jax import advantages as adv
-from gmpo_jax import losses
+from gmpo_jax.algo import advantages as adv
+from gmpo_jax.algo import losses
 
 N_DEV = 8
 B, G, T = 2, 4, 12  # B * G = 8 sequences: one group of sequences per device pair.

@@ -8,12 +8,11 @@ parameters and optimizer state after every step must match one device to 1e-5.
 """
 
 import jax
+import learner_setup as setup
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding
-
 from learner_setup import OPTIM, assert_trees_close
-import learner_setup as setup
 
 MESHES = {"8x1x1": (8, 1, 1), "2x4x1": (2, 4, 1), "2x2x2": (2, 2, 2)}
 

@@ -23,8 +23,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import smoke
-from gmpo_jax import distributed
-from gmpo_jax import train
+from gmpo_jax.infra import distributed
+from gmpo_jax.runner import loop, rl_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 OVERRIDES = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
@@ -98,7 +98,7 @@ def _logged_steps(workdir):
 
 def _metrics(workdir):
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  return [{k: v for k, v in r.items() if k not in train.TIMING_METRICS} for r in records]
+  return [{k: v for k, v in r.items() if k not in rl_step.TIMING_METRICS} for r in records]
 
 
 def _checkpoint(directory, step):
@@ -118,7 +118,7 @@ def _checkpoint(directory, step):
 def runs(tmp_path_factory):
   """(single-process workdir, two-process workdir, the step the SIGTERM stopped at)."""
   single = tmp_path_factory.mktemp("single")
-  train.train_and_evaluate(_config(), single)
+  loop.train_and_evaluate(_config(), single)
 
   multi = tmp_path_factory.mktemp("multi")
   processes = _launch(multi, _free_port())

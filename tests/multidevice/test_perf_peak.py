@@ -5,7 +5,7 @@ import math
 import jax
 import numpy as np
 
-from gmpo_jax import perf
+from gmpo_jax.runner import perf
 
 
 def test_the_probe_runs_under_a_context_mesh_of_other_devices_and_counts_once_per_host():

@@ -10,17 +10,15 @@ pooled too. The runner check: `configs/smoke.py` on 8 devices logs the same metr
 import dataclasses
 
 import jax
-import jax.numpy as jnp
+import learner_setup as setup
 import numpy as np
 import pytest
+from learner_setup import ALGO, assert_trees_close
 
 from configs import smoke
-from gmpo_jax import learner
-from gmpo_jax import metrics as metrics_lib
-from gmpo_jax import pmap_step
-from gmpo_jax import train
-from learner_setup import ALGO, assert_trees_close
-import learner_setup as setup
+from gmpo_jax.infra import metrics as metrics_lib
+from gmpo_jax.learner import pmap_update as pmap_step
+from gmpo_jax.runner import loop, rl_step
 
 MESH = (8, 1, 1)
 ALGO_MASKED = dataclasses.replace(ALGO, is_correction="token_mask", is_cap=1.5)
@@ -63,8 +61,8 @@ def _smoke_records(workdir, parallelism):
   config.parallelism = parallelism
   config.num_steps, config.eval_every = 2, 2
   config.eval.num_examples, config.eval.num_samples, config.eval.k = 16, 1, (1,)
-  train.train_and_evaluate(config, workdir)
-  return [{k: v for k, v in r.items() if k not in train.TIMING_METRICS}
+  loop.train_and_evaluate(config, workdir)
+  return [{k: v for k, v in r.items() if k not in rl_step.TIMING_METRICS}
           for r in metrics_lib.read_metrics(workdir)]
 
 

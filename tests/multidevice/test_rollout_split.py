@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from gmpo_jax import metrics as metrics_lib
-from gmpo_jax import rollout as rollout_lib
-from gmpo_jax import train
 from gmpo_jax.config import ConfigError
+from gmpo_jax.infra import metrics as metrics_lib
+from gmpo_jax.rollout import backends as rollout_lib
+from gmpo_jax.runner import build, loop, rl_step
 
 
 def _config(devices):
@@ -26,12 +26,12 @@ def _config(devices):
 
 
 def _records(workdir):
-  return [{k: v for k, v in r.items() if k not in train.TIMING_METRICS}
+  return [{k: v for k, v in r.items() if k not in rl_step.TIMING_METRICS}
           for r in metrics_lib.read_metrics(workdir)]
 
 
 def test_split_sampler_matches_the_shared_run_and_keeps_to_its_devices(tmp_path, monkeypatch):
-  train.train_and_evaluate(_config(None), tmp_path / "shared")
+  loop.train_and_evaluate(_config(None), tmp_path / "shared")
   pushed = []
   update_params = rollout_lib.JaxRollout.update_params
 
@@ -40,7 +40,7 @@ def test_split_sampler_matches_the_shared_run_and_keeps_to_its_devices(tmp_path,
     update_params(self, state)
 
   monkeypatch.setattr(rollout_lib.JaxRollout, "update_params", record_devices)
-  train.train_and_evaluate(_config(4), tmp_path / "split")
+  loop.train_and_evaluate(_config(4), tmp_path / "split")
   assert len(pushed) == 4 and all(devices == {0, 1, 2, 3} for devices in pushed)
   shared, split = _records(tmp_path / "shared"), _records(tmp_path / "split")
   assert [r["rollout/staleness"] for r in split[1:]] == [0, 1, 1, 1]
@@ -63,4 +63,4 @@ def test_split_sampler_matches_the_shared_run_and_keeps_to_its_devices(tmp_path,
 def test_a_split_that_leaves_no_learner_or_does_not_divide_the_batch_is_refused(
     tmp_path, devices, match):
   with pytest.raises(ConfigError, match=match):
-    train._build_run(_config(devices), tmp_path)
+    build.build_run(_config(devices), tmp_path)

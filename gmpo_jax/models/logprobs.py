@@ -8,7 +8,7 @@ float32 (logsumexp) and discarded. A custom VJP recomputes the logits block by b
 vocabulary in the backward pass, so value and gradient both need O(B · chunk_size · V) extra
 memory.
 
-All logits in this codebase (training log-probs here, sampling in `gmpo_jax.sampling`) come
+All logits in this codebase (training log-probs here, sampling in `gmpo_jax.rollout.sampling`) come
 from `project_logits`, so the sampler's log-probs and the learner's agree to float32 rounding
 (METHODS.md: GMPO exponentiates a sum of per-token log-ratios, so a drift between the two
 accumulates over the sequence).

@@ -74,69 +74,44 @@ parallel threads); a step is hashed once when saved and once when restored.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import fnmatch
-import hashlib
 import itertools
 import json
 import logging
 import math
 import operator
 import os
-import signal
 import time
-import types
 from typing import Any, Callable, Literal, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.experimental import multihost_utils
 
-from gmpo_jax.metrics import to_python_scalar
+from gmpo_jax.infra.checkpointing import identity
+from gmpo_jax.infra.checkpointing import integrity
+from gmpo_jax.infra.metrics import to_python_scalar
 
 logger = logging.getLogger(__name__)
 
+
 _STATE_ITEM = "state"
+
+
 _METADATA_ITEM = "metadata"
+
+
 _ARRAYS_ITEM = "arrays"
+
+
 _METRICS_PREFIX = "metrics/"  # Orbax's metrics item inside a step directory
+
+
 CORRUPTED_DIR = "corrupted"
-MANIFEST_FILE = "gmpo_manifest.json"
-_MANIFEST_FORMAT = "gmpo_jax.checkpoint_manifest.v1"
-_MANIFEST_TMP_PREFIX = f".{MANIFEST_FILE}.tmp"
-# Written by Orbax after the manifest, at commit: its step metadata (the commit
-# timestamp is added) and its commit marker. Hashed into the manifest by `_seal`.
-_STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
-_COMMIT_FILE = ocp.path.atomicity.COMMIT_SUCCESS_FILE
-_AFTER_COMMIT_FILES = (_STEP_METADATA_FILE, _COMMIT_FILE)
-_HASH_CHUNK = 8 << 20
+
+
 _BARRIER_IDS = itertools.count()
-
-CONFIG_METADATA_KEY = "config_record"
-"""Key of `config_record(config)` in `CheckpointState.metadata`, read by `restore_latest(config=)`."""
-
-RESUMABLE_FIELDS: tuple[str, ...] = (
-    "num_steps",          # extending a run (the runner rebuilds the LR schedule from it)
-    "eval_every",
-    "progress",
-    "checkpoint.every",
-    "checkpoint.keep",
-    "task.data_dir",      # where the dataset is cached
-    "mesh.*",             # resuming on other hardware
-    "parallelism",        # likewise: 'mesh' and 'pmap' compute the same update
-    "distributed.*",      # coordinator address, process ids, timeouts
-    "resume_with_changes",
-    "compilation_cache_dir",  # where compiled programs are kept; changes no value
-    "perf.*",             # the denominator of perf/mfu; changes no trained value
-)
-"""Flattened config fields (`fnmatch` patterns) that may change when a run resumes.
-
-Everything else is part of the experiment's identity: a different value means a
-different experiment, and `restore_latest(config=)` refuses to continue it.
-"""
 
 
 class CheckpointState(NamedTuple):
@@ -164,305 +139,8 @@ class CheckpointState(NamedTuple):
   arrays: Any = None
 
 
-class CorruptCheckpointError(Exception):
-  """A step's files do not match its integrity manifest (or it has none)."""
-
-
 class CheckpointMismatchError(ValueError):
   """A checkpoint's parameter tree does not match the restore target (another model)."""
-
-
-class ConfigChange(NamedTuple):
-  """One flattened config field that differs; `MISSING` where a side lacks it."""
-
-  field: str
-  stored: Any
-  current: Any
-
-
-MISSING = "<missing>"
-
-
-class ConfigMismatchError(ValueError):
-  """The checkpoint was written by a run with another config; `changes` lists the fields."""
-
-  def __init__(self, message: str, changes: Sequence[ConfigChange]):
-    super().__init__(message)
-    self.changes = list(changes)
-
-
-# -- config fingerprint -------------------------------------------------------------
-
-
-def flatten_config(config: Mapping[str, Any]) -> dict[str, Any]:
-  """Flattens nested mappings to dotted keys with JSON values (tuples become lists).
-
-  An empty mapping is kept as the value `{}` so that adding its first key is a change.
-  """
-  flat: dict[str, Any] = {}
-
-  def visit(prefix: str, value: Any) -> None:
-    if isinstance(value, Mapping) and value:
-      for key in value:
-        if not isinstance(key, str):
-          raise TypeError(f"config keys must be strings, got {key!r} under {prefix or '<root>'!r}")
-        visit(f"{prefix}.{key}" if prefix else key, value[key])
-    else:
-      try:
-        flat[prefix] = json.loads(json.dumps(dict(value) if isinstance(value, Mapping) else value))
-      except (TypeError, ValueError) as error:
-        raise TypeError(f"config field {prefix!r} is not JSON-serializable: {error}") from error
-
-  if not isinstance(config, Mapping):
-    raise TypeError(f"config must be a mapping (e.g. ConfigDict.to_dict()), got {type(config)}")
-  visit("", config)
-  return flat
-
-
-def _is_resumable(field: str, resumable: Sequence[str]) -> bool:
-  return any(fnmatch.fnmatchcase(field, pattern) for pattern in resumable)
-
-
-def config_fingerprint(config: Mapping[str, Any], *,
-                       resumable: Sequence[str] = RESUMABLE_FIELDS) -> str:
-  """SHA-256 (hex) of a resolved config's canonical JSON, without the `resumable` fields.
-
-  Args:
-    config: the resolved config as a plain nested dict, e.g.
-      `json.loads(config.to_json())` or `config.to_dict()` of an `ml_collections.ConfigDict`.
-    resumable: `fnmatch` patterns over the flattened (dotted) field names that
-      may change without making it another experiment; default `RESUMABLE_FIELDS`.
-
-  Returns:
-    64 hex digits; equal for configs that agree on every non-resumable field
-    (key order and tuple-vs-list do not matter).
-  """
-  flat = {k: v for k, v in flatten_config(config).items() if not _is_resumable(k, resumable)}
-  return hashlib.sha256(json.dumps(flat, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def config_record(config: Mapping[str, Any], *,
-                  resumable: Sequence[str] = RESUMABLE_FIELDS) -> dict[str, Any]:
-  """What to store under `metadata[CONFIG_METADATA_KEY]`: the fingerprint and the flattened config.
-
-  The flattened fields (all of them, resumable ones too) let a mismatch name
-  the differing fields, not only say that the hashes differ.
-  """
-  return {"fingerprint": config_fingerprint(config, resumable=resumable),
-          "fields": flatten_config(config)}
-
-
-def config_changes(record: Mapping[str, Any], config: Mapping[str, Any], *,
-                   resumable: Sequence[str] = RESUMABLE_FIELDS) -> list[ConfigChange]:
-  """The non-resumable fields where `config` differs from a stored `config_record`, sorted by name."""
-  stored = record["fields"]
-  current = flatten_config(config)
-  changes = []
-  for field in sorted(set(stored) | set(current)):
-    if _is_resumable(field, resumable):
-      continue
-    old, new = stored.get(field, MISSING), current.get(field, MISSING)
-    if old != new:
-      changes.append(ConfigChange(field, old, new))
-  return changes
-
-
-def check_config(record: Mapping[str, Any] | None, config: Mapping[str, Any], *,
-                 allow_changes: bool = False, where: str = "the checkpoint",
-                 resumable: Sequence[str] = RESUMABLE_FIELDS) -> list[ConfigChange]:
-  """Compares a stored `config_record` with the run's config.
-
-  Args:
-    record: `metadata[CONFIG_METADATA_KEY]` of the checkpoint; None if it has none.
-    config: the run's resolved config (a plain nested dict).
-    allow_changes: the user asked to resume with changes (e.g.
-      `--config.resume_with_changes=True`): differences are logged as a
-      warning and returned instead of raised; the caller records them.
-    where: names the checkpoint in messages.
-    resumable: see `config_fingerprint`.
-
-  Returns:
-    The differing fields (empty when the fingerprints agree).
-
-  Raises:
-    ConfigMismatchError: fields differ (or `record` is None or malformed) and
-      not `allow_changes`. The message lists every differing field with both values.
-  """
-  if not (isinstance(record, Mapping) and isinstance(record.get("fields"), Mapping)
-          and isinstance(record.get("fingerprint"), str)):
-    message = (f"{where} holds no config record (metadata[{CONFIG_METADATA_KEY!r}]), so it "
-               "cannot be checked against this run's config")
-    if allow_changes:
-      logger.warning("%s; resuming anyway (changes allowed).", message)
-      return []
-    raise ConfigMismatchError(message + "; resume with changes allowed to continue anyway.", [])
-  if record["fingerprint"] == config_fingerprint(config, resumable=resumable):
-    return []
-  changes = config_changes(record, config, resumable=resumable)
-  if not changes:  # same fields, other resumable list or hash of another version
-    return []
-  listing = "; ".join(f"{c.field}: {c.stored!r} -> {c.current!r}" for c in changes)
-  message = f"{where} was written by a run with another config ({len(changes)} field(s): {listing})"
-  if allow_changes:
-    logger.warning("%s; resuming with these changes as asked.", message)
-    return changes
-  raise ConfigMismatchError(
-      message + ". Use another workdir, or allow resuming with changes (recorded).", changes)
-
-
-# -- manifest ---------------------------------------------------------------------------
-
-
-def _canonical(obj: Any) -> bytes:
-  return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-
-
-def _sha256_file(path: epath.Path) -> str:
-  digest = hashlib.sha256()
-  with path.open("rb") as file:
-    while chunk := file.read(_HASH_CHUNK):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
-def _sha256_files(paths: Sequence[epath.Path]) -> list[str]:
-  """hashlib releases the GIL on large buffers: a few threads hash files in parallel."""
-  if len(paths) <= 1:
-    return [_sha256_file(p) for p in paths]
-  with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1, len(paths))) as pool:
-    return list(pool.map(_sha256_file, paths))
-
-
-def _relative_files(root: epath.Path) -> list[str]:
-  """Every file under `root` as a '/'-separated relative path, sorted; directories are walked."""
-  found = []
-  pending = [(root, "")]
-  while pending:
-    directory, prefix = pending.pop()
-    for child in directory.iterdir():
-      name = prefix + child.name
-      if child.is_dir():
-        pending.append((child, name + "/"))
-      else:
-        found.append(name)
-  return sorted(found)
-
-
-def _covered_files(step_dir: epath.Path) -> list[str]:
-  """The files a manifest lists: all but the manifest, Orbax's step metadata and commit marker."""
-  return [name for name in _relative_files(step_dir)
-          if name not in (MANIFEST_FILE, _STEP_METADATA_FILE, _COMMIT_FILE)
-          and not name.startswith(_MANIFEST_TMP_PREFIX)]
-
-
-def _tree_record(tree: Any) -> dict[str, dict[str, Any]]:
-  return {jax.tree_util.keystr(path): {"shape": [int(d) for d in leaf.shape], "dtype": str(leaf.dtype)}
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def _with_self_digest(manifest: dict[str, Any]) -> dict[str, Any]:
-  body = {k: v for k, v in manifest.items() if k != "self_sha256"}
-  return {**body, "self_sha256": hashlib.sha256(_canonical(body)).hexdigest()}
-
-
-def _write_atomically(path: epath.Path, data: bytes) -> None:
-  """Temporary file + `os.replace` (+ fsync) locally; a single object write on object stores."""
-  local = "://" not in os.fspath(path)
-  if not local:
-    path.write_bytes(data)
-    return
-  temporary = os.fspath(path.parent / f"{_MANIFEST_TMP_PREFIX}-{os.getpid()}-{time.time_ns()}")
-  with open(temporary, "wb") as file:
-    file.write(data)
-    file.flush()
-    os.fsync(file.fileno())
-  os.replace(temporary, os.fspath(path))
-
-
-def _build_manifest(step_dir: epath.Path, step: int, tree: dict[str, Any],
-                    arrays: dict[str, Any] | None) -> dict[str, Any]:
-  names = _covered_files(step_dir)
-  paths = [step_dir / name for name in names]
-  digests = _sha256_files(paths)
-  files = {name: {"size": p.stat().length, "sha256": d} for name, p, d in zip(names, paths, digests)}
-  return _with_self_digest({
-      "format": _MANIFEST_FORMAT, "step": step, "created_ns": time.time_ns(), "files": files,
-      "after_commit": None, "tree": tree, "arrays": arrays})
-
-
-def _read_manifest(step_dir: epath.Path) -> dict[str, Any]:
-  """Parses and checks the manifest. OSErrors other than a missing file propagate."""
-  path = step_dir / MANIFEST_FILE
-  try:
-    data = path.read_bytes()
-  except FileNotFoundError:
-    raise CorruptCheckpointError(
-        f"{path} is missing (a save killed before its commit, a step written by an older "
-        "gmpo_jax, or a deleted manifest)") from None
-  try:
-    manifest = json.loads(data)
-    valid = (isinstance(manifest, dict) and manifest.get("format") == _MANIFEST_FORMAT
-             and _with_self_digest(manifest)["self_sha256"] == manifest.get("self_sha256")
-             and isinstance(manifest.get("files"), dict) and isinstance(manifest.get("tree"), dict))
-  except (ValueError, TypeError, UnicodeDecodeError) as error:
-    raise CorruptCheckpointError(f"{path} is not valid JSON ({error})") from None
-  if not valid:
-    raise CorruptCheckpointError(f"{path} is damaged (format or self-digest check failed)")
-  return manifest
-
-
-def _verify_step_dir(step_dir: epath.Path) -> dict[str, Any]:
-  """Checks every file of a step against its manifest and returns the manifest.
-
-  Raises:
-    CorruptCheckpointError: a missing or damaged manifest, a missing, extra,
-      resized or changed file.
-    OSError: a file that cannot be read (PermissionError ...), as raised.
-  """
-  manifest = _read_manifest(step_dir)
-  expected = manifest["files"]
-  present = set(_covered_files(step_dir))
-  missing = sorted(set(expected) - present)
-  if missing:
-    raise CorruptCheckpointError(f"{step_dir / missing[0]} is missing ({len(missing)} file(s) missing)")
-  extra = sorted(present - set(expected))
-  if extra:
-    raise CorruptCheckpointError(f"{step_dir / extra[0]} is not in the manifest ({len(extra)} unexpected file(s))")
-  names = sorted(expected)
-  paths = [step_dir / name for name in names]
-  for name, path in zip(names, paths):
-    size = path.stat().length
-    if size != expected[name]["size"]:
-      raise CorruptCheckpointError(
-          f"{path} is {size} bytes, the manifest says {expected[name]['size']} (truncated or extended)")
-  for name, path, digest in zip(names, paths, _sha256_files(paths)):
-    if digest != expected[name]["sha256"]:
-      raise CorruptCheckpointError(f"{path} does not match its SHA-256 in the manifest (changed bytes)")
-  _check_after_commit_files(step_dir, manifest)
-  return manifest
-
-
-def _check_after_commit_files(step_dir: epath.Path, manifest: Mapping[str, Any]) -> None:
-  """Orbax's step metadata and commit marker: hashed once sealed, else structure checks."""
-  data = {}
-  for name in _AFTER_COMMIT_FILES:
-    try:
-      data[name] = (step_dir / name).read_bytes()
-    except FileNotFoundError:
-      raise CorruptCheckpointError(f"{step_dir / name} is missing") from None
-  sealed = manifest.get("after_commit")
-  if sealed is not None:
-    for name in _AFTER_COMMIT_FILES:
-      if hashlib.sha256(data[name]).hexdigest() != sealed.get(name):
-        raise CorruptCheckpointError(
-            f"{step_dir / name} does not match its SHA-256 in the manifest (changed bytes)")
-    return
-  try:
-    valid = isinstance(json.loads(data[_STEP_METADATA_FILE]), dict)
-  except (ValueError, UnicodeDecodeError):
-    valid = False
-  if not valid:
-    raise CorruptCheckpointError(f"{step_dir / _STEP_METADATA_FILE} is not a JSON object")
 
 
 def _is_key_dtype(dtype: Any) -> bool:
@@ -474,7 +152,7 @@ def _tree_mismatch(stored: Mapping[str, Any], abstract: Any) -> str | None:
 
   Shapes must agree; dtypes may differ (a restore casts), except PRNG key implementations.
   """
-  target = _tree_record(abstract)
+  target = integrity.tree_record(abstract)
   for name, want in target.items():
     got = stored.get(name)
     if got is None:
@@ -626,8 +304,8 @@ class Checkpointer:
 
   def _has_manifest(self, step: int) -> bool:
     try:
-      _read_manifest(self._step_dir(step))
-    except (CorruptCheckpointError, OSError):
+      integrity.read_manifest(self._step_dir(step))
+    except (integrity.CorruptCheckpointError, OSError):
       return False
     return True
 
@@ -689,7 +367,7 @@ class Checkpointer:
     arrays = _host_arrays(state.arrays)
     if arrays is not None:
       items[_ARRAYS_ITEM] = ocp.args.StandardSave(arrays)
-    self._pending = (step, _tree_record(tree), None if arrays is None else _tree_record(arrays))
+    self._pending = (step, integrity.tree_record(tree), None if arrays is None else integrity.tree_record(arrays))
     self._manager.save(
         step,
         args=ocp.args.Composite(**items),
@@ -715,8 +393,8 @@ class Checkpointer:
     step_dir = temporary if temporary.exists() else final
     if not step_dir.exists():
       raise RuntimeError(f"Orbax's directory for step {step} is neither {temporary} nor {final}")
-    manifest = _build_manifest(step_dir, step, tree, arrays)
-    _write_atomically(step_dir / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+    manifest = integrity.build_manifest(step_dir, step, tree, arrays)
+    integrity.write_atomically(step_dir / integrity.MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
     self._unsealed = step
 
   def _seal(self) -> None:
@@ -726,14 +404,14 @@ class Checkpointer:
       return
     step_dir = self._step_dir(step)
     try:
-      manifest = _read_manifest(step_dir)
-      manifest["after_commit"] = {name: _sha256_file(step_dir / name) for name in _AFTER_COMMIT_FILES}
-    except (CorruptCheckpointError, OSError) as error:  # deleted by retention, or damaged meanwhile
+      manifest = integrity.read_manifest(step_dir)
+      manifest["after_commit"] = {name: integrity.sha256_file(step_dir / name) for name in integrity.AFTER_COMMIT_FILES}
+    except (integrity.CorruptCheckpointError, OSError) as error:  # deleted by retention, or damaged meanwhile
       logger.warning("Could not complete the manifest of checkpoint step %d (%s); %s keeps the "
-                     "weaker check.", step, error, _AFTER_COMMIT_FILES)
+                     "weaker check.", step, error, integrity.AFTER_COMMIT_FILES)
       return
-    _write_atomically(step_dir / MANIFEST_FILE,
-                      json.dumps(_with_self_digest(manifest), indent=1).encode())
+    integrity.write_atomically(step_dir / integrity.MANIFEST_FILE,
+                      json.dumps(integrity.with_self_digest(manifest), indent=1).encode())
 
   def _checked_metrics(self, metrics: Mapping[str, Any] | None) -> dict[str, float] | None:
     if metrics is None:
@@ -758,11 +436,11 @@ class Checkpointer:
     """Checks every file of `step` against its integrity manifest.
 
     Raises:
-      CorruptCheckpointError: a missing or damaged manifest; a missing, extra,
+      integrity.CorruptCheckpointError: a missing or damaged manifest; a missing, extra,
         truncated, extended or changed file.
       OSError: a file this process cannot read (PermissionError ...).
     """
-    _verify_step_dir(self._step_dir(step))
+    integrity.verify_step_dir(self._step_dir(step))
 
   def restore(
       self,
@@ -790,7 +468,7 @@ class Checkpointer:
       The restored state (arrays cast to the target's dtypes).
 
     Raises:
-      CorruptCheckpointError: the step fails verification (see `verify`).
+      integrity.CorruptCheckpointError: the step fails verification (see `verify`).
       CheckpointMismatchError: the stored tree differs from the target's (a
         missing or extra parameter, another shape or PRNG implementation); the
         message names the first such parameter and both shapes.
@@ -801,7 +479,7 @@ class Checkpointer:
     """
     self.wait_until_finished()
     abstract = _abstract_tree(target, mesh)
-    manifest = _verify_step_dir(self._step_dir(step))
+    manifest = integrity.verify_step_dir(self._step_dir(step))
     mismatch = _tree_mismatch(manifest["tree"], abstract)
     if mismatch:
       raise CheckpointMismatchError(
@@ -817,8 +495,8 @@ class Checkpointer:
       items[_ARRAYS_ITEM] = ocp.args.StandardRestore()  # as saved: NumPy arrays
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     arrays = restored[_ARRAYS_ITEM] if arrays_record is not None else None
-    if arrays is not None and _tree_record(arrays) != arrays_record:
-      raise CorruptCheckpointError(
+    if arrays is not None and integrity.tree_record(arrays) != arrays_record:
+      raise integrity.CorruptCheckpointError(
           f"Checkpoint step {step} in {self._directory}: the host arrays read back differ in "
           "shape or dtype from the ones its manifest records.")
     tree = restored[_STATE_ITEM]
@@ -849,7 +527,7 @@ class Checkpointer:
       mesh: jax.sharding.Mesh | None = None,
       config: Mapping[str, Any] | None = None,
       allow_config_changes: bool = False,
-      resumable: Sequence[str] = RESUMABLE_FIELDS,
+      resumable: Sequence[str] = identity.RESUMABLE_FIELDS,
   ) -> CheckpointState | None:
     """Restores the newest valid step into `target` (see `restore` for `target` and `mesh`).
 
@@ -895,8 +573,8 @@ class Checkpointer:
         failed.append((step, "unreadable"))
         continue
       try:
-        manifest = _verify_step_dir(step_dir)
-      except CorruptCheckpointError as error:
+        manifest = integrity.verify_step_dir(step_dir)
+      except integrity.CorruptCheckpointError as error:
         logger.warning("Checkpoint step %d in %s is corrupted (CorruptCheckpointError: %s); trying "
                        "an older step.", step, self._directory, error)
         failed.append((step, f"corrupted: {error}"))
@@ -917,7 +595,7 @@ class Checkpointer:
         first_error = first_error or error
         continue
       if config is not None:
-        check_config(self._restore_metadata(step).get(CONFIG_METADATA_KEY), config,
+        identity.check_config(self._restore_metadata(step).get(identity.CONFIG_METADATA_KEY), config,
                      allow_changes=allow_config_changes, resumable=resumable,
                      where=f"Checkpoint step {step} in {self._directory}")
       mismatch = _tree_mismatch(manifest["tree"], abstract)
@@ -1021,15 +699,15 @@ class Checkpointer:
     for step in steps:
       step_dir = self._step_dir(step)
       try:
-        files = _read_manifest(step_dir)["files"]
+        files = integrity.read_manifest(step_dir)["files"]
         for name, entry in files.items():
-          if name.startswith(_METRICS_PREFIX) and _sha256_file(step_dir / name) != entry["sha256"]:
+          if name.startswith(_METRICS_PREFIX) and integrity.sha256_file(step_dir / name) != entry["sha256"]:
             logger.warning("Checkpoint step %d in %s: %s does not match its SHA-256 in the "
                            "manifest.", step,
                            self._directory, step_dir / name)
             changed.append(step)
             break
-      except (CorruptCheckpointError, OSError):
+      except (integrity.CorruptCheckpointError, OSError):
         continue  # no manifest, a missing or unreadable file: restore_latest reports it
     return changed
 
@@ -1134,58 +812,3 @@ def _abstract_leaf(leaf: Any, mesh: jax.sharding.Mesh | None) -> jax.ShapeDtypeS
     raise ValueError(
         f"mesh {dict(mesh.shape)} does not match the target's abstract mesh {dict(sharding.mesh.shape)}.")
   return leaf.update(sharding=jax.sharding.NamedSharding(mesh, sharding.spec))
-
-
-class PreemptionHandler:
-  """Turns SIGTERM/SIGINT into a flag the training loop polls.
-
-  The first signal sets `requested` (the loop saves and exits cleanly); a
-  second one means the loop did not stop in time: the previous handlers are put
-  back and the signal is delivered to them (default SIGINT: KeyboardInterrupt;
-  default SIGTERM: termination). `close()` (or leaving the `with` block) puts
-  the previous handlers back. Install from the main thread only.
-  """
-
-  def __init__(self, signals: Sequence[int]):
-    self._requested = False
-    self._previous: dict[int, Any] = {}
-    for signum in signals:
-      self._previous[signum] = signal.signal(signum, self._handle)
-
-  @property
-  def requested(self) -> bool:
-    return self._requested
-
-  def requested_on_any_process(self) -> bool:
-    """True if any process got a signal. Collective: call on every process at the same step."""
-    flags = multihost_utils.process_allgather(np.asarray(self._requested))
-    return bool(np.any(flags))
-
-  def _handle(self, signum: int, frame: types.FrameType | None) -> None:
-    del frame
-    if self._requested:
-      self.close()
-      signal.raise_signal(signum)
-      return
-    self._requested = True
-    logger.warning("Received %s: saving a checkpoint and stopping at the end of this step.",
-                   signal.Signals(signum).name)
-
-  def close(self) -> None:
-    for signum, previous in self._previous.items():
-      # None: the previous handler was installed outside Python; the default is closest.
-      signal.signal(signum, signal.SIG_DFL if previous is None else previous)
-    self._previous = {}
-
-  def __enter__(self) -> PreemptionHandler:
-    return self
-
-  def __exit__(self, *exc_info: object) -> None:
-    self.close()
-
-
-def install_preemption_handler(
-    signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT),
-) -> PreemptionHandler:
-  """Installs a `PreemptionHandler` for `signals` (main thread only) and returns it."""
-  return PreemptionHandler(signals)

@@ -10,7 +10,7 @@ evaluation between sampled training rollouts, say) reuses the compiled program; 
 shapes (batch bucket, prompt bucket, max_new_tokens), the KV-cache dtype, steps_per_check and
 the model structure select a program.
 
-Log-probabilities. Logits come from `gmpo_jax.logprobs.project_logits`, the same function the
+Log-probabilities. Logits come from `gmpo_jax.models.logprobs.project_logits`, the same function the
 learner's `token_logprobs` uses, and every choice is made in float32. For each generated token
 two log-probabilities are returned:
   * `logprobs`: under the distribution actually sampled from: softmax(z / τ) restricted to
@@ -34,8 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gmpo_jax.logprobs import positions_from_mask
-from gmpo_jax.logprobs import project_logits
+from gmpo_jax.models.logprobs import positions_from_mask, project_logits
 from gmpo_jax.models.transformer import init_cache
 
 

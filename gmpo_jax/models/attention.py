@@ -438,8 +438,8 @@ def splash_attention(
     raise ValueError(
         f"attention_impl='splash' runs only on TPU (the backend is {jax.default_backend()!r});"
         " use 'auto', 'blockwise' or 'xla'.")
-  from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
-      splash_attention_kernel as splash, splash_attention_mask as splash_mask)
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
   batch, length, num_heads, head_dim = q.shape
   padded = -(-length // 128) * 128

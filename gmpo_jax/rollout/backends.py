@@ -4,11 +4,11 @@ The learner never calls generation code directly. A backend implements `RolloutB
 `generate` samples completions for a batch of prompts, `logprobs` scores token sequences under
 the backend's current parameters (the "old" policy π_old of the GRPO / GMPO ratio), and
 `update_params` pushes new parameters after a learner step. `JaxRollout` runs
-`gmpo_jax.sampling` in-process; `MockRollout` is a uniform-random policy for tests.
+`gmpo_jax.rollout.sampling` in-process; `MockRollout` is a uniform-random policy for tests.
 
 Layout shared by every backend: a `Rollout` holds the whole sequence, T = P + N columns (the
 prompt left-aligned, then the completion), and every per-token array is aligned with it, as
-`gmpo_jax.logprobs.sequence_logprobs` returns them, so `completion_mask` is the loss mask.
+`gmpo_jax.models.logprobs.sequence_logprobs` returns them, so `completion_mask` is the loss mask.
 """
 
 from __future__ import annotations
@@ -23,12 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gmpo_jax.logprobs import DEFAULT_CHUNK_SIZE
-from gmpo_jax.logprobs import positions_from_mask
-from gmpo_jax.logprobs import sequence_logprobs
-from gmpo_jax import sampling
-from gmpo_jax.sampling import SampleOutput
-from gmpo_jax.sampling import SamplingConfig
+from gmpo_jax.models.logprobs import DEFAULT_CHUNK_SIZE, positions_from_mask, sequence_logprobs
+from gmpo_jax.rollout import sampling
+from gmpo_jax.rollout.sampling import SampleOutput, SamplingConfig
 
 
 class Rollout(NamedTuple):
@@ -109,7 +106,7 @@ def _policy_logprobs(graphdef, state, tokens, key_mask, *, chunk_size, temperatu
 
 
 class JaxRollout:
-  """In-process rollouts with `gmpo_jax.sampling.generate` on a `Transformer`.
+  """In-process rollouts with `gmpo_jax.rollout.sampling.generate` on a `Transformer`.
 
   `logprobs` scores under softmax(z / τ) with the sampling temperature τ (1 for greedy), so
   for the backend's own samples it reproduces `Rollout.policy_logprobs`.

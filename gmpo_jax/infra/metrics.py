@@ -28,10 +28,9 @@ import operator
 import os
 import pathlib
 import re
+import sys
 import time
 from typing import Any, Literal, Mapping, Sequence
-
-import sys
 
 import jax
 import jax.numpy as jnp

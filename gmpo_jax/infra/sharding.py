@@ -17,7 +17,7 @@ placed like the parameter tree it belongs to (`opt_state_shardings`), its step c
 replicated.
 
 The mesh spans every device of every process (`jax.devices()`), so the same code runs on one
-CPU, on a multi-GPU host and, after `gmpo_jax.distributed.initialize`, on a TPU pod slice.
+CPU, on a multi-GPU host and, after `gmpo_jax.infra.distributed.initialize`, on a TPU pod slice.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -145,6 +146,11 @@ def constrain_to_batch_axes(x: jax.Array) -> jax.Array:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def tree_shardings(tree: Any) -> Any:
+  """The sharding of every array of `tree` (e.g. an optimizer state placed on a mesh)."""
+  return jax.tree.map(lambda x: x.sharding, tree)
 
 
 def prng_key(seed: int, mesh: Mesh) -> jax.Array:

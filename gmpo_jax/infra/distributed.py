@@ -2,7 +2,7 @@
 
 One Python process runs per host (a TPU VM worker, a GPU node), all with the same command.
 `initialize` connects them through a coordinator (process 0); afterwards `jax.devices()` lists
-the devices of every process, `gmpo_jax.sharding.make_mesh` spans all of them, every jitted
+the devices of every process, `gmpo_jax.infra.sharding.make_mesh` spans all of them, every jitted
 step is one SPMD program over the global mesh, and Orbax checkpoints are written
 collectively. Cross-process collectives on CPU go through Gloo (the default of
 `jax_cpu_collectives_implementation` in jax 0.10), over TCP.

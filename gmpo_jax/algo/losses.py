@@ -29,7 +29,7 @@ Conventions shared by all objectives:
     (and gradients) sum to the full-batch loss (and gradient). seq-mean-token-sum-norm
     requires `max_length`, so its divisor never depends on how a batch is trimmed.
   * `token_weights` [B, T] (optional, >= 0, any value on padding; e.g.
-    `gmpo_jax.importance.correction_weights`) multiply each valid token's loss, KL penalty included, before aggregation: a sequence
+    `gmpo_jax.algo.importance.correction_weights`) multiply each valid token's loss, KL penalty included, before aggregation: a sequence
     loss l_i enters as l_i sum_t w_it. They are constants (no gradient flows into them) and
     leave the normalizers alone: `num_tokens` / `num_sequences` and |o_i| count every valid
     token whatever its weight, so a weight of 0 removes a token's loss but not its share of
@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gmpo_jax.kl import KL_ESTIMATORS, MAX_LOG_RATIO, kl_penalty
+from gmpo_jax.algo.kl import KL_ESTIMATORS, MAX_LOG_RATIO, kl_penalty
 
 AGGREGATION_MODES: Final[tuple[str, ...]] = (
     'token-mean',

@@ -11,7 +11,7 @@ rows (`make_logprob_fn`), optimizer-state placement (`init_opt_state`), micro-ba
 (`to_microbatches`) and batch placement (`place_batch`).
 
 Micro-batching never changes the result: the loss functions receive the number of sequences
-and tokens of the whole minibatch (`gmpo_jax.losses.aggregate_loss`), so micro-batch losses
+and tokens of the whole minibatch (`gmpo_jax.algo.losses.aggregate_loss`), so micro-batch losses
 and gradients add up to the full-minibatch ones, whatever the split.
 """
 
@@ -27,21 +27,19 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gmpo_jax import compilation
-from gmpo_jax import importance as importance_lib
-from gmpo_jax import kl as kl_lib
-from gmpo_jax import losses as losses_lib
-from gmpo_jax import sharding
+from gmpo_jax.algo import importance as importance_lib
+from gmpo_jax.algo import kl as kl_lib
+from gmpo_jax.algo import losses as losses_lib
 from gmpo_jax.config import AlgorithmConfig
-from gmpo_jax.logprobs import positions_from_mask
-from gmpo_jax.logprobs import sequence_logprobs
+from gmpo_jax.infra import compilation, sharding
+from gmpo_jax.models.logprobs import positions_from_mask, sequence_logprobs
 
 
 class Batch(NamedTuple):
   """Sequences for the learner, stacked as [M, b, ...]: M micro-batches of b sequences.
 
   Attributes:
-    tokens: [M, b, T] int32 prompt then completion (`gmpo_jax.rollout.Rollout` layout).
+    tokens: [M, b, T] int32 prompt then completion (`gmpo_jax.rollout.backends.Rollout` layout).
     positions: [M, b, T] int32 RoPE positions.
     key_mask: [M, b, T] bool, real tokens.
     loss_mask: [M, b, T] bool, the tokens whose log-prob is trained (completion tokens; for
@@ -65,7 +63,7 @@ class Batch(NamedTuple):
 
 
 class Counts(NamedTuple):
-  """Global normalizers of a minibatch (see `gmpo_jax.losses.aggregate_loss`)."""
+  """Global normalizers of a minibatch (see `gmpo_jax.algo.losses.aggregate_loss`)."""
   num_sequences: jax.Array
   num_tokens: jax.Array
 
@@ -74,10 +72,10 @@ class PolicyMetrics(NamedTuple):
   """Diagnostics of the policy loss (float32 scalars, or stacked over micro-batches/updates).
 
   Attributes:
-    extras: the objective's `gmpo_jax.losses.LossExtras` (clip fractions, ratio statistics,
+    extras: the objective's `gmpo_jax.algo.losses.LossExtras` (clip fractions, ratio statistics,
       approximate KL, KL to the reference).
     entropy: token-mean entropy of the current policy on the trained tokens.
-    importance: the applied importance weights' `gmpo_jax.importance.ImportanceStats`; None
+    importance: the applied importance weights' `gmpo_jax.algo.importance.ImportanceStats`; None
       without a correction (`algorithm.is_correction='none'`: nothing is computed or logged).
     mismatch_kl: an on-policy update's `sampler_learner_kl` between its own log-probs and the
       sampler's (`Batch.behav_logp`), token-mean per micro-batch; None otherwise (the runner
@@ -172,7 +170,7 @@ def policy_loss(algo: AlgorithmConfig, *, temperature: float, chunk_size: int,
 
   With `algo.is_correction` other than 'none', every token's loss is weighted by the
   importance weight between `batch.old_logp` (the proximal policy) and `batch.behav_logp`
-  (the behaviour policy), `gmpo_jax.importance.correction_weights`; with 'none' no weight is
+  (the behaviour policy), `gmpo_jax.algo.importance.correction_weights`; with 'none' no weight is
   computed or passed, and the program is the uncorrected one.
 
   Args:

@@ -1,7 +1,7 @@
 """The `jax.pmap` form of the RL update: data parallel over devices, parameters replicated.
 
 `config.parallelism = 'pmap'` makes the runner use it instead of the Mesh program of
-`gmpo_jax.learner.make_update_fn`. The step is the same `learner.update_step`, run per device
+`gmpo_jax.learner.update.make_update_fn`. The step is the same `learner.update_step`, run per device
 with `axis_name`: each of the D devices gets 1/D of the sequences of every micro-batch, and
 
 1. the number of sequences and tokens of the minibatch is summed over the devices
@@ -33,7 +33,7 @@ import jax
 import optax
 from flax import nnx
 
-from gmpo_jax import learner
+from gmpo_jax.learner import update as learner
 
 AXIS_NAME = "devices"
 

@@ -1,0 +1,2 @@
+"""The jitted policy update on a mesh (`update`) and its `jax.pmap` twin (`pmap_update`).
+"""

@@ -1,0 +1,176 @@
+"""Building a run from its config: tokenizer, policy, optimizer, meshes, task data.
+
+`build_run` validates everything it can before the first dataset or program is built and
+returns the `Run` that the warm start, the RL step and the evaluation share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+from flax import nnx
+
+from gmpo_jax import tasks as tasks_lib
+from gmpo_jax.config import AlgorithmConfig, ConfigError, ExperimentConfig, ModelConfig, OptimConfig
+from gmpo_jax.infra import distributed, sharding
+from gmpo_jax.models import hf_import, tokenization
+from gmpo_jax.models.transformer import Transformer, TransformerConfig
+from gmpo_jax.rollout.sampling import SamplingConfig
+
+
+def build_tokenizer(model: ModelConfig) -> tokenization.Tokenizer:
+  """`model.tokenizer` ('char' or a path); None: the tokenizer.json of `model.hf_path`."""
+  return tokenization.load_tokenizer(model.hf_path if model.tokenizer is None else model.tokenizer)
+
+
+def build_model(model: ModelConfig, tokenizer: tokenization.Tokenizer, *, seed: int
+                ) -> Transformer:
+  """The policy: a Hugging Face checkpoint from a local path, or a named config at random init."""
+  if model.hf_path is not None:
+    policy, _ = hf_import.load_hf_checkpoint(model.hf_path, param_dtype=model.param_dtype,
+                                             dtype=model.dtype)
+    return policy
+  overrides = dict(model.overrides, vocab_size=tokenizer.vocab_size)
+  for name in ("param_dtype", "dtype"):
+    if getattr(model, name) is not None:
+      overrides[name] = getattr(model, name)
+  config = dataclasses.replace(TransformerConfig.from_name(model.name), **overrides)
+  # One compiled program for every parameter: built eagerly, each initializer and each shape
+  # compiled a program of its own (about 20, some 0.5 s, each kept resident).
+  return nnx.jit(lambda: Transformer(config, rngs=nnx.Rngs(seed)))()
+
+
+def make_optimizer(optim: OptimConfig, total_updates: int
+                   ) -> optax.GradientTransformation:
+  """AdamW with linear warmup then cosine decay, after global-norm clipping."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=optim.learning_rate,
+      warmup_steps=min(optim.warmup_steps, max(total_updates - 1, 0)),
+      decay_steps=max(total_updates, 1), end_value=optim.learning_rate * optim.end_lr_fraction)
+  return optax.chain(
+      optax.clip_by_global_norm(optim.max_grad_norm),
+      optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay))
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything `train_and_evaluate` builds once, shared by warm start, training and eval.
+
+  `config` is the typed configuration; `config_dict` the ConfigDict it came from, whose JSON
+  is the experiment's fingerprint (checkpoints, the warm-start cache). `mesh` is the learner's
+  (and evaluation's); `sampler_mesh` the RL sampler's, `mesh` itself unless
+  `config.rollout.devices` gives the sampler devices of its own.
+  """
+  config: ExperimentConfig
+  config_dict: ml_collections.ConfigDict
+  workdir: pathlib.Path
+  task: tasks_lib.Task
+  tokenizer: tokenization.Tokenizer
+  mesh: jax.sharding.Mesh
+  sampler_mesh: jax.sharding.Mesh
+  graphdef: nnx.GraphDef
+  params: Any
+  param_shardings: Any
+  sampler_shardings: Any
+  sampling: SamplingConfig
+  train_examples: Sequence[Mapping[str, Any]]
+  eval_examples: Sequence[Mapping[str, Any]]
+
+  @property
+  def algo(self) -> AlgorithmConfig:
+    return self.config.algorithm
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    return self.sampling.all_stop_ids
+
+  def sampler_params(self, params: Any) -> Any:
+    """The RL sampler's parameters made from the learner's `params`.
+
+    The learner's arrays themselves when the two share devices and take turns
+    (`max_staleness` 0: the synchronous loop, no copy); otherwise a copy on the sampler's
+    shardings, device to device (`jax.device_put`), since the learner's next update donates
+    its buffers (`learner.make_update_fn`) while the sampler may still be using them.
+    """
+    if self.sampler_mesh is self.mesh and self.config.rollout.max_staleness == 0:
+      return params
+    return jax.device_put(params, self.sampler_shardings, may_alias=False)
+
+
+def build_run(config_dict: ml_collections.ConfigDict, workdir: pathlib.Path) -> Run:
+  """Validates everything it can before the first dataset or program is built."""
+  config = ExperimentConfig.from_config(config_dict)
+  algo = config.algorithm
+  num_sequences = config.prompts_per_step * algo.num_generations
+  sampler_mesh, learner_devices = _split_devices(config, num_sequences)
+  try:
+    mesh = sharding.make_mesh(**dataclasses.asdict(config.mesh), devices=learner_devices)
+  except ValueError as error:
+    raise ConfigError(f"config.mesh: {error}") from error
+  if config.parallelism == "pmap" and jax.process_count() > 1:
+    raise ConfigError(f"config: parallelism='pmap' maps over one process's devices; this run "
+                      f"has {jax.process_count()} processes: use parallelism='mesh'")
+  multiple = sharding.batch_size_multiple(mesh) * algo.num_minibatches * algo.num_microbatches
+  if num_sequences % multiple:
+    raise ConfigError(
+        f"config: prompts_per_step x algorithm.num_generations = {num_sequences} must be a "
+        f"multiple of mesh data x fsdp x algorithm.num_minibatches x num_microbatches = {multiple}")
+  try:
+    task = tasks_lib.get_task(config.task.name, **dict(config.task.kwargs))
+  except (TypeError, ValueError) as error:
+    raise ConfigError(f"config.task: {error}") from error
+  try:
+    algo.check_reward_range(task.reward_range)
+  except ValueError as error:
+    raise ConfigError(f"config.algorithm: {error}") from error
+  data_dir = str(workdir / "data") if config.task.data_dir is None else config.task.data_dir
+  train_examples, eval_examples = distributed.primary_first(
+      lambda: tuple(task.load(split, data_dir=data_dir)
+                    for split in (config.task.train_split, config.task.eval_split)),
+      name="task_data")
+  tokenizer = build_tokenizer(config.model)
+  model = build_model(config.model, tokenizer, seed=config.seed)
+  graphdef, params = nnx.split(model)
+  param_shardings = sharding.state_shardings(params, mesh)
+  params = jax.device_put(params, param_shardings)
+  sampler_mesh = mesh if sampler_mesh is None else sampler_mesh
+  sampler_shardings = (param_shardings if sampler_mesh is mesh
+                       else sharding.state_shardings(params, sampler_mesh))
+  sampling_config = dataclasses.replace(config.sampling, eos_id=tokenizer.eos_id,
+                                        pad_id=tokenizer.pad_id)
+  return Run(config=config, config_dict=config_dict, workdir=workdir, task=task,
+             tokenizer=tokenizer, mesh=mesh, sampler_mesh=sampler_mesh, graphdef=graphdef,
+             params=params, param_shardings=param_shardings,
+             sampler_shardings=sampler_shardings, sampling=sampling_config,
+             train_examples=train_examples, eval_examples=eval_examples)
+
+
+def _split_devices(config: ExperimentConfig, num_sequences: int
+                   ) -> tuple[jax.sharding.Mesh | None, list[jax.Device]]:
+  """(the sampler's own mesh or None when it shares the learner's, the learner's devices).
+
+  With `config.rollout.devices` = n the sampler gets a data-parallel mesh on the first n
+  devices (parameters replicated, the B·G rows split) and the learner the rest.
+  """
+  rollout, devices = config.rollout, jax.devices()
+  if rollout.max_staleness > 0 and jax.process_count() > 1:
+    raise ConfigError(f"config.rollout: max_staleness={rollout.max_staleness} runs the sampler "
+                      "in a thread of one process; multi-process runs need 0")
+  if rollout.devices is None:
+    return None, devices
+  if jax.process_count() > 1:
+    raise ConfigError(f"config.rollout: devices={rollout.devices} splits one process's devices; "
+                      "multi-process runs share them (None)")
+  if rollout.devices >= len(devices):
+    raise ConfigError(f"config.rollout: devices={rollout.devices} must leave at least one of the "
+                      f"{len(devices)} devices to the learner")
+  if num_sequences % rollout.devices:
+    raise ConfigError(f"config: prompts_per_step x algorithm.num_generations = {num_sequences} "
+                      f"must be a multiple of rollout.devices = {rollout.devices}")
+  return sharding.make_mesh(devices=devices[:rollout.devices]), devices[rollout.devices:]

@@ -1,0 +1,239 @@
+"""The experiment runner: config -> rollouts -> rewards -> advantages -> policy update.
+
+`train_and_evaluate(config, workdir)` runs one experiment (flax-examples style; the command
+line is `gmpo_jax.main`). Per step:
+
+1. B prompts from the task's train split, in a seeded order that the checkpoint records
+   (the data position), each repeated G times;
+2. completions from the rollout backend (`gmpo_jax.rollout.backends`: the in-process KV-cache sampler);
+3. rewards on the host, validated before they enter jit (a non-finite or, for the log-reward
+   baseline, non-positive reward is an error naming the prompt);
+4. group advantages by the configured estimator, old (and reference) log-probs;
+5. mu epochs of minibatch updates with the configured objective (`gmpo_jax.learner.update`).
+
+Everything random derives from (seed, step), the data order from (seed, epoch), and the
+checkpoint holds parameters, optimizer state, step, key and data position, so a run killed at
+any step and resumed reproduces the uninterrupted run's metrics exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from gmpo_jax.infra import checkpointing, compilation, preemption, sharding
+from gmpo_jax.infra import metrics as metrics_lib
+from gmpo_jax.infra.preemption import Preempted
+from gmpo_jax.infra.sharding import tree_shardings
+from gmpo_jax.learner import update as learner
+from gmpo_jax.rollout import backends as rollout_lib
+from gmpo_jax.rollout import producer as async_rollout
+from gmpo_jax.rollout.backends import Rollout
+from gmpo_jax.runner.build import Run, build_run, make_optimizer
+from gmpo_jax.runner.data import PromptStream
+from gmpo_jax.runner.evaluate import evaluate
+from gmpo_jax.runner.rl_step import RLState, RLStep, ScoredRollout
+from gmpo_jax.runner.warm_start import warm_start
+
+logger = logging.getLogger(__name__)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
+                       ) -> dict[str, Any]:
+  """Runs (or resumes) the experiment of `config` in `workdir`; returns the summary."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  run = build_run(config, workdir)
+  # Every jitted function traces under the run's mesh, so the model can pin its activations to
+  # the batch axes (`sharding.constrain_to_batch_axes`); the mesh changes no value.
+  # One SIGTERM/SIGINT handler for every phase: the warm start, the first evaluation and the RL
+  # loop each save what is in flight and stop; a second signal forces the exit.
+  # Freed compiler memory goes back to the OS after every compile (`HeapTrimmer`: peak RSS).
+  with (jax.set_mesh(run.mesh), preemption.install_preemption_handler() as handler,
+        compilation.CompileTimer() as compile_timer, compilation.HeapTrimmer()):
+    try:
+      return _train(run, handler, compile_timer)
+    except Preempted as stopped:
+      logger.warning("preempted during the %s; rerun the same command to resume", stopped)
+      return {"preempted": str(stopped)}
+
+
+# Checkpoint metadata: [{"step", "version"}] of the rollouts sampled ahead of the checkpoint's
+# step (max_staleness >= 1); their arrays are `CheckpointState.arrays[_in_flight_name(step)]`.
+IN_FLIGHT_METADATA_KEY = "in_flight_rollouts"
+
+
+def _in_flight_name(step: int) -> str:
+  return f"rollout_of_step_{step}"
+
+
+def _producer_sample(rl_step: RLStep, stream: PromptStream, prompts_per_step: int):
+  """The producer thread's work for one step: the backend gets the version's parameters, then
+  samples the stream's next prompts (the producer runs in step order, so the order is the
+  synchronous loop's)."""
+
+  def sample(step: int, version: int, params: Any) -> ScoredRollout:
+    rl_step.backend.update_params(params)
+    return rl_step.sample(step, stream.take(prompts_per_step), version=version)
+
+  return sample
+
+
+def _learn_from(producer: async_rollout.RolloutProducer, rl_step: RLStep, state: RLState
+                ) -> tuple[RLState, dict[str, Any]]:
+  """The asynchronous step: wait for the step's rollout, update, publish the new version."""
+  t0, wall_start = time.perf_counter(), time.time()
+  scored = producer.take(state.step)
+  waited = time.perf_counter() - t0
+  state, record = rl_step.learn(state, scored)
+  producer.publish(state.step, state.params)
+  return state, rl_step.timings(record, start=t0, wall_start=wall_start, waited=waited)
+
+
+def _train(run: Run, preemption: preemption.PreemptionHandler,
+           compile_timer: compilation.CompileTimer) -> dict[str, Any]:
+  config, workdir, algo = run.config, run.workdir, run.algo
+  if config.warm_start.steps > 0:
+    run.params, warm_start_result = warm_start(run, preemption)
+  ref_params = jax.tree.map(jnp.copy, run.params) if algo.beta > 0 else None
+  optimizer = make_optimizer(config.optim,
+                             config.num_steps * algo.num_epochs * algo.num_minibatches)
+  opt_state = learner.init_opt_state(optimizer, run.params, run.mesh)
+  base_key, eval_key = jax.random.split(sharding.prng_key(config.seed, run.mesh))
+
+  ckpt = checkpointing.Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.keep,
+                                    best_metric=config.checkpoint.best_metric, best_mode="max")
+  target = checkpointing.CheckpointState(step=0, model=run.params, opt_state=opt_state,
+                                         key=base_key, metadata={})
+  # A workdir resumes only the experiment that wrote it (the fields in
+  # `checkpointing.RESUMABLE_FIELDS` may differ); `resume_with_changes` accepts any change,
+  # and the changes are logged and kept in every later checkpoint.
+  resolved = json.loads(run.config_dict.to_json())
+  restored = ckpt.restore_latest(target, config=resolved,
+                                 allow_config_changes=config.resume_with_changes)
+  config_record = checkpointing.config_record(resolved)
+  if restored is not None and config.resume_with_changes:
+    stored = restored.metadata.get(checkpointing.CONFIG_METADATA_KEY)
+    changes = checkpointing.config_changes(stored, resolved) if stored else []
+    if changes:
+      logger.warning("resuming with config changes: %s", changes)
+      config_record["resumed_with_changes"] = [
+          [c.field, repr(c.stored), repr(c.current)] for c in changes]
+  state, position, initial_eval = RLState(step=0, params=run.params, opt_state=opt_state), 0, None
+  in_flight_entries = []
+  if restored is not None:
+    state = RLState(step=restored.step, params=restored.model, opt_state=restored.opt_state,
+                    skipped_updates=int(restored.metadata["skipped_updates"]))
+    position = int(restored.metadata["data_position"])
+    initial_eval = restored.metadata.get("initial_eval")
+    in_flight_entries = restored.metadata.get(IN_FLIGHT_METADATA_KEY, [])
+    logger.info("resuming from step %d (data position %d)", state.step, position)
+  start_step, start_position = state.step, position
+  stream = PromptStream(run.train_examples, seed=config.seed, position=position)
+  sampler_params = run.sampler_params(state.params)
+  backend = rollout_lib.make_backend(config.rollout.backend, nnx.merge(run.graphdef, sampler_params),
+                                     config=run.sampling, chunk_size=config.chunk_size)
+  rl_step = RLStep(run, backend=backend, optimizer=optimizer, opt_shardings=tree_shardings(opt_state),
+                   key=base_key, ref_params=ref_params, compile_timer=compile_timer)
+  staleness = config.rollout.max_staleness
+  # The rollouts of the next steps that older parameters sampled before the checkpoint: their
+  # tokens come back from it, their rewards are recomputed from the same prompts.
+  in_flight = []
+  if in_flight_entries and staleness == 0:
+    logger.warning("resuming with max_staleness 0: the %d rollout(s) in flight in the checkpoint "
+                   "are sampled again from its parameters", len(in_flight_entries))
+  elif in_flight_entries:
+    for entry in in_flight_entries:
+      rollout = Rollout(**restored.arrays[_in_flight_name(entry["step"])])
+      in_flight.append(rl_step.score(entry["step"], stream.take(config.prompts_per_step), rollout,
+                                     version=entry["version"]))
+
+  writer = metrics_lib.MetricsWriter(
+      workdir, total_steps=config.num_steps, start_step=state.step if restored else None,
+      progress=config.progress,
+      progress_keys=("reward/mean", "eval/pass@1", "loss"),
+      best_modes={"eval/pass@1": "max", "eval/reward": "max", "reward/mean": "max"})
+  if initial_eval is None:
+    initial_eval = evaluate(run, state.params, eval_key, step=0)
+    logger.info("before RL: %s", initial_eval)
+    writer.write(0, initial_eval)
+  writer.add_to_summary("initial_eval", initial_eval)
+  if config.warm_start.steps > 0:
+    writer.add_to_summary("warm_start", warm_start_result)
+  if rl_step.peak is not None:
+    writer.add_to_summary("perf", rl_step.peak._asdict())
+
+  def checkpoint(state: RLState, in_flight: Sequence[ScoredRollout] = ()
+                 ) -> checkpointing.CheckpointState:
+    return checkpointing.CheckpointState(
+        step=state.step, model=state.params, opt_state=state.opt_state, key=base_key,
+        metadata={checkpointing.CONFIG_METADATA_KEY: config_record,
+                  "data_position": start_position + config.prompts_per_step * (state.step - start_step),
+                  "skipped_updates": state.skipped_updates, "initial_eval": initial_eval,
+                  IN_FLIGHT_METADATA_KEY: [{"step": s.step, "version": s.version}
+                                           for s in in_flight]},
+        arrays={_in_flight_name(s.step): jax.tree.map(np.asarray, s.rollout._asdict())
+                for s in in_flight})
+
+  with writer, ckpt:
+    if restored is None and preemption.requested_on_any_process():
+      ckpt.save(checkpoint(state))  # the evaluation before RL is kept; the next run starts at step 1
+      raise Preempted("first evaluation, saved as step 0")
+    producer = None
+    if staleness > 0:
+      producer = async_rollout.RolloutProducer(
+          _producer_sample(rl_step, stream, config.prompts_per_step),
+          steps=range(state.step + len(in_flight), config.num_steps), max_staleness=staleness,
+          first_version=state.step, params=sampler_params, place=run.sampler_params,
+          ready={s.step: s for s in in_flight})
+    try:
+      while state.step < config.num_steps:
+        if producer is None:
+          state, record = rl_step(state, stream.take(config.prompts_per_step))
+        else:
+          state, record = _learn_from(producer, rl_step, state)
+        done = state.step
+        eval_due = done % config.eval_every == 0 or done == config.num_steps
+        if eval_due:
+          record.update(evaluate(run, state.params, eval_key, step=done))
+        writer.write(done, record)
+        # Every process must stop at the same step (the save below is collective).
+        stop = preemption.requested_on_any_process()
+        if eval_due or done % config.checkpoint.every == 0 or stop or done == config.num_steps:
+          pending = (() if producer is None else
+                     producer.peek(range(done, min(done + staleness, config.num_steps))))
+          ckpt.save(
+              checkpoint(state, pending),
+              metrics={config.checkpoint.best_metric: record[config.checkpoint.best_metric]}
+              if config.checkpoint.best_metric in record else None)
+        if stop:
+          logger.warning("preemption requested: checkpoint saved at step %d, exiting", done)
+          break
+    finally:
+      if producer is not None:
+        producer.close()
+    # What RL added to its starting policy: the last evaluation minus the one before RL.
+    final = writer.summary()["final"]
+    writer.add_to_summary("eval_gain", {name: final[name] - value
+                                        for name, value in initial_eval.items()
+                                        if "/ci_" not in name and final.get(name) is not None})
+    summary = writer.summary()
+  n = config.eval.num_samples
+  metrics_lib.plot_learning_curves(
+      workdir,
+      keys=[["reward/mean", "reward/geometric_mean"],
+            ["eval/pass@1", f"eval/mean@{n}"] + [f"eval/maj@{k}" for k in config.eval.k if k > 1],
+            "entropy", ["clip_fraction_low", "clip_fraction_high"], "approx_kl"],
+      title=(f"{config.task.name} | advantage {algo.advantage} | objective {algo.objective} | "
+             f"seed {config.seed}"))
+  return summary
