@@ -257,7 +257,7 @@ def _write_tokenizer(tokenizer: str | os.PathLike, directory: pathlib.Path,
         "clean_up_tokenization_spaces": False})
     char = tokenization.CharTokenizer()
     note = ("`tokenizer.json` was generated to reproduce gmpo_jax's `CharTokenizer` (one id per "
-            f"character; {pad}, {bos}, {eos} at ids 0, 1, 2; BOS is added in front).")
+            f"character; `{pad}`, `{bos}`, `{eos}` at ids 0, 1, 2; BOS is added in front).")
     return SpecialTokens(char.bos_id, char.eos_id, char.pad_id), note
   source = pathlib.Path(tokenizer)
   source_dir = source if source.is_dir() else source.parent
@@ -279,8 +279,8 @@ def _card(config: TransformerConfig, dtype: np.dtype, num_params: int, tokenizer
   lines = [
       "---", "library_name: transformers", "tags:", "- gmpo_jax", "---", "",
       f"# A {model_type} policy exported from gmpo_jax", "",
-      f"`{architecture}`, {num_params:,} parameters stored as {dtype.name}: {config.num_layers} "
-      f"layers, hidden size {config.hidden_size}, {config.num_heads} query / "
+      f"`{architecture}`, {num_params:,} parameters stored as {dtype.name}: "
+      f"{config.num_layers} layer(s), hidden size {config.hidden_size}, {config.num_heads} query / "
       f"{config.num_kv_heads} key-value heads of width {config.head_dim}, MLP width "
       f"{config.intermediate_size}, vocabulary {config.vocab_size}, "
       f"{'tied' if config.tie_word_embeddings else 'untied'} embeddings. Written by "
@@ -382,6 +382,12 @@ def export_hf(
 
     num_params = sum(math.prod(t.hf_shape) for t in targets.values())
     (staging / CARD_FILE).write_text(_card(config, dtype, num_params, tokenizer_note, card))
+    # mkdtemp and safetensors create owner-only entries; an export gets the usual modes.
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in staging.iterdir():
+      path.chmod(0o666 & ~umask)
+    staging.chmod(0o777 & ~umask)
     if out_dir.exists():
       out_dir.rmdir()  # empty (checked above); os.replace would also replace it on POSIX only
     os.replace(staging, out_dir)
