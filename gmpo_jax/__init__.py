@@ -32,6 +32,7 @@ from gmpo_jax.losses import get_policy_loss
 from gmpo_jax.losses import gspo_loss
 from gmpo_jax.losses import power_mean_loss
 from gmpo_jax.losses import token_clip_loss
+from gmpo_jax.models.hf_export import export_hf
 from gmpo_jax.reward_shape import recommend_advantage
 from gmpo_jax.reward_shape import reward_diagnostics
 
@@ -49,6 +50,7 @@ __all__ = [
     "batch_std_advantages",
     "dr_grpo_advantages",
     "entropy_from_logits",
+    "export_hf",
     "geometric_mean_loss",
     "get_advantage_fn",
     "get_policy_loss",

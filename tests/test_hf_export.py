@@ -4,6 +4,12 @@ bit, and the command line exports a run's checkpoint."""
 
 import dataclasses
 import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +25,20 @@ transformers = pytest.importorskip(
 from safetensors import safe_open  # noqa: E402
 
 import hf_fixtures  # noqa: E402
+from configs import smoke  # noqa: E402
+from gmpo_jax import checkpointing  # noqa: E402
+from gmpo_jax import export  # noqa: E402
+from gmpo_jax import metrics as metrics_lib  # noqa: E402
 from gmpo_jax import tokenization  # noqa: E402
+from gmpo_jax import train  # noqa: E402
+from gmpo_jax.config import ExperimentConfig  # noqa: E402
 from gmpo_jax.models import hf_export  # noqa: E402
 from gmpo_jax.models import hf_import  # noqa: E402
 from gmpo_jax.models.transformer import Transformer  # noqa: E402
 from gmpo_jax.models.transformer import TransformerConfig  # noqa: E402
 from hf_fixtures import FAMILIES  # noqa: E402
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _trained_policy(family, tmp_path):
@@ -193,3 +207,101 @@ def test_char_tokenizer_export_has_the_runs_ids(tmp_path):
   again = hf_export.export_hf(params, config, tmp_path / "again", tokenizer=out / "tokenizer.json")
   for name in ("tokenizer.json", "tokenizer_config.json"):
     assert (again / name).read_bytes() == (out / name).read_bytes()
+
+
+# --- The command line on a run's workdir ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_workdir(tmp_path_factory):
+  """A workdir as `configs/smoke.py` leaves it after RL steps 1 and 2, written through the
+  runner's Checkpointer with the runner's metadata (a real run takes over a minute here).
+
+  Returns (workdir, {step: the policy's nnx.State}, the policy's config).
+  """
+  workdir = tmp_path_factory.mktemp("run")
+  config_dict = smoke.get_config()
+  config = ExperimentConfig.from_config(config_dict)
+  model = train.build_model(config.model, train.build_tokenizer(config.model), seed=config.seed)
+  _, params = nnx.split(model)
+  opt_state = train.make_optimizer(config.optim, config.num_steps).init(params)
+  record = checkpointing.config_record(json.loads(config_dict.to_json()))
+  initial_eval = {"eval/pass@1": 0.25, "eval/pass@1/ci_low": 0.125, "eval/pass@1/ci_high": 0.5}
+  saved = {}
+  with checkpointing.Checkpointer(workdir / "checkpoints", async_save=False) as ckpt:
+    for step in (1, 2):
+      params = jax.tree.map(lambda x: x + 0.01, params)  # what an update would do: move them
+      saved[step] = params
+      ckpt.save(checkpointing.CheckpointState(
+          step=step, model=params, opt_state=opt_state, key=jax.random.key(0),
+          metadata={checkpointing.CONFIG_METADATA_KEY: record, "initial_eval": initial_eval,
+                    "data_position": 4 * step, "skipped_updates": 0}))
+  lines = [{"step": 0, **initial_eval}, {"step": 1, "loss": 0.5},
+           {"step": 2, "eval/pass@1": 0.375, "eval/pass@1/ci_low": 0.25,
+            "eval/pass@1/ci_high": 0.625}]
+  (workdir / metrics_lib.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in lines))
+  (workdir / metrics_lib.SUMMARY_FILE).write_text(json.dumps(
+      {"last_step": 2, "best": {"eval/pass@1": {"value": 0.375, "step": 2}}}))
+  return workdir, saved, model.config
+
+
+def _export_command(*args):
+  return subprocess.run([sys.executable, "-m", "gmpo_jax.export", *args], capture_output=True,
+                        text=True, cwd=_REPO, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(_REPO)))
+
+
+def test_command_line_exports_the_latest_step(run_workdir, tmp_path):
+  workdir, saved, config = run_workdir
+  result = _export_command(f"--workdir={workdir}", f"--out={tmp_path / 'export'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  out = tmp_path / "export"
+  reimported, reimported_config = hf_import.load_hf_checkpoint(out)
+  assert reimported_config == config
+  _assert_same_params(nnx.state(reimported), saved[2])
+  char = tokenization.CharTokenizer()
+  assert transformers.AutoTokenizer.from_pretrained(out)("1+2=")["input_ids"] == [
+      char.bos_id] + char.encode("1+2=")
+  generation = json.loads((out / "generation_config.json").read_text())
+  assert generation["do_sample"] is False
+  assert generation["max_new_tokens"] == smoke.get_config().sampling.max_new_tokens
+  card = (out / "README.md").read_text()
+  assert f"RL step 2 of {smoke.get_config().num_steps} of the run in `{workdir}`" in card
+  assert "| eval/pass@1 | 0.25 [0.125, 0.5] | 0.375 [0.25, 0.625] |" in card
+  assert '"algorithm.objective": "geometric"' in card
+
+
+def test_an_earlier_step_in_bfloat16(run_workdir, tmp_path):
+  workdir, saved, config = run_workdir
+  out = export.export_run(workdir, tmp_path / "export", step=1, dtype="bfloat16")
+  reimported, reimported_config = hf_import.load_hf_checkpoint(out)
+  assert reimported_config == dataclasses.replace(config, param_dtype="bfloat16",
+                                                  dtype="bfloat16")
+  _assert_same_params(nnx.state(reimported),
+                      jax.tree.map(lambda x: x.astype(jnp.bfloat16), saved[1]))
+  assert "Step 1 was not evaluated" in (out / "README.md").read_text()
+
+
+def test_a_damaged_step_is_refused_and_left_in_place(run_workdir, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(run_workdir[0], workdir)
+  data = max((p for p in (workdir / "checkpoints" / "2" / "state").rglob("*") if p.is_file()),
+             key=lambda p: p.stat().st_size)
+  damaged = bytearray(data.read_bytes())
+  damaged[-1] ^= 0xFF
+  data.write_bytes(bytes(damaged))
+
+  result = _export_command(f"--workdir={workdir}", f"--out={tmp_path / 'export'}")
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert re.fullmatch(
+      r"error: checkpoint step 2 in .*/checkpoints is damaged, and a resume would not use it "
+      r"either: .*\. Other steps: \[1\] \(--step\)\.", result.stderr.strip().splitlines()[-1])
+  assert not (tmp_path / "export").exists()
+  assert (workdir / "checkpoints" / "2").is_dir()
+  assert not (workdir / "checkpoints" / checkpointing.CORRUPTED_DIR).exists()
+
+  with pytest.raises(export.ExportError, match=r"no checkpoint of step 7; its steps: \[1, 2\]"):
+    export.export_run(workdir, tmp_path / "export", step=7)
+  with pytest.raises(export.ExportError, match="holds no RL checkpoint"):
+    export.export_run(tmp_path / "nowhere", tmp_path / "export")
