@@ -2,8 +2,9 @@
 
 Writes the policy of one step of a run's RL checkpoints (`W/checkpoints`, the latest by
 default) as a Hugging Face checkpoint directory (`gmpo_jax.models.hf_export.export_hf`): the
-weights, config.json, generation_config.json with the run's evaluation sampling, the tokenizer
-the run used, and a README card naming the run, the step and its evaluation.
+weights, config.json, generation_config.json (greedy decoding, as the run measures pass@1, and
+its completion length and stop tokens), the tokenizer the run used, and a README card naming
+the run, the step and its evaluation.
 
 Everything comes from the workdir: the config from the step's config record (the one a resume
 checks), the parameters from the step itself. The step is verified against its integrity
@@ -39,8 +40,11 @@ from gmpo_jax.models import hf_export
 from gmpo_jax.models import hf_import
 from gmpo_jax.models.transformer import Transformer, TransformerConfig
 
+logger = logging.getLogger(__name__)
+
+
 class ExportError(Exception):
-  """The workdir has nothing to export at the requested step; the message says why."""
+  """A user error: nothing exportable at the requested step, or nowhere to write it."""
 
 
 def run_config(metadata: Mapping[str, Any], where: str) -> ExperimentConfig:
@@ -104,6 +108,9 @@ def _restore_target(config: ExperimentConfig, model_config: TransformerConfig
 
 def restore_step(workdir: str | pathlib.Path, step: int | None = None) -> Restored:
   """Restores one step of a run's RL checkpoints on this host's default device.
+
+  One process, one device: the step's whole state (parameters and AdamW moments, three times
+  the parameters' memory) is read unsharded.
 
   Args:
     workdir: the run's workdir.
@@ -190,8 +197,12 @@ def run_card(workdir: str | pathlib.Path, restored: Restored) -> str:
               f"{config.eval.temperature} (top_p {config.sampling.top_p}, top_k "
               f"{config.sampling.top_k}), at most {config.sampling.max_new_tokens} new tokens."]
   summary_path = workdir / metrics_lib.SUMMARY_FILE
-  if summary_path.is_file():
-    summary = json.loads(summary_path.read_text())
+  try:
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+  except ValueError as error:  # a damaged summary costs the card a line, not the export
+    logger.warning("%s is not JSON (%s); the card leaves it out", summary_path, error)
+    summary = None
+  if summary is not None:
     best = [f"{name} {_number(entry['value'])} at step {entry['step']}"
             for name, entry in (summary.get("best") or {}).items()
             if name.startswith("eval/") and entry]
@@ -212,6 +223,10 @@ def export_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *, step: in
       that exists and is not empty.
     ConfigError, checkpointing.CheckpointMismatchError: see `restore_step`.
   """
+  try:
+    hf_export.check_out_dir(out)
+  except FileExistsError as error:
+    raise ExportError(str(error)) from error
   restored = restore_step(workdir, step)
   config = restored.config
   model = config.model
@@ -220,10 +235,11 @@ def export_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *, step: in
   generation = {"do_sample": False, "max_new_tokens": config.sampling.max_new_tokens}
   if config.sampling.stop_ids:
     generation["eos_token_id"] = [restored.tokenizer.eos_id, *config.sampling.stop_ids]
+  card = run_card(workdir, restored)
   try:
     return hf_export.export_hf(restored.params, restored.model_config, out, dtype=dtype,
-                               tokenizer=tokenizer, generation=generation,
-                               card=run_card(workdir, restored), max_shard_size=max_shard_size)
+                               tokenizer=tokenizer, generation=generation, card=card,
+                               max_shard_size=max_shard_size)
   except (ValueError, FileExistsError) as error:
     raise ExportError(f"cannot export step {restored.step} of {workdir}: {error}") from error
 

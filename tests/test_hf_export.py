@@ -305,3 +305,5 @@ def test_a_damaged_step_is_refused_and_left_in_place(run_workdir, tmp_path):
     export.export_run(workdir, tmp_path / "export", step=7)
   with pytest.raises(export.ExportError, match="holds no RL checkpoint"):
     export.export_run(tmp_path / "nowhere", tmp_path / "export")
+  with pytest.raises(export.ExportError, match="is not an empty directory"):
+    export.export_run(workdir, workdir, step=1)

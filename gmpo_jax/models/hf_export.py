@@ -207,6 +207,13 @@ def _checked_params(params: Any, config: TransformerConfig) -> dict[tuple[str, .
   return flat
 
 
+def check_out_dir(out_dir: str | os.PathLike) -> None:
+  """Raises FileExistsError unless `out_dir` is absent or an empty directory."""
+  out_dir = pathlib.Path(out_dir)
+  if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    raise FileExistsError(f"{out_dir} exists and is not an empty directory; export elsewhere.")
+
+
 def _plan_shards(sizes: Mapping[str, int], max_shard_size: int) -> list[list[str]]:
   """Consecutive tensors into shards of at most `max_shard_size` bytes (a larger tensor alone)."""
   shards: list[list[str]] = []
@@ -342,8 +349,7 @@ def export_hf(
     raise ValueError(f"dtype={dtype.name!r}: export as float32, bfloat16 or float16.")
   if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int) or max_shard_size < 1:
     raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}.")
-  if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-    raise FileExistsError(f"{out_dir} exists and is not an empty directory; export elsewhere.")
+  check_out_dir(out_dir)
   flat = _checked_params(params, config)
   targets = hf_tensor_targets(config)
 
