@@ -34,6 +34,7 @@ from gmpo_jax.algo.losses import power_mean_loss
 from gmpo_jax.algo.losses import token_clip_loss
 from gmpo_jax.algo.reward_shape import recommend_advantage
 from gmpo_jax.algo.reward_shape import reward_diagnostics
+from gmpo_jax.models.hf_export import export_hf
 
 __version__ = "0.1.0"
 
@@ -49,6 +50,7 @@ __all__ = [
     "batch_std_advantages",
     "dr_grpo_advantages",
     "entropy_from_logits",
+    "export_hf",
     "geometric_mean_loss",
     "get_advantage_fn",
     "get_policy_loss",

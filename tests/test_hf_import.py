@@ -17,82 +17,18 @@ torch = pytest.importorskip(
 transformers = pytest.importorskip(
     "transformers", reason="transformers is needed for the Hugging Face parity tests.")
 
+import hf_fixtures  # noqa: E402
+from hf_fixtures import FAMILIES  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from gmpo_jax.models import hf_import  # noqa: E402
 
-_COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=56, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
-               max_position_embeddings=256)
-# Each family with the features that distinguish it; tied and untied embeddings both covered.
-FAMILIES = {
-    "llama_llama3rope_untied": (transformers.LlamaConfig, dict(
-        tie_word_embeddings=False,
-        rope_parameters=dict(rope_type="llama3", rope_theta=10_000.0, factor=8.0,
-                             low_freq_factor=1.0, high_freq_factor=4.0,
-                             original_max_position_embeddings=128))),
-    "llama_tied": (transformers.LlamaConfig, dict(
-        tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=500.0))),
-    "qwen2_bias_tied": (transformers.Qwen2Config, dict(
-        tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=1e6))),
-    "qwen3_qknorm_untied": (transformers.Qwen3Config, dict(
-        tie_word_embeddings=False, head_dim=16,
-        rope_parameters=dict(rope_type="default", rope_theta=1e6))),
-}
-
-
-@nnx.jit
-def _logits(model, tokens, positions, key_mask):
-  hidden, _ = model(tokens, positions, key_mask=key_mask)
-  return model.logits(hidden)
-
-
-def _torch_model(family, seed=0):
-  """A tiny HF model with every weight, norm scale and bias set to random non-defaults."""
-  config_cls, extra = FAMILIES[family]
-  config = config_cls(**_COMMON, **extra)
-  config._attn_implementation = "eager"
-  torch.manual_seed(seed)
-  model = transformers.AutoModelForCausalLM.from_config(config).eval()
-  with torch.no_grad():
-    for name, param in model.named_parameters():
-      if name.endswith("norm.weight"):
-        param.copy_(1.0 + 0.3 * torch.randn_like(param))
-      elif name.endswith("bias"):
-        param.copy_(0.3 * torch.randn_like(param))
-      else:
-        param.copy_(0.15 * torch.randn_like(param))
-  return model
-
-
-def _save(model, directory, sharded):
-  # 4KB shards split this ~60k-parameter model into many files.
-  model.save_pretrained(directory, max_shard_size="4KB" if sharded else "50GB")
-  return directory
-
-
-def _left_padded_batch(vocab_size):
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, vocab_size, (3, 10)).astype(np.int32)
-  mask = np.arange(10)[None, :] >= np.array([0, 4, 7])[:, None]
-  positions = (np.cumsum(mask, axis=1) - 1).astype(np.int32)
-  return tokens, positions, mask
-
-
-def _torch_logits(model, tokens, positions, mask):
-  with torch.no_grad():
-    out = model(input_ids=torch.tensor(tokens, dtype=torch.long),
-                attention_mask=torch.tensor(mask, dtype=torch.long),
-                # HF's generate convention: padding positions set to 1 (never attended).
-                position_ids=torch.tensor(np.where(mask, positions, 1), dtype=torch.long))
-  return out.logits.float().numpy()
-
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_logits_match_transformers(family, tmp_path):
-  torch_model = _torch_model(family)
-  single = _save(torch_model, tmp_path / "single", sharded=False)
-  sharded = _save(torch_model, tmp_path / "sharded", sharded=True)
+  torch_model = hf_fixtures.torch_model(family)
+  single = hf_fixtures.save(torch_model, tmp_path / "single", sharded=False)
+  sharded = hf_fixtures.save(torch_model, tmp_path / "sharded", sharded=True)
   assert os.path.isfile(sharded / hf_import.WEIGHTS_INDEX_FILE)
   assert len(list(sharded.glob("*.safetensors"))) > 2
 
@@ -106,17 +42,18 @@ def test_logits_match_transformers(family, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(model)),
                nnx.to_pure_dict(nnx.state(sharded_model)))
 
-  tokens, positions, mask = _left_padded_batch(config.vocab_size)
-  expected = _torch_logits(torch_model, tokens, positions, mask)
-  logits = np.asarray(_logits(model, *map(jnp.asarray, (tokens, positions, mask))))
+  tokens, positions, mask = hf_fixtures.left_padded_batch(config.vocab_size)
+  expected = hf_fixtures.torch_logits(torch_model, tokens, positions, mask)
+  logits = np.asarray(
+      hf_fixtures.jax_logits(model, *map(jnp.asarray, (tokens, positions, mask))))
   np.testing.assert_allclose(logits[mask], expected[mask], atol=1e-4, rtol=1e-4)
   # The unpadded row is compared at every position, and the logits are not trivial.
   assert np.abs(expected[0]).std() > 0.5
 
 
 def test_bfloat16_checkpoint(tmp_path):
-  torch_model = _torch_model("qwen2_bias_tied").to(torch.bfloat16)
-  directory = _save(torch_model, tmp_path / "bf16", sharded=False)
+  torch_model = hf_fixtures.torch_model("qwen2_bias_tied").to(torch.bfloat16)
+  directory = hf_fixtures.save(torch_model, tmp_path / "bf16", sharded=False)
   model, config = hf_import.load_hf_checkpoint(directory)
   assert config.param_dtype == jnp.bfloat16 and config.dtype == jnp.bfloat16
   embedding = torch_model.model.embed_tokens.weight.detach().float().numpy()
@@ -135,7 +72,7 @@ def test_bfloat16_checkpoint(tmp_path):
 def checkpoint(tmp_path_factory):
   """A tiny untied Llama checkpoint to corrupt in the error tests."""
   directory = tmp_path_factory.mktemp("ckpt")
-  _save(_torch_model("llama_llama3rope_untied"), directory, sharded=False)
+  hf_fixtures.save(hf_fixtures.torch_model("llama_llama3rope_untied"), directory, sharded=False)
   return directory
 
 

@@ -487,6 +487,18 @@ class Checkpointer:
           f"(another model?): {mismatch}.")
     return self._restore(step, abstract, manifest.get("arrays"))
 
+  def restore_metadata(self, step: int) -> dict[str, Any]:
+    """The JSON metadata of `step` alone, e.g. its config record, to build a `restore` target.
+
+    The step is verified against its manifest first, like `restore` (which verifies again).
+
+    Raises:
+      CorruptCheckpointError, OSError: see `verify`.
+    """
+    self.wait_until_finished()
+    integrity.verify_step_dir(self._step_dir(step))
+    return self._restore_metadata(step)
+
   def _restore(self, step: int, abstract: dict[str, Any],
                arrays_record: dict[str, Any] | None) -> CheckpointState:
     items = {_STATE_ITEM: ocp.args.StandardRestore(abstract),

@@ -1,0 +1,272 @@
+"""Command line: `python -m gmpo_jax.export --workdir=W [--step=N] --out=DIR [--dtype=bfloat16]`.
+
+Writes the policy of one step of a run's RL checkpoints (`W/checkpoints`, the latest by
+default) as a Hugging Face checkpoint directory (`gmpo_jax.models.hf_export.export_hf`): the
+weights, config.json, generation_config.json (greedy decoding, as the run measures pass@1, and
+its completion length and stop tokens), the tokenizer the run used, and a README card naming
+the run, the step and its evaluation.
+
+Everything comes from the workdir: the config from the step's config record (the one a resume
+checks), the parameters from the step itself. The step is verified against its integrity
+manifest before anything is read, as a resume does; a damaged step is refused (exit 2), never
+replaced by an older one, and nothing in the workdir is changed. The warm-start cache
+(`W/warm_start`) is not exported.
+
+User errors (no checkpoint, an unknown or damaged step, an existing output directory, a model
+the exporter cannot express) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import sys
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+from absl import app, flags
+from flax import nnx
+
+from gmpo_jax.config import ConfigError, ExperimentConfig, ModelConfig
+from gmpo_jax.infra import checkpointing
+from gmpo_jax.infra import metrics as metrics_lib
+from gmpo_jax.models import hf_export, hf_import, tokenization
+from gmpo_jax.models.transformer import Transformer, TransformerConfig
+from gmpo_jax.runner import build
+
+logger = logging.getLogger(__name__)
+
+
+class ExportError(Exception):
+  """A user error: nothing exportable at the requested step, or nowhere to write it."""
+
+
+def run_config(metadata: Mapping[str, Any], where: str) -> ExperimentConfig:
+  """The typed config of the run that wrote a checkpoint, from its config record.
+
+  The record holds the config flattened to dotted keys with JSON values
+  (`checkpointing.config_record`); lists come back as the tuples the config files use.
+
+  Raises:
+    ExportError: the checkpoint holds no config record.
+    ConfigError: the record does not make a valid config of this version of gmpo_jax.
+  """
+  record = metadata.get(checkpointing.CONFIG_METADATA_KEY)
+  if not (isinstance(record, Mapping) and isinstance(record.get("fields"), Mapping)):
+    raise ExportError(f"{where} holds no config record, so its model cannot be rebuilt.")
+  nested: dict[str, Any] = {}
+  for field, value in record["fields"].items():
+    *parents, name = field.split(".")
+    node = nested
+    for parent in parents:
+      node = node.setdefault(parent, {})
+    node[name] = tuple(value) if isinstance(value, list) else value
+  return ExperimentConfig.from_config(nested)
+
+
+def policy_config(model: ModelConfig, tokenizer: tokenization.Tokenizer) -> TransformerConfig:
+  """The config `build.build_model` gives the policy, without reading or initialising weights."""
+  if model.hf_path is not None:
+    with open(pathlib.Path(model.hf_path) / hf_import.CONFIG_FILE) as f:
+      config = TransformerConfig.from_hf_config(json.load(f))
+    param_dtype = model.param_dtype or config.param_dtype
+    return dataclasses.replace(config, param_dtype=param_dtype, dtype=model.dtype or param_dtype)
+  overrides = dict(model.overrides, vocab_size=tokenizer.vocab_size)
+  for name in ("param_dtype", "dtype"):
+    if getattr(model, name) is not None:
+      overrides[name] = getattr(model, name)
+  return dataclasses.replace(TransformerConfig.from_name(model.name), **overrides)
+
+
+class Restored(NamedTuple):
+  """One step of a run: its parameters (`nnx.State`), configs, tokenizer and metadata."""
+
+  step: int
+  params: Any
+  config: ExperimentConfig
+  model_config: TransformerConfig
+  tokenizer: tokenization.Tokenizer
+  metadata: Mapping[str, Any]
+
+
+def _restore_target(config: ExperimentConfig, model_config: TransformerConfig
+                    ) -> checkpointing.CheckpointState:
+  """Abstract arrays shaped like what the RL loop (`gmpo_jax.runner.loop`) saves: parameters, AdamW state, key."""
+  _, params = nnx.split(nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0))))
+  # The schedule's length changes no shape of the optimizer state.
+  opt_state = jax.eval_shape(build.make_optimizer(config.optim, config.num_steps).init, params)
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  return checkpointing.CheckpointState(step=0, model=params, opt_state=opt_state, key=key,
+                                       metadata={})
+
+
+def restore_step(workdir: str | pathlib.Path, step: int | None = None) -> Restored:
+  """Restores one step of a run's RL checkpoints on this host's default device.
+
+  One process, one device: the step's whole state (parameters and AdamW moments, three times
+  the parameters' memory) is read unsharded.
+
+  Args:
+    workdir: the run's workdir.
+    step: the RL step; None: the latest committed one.
+
+  Returns:
+    The step's parameters, the run's configs and the checkpoint's metadata.
+
+  Raises:
+    ExportError: no checkpoint, no such step, a damaged step (its files differ from its
+      integrity manifest), a step without a config record, or a tokenizer that is gone.
+    ConfigError: the recorded config is not valid for this version of gmpo_jax.
+    checkpointing.CheckpointMismatchError: the stored arrays are not the recorded model's.
+  """
+  directory = pathlib.Path(workdir) / "checkpoints"
+  if not directory.is_dir():
+    raise ExportError(f"{directory} does not exist: {workdir} holds no RL checkpoint.")
+  with checkpointing.Checkpointer(directory) as ckpt:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise ExportError(f"{directory} holds no committed checkpoint.")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise ExportError(f"{directory} holds no checkpoint of step {step}; its steps: {steps}.")
+    where = f"checkpoint step {step} in {directory}"
+    try:
+      metadata = ckpt.restore_metadata(step)
+      config = run_config(metadata, where)
+      try:
+        tokenizer = build.build_tokenizer(config.model)
+        model_config = policy_config(config.model, tokenizer)
+      except (OSError, ValueError) as error:
+        raise ExportError(f"the run's model or tokenizer cannot be read back: {error}") from error
+      restored = ckpt.restore(step, _restore_target(config, model_config))
+    except checkpointing.CorruptCheckpointError as error:
+      others = [s for s in steps if s != step]
+      raise ExportError(
+          f"{where} is damaged, and a resume would not use it either: {error}. Other steps: "
+          f"{others} (--step).") from error
+  return Restored(step=step, params=restored.model, config=config, model_config=model_config,
+                  tokenizer=tokenizer, metadata=metadata)
+
+
+def _number(value: Any) -> str:
+  return "–" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _with_interval(record: Mapping[str, Any], name: str) -> str:
+  low, high = record.get(f"{name}/ci_low"), record.get(f"{name}/ci_high")
+  interval = "" if low is None or high is None else f" [{_number(low)}, {_number(high)}]"
+  return _number(record.get(name)) + interval
+
+
+def run_card(workdir: str | pathlib.Path, restored: Restored) -> str:
+  """The README section on the run: what it trained, this step's evaluation, its config."""
+  workdir = pathlib.Path(workdir)
+  config, step = restored.config, restored.step
+  algo, model = config.algorithm, config.model
+  start = f"`{model.name}` at random init" if model.hf_path is None else f"`{model.hf_path}`"
+  if config.warm_start.steps:
+    start += f", then up to {config.warm_start.steps} supervised warm-start steps"
+  lines = [
+      "## The run", "",
+      f"RL step {step} of {config.num_steps} of the run in `{workdir}`, exported by "
+      "`python -m gmpo_jax.export`.", "",
+      f"- task: `{config.task.name}` {dict(config.task.kwargs)}",
+      f"- starting policy: {start}",
+      f"- advantage `{algo.advantage}`, objective `{algo.objective}`, {config.prompts_per_step} "
+      f"prompts × {algo.num_generations} completions per step, seed {config.seed}",
+  ]
+  at_step = next((r for r in metrics_lib.read_metrics(workdir) if r["step"] == step), {})
+  initial = restored.metadata.get("initial_eval") or {}
+  # Each metric with its 95% interval (the `<name>/ci_low`, `<name>/ci_high` entries).
+  names = sorted({k for k in [*at_step, *initial] if k.startswith("eval/") and "/ci_" not in k})
+  lines += ["", "### Held-out evaluation", ""]
+  if not any(k.startswith("eval/") for k in at_step):
+    lines += [f"Step {step} was not evaluated (every {config.eval_every} steps and the last).", ""]
+  if names:
+    lines += [f"| metric (95% interval) | before RL | step {step} |", "|---|---|---|"]
+    lines += [f"| {name} | {_with_interval(initial, name)} | {_with_interval(at_step, name)} |"
+              for name in names]
+    lines += ["", f"Greedy pass@1 on the first {config.eval.num_examples} held-out prompts; "
+              f"mean@{config.eval.num_samples}, pass@k and maj@k from samples at temperature "
+              f"{config.eval.temperature} (top_p {config.sampling.top_p}, top_k "
+              f"{config.sampling.top_k}), at most {config.sampling.max_new_tokens} new tokens."]
+  summary_path = workdir / metrics_lib.SUMMARY_FILE
+  try:
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+  except ValueError as error:  # a damaged summary costs the card a line, not the export
+    logger.warning("%s is not JSON (%s); the card leaves it out", summary_path, error)
+    summary = None
+  if summary is not None:
+    best = [f"{name} {_number(entry['value'])} at step {entry['step']}"
+            for name, entry in (summary.get("best") or {}).items()
+            if name.startswith("eval/") and entry]
+    lines += ["", f"`summary.json` (the run at step {summary.get('last_step')}): best "
+              + ("; ".join(best) if best else "–") + "."]
+  fields = restored.metadata[checkpointing.CONFIG_METADATA_KEY]["fields"]
+  lines += ["", "### Config", "", "```json", json.dumps(fields, indent=1, sort_keys=True), "```"]
+  return "\n".join(lines)
+
+
+def export_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *, step: int | None = None,
+               dtype: str | None = None,
+               max_shard_size: int = hf_export.MAX_SHARD_SIZE) -> pathlib.Path:
+  """Exports one step of a run (see the module docstring); returns the export directory.
+
+  Raises:
+    ExportError: see `restore_step`; also a model the exporter cannot express and an `out`
+      that exists and is not empty.
+    ConfigError, checkpointing.CheckpointMismatchError: see `restore_step`.
+  """
+  try:
+    hf_export.check_out_dir(out)
+  except FileExistsError as error:
+    raise ExportError(str(error)) from error
+  restored = restore_step(workdir, step)
+  config = restored.config
+  model = config.model
+  tokenizer = model.hf_path if model.tokenizer is None else model.tokenizer
+  # The greedy decoding of the run's headline metric, pass@1, and its stop tokens.
+  generation = {"do_sample": False, "max_new_tokens": config.sampling.max_new_tokens}
+  if config.sampling.stop_ids:
+    generation["eos_token_id"] = [restored.tokenizer.eos_id, *config.sampling.stop_ids]
+  card = run_card(workdir, restored)
+  try:
+    return hf_export.export_hf(restored.params, restored.model_config, out, dtype=dtype,
+                               tokenizer=tokenizer, generation=generation, card=card,
+                               max_shard_size=max_shard_size)
+  except (ValueError, FileExistsError) as error:
+    raise ExportError(f"cannot export step {restored.step} of {workdir}: {error}") from error
+
+
+def define_flags() -> None:
+  """The command line's flags; defined only when it runs, as gmpo_jax.main has a --workdir too."""
+  flags.DEFINE_string("workdir", None, "The run's workdir (gmpo_jax.main --workdir).")
+  flags.DEFINE_integer("step", None, "The RL step to export; default the latest.")
+  flags.DEFINE_string("out", None, "The directory to write; must not exist or be empty.")
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+                    "Stored dtype; default the run's parameter dtype.")
+  flags.mark_flags_as_required(["workdir", "out"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  args = flags.FLAGS
+  logging.getLogger().setLevel(logging.INFO)
+  # Orbax reports every file operation at INFO through absl's logger.
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  try:
+    out = export_run(args.workdir, args.out, step=args.step, dtype=args.dtype)
+  except (ExportError, ConfigError, checkpointing.CheckpointMismatchError) as error:
+    # A user error, not a crash: one line naming what is wrong, no traceback.
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+  print(f"exported to {out}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
