@@ -1,5 +1,7 @@
 """Checkpoints for the experiment runner: the one module that talks to Orbax.
 
+One concept, the `Checkpointer` (its save / restore / retention protocol), hence its length.
+
 A checkpoint is a `CheckpointState`: the NNX model state (`nnx.state(model)` or
 the state half of `nnx.split`), the optax optimizer state, the step, the typed
 PRNG key, a JSON metadata dict (data position, config record, best metric ...)
