@@ -49,6 +49,7 @@ from gmpo_jax import rollout as rollout_lib
 from gmpo_jax import sharding
 from gmpo_jax import tasks as tasks_lib
 from gmpo_jax import tokenization
+from gmpo_jax import workdir_lock
 from gmpo_jax.config import AlgorithmConfig, ConfigError, ExperimentConfig, ModelConfig, OptimConfig
 from gmpo_jax.logprobs import positions_from_mask
 from gmpo_jax.models import hf_import
@@ -794,19 +795,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   """Runs (or resumes) the experiment of `config` in `workdir`; returns the summary."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  run = _build_run(config, workdir)
-  # Every jitted function traces under the run's mesh, so the model can pin its activations to
-  # the batch axes (`sharding.constrain_to_batch_axes`); the mesh changes no value.
-  # One SIGTERM/SIGINT handler for every phase: the warm start, the first evaluation and the RL
-  # loop each save what is in flight and stop; a second signal forces the exit.
-  # Freed compiler memory goes back to the OS after every compile (`HeapTrimmer`: peak RSS).
-  with (jax.set_mesh(run.mesh), checkpointing.install_preemption_handler() as preemption,
-        compilation.CompileTimer() as compile_timer, compilation.HeapTrimmer()):
-    try:
-      return _train(run, preemption, compile_timer)
-    except Preempted as stopped:
-      logger.warning("preempted during the %s; rerun the same command to resume", stopped)
-      return {"preempted": str(stopped)}
+  # One run per workdir: a second one is refused before it writes anything.
+  with workdir_lock.hold(workdir):
+    run = _build_run(config, workdir)
+    # Every jitted function traces under the run's mesh, so the model can pin its activations to
+    # the batch axes (`sharding.constrain_to_batch_axes`); the mesh changes no value.
+    # One SIGTERM/SIGINT handler for every phase: the warm start, the first evaluation and the RL
+    # loop each save what is in flight and stop; a second signal forces the exit.
+    # Freed compiler memory goes back to the OS after every compile (`HeapTrimmer`: peak RSS).
+    with (jax.set_mesh(run.mesh), checkpointing.install_preemption_handler() as preemption,
+          compilation.CompileTimer() as compile_timer, compilation.HeapTrimmer()):
+      try:
+        return _train(run, preemption, compile_timer)
+      except Preempted as stopped:
+        logger.warning("preempted during the %s; rerun the same command to resume", stopped)
+        return {"preempted": str(stopped)}
 
 
 def _shardings(tree: Any) -> Any:
