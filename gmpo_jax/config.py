@@ -461,7 +461,7 @@ class ExperimentConfig:
   perf: PerfConfig
 
   def __post_init__(self):
-    _require(self.num_steps >= 0, "num_steps", self.num_steps, "must be >= 0")
+    _require(self.num_steps >= 1, "num_steps", self.num_steps, "must be >= 1")
     _require(self.prompts_per_step >= 1, "prompts_per_step", self.prompts_per_step,
              "must be >= 1")
     _require(self.eval_every >= 1, "eval_every", self.eval_every, "must be >= 1")

@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from gmpo_jax.infra import checkpointing, compilation, preemption, sharding
+from gmpo_jax.infra import checkpointing, compilation, preemption, sharding, workdir_lock
 from gmpo_jax.infra import metrics as metrics_lib
 from gmpo_jax.infra.preemption import Preempted
 from gmpo_jax.infra.sharding import tree_shardings
@@ -54,19 +54,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   """Runs (or resumes) the experiment of `config` in `workdir`; returns the summary."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  run = build_run(config, workdir)
-  # Every jitted function traces under the run's mesh, so the model can pin its activations to
-  # the batch axes (`sharding.constrain_to_batch_axes`); the mesh changes no value.
-  # One SIGTERM/SIGINT handler for every phase: the warm start, the first evaluation and the RL
-  # loop each save what is in flight and stop; a second signal forces the exit.
-  # Freed compiler memory goes back to the OS after every compile (`HeapTrimmer`: peak RSS).
-  with (jax.set_mesh(run.mesh), preemption.install_preemption_handler() as handler,
-        compilation.CompileTimer() as compile_timer, compilation.HeapTrimmer()):
-    try:
-      return _train(run, handler, compile_timer)
-    except Preempted as stopped:
-      logger.warning("preempted during the %s; rerun the same command to resume", stopped)
-      return {"preempted": str(stopped)}
+  # One run per workdir: a second one is refused before it writes anything.
+  with workdir_lock.hold(workdir):
+    run = build_run(config, workdir)
+    # Every jitted function traces under the run's mesh, so the model can pin its activations to
+    # the batch axes (`sharding.constrain_to_batch_axes`); the mesh changes no value.
+    # One SIGTERM/SIGINT handler for every phase: the warm start, the first evaluation and the RL
+    # loop each save what is in flight and stop; a second signal forces the exit.
+    # Freed compiler memory goes back to the OS after every compile (`HeapTrimmer`: peak RSS).
+    with (jax.set_mesh(run.mesh), preemption.install_preemption_handler() as handler,
+          compilation.CompileTimer() as compile_timer, compilation.HeapTrimmer()):
+      try:
+        return _train(run, handler, compile_timer)
+      except Preempted as stopped:
+        logger.warning("preempted during the %s; rerun the same command to resume", stopped)
+        return {"preempted": str(stopped)}
 
 
 def _producer_sample(rl_step: RLStep, stream: PromptStream, prompts_per_step: int):

@@ -91,8 +91,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from gmpo_jax.infra.checkpointing import identity
-from gmpo_jax.infra.checkpointing import integrity
+from gmpo_jax.infra.checkpointing import identity, integrity
 from gmpo_jax.infra.metrics import to_python_scalar
 
 logger = logging.getLogger(__name__)
