@@ -45,6 +45,7 @@ from flax import struct
 
 from gmpo_jax import attention as attention_lib
 from gmpo_jax.sharding import constrain_to_batch_axes
+from gmpo_jax.sharding import target_platform
 
 _SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -366,7 +367,7 @@ def default_layer_unroll(backend: str, num_layers: int) -> int:
   deep models and accelerators keep one compiled block.
 
   Args:
-    backend: `jax.default_backend()`.
+    backend: the target platform (`gmpo_jax.sharding.target_platform()`).
     num_layers: L.
 
   Returns:
@@ -386,12 +387,12 @@ def default_cache_dtype(config: TransformerConfig, backend: str | None = None) -
 
   Args:
     config: the model config.
-    backend: `jax.default_backend()` when None.
+    backend: `gmpo_jax.sharding.target_platform()` when None.
 
   Returns:
     bfloat16 for a float32 model on 'gpu' / 'cuda' / 'rocm' / 'tpu', else ``config.dtype``.
   """
-  backend = jax.default_backend() if backend is None else backend
+  backend = target_platform() if backend is None else backend
   if backend in ("gpu", "cuda", "rocm", "tpu") and config.dtype == jnp.float32:
     return jnp.dtype(jnp.bfloat16)
   return config.dtype
@@ -713,7 +714,9 @@ class Transformer(nnx.Module):
       new_key_mask = jax.lax.dynamic_update_slice(cache.key_mask, key_mask, (0, index))
       attended_mask = new_key_mask
       layers_k, layers_v = cache.k, cache.v
-    backend = jax.default_backend()
+    # The platform of the mesh the call is traced under: a TPU program compiled on a CPU host
+    # gets the TPU kernels.
+    backend = target_platform()
     impl = attention_lib.resolve_impl(config.attention_impl, backend=backend, dtype=config.dtype,
                                       num_queries=length, cached=cache is not None)
     # The dense kernel's [B, T, S] mask is built once and shared by the layers.
