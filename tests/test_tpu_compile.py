@@ -4,10 +4,11 @@ With libtpu installed, `jax.experimental.topologies` describes a TPU slice witho
 `jax.jit(...).lower(abstract inputs).compile()` runs the TPU compiler on the project's own
 programs: the learner's update (`learner.make_update_fn`), its log-prob rescoring
 (`learner.logprob_program`) and the sampler's program (the prefill and decode loop that
-`sampling.generate` compiles), traced under `jax.set_mesh` over the topology's 4 chips (data 2 x fsdp 2), as the
-runner traces them. Nothing runs. The learner's programs must hold the splash kernel (a
-`tpu_custom_call`, reachable on 4 chips only inside `shard_map`), which also shows that the
-model picked its kernel for the mesh's platform and not for this host's CPU.
+`sampling.generate` compiles), traced under `jax.set_mesh` over the topology's 4 chips
+(data 2 x fsdp 2), as the runner traces them. Nothing runs. The learner's programs must hold
+the splash kernel (a `tpu_custom_call`, reachable on 4 chips only inside `shard_map`), which
+also shows that the model picked its kernel for the mesh's platform and not for this host's
+CPU. Per-layer remat must cut the update's temporary memory.
 
 Skipped where libtpu is not installed.
 """
@@ -27,6 +28,7 @@ from gmpo_jax import sampling
 from gmpo_jax import sharding
 from gmpo_jax import train
 from gmpo_jax.config import AlgorithmConfig
+from gmpo_jax.logprobs import sequence_logprobs
 from gmpo_jax.models.transformer import Transformer, TransformerConfig
 
 pytest.importorskip("libtpu", reason="compiling for a TPU topology needs libtpu "
@@ -151,3 +153,26 @@ def test_sampler_compiles(mesh, model):
   hlo = compiled.as_text()
   assert KERNEL not in hlo and "while" in hlo
   _check_fits(compiled)
+
+
+def test_remat_cuts_the_backward_memory(mesh):
+  """Temporary HBM of the policy gradient's backward pass on v5e, per remat policy: keeping
+  only the projections' outputs must need less than keeping everything, and keeping only
+  each layer's input (recomputing the block) less still. 4 layers and 8 x 512 tokens per
+  chip, so that the saved activations dominate the temporaries."""
+  batch, length = 32, 512
+  rows = lambda dtype: _rows(mesh, (batch, length), dtype)
+  temp = {}
+  for remat in ("none", "projections", "full"):
+    config = dataclasses.replace(MODEL, num_layers=4, remat=remat)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda c=config: Transformer(c, rngs=nnx.Rngs(0))))
+    params = _abstract(params, sharding.state_shardings(params, mesh))
+
+    def loss(params, tokens, positions, key_mask, graphdef=graphdef):
+      model = nnx.merge(graphdef, params)
+      return jnp.sum(sequence_logprobs(model, tokens, positions, key_mask, chunk_size=256))
+
+    compiled = _compile(mesh, jax.jit(jax.grad(loss)), params, rows(jnp.int32),
+                        rows(jnp.int32), rows(bool))
+    temp[remat] = compiled.memory_analysis().temp_size_in_bytes
+  assert temp["full"] < temp["projections"] < temp["none"], temp
