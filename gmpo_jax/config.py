@@ -228,6 +228,12 @@ class TaskConfig:
              "must be a path or None (<workdir>/data)")
 
 
+# The `TransformerConfig` fields that `model.overrides` may set on a checkpoint (`hf_path`): how
+# it runs (kernels, remat, compute dtype), not what it is (shapes and weights come from the
+# checkpoint).
+CHECKPOINT_OVERRIDES = ("attention_impl", "attention_block_size", "remat", "layer_unroll", "dtype")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """`config.model`: the policy, a named architecture at random init or a local checkpoint.
@@ -237,7 +243,8 @@ class ModelConfig:
     hf_path: a local Hugging Face checkpoint directory; None with `name`.
     tokenizer: 'char' or a tokenizer path; None: the tokenizer.json of `hf_path`.
     overrides: `TransformerConfig` fields replacing the named config's, as sorted pairs
-      (`vocab_size` comes from the tokenizer); none with `hf_path`.
+      (`vocab_size` comes from the tokenizer); with `hf_path` only `CHECKPOINT_OVERRIDES`
+      (attention kernel, remat, compute dtype, ...), never the checkpoint's architecture.
     param_dtype / dtype: parameter and compute dtypes; None: the checkpoint's, or float32.
   """
   name: str | None = None
@@ -254,11 +261,17 @@ class ModelConfig:
       TransformerConfig.from_name(self.name)  # its error lists the known names
     _require(self.tokenizer is not None or self.hf_path is not None, "tokenizer",
              self.tokenizer, "is needed without an hf_path to read tokenizer.json from")
-    _require(self.hf_path is None or not self.overrides, "overrides", dict(self.overrides),
-             "apply to a named config, not to the checkpoint of hf_path")
     fields = {f.name for f in dataclasses.fields(TransformerConfig)} - {"vocab_size"}
-    unknown = sorted(set(dict(self.overrides)) - fields)
+    overrides = dict(self.overrides)
+    unknown = sorted(set(overrides) - fields)
     _require(not unknown, "overrides", unknown, f"are not TransformerConfig fields {sorted(fields)}")
+    if self.hf_path is not None:
+      architecture = sorted(set(overrides) - set(CHECKPOINT_OVERRIDES))
+      _require(not architecture, "overrides", architecture,
+               f"would change the architecture of the checkpoint of hf_path; on a checkpoint "
+               f"only {list(CHECKPOINT_OVERRIDES)} may be overridden")
+    _require("dtype" not in overrides or self.dtype is None, "overrides", overrides,
+             f"set the compute dtype twice (model.dtype={self.dtype!r}): keep one of them")
     for name in ("param_dtype", "dtype"):
       value = getattr(self, name)
       if value is not None:

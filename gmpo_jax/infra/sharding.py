@@ -144,6 +144,22 @@ def constrain_to_batch_axes(x: jax.Array) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, P(BATCH_AXES, *([None] * (x.ndim - 1))))
 
 
+def target_platform() -> str:
+  """The platform the code being traced will run on: that of the context mesh's devices.
+
+  Kernels and defaults that differ per platform (`gmpo_jax.models.attention.resolve_impl`, block
+  sizes, the KV-cache dtype) ask this rather than `jax.default_backend()`: under
+  `jax.set_mesh` over a TPU topology's devices (`jax.experimental.topologies`), a CPU host
+  then traces the program a TPU VM runs. Without a mesh, or on a mesh that names no devices,
+  it is the default backend.
+
+  Returns:
+    'cpu', 'gpu' / 'cuda' / 'rocm', 'tpu', ...
+  """
+  device = jax.sharding.get_abstract_mesh().abstract_device
+  return jax.default_backend() if device is None else device.platform
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

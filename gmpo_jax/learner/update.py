@@ -360,6 +360,18 @@ def make_logprob_fn(graphdef: nnx.GraphDef, param_shardings: Any, mesh: jax.shar
   it matches the update's log-probs at unchanged parameters.
   """
   rows = sharding.batch_sharding(mesh, ndim=2)
+  compiled = logprob_program(graphdef, param_shardings, mesh, temperature=temperature,
+                             chunk_size=chunk_size)
+  # The sampler's outputs come in the layout XLA chose for it; move them to the rows layout.
+  return lambda params, tokens, key_mask: compiled(
+      params, jax.device_put(tokens, rows), jax.device_put(key_mask, rows))
+
+
+def logprob_program(graphdef: nnx.GraphDef, param_shardings: Any, mesh: jax.sharding.Mesh, *,
+                    temperature: float, chunk_size: int):
+  """The jitted program of `make_logprob_fn`, whose inputs must already be in the rows layout
+  (P(('data', 'fsdp')) on B); `.lower` it to compile it ahead of time."""
+  rows = sharding.batch_sharding(mesh, ndim=2)
 
   def logprobs(params, tokens, key_mask):
     model = nnx.merge(graphdef, params)
@@ -367,8 +379,5 @@ def make_logprob_fn(graphdef: nnx.GraphDef, param_shardings: Any, mesh: jax.shar
                              chunk_size=chunk_size, temperature=temperature)
 
   # The update's compiler options too, so that both programs round alike.
-  compiled = jax.jit(logprobs, in_shardings=(param_shardings, rows, rows), out_shardings=rows,
-                     compiler_options=compilation.learner_compiler_options())
-  # The sampler's outputs come in the layout XLA chose for it; move them to the rows layout.
-  return lambda params, tokens, key_mask: compiled(
-      params, jax.device_put(tokens, rows), jax.device_put(key_mask, rows))
+  return jax.jit(logprobs, in_shardings=(param_shardings, rows, rows), out_shardings=rows,
+                 compiler_options=compilation.learner_compiler_options())

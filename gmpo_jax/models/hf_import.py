@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -145,7 +145,8 @@ def _open_shard(file: str) -> Iterator[Any]:
 
 
 def load_hf_checkpoint(
-    path: str | os.PathLike, *, param_dtype: Any = None, dtype: Any = None
+    path: str | os.PathLike, *, param_dtype: Any = None, dtype: Any = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> tuple[Transformer, TransformerConfig]:
   """Builds a `Transformer` holding the weights of a local Hugging Face checkpoint.
 
@@ -154,6 +155,9 @@ def load_hf_checkpoint(
       model.safetensors.index.json with its shards).
     param_dtype: storage dtype of the parameters; default the checkpoint's dtype.
     dtype: compute dtype; default the resolved param_dtype.
+    overrides: `TransformerConfig` fields set on the checkpoint's config last (the attention
+      kernel, remat, ...; `gmpo_jax.config.CHECKPOINT_OVERRIDES` lists those a run may set).
+      One that changes a weight's shape fails as a shape mismatch.
 
   Returns:
     (model, config). Weights are converted with [out, in] → [in, out] transposes; the
@@ -173,7 +177,8 @@ def load_hf_checkpoint(
     config = TransformerConfig.from_hf_config(json.load(f))
   param_dtype = config.param_dtype if param_dtype is None else param_dtype
   config = dataclasses.replace(
-      config, param_dtype=param_dtype, dtype=param_dtype if dtype is None else dtype)
+      config, **{"param_dtype": param_dtype, "dtype": param_dtype if dtype is None else dtype,
+                 **(overrides or {})})
 
   targets = hf_tensor_targets(config)
   abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))

@@ -34,7 +34,7 @@ def build_model(model: ModelConfig, tokenizer: tokenization.Tokenizer, *, seed: 
   """The policy: a Hugging Face checkpoint from a local path, or a named config at random init."""
   if model.hf_path is not None:
     policy, _ = hf_import.load_hf_checkpoint(model.hf_path, param_dtype=model.param_dtype,
-                                             dtype=model.dtype)
+                                             dtype=model.dtype, overrides=dict(model.overrides))
     return policy
   overrides = dict(model.overrides, vocab_size=tokenizer.vocab_size)
   for name in ("param_dtype", "dtype"):
