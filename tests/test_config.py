@@ -132,20 +132,18 @@ def test_a_checkpoint_takes_how_it_runs_from_overrides_but_not_its_architecture(
   overrides = {"attention_impl": "splash", "remat": "projections", "attention_block_size": 256}
   typed = ExperimentConfig.from_config(_checkpoint_config(overrides=overrides))
   assert dict(typed.model.overrides) == overrides
-  typed = ExperimentConfig.from_config(_checkpoint_config(overrides={"dtype": "float32"},
-                                                          dtype=None))
-  assert dict(typed.model.overrides) == {"dtype": "float32"}
   with pytest.raises(ConfigError, match=r"config.model: overrides=\['num_layers', 'qk_norm'\] "
                                         r"would change the architecture of the checkpoint"):
     ExperimentConfig.from_config(_checkpoint_config(
         overrides={"remat": "full", "num_layers": 2, "qk_norm": True}))
-  with pytest.raises(ConfigError, match=r"set the compute dtype twice \(model.dtype='bfloat16'\)"):
+  # The dtypes have fields of their own (`model.param_dtype`, `model.dtype`), never overrides.
+  with pytest.raises(ConfigError, match=r"overrides=\['dtype'\] are set as model.param_dtype"):
     ExperimentConfig.from_config(_checkpoint_config(overrides={"dtype": "float32"}))
 
 
 def test_build_model_applies_the_overrides_to_a_checkpoint(tmp_path):
   """A checkpoint of zeros in the Hugging Face layout (`hf_import.hf_tensor_targets`) loads
-  with the overridden kernel, remat and compute dtype, and computes in that dtype."""
+  with the overridden kernel and remat and the configured compute dtype, and computes in it."""
   hf_config = dict(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=48,
                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                    tie_word_embeddings=True, torch_dtype="float32")
@@ -153,9 +151,9 @@ def test_build_model_applies_the_overrides_to_a_checkpoint(tmp_path):
   targets = hf_import.hf_tensor_targets(TransformerConfig.from_hf_config(hf_config))
   save_file({name: np.zeros(t.hf_shape, np.float32) for name, t in targets.items()},
             str(tmp_path / hf_import.WEIGHTS_FILE))
-  overrides = (("attention_impl", "xla"), ("dtype", "bfloat16"), ("remat", "full"))
-  model = build.build_model(ModelConfig(hf_path=str(tmp_path), overrides=overrides),
-                            tokenizer=None, seed=0)
+  overrides = (("attention_impl", "xla"), ("remat", "full"))
+  model = build.build_model(ModelConfig(hf_path=str(tmp_path), overrides=overrides,
+                                        dtype="bfloat16"), tokenizer=None, seed=0)
   assert (model.config.attention_impl, model.config.remat) == ("xla", "full")
   assert model.config.param_dtype == np.float32 and model.config.dtype == jnp.bfloat16
   tokens = jnp.zeros((1, 4), jnp.int32)

@@ -144,6 +144,20 @@ def _open_shard(file: str) -> Iterator[Any]:
     raise ValueError(f"Checkpoint shard {file!r} cannot be read: {error}") from error
 
 
+def read_config(path: str | os.PathLike) -> TransformerConfig:
+  """The `TransformerConfig` of a checkpoint directory's config.json (its dtype as
+  `param_dtype` and `dtype`), without reading weights.
+
+  Raises:
+    FileNotFoundError: no config.json (the path is named).
+  """
+  config_path = os.path.join(os.fspath(path), CONFIG_FILE)
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"No Hugging Face config at {config_path!r}.")
+  with open(config_path) as f:
+    return TransformerConfig.from_hf_config(json.load(f))
+
+
 def load_hf_checkpoint(
     path: str | os.PathLike, *, param_dtype: Any = None, dtype: Any = None,
     overrides: Mapping[str, Any] | None = None,
@@ -170,11 +184,7 @@ def load_hf_checkpoint(
       truncated or corrupt safetensors file ("Checkpoint shard '<file>' cannot be read: ...").
   """
   path = os.fspath(path)
-  config_path = os.path.join(path, CONFIG_FILE)
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"No Hugging Face config at {config_path!r}.")
-  with open(config_path) as f:
-    config = TransformerConfig.from_hf_config(json.load(f))
+  config = read_config(path)
   param_dtype = config.param_dtype if param_dtype is None else param_dtype
   config = dataclasses.replace(
       config, **{"param_dtype": param_dtype, "dtype": param_dtype if dtype is None else dtype,

@@ -101,7 +101,8 @@ def _train(run: Run, preemption: preemption.PreemptionHandler,
     run.params, warm_start_result = warm_start(run, preemption)
   ref_params = jax.tree.map(jnp.copy, run.params) if algo.beta > 0 else None
   optimizer = make_optimizer(config.optim,
-                             config.num_steps * algo.num_epochs * algo.num_minibatches)
+                             config.num_steps * algo.num_epochs * algo.num_minibatches,
+                             param_dtype=config.model.trained_dtype, seed=config.seed)
   opt_state = learner.init_opt_state(optimizer, run.params, run.mesh)
   base_key, eval_key = jax.random.split(sharding.prng_key(config.seed, run.mesh))
 
