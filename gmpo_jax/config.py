@@ -273,13 +273,13 @@ class ModelConfig:
     overrides = dict(self.overrides)
     unknown = sorted(set(overrides) - fields)
     _require(not unknown, "overrides", unknown, f"are not TransformerConfig fields {sorted(fields)}")
+    dtypes = sorted({"param_dtype", "dtype"} & set(overrides))
+    _require(not dtypes, "overrides", dtypes, "are set as model.param_dtype and model.dtype")
     if self.hf_path is not None:
       architecture = sorted(set(overrides) - set(CHECKPOINT_OVERRIDES))
       _require(not architecture, "overrides", architecture,
                f"would change the architecture of the checkpoint of hf_path; on a checkpoint "
                f"only {list(CHECKPOINT_OVERRIDES)} may be overridden")
-    dtypes = sorted({"param_dtype", "dtype"} & set(dict(self.overrides)))
-    _require(not dtypes, "overrides", dtypes, "are set as model.param_dtype and model.dtype")
     for name in ("param_dtype", "dtype"):
       value = getattr(self, name)
       if value is not None:
