@@ -201,7 +201,7 @@ class TestVendorKernels:
         attn.splash_attention(q, k, v, jnp.ones((1, 8), bool))
 
 
-def check_splash_matches_blockwise(q, k, v, key_mask, *, atol):
+def _check_splash_matches_blockwise(q, k, v, key_mask, *, atol):
   """splash (Pallas interpreter) against blockwise on the real query rows, in value and in the
   gradients of a loss weighted on real rows only (what the model's loss gives), traced under
   the context mesh (if any) as the model traces it."""
@@ -232,7 +232,7 @@ class TestSplashUnderAMesh:
     rng = np.random.default_rng(10)
     q, k, v = _inputs(rng, 4, 37, 4, 2, 16)
     with jax.set_mesh(sharding.make_mesh(devices=jax.devices()[:1])):
-      check_splash_matches_blockwise(q, k, v, _padding_mask(37), atol=1e-4)
+      _check_splash_matches_blockwise(q, k, v, _padding_mask(37), atol=1e-4)
 
   def test_lowered_inside_shard_map(self):
     q, k, v = _inputs(np.random.default_rng(11), 2, 8, 4, 2, 8)
