@@ -262,6 +262,8 @@ class Checkpointer:
     self._pending: tuple[int, dict[str, Any], dict[str, Any] | None] | None = None
     # A committed step whose manifest still lacks the hash of Orbax's step metadata.
     self._unsealed: int | None = None
+    # The step whose save ran out of space (`DiskFullError`), if any.
+    self._failed_save: int | None = None
     latest = ocp.checkpoint_managers.LatestN(n=max_to_keep)
     if best_metric is None:
       preservation = latest
@@ -808,31 +810,47 @@ class Checkpointer:
     self._seal()
 
   def _disk_full(self, step: int) -> disk_full.DiskFullError:
-    """Removes what the failed save of `step` wrote (primary process) and describes it."""
+    """Removes what the failed save of `step` wrote and describes it."""
+    self._failed_save = step
+    self._remove_partial(step)
+    return disk_full.DiskFullError(step=step, path=self._step_dir(step),
+                                   last_complete=self.latest_step)
+
+  def _remove_partial(self, step: int) -> None:
+    """Removes the files of a failed save of `step` (primary process): Orbax's temporary
+    directory, or the committed one if it does not verify."""
+    if not ocp.multihost.is_primary_host(0):
+      return
     final = self._step_dir(step)
-    if ocp.multihost.is_primary_host(0):
-      partial = list(self._directory.glob(final.name + ocp.path.atomicity.TMP_DIR_SUFFIX + "*"))
-      if final.exists():
-        try:
-          integrity.verify_step_dir(final)
-        except (integrity.CorruptCheckpointError, OSError):  # committed, but not whole
-          partial.append(final)
-      for path in partial:
-        # Removing only frees space; a failure here leaves a directory that is never listed
-        # (Orbax's temporary one) or fails verification (the committed one).
-        try:
-          path.rmtree()
-        except OSError as error:
-          logger.warning("Could not remove %s, left by the failed save of step %d: %s", path, step,
-                         error)
-    return disk_full.DiskFullError(step=step, path=final, last_complete=self.latest_step)
+    partial = list(self._directory.glob(final.name + ocp.path.atomicity.TMP_DIR_SUFFIX + "*"))
+    if final.exists():
+      try:
+        integrity.verify_step_dir(final)
+      except (integrity.CorruptCheckpointError, OSError):  # committed, but not whole
+        partial.append(final)
+    for path in partial:
+      # Removing only frees space; a failure here leaves a directory that is never listed
+      # (Orbax's temporary one) or fails verification (the committed one).
+      try:
+        path.rmtree()
+      except OSError as error:
+        logger.warning("Could not remove %s, left by the failed save of step %d: %s", path, step,
+                       error)
 
   def close(self) -> None:
     """Waits for pending saves and releases Orbax's threads."""
     try:
       self.wait_until_finished()
     finally:
-      self._manager.close()
+      try:
+        self._manager.close()
+      except Exception as error:  # noqa: BLE001 - re-raised unless already reported
+        # Orbax raises a failed save's error again as it closes: a full disk is reported once.
+        if self._failed_save is None or not disk_full.is_disk_full(error):
+          raise
+      if self._failed_save is not None:
+        # Orbax's threads of the failed save, finished now, may have written more of it.
+        self._remove_partial(self._failed_save)
 
   def __enter__(self) -> Checkpointer:
     return self
