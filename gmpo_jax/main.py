@@ -5,7 +5,10 @@ locked, so a misspelt field is an error. Usage and config errors (a missing flag
 a positional argument, an unknown field, a bad value, an empty workdir, one this process cannot
 write to, one of another experiment or one another run is using) print one line and exit with
 status 2, before any work; the config is validated before the workdir is created. `~` in
-`--workdir` is expanded. Rerunning with the same workdir resumes.
+`--workdir` is expanded. Rerunning with the same workdir resumes. A full disk prints one line
+(`No space left on device while saving step N to PATH; the last complete step is M`) and exits
+with status 1, leaving nothing half-written; once there is space again, the same command resumes
+from step M.
 """
 
 import logging
@@ -17,7 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from gmpo_jax.config import ConfigError, ExperimentConfig
-from gmpo_jax.infra import checkpointing, compilation, distributed, workdir_lock
+from gmpo_jax.infra import checkpointing, compilation, disk_full, distributed, workdir_lock
 from gmpo_jax.runner import loop
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, data and metrics.")
@@ -56,6 +59,8 @@ def main(argv):
   logging.getLogger().setLevel(logging.INFO)
   # Orbax and TFDS report every file operation at INFO through absl's logger.
   logging.getLogger("absl").setLevel(logging.WARNING)
+  # A full disk is reported once, below, not by each of Orbax's writer threads and tasks.
+  disk_full.quiet_background_reports()
   try:
     # The runner validates it again; here a bad value is refused before the workdir exists.
     ExperimentConfig.from_config(_CONFIG.value)
@@ -70,11 +75,27 @@ def main(argv):
           checkpointing.ConfigMismatchError, checkpointing.CheckpointMismatchError) as error:
     # A user error, not a crash: one line naming what is wrong, no traceback.
     _exit_with_config_error(str(error))
+  except Exception as error:  # noqa: BLE001 - re-raised unless the disk is full
+    if not disk_full.is_disk_full(error):
+      raise
+    # Outside a save (building the dataset ...): the error itself, its first line.
+    message = (str(error) if isinstance(error, disk_full.DiskFullError) else
+               "No space left on device: " + next(iter(str(error).splitlines()), repr(error)))
+    print(f"error: {message}", file=sys.stderr)
+    # Now, not at interpreter shutdown: Orbax's threads of the failed save are still waiting on
+    # its writes, and would report them again as shutdown stops the executors they use. What is
+    # on disk is complete (the failed save's files are removed), and the lock is released.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)  # pylint: disable=protected-access
 
 
 def _exit_with_config_error(message: str) -> None:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
+
+
 
 
 def unknown_override(argv: list[str]) -> str | None:

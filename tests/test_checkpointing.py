@@ -1,6 +1,7 @@
 """Tests for gmpo_jax.infra.checkpointing: round trip, retention, manifests, corruption, other models,
 permissions, config fingerprints, crashes, signals."""
 
+import errno
 import hashlib
 import json
 import logging
@@ -31,12 +32,14 @@ from gmpo_jax.infra.checkpointing import (
   ConfigChange,
   ConfigMismatchError,
   CorruptCheckpointError,
+  UnrestorableCheckpointsError,
   check_config,
   config_changes,
   config_fingerprint,
   config_record,
   integrity,
 )
+from gmpo_jax.infra import disk_full
 from gmpo_jax.infra.preemption import install_preemption_handler
 
 _TX = optax.adamw(1e-2)
@@ -444,6 +447,80 @@ class TestManifest:
       _assert_restored_equals(checkpointer.restore_latest(_abstract_target()), expected[1])
 
 
+_ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+# What tensorstore raises when a write finds the disk full: a ValueError that quotes strerror.
+_TENSORSTORE_ENOSPC = ValueError(
+    'RESOURCE_EXHAUSTED: Error writing local file "x/ocdbt.process_0/d/1": Failed to write 71900 '
+    "bytes to file 21: No space left on device [os_error_code='28']")
+
+
+class TestFullDisk:
+
+  @pytest.mark.parametrize("async_save", [True, False])
+  @pytest.mark.parametrize("error", [_ENOSPC, _TENSORSTORE_ENOSPC], ids=["OSError", "tensorstore"])
+  def test_a_save_out_of_space_is_one_error_and_leaves_nothing(self, tmp_path, monkeypatch,
+                                                              async_save, error):
+    expected = _save_steps(tmp_path, [1])
+
+    def fail(*args):
+      raise error
+
+    monkeypatch.setattr(integrity, "build_manifest", fail)
+    with Checkpointer(tmp_path, async_save=async_save) as checkpointer:
+      _, state = _make_state(2, seed=2)
+      with pytest.raises(disk_full.DiskFullError) as raised:
+        checkpointer.save(state)
+        checkpointer.save(_make_state(3, seed=3)[1])  # an asynchronous save fails here
+      assert str(raised.value) == (f"No space left on device while saving step 2 to {tmp_path / '2'}; "
+                                   "the last complete step is 1")
+      assert (raised.value.step, raised.value.last_complete) == (2, 1)
+      assert sorted(os.listdir(tmp_path)) == ["1"]  # no Orbax tmp directory, no manifest tmp file
+      monkeypatch.undo()
+      # Once there is space again, the same step saves and restores.
+      assert checkpointer.save(state)
+    with Checkpointer(tmp_path) as checkpointer:
+      assert checkpointer.all_steps() == [1, 2]
+      _assert_restored_equals(checkpointer.restore(1, _abstract_target()), expected[1])
+
+  def test_without_a_complete_step_the_error_says_so(self, tmp_path, monkeypatch):
+    monkeypatch.setattr(integrity, "build_manifest", lambda *args: (_ for _ in ()).throw(_ENOSPC))
+    with Checkpointer(tmp_path, async_save=False) as checkpointer:
+      with pytest.raises(disk_full.DiskFullError, match=r"step 1 to .*; no step is complete yet"):
+        checkpointer.save(_make_state(1, seed=1)[1])
+    assert os.listdir(tmp_path) == []
+
+  def test_a_manifest_not_sealed_for_lack_of_space_keeps_its_step(self, tmp_path, monkeypatch,
+                                                                  caplog):
+    write = integrity.write_atomically
+    calls = []
+
+    def write_then_fail(path, data):
+      calls.append(path)
+      if len(calls) > 1:  # the manifest goes in; sealing it finds the disk full
+        raise _ENOSPC
+      write(path, data)
+
+    monkeypatch.setattr(integrity, "write_atomically", write_then_fail)
+    _, state = _make_state(1, seed=1)
+    with caplog.at_level(logging.INFO):
+      with Checkpointer(tmp_path, async_save=False) as checkpointer:
+        checkpointer.save(state)
+    assert len(calls) == 2
+    assert not _warnings(caplog)  # the next write reports the full disk, if any
+    assert integrity.read_manifest(tmp_path / "1")["after_commit"] is None
+    monkeypatch.undo()
+    with Checkpointer(tmp_path) as checkpointer:
+      checkpointer.verify(1)
+      _assert_restored_equals(checkpointer.restore_latest(_abstract_target()), _host_copy(state))
+
+  def test_an_atomic_write_that_fails_leaves_no_temporary_file(self, tmp_path, monkeypatch):
+    (tmp_path / "file").write_bytes(b"old")
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(_ENOSPC))
+    with pytest.raises(OSError):
+      integrity.write_atomically(tmp_path / "file", b"new")
+    assert os.listdir(tmp_path) == ["file"] and (tmp_path / "file").read_bytes() == b"old"
+
+
 class TestCorruption:
 
   @pytest.mark.parametrize("position", ["latest", "fallback"])
@@ -513,11 +590,27 @@ class TestCorruption:
     step_dir = directory / "3"
     fault_table.FAULTS[fault](step_dir / (_data_file(step_dir) if file == "data" else file))
     before = _step_files(step_dir)
-    with pytest.raises(RuntimeError, match="nothing was moved"):
+    with pytest.raises(RuntimeError, match="nothing was moved") as raised:
       with Checkpointer(directory, best_metric="acc") as checkpointer:
         checkpointer.restore_latest(_abstract_target())
+    if file != "metrics/metrics":  # (those fail as the Checkpointer opens)
+      assert isinstance(raised.value, UnrestorableCheckpointsError)
+      assert raised.value.steps == (3,) and raised.value.problems.startswith("step 3: ")
     assert _step_files(step_dir) == before
     assert not (directory / CORRUPTED_DIR).exists()
+
+  def test_unrestorable_steps_can_be_moved_aside(self, pristine, tmp_path):
+    # What a cache does before it is rebuilt (the warm start).
+    directory = _copy(pristine, tmp_path)
+    for step in _STEPS:
+      (directory / str(step) / MANIFEST_FILE).unlink()
+    with Checkpointer(directory, best_metric="acc") as checkpointer:
+      with pytest.raises(UnrestorableCheckpointsError) as raised:
+        checkpointer.restore_latest(_abstract_target())
+      checkpointer.move_aside(raised.value.steps)
+      assert checkpointer.restore_latest(_abstract_target()) is None
+      assert checkpointer.save(_make_state(1, seed=1)[1], metrics={"acc": 0.5})
+    assert sorted(_moved(directory)) == sorted(str(s) for s in _STEPS)
 
   def test_a_step_committed_without_manifest_is_never_listed_nor_restored(self, pristine, tmp_path,
                                                                           caplog):

@@ -115,3 +115,36 @@ def test_a_workdir_another_run_holds_is_refused_at_once_in_one_line(tmp_path):
       f"error: the workdir {workdir} is in use by {holder.describe()}; stop that run or use "
       f"another workdir (lock file {workdir / 'run.lock'})")
   assert [p.name for p in workdir.iterdir()] == ["run.lock"]
+
+
+_FULL_DISK_RUN = """
+import errno, logging, os, sys
+from absl import app
+from gmpo_jax import main
+from gmpo_jax.infra import disk_full
+from gmpo_jax.runner import loop
+
+def full_disk(config, workdir):
+  # What an Orbax writer thread logs as the disk fills: the error below says it once.
+  logging.getLogger("absl").error("Failed writing: No space left on device [os_error_code='28']")
+  if sys.argv[-1] == "--save":
+    raise disk_full.DiskFullError(step=3, path=workdir / "checkpoints" / "3", last_complete=2)
+  raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(workdir / "data" / "x"))
+
+loop.train_and_evaluate = full_disk
+app.run(main.main, argv=sys.argv[:-1], flags_parser=main.parse_flags)
+"""
+
+
+@pytest.mark.parametrize("where", ["--save", "--elsewhere"])
+def test_a_full_disk_is_one_line_and_exit_status_1(tmp_path, where):
+  workdir = tmp_path / "run"
+  result = subprocess.run(
+      [sys.executable, "-c", _FULL_DISK_RUN, f"--config={_SMOKE}", f"--workdir={workdir}", where],
+      capture_output=True, text=True, cwd=_REPO, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(_REPO)))
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines() == [
+      f"error: No space left on device while saving step 3 to {workdir}/checkpoints/3; the last "
+      "complete step is 2" if where == "--save" else
+      f"error: No space left on device: [Errno 28] No space left on device: '{workdir}/data/x'"]

@@ -1,9 +1,16 @@
 """Tests for gmpo_jax.infra.metrics: JSON lines, resume, TensorBoard, progress, summary, plots."""
 
+import errno
+import io
 import json
 import logging
+import math
+import os
+import pathlib
+import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -119,39 +126,164 @@ class TestJsonLines:
     assert not workdir.exists()
 
 
+def _events(workdir, tag="loss"):
+  """(step, value) of `tag` as TensorBoard shows it (purges applied)."""
+  accumulator = EventAccumulator(str(workdir / TENSORBOARD_DIR))
+  accumulator.Reload()
+  return [(e.step, e.value) for e in accumulator.Scalars(tag)]
+
+
+def _interrupted(workdir, *, checkpoint_step=3, logged_to=5):
+  """A run that logged steps 1..`logged_to` (the last line cut short by the crash) and
+  checkpointed at `checkpoint_step`: the copy of its lines the checkpoint holds."""
+  with MetricsWriter(workdir, total_steps=6, progress=False, best_modes=_BEST_MODES) as writer:
+    for step in range(1, logged_to + 1):
+      writer.write(step, _run_metrics(step)[0])
+      if step == checkpoint_step:
+        history = writer.history
+  with (workdir / METRICS_FILE).open("a") as file:
+    file.write('{"step": 6, "loss": 0.1')
+  return history
+
+
+def _resume(workdir, *, history, start_step=3):
+  writer = MetricsWriter(workdir, total_steps=6, start_step=start_step, history=history,
+                         progress=False, best_modes=_BEST_MODES)
+  for step in range(start_step + 1, 7):
+    writer.write(step, _run_metrics(step)[0])
+  return writer.close()
+
+
+@pytest.fixture
+def straight(tmp_path):
+  """An uninterrupted run of steps 1-6: (workdir, summary)."""
+  workdir = tmp_path / "straight"
+  return workdir, _write_run(workdir, range(1, 7)).summary()
+
+
+def _assert_same_run(workdir, straight):
+  reference, summary = straight
+  assert (workdir / METRICS_FILE).read_bytes() == (reference / METRICS_FILE).read_bytes()
+  assert json.loads((workdir / SUMMARY_FILE).read_text()) == summary
+  for tag in ("loss", "tokens"):
+    assert _events(workdir, tag) == _events(reference, tag)
+
+
 class TestResume:
 
-  def test_resumed_run_equals_uninterrupted(self, tmp_path, caplog):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    summary_straight = _write_run(straight, range(1, 7)).summary()
-    # Interrupted run: logged up to step 5 (with a line cut short by the crash),
-    # but its last checkpoint is step 3 -> steps 4 and 5 are replayed.
-    _write_run(resumed, range(1, 6))
-    with (resumed / METRICS_FILE).open("a") as file:
-      file.write('{"step": 6, "loss": 0.1')
+  def test_the_checkpoint_copy_is_what_was_logged_up_to_it(self, tmp_path):
+    history = _interrupted(tmp_path)
+    lines = (tmp_path / METRICS_FILE).read_bytes().splitlines(keepends=True)
+    assert history == b"".join(lines[:3])
+    assert [json.loads(line)["step"] for line in history.splitlines()] == [1, 2, 3]
+
+  def test_resumed_run_equals_uninterrupted(self, tmp_path, straight, caplog):
+    history = _interrupted(tmp_path)
     with caplog.at_level(logging.WARNING, logger="gmpo_jax.infra.metrics"):
-      writer = MetricsWriter(resumed, total_steps=6, start_step=3, progress=False, best_modes=_BEST_MODES)
-    assert any("unreadable line 6" in r.getMessage() for r in caplog.records)
-    assert [r["step"] for r in read_metrics(resumed)] == [1, 2, 3]
+      writer = MetricsWriter(tmp_path, total_steps=6, start_step=3, history=history,
+                             progress=False, best_modes=_BEST_MODES)
+    # The lines after the checkpoint are the interrupted run's: dropped without a word.
+    assert not caplog.records
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
     with pytest.raises(ValueError, match="comes before"):
       writer.write(3, {"loss": 1.0})
     for step in range(4, 7):
       writer.write(step, _run_metrics(step)[0])
-    summary_resumed = writer.close()
+    assert writer.close() == straight[1]
+    # TensorBoard hides the interrupted run's steps 4-5 (the purge marker), so the curves of
+    # both runs are the same too.
+    _assert_same_run(tmp_path, straight)
+    assert [step for step, _ in _events(tmp_path)] == [1, 2, 3, 4, 5, 6]
 
-    assert (resumed / METRICS_FILE).read_bytes() == (straight / METRICS_FILE).read_bytes()
-    assert summary_resumed == summary_straight
-    assert json.loads((resumed / SUMMARY_FILE).read_text()) == summary_straight
-    # TensorBoard hides the interrupted run's steps 4-5 (purge_step), so the
-    # curves of both runs are the same too.
-    for tag in ("loss", "tokens"):
-      events = {}
-      for run in (straight, resumed):
-        accumulator = EventAccumulator(str(run / TENSORBOARD_DIR))
-        accumulator.Reload()
-        events[run] = [(e.step, e.value) for e in accumulator.Scalars(tag)]
-      assert events[resumed] == events[straight]
-      assert [step for step, _ in events[resumed]] == [1, 2, 3, 4, 5, 6]
+  def test_a_deleted_file_is_restored_from_the_checkpoint(self, tmp_path, straight, caplog):
+    history = _interrupted(tmp_path)
+    (tmp_path / METRICS_FILE).unlink()
+    with caplog.at_level(logging.WARNING, logger="gmpo_jax.infra.metrics"):
+      _resume(tmp_path, history=history)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / METRICS_FILE} is missing; restored its 3 records up to step 3 from the "
+        "checkpoint."]
+    # The best values of steps 1-3 count again: the summary is the uninterrupted run's.
+    _assert_same_run(tmp_path, straight)
+
+  @pytest.mark.parametrize("damage", ["0xff byte", "changed digit", "deleted line", "truncated",
+                                      "emptied"])
+  def test_a_damaged_line_before_the_checkpoint_is_moved_aside_never_dropped(
+      self, tmp_path, straight, caplog, damage):
+    history = _interrupted(tmp_path)
+    path = tmp_path / METRICS_FILE
+    lines = path.read_bytes().splitlines(keepends=True)
+    if damage == "0xff byte":
+      lines[1] = lines[1][:10] + b"\xff" + lines[1][11:]
+    elif damage == "changed digit":
+      lines[1] = lines[1].replace(b'"step": 2', b'"step": 7')
+    elif damage == "deleted line":
+      del lines[1]
+    elif damage == "truncated":
+      lines = [lines[0], lines[1][:20]]
+    else:
+      lines = []
+    damaged = b"".join(lines)
+    path.write_bytes(damaged)
+    with caplog.at_level(logging.WARNING, logger="gmpo_jax.infra.metrics"):
+      _resume(tmp_path, history=history)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1
+    if damage == "emptied":
+      assert "is missing; restored its 3 records" in messages[0]
+    else:
+      moved = tmp_path / f"{METRICS_FILE}.damaged-1"
+      assert moved.read_bytes() == damaged  # kept as it was, for inspection
+      assert messages[0].startswith(f"{path} differs from line 2 on from the copy of its records "
+                                    "up to step 3")
+      assert f"moved it to {moved} and restored the 3 records" in messages[0]
+    _assert_same_run(tmp_path, straight)
+
+  def test_without_a_copy_lines_up_to_the_checkpoint_are_kept(self, tmp_path, straight, caplog):
+    # A checkpoint written before checkpoints carried the history.
+    _interrupted(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="gmpo_jax.infra.metrics"):
+      _resume(tmp_path, history=None)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"Skipping line 6 of {tmp_path / METRICS_FILE}: cut short (no newline), written as the run "
+        "stopped."]
+    _assert_same_run(tmp_path, straight)
+
+  def test_without_a_copy_an_unreadable_line_is_moved_aside_not_rewritten_away(self, tmp_path,
+                                                                              caplog):
+    _interrupted(tmp_path)
+    path = tmp_path / METRICS_FILE
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[1] = b"\xff" + lines[1][1:]
+    damaged = b"".join(lines)
+    path.write_bytes(damaged)
+    with caplog.at_level(logging.WARNING, logger="gmpo_jax.infra.metrics"):
+      _resume(tmp_path, history=None)
+    moved = tmp_path / f"{METRICS_FILE}.damaged-1"
+    assert moved.read_bytes() == damaged
+    assert any(f"Line(s) [2] of {path} cannot be parsed" in r.getMessage()
+               and f"moved the file to {moved} and kept its 2 readable records up to step 3"
+               in r.getMessage() for r in caplog.records)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 3, 4, 5, 6]
+
+  def test_a_second_damage_moves_to_the_next_free_name(self, tmp_path):
+    history = _interrupted(tmp_path)
+    for number in (1, 2):
+      (tmp_path / METRICS_FILE).write_bytes(b"damaged\n")
+      MetricsWriter(tmp_path, total_steps=6, start_step=3, history=history, progress=False).close()
+      assert (tmp_path / f"{METRICS_FILE}.damaged-{number}").read_bytes() == b"damaged\n"
+
+  def test_history_needs_the_start_step(self, tmp_path):
+    with pytest.raises(ValueError, match="start_step"):
+      MetricsWriter(tmp_path, total_steps=6, history=b"")
+
+
+def test_read_metrics_skips_bad_utf8_and_json_with_a_warning(tmp_path, caplog):
+  (tmp_path / METRICS_FILE).write_bytes(b'{"step": 1}\n{"step": \xff2}\n[1]\n{"step": 3}')
+  with caplog.at_level(logging.WARNING, logger="gmpo_jax.infra.metrics"):
+    assert read_metrics(tmp_path) == [{"step": 1}, {"step": 3}]
+  assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+      f"Skipping unreadable line {n} of {tmp_path / METRICS_FILE}" for n in (2, 3)]
 
 
 class TestTensorBoard:
@@ -183,6 +315,37 @@ class TestTensorBoard:
     assert accumulator.Tags()["scalars"] == ["eval/maj_at_4"]
     # metrics.jsonl keeps the name as logged.
     assert read_metrics(tmp_path)[0]["eval/maj@4"] == 0.5
+
+  def test_a_deleted_directory_is_rebuilt_from_the_records(self, tmp_path, straight, caplog):
+    history = _interrupted(tmp_path)
+    shutil.rmtree(tmp_path / TENSORBOARD_DIR)
+    with caplog.at_level(logging.WARNING, logger="gmpo_jax.infra.metrics"):
+      _resume(tmp_path, history=history)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / TENSORBOARD_DIR} holds no event file; rebuilt it from the 3 records of "
+        f"{tmp_path / METRICS_FILE}."]
+    _assert_same_run(tmp_path, straight)
+
+  def test_event_files_sort_in_the_order_made_whatever_the_clock(self, tmp_path, straight,
+                                                                 monkeypatch):
+    history = _interrupted(tmp_path)
+    # A file named by tensorboardX (the time in the name) from an older gmpo_jax is kept in order.
+    before = sorted(os.listdir(tmp_path / TENSORBOARD_DIR))
+    clock = time.time()
+    monkeypatch.setattr(time, "time", lambda: clock - 86400)  # the clock went back a day
+    _resume(tmp_path, history=history)
+    after = sorted(os.listdir(tmp_path / TENSORBOARD_DIR))
+    assert after[:len(before)] == before and len(after) == len(before) + 1
+    # So the purge marker of the resumed run is read last, and hides the interrupted run's 4-5.
+    _assert_same_run(tmp_path, straight)
+
+  def test_numbers_continue_after_tensorboardx_names(self, tmp_path):
+    directory = tmp_path / TENSORBOARD_DIR
+    directory.mkdir()
+    (directory / "events.out.tfevents.1796660856.host.1796660856920687816").write_bytes(b"")
+    with MetricsWriter(tmp_path, total_steps=1, progress=False) as writer:
+      writer.write(1, {"loss": 1.0})
+    assert sorted(os.listdir(directory))[-1] == "events.out.tfevents.1796660857.gmpo_jax"
 
 
 class TestSummaryAndProgress:
@@ -278,3 +441,95 @@ def test_the_metrics_writer_does_not_import_torch():
   code = ("import sys, gmpo_jax.infra.metrics; assert 'torch' not in sys.modules; "
           "import torch; assert torch.ones(2).sum().item() == 2.0")
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class _Disk:
+  """A disk with `free` bytes left: writes beyond it fail with ENOSPC, after writing what fits."""
+
+  def __init__(self, free: float):
+    self.free = free
+
+  def take(self, size: int) -> int:
+    if self.free <= 0:
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    taken = int(min(size, self.free))
+    self.free -= taken
+    return taken
+
+
+@pytest.fixture
+def disk(monkeypatch):
+  """The disk under the metrics writer's files (metrics.jsonl, events, summary.json)."""
+  disk = _Disk(math.inf)
+
+  class FileOnDisk(io.FileIO):
+    def write(self, data):
+      return super().write(bytes(data)[:disk.take(len(data))])
+
+  def write_bytes(path, data):
+    taken = disk.take(len(data))
+    write(path, data[:taken])
+    if taken < len(data):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  write = pathlib.Path.write_bytes
+  monkeypatch.setattr(metrics_lib, "open", lambda path, mode, buffering: FileOnDisk(path, mode),
+                      raising=False)
+  monkeypatch.setattr(pathlib.Path, "write_bytes", write_bytes)
+  return disk
+
+
+class TestFullDisk:
+
+  @pytest.mark.parametrize("free", ["none", "half the line", "the line and a bit"])
+  def test_a_record_is_written_whole_or_not_at_all(self, tmp_path, disk, free):
+    writer = MetricsWriter(tmp_path, total_steps=6, progress=False)
+    writer.write(1, _run_metrics(1)[0])
+    files = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    line = (json.dumps(_run_metrics(2)[1]) + "\n").encode()
+    disk.free = {"none": 0, "half the line": len(line) // 2, "the line and a bit": len(line) + 9}[free]
+    with pytest.raises(OSError) as raised:
+      writer.write(2, _run_metrics(2)[0])
+    assert raised.value.errno == errno.ENOSPC
+    assert raised.value.filename in {str(path) for path in files}
+    # The line went in whole (the event failed), or not at all; the event file is as it was.
+    assert (tmp_path / METRICS_FILE).read_bytes() in (files[tmp_path / METRICS_FILE],
+                                                     files[tmp_path / METRICS_FILE] + line)
+    for path, data in files.items():
+      if path.name != METRICS_FILE:
+        assert path.read_bytes() == data, path
+
+  def test_no_half_written_summary(self, tmp_path, disk):
+    _write_run(tmp_path, range(1, 3))
+    summary = (tmp_path / SUMMARY_FILE).read_bytes()
+    writer = MetricsWriter(tmp_path, total_steps=6, start_step=2, progress=False)
+    writer.write(3, _run_metrics(3)[0])
+    disk.free = 100
+    with pytest.raises(OSError, match=SUMMARY_FILE) as raised:
+      writer.close()
+    assert raised.value.errno == errno.ENOSPC
+    assert (tmp_path / SUMMARY_FILE).read_bytes() == summary
+    assert not list(tmp_path.glob("*.tmp"))
+
+  def test_the_error_in_flight_is_the_one_reported(self, tmp_path, disk, capsys):
+    with pytest.raises(OSError, match="the save failed"):
+      with MetricsWriter(tmp_path, total_steps=6, progress=False) as writer:
+        writer.write(1, _run_metrics(1)[0])
+        disk.free = 0
+        raise OSError(errno.ENOSPC, "the save failed")
+    assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / SUMMARY_FILE).exists()
+    assert "Run summary" not in capsys.readouterr().out  # the error is the one line
+
+  def test_once_there_is_space_again_the_run_resumes_identically(self, tmp_path, straight, disk):
+    writer = MetricsWriter(tmp_path, total_steps=6, progress=False, best_modes=_BEST_MODES)
+    for step in range(1, 4):
+      writer.write(step, _run_metrics(step)[0])
+    history = writer.history  # the checkpoint at step 3
+    writer.write(4, _run_metrics(4)[0])
+    disk.free = 500
+    with pytest.raises(OSError):
+      with writer:
+        writer.write(5, _run_metrics(5)[0])
+    disk.free = math.inf
+    _resume(tmp_path, history=history)
+    _assert_same_run(tmp_path, straight)

@@ -15,7 +15,8 @@ V0_METADATA = pathlib.Path(__file__).parent / "fixtures" / "run_state_v0.json"
 def _state(**changes) -> RunState:
   fields = dict(data_position=48, skipped_updates=2, initial_eval={"eval/pass@1": 0.25},
                 config_record={"fingerprint": "abc", "fields": {"seed": 3}},
-                in_flight=(InFlightRollout(step=5, version=3), InFlightRollout(step=6, version=4)))
+                in_flight=(InFlightRollout(step=5, version=3), InFlightRollout(step=6, version=4)),
+                warm_start={"warm_start/steps": 30, "warm_start/train_pass_rate": 0.5})
   return RunState(**{**fields, **changes})
 
 
@@ -31,12 +32,22 @@ def test_reads_a_version_0_checkpoint_written_before_the_record_existed():
   assert "run_state_version" not in metadata
   state = RunState.from_metadata(metadata)
   assert state.data_position == metadata["data_position"] == 16
-  assert state.skipped_updates == 0 and state.in_flight == ()
+  assert state.skipped_updates == 0 and state.in_flight == () and state.warm_start is None
   assert state.initial_eval == metadata["initial_eval"]
   assert state.config_record == metadata[CONFIG_METADATA_KEY]
-  # And what it reads is written back under the same keys (plus the version).
+  # And what it reads is written back under the same keys (plus the version and the fields
+  # added since: the warm start's result).
   rewritten = state.to_metadata()
-  assert {k: v for k, v in rewritten.items() if k != "run_state_version"} == metadata
+  assert rewritten["warm_start"] is None
+  assert {k: v for k, v in rewritten.items() if k not in ("run_state_version", "warm_start")
+          } == metadata
+
+
+def test_reads_a_version_1_checkpoint_without_the_warm_start_result():
+  metadata = _state().to_metadata()
+  metadata["run_state_version"] = 1
+  del metadata["warm_start"]
+  assert RunState.from_metadata(metadata) == _state(warm_start=None)
 
 
 def test_a_newer_version_is_refused_by_name():

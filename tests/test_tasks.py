@@ -3,8 +3,10 @@
 import ast
 import dataclasses
 import json
+import logging
 import math
 import operator
+import os
 import threading
 import time
 
@@ -12,6 +14,7 @@ import hypothesis
 import ml_collections
 import numpy as np
 import pytest
+from etils import epath
 from hypothesis import strategies as st
 
 from gmpo_jax import tasks
@@ -407,6 +410,51 @@ def test_solution_earns_the_maximum(name, loaded, data_dir):
     for example in task.load(split, data_dir=data_dir):
       assert task.reward(task.solution(example), example) == task.reward_range[1]
   assert isinstance(task.solution(example), str)
+
+
+
+@pytest.mark.parametrize("name", ALL_TASKS)
+def test_the_cache_directory_is_known_before_the_builder_reads_it(name, loaded, data_dir):
+  task, _ = loaded[name]
+  assert task.cache_dir(data_dir=data_dir) == epath.Path(task.builder(data_dir=data_dir).data_dir)
+  assert (task.cache_dir(data_dir=data_dir) / base.CACHE_MANIFEST).exists()
+
+
+def _flip(path):
+  data = bytearray(path.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  path.write_bytes(bytes(data))
+
+
+_CACHE_DAMAGE = {
+    "records truncated": lambda d: os.truncate(next(d.glob("*train.array_record*")), 60000),
+    "record byte flipped": lambda d: _flip(next(d.glob("*train.array_record*"))),
+    "dataset_info.json garbage": lambda d: (d / "dataset_info.json").write_text("{garbage"),
+    "features.json deleted": lambda d: (d / "features.json").unlink(),
+    "manifest deleted": lambda d: (d / base.CACHE_MANIFEST).unlink(),
+    "manifest garbage": lambda d: (d / base.CACHE_MANIFEST).write_text("[]"),
+}
+
+
+@pytest.mark.parametrize("damage", list(_CACHE_DAMAGE))
+def test_a_damaged_dataset_cache_is_built_again_with_a_warning_naming_the_file(damage, tmp_path,
+                                                                              caplog):
+  task = tasks.get_task("arithmetic", **SMALL["arithmetic"])
+  reference = list(task.load("train", data_dir=str(tmp_path)))
+  directory = task.cache_dir(data_dir=str(tmp_path))
+  _CACHE_DAMAGE[damage](directory)
+  with caplog.at_level(logging.WARNING, logger="gmpo_jax.tasks.base"):
+    assert list(task.load("train", data_dir=str(tmp_path))) == reference
+  named = {"records truncated": "train.array_record", "record byte flipped": "train.array_record",
+           "dataset_info.json garbage": "dataset_info.json", "features.json deleted": "features.json",
+           "manifest deleted": base.CACHE_MANIFEST, "manifest garbage": base.CACHE_MANIFEST}[damage]
+  [warning] = [r.getMessage() for r in caplog.records if r.name == base.logger.name]
+  assert warning.startswith(f"The dataset cache {directory} is damaged ({directory}/")
+  assert named in warning and warning.endswith("; building it again.")
+  # Verified again, and intact: read without a word.
+  caplog.clear()
+  assert list(task.load("test", data_dir=str(tmp_path)))
+  assert not [r for r in caplog.records if r.name == base.logger.name]
 
 
 def _check_builder(task, data_dir, tmp_path, generated, key):

@@ -1,6 +1,8 @@
 """The runner end to end on `configs/smoke.py`: train, checkpoint, stop, resume, compare."""
 
+import errno
 import json
+import logging
 import math
 import os
 import shutil
@@ -14,9 +16,10 @@ import pytest
 from flax import nnx
 
 from configs import smoke
+from experiments import fault_table
 from gmpo_jax.algo import pass_at_k as evaluation
 from gmpo_jax.config import AlgorithmConfig, ModelConfig
-from gmpo_jax.infra import checkpointing, preemption, sharding
+from gmpo_jax.infra import checkpointing, disk_full, preemption, sharding
 from gmpo_jax.infra import metrics as metrics_lib
 from gmpo_jax.learner import update as learner
 from gmpo_jax.models.transformer import Transformer
@@ -151,7 +154,8 @@ def test_sigterm_outside_the_rl_loop_saves_and_resumes_exactly(uninterrupted, tm
     patch.setattr(module, target, call_then_preempt)
     summary = loop.train_and_evaluate(smoke.get_config(), workdir)
   assert "preempted" in summary
-  assert not (workdir / "checkpoints").exists() or phase == "first_evaluation"
+  # No RL step is saved during the warm start (the directory exists: it is opened first).
+  assert not list((workdir / "checkpoints").glob("[0-9]*")) or phase == "first_evaluation"
   loop.train_and_evaluate(smoke.get_config(), workdir)
   resumed = _records(workdir)
   assert [r["step"] for r in resumed] == [r["step"] for r in reference]
@@ -464,3 +468,93 @@ def test_an_error_in_the_producer_thread_stops_the_run_with_its_message(tmp_path
   with pytest.raises(ValueError, match="Non-finite rewards"):
     loop.train_and_evaluate(config, tmp_path)
   assert [r["step"] for r in _records(tmp_path)] == [0, 1, 2] and not _producer_threads()
+
+
+def _copy_of(uninterrupted, tmp_path):
+  workdir = tmp_path / "copy"
+  shutil.copytree(uninterrupted[0], workdir)
+  return workdir
+
+
+def _files(workdir):
+  return {p.relative_to(workdir): p.read_bytes() for p in workdir.rglob("*")
+          if p.is_file() and p.parts[len(workdir.parts)] in (metrics_lib.METRICS_FILE,
+                                                             metrics_lib.SUMMARY_FILE)}
+
+
+@pytest.mark.parametrize("damage", ["deleted", "0xff byte in line 2"])
+def test_a_damaged_history_is_restored_from_the_checkpoint(uninterrupted, tmp_path, damage):
+  workdir = _copy_of(uninterrupted, tmp_path)
+  path = workdir / metrics_lib.METRICS_FILE
+  original, before = path.read_bytes(), _files(workdir)
+  if damage == "deleted":
+    path.unlink()
+  else:
+    lines = original.splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:1] + [b"\xff" + lines[1][1:]] + lines[2:]))
+  # A finished workdir: nothing runs, the rerun restores the history and the same summary.
+  loop.train_and_evaluate(smoke.get_config(), workdir)
+  assert _files(workdir) == before
+  assert (workdir / f"{metrics_lib.METRICS_FILE}.damaged-1").exists() == (damage != "deleted")
+
+
+@pytest.mark.parametrize("damage", ["byte flip in the data", "deleted metadata", "deleted manifest"])
+def test_a_damaged_warm_start_cache_is_skipped_when_rl_resumes(uninterrupted, tmp_path, caplog,
+                                                                 damage):
+  workdir = _copy_of(uninterrupted, tmp_path)
+  [step_dir] = [p for p in (workdir / "warm_start").iterdir() if p.name.isdigit()]
+  if damage == "byte flip in the data":
+    data = max((p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
+               key=lambda p: p.stat().st_size)
+    fault_table.bit_flip("middle")(data)
+  elif damage == "deleted metadata":
+    (step_dir / "metadata" / "metadata").unlink()
+  else:
+    (step_dir / checkpointing.MANIFEST_FILE).unlink()
+  before = _files(workdir)
+  with caplog.at_level(logging.WARNING):
+    summary = loop.train_and_evaluate(smoke.get_config(), workdir)
+  assert _files(workdir) == before
+  assert summary["warm_start"] == uninterrupted[1]["warm_start"]  # from the RL checkpoint
+  assert any("warm start: no step of the cache" in r.getMessage()
+             and "skipping it: RL resumes from its own checkpoint" in r.getMessage()
+             for r in caplog.records)
+  assert [p.name.split(".")[0] for p in (workdir / "warm_start" / checkpointing.CORRUPTED_DIR
+                                         ).iterdir()] == [step_dir.name]
+
+
+def test_a_damaged_warm_start_cache_is_recomputed_when_needed(tmp_path, caplog):
+  config = smoke.get_config()
+  run = build.build_run(config, tmp_path)
+  with preemption.install_preemption_handler() as handler:
+    params, result = warm_start.warm_start(run, handler)
+    [step_dir] = [p for p in (tmp_path / "warm_start").iterdir() if p.name.isdigit()]
+    (step_dir / "metadata" / "metadata").write_text("{}")
+    with caplog.at_level(logging.WARNING):
+      again, recomputed = warm_start.warm_start(run, handler)
+  assert recomputed == result
+  assert any("recomputing it" in r.getMessage() for r in caplog.records)
+  for got, want in zip(jax.tree.leaves(again), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_a_full_disk_is_one_error_and_the_rerun_resumes_identically(uninterrupted, tmp_path,
+                                                                     monkeypatch):
+  workdir = tmp_path / "full"
+  build_manifest = checkpointing.integrity.build_manifest
+
+  def full_at_step_3(step_dir, step, *args):
+    if step == 3 and step_dir.parent.name == "checkpoints":
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return build_manifest(step_dir, step, *args)
+
+  with monkeypatch.context() as patch:
+    patch.setattr(checkpointing.integrity, "build_manifest", full_at_step_3)
+    with pytest.raises(disk_full.DiskFullError) as raised:
+      loop.train_and_evaluate(smoke.get_config(), workdir)
+  assert str(raised.value) == (f"No space left on device while saving step 3 to "
+                               f"{workdir / 'checkpoints' / '3'}; the last complete step is 2")
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2"]
+  assert not list(workdir.rglob("*.tmp")) and not list(workdir.rglob("*orbax-checkpoint-tmp*"))
+  loop.train_and_evaluate(smoke.get_config(), workdir)
+  assert _records(workdir) == _records(uninterrupted[0])

@@ -4,23 +4,40 @@ Files under `workdir` (written by process 0 only):
 
     metrics.jsonl          one JSON object per `write`: {"step": int, "<name>": value, ...};
                            non-finite values are `null`
-    tensorboard/           TensorBoard event files (tensorboardX), one scalar per metric
-                           (finite values only)
+    tensorboard/           TensorBoard event files, one scalar per metric (finite values only)
     summary.json           written by `close()`: final and best values, non-finite counts
     learning_curves.png    written by `plot_learning_curves`
 
-Resuming from a checkpoint at step S: `MetricsWriter(..., start_step=S)` first drops
-the lines with step > S (logged after the checkpoint by the interrupted run) and
-tells TensorBoard to hide its events with step > S, so that a resumed run's
-metrics.jsonl is identical to an uninterrupted run's. The lines carry no wall-clock
-time for that reason; log timings as metrics if needed.
+The run's history is kept safe:
+
+  * A checkpoint carries a copy: `MetricsWriter.history` is every line logged so far, byte for
+    byte, for the checkpoint to hold. Resuming from step S with that copy
+    (`MetricsWriter(..., start_step=S, history=...)`), metrics.jsonl must begin with it; the
+    lines after it (logged after the checkpoint by the interrupted run) are dropped, so that a
+    resumed run's file is identical to an uninterrupted run's (the lines carry no wall-clock
+    time for that reason; log timings as metrics if needed). A missing file is restored from the
+    copy; a file that differs from it within those steps (a changed byte, a lost line) is moved
+    aside to `metrics.jsonl.damaged-<n>` and the copy written in its place, with one warning.
+  * Without a copy (a checkpoint of an older gmpo_jax), the lines with step <= S are kept; a line
+    that cannot be parsed (bad JSON, bad UTF-8) is never rewritten away: the file is moved aside
+    first. Only an unterminated last line (cut short by a crash) is dropped as such.
+  * TensorBoard: each writer opens a new event file whose name numbers it after the directory's
+    newest one, not after the clock (TensorBoard reads a directory's files in name order, and a
+    file's purge marker hides only the events read before it: a resumed run whose clock went back
+    must still come last). The marker hides the steps after S. A deleted `tensorboard/` is
+    rebuilt from the records kept.
+  * Appends are whole or not at all: a write that fails (a full disk) is cut back off the file,
+    summary.json is replaced atomically, and no temporary file is left behind. Errors name the
+    file.
 
 The runner computes the metrics; nothing here knows what they mean.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import json
 import logging
 import math
@@ -28,6 +45,7 @@ import operator
 import os
 import pathlib
 import re
+import struct
 import sys
 import time
 from typing import Any, Literal, Mapping, Sequence
@@ -43,7 +61,8 @@ logger = logging.getLogger(__name__)
 
 
 def _import_tensorboardx():
-  """tensorboardX, without the PyTorch it imports when installed (only to accept its tensors).
+  """tensorboardX (for its event protos and record framing), without the PyTorch it imports when
+  installed (only to accept its tensors).
 
   That import costs a run 2.4 s and 170 MB of memory for nothing (measured on the CPU machine,
   with the `parity` extra's torch). `sys.modules['torch'] = None` makes `import torch` fail for
@@ -103,28 +122,192 @@ def tensorboard_name(name: str) -> str:
   return _TENSORBOARD_ILLEGAL.sub("_", name.replace("@", "_at_"))
 
 
+def _parse_line(line: bytes) -> dict[str, Any] | None:
+  """The record of one line of metrics.jsonl; None unless it is UTF-8 JSON of an object with an
+  integer "step"."""
+  try:
+    record = json.loads(line.decode("utf-8"))
+  except ValueError:  # UnicodeDecodeError and json.JSONDecodeError
+    return None
+  if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+    return None
+  return record
+
+
+def _split_lines(data: bytes) -> tuple[list[bytes], bytes]:
+  """(the complete lines of `data`, each with its newline; what follows the last newline)."""
+  lines = data.split(b"\n")
+  rest = lines.pop()
+  return [line + b"\n" for line in lines], rest
+
+
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
   """Reads `workdir/metrics.jsonl` (missing file: []).
 
-  A line that is not a JSON object with an int "step" (a line cut short by a
-  crash) is skipped with a warning.
+  A line that is not UTF-8 JSON of an object with an integer "step" (a line cut short by a
+  crash, a damaged byte) is skipped with a warning.
   """
   path = pathlib.Path(workdir) / METRICS_FILE
-  if not path.exists():
+  try:
+    data = path.read_bytes()
+  except FileNotFoundError:
     return []
+  lines, rest = _split_lines(data)
   records = []
-  with path.open() as file:
-    for number, line in enumerate(file, start=1):
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as error:
-        logger.warning("Skipping unreadable line %d of %s: %s", number, path, error)
-        continue
-      if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-        logger.warning("Skipping line %d of %s: no integer 'step'.", number, path)
-        continue
-      records.append(record)
+  for number, line in enumerate(lines + [rest] * bool(rest), start=1):
+    record = _parse_line(line)
+    if record is None:
+      logger.warning("Skipping unreadable line %d of %s: not UTF-8 JSON of an object with an "
+                     "integer 'step'.", number, path)
+      continue
+    records.append(record)
   return records
+
+
+@contextlib.contextmanager
+def _naming(path: pathlib.Path):
+  """Re-raises an OSError that names no file (a failed write() or flush) as one naming `path`."""
+  try:
+    yield
+  except OSError as error:
+    if error.filename is not None:
+      raise
+    raise OSError(error.errno, error.strerror, os.fspath(path)) from error
+
+
+def _append(file: io.FileIO, data: bytes, path: pathlib.Path) -> None:
+  """Appends `data` to the unbuffered `file` whole or not at all: what a failed write (a full
+  disk) put in is cut off again, so no half line is left behind."""
+  size = os.fstat(file.fileno()).st_size
+  with _naming(path):
+    try:
+      view = memoryview(data)
+      while view:
+        view = view[file.write(view):]
+    except OSError:
+      os.ftruncate(file.fileno(), size)
+      raise
+
+
+def _write_atomically(path: pathlib.Path, data: bytes) -> None:
+  """Replaces `path` by `data` through `<path>.tmp`, which a failure removes again."""
+  temporary = path.with_name(path.name + ".tmp")
+  with _naming(temporary):
+    try:
+      temporary.write_bytes(data)
+      os.replace(temporary, path)
+    except BaseException:
+      temporary.unlink(missing_ok=True)
+      raise
+
+
+def _move_aside(path: pathlib.Path) -> pathlib.Path:
+  """Renames `path` to the first free `<path>.damaged-<n>` and returns the new path."""
+  number = 1
+  while (target := path.with_name(f"{path.name}.damaged-{number}")).exists():
+    number += 1
+  path.rename(target)
+  return target
+
+
+def _restore_history(path: pathlib.Path, start_step: int, history: bytes | None) -> bytes:
+  """Makes `path` (metrics.jsonl) hold the run's lines up to `start_step` and returns them.
+
+  `history` is the checkpoint's copy of them (None: a checkpoint without one); see the module
+  docstring for what is kept, restored and moved aside.
+  """
+  try:
+    data = path.read_bytes()
+  except FileNotFoundError:
+    data = None
+  if history is not None:
+    kept = history
+    if not data and history:
+      logger.warning("%s is missing; restored its %d records up to step %d from the checkpoint.",
+                     path, history.count(b"\n"), start_step)
+    elif data is not None and not data.startswith(history):
+      line = os.path.commonprefix([data, history]).count(b"\n") + 1
+      moved = _move_aside(path)
+      logger.warning("%s differs from line %d on from the copy of its records up to step %d that "
+                     "the checkpoint holds; moved it to %s and restored the %d records from the "
+                     "checkpoint.", path, line, start_step, moved, history.count(b"\n"))
+      data = None
+  else:
+    lines, rest = _split_lines(data or b"")
+    records = [_parse_line(line) for line in lines]
+    kept = b"".join(line for line, record in zip(lines, records)
+                    if record is not None and record["step"] <= start_step)
+    if data is None and start_step > 0:
+      logger.warning("%s is missing, and checkpoint step %d (written by an older gmpo_jax) holds "
+                     "no copy of it: its records up to that step are lost.", path, start_step)
+    if rest:
+      logger.warning("Skipping line %d of %s: cut short (no newline), written as the run stopped.",
+                     len(lines) + 1, path)
+    unreadable = [number for number, record in enumerate(records, start=1) if record is None]
+    if unreadable:
+      moved = _move_aside(path)
+      logger.warning("Line(s) %s of %s cannot be parsed (not UTF-8 JSON of an object with an "
+                     "integer 'step'); moved the file to %s and kept its %d readable records up "
+                     "to step %d.", unreadable, path, moved, kept.count(b"\n"), start_step)
+      data = None
+  if data != kept:
+    _write_atomically(path, kept)
+  return kept
+
+
+_EVENT_FILE = re.compile(r"events\.out\.tfevents\.(\d+)\..*")
+
+
+def _record(data: bytes) -> bytes:
+  """`data` framed as a TFRecord (length, its masked CRC-32C, data, its masked CRC-32C)."""
+  header = struct.pack("<Q", len(data))
+  crc = tensorboardX.record_writer.masked_crc32c
+  return header + struct.pack("<I", crc(header)) + data + struct.pack("<I", crc(data))
+
+
+def _scalars_event(step: int, values: Mapping[str, int | float | None]) -> Any:
+  """The TensorBoard event of a record's finite values; None when it has none."""
+  summary = tensorboardX.proto.summary_pb2.Summary
+  finite = [summary.Value(tag=tensorboard_name(name), simple_value=value)
+            for name, value in values.items() if value is not None and math.isfinite(value)]
+  if not finite:
+    return None
+  return tensorboardX.proto.event_pb2.Event(wall_time=time.time(), step=step,
+                                            summary=summary(value=finite))
+
+
+class _EventFile:
+  """A new TensorBoard event file, written at each call (no thread, no buffer).
+
+  Named `events.out.tfevents.<n>.gmpo_jax`, n one more than the number the directory's event
+  files carry in that place (tensorboardX's names carry the time there): TensorBoard reads a
+  directory's files in name order, and that is the order they were made in, whatever the clock
+  says. The file opens with a purge marker at `purge_step`: TensorBoard hides the events with
+  step >= `purge_step` read before it (the steps an interrupted run logged after its checkpoint).
+
+  Attributes:
+    path: the file.
+    first: whether the directory held no event file before this one.
+  """
+
+  def __init__(self, directory: pathlib.Path, *, purge_step: int):
+    directory.mkdir(parents=True, exist_ok=True)
+    numbers = [int(match.group(1)) for match in map(_EVENT_FILE.fullmatch, os.listdir(directory))
+               if match]
+    self.first = not numbers
+    self.path = directory / f"events.out.tfevents.{max(numbers, default=0) + 1:010d}.gmpo_jax"
+    with _naming(self.path):
+      self._file = open(self.path, "xb", buffering=0)  # pylint: disable=consider-using-with
+    event = tensorboardX.proto.event_pb2
+    self.write([event.Event(wall_time=time.time(), file_version="brain.Event:2"),
+                event.Event(wall_time=time.time(), step=purge_step,
+                            session_log=event.SessionLog(status=event.SessionLog.START))])
+
+  def write(self, events: Sequence[Any]) -> None:
+    _append(self._file, b"".join(_record(e.SerializeToString()) for e in events), self.path)
+
+  def close(self) -> None:
+    self._file.close()
 
 
 class MetricsWriter:
@@ -136,6 +319,9 @@ class MetricsWriter:
     start_step: step of the restored checkpoint when resuming: earlier lines
       are kept and replayed into the summary, later ones are dropped. None: a
       fresh run; an existing metrics.jsonl is emptied.
+    history: when resuming, the checkpoint's copy of the lines up to `start_step` (the
+      `history` of the writer that saved it): metrics.jsonl is checked against it and restored
+      from it (module docstring). None: the checkpoint holds no copy.
     progress: show a tqdm progress bar on stderr; None: only when stderr is a TTY. Without
       the bar (CI, nohup, a cluster log) a status line is logged every `status_every` steps
       instead: step, the `progress_keys` present, s/step and the ETA.
@@ -151,6 +337,7 @@ class MetricsWriter:
       *,
       total_steps: int,
       start_step: int | None = None,
+      history: bytes | None = None,
       progress: bool | None = None,
       progress_keys: Sequence[str] = (),
       best_modes: Mapping[str, Literal["max", "min"]] | None = None,
@@ -161,6 +348,8 @@ class MetricsWriter:
       raise ValueError(f"total_steps must be >= 1, got {total_steps}.")
     if start_step is not None and operator.index(start_step) < 0:
       raise ValueError(f"start_step must be >= 0 or None, got {start_step}.")
+    if history is not None and start_step is None:
+      raise ValueError("history is the copy a checkpoint holds: it needs the checkpoint's start_step.")
     best_modes = dict(best_modes or {})
     for name, mode in best_modes.items():
       if mode not in ("max", "min"):
@@ -181,29 +370,32 @@ class MetricsWriter:
     self._nonfinite_counts: dict[str, int] = {}
     self._extra: dict[str, Any] = {}
     self._closed = False
+    # Every process keeps the lines (a checkpoint is saved by all of them); only process 0
+    # reads and writes files.
+    self._history = bytearray(history or b"")
     self._is_primary = jax.process_index() == 0
     if not self._is_primary:
       return
     self._workdir.mkdir(parents=True, exist_ok=True)
-    kept = [] if start_step is None else [r for r in read_metrics(self._workdir) if r["step"] <= start_step]
-    path = self._workdir / METRICS_FILE
-    # Rewrite through a temporary file so a crash here cannot lose the kept lines.
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
-    os.replace(temporary, path)
-    for record in kept:
+    self._path = self._workdir / METRICS_FILE
+    if start_step is None:
+      kept = b""
+      _write_atomically(self._path, kept)
+    else:
+      kept = _restore_history(self._path, start_step, history)
+    self._history = bytearray(kept)
+    records = [json.loads(line) for line in kept.splitlines()]
+    for record in records:
       self._track(record)
-    self._file = path.open("a")
-    self._tensorboard = tensorboardX.SummaryWriter(
-        logdir=str(self._workdir / TENSORBOARD_DIR),
-        # TensorBoard hides older events with step >= purge_step (the steps
-        # the interrupted run logged after its checkpoint).
-        purge_step=self._min_step,
-        # tensorboardX names files by the second: a quick restart would reuse
-        # (and truncate) the previous file. Nanoseconds keep them apart and in
-        # order, which TensorBoard needs to apply purge_step to the older file.
-        filename_suffix=f".{time.time_ns()}",
-    )
+    with _naming(self._path):
+      self._file = open(self._path, "ab", buffering=0)  # pylint: disable=consider-using-with
+    self._events = _EventFile(self._workdir / TENSORBOARD_DIR, purge_step=self._min_step)
+    if self._events.first and records:
+      logger.warning("%s holds no event file; rebuilt it from the %d records of %s.",
+                     self._workdir / TENSORBOARD_DIR, len(records), self._path)
+      self._events.write([event for event in (
+          _scalars_event(r["step"], {k: v for k, v in r.items() if k != "step"}) for r in records)
+                          if event is not None])
     self._bar = tqdm.tqdm(
         total=total_steps,
         initial=0 if start_step is None else start_step,
@@ -217,6 +409,12 @@ class MetricsWriter:
     """Metric name -> how many NaN/inf values were logged (written as null)."""
     return dict(self._nonfinite_counts)
 
+  @property
+  def history(self) -> bytes:
+    """Every line logged so far (those kept from before a resume included), byte for byte as in
+    metrics.jsonl: the copy a checkpoint holds, for `MetricsWriter(history=...)`."""
+    return bytes(self._history)
+
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     """Logs `metrics` (name -> scalar; Python, NumPy or JAX) for `step`.
 
@@ -226,6 +424,7 @@ class MetricsWriter:
     Raises:
       ValueError: a decreasing step, a metric named "step", a non-scalar value.
       TypeError: a non-numeric value.
+      OSError: a write failed (naming the file); nothing of the record was left in it.
     """
     step = operator.index(step)
     if step < self._min_step:
@@ -234,17 +433,17 @@ class MetricsWriter:
       raise ValueError("'step' is reserved for the step number; rename the metric.")
     values = {name: to_python_scalar(name, value) for name, value in metrics.items()}
     record = {"step": step, **{name: v if math.isfinite(v) else None for name, v in values.items()}}
+    line = (json.dumps(record, allow_nan=False) + "\n").encode()
+    if self._is_primary:
+      _append(self._file, line, self._path)
+      event = _scalars_event(step, values)
+      if event is not None:
+        self._events.write([event])
+    self._history += line
     self._min_step = step
     self._track(record)
     if not self._is_primary:
       return
-    self._file.write(json.dumps(record, allow_nan=False) + "\n")
-    self._file.flush()
-    for name, value in values.items():
-      # The same gap as the JSON null (tensorboardX would also warn per value).
-      if math.isfinite(value):
-        self._tensorboard.add_scalar(tensorboard_name(name), value, global_step=step)
-    self._tensorboard.flush()
     shown = {name: f"{values[name]:.4g}" for name in self._progress_keys if name in values}
     if shown:
       self._bar.set_postfix(shown, refresh=False)
@@ -303,8 +502,8 @@ class MetricsWriter:
         **self._extra,
     }
 
-  def close(self) -> dict[str, Any] | None:
-    """Flushes everything, writes summary.json, prints the summary and returns it.
+  def close(self, *, report: bool = True) -> dict[str, Any] | None:
+    """Flushes everything, writes summary.json, prints the summary (if `report`) and returns it.
 
     Returns None on processes other than 0 and on a second call.
     """
@@ -314,20 +513,27 @@ class MetricsWriter:
     self._closed = True
     self._bar.close()
     self._file.close()
-    self._tensorboard.close()
+    self._events.close()
     summary = self.summary()
-    path = self._workdir / SUMMARY_FILE
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-    os.replace(temporary, path)
-    print(_format_summary(summary, self._workdir))
+    _write_atomically(self._workdir / SUMMARY_FILE,
+                      (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
+    if report:
+      print(_format_summary(summary, self._workdir))
     return summary
 
   def __enter__(self) -> MetricsWriter:
     return self
 
-  def __exit__(self, *exc_info: object) -> None:
-    self.close()
+  def __exit__(self, exc_type: type[BaseException] | None, error: BaseException | None,
+               traceback: object) -> None:
+    # An error in flight is the one to report: the summary is written, not printed.
+    try:
+      self.close(report=error is None)
+    except OSError as close_error:
+      if error is None:
+        raise
+      # A full disk fails this write too; summary.json keeps its last whole version.
+      logger.debug("summary.json not written: %s", close_error)
 
 
 def _format_summary(summary: Mapping[str, Any], workdir: pathlib.Path) -> str:
@@ -445,7 +651,9 @@ def plot_learning_curves(
   if title:
     figure.suptitle(title, fontsize="medium")
   path = pathlib.Path(workdir) / filename
-  figure.savefig(path, dpi=100)
+  image = io.BytesIO()
+  figure.savefig(image, format="png", dpi=100)
+  _write_atomically(path, image.getvalue())
   return path
 
 

@@ -13,7 +13,10 @@ line is `gmpo_jax.main`). Per step:
 
 Everything random derives from (seed, step), the data order from (seed, epoch), and the
 checkpoint holds parameters, optimizer state, step, key and data position, so a run killed at
-any step and resumed reproduces the uninterrupted run's metrics exactly.
+any step and resumed reproduces the uninterrupted run's metrics exactly. It also holds the
+metrics logged up to its step, which a resume checks metrics.jsonl against and restores it from
+(`gmpo_jax.infra.metrics`). A full disk ends the run with one line (`disk_full.DiskFullError`:
+the step being saved, where, and the last complete step).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from gmpo_jax.infra import checkpointing, compilation, preemption, sharding, workdir_lock
+from gmpo_jax.infra import (checkpointing, compilation, disk_full, preemption, sharding,
+                            workdir_lock)
 from gmpo_jax.infra import metrics as metrics_lib
 from gmpo_jax.infra.preemption import Preempted
 from gmpo_jax.infra.sharding import tree_shardings
@@ -43,7 +47,7 @@ from gmpo_jax.runner.build import Run, build_run, make_optimizer
 from gmpo_jax.runner.data import PromptStream
 from gmpo_jax.runner.evaluate import evaluate
 from gmpo_jax.runner.rl_step import RLState, RLStep, ScoredRollout
-from gmpo_jax.runner.state import InFlightRollout, RunState, in_flight_name
+from gmpo_jax.runner.state import METRICS_HISTORY_KEY, InFlightRollout, RunState, in_flight_name
 from gmpo_jax.runner.warm_start import warm_start
 
 logger = logging.getLogger(__name__)
@@ -96,9 +100,28 @@ def _learn_from(producer: async_rollout.RolloutProducer, rl_step: RLStep, state:
 
 def _train(run: Run, preemption: preemption.PreemptionHandler,
            compile_timer: compilation.CompileTimer) -> dict[str, Any]:
+  config = run.config
+  # Closed on every path out: a save that failed in the background (a full disk) is reported by
+  # `close` at the latest, once its files are removed.
+  with checkpointing.Checkpointer(run.workdir / "checkpoints", max_to_keep=config.checkpoint.keep,
+                                  best_metric=config.checkpoint.best_metric,
+                                  best_mode="max") as ckpt:
+    warm_start_result = None
+    if config.warm_start.steps > 0:
+      # With an RL checkpoint to resume from, the warm start's policy is needed only as the KL
+      # reference; otherwise a damaged warm-start cache is skipped, not recomputed.
+      params, warm_start_result = warm_start(
+          run, preemption, needed=ckpt.latest_step is None or run.algo.beta > 0)
+      if params is not None:
+        run.params = params
+    return _resume_and_train(run, ckpt, warm_start_result, preemption, compile_timer)
+
+
+def _resume_and_train(run: Run, ckpt: checkpointing.Checkpointer,
+                      warm_start_result: dict[str, Any] | None,
+                      preemption: preemption.PreemptionHandler,
+                      compile_timer: compilation.CompileTimer) -> dict[str, Any]:
   config, workdir, algo = run.config, run.workdir, run.algo
-  if config.warm_start.steps > 0:
-    run.params, warm_start_result = warm_start(run, preemption)
   ref_params = jax.tree.map(jnp.copy, run.params) if algo.beta > 0 else None
   optimizer = make_optimizer(config.optim,
                              config.num_steps * algo.num_epochs * algo.num_minibatches,
@@ -106,8 +129,6 @@ def _train(run: Run, preemption: preemption.PreemptionHandler,
   opt_state = learner.init_opt_state(optimizer, run.params, run.mesh)
   base_key, eval_key = jax.random.split(sharding.prng_key(config.seed, run.mesh))
 
-  ckpt = checkpointing.Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.keep,
-                                    best_metric=config.checkpoint.best_metric, best_mode="max")
   target = checkpointing.CheckpointState(step=0, model=run.params, opt_state=opt_state,
                                          key=base_key, metadata={})
   # A workdir resumes only the experiment that wrote it (the fields in
@@ -125,13 +146,17 @@ def _train(run: Run, preemption: preemption.PreemptionHandler,
       config_record["resumed_with_changes"] = [
           [c.field, repr(c.stored), repr(c.current)] for c in changes]
   state, position, initial_eval = RLState(step=0, params=run.params, opt_state=opt_state), 0, None
-  in_flight_entries = ()
+  in_flight_entries, history = (), None
   if restored is not None:
     stored = RunState.from_metadata(restored.metadata)
     state = RLState(step=restored.step, params=restored.model, opt_state=restored.opt_state,
                     skipped_updates=stored.skipped_updates)
     position, initial_eval, in_flight_entries = (stored.data_position, stored.initial_eval,
                                                  stored.in_flight)
+    if warm_start_result is None:  # not run (not needed): what the checkpoint recorded of it
+      warm_start_result = stored.warm_start
+    if restored.arrays is not None and METRICS_HISTORY_KEY in restored.arrays:
+      history = restored.arrays[METRICS_HISTORY_KEY].tobytes()
     logger.info("resuming from step %d (data position %d)", state.step, position)
   start_step, start_position = state.step, position
   stream = PromptStream(run.train_examples, seed=config.seed, position=position)
@@ -153,83 +178,97 @@ def _train(run: Run, preemption: preemption.PreemptionHandler,
       in_flight.append(rl_step.score(entry.step, stream.take(config.prompts_per_step), rollout,
                                      version=entry.version))
 
-  writer = metrics_lib.MetricsWriter(
-      workdir, total_steps=config.num_steps, start_step=state.step if restored else None,
-      progress=config.progress,
-      progress_keys=("reward/mean", "eval/pass@1", "loss"),
-      best_modes={"eval/pass@1": "max", "eval/reward": "max", "reward/mean": "max"})
-  if initial_eval is None:
-    initial_eval = evaluate(run, state.params, eval_key, step=0)
-    logger.info("before RL: %s", initial_eval)
-    writer.write(0, initial_eval)
-  writer.add_to_summary("initial_eval", initial_eval)
-  if config.warm_start.steps > 0:
-    writer.add_to_summary("warm_start", warm_start_result)
-  if rl_step.peak is not None:
-    writer.add_to_summary("perf", rl_step.peak._asdict())
+  try:
+    writer = metrics_lib.MetricsWriter(
+        workdir, total_steps=config.num_steps, start_step=state.step if restored else None,
+        history=history, progress=config.progress,
+        progress_keys=("reward/mean", "eval/pass@1", "loss"),
+        best_modes={"eval/pass@1": "max", "eval/reward": "max", "reward/mean": "max"})
+    if initial_eval is None:
+      initial_eval = evaluate(run, state.params, eval_key, step=0)
+      logger.info("before RL: %s", initial_eval)
+      writer.write(0, initial_eval)
+    writer.add_to_summary("initial_eval", initial_eval)
+    if config.warm_start.steps > 0:
+      writer.add_to_summary("warm_start", warm_start_result)
+    if rl_step.peak is not None:
+      writer.add_to_summary("perf", rl_step.peak._asdict())
 
-  def checkpoint(state: RLState, in_flight: Sequence[ScoredRollout] = ()
-                 ) -> checkpointing.CheckpointState:
-    return checkpointing.CheckpointState(
-        step=state.step, model=state.params, opt_state=state.opt_state, key=base_key,
-        metadata=RunState(
-            data_position=start_position + config.prompts_per_step * (state.step - start_step),
-            skipped_updates=state.skipped_updates, initial_eval=initial_eval,
-            config_record=config_record,
-            in_flight=tuple(InFlightRollout(step=s.step, version=s.version) for s in in_flight),
-        ).to_metadata(),
-        arrays={in_flight_name(s.step): jax.tree.map(np.asarray, s.rollout._asdict())
-                for s in in_flight})
+    def checkpoint(state: RLState, in_flight: Sequence[ScoredRollout] = ()
+                   ) -> checkpointing.CheckpointState:
+      arrays = {in_flight_name(s.step): jax.tree.map(np.asarray, s.rollout._asdict())
+                for s in in_flight}
+      # The run's history up to this step travels with it (`MetricsWriter(history=...)`).
+      arrays[METRICS_HISTORY_KEY] = np.frombuffer(writer.history, np.uint8)
+      return checkpointing.CheckpointState(
+          step=state.step, model=state.params, opt_state=state.opt_state, key=base_key,
+          metadata=RunState(
+              data_position=start_position + config.prompts_per_step * (state.step - start_step),
+              skipped_updates=state.skipped_updates, initial_eval=initial_eval,
+              config_record=config_record,
+              in_flight=tuple(InFlightRollout(step=s.step, version=s.version) for s in in_flight),
+              warm_start=warm_start_result,
+          ).to_metadata(),
+          arrays=arrays)
 
-  with writer, ckpt:
-    if restored is None and preemption.requested_on_any_process():
-      ckpt.save(checkpoint(state))  # the evaluation before RL is kept; the next run starts at step 1
-      raise Preempted("first evaluation, saved as step 0")
-    producer = None
-    if staleness > 0:
-      producer = async_rollout.RolloutProducer(
-          _producer_sample(rl_step, stream, config.prompts_per_step),
-          steps=range(state.step + len(in_flight), config.num_steps), max_staleness=staleness,
-          first_version=state.step, params=sampler_params, place=run.sampler_params,
-          ready={s.step: s for s in in_flight})
-    try:
-      while state.step < config.num_steps:
-        if producer is None:
-          state, record = rl_step(state, stream.take(config.prompts_per_step))
-        else:
-          state, record = _learn_from(producer, rl_step, state)
-        done = state.step
-        eval_due = done % config.eval_every == 0 or done == config.num_steps
-        if eval_due:
-          record.update(evaluate(run, state.params, eval_key, step=done))
-        writer.write(done, record)
-        # Every process must stop at the same step (the save below is collective).
-        stop = preemption.requested_on_any_process()
-        if eval_due or done % config.checkpoint.every == 0 or stop or done == config.num_steps:
-          pending = (() if producer is None else
-                     producer.peek(range(done, min(done + staleness, config.num_steps))))
-          ckpt.save(
-              checkpoint(state, pending),
-              metrics={config.checkpoint.best_metric: record[config.checkpoint.best_metric]}
-              if config.checkpoint.best_metric in record else None)
-        if stop:
-          logger.warning("preemption requested: checkpoint saved at step %d, exiting", done)
-          break
-    finally:
-      if producer is not None:
-        producer.close()
-    # What RL added to its starting policy: the last evaluation minus the one before RL.
-    final = writer.summary()["final"]
-    writer.add_to_summary("eval_gain", {name: final[name] - value
-                                        for name, value in initial_eval.items()
-                                        if "/ci_" not in name and final.get(name) is not None})
-    summary = writer.summary()
-  n = config.eval.num_samples
-  metrics_lib.plot_learning_curves(
-      workdir,
-      keys=[["reward/mean", "reward/geometric_mean"],
-            ["eval/pass@1", f"eval/mean@{n}"] + [f"eval/maj@{k}" for k in config.eval.k if k > 1],
-            "entropy", ["clip_fraction_low", "clip_fraction_high"], "approx_kl"],
-      title=(f"{config.task.name} | advantage {algo.advantage} | objective {algo.objective} | "
-             f"seed {config.seed}"))
-  return summary
+    with writer:
+      if restored is None and preemption.requested_on_any_process():
+        ckpt.save(checkpoint(state))  # the evaluation before RL is kept; the next run starts at 1
+        raise Preempted("first evaluation, saved as step 0")
+      producer = None
+      if staleness > 0:
+        producer = async_rollout.RolloutProducer(
+            _producer_sample(rl_step, stream, config.prompts_per_step),
+            steps=range(state.step + len(in_flight), config.num_steps), max_staleness=staleness,
+            first_version=state.step, params=sampler_params, place=run.sampler_params,
+            ready={s.step: s for s in in_flight})
+      try:
+        while state.step < config.num_steps:
+          if producer is None:
+            state, record = rl_step(state, stream.take(config.prompts_per_step))
+          else:
+            state, record = _learn_from(producer, rl_step, state)
+          done = state.step
+          eval_due = done % config.eval_every == 0 or done == config.num_steps
+          if eval_due:
+            record.update(evaluate(run, state.params, eval_key, step=done))
+          writer.write(done, record)
+          # Every process must stop at the same step (the save below is collective).
+          stop = preemption.requested_on_any_process()
+          if eval_due or done % config.checkpoint.every == 0 or stop or done == config.num_steps:
+            pending = (() if producer is None else
+                       producer.peek(range(done, min(done + staleness, config.num_steps))))
+            ckpt.save(
+                checkpoint(state, pending),
+                metrics={config.checkpoint.best_metric: record[config.checkpoint.best_metric]}
+                if config.checkpoint.best_metric in record else None)
+          if stop:
+            logger.warning("preemption requested: checkpoint saved at step %d, exiting", done)
+            break
+      finally:
+        if producer is not None:
+          producer.close()
+      # What RL added to its starting policy: the last evaluation minus the one before RL.
+      final = writer.summary()["final"]
+      writer.add_to_summary("eval_gain", {name: final[name] - value
+                                          for name, value in initial_eval.items()
+                                          if "/ci_" not in name and final.get(name) is not None})
+      summary = writer.summary()
+    # The last save is on disk before the run says it is done.
+    ckpt.wait_until_finished()
+    n = config.eval.num_samples
+    metrics_lib.plot_learning_curves(
+        workdir,
+        keys=[["reward/mean", "reward/geometric_mean"],
+              ["eval/pass@1", f"eval/mean@{n}"] + [f"eval/maj@{k}" for k in config.eval.k if k > 1],
+              "entropy", ["clip_fraction_low", "clip_fraction_high"], "approx_kl"],
+        title=(f"{config.task.name} | advantage {algo.advantage} | objective {algo.objective} | "
+               f"seed {config.seed}"))
+    return summary
+  except OSError as error:
+    # A full disk met outside a checkpoint save (metrics, TensorBoard, summary, plot): the same
+    # one line as for a save.
+    if not disk_full.is_disk_full(error):
+      raise
+    raise disk_full.DiskFullError(step=state.step, path=error.filename or workdir,
+                                  last_complete=ckpt.latest_step) from error

@@ -1,7 +1,9 @@
 """`RunState`: what crosses a restart besides the arrays, typed and versioned.
 
 A checkpoint of the RL loop holds the policy's parameters, the optimizer state and the key as
-arrays (`gmpo_jax.infra.checkpointing.CheckpointState`), and this record as its JSON metadata.
+arrays (`gmpo_jax.infra.checkpointing.CheckpointState`), this record as its JSON metadata, and as
+host arrays the rollouts in flight (`in_flight_name`) and the copy of metrics.jsonl up to its step
+(`METRICS_HISTORY_KEY`).
 The record has a version: `from_metadata` reads every version written so far (version 0 is the
 untyped dict of string keys written before the record existed) and refuses a newer one with an
 error that names both, so an old checkpoint keeps resuming and a new one is never misread.
@@ -15,13 +17,18 @@ from typing import Any
 
 from gmpo_jax.infra.checkpointing import CONFIG_METADATA_KEY
 
-RUN_STATE_VERSION = 1
+RUN_STATE_VERSION = 2
 _VERSION_KEY = "run_state_version"
 # Version 0's keys, kept so that a version-0 checkpoint and this writer's agree on names.
 _DATA_POSITION_KEY = "data_position"
 _SKIPPED_UPDATES_KEY = "skipped_updates"
 _INITIAL_EVAL_KEY = "initial_eval"
 _IN_FLIGHT_KEY = "in_flight_rollouts"
+_WARM_START_KEY = "warm_start"
+
+# The key in `CheckpointState.arrays` of metrics.jsonl's lines up to the checkpoint's step, as
+# uint8 (`gmpo_jax.infra.metrics.MetricsWriter.history`); absent from checkpoints written before.
+METRICS_HISTORY_KEY = "metrics_history"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,12 +56,15 @@ class RunState:
     config_record: the experiment's config record (`checkpointing.config_record`), which a
       resume compares with its own config.
     in_flight: the rollouts sampled ahead of this step, oldest first.
+    warm_start: what the warm start reported (steps, train pass rate; None without one), so a
+      resume that does not need the warm-start cache still reports it (version 2 on).
   """
   data_position: int
   skipped_updates: int
   initial_eval: Mapping[str, float] | None
   config_record: Mapping[str, Any]
   in_flight: tuple[InFlightRollout, ...] = ()
+  warm_start: Mapping[str, Any] | None = None
 
   def to_metadata(self) -> dict[str, Any]:
     """The JSON metadata of a checkpoint (`CheckpointState.metadata`)."""
@@ -65,6 +75,7 @@ class RunState:
         _SKIPPED_UPDATES_KEY: self.skipped_updates,
         _INITIAL_EVAL_KEY: None if self.initial_eval is None else dict(self.initial_eval),
         _IN_FLIGHT_KEY: [dataclasses.asdict(r) for r in self.in_flight],
+        _WARM_START_KEY: None if self.warm_start is None else dict(self.warm_start),
     }
 
   @classmethod
@@ -82,11 +93,13 @@ class RunState:
                if k not in metadata]
     if missing:
       raise ValueError(f"the checkpoint's run state (version {version}) lacks {missing}")
-    # Versions 0 and 1 share their keys; version 1 adds the version itself.
+    # Versions 0 and 1 share their keys; version 1 adds the version itself, version 2 the warm
+    # start's result.
     return cls(
         data_position=int(metadata[_DATA_POSITION_KEY]),
         skipped_updates=int(metadata[_SKIPPED_UPDATES_KEY]),
         initial_eval=metadata.get(_INITIAL_EVAL_KEY),
         config_record=metadata[CONFIG_METADATA_KEY],
         in_flight=tuple(InFlightRollout(step=int(r["step"]), version=int(r["version"]))
-                        for r in metadata.get(_IN_FLIGHT_KEY, [])))
+                        for r in metadata.get(_IN_FLIGHT_KEY, [])),
+        warm_start=metadata.get(_WARM_START_KEY))

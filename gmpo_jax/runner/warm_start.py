@@ -26,8 +26,8 @@ from gmpo_jax.runner.evaluate import train_pass_rate_probe
 logger = logging.getLogger(__name__)
 
 
-def warm_start(run: Run, preemption: preemption.PreemptionHandler
-               ) -> tuple[Any, dict[str, float]]:
+def warm_start(run: Run, preemption: preemption.PreemptionHandler, *, needed: bool = True
+               ) -> tuple[Any | None, dict[str, float] | None]:
   """A short supervised pass on the train split's demonstrations, cached in the workdir.
 
   A randomly initialised policy earns a constant reward on these tasks (zero advantages
@@ -45,9 +45,14 @@ def warm_start(run: Run, preemption: preemption.PreemptionHandler
   continues from that step with the same data order, so the result does not depend on the
   interruption.
 
+  The cache is rebuilt, never fatal: steps of it that do not verify (a changed byte, a deleted
+  file) are moved to `warm_start/corrupted/` with a warning, and the warm start runs again, or,
+  when it is not `needed` (RL resumes from its own checkpoint and has no KL reference to take
+  from it), is skipped.
+
   Returns:
     The parameters and `{"warm_start/steps": steps taken, "warm_start/train_pass_rate": the
-    last probe's rate (None without a target)}`.
+    last probe's rate (None without a target)}`; (None, None) when skipped.
   """
   cfg = run.config.warm_start
   directory = run.workdir / "warm_start"
@@ -62,7 +67,16 @@ def warm_start(run: Run, preemption: preemption.PreemptionHandler
                                          key=key, metadata={})
   target_rate = cfg.target_train_pass_rate
   with checkpointing.Checkpointer(directory, max_to_keep=1, async_save=False) as ckpt:
-    restored = ckpt.restore_latest(target)
+    try:
+      restored = ckpt.restore_latest(target)
+    except checkpointing.UnrestorableCheckpointsError as error:
+      ckpt.move_aside(error.steps)
+      logger.warning("warm start: no step of the cache in %s restores (%s); moved step(s) %s to "
+                     "%s and %s", directory, error.problems, list(error.steps),
+                     directory / checkpointing.CORRUPTED_DIR,
+                     "recomputing it" if needed else
+                     "skipping it: RL resumes from its own checkpoint, which does not need it")
+      restored = None
     params, first, rate = jax.tree.map(jnp.copy, run.params), 0, None
     if restored is not None and restored.metadata.get("signature") == signature:
       info = restored.metadata.get("result")
@@ -71,6 +85,9 @@ def warm_start(run: Run, preemption: preemption.PreemptionHandler
         return restored.model, info
       params, opt_state, first = restored.model, restored.opt_state, restored.step
       logger.info("warm start: resuming at step %d of %d", first, cfg.steps)
+    if not needed:
+      logger.info("warm start: skipped (RL resumes from its own checkpoint)")
+      return None, None
     update = learner.make_update_fn(
         run.graphdef, optimizer, learner.supervised_loss(chunk_size=run.config.chunk_size),
         param_shardings=run.param_shardings, opt_shardings=tree_shardings(opt_state))

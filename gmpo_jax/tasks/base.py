@@ -6,6 +6,12 @@ cached under `data_dir/<builder name>/<config name>/<version>`; `load` reads a s
 through `builder.as_data_source` (random access, no TensorFlow needed) and decodes each
 record into plain Python values (str, int, tuple of int).
 
+The cache is verified before it is read: once built, its directory gets a manifest
+(`gmpo_manifest.json`: the size and SHA-256 of every file), and a cache whose files differ from
+it, or that has none (built by an older gmpo_jax, or cut short), is deleted and built again, with
+a warning naming the file. TFDS itself would notice a damaged file only when a record of it is
+read, many steps later, in words that name no file.
+
 A generated task declares each data parameter once, as a `data_field` of a `DataParams`
 dataclass that both its builder and the task itself use:
 
@@ -28,7 +34,9 @@ The task's builder config then carries `CountingData(num_train=task.num_train)`,
 
 import abc
 import dataclasses
+import hashlib
 import json
+import logging
 import math
 import re
 import sys
@@ -46,6 +54,8 @@ INTEGER_RE = re.compile(r"-?[0-9]+")
 # strings count as malformed, which also keeps int() away from its 4300-digit limit.
 MAX_INTEGER_DIGITS = 18
 _BOUNDED_INTEGER_RE = re.compile(rf"-?[0-9]{{1,{MAX_INTEGER_DIGITS}}}")
+
+logger = logging.getLogger(__name__)
 
 
 def parse_integer(text: str) -> int | None:
@@ -153,6 +163,52 @@ class DecodedSource(Sequence):
   def __iter__(self):
     for i in range(len(self)):
       yield self[i]
+
+
+CACHE_MANIFEST = "gmpo_manifest.json"
+_CACHE_FORMAT = "gmpo_jax.dataset_manifest.v1"
+
+
+def _sha256(path: epath.Path) -> str:
+  digest = hashlib.sha256()
+  with path.open("rb") as file:
+    while chunk := file.read(1 << 20):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _cache_problem(directory: epath.Path) -> str | None:
+  """What is wrong with the dataset cache in `directory`, naming the file; None when it verifies
+  against its manifest or does not exist."""
+  if not directory.exists():
+    return None
+  path = directory / CACHE_MANIFEST
+  try:
+    manifest = json.loads(path.read_text())
+    files = manifest["files"] if manifest.get("format") == _CACHE_FORMAT else None
+    entries = [(directory / name, entry["size"], entry["sha256"]) for name, entry in files.items()]
+  except FileNotFoundError:
+    return f"{path} is missing"
+  except (ValueError, KeyError, TypeError, AttributeError) as error:
+    return f"{path} is not a manifest ({type(error).__name__}: {error})"
+  for file, size, digest in entries:
+    if not file.exists():
+      return f"{file} is missing"
+    if (found := file.stat().length) != size:
+      return f"{file} is {found} bytes, the manifest says {size}"
+    if _sha256(file) != digest:
+      return f"{file} does not match its SHA-256 in the manifest"
+  return None
+
+
+def _write_cache_manifest(directory: epath.Path) -> None:
+  """Records the size and SHA-256 of every file of a freshly built cache (written last, whole:
+  a cache without it counts as damaged)."""
+  files = {file.name: {"size": file.stat().length, "sha256": _sha256(file)}
+           for file in sorted(directory.iterdir()) if file.name != CACHE_MANIFEST}
+  temporary = directory / f".{CACHE_MANIFEST}.tmp"
+  temporary.write_text(json.dumps({"format": _CACHE_FORMAT, "files": files}, indent=1))
+  temporary.rename(directory / CACHE_MANIFEST)
 
 
 _CONFIG_KEY = "gmpo_config_key"
@@ -375,16 +431,32 @@ class Task(abc.ABC):
       config = self.builder_cls.builder_configs.get(config.name, config)
     return self.builder_cls(data_dir=data_dir, config=config)
 
+  def cache_dir(self, *, data_dir: str) -> epath.Path:
+    """Where the dataset is built under `data_dir` (TFDS's `builder.data_dir`), known before
+    the builder reads anything there."""
+    config = self.builder_config()
+    return (epath.Path(data_dir) / self.builder_cls.name
+            / ("" if config is None else config.name) / str(self.builder_cls.VERSION))
+
   def load(self, split: str, *, data_dir: str) -> DecodedSource:
     """The examples of `split` ('train', 'test', or a TFDS slice such as 'train[:10]').
 
-    Builds the dataset under `data_dir` on first use (array_record files), and reuses
-    it afterwards.
+    Builds the dataset under `data_dir` on first use (array_record files), and reuses it
+    afterwards once it verifies against its manifest (module docstring); a damaged cache is
+    built again.
     """
+    directory = self.cache_dir(data_dir=data_dir)
+    problem = _cache_problem(directory)
+    if problem is not None:
+      # Before the builder is made: TFDS reads the cache's dataset_info.json as it starts.
+      logger.warning("The dataset cache %s is damaged (%s); building it again.", directory, problem)
+      directory.rmtree()
     builder = self.builder(data_dir=data_dir)
     builder.download_and_prepare(
         file_format="array_record", download_config=self.download_config()
     )
+    if problem is not None or not (directory / CACHE_MANIFEST).exists():
+      _write_cache_manifest(directory)
     return DecodedSource(builder.as_data_source(split))
 
 

@@ -23,6 +23,7 @@ from gmpo_jax.infra.checkpointing.manager import (
     Checkpointer,
     CheckpointMismatchError,
     CheckpointState,
+    UnrestorableCheckpointsError,
 )
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "Checkpointer",
     "ConfigChange",
     "ConfigMismatchError",
+    "UnrestorableCheckpointsError",
     "CorruptCheckpointError",
     "check_config",
     "config_changes",

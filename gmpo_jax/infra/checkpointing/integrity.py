@@ -7,6 +7,7 @@ See `gmpo_jax.infra.checkpointing.manager` for when each is written and checked.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import os
@@ -97,17 +98,24 @@ def with_self_digest(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_atomically(path: epath.Path, data: bytes) -> None:
-  """Temporary file + `os.replace` (+ fsync) locally; a single object write on object stores."""
+  """Temporary file + `os.replace` (+ fsync) locally, the temporary file removed if that fails; a
+  single object write on object stores."""
   local = "://" not in os.fspath(path)
   if not local:
     path.write_bytes(data)
     return
   temporary = os.fspath(path.parent / f"{_MANIFEST_TMP_PREFIX}-{os.getpid()}-{time.time_ns()}")
-  with open(temporary, "wb") as file:
-    file.write(data)
-    file.flush()
-    os.fsync(file.fileno())
-  os.replace(temporary, os.fspath(path))
+  try:
+    with open(temporary, "wb") as file:
+      file.write(data)
+      file.flush()
+      os.fsync(file.fileno())
+    os.replace(temporary, os.fspath(path))
+  except BaseException:
+    # A full disk leaves no half-written temporary file behind.
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(temporary)
+    raise
 
 
 def build_manifest(step_dir: epath.Path, step: int, tree: dict[str, Any],

@@ -63,6 +63,11 @@ Guarantees:
     written and hashed in a background thread; `wait_until_finished`/`close` (or
     leaving the `with` block) wait for it, and an error in the background
     surfaces there or at the next `save`.
+  * A full disk (ENOSPC, EDQUOT) during a save raises `disk_full.DiskFullError`
+    (the step, its directory, the newest complete step) once the save's files
+    are removed: Orbax's temporary directory, or the committed directory when
+    it does not verify. A step whose manifest could not be sealed for lack of
+    space stays (it keeps the weaker check of an unsealed step).
   * Multi-host: every process calls `save`/`restore*` (they are collective);
     Orbax writes from the primary process only, the manifest is written by the
     primary process, and the only file operation done here (moving a corrupted
@@ -91,6 +96,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from gmpo_jax.infra import disk_full
 from gmpo_jax.infra.checkpointing import identity, integrity
 from gmpo_jax.infra.metrics import to_python_scalar
 
@@ -142,6 +148,19 @@ class CheckpointState(NamedTuple):
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint's parameter tree does not match the restore target (another model)."""
+
+
+class UnrestorableCheckpointsError(RuntimeError):
+  """Checkpoints exist, but none verifies and restores (damaged, unreadable, half-written).
+
+  Attributes:
+    steps: the steps that were tried, newest first.
+    problems: what failed, step by step.
+  """
+
+  def __init__(self, message: str, *, steps: Sequence[int], problems: str):
+    super().__init__(message)
+    self.steps, self.problems = tuple(steps), problems
 
 
 def _is_key_dtype(dtype: Any) -> bool:
@@ -243,6 +262,8 @@ class Checkpointer:
     self._pending: tuple[int, dict[str, Any], dict[str, Any] | None] | None = None
     # A committed step whose manifest still lacks the hash of Orbax's step metadata.
     self._unsealed: int | None = None
+    # The step whose save ran out of space (`DiskFullError`), if any.
+    self._failed_save: int | None = None
     latest = ocp.checkpoint_managers.LatestN(n=max_to_keep)
     if best_metric is None:
       preservation = latest
@@ -368,13 +389,21 @@ class Checkpointer:
     arrays = _host_arrays(state.arrays)
     if arrays is not None:
       items[_ARRAYS_ITEM] = ocp.args.StandardSave(arrays)
+    checked_metrics = self._checked_metrics(metrics)
     self._pending = (step, integrity.tree_record(tree), None if arrays is None else integrity.tree_record(arrays))
-    self._manager.save(
-        step,
-        args=ocp.args.Composite(**items),
-        metrics=self._checked_metrics(metrics),
-        force=True,  # the save-interval decision belongs to the runner
-    )
+    try:
+      self._manager.save(
+          step,
+          args=ocp.args.Composite(**items),
+          metrics=checked_metrics,
+          force=True,  # the save-interval decision belongs to the runner
+      )
+    except Exception as error:  # noqa: BLE001 - re-raised unless the disk is full
+      if not disk_full.is_disk_full(error):
+        raise
+      # Orbax's save has not started its background work: nothing will call the manifest back.
+      self._pending = None
+      raise self._disk_full(step) from error
     if not self._async_save:
       self.wait_until_finished()
     return True
@@ -407,12 +436,14 @@ class Checkpointer:
     try:
       manifest = integrity.read_manifest(step_dir)
       manifest["after_commit"] = {name: integrity.sha256_file(step_dir / name) for name in integrity.AFTER_COMMIT_FILES}
-    except (integrity.CorruptCheckpointError, OSError) as error:  # deleted by retention, or damaged meanwhile
-      logger.warning("Could not complete the manifest of checkpoint step %d (%s); %s keeps the "
-                     "weaker check.", step, error, integrity.AFTER_COMMIT_FILES)
-      return
-    integrity.write_atomically(step_dir / integrity.MANIFEST_FILE,
-                      json.dumps(integrity.with_self_digest(manifest), indent=1).encode())
+      integrity.write_atomically(step_dir / integrity.MANIFEST_FILE,
+                                 json.dumps(integrity.with_self_digest(manifest), indent=1).encode())
+    except (integrity.CorruptCheckpointError, OSError) as error:
+      # Deleted by retention, damaged meanwhile, or no space for the sealed manifest: the unsealed
+      # one stays whole (written atomically), and for a full disk the next write reports it.
+      log = logger.info if disk_full.is_disk_full(error) else logger.warning
+      log("Could not complete the manifest of checkpoint step %d (%s); %s keeps the weaker check.",
+          step, error, integrity.AFTER_COMMIT_FILES)
 
   def _checked_metrics(self, metrics: Mapping[str, Any] | None) -> dict[str, float] | None:
     if metrics is None:
@@ -569,8 +600,8 @@ class Checkpointer:
         config (fields listed); nothing is moved.
       CheckpointMismatchError: no step restores and at least one holds another
         model: names the first mismatched parameter and both shapes; nothing is moved.
-      RuntimeError: checkpoints exist but none verifies or restores (nothing is
-        moved; each step's problem is listed).
+      UnrestorableCheckpointsError: checkpoints exist but none verifies or restores
+        (nothing is moved; each step's problem is listed). A `RuntimeError`.
       ValueError, TypeError: `target` itself is unusable (see `restore`).
     """
     self.wait_until_finished()
@@ -643,9 +674,9 @@ class Checkpointer:
       raise CheckpointMismatchError(
           f"No checkpoint in {self._directory} matches the configured model: step {step}: "
           f"{mismatch}. Nothing was moved. All steps: {problems}")
-    raise RuntimeError(
+    raise UnrestorableCheckpointsError(
         f"None of the checkpoints {steps} in {self._directory} could be verified and restored; "
-        f"nothing was moved. {problems}") from first_error
+        f"nothing was moved. {problems}", steps=steps, problems=problems) from first_error
 
   # -- corrupted steps ------------------------------------------------------------
 
@@ -724,6 +755,14 @@ class Checkpointer:
         continue  # no manifest, a missing or unreadable file: restore_latest reports it
     return changed
 
+  def move_aside(self, steps: Sequence[int]) -> None:
+    """Moves `steps` to `corrupted/` (collective), e.g. the steps of an
+    `UnrestorableCheckpointsError` before the cache they held is rebuilt."""
+    self.wait_until_finished()
+    self._quarantine(steps)
+    self._suspect -= set(steps)
+    self._manager.reload()
+
   def _quarantine(self, steps: Sequence[int]) -> None:
     """Moves `steps` to `corrupted/<step>.<ns>` (kept for inspection, out of the way).
 
@@ -754,19 +793,64 @@ class Checkpointer:
   # -- lifecycle ------------------------------------------------------------------
 
   def wait_until_finished(self) -> None:
-    """Blocks until a background save is on disk; raises its error if it failed."""
+    """Blocks until a background save is on disk; raises its error if it failed.
+
+    Raises:
+      disk_full.DiskFullError: the save ran out of space (its files are removed).
+    """
+    step = None if self._pending is None else self._pending[0]
     try:
       self._manager.wait_until_finished()
+    except Exception as error:  # noqa: BLE001 - re-raised unless the disk is full
+      if step is None or not disk_full.is_disk_full(error):
+        raise
+      raise self._disk_full(step) from error
     finally:
       self._pending = None
     self._seal()
+
+  def _disk_full(self, step: int) -> disk_full.DiskFullError:
+    """Removes what the failed save of `step` wrote and describes it."""
+    self._failed_save = step
+    self._remove_partial(step)
+    return disk_full.DiskFullError(step=step, path=self._step_dir(step),
+                                   last_complete=self.latest_step)
+
+  def _remove_partial(self, step: int) -> None:
+    """Removes the files of a failed save of `step` (primary process): Orbax's temporary
+    directory, or the committed one if it does not verify."""
+    if not ocp.multihost.is_primary_host(0):
+      return
+    final = self._step_dir(step)
+    partial = list(self._directory.glob(final.name + ocp.path.atomicity.TMP_DIR_SUFFIX + "*"))
+    if final.exists():
+      try:
+        integrity.verify_step_dir(final)
+      except (integrity.CorruptCheckpointError, OSError):  # committed, but not whole
+        partial.append(final)
+    for path in partial:
+      # Removing only frees space; a failure here leaves a directory that is never listed
+      # (Orbax's temporary one) or fails verification (the committed one).
+      try:
+        path.rmtree()
+      except OSError as error:
+        logger.warning("Could not remove %s, left by the failed save of step %d: %s", path, step,
+                       error)
 
   def close(self) -> None:
     """Waits for pending saves and releases Orbax's threads."""
     try:
       self.wait_until_finished()
     finally:
-      self._manager.close()
+      try:
+        self._manager.close()
+      except Exception as error:  # noqa: BLE001 - re-raised unless already reported
+        # Orbax raises a failed save's error again as it closes: a full disk is reported once.
+        if self._failed_save is None or not disk_full.is_disk_full(error):
+          raise
+      if self._failed_save is not None:
+        # Orbax's threads of the failed save, finished now, may have written more of it.
+        self._remove_partial(self._failed_save)
 
   def __enter__(self) -> Checkpointer:
     return self
