@@ -90,15 +90,21 @@ def format_plan(plan) -> str:
   return "\n".join(lines)
 
 
-def _model(config: ExperimentConfig) -> TransformerConfig:
-  """The architecture to plan: `--model` (with the config's dtypes), else the config's."""
+def _model(config_dict) -> tuple[ExperimentConfig, TransformerConfig]:
+  """The typed config and the architecture to plan: `--model` (with the config's dtypes; the
+  config's model section then names it), else the config's own."""
   from gmpo_jax.runner import abstract_step  # pylint: disable=g-import-not-at-top
+  if _MODEL.value is not None:
+    config_dict.model.name, config_dict.model.hf_path = _MODEL.value, None
+    config_dict.model.tokenizer = config_dict.model.tokenizer or "char"
+    config_dict.model.overrides = {}
+  config = ExperimentConfig.from_config(config_dict)
   try:
     if _MODEL.value is None:
-      return abstract_step.model_config(config.model)
+      return config, abstract_step.model_config(config.model)
     dtypes = {k: getattr(config.model, k) for k in ("param_dtype", "dtype")
               if getattr(config.model, k) is not None}
-    return dataclasses.replace(TransformerConfig.from_name(_MODEL.value), **dtypes)
+    return config, dataclasses.replace(TransformerConfig.from_name(_MODEL.value), **dtypes)
   except (ValueError, FileNotFoundError) as error:
     raise ConfigError(f"the model to plan: {error}") from error
 
@@ -107,12 +113,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.WARNING)
+  # One line per compile (they take minutes for a 7B model on a few cores).
+  logging.getLogger("gmpo_jax.runner.tpu_plan").setLevel(logging.INFO)
   # Only compiles here: a TPU VM's training process may hold libtpu's lockfile meanwhile.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from gmpo_jax.runner import tpu_plan  # pylint: disable=g-import-not-at-top
   try:
-    config = ExperimentConfig.from_config(_CONFIG.value)
-    model = _model(config)
+    config, model = _model(_CONFIG.value)
     target = tpu_plan.tpu_target(_TOPOLOGY.value, hbm_gib=_HBM_GIB.value)
     plan = tpu_plan.plan(config, model, target, prompt_length=_PROMPT_LENGTH.value)
   except ConfigError as error:

@@ -187,31 +187,58 @@ def _micro_loss(config: ExperimentConfig, shape: StepShape, chunk_size: int) -> 
       max_length=config.sampling.max_new_tokens, on_policy=shape.on_policy)
 
 
+def _batch(config: ExperimentConfig, mesh: jax.sharding.Mesh, shape: StepShape,
+           rows: tuple[int, ...]) -> learner.Batch:
+  """An abstract `learner.Batch` of [*rows, T] arrays, the last row axis over data x fsdp."""
+  dims, axis = rows + (shape.length,), len(rows) - 1
+
+  def per_token(dtype):
+    return _rows(mesh, dims, dtype, batch_axis=axis)
+
+  return learner.Batch(
+      tokens=per_token(jnp.int32), positions=per_token(jnp.int32), key_mask=per_token(bool),
+      loss_mask=per_token(bool),
+      old_logp=None if shape.on_policy else per_token(jnp.float32),
+      ref_logp=per_token(jnp.float32),
+      advantages=_rows(mesh, rows, jnp.float32, batch_axis=axis),
+      behav_logp=(per_token(jnp.float32)
+                  if shape.on_policy or config.algorithm.is_correction != "none" else None))
+
+
 def update_program(config: ExperimentConfig, policy: AbstractPolicy, mesh: jax.sharding.Mesh,
                    shape: StepShape, *, chunk_size: int) -> Program:
   """`update_step` over one minibatch [M, b, T], as `make_update_fn` compiles it."""
   optimizer = optimizer_for(config)
   opt_shardings = sharding.opt_state_shardings(optimizer, policy.params, policy.shardings, mesh)
   opt_state = _abstract(jax.eval_shape(optimizer.init, policy.params), opt_shardings)
-  algo = config.algorithm
-  dims = (shape.microbatches, shape.micro_rows, shape.length)
-
-  def per_token(dtype):
-    return _rows(mesh, dims, dtype, batch_axis=1)
-
-  batch = learner.Batch(
-      tokens=per_token(jnp.int32), positions=per_token(jnp.int32), key_mask=per_token(bool),
-      loss_mask=per_token(bool),
-      old_logp=None if shape.on_policy else per_token(jnp.float32),
-      ref_logp=per_token(jnp.float32),
-      advantages=_rows(mesh, dims[:2], jnp.float32, batch_axis=1),
-      behav_logp=(per_token(jnp.float32)
-                  if shape.on_policy or algo.is_correction != "none" else None))
+  batch = _batch(config, mesh, shape, (shape.microbatches, shape.micro_rows))
   step = learner.update_step(policy.graphdef, optimizer, _micro_loss(config, shape, chunk_size))
   shardings = (policy.shardings, opt_shardings, None)
   jitted = jax.jit(step, donate_argnums=(0, 1), in_shardings=shardings,
                    out_shardings=shardings)
   return Program("update", jitted, (policy.params, opt_state, batch))
+
+
+def gradient_program(config: ExperimentConfig, policy: AbstractPolicy, mesh: jax.sharding.Mesh,
+                     shape: StepShape, *, chunk_size: int) -> Program:
+  """One micro-batch's loss and gradient [b, T]: the body of `update_step`'s micro-batch loop.
+
+  Compiled apart to cost the update per micro-batch (`gmpo_jax.runner.tpu_plan`).
+  """
+  micro_loss = _micro_loss(config, shape, chunk_size)
+  graphdef = policy.graphdef
+
+  def gradient(params, micro, counts):
+    def loss_of_params(p):
+      return micro_loss(nnx.merge(graphdef, p), micro, counts)
+    (loss, metrics), grads = jax.value_and_grad(loss_of_params, has_aux=True)(params)
+    return loss, grads, metrics
+
+  micro = _batch(config, mesh, shape, (shape.micro_rows,))
+  scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
+  counts = learner.Counts(num_sequences=scalar, num_tokens=scalar)
+  jitted = jax.jit(gradient, out_shardings=(None, policy.shardings, None))
+  return Program("gradient", jitted, (policy.params, micro, counts))
 
 
 def optimizer_program(config: ExperimentConfig, policy: AbstractPolicy,

@@ -13,17 +13,20 @@ the run's mesh and reads what the compiler says of each:
     split), half the log-prob chunk (logprob), else more chips.
   * Cost (`compiled.cost_analysis()`: FLOPs, bytes accessed and `optimal_seconds`, the compiler's
     estimate of the time). The TPU cost model prices the body of a loop once, whatever its trip
-    count, so every loop of a program is costed per iteration from loop-free or shorter variants
-    compiled beside it, each differing from the real program in one knob:
-      - layers (a `lax.scan` over L): the variant unrolls d layers per iteration (d the smallest
-        divisor > 1 of L, `TransformerConfig.layer_unroll`); one layer costs (X_d - X_1)/(d - 1)
-        and the program X_1 + (L - 1) x that;
+    count, so every loop is costed per iteration from variants compiled beside the real
+    program, the same program (same rows, T, mesh, shardings) with one knob changed:
+      - layers (a `lax.scan` over L): variants with 1 and 2 layers, unrolled, so no layer loop;
+        X(L) = X(1) + (L - 1)(X(2) - X(1)). Few layers also keep the cost model from pricing
+        a cache update (`dynamic_update_slice` of the stacked [L, B, S, K, hd] cache) as a
+        read and write of all L layers' cache, which it does inside the real layer loop;
       - log-prob chunks (`token_logprobs`' scans over n chunks of T forward and n blocks of V
-        backward, each priced once, i.e. at 1/n of the whole): the variant halves
-        `chunk_size` (n' chunks), which gives the whole as (X_n' - X_n)/(1/n' - 1/n);
-      - micro-batches (the update's `lax.scan` over M): the optimizer part after the loop is
-        compiled alone (`abstract_step.optimizer_program`), so the update is
-        M x (X - X_optimizer) + X_optimizer.
+        backward, each priced once, i.e. at 1/n of the whole): a 1-layer variant with half
+        the `chunk_size` (n' chunks) gives the whole W = (X_n' - X_n)/(1/n' - 1/n), and
+        the program gets (1 - 1/n) W more;
+      - micro-batches (the update's `lax.scan` over M): the variants are the loop's body, one
+        micro-batch's gradient (`abstract_step.gradient_program`), and the part after the loop
+        (`abstract_step.optimizer_program`, the full model): M x X_gradient(L) + X_optimizer.
+    Custom calls priced at -1 s (`UNPRICED_CUSTOM_CALLS`) are added back first.
     The attention kernel is priced analytically instead (`gmpo_jax.runner.perf.attention_flops`
     at the chip's peak): a Pallas kernel (splash) is a custom call the cost model does not
     price, and the blockwise kernel's loops are priced one tile at a time (that tile stays in the
@@ -38,8 +41,10 @@ reports the fraction of HBM bandwidth its necessary bytes (weights once, the liv
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
+import time
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -53,7 +58,13 @@ from gmpo_jax.models import attention as attention_lib
 from gmpo_jax.models.transformer import TransformerConfig
 from gmpo_jax.runner import abstract_step, perf
 
+logger = logging.getLogger(__name__)
+
 GIB = hbm_lib.GIB
+# Custom calls the TPU cost model prices at -1 s each (measured: a program with five
+# ConcatBitcast calls, libtpu 0.0.42.1, reports optimal_seconds = t - 5); `compile_program` adds
+# the seconds back.
+UNPRICED_CUSTOM_CALLS = ("ConcatBitcast", "tpu_custom_call")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 ESTIMATE_NOTE = ("compiler-estimated: TPU cost model (optimal_seconds) with loops costed per "
                  "iteration and attention at peak; not a measurement")
@@ -217,10 +228,16 @@ def compile_program(program: abstract_step.Program, mesh: jax.sharding.Mesh, *,
   stats = compiled.memory_analysis()
   memory = Memory(stats.argument_size_in_bytes, stats.output_size_in_bytes,
                   stats.temp_size_in_bytes, stats.alias_size_in_bytes)
-  analysis = compiled.cost_analysis()
+  analysis, hlo = compiled.cost_analysis(), compiled.as_text()
+  unpriced = sum(hlo.count(f'custom_call_target="{name}"') for name in UNPRICED_CUSTOM_CALLS)
+  seconds = float(analysis.get("optimal_seconds", 0.0)) + unpriced
+  if seconds < 0:
+    targets = sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo)))
+    logger.warning("%s: optimal_seconds %.3g < 0 after %d unpriced custom calls; another custom "
+                   "call among %s is priced at -1 s", program.name, seconds, unpriced, targets)
   cost = Cost(float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0)),
-              float(analysis.get("optimal_seconds", 0.0)))
-  return Compiled(memory.total <= capacity, memory.total, memory, cost, compiled.as_text())
+              seconds)
+  return Compiled(memory.total <= capacity, memory.total, memory, cost, hlo)
 
 
 def collectives(hlo: str) -> dict[str, int]:
@@ -237,11 +254,6 @@ def attention_kernel(hlo: str, impl: str) -> str:
     return f"splash (tpu_custom_call x{calls})"
   return {"blockwise": "blockwise (XLA loops, no custom call)",
           "xla": "dense (XLA fusions, no custom call)"}.get(impl, impl)
-
-
-def smallest_divisor(n: int) -> int:
-  """The smallest divisor of n above 1 (n itself for a prime)."""
-  return next(d for d in range(2, n + 1) if n % d == 0)
 
 
 class ProgramPlan(NamedTuple):
@@ -392,46 +404,58 @@ class _Planner:
     if name == "decode":
       return abstract_step.decode_program(self.config, policy, mesh, shape,
                                           kv_dtype=kv_dtype), None
+    if name == "gradient":
+      return abstract_step.gradient_program(self.config, policy, mesh, shape,
+                                            chunk_size=setup.chunk_size), policy.params
     if name == "optimizer":
       return abstract_step.optimizer_program(self.config, policy, mesh), None
     raise ValueError(f"unknown program {name!r}")
 
   def compile(self, name: str, setup: Setup) -> Compiled:
     program, resident = self.program(name, setup)
-    return compile_program(program, setup.mesh(self.target), capacity=self.target.hbm.capacity,
-                           resident=resident)
+    start = time.perf_counter()
+    compiled = compile_program(program, setup.mesh(self.target),
+                               capacity=self.target.hbm.capacity, resident=resident)
+    logger.info("%s (%s, layer_unroll=%s): %s, %.2f GiB per chip, %.0f s", name,
+                setup.describe(), setup.model.layer_unroll,
+                "fits" if compiled.fits else "does not fit", compiled.need / GIB,
+                time.perf_counter() - start)
+    return compiled
 
   def cost(self, name: str, setup: Setup, real: Compiled) -> Cost | None:
     """The compiler's cost of one call with every loop costed per iteration (module docstring);
     None when a variant does not compile within HBM."""
-    variants = []
     layers = setup.model.num_layers
-    if layers > 1:
-      unroll = smallest_divisor(layers)
-      variants.append((dataclasses.replace(
-          setup, model=dataclasses.replace(setup.model, layer_unroll=unroll)), unroll))
-    chunks = abstract_step.num_chunks(self.shape(setup).length, setup.chunk_size)
-    half = dataclasses.replace(setup, chunk_size=max(math.ceil(setup.chunk_size / 2), 1))
-    chunked = name in ("update", "logprob") and chunks > 1
-    if chunked:
-      variants.append((half, None))
-    total = real.cost
-    for variant, unroll in variants:
-      compiled = self.compile(name, variant)
-      if compiled.cost is None:
+    # The update is costed from its loop body, the gradient of one micro-batch.
+    body = "gradient" if name == "update" else name
+
+    def variant(num_layers: int, chunk_size: int) -> Cost | None:
+      if body == name and layers == num_layers == 1 and chunk_size == setup.chunk_size:
+        return real.cost  # the real program is that variant
+      model = dataclasses.replace(setup.model, num_layers=num_layers, layer_unroll=num_layers)
+      return self.compile(body, dataclasses.replace(setup, model=model,
+                                                    chunk_size=chunk_size)).cost
+
+    one = variant(1, setup.chunk_size)
+    two = variant(2, setup.chunk_size) if layers > 1 else one
+    if one is None or two is None:
+      return None
+    total = one + (two - one).scale(layers - 1)
+    length = self.shape(setup).length
+    chunks = abstract_step.num_chunks(length, setup.chunk_size)
+    if name in ("update", "logprob") and chunks > 1:
+      half = max(math.ceil(setup.chunk_size / 2), 1)
+      more = abstract_step.num_chunks(length, half)
+      finer = variant(1, half)
+      if finer is None:
         return None
-      if unroll is not None:
-        per_layer = (compiled.cost - real.cost).scale(1 / (unroll - 1))
-        total = total + per_layer.scale(layers - 1)
-      else:
-        more = abstract_step.num_chunks(self.shape(setup).length, variant.chunk_size)
-        whole = (compiled.cost - real.cost).scale(1 / (1 / more - 1 / chunks))
-        total = total + whole.scale(1 - 1 / chunks)
+      whole = (finer - one).scale(1 / (1 / more - 1 / chunks))
+      total = total + whole.scale(1 - 1 / chunks)
     if name == "update":
-      tail = self.compile("optimizer", setup)
-      if tail.cost is None:
+      tail = self.compile("optimizer", setup).cost
+      if tail is None:
         return None
-      total = (total - tail.cost).scale(setup.microbatches) + tail.cost
+      total = total.scale(setup.microbatches) + tail
     return total
 
   def candidates(self, name: str, setup: Setup) -> Iterator[tuple[str, Setup]]:
