@@ -416,8 +416,8 @@ class _Planner:
     start = time.perf_counter()
     compiled = compile_program(program, setup.mesh(self.target),
                                capacity=self.target.hbm.capacity, resident=resident)
-    logger.info("%s (%s, layer_unroll=%s): %s, %.2f GiB per chip, %.0f s", name,
-                setup.describe(), setup.model.layer_unroll,
+    logger.info("%s (%d layers; %s): %s, %.2f GiB per chip, compiled in %.0f s", name,
+                setup.model.num_layers, setup.describe(),
                 "fits" if compiled.fits else "does not fit", compiled.need / GIB,
                 time.perf_counter() - start)
     return compiled
