@@ -7,13 +7,19 @@ MULTIDEVICE_FLAGS := XLA_FLAGS=--xla_force_host_platform_device_count=8
 
 .PHONY: venv train test test-fast bench clean
 
+# Two stamps: `make train` installs only what a run imports; `make test` adds the test and
+# parity extras (pytest, torch, transformers) on top.
 venv: $(VENV)/.installed
 
-# torch is installed first and pinned: the parity extra needs the CPU build, and any other
-# version would pull CUDA wheels.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip setuptools wheel
+	$(VENV)/bin/pip install -q -e .
+	touch $@
+
+# torch is installed first and pinned: the parity extra needs the CPU build, and any other
+# version would pull CUDA wheels.
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -e '.[test,parity]'
 	touch $@
@@ -23,7 +29,7 @@ train: venv
 
 # Single-device tests in parallel workers, then the multi-device tests in their own
 # process with 8 simulated CPU devices.
-test: venv
+test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -n 2 --ignore=tests/multidevice
 	$(MULTIDEVICE_FLAGS) $(PY) -m pytest -q tests/multidevice
 

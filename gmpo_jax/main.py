@@ -1,9 +1,11 @@
 """Command line: `python -m gmpo_jax.main --config=configs/default.py --workdir=DIR`.
 
 Any config field can be overridden, e.g. `--config.algorithm.advantage=grpo`; the config is
-locked, so a misspelt field is an error. Config errors (an unknown field, a bad value, a workdir
-this process cannot write to, one of another experiment) print one line and exit with status 2,
-before any work. Rerunning with the same workdir resumes.
+locked, so a misspelt field is an error. Usage and config errors (a missing flag or config file,
+a positional argument, an unknown field, a bad value, an empty workdir, one this process cannot
+write to, one of another experiment or one another run is using) print one line and exit with
+status 2, before any work; the config is validated before the workdir is created. `~` in
+`--workdir` is expanded. Rerunning with the same workdir resumes.
 """
 
 import logging
@@ -14,14 +16,13 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from gmpo_jax.config import ConfigError
-from gmpo_jax.infra import checkpointing, compilation, distributed
+from gmpo_jax.config import ConfigError, ExperimentConfig
+from gmpo_jax.infra import checkpointing, compilation, distributed, workdir_lock
 from gmpo_jax.runner import loop
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, data and metrics.")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
                                           lock_config=True)
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 class WorkdirError(Exception):
@@ -34,8 +35,11 @@ def check_workdir(path: str | os.PathLike[str]) -> pathlib.Path:
   The run writes new files in every directory of the workdir (checkpoint steps, the warm-start
   cache, metrics, evaluation results) and deletes old checkpoint steps, so each directory in it
   must be writable. Raises `WorkdirError` naming the first one that is not, before any work.
+  An empty path is an error (it would be the current directory); `~` is expanded.
   """
-  workdir = pathlib.Path(path)
+  if not str(path).strip():
+    raise WorkdirError("--workdir is empty; name the run's directory, e.g. --workdir=workdirs/run")
+  workdir = pathlib.Path(path).expanduser()
   try:
     workdir.mkdir(parents=True, exist_ok=True)
   except OSError as error:
@@ -48,12 +52,13 @@ def check_workdir(path: str | os.PathLike[str]) -> pathlib.Path:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # `parse_flags` has refused positional arguments.
   logging.getLogger().setLevel(logging.INFO)
   # Orbax and TFDS report every file operation at INFO through absl's logger.
   logging.getLogger("absl").setLevel(logging.WARNING)
   try:
+    # The runner validates it again; here a bad value is refused before the workdir exists.
+    ExperimentConfig.from_config(_CONFIG.value)
     workdir = check_workdir(_WORKDIR.value)
     # Before anything starts a JAX backend: the device list is fixed then.
     distributed.initialize(
@@ -61,8 +66,8 @@ def main(argv):
     if _CONFIG.value.get("compilation_cache_dir") is not None:
       compilation.enable_persistent_cache(_CONFIG.value.compilation_cache_dir)
     loop.train_and_evaluate(_CONFIG.value, workdir)
-  except (ConfigError, WorkdirError, checkpointing.ConfigMismatchError,
-          checkpointing.CheckpointMismatchError) as error:
+  except (ConfigError, WorkdirError, workdir_lock.WorkdirInUseError,
+          checkpointing.ConfigMismatchError, checkpointing.CheckpointMismatchError) as error:
     # A user error, not a crash: one line naming what is wrong, no traceback.
     _exit_with_config_error(str(error))
 
@@ -74,15 +79,15 @@ def _exit_with_config_error(message: str) -> None:
 
 def unknown_override(argv: list[str]) -> str | None:
   """The message for the first `--config.a.b=...` of `argv` that names no field of the config
-  file that `--config=PATH` loads (None: every override names a field).
+  file that `--config` loads (None: every override names a field).
 
   ml_collections reports such an override as a bare `AttributeError: "'b'"` (or a `KeyError`
   below a value) from inside flag parsing; this names the field and what its parent accepts.
   """
-  paths = [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
-  if not paths:
+  value = _config_arg(argv)
+  if value is None:
     return None
-  config = flags.FLAGS[_CONFIG.name].parser.parse(paths[-1])
+  config = flags.FLAGS[_CONFIG.name].parser.parse(value)
   for arg in argv[1:]:
     name = arg.lstrip("-").split("=", 1)[0]
     if not name.startswith("config."):
@@ -97,15 +102,60 @@ def unknown_override(argv: list[str]) -> str | None:
   return None
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with an unknown `--config.` field as one line and exit status 2."""
+def _config_arg(argv: list[str]) -> str | None:
+  """The value of the last `--config=PATH[:ARGS]` or `--config PATH[:ARGS]` of `argv`."""
+  value = None
+  for arg, following in zip(argv, argv[1:] + [None]):
+    if arg.startswith("--config="):
+      value = arg.split("=", 1)[1]
+    elif arg == "--config":
+      value = following
+  return value
+
+
+def usage_error(positional: list[str]) -> str | None:
+  """The message for a command line `main` cannot run (None: it can), after absl's parsing.
+
+  `positional` is what absl left unparsed after the program name. absl's own reports (a
+  missing required flag, a config file it cannot load) are several lines or a double
+  traceback, and a config path given without `--config=` was reported as a missing --config.
+  """
+  if positional:
+    hint = "; pass the config file as --config=PATH" if positional[0].endswith(".py") else ""
+    return f"unexpected argument(s) {' '.join(positional)}{hint}"
+  if _CONFIG.value is None:
+    return "--config is required, e.g. --config=configs/default.py"
   try:
-    return app.parse_flags_with_usage(argv)
+    _CONFIG.value.keys()
+  except OSError as error:  # ml_collections keeps a load error until the config is read.
+    return f"cannot load the config file: {error.__cause__ or error}"
+  if _WORKDIR.value is None:
+    return "--workdir is required, e.g. --workdir=workdirs/default"
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, every usage error one line with exit status 2 (`usage_error`).
+
+  A config file that does not exist is refused before parsing: ml_collections would fail only
+  when the config is first read (after the workdir is created) or on the first override.
+  """
+  value = _config_arg(argv)
+  path = value.split(":", 1)[0] if value is not None else None
+  if path is not None and not os.path.isfile(path):
+    _exit_with_config_error(f"the config file {path!r} does not exist" if not os.path.exists(path)
+                            else f"the config file {path!r} is not a file")
+  try:
+    positional = app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError):
     message = unknown_override(argv)
     if message is None:
       raise
     _exit_with_config_error(message)
+  message = usage_error(positional[1:])
+  if message is not None:
+    _exit_with_config_error(message)
+  return positional
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from gmpo_jax.models.transformer import Transformer
 from gmpo_jax.rollout import backends as rollout_lib
 from gmpo_jax.rollout import sampling
 from gmpo_jax.runner import build, evaluate, loop, perf, rl_step, warm_start
+from gmpo_jax.runner.state import InFlightRollout, RunState
 
 
 def _records(workdir):
@@ -438,7 +439,7 @@ def test_sigterm_with_staleness_checkpoints_the_rollout_in_flight_and_resumes_ex
   assert [r["step"] for r in _records(workdir)] == [0, 1, 2] and not _producer_threads()
   # Step 2's rollout was sampled from version 1 before the stop: it is in the checkpoint.
   metadata = json.loads((workdir / "checkpoints" / "2" / "metadata" / "metadata").read_text())
-  assert metadata[loop.IN_FLIGHT_METADATA_KEY] == [{"step": 2, "version": 1}]
+  assert RunState.from_metadata(metadata).in_flight == (InFlightRollout(step=2, version=1),)
 
   loop.train_and_evaluate(_async_config(), workdir)
   assert _records(workdir) == _records(uninterrupted_async)

@@ -1,5 +1,7 @@
 """Group-relative advantage estimators.
 
+One concept, the family of group baselines, each with its paper's derivation in its docstring.
+
 Every estimator maps the rewards of ``B`` prompts with ``G`` completions each,
 ``rewards [B, G]``, to one advantage per completion, ``[B, G]``. An optional boolean
 ``mask [B, G]`` marks the valid completions: masked entries get advantage 0 and take

@@ -1,5 +1,7 @@
 """Policy objectives (token-clip PPO/GRPO, GMPO and its power means, GSPO) and their aggregation.
 
+One concept, the family of clipped policy objectives sharing one aggregation (`_finish`).
+
 Notation (docs/CONTRACTS.md): B sequences, T tokens; delta_t = logp_t - old_logp_t,
 rho_t = exp(delta_t); A_i is the advantage of sequence i; |o_i| its number of valid
 (unmasked) tokens.

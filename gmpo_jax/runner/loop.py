@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from gmpo_jax.infra import checkpointing, compilation, preemption, sharding
+from gmpo_jax.infra import checkpointing, compilation, preemption, sharding, workdir_lock
 from gmpo_jax.infra import metrics as metrics_lib
 from gmpo_jax.infra.preemption import Preempted
 from gmpo_jax.infra.sharding import tree_shardings
@@ -43,6 +43,7 @@ from gmpo_jax.runner.build import Run, build_run, make_optimizer
 from gmpo_jax.runner.data import PromptStream
 from gmpo_jax.runner.evaluate import evaluate
 from gmpo_jax.runner.rl_step import RLState, RLStep, ScoredRollout
+from gmpo_jax.runner.state import InFlightRollout, RunState, in_flight_name
 from gmpo_jax.runner.warm_start import warm_start
 
 logger = logging.getLogger(__name__)
@@ -53,28 +54,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   """Runs (or resumes) the experiment of `config` in `workdir`; returns the summary."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  run = build_run(config, workdir)
-  # Every jitted function traces under the run's mesh, so the model can pin its activations to
-  # the batch axes (`sharding.constrain_to_batch_axes`); the mesh changes no value.
-  # One SIGTERM/SIGINT handler for every phase: the warm start, the first evaluation and the RL
-  # loop each save what is in flight and stop; a second signal forces the exit.
-  # Freed compiler memory goes back to the OS after every compile (`HeapTrimmer`: peak RSS).
-  with (jax.set_mesh(run.mesh), preemption.install_preemption_handler() as handler,
-        compilation.CompileTimer() as compile_timer, compilation.HeapTrimmer()):
-    try:
-      return _train(run, handler, compile_timer)
-    except Preempted as stopped:
-      logger.warning("preempted during the %s; rerun the same command to resume", stopped)
-      return {"preempted": str(stopped)}
-
-
-# Checkpoint metadata: [{"step", "version"}] of the rollouts sampled ahead of the checkpoint's
-# step (max_staleness >= 1); their arrays are `CheckpointState.arrays[_in_flight_name(step)]`.
-IN_FLIGHT_METADATA_KEY = "in_flight_rollouts"
-
-
-def _in_flight_name(step: int) -> str:
-  return f"rollout_of_step_{step}"
+  # One run per workdir: a second one is refused before it writes anything.
+  with workdir_lock.hold(workdir):
+    run = build_run(config, workdir)
+    # Every jitted function traces under the run's mesh, so the model can pin its activations to
+    # the batch axes (`sharding.constrain_to_batch_axes`); the mesh changes no value.
+    # One SIGTERM/SIGINT handler for every phase: the warm start, the first evaluation and the RL
+    # loop each save what is in flight and stop; a second signal forces the exit.
+    # Freed compiler memory goes back to the OS after every compile (`HeapTrimmer`: peak RSS).
+    with (jax.set_mesh(run.mesh), preemption.install_preemption_handler() as handler,
+          compilation.CompileTimer() as compile_timer, compilation.HeapTrimmer()):
+      try:
+        return _train(run, handler, compile_timer)
+      except Preempted as stopped:
+        logger.warning("preempted during the %s; rerun the same command to resume", stopped)
+        return {"preempted": str(stopped)}
 
 
 def _producer_sample(rl_step: RLStep, stream: PromptStream, prompts_per_step: int):
@@ -107,7 +101,8 @@ def _train(run: Run, preemption: preemption.PreemptionHandler,
     run.params, warm_start_result = warm_start(run, preemption)
   ref_params = jax.tree.map(jnp.copy, run.params) if algo.beta > 0 else None
   optimizer = make_optimizer(config.optim,
-                             config.num_steps * algo.num_epochs * algo.num_minibatches)
+                             config.num_steps * algo.num_epochs * algo.num_minibatches,
+                             param_dtype=config.model.trained_dtype, seed=config.seed)
   opt_state = learner.init_opt_state(optimizer, run.params, run.mesh)
   base_key, eval_key = jax.random.split(sharding.prng_key(config.seed, run.mesh))
 
@@ -130,13 +125,13 @@ def _train(run: Run, preemption: preemption.PreemptionHandler,
       config_record["resumed_with_changes"] = [
           [c.field, repr(c.stored), repr(c.current)] for c in changes]
   state, position, initial_eval = RLState(step=0, params=run.params, opt_state=opt_state), 0, None
-  in_flight_entries = []
+  in_flight_entries = ()
   if restored is not None:
+    stored = RunState.from_metadata(restored.metadata)
     state = RLState(step=restored.step, params=restored.model, opt_state=restored.opt_state,
-                    skipped_updates=int(restored.metadata["skipped_updates"]))
-    position = int(restored.metadata["data_position"])
-    initial_eval = restored.metadata.get("initial_eval")
-    in_flight_entries = restored.metadata.get(IN_FLIGHT_METADATA_KEY, [])
+                    skipped_updates=stored.skipped_updates)
+    position, initial_eval, in_flight_entries = (stored.data_position, stored.initial_eval,
+                                                 stored.in_flight)
     logger.info("resuming from step %d (data position %d)", state.step, position)
   start_step, start_position = state.step, position
   stream = PromptStream(run.train_examples, seed=config.seed, position=position)
@@ -154,9 +149,9 @@ def _train(run: Run, preemption: preemption.PreemptionHandler,
                    "are sampled again from its parameters", len(in_flight_entries))
   elif in_flight_entries:
     for entry in in_flight_entries:
-      rollout = Rollout(**restored.arrays[_in_flight_name(entry["step"])])
-      in_flight.append(rl_step.score(entry["step"], stream.take(config.prompts_per_step), rollout,
-                                     version=entry["version"]))
+      rollout = Rollout(**restored.arrays[in_flight_name(entry.step)])
+      in_flight.append(rl_step.score(entry.step, stream.take(config.prompts_per_step), rollout,
+                                     version=entry.version))
 
   writer = metrics_lib.MetricsWriter(
       workdir, total_steps=config.num_steps, start_step=state.step if restored else None,
@@ -177,12 +172,13 @@ def _train(run: Run, preemption: preemption.PreemptionHandler,
                  ) -> checkpointing.CheckpointState:
     return checkpointing.CheckpointState(
         step=state.step, model=state.params, opt_state=state.opt_state, key=base_key,
-        metadata={checkpointing.CONFIG_METADATA_KEY: config_record,
-                  "data_position": start_position + config.prompts_per_step * (state.step - start_step),
-                  "skipped_updates": state.skipped_updates, "initial_eval": initial_eval,
-                  IN_FLIGHT_METADATA_KEY: [{"step": s.step, "version": s.version}
-                                           for s in in_flight]},
-        arrays={_in_flight_name(s.step): jax.tree.map(np.asarray, s.rollout._asdict())
+        metadata=RunState(
+            data_position=start_position + config.prompts_per_step * (state.step - start_step),
+            skipped_updates=state.skipped_updates, initial_eval=initial_eval,
+            config_record=config_record,
+            in_flight=tuple(InFlightRollout(step=s.step, version=s.version) for s in in_flight),
+        ).to_metadata(),
+        arrays={in_flight_name(s.step): jax.tree.map(np.asarray, s.rollout._asdict())
                 for s in in_flight})
 
   with writer, ckpt:

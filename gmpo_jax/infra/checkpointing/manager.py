@@ -1,5 +1,7 @@
 """Checkpoints for the experiment runner: the one module that talks to Orbax.
 
+One concept, the `Checkpointer` (its save / restore / retention protocol), hence its length.
+
 A checkpoint is a `CheckpointState`: the NNX model state (`nnx.state(model)` or
 the state half of `nnx.split`), the optax optimizer state, the step, the typed
 PRNG key, a JSON metadata dict (data position, config record, best metric ...)
@@ -89,8 +91,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from gmpo_jax.infra.checkpointing import identity
-from gmpo_jax.infra.checkpointing import integrity
+from gmpo_jax.infra.checkpointing import identity, integrity
 from gmpo_jax.infra.metrics import to_python_scalar
 
 logger = logging.getLogger(__name__)
