@@ -9,7 +9,7 @@ libtpu (`pip install libtpu==0.0.42.1`, the version jax[tpu] 0.10.2 pins).
 
 The model is the config's: with `model.hf_path`, the checkpoint's config.json alone is read;
 `--model=qwen2.5-7b` plans a named architecture instead (its published vocabulary, the config's
-dtypes). Prompts are `--prompt_length` tokens (256 by default; a run's prompts come from its
+dtypes and run-time overrides such as `model.overrides.remat`). Prompts are `--prompt_length` tokens (256 by default; a run's prompts come from its
 data), completions `sampling.max_new_tokens`. Config fields are overridden as for
 `gmpo_jax.main`, e.g. `--config.sampling.max_new_tokens=2048`.
 
@@ -91,22 +91,22 @@ def format_plan(plan) -> str:
 
 
 def _model(config_dict) -> tuple[ExperimentConfig, TransformerConfig]:
-  """The typed config and the architecture to plan: `--model` (with the config's dtypes; the
-  config's model section then names it), else the config's own."""
+  """The typed config and the architecture to plan: `--model` (its published vocabulary, the
+  config's dtypes and run-time overrides), else the config's own model."""
   from gmpo_jax.runner import abstract_step  # pylint: disable=g-import-not-at-top
+  vocab_size = None
   if _MODEL.value is not None:
+    try:
+      vocab_size = TransformerConfig.from_name(_MODEL.value).vocab_size
+    except ValueError as error:
+      raise ConfigError(f"--model: {error}") from error
     config_dict.model.name, config_dict.model.hf_path = _MODEL.value, None
     config_dict.model.tokenizer = config_dict.model.tokenizer or "char"
-    config_dict.model.overrides = {}
   config = ExperimentConfig.from_config(config_dict)
   try:
-    if _MODEL.value is None:
-      return config, abstract_step.model_config(config.model)
-    dtypes = {k: getattr(config.model, k) for k in ("param_dtype", "dtype")
-              if getattr(config.model, k) is not None}
-    return config, dataclasses.replace(TransformerConfig.from_name(_MODEL.value), **dtypes)
+    return config, abstract_step.model_config(config.model, vocab_size=vocab_size)
   except (ValueError, FileNotFoundError) as error:
-    raise ConfigError(f"the model to plan: {error}") from error
+    raise ConfigError(f"config.model: {error}") from error
 
 
 def main(argv):

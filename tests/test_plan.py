@@ -105,10 +105,9 @@ def test_the_tiny_plan_compiles_every_program_and_writes_the_schema(tmp_path, li
 
 
 def test_a_plan_that_cannot_fit_exits_2_with_one_line(tmp_path, libtpu):
-  # Qwen2.5-7B in 1 GiB per chip: its parameters alone, sharded over 4 chips, need 3.5 GiB,
-  # so the planner refuses without compiling, and no change but more chips fits.
+  # Qwen2.5-7B in 1 GiB per chip: its float32 parameters alone, sharded over 4 chips, need
+  # 7 GiB, so the planner refuses without compiling, and no change but more chips fits.
   status, _, err, plan = _plan(tmp_path, "--model=qwen2.5-7b", "--hbm_gib=1",
-                               "--config.model.param_dtype=bfloat16",
                                "--config.model.dtype=bfloat16")
   assert status == 2
   line = err.strip().splitlines()[-1]

@@ -5,68 +5,67 @@ a `jax.ShapeDtypeStruct` carrying the `NamedSharding` the runner gives it, so ne
 tokenizer nor data are needed. The four programs of a step (`PROGRAMS`):
 
   * `update`: one optimizer step over a minibatch of M micro-batches, the learner's own
-    `gmpo_jax.learner.update.update_step`, with its shardings and donation;
-  * `logprob`: π_old (or π_ref) rescoring of every rollout row, the program of
-    `gmpo_jax.learner.update.make_logprob_fn`;
+    `gmpo_jax.learner.update.make_update_fn`, with its shardings and donation;
+  * `logprob`: π_old (or π_ref) rescoring of every rollout row,
+    `gmpo_jax.learner.update.logprob_program`;
   * `prefill` and `decode`: the two halves of `gmpo_jax.rollout.sampling.generate`'s program,
     compiled apart so each can be measured: the prompt pass that fills the KV cache and picks
     the first token, and one decode step (the body of its loop), with the cache at full
-    capacity P + N. Top-k / top-p truncation (a sort under a `lax.cond`, off by default) is
-    left out.
+    capacity P + N. Both read the sampler's copy of the parameters, in the compute dtype
+    (`gmpo_jax.runner.build.Run.sampler_params`). Top-k / top-p truncation (a sort under a
+    `lax.cond`, off by default) is left out.
 
-The sampler shares the learner's mesh and parameter shardings (`config.rollout.devices` None).
+Two more exist to cost the update per micro-batch: `gradient_program`, the body of its
+micro-batch loop, and `optimizer_program`, what follows the loop. The sampler shares the
+learner's mesh and parameter shardings (`config.rollout.devices` None).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from gmpo_jax.config import ExperimentConfig, ModelConfig
 from gmpo_jax.infra import sharding
+from gmpo_jax.learner import precision
 from gmpo_jax.learner import update as learner
 from gmpo_jax.models import hf_import, tokenization
 from gmpo_jax.models.logprobs import positions_from_mask, project_logits, sequence_logprobs
 from gmpo_jax.models.transformer import (Transformer, TransformerConfig, default_cache_dtype,
                                          init_cache)
 from gmpo_jax.rollout.sampling import prompt_bucket
-from gmpo_jax.runner.build import make_optimizer
+from gmpo_jax.runner.build import make_optimizer, model_dtypes
 
 PROGRAMS = ("prefill", "decode", "logprob", "update")
 
 
-def model_config(model: ModelConfig) -> TransformerConfig:
+def model_config(model: ModelConfig, *, vocab_size: int | None = None) -> TransformerConfig:
   """The policy's architecture as `gmpo_jax.runner.build.build_model` builds it, from config only.
 
-  With `hf_path`, the checkpoint's config.json (`TransformerConfig.from_hf_config`, the weights
-  are not read); otherwise the named config with `overrides` and the tokenizer's vocabulary
-  (`'char'` needs no file). `param_dtype` / `dtype` apply as in the runner.
+  With `hf_path`, the checkpoint's config.json (`hf_import.read_config`; the weights are not
+  read) and the overrides allowed on it; otherwise the named config with `overrides` and the
+  tokenizer's vocabulary (`'char'` needs no file) or `vocab_size`. The dtypes are the runner's
+  (`build.model_dtypes`: float32 masters, the config's compute dtype).
 
   Raises:
     FileNotFoundError: `hf_path` has no config.json.
   """
   if model.hf_path is not None:
-    path = os.path.join(model.hf_path, hf_import.CONFIG_FILE)
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"No Hugging Face config at {path!r}.")
-    with open(path) as f:
-      config = TransformerConfig.from_hf_config(json.load(f))
-    param_dtype = model.param_dtype or config.param_dtype
-    return dataclasses.replace(config, param_dtype=param_dtype, dtype=model.dtype or param_dtype)
-  vocab = tokenization.load_tokenizer(model.tokenizer).vocab_size
-  overrides = dict(model.overrides, vocab_size=vocab)
-  for name in ("param_dtype", "dtype"):
-    if getattr(model, name) is not None:
-      overrides[name] = getattr(model, name)
-  return dataclasses.replace(TransformerConfig.from_name(model.name), **overrides)
+    config = dataclasses.replace(hf_import.read_config(model.hf_path), **dict(model.overrides))
+  else:
+    if vocab_size is None:
+      vocab_size = tokenization.load_tokenizer(model.tokenizer).vocab_size
+    config = dataclasses.replace(TransformerConfig.from_name(model.name), vocab_size=vocab_size,
+                                 **dict(model.overrides))
+  return dataclasses.replace(config, **model_dtypes(model, config.dtype))
 
 
 class StepShape(NamedTuple):
@@ -174,11 +173,39 @@ def abstract_policy(config: TransformerConfig, mesh: jax.sharding.Mesh) -> Abstr
   return AbstractPolicy(graphdef, _abstract(params, shardings), shardings)
 
 
-def optimizer_for(config: ExperimentConfig) -> optax.GradientTransformation:
+def _recast(tree: Any, dtype: Any) -> Any:
+  """Abstract floating leaves as `dtype`, shapes and shardings kept."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(
+          x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
+          sharding=x.sharding), tree)
+
+
+def sampler_params(policy: AbstractPolicy) -> Any:
+  """The sampler's copy of the parameters: the compute dtype, the learner's shardings
+  (`precision.cast_floating`, as `Run.sampler_params` makes it)."""
+  return _recast(policy.params, policy.config.dtype)
+
+
+def float32_gradients(policy: AbstractPolicy) -> Any:
+  """The gradient accumulators of the update: float32, placed like the parameters."""
+  return _recast(policy.params, jnp.float32)
+
+
+def optimizer_for(config: ExperimentConfig, model: TransformerConfig
+                  ) -> optax.GradientTransformation:
   """The RL optimizer of `config` (its schedule spans every optimizer step of the run)."""
   algo = config.algorithm
-  return make_optimizer(config.optim,
-                        config.num_steps * algo.num_minibatches * algo.num_epochs)
+  return make_optimizer(config.optim, config.num_steps * algo.num_minibatches * algo.num_epochs,
+                        param_dtype=model.param_dtype, seed=config.seed)
+
+
+def abstract_opt_state(optimizer: optax.GradientTransformation, policy: AbstractPolicy,
+                       mesh: jax.sharding.Mesh) -> Any:
+  """`learner.init_opt_state` as shapes: float32 moments placed like the parameters."""
+  shardings = sharding.opt_state_shardings(optimizer, policy.params, policy.shardings, mesh)
+  state = jax.eval_shape(lambda p: optimizer.init(precision.float32_view(p)), policy.params)
+  return _abstract(state, shardings)
 
 
 def _micro_loss(config: ExperimentConfig, shape: StepShape, chunk_size: int) -> Any:
@@ -207,23 +234,25 @@ def _batch(config: ExperimentConfig, mesh: jax.sharding.Mesh, shape: StepShape,
 
 def update_program(config: ExperimentConfig, policy: AbstractPolicy, mesh: jax.sharding.Mesh,
                    shape: StepShape, *, chunk_size: int) -> Program:
-  """`update_step` over one minibatch [M, b, T], as `make_update_fn` compiles it."""
-  optimizer = optimizer_for(config)
-  opt_shardings = sharding.opt_state_shardings(optimizer, policy.params, policy.shardings, mesh)
-  opt_state = _abstract(jax.eval_shape(optimizer.init, policy.params), opt_shardings)
+  """`make_update_fn`'s step over one minibatch [M, b, T], placed as `place_batch` places it."""
+  optimizer = optimizer_for(config, policy.config)
+  opt_state = abstract_opt_state(optimizer, policy, mesh)
+  jitted = learner.make_update_fn(
+      policy.graphdef, optimizer, _micro_loss(config, shape, chunk_size),
+      param_shardings=policy.shardings, opt_shardings=jax.tree.map(lambda x: x.sharding,
+                                                                   opt_state))
   batch = _batch(config, mesh, shape, (shape.microbatches, shape.micro_rows))
-  step = learner.update_step(policy.graphdef, optimizer, _micro_loss(config, shape, chunk_size))
-  shardings = (policy.shardings, opt_shardings, None)
-  jitted = jax.jit(step, donate_argnums=(0, 1), in_shardings=shardings,
-                   out_shardings=shardings)
   return Program("update", jitted, (policy.params, opt_state, batch))
 
 
 def gradient_program(config: ExperimentConfig, policy: AbstractPolicy, mesh: jax.sharding.Mesh,
                      shape: StepShape, *, chunk_size: int) -> Program:
-  """One micro-batch's loss and gradient [b, T]: the body of `update_step`'s micro-batch loop.
+  """One micro-batch's loss and float32 gradient [b, T]: the body of the update's loop.
 
-  Compiled apart to cost the update per micro-batch (`gmpo_jax.runner.tpu_plan`).
+  As in `make_update_fn`: on a mesh where the update sums the gradient over `data` once per
+  step (`learner.reduces_once_over_data`), each `data` replica keeps the gradient of its own
+  rows (stacked on a leading `data` axis here, summed by `optimizer_program`); otherwise the
+  partitioner reduces it, per micro-batch.
   """
   micro_loss = _micro_loss(config, shape, chunk_size)
   graphdef = policy.graphdef
@@ -231,55 +260,60 @@ def gradient_program(config: ExperimentConfig, policy: AbstractPolicy, mesh: jax
   def gradient(params, micro, counts):
     def loss_of_params(p):
       return micro_loss(nnx.merge(graphdef, p), micro, counts)
-    (loss, metrics), grads = jax.value_and_grad(loss_of_params, has_aux=True)(params)
-    return loss, grads, metrics
+    (loss, _), grads = jax.value_and_grad(loss_of_params, has_aux=True)(params)
+    return loss.astype(jnp.float32), precision.float32_view(grads)
 
   micro = _batch(config, mesh, shape, (shape.micro_rows,))
   scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
   counts = learner.Counts(num_sequences=scalar, num_tokens=scalar)
-  jitted = jax.jit(gradient, out_shardings=(None, policy.shardings, None))
+  if learner.reduces_once_over_data(mesh):
+    axis = learner.DATA_AXIS
+
+    def per_replica(params, micro, counts):
+      return jax.tree.map(lambda x: x[None], gradient(params, micro, counts))
+
+    jitted = jax.jit(jax.shard_map(per_replica, mesh=mesh, in_specs=(P(), P(axis), P()),
+                                   out_specs=P(axis), axis_names=frozenset({axis}),
+                                   check_vma=False))
+  else:
+    jitted = jax.jit(gradient, out_shardings=(sharding.replicated(mesh), policy.shardings))
   return Program("gradient", jitted, (policy.params, micro, counts))
 
 
 def optimizer_program(config: ExperimentConfig, policy: AbstractPolicy,
                       mesh: jax.sharding.Mesh) -> Program:
-  """The part of `update_step` after the micro-batch loop: norm, AdamW, the finite guard.
-
-  Compiled apart to cost the update per micro-batch: the update is M gradient passes plus
-  this once (`gmpo_jax.runner.tpu_plan`).
-  """
-  optimizer = optimizer_for(config)
-  opt_shardings = sharding.opt_state_shardings(optimizer, policy.params, policy.shardings, mesh)
-  opt_state = _abstract(jax.eval_shape(optimizer.init, policy.params), opt_shardings)
+  """What the update does after its micro-batch loop: the gradient summed over `data` where
+  `gradient_program` left it per replica, then `learner.apply_gradients`."""
+  optimizer = optimizer_for(config, policy.config)
+  opt_state = abstract_opt_state(optimizer, policy, mesh)
+  opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
+  grads = float32_gradients(policy)
+  loss = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
+  replicas = learner.reduces_once_over_data(mesh)
+  if replicas:
+    axis, size = learner.DATA_AXIS, mesh.shape[learner.DATA_AXIS]
+    grads = jax.tree.map(
+        lambda g: jax.ShapeDtypeStruct((size,) + g.shape, g.dtype,
+                                       sharding=NamedSharding(mesh, P(axis, *g.sharding.spec))),
+        grads)
+    loss = jax.ShapeDtypeStruct((size,), jnp.float32, sharding=NamedSharding(mesh, P(axis)))
 
   def apply(params, opt_state, grads, loss):
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = optimizer.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    keep = lambda new, old: jnp.where(finite, new, old)
-    return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state)
+    if replicas:
+      grads, loss = jax.tree.map(lambda x: x.sum(0), (grads, loss))
+    return learner.apply_gradients(optimizer, params, opt_state, loss, grads)
 
   shardings = (policy.shardings, opt_shardings)
-  jitted = jax.jit(apply, donate_argnums=(0, 1), in_shardings=shardings + (policy.shardings, None),
-                   out_shardings=shardings)
-  loss = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
-  return Program("optimizer", jitted, (policy.params, opt_state, policy.params, loss))
+  jitted = jax.jit(apply, donate_argnums=(0, 1), out_shardings=shardings + (None,))
+  return Program("optimizer", jitted, (policy.params, opt_state, grads, loss))
 
 
 def logprob_program(config: ExperimentConfig, policy: AbstractPolicy, mesh: jax.sharding.Mesh,
                     shape: StepShape, *, chunk_size: int) -> Program:
-  """Log-probs of every rollout row [B·G, T], rows over data x fsdp (`make_logprob_fn`)."""
-  temperature = config.sampling.logit_temperature
-  graphdef = policy.graphdef
-
-  def logprobs(params, tokens, key_mask):
-    model = nnx.merge(graphdef, params)
-    return sequence_logprobs(model, tokens, positions_from_mask(key_mask), key_mask,
-                             chunk_size=chunk_size, temperature=temperature)
-
-  rows = sharding.batch_sharding(mesh, ndim=2)
-  jitted = jax.jit(logprobs, in_shardings=(policy.shardings, rows, rows), out_shardings=rows)
+  """Log-probs of every rollout row [B·G, T], rows over data x fsdp (`learner.logprob_program`)."""
+  jitted = learner.logprob_program(policy.graphdef, policy.shardings, mesh,
+                                   temperature=config.sampling.logit_temperature,
+                                   chunk_size=chunk_size)
   dims = (shape.rows, shape.length)
   return Program("logprob", jitted, (policy.params, _rows(mesh, dims, jnp.int32),
                                      _rows(mesh, dims, bool)))
@@ -321,7 +355,7 @@ def prefill_program(config: ExperimentConfig, policy: AbstractPolicy, mesh: jax.
 
   # The host's prompts enter replicated, as `generate`'s NumPy arguments do.
   replicated = sharding.replicated(mesh)
-  args = (policy.params,
+  args = (sampler_params(policy),
           jax.ShapeDtypeStruct((rows, width), jnp.int32, sharding=replicated),
           jax.ShapeDtypeStruct((rows, width), bool, sharding=replicated), _key(mesh))
   jitted = jax.jit(prefill, in_shardings=(policy.shardings, replicated, replicated, replicated))
@@ -358,7 +392,8 @@ def decode_program(config: ExperimentConfig, policy: AbstractPolicy, mesh: jax.s
 
   row = sharding.batch_sharding(mesh, ndim=1)
   replicated = sharding.replicated(mesh)
-  args = (policy.params, cache, jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=row),
+  args = (sampler_params(policy), cache,
+          jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=row),
           jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=row),
           jax.ShapeDtypeStruct((rows,), bool, sharding=row), _key(mesh))
   cache_shardings = jax.tree.map(lambda x: x.sharding, cache)

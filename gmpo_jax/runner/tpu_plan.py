@@ -28,9 +28,10 @@ the run's mesh and reads what the compiler says of each:
         (`abstract_step.optimizer_program`, the full model): M x X_gradient(L) + X_optimizer.
     Custom calls priced at -1 s (`UNPRICED_CUSTOM_CALLS`) are added back first.
     The attention kernel is priced analytically instead (`gmpo_jax.runner.perf.attention_flops`
-    at the chip's peak): a Pallas kernel (splash) is a custom call the cost model does not
-    price, and the blockwise kernel's loops are priced one tile at a time (that tile stays in the
-    compiler's count: at most one [block x block] tile per layer counted twice). A decode step
+    at the chip's peak, added): the cost model counts no FLOPs in a Pallas kernel (splash, a
+    `tpu_custom_call`; the time it gives the call, for its operands, stays in), and the
+    blockwise kernel's loops are priced one tile at a time (that tile stays in the compiler's
+    count: at most one [block x block] tile per layer counted twice). A decode step
     has no such loop (its dense kernel over all P + N slots is priced by the compiler).
 
 Every time and MFU here is compiler-estimated: the cost model is a model, not a measurement.
@@ -61,10 +62,12 @@ from gmpo_jax.runner import abstract_step, perf
 logger = logging.getLogger(__name__)
 
 GIB = hbm_lib.GIB
-# Custom calls the TPU cost model prices at -1 s each (measured: a program with five
-# ConcatBitcast calls, libtpu 0.0.42.1, reports optimal_seconds = t - 5); `compile_program` adds
-# the seconds back.
-UNPRICED_CUSTOM_CALLS = ("ConcatBitcast", "tpu_custom_call")
+# Custom calls the TPU cost model prices at -1 s each (measured, libtpu 0.0.42.1: a program
+# with five ConcatBitcast calls reports optimal_seconds = t - 5); `compile_program` adds the
+# seconds back. The splash kernel's call (tpu_custom_call) is priced >= 0, without FLOPs.
+UNPRICED_CUSTOM_CALLS = ("ConcatBitcast",)
+# Per-layer remat policies (`TransformerConfig.remat`) from the most memory to the least.
+REMAT_ORDER = ("none", "projections", "full")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 ESTIMATE_NOTE = ("compiler-estimated: TPU cost model (optimal_seconds) with loops costed per "
                  "iteration and attention at peak; not a measurement")
@@ -130,7 +133,7 @@ class Setup:
   chunk_size: int
 
   def describe(self) -> str:
-    remat = ", remat" if self.model.remat else ""
+    remat = "" if self.model.remat == "none" else f", remat={self.model.remat}"
     return (f"data={self.data} fsdp={self.fsdp} tensor={self.tensor}{remat}, "
             f"{self.microbatches} micro-batches, chunk_size={self.chunk_size}")
 
@@ -156,16 +159,18 @@ class Cost(NamedTuple):
 
 
 class Memory(NamedTuple):
-  """Per-chip bytes of `compiled.memory_analysis()`; outputs aliased to donated arguments are
-  counted once."""
+  """Per-chip bytes of `compiled.memory_analysis()` (outputs aliased to donated arguments
+  counted once), and `held`: what other programs of the step keep on the chips meanwhile
+  (the optimizer state while sampling, the sampler's copy of the parameters while learning)."""
   arguments: int
   outputs: int
   temps: int
   aliased: int
+  held: int
 
   @property
   def total(self) -> int:
-    return self.arguments + self.outputs - self.aliased + self.temps
+    return self.arguments + self.outputs - self.aliased + self.temps + self.held
 
 
 class Compiled(NamedTuple):
@@ -197,26 +202,26 @@ def _oom_need(message: str) -> float:
   return sizes[0] if sizes else math.nan
 
 
-def argument_bytes(program: abstract_step.Program, *, extra: Any = None) -> int:
-  """Per-chip bytes of a program's arguments (plus `extra`, arrays that must be resident too),
-  from their shardings alone: a lower bound of its HBM."""
-  leaves = jax.tree.leaves((program.args, extra))
-  return int(sum(np.prod(x.sharding.shard_shape(x.shape), dtype=np.int64)
-                 * x.dtype.itemsize for x in leaves))
+def shard_bytes(tree: Any) -> int:
+  """Per-chip bytes of abstract arrays, from their shardings alone."""
+  return int(sum(np.prod(x.sharding.shard_shape(x.shape), dtype=np.int64) * x.dtype.itemsize
+                 for x in jax.tree.leaves(tree)))
 
 
 def compile_program(program: abstract_step.Program, mesh: jax.sharding.Mesh, *,
-                    capacity: float, resident: Any = None) -> Compiled:
-  """Compiles `program` for `mesh` (or refuses it early when its arguments alone do not fit).
+                    capacity: float, temporaries: Any = None, held: Any = None) -> Compiled:
+  """Compiles `program` for `mesh`, or refuses it early when what it must hold cannot fit.
 
   Args:
     program: the program and its abstract arguments.
     mesh: a mesh over a TPU topology's devices.
     capacity: the plan's HBM bytes per chip.
-    resident: arrays the program holds besides its arguments (the update's gradients), counted
-      in the early check.
+    temporaries: arrays the program allocates whatever else it does (the update's gradient
+      accumulators), counted only in the early check: the compiler counts them itself.
+    held: arrays other programs keep on the chips while this one runs, added to its need.
   """
-  floor = argument_bytes(program, extra=resident)
+  held_bytes = shard_bytes(held)
+  floor = shard_bytes(program.args) + shard_bytes(temporaries) + held_bytes
   if floor > capacity:
     return Compiled(False, floor, None, None, "")
   try:
@@ -224,10 +229,10 @@ def compile_program(program: abstract_step.Program, mesh: jax.sharding.Mesh, *,
   except jax.errors.JaxRuntimeError as error:
     if "RESOURCE_EXHAUSTED" not in str(error):
       raise
-    return Compiled(False, max(_oom_need(str(error)), floor), None, None, "")
+    return Compiled(False, max(_oom_need(str(error)) + held_bytes, floor), None, None, "")
   stats = compiled.memory_analysis()
   memory = Memory(stats.argument_size_in_bytes, stats.output_size_in_bytes,
-                  stats.temp_size_in_bytes, stats.alias_size_in_bytes)
+                  stats.temp_size_in_bytes, stats.alias_size_in_bytes, held_bytes)
   analysis, hlo = compiled.cost_analysis(), compiled.as_text()
   unpriced = sum(hlo.count(f'custom_call_target="{name}"') for name in UNPRICED_CUSTOM_CALLS)
   seconds = float(analysis.get("optimal_seconds", 0.0)) + unpriced
@@ -253,7 +258,8 @@ def attention_kernel(hlo: str, impl: str) -> str:
   if calls:
     return f"splash (tpu_custom_call x{calls})"
   return {"blockwise": "blockwise (XLA loops, no custom call)",
-          "xla": "dense (XLA fusions, no custom call)"}.get(impl, impl)
+          "xla": "dense (XLA fusions, no custom call)",
+          "splash": "none: splash resolved but no tpu_custom_call in the HLO"}.get(impl, impl)
 
 
 class ProgramPlan(NamedTuple):
@@ -385,37 +391,45 @@ class _Planner:
     return abstract_step.step_shape(self.config, prompt_length=self.prompt_length,
                                     microbatches=setup.microbatches)
 
-  def program(self, name: str, setup: Setup) -> tuple[abstract_step.Program, Any]:
-    """The program `name` under `setup`, and what it holds besides its arguments."""
+  def program(self, name: str, setup: Setup) -> tuple[abstract_step.Program, Any, Any]:
+    """The program `name` under `setup`; the arrays it allocates whatever it does (gradient
+    accumulators); and what the step's other programs hold meanwhile (`Memory.held`)."""
     mesh = setup.mesh(self.target)
     policy = abstract_step.abstract_policy(setup.model, mesh)
     shape = self.shape(setup)
+    opt_state = abstract_step.abstract_opt_state(
+        abstract_step.optimizer_for(self.config, setup.model), policy, mesh)
+    copy = abstract_step.sampler_params(policy)
+    # The sampler's copy is the learner's own arrays when the dtypes agree (`Run.sampler_params`).
+    sampler_copy = None if setup.model.param_dtype == setup.model.dtype else copy
     kv_dtype = abstract_step.cache_dtype(self.config, setup.model, "tpu")
+    chunk = setup.chunk_size
     if name == "update":
-      program = abstract_step.update_program(self.config, policy, mesh, shape,
-                                             chunk_size=setup.chunk_size)
-      return program, policy.params  # the gradients
+      return (abstract_step.update_program(self.config, policy, mesh, shape, chunk_size=chunk),
+              abstract_step.float32_gradients(policy), sampler_copy)
     if name == "logprob":
-      return abstract_step.logprob_program(self.config, policy, mesh, shape,
-                                           chunk_size=setup.chunk_size), None
+      return (abstract_step.logprob_program(self.config, policy, mesh, shape, chunk_size=chunk),
+              None, (opt_state, sampler_copy))
+    learner_state = (policy.params if sampler_copy is not None else None, opt_state)
     if name == "prefill":
-      return abstract_step.prefill_program(self.config, policy, mesh, shape,
-                                           kv_dtype=kv_dtype), None
+      return (abstract_step.prefill_program(self.config, policy, mesh, shape, kv_dtype=kv_dtype),
+              None, learner_state)
     if name == "decode":
-      return abstract_step.decode_program(self.config, policy, mesh, shape,
-                                          kv_dtype=kv_dtype), None
+      return (abstract_step.decode_program(self.config, policy, mesh, shape, kv_dtype=kv_dtype),
+              None, learner_state)
     if name == "gradient":
-      return abstract_step.gradient_program(self.config, policy, mesh, shape,
-                                            chunk_size=setup.chunk_size), policy.params
+      return (abstract_step.gradient_program(self.config, policy, mesh, shape, chunk_size=chunk),
+              None, None)
     if name == "optimizer":
-      return abstract_step.optimizer_program(self.config, policy, mesh), None
+      return abstract_step.optimizer_program(self.config, policy, mesh), None, None
     raise ValueError(f"unknown program {name!r}")
 
   def compile(self, name: str, setup: Setup) -> Compiled:
-    program, resident = self.program(name, setup)
+    program, temporaries, held = self.program(name, setup)
     start = time.perf_counter()
     compiled = compile_program(program, setup.mesh(self.target),
-                               capacity=self.target.hbm.capacity, resident=resident)
+                               capacity=self.target.hbm.capacity, temporaries=temporaries,
+                               held=held)
     logger.info("%s (%d layers; %s): %s, %.2f GiB per chip, compiled in %.0f s", name,
                 setup.model.num_layers, setup.describe(),
                 "fits" if compiled.fits else "does not fit", compiled.need / GIB,
@@ -466,10 +480,14 @@ class _Planner:
       base = dataclasses.replace(setup, data=1, fsdp=chips // setup.tensor)
       label.append(f"FSDP over {base.fsdp} (--config.mesh.data=1 --config.mesh.fsdp={base.fsdp})")
       yield "; ".join(label), base
-    if name == "update" and not base.model.remat:
-      base = dataclasses.replace(base, model=dataclasses.replace(base.model, remat=True))
-      label.append("per-layer remat (remat=True)")
-      yield " + ".join(label), base
+    if name == "update":
+      for policy in ("projections", "full"):
+        if REMAT_ORDER.index(policy) > REMAT_ORDER.index(base.model.remat):
+          remat = dataclasses.replace(base, model=dataclasses.replace(base.model, remat=policy))
+          yield " + ".join(label + [f"remat={policy} (model.overrides)"]), remat
+      if REMAT_ORDER.index(base.model.remat) < REMAT_ORDER.index("full"):
+        base = dataclasses.replace(base, model=dataclasses.replace(base.model, remat="full"))
+        label.append("remat=full (model.overrides)")
     if name == "update":
       shape, batch_split = self.shape(base), base.data * base.fsdp
       micro = base.microbatches * 2
@@ -504,9 +522,9 @@ def initial_setup(config: ExperimentConfig, model: TransformerConfig,
   """The run's mesh on `target` (FSDP when a replicated state does not fit, `hbm.auto_fsdp`)."""
   mesh = sharding.make_mesh(devices=target.devices[:1])
   policy = abstract_step.abstract_policy(model, mesh)
-  optimizer = abstract_step.optimizer_for(config)
+  optimizer = abstract_step.optimizer_for(config, model)
   state = hbm_lib.tree_bytes(policy.params) + hbm_lib.tree_bytes(
-      jax.eval_shape(optimizer.init, policy.params))
+      abstract_step.abstract_opt_state(optimizer, policy, mesh))
   try:
     choice = hbm_lib.auto_fsdp(data=config.mesh.data, fsdp=config.mesh.fsdp,
                                tensor=config.mesh.tensor, num_devices=target.chips,
@@ -516,18 +534,6 @@ def initial_setup(config: ExperimentConfig, model: TransformerConfig,
   setup = Setup(choice.data, choice.fsdp, choice.tensor, model,
                 config.algorithm.num_microbatches, config.chunk_size)
   return setup, choice
-
-
-def target_model(model: TransformerConfig) -> TransformerConfig:
-  """The model as a TPU run builds it: the kernel and block size of 'auto' for TPU.
-
-  Until the splash kernel runs under a mesh (issue 26), 'auto' attention is planned with the
-  blockwise kernel, the kernel the learner can compile on a multi-chip TPU mesh today.
-  """
-  impl = "blockwise" if model.attention_impl == "auto" else model.attention_impl
-  return dataclasses.replace(
-      model, attention_impl=impl,
-      attention_block_size=model.attention_block_size or attention_lib.default_block_size("tpu"))
 
 
 def check_batch(config: ExperimentConfig, setup: Setup, shape: abstract_step.StepShape) -> None:
@@ -558,7 +564,7 @@ def plan(config: ExperimentConfig, model: TransformerConfig, target: Target, *,
   Raises:
     ConfigError: the mesh or batch does not suit the topology.
   """
-  setup, choice = initial_setup(config, target_model(model), target)
+  setup, choice = initial_setup(config, model, target)
   planner = _Planner(config, target, prompt_length=prompt_length)
   shape = planner.shape(setup)
   check_batch(config, setup, shape)
