@@ -19,7 +19,6 @@ and the first change that fits) or a config error; the JSON is written first in 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
