@@ -77,8 +77,9 @@ def get_config() -> ml_collections.ConfigDict:
   # greedy answers in minutes (see the docstring).
   config.model.overrides = {"hidden_size": 128, "intermediate_size": 256, "num_heads": 4,
                             "num_kv_heads": 2, "head_dim": 32}
-  # None: the checkpoint's (hf_path) or float32
+  # Trained parameters: None is float32 masters ('bfloat16' needs optim.stochastic_rounding).
   config.model.param_dtype = ml_collections.FieldReference(None, field_type=str)
+  # Compute dtype and the sampler's copy: None is the checkpoint's (hf_path) or float32.
   config.model.dtype = ml_collections.FieldReference(None, field_type=str)
 
   config.sampling = ml_collections.ConfigDict()
@@ -114,6 +115,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.b1 = 0.9
   config.optim.b2 = 0.99
   config.optim.weight_decay = 0.0
+  config.optim.stochastic_rounding = False  # needed by (only) bfloat16 model.param_dtype
 
   config.warm_start = ml_collections.ConfigDict()
   # Supervised until the greedy pass rate on 256 train prompts reaches 0.3 (probed every 50

@@ -11,8 +11,8 @@ directory holds train.jsonl and test.jsonl, one JSON object per line with "probl
 test.jsonl for test.jsonl; see gmpo_jax/tasks/competition_math.py). Nothing is downloaded; the
 built dataset is cached in <workdir>/data/gmpo_math, whatever manual_dir is.
 
-The model and the rest of the run are those of configs/qwen2_5_0_5b.py (bf16 parameters,
-log-probs reduced in float32). The prompt is Qwen's chat format with the problem and the
+The model and the rest of the run are those of configs/qwen2_5_0_5b.py (float32 master
+parameters and Adam moments, bf16 compute and sampler copy, log-probs reduced in float32). The prompt is Qwen's chat format with the problem and the
 instruction to end with \boxed{}; the reward is 1 for a last \boxed{} answer that math-verify
 finds equivalent to the reference (1/2, 0.5 and \frac{1}{2} alike), plus `min_reward` = 0.01
 for every completion, the positive floor the log-reward baseline needs on binary rewards.

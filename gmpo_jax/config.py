@@ -228,6 +228,15 @@ class TaskConfig:
              "must be a path or None (<workdir>/data)")
 
 
+# The `TransformerConfig` fields that `model.overrides` may set on a checkpoint (`hf_path`): how
+# it runs (kernels, remat), not what it is (shapes and weights come from the
+# checkpoint).
+CHECKPOINT_OVERRIDES = ("attention_impl", "attention_block_size", "remat", "layer_unroll")
+
+
+TRAINED_DTYPES = ("float32", "bfloat16")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """`config.model`: the policy, a named architecture at random init or a local checkpoint.
@@ -237,8 +246,14 @@ class ModelConfig:
     hf_path: a local Hugging Face checkpoint directory; None with `name`.
     tokenizer: 'char' or a tokenizer path; None: the tokenizer.json of `hf_path`.
     overrides: `TransformerConfig` fields replacing the named config's, as sorted pairs
-      (`vocab_size` comes from the tokenizer); none with `hf_path`.
-    param_dtype / dtype: parameter and compute dtypes; None: the checkpoint's, or float32.
+      (`vocab_size` comes from the tokenizer); with `hf_path` only `CHECKPOINT_OVERRIDES`
+      (attention kernel, remat, ...), never the checkpoint's architecture.
+    param_dtype: the dtype of the trained parameters (and the checkpoints): None or
+      'float32', float32 master weights, whatever the checkpoint stores; 'bfloat16' only with
+      `optim.stochastic_rounding` (`gmpo_jax.learner.precision`).
+    dtype: the compute dtype, which the model casts each weight to where it is used, and
+      the dtype of the sampler's copy of the parameters; None: the checkpoint's (`hf_path`),
+      or float32.
   """
   name: str | None = None
   hf_path: str | None = None
@@ -254,11 +269,17 @@ class ModelConfig:
       TransformerConfig.from_name(self.name)  # its error lists the known names
     _require(self.tokenizer is not None or self.hf_path is not None, "tokenizer",
              self.tokenizer, "is needed without an hf_path to read tokenizer.json from")
-    _require(self.hf_path is None or not self.overrides, "overrides", dict(self.overrides),
-             "apply to a named config, not to the checkpoint of hf_path")
     fields = {f.name for f in dataclasses.fields(TransformerConfig)} - {"vocab_size"}
-    unknown = sorted(set(dict(self.overrides)) - fields)
+    overrides = dict(self.overrides)
+    unknown = sorted(set(overrides) - fields)
     _require(not unknown, "overrides", unknown, f"are not TransformerConfig fields {sorted(fields)}")
+    dtypes = sorted({"param_dtype", "dtype"} & set(overrides))
+    _require(not dtypes, "overrides", dtypes, "are set as model.param_dtype and model.dtype")
+    if self.hf_path is not None:
+      architecture = sorted(set(overrides) - set(CHECKPOINT_OVERRIDES))
+      _require(not architecture, "overrides", architecture,
+               f"would change the architecture of the checkpoint of hf_path; on a checkpoint "
+               f"only {list(CHECKPOINT_OVERRIDES)} may be overridden")
     for name in ("param_dtype", "dtype"):
       value = getattr(self, name)
       if value is not None:
@@ -266,12 +287,27 @@ class ModelConfig:
           jnp.dtype(value)
         except TypeError as error:
           raise ValueError(f"{name}={value!r} is not a dtype") from error
+    _require(self.param_dtype is None or jnp.dtype(self.param_dtype).name in TRAINED_DTYPES,
+             "param_dtype", self.param_dtype,
+             f"is not one of {TRAINED_DTYPES}: the trained parameters are float32 masters, or "
+             "bfloat16 with optim.stochastic_rounding")
+
+  @property
+  def trained_dtype(self) -> jnp.dtype:
+    """The dtype the parameters are trained and stored in (None: float32)."""
+    return jnp.dtype(self.param_dtype or "float32")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   """`config.optim` (and `config.warm_start.optim`): AdamW, warmup then cosine decay, after
-  global-norm clipping (`gmpo_jax.runner.build.make_optimizer`)."""
+  global-norm clipping (`gmpo_jax.runner.build.make_optimizer`).
+
+  `stochastic_rounding` rounds each step into bfloat16-stored parameters
+  (`model.param_dtype='bfloat16'`) stochastically, so that it survives in expectation
+  (`gmpo_jax.learner.precision.bfloat16_stochastic_rounding`); it is required there, and
+  changes nothing for float32 parameters.
+  """
   learning_rate: float
   warmup_steps: int
   end_lr_fraction: float
@@ -279,6 +315,7 @@ class OptimConfig:
   b1: float
   b2: float
   weight_decay: float
+  stochastic_rounding: bool = False
 
   def __post_init__(self):
     _require(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be > 0")
@@ -289,6 +326,8 @@ class OptimConfig:
     for name in ("b1", "b2"):
       _require(0 <= getattr(self, name) < 1, name, getattr(self, name), "must lie in [0, 1)")
     _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+    _require(isinstance(self.stochastic_rounding, bool), "stochastic_rounding",
+             self.stochastic_rounding, "must be True or False")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -472,6 +511,18 @@ class ExperimentConfig:
       _require(self.mesh.fsdp == 1 and self.mesh.tensor == 1, "parallelism", self.parallelism,
                f"replicates the parameters: it needs mesh.fsdp = mesh.tensor = 1, got "
                f"fsdp={self.mesh.fsdp} tensor={self.mesh.tensor}")
+    if self.model.trained_dtype != jnp.float32:
+      optimizers = [("optim", self.optim)] + (
+          [("warm_start.optim", self.warm_start.optim)] if self.warm_start.steps > 0 else [])
+      for name, optim in optimizers:
+        # A bfloat16 weight keeps its value under any step below half its ulp, 2^-9 |w|: at
+        # lr 1e-6 that is every weight above ~5e-4, so training would change nothing.
+        _require(optim.stochastic_rounding, "model.param_dtype", self.model.param_dtype,
+                 f"stores the trained parameters in bfloat16, which rounds away every "
+                 f"update below 2^-9 of a weight (at lr {optim.learning_rate:g}, nearly all "
+                 f"of them): train float32 masters with model.param_dtype='float32' (and "
+                 f"model.dtype='bfloat16' for bfloat16 compute), or set "
+                 f"{name}.stochastic_rounding=True")
 
   # Built by `gmpo_jax.main` before any JAX backend starts (`distributed.DistributedConfig`).
   _UNTYPED_SECTIONS = ("distributed",)

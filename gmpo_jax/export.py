@@ -33,6 +33,7 @@ from flax import nnx
 from gmpo_jax.config import ConfigError, ExperimentConfig, ModelConfig
 from gmpo_jax.infra import checkpointing
 from gmpo_jax.infra import metrics as metrics_lib
+from gmpo_jax.learner import precision
 from gmpo_jax.models import hf_export, hf_import, tokenization
 from gmpo_jax.models.transformer import Transformer, TransformerConfig
 from gmpo_jax.runner import build
@@ -70,15 +71,11 @@ def run_config(metadata: Mapping[str, Any], where: str) -> ExperimentConfig:
 def policy_config(model: ModelConfig, tokenizer: tokenization.Tokenizer) -> TransformerConfig:
   """The config `build.build_model` gives the policy, without reading or initialising weights."""
   if model.hf_path is not None:
-    with open(pathlib.Path(model.hf_path) / hf_import.CONFIG_FILE) as f:
-      config = TransformerConfig.from_hf_config(json.load(f))
-    param_dtype = model.param_dtype or config.param_dtype
-    return dataclasses.replace(config, param_dtype=param_dtype, dtype=model.dtype or param_dtype)
-  overrides = dict(model.overrides, vocab_size=tokenizer.vocab_size)
-  for name in ("param_dtype", "dtype"):
-    if getattr(model, name) is not None:
-      overrides[name] = getattr(model, name)
-  return dataclasses.replace(TransformerConfig.from_name(model.name), **overrides)
+    config = hf_import.read_config(model.hf_path)
+    return dataclasses.replace(config, **build.model_dtypes(model, config.dtype))
+  config = dataclasses.replace(TransformerConfig.from_name(model.name),
+                               vocab_size=tokenizer.vocab_size, **dict(model.overrides))
+  return dataclasses.replace(config, **build.model_dtypes(model, config.dtype))
 
 
 class Restored(NamedTuple):
@@ -97,7 +94,9 @@ def _restore_target(config: ExperimentConfig, model_config: TransformerConfig
   """Abstract arrays shaped like what the RL loop (`gmpo_jax.runner.loop`) saves: parameters, AdamW state, key."""
   _, params = nnx.split(nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0))))
   # The schedule's length changes no shape of the optimizer state.
-  opt_state = jax.eval_shape(build.make_optimizer(config.optim, config.num_steps).init, params)
+  optimizer = build.make_optimizer(config.optim, config.num_steps,
+                                   param_dtype=model_config.param_dtype)
+  opt_state = jax.eval_shape(lambda p: optimizer.init(precision.float32_view(p)), params)
   key = jax.eval_shape(lambda: jax.random.key(0))
   return checkpointing.CheckpointState(step=0, model=params, opt_state=opt_state, key=key,
                                        metadata={})

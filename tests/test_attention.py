@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from jax import test_util as jtu
 
+from gmpo_jax.infra import sharding
 from gmpo_jax.models import attention as attn
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -194,6 +195,51 @@ class TestVendorKernels:
     q, k, v = _inputs(np.random.default_rng(9), 1, 8, 4, 2, 4)
     with pytest.raises(ValueError, match="only on TPU"):
       attn.splash_attention(q, k, v, jnp.ones((1, 8), bool))
+    # The target is the context mesh's platform: a CPU mesh is not a TPU either.
+    with jax.set_mesh(sharding.make_mesh(devices=jax.devices()[:1])):
+      with pytest.raises(ValueError, match="target platform is 'cpu'"):
+        attn.splash_attention(q, k, v, jnp.ones((1, 8), bool))
+
+
+def _check_splash_matches_blockwise(q, k, v, key_mask, *, atol):
+  """splash (Pallas interpreter) against blockwise on the real query rows, in value and in the
+  gradients of a loss weighted on real rows only (what the model's loss gives), traced under
+  the context mesh (if any) as the model traces it."""
+  splash = functools.partial(attn.splash_attention, block_size=128, interpret=True)
+  blockwise = functools.partial(attn.blockwise_attention, block_size=16, precision=HIGHEST)
+  real = np.asarray(key_mask)
+  weights = (jnp.asarray(np.random.default_rng(0).standard_normal(q.shape), jnp.float32)
+             * key_mask[:, :, None, None])
+
+  def value_and_grads(kernel):
+    loss = lambda *a: jnp.sum(kernel(*a, key_mask) * weights)
+    return jax.jit(lambda *a: (kernel(*a, key_mask), jax.grad(loss, argnums=(0, 1, 2))(*a)))(
+        q, k, v)
+
+  (out, grads), (ref, ref_grads) = value_and_grads(splash), value_and_grads(blockwise)
+  assert np.isfinite(np.asarray(out)).all()
+  np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=atol)
+  for name, g, r in zip("qkv", grads, ref_grads):
+    np.testing.assert_allclose(g, r, atol=atol * float(jnp.abs(r).max()), err_msg=name)
+
+
+class TestSplashUnderAMesh:
+  """Under `jax.set_mesh` splash runs inside `shard_map` (the only way a Mosaic kernel runs on
+  a multi-chip mesh). The split itself over 8 devices is checked in
+  tests/multidevice/test_splash_mesh.py; here, the one-device mesh of this process."""
+
+  def test_one_device_mesh_equals_blockwise(self):
+    rng = np.random.default_rng(10)
+    q, k, v = _inputs(rng, 4, 37, 4, 2, 16)
+    with jax.set_mesh(sharding.make_mesh(devices=jax.devices()[:1])):
+      _check_splash_matches_blockwise(q, k, v, _padding_mask(37), atol=1e-4)
+
+  def test_lowered_inside_shard_map(self):
+    q, k, v = _inputs(np.random.default_rng(11), 2, 8, 4, 2, 8)
+    fn = jax.jit(functools.partial(attn.splash_attention, block_size=128, interpret=True))
+    with jax.set_mesh(sharding.make_mesh(devices=jax.devices()[:1])):
+      assert "shard_map" in str(jax.make_jaxpr(fn)(q, k, v, jnp.ones((2, 8), bool)))
+    assert "shard_map" not in str(jax.make_jaxpr(fn)(q, k, v, jnp.ones((2, 8), bool)))
 
 
 class TestResolve:

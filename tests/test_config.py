@@ -1,15 +1,21 @@
 """The typed experiment config: every section validated, one error naming the bad field."""
 
+import json
 import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from configs import default, qwen2_5_0_5b, smoke
 from gmpo_jax import main
-from gmpo_jax.config import ConfigError, ExperimentConfig, OptimConfig
-from gmpo_jax.runner import loop
+from gmpo_jax.config import ConfigError, ExperimentConfig, ModelConfig, OptimConfig
+from gmpo_jax.models import hf_import
+from gmpo_jax.models.transformer import TransformerConfig
+from gmpo_jax.runner import build, loop
 
 
 def test_the_shipped_configs_are_valid():
@@ -113,3 +119,43 @@ def test_the_command_line_prints_one_line_and_exits_2(tmp_path):
   assert errors == ["error: unknown config field config.algorithm.advantage_kwargs.offset; "
                     "config.algorithm.advantage_kwargs accepts: normalize"]
   assert "Traceback" not in result.stderr and not list(tmp_path.iterdir())
+
+
+def _checkpoint_config(**model):
+  config = qwen2_5_0_5b.get_config()
+  config.model.hf_path = "/models/qwen"
+  config.model.update(model)
+  return config
+
+
+def test_a_checkpoint_takes_how_it_runs_from_overrides_but_not_its_architecture():
+  overrides = {"attention_impl": "splash", "remat": "projections", "attention_block_size": 256}
+  typed = ExperimentConfig.from_config(_checkpoint_config(overrides=overrides))
+  assert dict(typed.model.overrides) == overrides
+  with pytest.raises(ConfigError, match=r"config.model: overrides=\['num_layers', 'qk_norm'\] "
+                                        r"would change the architecture of the checkpoint"):
+    ExperimentConfig.from_config(_checkpoint_config(
+        overrides={"remat": "full", "num_layers": 2, "qk_norm": True}))
+  # The dtypes have fields of their own (`model.param_dtype`, `model.dtype`), never overrides.
+  with pytest.raises(ConfigError, match=r"overrides=\['dtype'\] are set as model.param_dtype"):
+    ExperimentConfig.from_config(_checkpoint_config(overrides={"dtype": "float32"}))
+
+
+def test_build_model_applies_the_overrides_to_a_checkpoint(tmp_path):
+  """A checkpoint of zeros in the Hugging Face layout (`hf_import.hf_tensor_targets`) loads
+  with the overridden kernel and remat and the configured compute dtype, and computes in it."""
+  hf_config = dict(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=48,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   tie_word_embeddings=True, torch_dtype="float32")
+  (tmp_path / hf_import.CONFIG_FILE).write_text(json.dumps(hf_config))
+  targets = hf_import.hf_tensor_targets(TransformerConfig.from_hf_config(hf_config))
+  save_file({name: np.zeros(t.hf_shape, np.float32) for name, t in targets.items()},
+            str(tmp_path / hf_import.WEIGHTS_FILE))
+  overrides = (("attention_impl", "xla"), ("remat", "full"))
+  model = build.build_model(ModelConfig(hf_path=str(tmp_path), overrides=overrides,
+                                        dtype="bfloat16"), tokenizer=None, seed=0)
+  assert (model.config.attention_impl, model.config.remat) == ("xla", "full")
+  assert model.config.param_dtype == np.float32 and model.config.dtype == jnp.bfloat16
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  hidden, _ = model(tokens, tokens)
+  assert hidden.dtype == jnp.bfloat16

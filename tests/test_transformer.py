@@ -258,8 +258,8 @@ class TestKVCache:
 class TestTrainingPath:
 
   def test_remat_and_layer_schedule_give_the_same_gradient(self):
-    """Rematerialized blocks and a layer scan of one layer per iteration give the gradient of
-    the default schedule (on the CPU every layer unrolled)."""
+    """Rematerialized blocks (every remat policy) and a layer scan of one layer per iteration
+    give the gradient of the default schedule (on the CPU every layer unrolled)."""
     batch = map(jnp.asarray, _batch(FULL, np.random.default_rng(4), [0, 3, 7]))
     weights = jnp.asarray(np.random.default_rng(5).standard_normal((3, 12, FULL.vocab_size)))
 
@@ -271,7 +271,9 @@ class TestTrainingPath:
     def all_grads(models, *batch):  # one compilation for all
       return [nnx.grad(loss)(model, *batch) for model in models]
 
-    variants = [FULL, dataclasses.replace(FULL, remat=True),
+    variants = [FULL, dataclasses.replace(FULL, remat="full"),
+                dataclasses.replace(FULL, remat="projections"),
+                dataclasses.replace(FULL, remat="projections", layer_unroll=1),
                 dataclasses.replace(FULL, layer_unroll=1)]
     grads = all_grads([_make(config) for config in variants], *batch)
     for other in grads[1:]:
@@ -415,6 +417,8 @@ class TestConfig:
       dataclasses.replace(TINY, attention_block_size=0)
     with pytest.raises(ValueError, match="layer_unroll"):
       dataclasses.replace(TINY, layer_unroll=0)
+    with pytest.raises(ValueError, match="remat"):
+      dataclasses.replace(TINY, remat=True)
 
   def test_config_is_hashable_and_dtypes_canonical(self):
     config = dataclasses.replace(TINY, dtype=jnp.bfloat16, param_dtype="bfloat16")

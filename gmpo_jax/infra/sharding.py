@@ -120,28 +120,47 @@ def batch_sharding(mesh: Mesh, *, ndim: int, batch_axis: int = 0) -> NamedShardi
 
 
 def constrain_to_batch_axes(x: jax.Array) -> jax.Array:
-  """Pins axis 0 of `x` to data x fsdp, other axes replicated, when traced under a mesh.
+  """Pins axis 0 of `x` to the batch axes (data x fsdp), other axes replicated, when traced
+  under a mesh.
 
   Inside the model, the hidden states [B, T, D] otherwise take whatever layout XLA's sharding
   propagation picks; with FSDP-sharded weights it can keep whole activations on every device
   (measured: 1787 -> 930 MiB of temporaries for llama-100m, batch 16, on a 2x4x1 mesh). The
-  constraint applies only under `jax.set_mesh` with `data` and `fsdp` as Auto axes and a batch
-  divisible by data x fsdp; anywhere else (no mesh, single-device code, manual axes inside
-  `shard_map`, a sampler or eval batch that does not divide) it returns `x` unchanged. It
-  changes where values live, never their values.
+  constraint applies under `jax.set_mesh` to the batch axes that are Auto; inside a
+  `shard_map` that made some of them Manual (the learner's update over `data`), x already
+  holds that axis's shard and is pinned to the rest (`fsdp`). Anywhere else (no mesh,
+  single-device code, every batch axis Manual or one Explicit, a sampler or eval batch that
+  does not divide) it returns `x` unchanged. It changes where values live, never their values.
 
   Args:
     x: [B, ...] an activation with the batch on its leading axis.
 
   Returns:
-    `x`, constrained to P(("data", "fsdp"), None, ...) or unchanged.
+    `x`, constrained to P(<the Auto batch axes>, None, ...) or unchanged.
   """
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(BATCH_AXES) <= set(mesh.auto_axes):
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.auto_axes) | set(mesh.manual_axes):
     return x
-  if x.ndim == 0 or x.shape[0] % int(np.prod([mesh.shape[a] for a in BATCH_AXES])):
+  axes = tuple(a for a in BATCH_AXES if a in mesh.auto_axes)
+  if not axes or x.ndim == 0 or x.shape[0] % int(np.prod([mesh.shape[a] for a in axes])):
     return x
-  return jax.lax.with_sharding_constraint(x, P(BATCH_AXES, *([None] * (x.ndim - 1))))
+  return jax.lax.with_sharding_constraint(x, P(axes, *([None] * (x.ndim - 1))))
+
+
+def target_platform() -> str:
+  """The platform the code being traced will run on: that of the context mesh's devices.
+
+  Kernels and defaults that differ per platform (`gmpo_jax.models.attention.resolve_impl`, block
+  sizes, the KV-cache dtype) ask this rather than `jax.default_backend()`: under
+  `jax.set_mesh` over a TPU topology's devices (`jax.experimental.topologies`), a CPU host
+  then traces the program a TPU VM runs. Without a mesh, or on a mesh that names no devices,
+  it is the default backend.
+
+  Returns:
+    'cpu', 'gpu' / 'cuda' / 'rocm', 'tpu', ...
+  """
+  device = jax.sharding.get_abstract_mesh().abstract_device
+  return jax.default_backend() if device is None else device.platform
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

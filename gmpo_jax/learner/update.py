@@ -5,6 +5,19 @@ accumulates gradients over micro-batches with `lax.scan`, clips and applies them
 and refuses a non-finite update: when the loss or the gradient norm is not finite, the
 parameters and optimizer state come back unchanged and `skipped` is 1.
 
+Precision (`gmpo_jax.learner.precision`): gradients accumulate in float32 whatever the
+parameters' dtype, the optimizer runs on the float32 view of the parameters (its moments are
+float32), and the new values are cast back to the stored dtype (float32 masters by default;
+bfloat16 only with the optimizer's stochastic rounding). Every step reports what reached the
+stored parameters (`UpdateOutput.relative_change`, `lost_fraction`).
+
+Gradient reduction: on a mesh with a `data` axis (and no `tensor` axis), each data replica
+accumulates the gradient of its own rows over the micro-batches and the replicas' sums are
+added once, after the scan (`jax.shard_map` over `data`); left to the SPMD partitioner, the
+gradient is all-reduced inside the scan, once per micro-batch. Over `fsdp` the gradient is
+still reduced (reduce-scattered on TPU/GPU) per micro-batch, which keeps it sharded: the
+deferred sum would hold a whole gradient on every device.
+
 The rest of the learner's machinery lives here too, each piece taking the graph definition,
 the shardings and the mesh rather than a whole run: the sharded log-prob program of rollout
 rows (`make_logprob_fn`), optimizer-state placement (`init_opt_state`), micro-batching
@@ -26,13 +39,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from gmpo_jax.algo import importance as importance_lib
 from gmpo_jax.algo import kl as kl_lib
 from gmpo_jax.algo import losses as losses_lib
 from gmpo_jax.config import AlgorithmConfig
 from gmpo_jax.infra import compilation, sharding
+from gmpo_jax.learner import precision
 from gmpo_jax.models.logprobs import positions_from_mask, sequence_logprobs
+
+
+# The mesh axis over which the parameters are replicated and the rows split
+# (`gmpo_jax.infra.sharding`): the one gradient reduction the update defers to the step's end.
+DATA_AXIS = "data"
 
 
 class Batch(NamedTuple):
@@ -238,11 +258,17 @@ def minibatch_counts(loss_mask: jax.Array) -> Counts:
 
 
 class UpdateOutput(NamedTuple):
-  """Diagnostics of one optimizer step (scalars); `metrics` is None for a loss without any."""
+  """Diagnostics of one optimizer step (scalars); `metrics` is None for a loss without any.
+
+  `relative_change` and `lost_fraction` are the step's `precision.UpdateStats` on the stored
+  parameters; both 0 for a skipped step.
+  """
   loss: jax.Array
   grad_norm: jax.Array
   skipped: jax.Array
   metrics: PolicyMetrics | None
+  relative_change: jax.Array
+  lost_fraction: jax.Array
 
 
 def make_update_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
@@ -252,13 +278,18 @@ def make_update_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformati
 
   Args:
     graphdef: the model's `nnx.split` graph definition (static).
-    optimizer: any optax transformation (clipping and schedules included).
+    optimizer: any optax transformation (clipping and schedules included), whose state was
+      made by `init_opt_state` (float32 moments).
     micro_loss: loss on one micro-batch given the minibatch `Counts`; the sum over
       micro-batches is the minibatch loss.
     donate: donate params and optimizer state (the caller must not reuse the inputs).
     param_shardings / opt_shardings: the shardings the parameters and the optimizer state
       keep, in and out (`sharding.state_shardings`, `init_opt_state`); None lets the
-      inputs' placement decide.
+      inputs' placement decide. With `NamedSharding`s on a mesh whose `data` axis has
+      more than one device and no `tensor` axis, the step runs under `jax.shard_map` over
+      `data` (`fsdp` left to the partitioner) so that the gradient is reduced over `data`
+      once per step, not once per micro-batch; a batch must then be placed by
+      `place_batch`.
 
   Returns:
     The jitted update. A non-finite loss or gradient norm leaves params and optimizer state
@@ -267,11 +298,35 @@ def make_update_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformati
     and changes the last bit of 18% of the tiny model's parameters after three steps (so
     recorded runs would no longer reproduce), and it looks only at the gradient, not the loss.
   """
+  mesh = _mesh_of(param_shardings)
+  # Not with a tensor axis: XLA's SPMD partitioner aborts on the embedding gather of a
+  # tensor-sharded vocabulary inside a shard_map that leaves `tensor` automatic (jax 0.10.2,
+  # "Check failed" in ExpandDeviceGroupsWithIota, 2x2x2 mesh); such a mesh keeps the
+  # per-micro-batch reduction.
+  if (mesh is not None and mesh.shape.get(DATA_AXIS, 1) > 1
+      and mesh.shape.get("tensor", 1) == 1):
+    # Parameters, optimizer state and outputs are replicated over `data`; the rows of every
+    # micro-batch (axis 1) are split over it, as `place_batch` splits them. Every output is
+    # computed from values summed over `data`, so the replicas agree; the replication check
+    # is off because the model's loops start from constants that it would have to mark as
+    # varying over `data` (`jax.lax.pcast`), for no change in the program.
+    step = jax.shard_map(update_step(graphdef, optimizer, micro_loss, axis_name=DATA_AXIS),
+                         mesh=mesh, in_specs=(P(), P(), P(None, DATA_AXIS)), out_specs=P(),
+                         axis_names=frozenset({DATA_AXIS}), check_vma=False)
+  else:
+    step = update_step(graphdef, optimizer, micro_loss)
   shardings = (param_shardings, opt_shardings, None)
-  return jax.jit(update_step(graphdef, optimizer, micro_loss),
-                 donate_argnums=(0, 1) if donate else (),
+  return jax.jit(step, donate_argnums=(0, 1) if donate else (),
                  in_shardings=shardings, out_shardings=shardings,
                  compiler_options=compilation.learner_compiler_options())
+
+
+def _mesh_of(shardings: Any) -> jax.sharding.Mesh | None:
+  """The mesh of a tree of `NamedSharding`s, or None (no shardings, or other kinds)."""
+  leaves = jax.tree.leaves(shardings)
+  if leaves and isinstance(leaves[0], jax.sharding.NamedSharding):
+    return leaves[0].mesh
+  return None
 
 
 def update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
@@ -279,10 +334,11 @@ def update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
   """The traceable step that `make_update_fn` compiles (see there).
 
   With `axis_name` (inside `jax.pmap` / `shard_map` over that axis), each device holds a
-  shard of every micro-batch: the counts, loss and gradients are summed over the axis, so
-  every device applies the full-minibatch update, and each micro-batch's diagnostics are
-  pooled over the devices (`PolicyMetrics.pool`) before they are combined over micro-batches
-  as `make_update_fn` combines them: the same values as the unsharded step.
+  shard of every micro-batch: the counts are summed over the axis before the scan, the loss
+  and the accumulated gradients once after it, so every device applies the full-minibatch
+  update, and each micro-batch's diagnostics are pooled over the devices
+  (`PolicyMetrics.pool`) before they are combined over micro-batches as `make_update_fn`
+  combines them: the same values as the unsharded step.
   """
 
   def update(params, opt_state, batch: Batch):
@@ -294,17 +350,8 @@ def update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
     def loss_of_params(p, micro):
       return micro_loss(nnx.merge(graphdef, p), micro, counts)
 
-    grad_fn = jax.value_and_grad(loss_of_params, has_aux=True)
-
-    def accumulate(carry, micro):
-      loss_sum, grad_sum = carry
-      (loss, metrics), grads = grad_fn(params, micro)
-      grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-      return (loss_sum + loss, grad_sum), metrics
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (loss, grads), micro_metrics = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
-                                                batch)
+    loss, grads, micro_metrics = accumulate_gradients(
+        jax.value_and_grad(loss_of_params, has_aux=True), params, batch)
     if axis_name is not None:
       loss, grads = jax.lax.psum((loss, grads), axis_name)
       if micro_metrics is not None:
@@ -312,29 +359,70 @@ def update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                                            axis_name)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = optimizer.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
+    # The optimizer sees float32 values whatever stores them; the result is cast back, exactly
+    # for float32 masters and for stochastically rounded bfloat16 (`precision`).
+    masters = precision.float32_view(params)
+    updates, new_opt_state = optimizer.update(grads, opt_state, masters)
+    new_params = jax.tree.map(lambda new, old: new.astype(old.dtype),
+                              optax.apply_updates(masters, updates), params)
+    stats = precision.update_statistics(params, new_params, updates, grads)
     keep = lambda new, old: jnp.where(finite, new, old)
     params = jax.tree.map(keep, new_params, params)
     opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+    stats = jax.tree.map(lambda x: jnp.where(finite, x, 0.0), stats)
     metrics = None if micro_metrics is None else micro_metrics.combine()
-    return params, opt_state, UpdateOutput(loss=loss, grad_norm=grad_norm,
-                                           skipped=(~finite).astype(jnp.int32), metrics=metrics)
+    return params, opt_state, UpdateOutput(
+        loss=loss, grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32), metrics=metrics,
+        relative_change=stats.relative_change, lost_fraction=stats.lost_fraction)
 
   return update
 
 
+def accumulate_gradients(grad_fn: Callable, params: Any, batch: Batch
+                         ) -> tuple[jax.Array, Any, PolicyMetrics | None]:
+  """Σ_m L_m and Σ_m ∇L_m over the M micro-batches of `batch`, summed in float32.
+
+  The scan's carry is float32 whatever the parameters' (and so the gradients') dtype: a
+  bfloat16 sum keeps 8 significant bits, so adding M micro-batch gradients of similar size
+  would lose about log2(M) of them, and a small one next to a large sum entirely.
+
+  Args:
+    grad_fn: `jax.value_and_grad(loss, has_aux=True)` of `loss(params, micro) ->
+      (scalar, diagnostics)`.
+    params: the parameters (any float dtype).
+    batch: [M, b, ...] micro-batches.
+
+  Returns:
+    (the summed loss, float32 scalar; the summed gradient, float32, the tree of `params`;
+    the diagnostics stacked over micro-batches, [M] each).
+  """
+
+  def accumulate(carry, micro):
+    loss_sum, grad_sum = carry
+    (loss, metrics), grads = grad_fn(params, micro)
+    grad_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32), grad_sum, grads)
+    return (loss_sum + loss.astype(jnp.float32), grad_sum), metrics
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  (loss, grads), metrics = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), batch)
+  return loss, grads, metrics
+
+
 def init_opt_state(optimizer: optax.GradientTransformation, params: Any,
                    mesh: jax.sharding.Mesh) -> Any:
-  """`optimizer.init(params)` placed like the parameters it mirrors, its scalars replicated.
+  """`optimizer.init` of the float32 view of `params`, placed like the parameters it mirrors,
+  its scalars replicated.
 
-  Every leaf gets a `NamedSharding` on `mesh` (`sharding.opt_state_shardings`), so the update
-  step's explicit input and output shardings agree from the first call on (no recompile at
-  step 2). `params` must already be placed on `mesh`.
+  The moments are float32 whatever stores the parameters (the update runs the optimizer on
+  the same view). Every leaf gets a `NamedSharding` on `mesh`
+  (`sharding.opt_state_shardings`), so the update step's explicit input and output
+  shardings agree from the first call on (no recompile at step 2). `params` must already
+  be placed on `mesh`.
   """
   shardings = sharding.opt_state_shardings(
       optimizer, params, jax.tree.map(lambda x: x.sharding, params), mesh)
-  return jax.jit(optimizer.init, out_shardings=shardings)(params)
+  return jax.jit(lambda p: optimizer.init(precision.float32_view(p)),
+                 out_shardings=shardings)(params)
 
 
 def to_microbatches(x: np.ndarray | jax.Array, num: int) -> jax.Array:
@@ -360,6 +448,18 @@ def make_logprob_fn(graphdef: nnx.GraphDef, param_shardings: Any, mesh: jax.shar
   it matches the update's log-probs at unchanged parameters.
   """
   rows = sharding.batch_sharding(mesh, ndim=2)
+  compiled = logprob_program(graphdef, param_shardings, mesh, temperature=temperature,
+                             chunk_size=chunk_size)
+  # The sampler's outputs come in the layout XLA chose for it; move them to the rows layout.
+  return lambda params, tokens, key_mask: compiled(
+      params, jax.device_put(tokens, rows), jax.device_put(key_mask, rows))
+
+
+def logprob_program(graphdef: nnx.GraphDef, param_shardings: Any, mesh: jax.sharding.Mesh, *,
+                    temperature: float, chunk_size: int):
+  """The jitted program of `make_logprob_fn`, whose inputs must already be in the rows layout
+  (P(('data', 'fsdp')) on B); `.lower` it to compile it ahead of time."""
+  rows = sharding.batch_sharding(mesh, ndim=2)
 
   def logprobs(params, tokens, key_mask):
     model = nnx.merge(graphdef, params)
@@ -367,8 +467,5 @@ def make_logprob_fn(graphdef: nnx.GraphDef, param_shardings: Any, mesh: jax.shar
                              chunk_size=chunk_size, temperature=temperature)
 
   # The update's compiler options too, so that both programs round alike.
-  compiled = jax.jit(logprobs, in_shardings=(param_shardings, rows, rows), out_shardings=rows,
-                     compiler_options=compilation.learner_compiler_options())
-  # The sampler's outputs come in the layout XLA chose for it; move them to the rows layout.
-  return lambda params, tokens, key_mask: compiled(
-      params, jax.device_put(tokens, rows), jax.device_put(key_mask, rows))
+  return jax.jit(logprobs, in_shardings=(param_shardings, rows, rows), out_shardings=rows,
+                 compiler_options=compilation.learner_compiler_options())

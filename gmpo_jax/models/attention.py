@@ -19,9 +19,12 @@ et al. 2023, arXiv 2305.13245). They differ in memory and in where they run:
   * ``cudnn``: `jax.nn.dot_product_attention(implementation='cudnn')` (fused flash attention
     on NVIDIA GPUs; float16 / bfloat16 only).
   * ``splash``: the Pallas TPU splash-attention kernel
-    (`jax.experimental.pallas.ops.tpu.splash_attention`); TPU only.
+    (`jax.experimental.pallas.ops.tpu.splash_attention`); TPU only, run per device inside
+    `jax.shard_map` on a mesh (XLA cannot partition a Mosaic kernel).
 
-`resolve_impl` turns ``'auto'`` into one of these for a backend, dtype and shape.
+`resolve_impl` turns ``'auto'`` into one of these for a target platform, dtype and shape; the
+model asks for the platform of the mesh it is traced under (`gmpo_jax.infra.sharding.target_platform`),
+so a TPU program compiled from a CPU host gets the TPU kernels.
 
 Rows with no allowed key (a query at a left-padding position) are finite and meaningless:
 `dense_attention` and `blockwise_attention` both return the mean of v over all S keys there
@@ -40,6 +43,9 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from gmpo_jax.infra import sharding
 
 Impl = Literal["auto", "xla", "blockwise", "cudnn", "splash"]
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "splash")
@@ -416,7 +422,15 @@ def splash_attention(
   The padding mask becomes segment ids (1 on real tokens, 0 on padding) under a causal
   mask: a real query sees the real keys at or before it, a padding query the padding keys at
   or before it (itself at least, so no row is empty). K/V heads are shared natively (the
-  kernel's grouped-query layout). T is padded up to a multiple of 128 with padding tokens.
+  kernel's grouped-query layout, K/V never repeated). T is padded up to a multiple of 128
+  with padding tokens.
+
+  A Mosaic kernel cannot be partitioned by XLA, so under a mesh (`jax.set_mesh`) the call
+  runs inside `jax.shard_map` over the mesh's Auto axes: rows split over data x fsdp and heads
+  over tensor, each where it divides (B by data·fsdp, K by tensor; otherwise that dimension is
+  replicated and every device of the axis computes it), as the model's activations and
+  q/k/v projections are laid out (`gmpo_jax.infra.sharding`). Every device then runs the kernel on
+  its own rows and heads; attention mixes neither, so no collective is needed.
 
   Args:
     q: [B, T, H, head_dim] queries.
@@ -430,18 +444,38 @@ def splash_attention(
     [B, T, H, head_dim] in q's dtype; padding queries get finite, meaningless values.
 
   Raises:
-    ValueError: off TPU without ``interpret``.
+    ValueError: without ``interpret``, when the target platform
+      (`gmpo_jax.infra.sharding.target_platform`) is not TPU.
   """
   _check_qkv(q, k, v, key_mask)
   chex.assert_equal_shape_prefix([q, k], 2)
-  if not interpret and jax.default_backend() != "tpu":
+  platform = sharding.target_platform()
+  if not interpret and platform != "tpu":
     raise ValueError(
-        f"attention_impl='splash' runs only on TPU (the backend is {jax.default_backend()!r});"
+        f"attention_impl='splash' runs only on TPU (the target platform is {platform!r});"
         " use 'auto', 'blockwise' or 'xla'.")
+  kernel = functools.partial(_splash_on_device, block_size=block_size, interpret=interpret)
+  mesh = jax.sharding.get_abstract_mesh()
+  manual = frozenset(mesh.auto_axes)
+  if not manual:
+    return kernel(q, k, v, key_mask)
+  batch_axes = tuple(a for a in sharding.BATCH_AXES if a in manual)
+  if q.shape[0] % int(np.prod([mesh.shape[a] for a in batch_axes])):
+    batch_axes = ()
+  head_axis = "tensor" if "tensor" in manual and k.shape[2] % mesh.shape["tensor"] == 0 else None
+  heads = P(batch_axes or None, None, head_axis, None)
+  rows = P(batch_axes or None, None)
+  # check_vma=False: the kernel's pallas_call declares outputs without a varying-axes type.
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(heads, heads, heads, rows), out_specs=heads,
+                       axis_names=manual, check_vma=False)(q, k, v, key_mask)
+
+
+def _splash_on_device(q, k, v, key_mask, *, block_size, interpret):
+  """`splash_attention` on one device's rows and heads (shapes as there)."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
-  batch, length, num_heads, head_dim = q.shape
+  length, num_heads, head_dim = q.shape[1:]
   padded = -(-length // 128) * 128
   block = min(-(-block_size // 128) * 128, padded)
   while padded % block:
@@ -492,7 +526,9 @@ def resolve_impl(impl: str, *, backend: str, dtype, num_queries: int, cached: bo
 
   Args:
     impl: one of `IMPLEMENTATIONS`.
-    backend: 'cpu', 'gpu' / 'cuda' / 'rocm' or 'tpu' (`jax.default_backend()`).
+    backend: 'cpu', 'gpu' / 'cuda' / 'rocm' or 'tpu': the platform the program is compiled
+      for (`gmpo_jax.infra.sharding.target_platform()`, the context mesh's), which differs from
+      `jax.default_backend()` when a CPU host compiles for a TPU topology.
     dtype: the compute dtype of q, k, v.
     num_queries: T, the chunk length (static).
     cached: whether the call extends a KV cache.

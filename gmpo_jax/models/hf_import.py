@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -144,8 +144,23 @@ def _open_shard(file: str) -> Iterator[Any]:
     raise ValueError(f"Checkpoint shard {file!r} cannot be read: {error}") from error
 
 
+def read_config(path: str | os.PathLike) -> TransformerConfig:
+  """The `TransformerConfig` of a checkpoint directory's config.json (its dtype as
+  `param_dtype` and `dtype`), without reading weights.
+
+  Raises:
+    FileNotFoundError: no config.json (the path is named).
+  """
+  config_path = os.path.join(os.fspath(path), CONFIG_FILE)
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"No Hugging Face config at {config_path!r}.")
+  with open(config_path) as f:
+    return TransformerConfig.from_hf_config(json.load(f))
+
+
 def load_hf_checkpoint(
-    path: str | os.PathLike, *, param_dtype: Any = None, dtype: Any = None
+    path: str | os.PathLike, *, param_dtype: Any = None, dtype: Any = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> tuple[Transformer, TransformerConfig]:
   """Builds a `Transformer` holding the weights of a local Hugging Face checkpoint.
 
@@ -154,6 +169,9 @@ def load_hf_checkpoint(
       model.safetensors.index.json with its shards).
     param_dtype: storage dtype of the parameters; default the checkpoint's dtype.
     dtype: compute dtype; default the resolved param_dtype.
+    overrides: `TransformerConfig` fields set on the checkpoint's config last (the attention
+      kernel, remat, ...; `gmpo_jax.config.CHECKPOINT_OVERRIDES` lists those a run may set).
+      One that changes a weight's shape fails as a shape mismatch.
 
   Returns:
     (model, config). Weights are converted with [out, in] → [in, out] transposes; the
@@ -166,14 +184,11 @@ def load_hf_checkpoint(
       truncated or corrupt safetensors file ("Checkpoint shard '<file>' cannot be read: ...").
   """
   path = os.fspath(path)
-  config_path = os.path.join(path, CONFIG_FILE)
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"No Hugging Face config at {config_path!r}.")
-  with open(config_path) as f:
-    config = TransformerConfig.from_hf_config(json.load(f))
+  config = read_config(path)
   param_dtype = config.param_dtype if param_dtype is None else param_dtype
   config = dataclasses.replace(
-      config, param_dtype=param_dtype, dtype=param_dtype if dtype is None else dtype)
+      config, **{"param_dtype": param_dtype, "dtype": param_dtype if dtype is None else dtype,
+                 **(overrides or {})})
 
   targets = hf_tensor_targets(config)
   abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))

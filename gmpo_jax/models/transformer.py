@@ -41,11 +41,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.ad_checkpoint import checkpoint_name
 
-from gmpo_jax.infra.sharding import constrain_to_batch_axes
+from gmpo_jax.infra.sharding import constrain_to_batch_axes, target_platform
 from gmpo_jax.models import attention as attention_lib
 
 _SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "projections")
+# The outputs of a block's weight matmuls, named (`jax.ad_checkpoint.checkpoint_name`, an
+# identity outside `jax.checkpoint`) so that remat='projections' keeps exactly these.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +173,13 @@ class TransformerConfig:
     dtype: compute dtype (activations, KV cache by default); norms, attention softmax and
       logits are computed in float32 regardless.
     max_position_embeddings: the longest context the model was trained for (informational).
-    remat: rematerialize each block in the backward pass (saves activation memory).
+    remat: what each layer keeps for the backward pass, one of `REMAT_POLICIES`
+      (`jax.checkpoint` on the layer scan's body; "Training Deep Nets with Sublinear Memory
+      Cost", Chen et al. 2016, arXiv 1604.06174): 'none' keeps every intermediate the
+      backward reads; 'full' only the layer's input, recomputing the whole block (one more
+      forward pass of the blocks; least memory); 'projections' the outputs of the block's
+      seven weight matmuls (`PROJECTIONS`), recomputing norms, RoPE, attention and the
+      SwiGLU product. Changes no value.
     rope_scaling: optional RoPE frequency rescaling (llama-3.2-1b uses 'llama3').
     attention_impl: attention kernel, one of `gmpo_jax.models.attention.IMPLEMENTATIONS`: 'auto'
       (per backend, dtype and length: `gmpo_jax.models.attention.resolve_impl`), 'xla' (dense
@@ -197,7 +208,7 @@ class TransformerConfig:
   param_dtype: Any = "float32"
   dtype: Any = "float32"
   max_position_embeddings: int = 2048
-  remat: bool = False
+  remat: str = "none"
   rope_scaling: RopeScaling | None = None
   attention_impl: str = "auto"
   attention_block_size: int | None = None
@@ -224,6 +235,8 @@ class TransformerConfig:
       raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}.")
     if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
       raise ValueError(f"rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}.")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}.")
     if self.attention_impl not in attention_lib.IMPLEMENTATIONS:
       raise ValueError(f"attention_impl={self.attention_impl!r} is not one of "
                        f"{attention_lib.IMPLEMENTATIONS}.")
@@ -365,7 +378,7 @@ def default_layer_unroll(backend: str, num_layers: int) -> int:
   deep models and accelerators keep one compiled block.
 
   Args:
-    backend: `jax.default_backend()`.
+    backend: the target platform (`gmpo_jax.infra.sharding.target_platform()`).
     num_layers: L.
 
   Returns:
@@ -385,12 +398,12 @@ def default_cache_dtype(config: TransformerConfig, backend: str | None = None) -
 
   Args:
     config: the model config.
-    backend: `jax.default_backend()` when None.
+    backend: `gmpo_jax.infra.sharding.target_platform()` when None.
 
   Returns:
     bfloat16 for a float32 model on 'gpu' / 'cuda' / 'rocm' / 'tpu', else ``config.dtype``.
   """
-  backend = jax.default_backend() if backend is None else backend
+  backend = target_platform() if backend is None else backend
   if backend in ("gpu", "cuda", "rocm", "tpu") and config.dtype == jnp.float32:
     return jnp.dtype(jnp.bfloat16)
   return config.dtype
@@ -421,6 +434,27 @@ def init_cache(
       key_mask=jnp.zeros((batch, capacity), bool),
       index=jnp.zeros((), jnp.int32),
   )
+
+
+def remat_layer(layer, policy: str):
+  """`layer` rematerialized under a `TransformerConfig.remat` policy (see there).
+
+  `prevent_cse=False`: the layer runs inside `jax.lax.scan`, which already keeps XLA from
+  merging the recomputation with the forward pass (`jax.checkpoint`'s documentation).
+
+  Args:
+    layer: the layer scan's body, (carry, xs) -> (carry, ys).
+    policy: one of `REMAT_POLICIES`.
+
+  Returns:
+    The body with the same values; under differentiation it saves only what `policy` keeps.
+  """
+  if policy == "none":
+    return layer
+  if policy == "full":
+    return jax.checkpoint(layer, prevent_cse=False)
+  return jax.checkpoint(layer, prevent_cse=False,
+                        policy=jax.checkpoint_policies.save_only_these_names(*PROJECTIONS))
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, *, eps: float) -> jax.Array:
@@ -570,7 +604,7 @@ class Attention(nnx.Module):
                  precision=self.config.matmul_precision)
     if self.config.attention_bias:
       y = y + getattr(self, f"{name}_bias")[...].astype(dtype)
-    return y
+    return checkpoint_name(y, f"{name}_proj")
 
   def qkv(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array):
     """Rotated queries [B,T,H,hd], rotated keys and values [B,T,K,hd]."""
@@ -580,8 +614,8 @@ class Attention(nnx.Module):
     return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
   def output(self, attended: jax.Array) -> jax.Array:
-    return contract(attended, self.o_proj[...].astype(self.config.dtype), axes=2,
-                    precision=self.config.matmul_precision)
+    return checkpoint_name(contract(attended, self.o_proj[...].astype(self.config.dtype), axes=2,
+                                    precision=self.config.matmul_precision), "o_proj")
 
 
 class MLP(nnx.Module):
@@ -596,9 +630,10 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     matmul = functools.partial(contract, axes=1, precision=self.precision)
-    gate = matmul(x, self.gate_proj[...].astype(self.dtype))
-    up = matmul(x, self.up_proj[...].astype(self.dtype))
-    return matmul(jax.nn.silu(gate) * up, self.down_proj[...].astype(self.dtype))
+    gate = checkpoint_name(matmul(x, self.gate_proj[...].astype(self.dtype)), "gate_proj")
+    up = checkpoint_name(matmul(x, self.up_proj[...].astype(self.dtype)), "up_proj")
+    return checkpoint_name(matmul(jax.nn.silu(gate) * up, self.down_proj[...].astype(self.dtype)),
+                           "down_proj")
 
 
 class Block(nnx.Module):
@@ -712,7 +747,9 @@ class Transformer(nnx.Module):
       new_key_mask = jax.lax.dynamic_update_slice(cache.key_mask, key_mask, (0, index))
       attended_mask = new_key_mask
       layers_k, layers_v = cache.k, cache.v
-    backend = jax.default_backend()
+    # The platform of the mesh the call is traced under: a TPU program compiled on a CPU host
+    # gets the TPU kernels.
+    backend = target_platform()
     impl = attention_lib.resolve_impl(config.attention_impl, backend=backend, dtype=config.dtype,
                                       num_queries=length, cached=cache is not None)
     # The dense kernel's [B, T, S] mask is built once and shared by the layers.
@@ -742,8 +779,7 @@ class Transformer(nnx.Module):
       h = h + block.mlp(block.mlp_norm(h))
       return (h, all_k, all_v), None
 
-    if config.remat:
-      layer = jax.checkpoint(layer, prevent_cse=False)
+    layer = remat_layer(layer, config.remat)
     # Unrolling pays in the backward pass; on the CPU an unrolled decode ran 1.18x slower.
     unroll = config.layer_unroll or (1 if cache is not None
                                      else default_layer_unroll(backend, config.num_layers))

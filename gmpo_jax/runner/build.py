@@ -7,11 +7,13 @@ returns the `Run` that the warm start, the RL step and the evaluation share.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
@@ -19,6 +21,7 @@ from flax import nnx
 from gmpo_jax import tasks as tasks_lib
 from gmpo_jax.config import AlgorithmConfig, ConfigError, ExperimentConfig, ModelConfig, OptimConfig
 from gmpo_jax.infra import distributed, sharding
+from gmpo_jax.learner import precision
 from gmpo_jax.models import hf_import, tokenization
 from gmpo_jax.models.transformer import Transformer, TransformerConfig
 from gmpo_jax.rollout.sampling import SamplingConfig
@@ -29,33 +32,63 @@ def build_tokenizer(model: ModelConfig) -> tokenization.Tokenizer:
   return tokenization.load_tokenizer(model.hf_path if model.tokenizer is None else model.tokenizer)
 
 
+def model_dtypes(model: ModelConfig, default_dtype: Any) -> dict[str, Any]:
+  """The policy's `param_dtype` (trained: float32 masters unless the config says bfloat16)
+  and compute `dtype` (the config's, else `default_dtype`: the checkpoint's, or float32), as
+  `TransformerConfig` fields. A bfloat16 checkpoint thus trains float32 masters with bfloat16
+  compute; its values are exactly the checkpoint's at the start."""
+  return {"param_dtype": model.trained_dtype,
+          "dtype": default_dtype if model.dtype is None else model.dtype}
+
+
 def build_model(model: ModelConfig, tokenizer: tokenization.Tokenizer, *, seed: int
                 ) -> Transformer:
-  """The policy: a Hugging Face checkpoint from a local path, or a named config at random init."""
+  """The policy: a Hugging Face checkpoint from a local path, or a named config at random init,
+  with the dtypes of `model_dtypes`."""
   if model.hf_path is not None:
-    policy, _ = hf_import.load_hf_checkpoint(model.hf_path, param_dtype=model.param_dtype,
-                                             dtype=model.dtype)
+    dtypes = model_dtypes(model, hf_import.read_config(model.hf_path).dtype)
+    policy, _ = hf_import.load_hf_checkpoint(model.hf_path, **dtypes,
+                                             overrides=dict(model.overrides))
     return policy
-  overrides = dict(model.overrides, vocab_size=tokenizer.vocab_size)
-  for name in ("param_dtype", "dtype"):
-    if getattr(model, name) is not None:
-      overrides[name] = getattr(model, name)
-  config = dataclasses.replace(TransformerConfig.from_name(model.name), **overrides)
+  config = dataclasses.replace(TransformerConfig.from_name(model.name),
+                               vocab_size=tokenizer.vocab_size, **dict(model.overrides))
+  config = dataclasses.replace(config, **model_dtypes(model, config.dtype))
   # One compiled program for every parameter: built eagerly, each initializer and each shape
   # compiled a program of its own (about 20, some 0.5 s, each kept resident).
   return nnx.jit(lambda: Transformer(config, rngs=nnx.Rngs(seed)))()
 
 
-def make_optimizer(optim: OptimConfig, total_updates: int
-                   ) -> optax.GradientTransformation:
-  """AdamW with linear warmup then cosine decay, after global-norm clipping."""
+def make_optimizer(optim: OptimConfig, total_updates: int, *, param_dtype: Any = "float32",
+                   seed: int = 0) -> optax.GradientTransformation:
+  """AdamW with linear warmup then cosine decay, after global-norm clipping; for bfloat16
+  parameters, the step then rounded stochastically into bfloat16.
+
+  Args:
+    optim: the optimizer's section of the config.
+    total_updates: the schedule's length.
+    param_dtype: the dtype that stores the trained parameters (`ModelConfig.trained_dtype`).
+    seed: the stochastic rounding's keys derive from it (bfloat16 parameters only).
+
+  Raises:
+    ConfigError: bfloat16 parameters without `optim.stochastic_rounding`, whose steps at a
+      small learning rate would round away (`ExperimentConfig` refuses such a config first).
+  """
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=optim.learning_rate,
       warmup_steps=min(optim.warmup_steps, max(total_updates - 1, 0)),
       decay_steps=max(total_updates, 1), end_value=optim.learning_rate * optim.end_lr_fraction)
-  return optax.chain(
+  transforms = [
       optax.clip_by_global_norm(optim.max_grad_norm),
-      optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay))
+      optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay)]
+  if jnp.dtype(param_dtype) == jnp.bfloat16:
+    if not optim.stochastic_rounding:
+      raise ConfigError("bfloat16 parameters round away small updates: set "
+                        "optim.stochastic_rounding=True, or train float32 parameters")
+    transforms.append(precision.bfloat16_stochastic_rounding(seed))
+  elif jnp.dtype(param_dtype) != jnp.float32:
+    raise ConfigError(f"parameters of dtype {jnp.dtype(param_dtype).name} cannot be trained: "
+                      "use float32, or bfloat16 with optim.stochastic_rounding=True")
+  return optax.chain(*transforms)
 
 
 @dataclasses.dataclass
@@ -90,15 +123,34 @@ class Run:
   def stop_ids(self) -> tuple[int, ...]:
     return self.sampling.all_stop_ids
 
-  def sampler_params(self, params: Any) -> Any:
-    """The RL sampler's parameters made from the learner's `params`.
+  @functools.cached_property
+  def compute_dtype(self) -> jnp.dtype:
+    """The policy's compute dtype (`TransformerConfig.dtype`), that of the sampler's copy."""
+    return nnx.merge(self.graphdef, self.params).config.dtype
 
-    The learner's arrays themselves when the two share devices and take turns
-    (`max_staleness` 0: the synchronous loop, no copy); otherwise a copy on the sampler's
-    shardings, device to device (`jax.device_put`), since the learner's next update donates
-    its buffers (`learner.make_update_fn`) while the sampler may still be using them.
+  @functools.cached_property
+  def _to_compute_dtype(self):
+    return jax.jit(functools.partial(precision.cast_floating, dtype=self.compute_dtype),
+                   out_shardings=self.param_shardings)
+
+  def sampler_params(self, params: Any) -> Any:
+    """The RL sampler's parameters made from the learner's `params`, once per update.
+
+    In the compute dtype (`ModelConfig.dtype`): float32 masters are cast to a bfloat16 copy,
+    which decode reads at half the bytes, and which gives the values the learner's forward
+    pass computes with (it casts every weight alike). The copy is made on the learner's
+    shardings, then moved to the sampler's when it has devices of its own. Parameters
+    already in the compute dtype are the learner's arrays themselves when the two share
+    devices and take turns (`max_staleness` 0: the synchronous loop, no copy); otherwise a
+    copy on the sampler's shardings, device to device (`jax.device_put`), since the
+    learner's next update donates its buffers (`learner.make_update_fn`) while the sampler
+    may still be using them.
     """
-    if self.sampler_mesh is self.mesh and self.config.rollout.max_staleness == 0:
+    if any(x.dtype != self.compute_dtype for x in jax.tree.leaves(params)):
+      params = self._to_compute_dtype(params)
+      if self.sampler_mesh is self.mesh:
+        return params
+    elif self.sampler_mesh is self.mesh and self.config.rollout.max_staleness == 0:
       return params
     return jax.device_put(params, self.sampler_shardings, may_alias=False)
 

@@ -124,7 +124,8 @@ def _resume_and_train(run: Run, ckpt: checkpointing.Checkpointer,
   config, workdir, algo = run.config, run.workdir, run.algo
   ref_params = jax.tree.map(jnp.copy, run.params) if algo.beta > 0 else None
   optimizer = make_optimizer(config.optim,
-                             config.num_steps * algo.num_epochs * algo.num_minibatches)
+                             config.num_steps * algo.num_epochs * algo.num_minibatches,
+                             param_dtype=config.model.trained_dtype, seed=config.seed)
   opt_state = learner.init_opt_state(optimizer, run.params, run.mesh)
   base_key, eval_key = jax.random.split(sharding.prng_key(config.seed, run.mesh))
 

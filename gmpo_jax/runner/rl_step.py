@@ -27,6 +27,7 @@ from gmpo_jax.algo import reward_shape
 from gmpo_jax.config import AlgorithmConfig
 from gmpo_jax.infra import compilation, sharding
 from gmpo_jax.learner import pmap_update as pmap_step
+from gmpo_jax.learner import precision
 from gmpo_jax.learner import update as learner
 from gmpo_jax.models.transformer import default_cache_dtype
 from gmpo_jax.rollout.backends import Rollout, RolloutBackend
@@ -184,7 +185,9 @@ class RLStep:
       compiled (or read from the persistent cache), by either thread.
 
   The record of a step holds the reward, reward-shape, advantage, loss and update statistics
-  (with an importance correction, `is/weight_mean`, `is/weight_max` and `is/masked_fraction`),
+  (`update/relative_change` and `update/lost_fraction`, `learner.UpdateOutput`, averaged over
+  the step's updates, with one warning the first time the latter exceeds 1%; with an
+  importance correction, `is/weight_mean`, `is/weight_max` and `is/masked_fraction`),
   `rollout/staleness`, response lengths, compile count and timings (`TIMING_METRICS`), and the
   hardware rates of `gmpo_jax.runner.perf`: `perf/train_tflops` (model FLOPs of the update, π_old and
   π_ref rescoring included, per second of `time/update`), `perf/mfu` (that over `self.peak`, the
@@ -217,6 +220,7 @@ class RLStep:
     self.policy_logprobs = learner.make_logprob_fn(run.graphdef, run.param_shardings, run.mesh,
                                                    temperature=temperature, chunk_size=chunk_size)
     self.advantage_fn = jax.jit(algo.advantage_fn())
+    self.lost_update_warning = precision.LostUpdateWarning()
     # Replicated, so every process can read the scalar of row-sharded inputs.
     self.mismatch_kl = jax.jit(learner.sampler_learner_kl,
                                out_shardings=sharding.replicated(run.mesh))
@@ -341,6 +345,9 @@ class RLStep:
         "advantage/min": float(adv.min()), "advantage/max": float(adv.max()),
         "loss": float(np.mean([o.loss for o in outputs])),
         "grad_norm": float(np.mean([o.grad_norm for o in outputs])),
+        # What reached the stored parameters, averaged over the step's updates.
+        "update/relative_change": float(np.mean([o.relative_change for o in outputs])),
+        "update/lost_fraction": float(np.mean([o.lost_fraction for o in outputs])),
         "response_length/mean": float(lengths.mean()),
         "response_length/max": float(lengths.max()),
         "response_length/truncated_fraction": float(1.0 - np.mean(np.asarray(rollout.finished))),
@@ -355,6 +362,7 @@ class RLStep:
     if skipped:
       logger.warning("step %d: %d update(s) skipped (non-finite loss or gradient)",
                      state.step + 1, skipped)
+    self.lost_update_warning(record["update/lost_fraction"], step=state.step + 1, where="RL")
     return RLState(step=state.step + 1, params=params, opt_state=opt_state,
                    skipped_updates=state.skipped_updates + skipped), record
 

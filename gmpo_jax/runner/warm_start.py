@@ -16,6 +16,7 @@ import numpy as np
 from gmpo_jax.infra import checkpointing, preemption, sharding
 from gmpo_jax.infra.preemption import Preempted
 from gmpo_jax.infra.sharding import tree_shardings
+from gmpo_jax.learner import precision
 from gmpo_jax.learner import update as learner
 from gmpo_jax.models.logprobs import positions_from_mask
 from gmpo_jax.runner.build import Run, make_optimizer
@@ -55,7 +56,10 @@ def warm_start(run: Run, preemption: preemption.PreemptionHandler, *, needed: bo
   """
   cfg = run.config.warm_start
   directory = run.workdir / "warm_start"
-  optimizer = make_optimizer(cfg.optim, cfg.steps)
+  # Its own rounding stream (bfloat16 parameters), as its own data order: seed + 1.
+  optimizer = make_optimizer(cfg.optim, cfg.steps, param_dtype=run.config.model.trained_dtype,
+                             seed=run.config.seed + 1)
+  lost_update_warning = precision.LostUpdateWarning()
   opt_state = learner.init_opt_state(optimizer, run.params, run.mesh)
   key = sharding.prng_key(run.config.seed, run.mesh)
   signature = _warm_start_signature(run.config_dict)
@@ -107,6 +111,7 @@ def warm_start(run: Run, preemption: preemption.PreemptionHandler, *, needed: bo
       step += 1
       if step % max(cfg.steps // 5, 1) == 1 or step == cfg.steps:
         logger.info("warm start step %d/%d: nll %.4f", step, cfg.steps, float(out.loss))
+        lost_update_warning(float(out.lost_fraction), step=step, where="warm start")
       if probe is not None and step % cfg.probe_every == 0:
         rate = probe(params)
         logger.info("warm start step %d: train pass rate %.3f (target %.3f)", step, rate,
