@@ -78,9 +78,10 @@ def main(argv):
   except Exception as error:  # noqa: BLE001 - re-raised unless the disk is full
     if not disk_full.is_disk_full(error):
       raise
-    # Outside a save (building the dataset ...): the error itself, its first line.
+    # Outside a save (the lock, the dataset ...): where, and the error's first line.
     message = (str(error) if isinstance(error, disk_full.DiskFullError) else
-               "No space left on device: " + next(iter(str(error).splitlines()), repr(error)))
+               f"No space left on device in the workdir {_WORKDIR.value}: "
+               + next(iter(str(error).splitlines()), repr(error)))
     print(f"error: {message}", file=sys.stderr)
     # Now, not at interpreter shutdown: Orbax's threads of the failed save are still waiting on
     # its writes, and would report them again as shutdown stops the executors they use. What is
@@ -94,8 +95,6 @@ def main(argv):
 def _exit_with_config_error(message: str) -> None:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
-
-
 
 
 def unknown_override(argv: list[str]) -> str | None:

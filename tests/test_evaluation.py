@@ -1,7 +1,10 @@
 """Evaluation estimators: pass@k against exact enumeration, maj@k ties, intervals, round trip."""
 
+import errno
 import itertools
 import math
+import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -152,6 +155,16 @@ class TestSummarize:
     back = evaluation.read_results(path)
     assert back == results
     assert evaluation.summarize(back, (4,)) == evaluation.summarize(results, (4,))
+
+  def test_a_write_on_a_full_disk_leaves_no_temporary_file(self, tmp_path, monkeypatch):
+    def half_then_full(path, text):
+      pathlib.Path.write_bytes(path, text[:len(text) // 2].encode())
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pathlib.Path, "write_text", half_then_full)
+    with pytest.raises(OSError):
+      evaluation.write_results(tmp_path / "step_000010.jsonl", _results(seed=3))
+    assert not list(tmp_path.iterdir())
 
   def test_json_line_has_the_counts_and_majority(self):
     result = evaluation.PromptResult(prompt_id=7, prompt="2+2=", greedy_passed=True,

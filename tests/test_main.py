@@ -147,4 +147,5 @@ def test_a_full_disk_is_one_line_and_exit_status_1(tmp_path, where):
   assert result.stderr.strip().splitlines() == [
       f"error: No space left on device while saving step 3 to {workdir}/checkpoints/3; the last "
       "complete step is 2" if where == "--save" else
-      f"error: No space left on device: [Errno 28] No space left on device: '{workdir}/data/x'"]
+      f"error: No space left on device in the workdir {workdir}: [Errno 28] No space left on "
+      f"device: '{workdir}/data/x'"]

@@ -233,12 +233,17 @@ def summarize(results: Sequence[PromptResult], ks: Iterable[int], *,
 
 
 def write_results(path: str | os.PathLike, results: Iterable[PromptResult]) -> pathlib.Path:
-  """Writes one JSON line per prompt, atomically (a temporary file, then a rename)."""
+  """Writes one JSON line per prompt, atomically (a temporary file, then a rename; the temporary
+  file is removed if that fails, on a full disk)."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   temporary = path.with_name(path.name + ".tmp")
-  temporary.write_text("".join(json.dumps(r.to_json()) + "\n" for r in results))
-  os.replace(temporary, path)
+  try:
+    temporary.write_text("".join(json.dumps(r.to_json()) + "\n" for r in results))
+    os.replace(temporary, path)
+  except BaseException:
+    temporary.unlink(missing_ok=True)
+    raise
   return path
 
 

@@ -118,6 +118,12 @@ _METRICS_PREFIX = "metrics/"  # Orbax's metrics item inside a step directory
 CORRUPTED_DIR = "corrupted"
 
 
+# After a save failed for lack of space: how long its removed files must stay gone, and how long
+# to wait for that at most.
+_SETTLE_S = 1.0
+_SETTLE_LIMIT_S = 15.0
+
+
 _BARRIER_IDS = itertools.count()
 
 
@@ -816,11 +822,11 @@ class Checkpointer:
     return disk_full.DiskFullError(step=step, path=self._step_dir(step),
                                    last_complete=self.latest_step)
 
-  def _remove_partial(self, step: int) -> None:
+  def _remove_partial(self, step: int) -> bool:
     """Removes the files of a failed save of `step` (primary process): Orbax's temporary
-    directory, or the committed one if it does not verify."""
+    directory, or the committed one if it does not verify. Returns whether there were any."""
     if not ocp.multihost.is_primary_host(0):
-      return
+      return False
     final = self._step_dir(step)
     partial = list(self._directory.glob(final.name + ocp.path.atomicity.TMP_DIR_SUFFIX + "*"))
     if final.exists():
@@ -836,6 +842,7 @@ class Checkpointer:
       except OSError as error:
         logger.warning("Could not remove %s, left by the failed save of step %d: %s", path, step,
                        error)
+    return bool(partial)
 
   def close(self) -> None:
     """Waits for pending saves and releases Orbax's threads."""
@@ -849,8 +856,12 @@ class Checkpointer:
         if self._failed_save is None or not disk_full.is_disk_full(error):
           raise
       if self._failed_save is not None:
-        # Orbax's threads of the failed save, finished now, may have written more of it.
-        self._remove_partial(self._failed_save)
+        # The writes tensorstore still had in flight when Orbax gave up on the failed save go on
+        # (and fail) after Orbax closes, and recreate its directories: remove them until they
+        # stay gone.
+        deadline = time.monotonic() + _SETTLE_LIMIT_S
+        while self._remove_partial(self._failed_save) and time.monotonic() < deadline:
+          time.sleep(_SETTLE_S)
 
   def __enter__(self) -> Checkpointer:
     return self
