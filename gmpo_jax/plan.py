@@ -27,7 +27,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from gmpo_jax.config import ConfigError, ExperimentConfig
+from gmpo_jax.config import CHECKPOINT_OVERRIDES, ConfigError, ExperimentConfig
 from gmpo_jax.models.transformer import TransformerConfig
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
@@ -101,6 +101,9 @@ def _model(config_dict) -> tuple[ExperimentConfig, TransformerConfig]:
       raise ConfigError(f"--model: {error}") from error
     config_dict.model.name, config_dict.model.hf_path = _MODEL.value, None
     config_dict.model.tokenizer = config_dict.model.tokenizer or "char"
+    # How the model runs (kernel, remat) still comes from the config; its shape does not.
+    config_dict.model.overrides = {k: v for k, v in config_dict.model.overrides.items()
+                                   if k in CHECKPOINT_OVERRIDES}
   config = ExperimentConfig.from_config(config_dict)
   try:
     return config, abstract_step.model_config(config.model, vocab_size=vocab_size)
