@@ -38,7 +38,7 @@ from gmpo_jax.infra import sharding
 from gmpo_jax.learner import precision
 from gmpo_jax.learner import update as learner
 from gmpo_jax.models import hf_import, tokenization
-from gmpo_jax.models.logprobs import positions_from_mask, project_logits, sequence_logprobs
+from gmpo_jax.models.logprobs import positions_from_mask, project_logits
 from gmpo_jax.models.transformer import (Transformer, TransformerConfig, default_cache_dtype,
                                          init_cache)
 from gmpo_jax.rollout.sampling import prompt_bucket
