@@ -9,9 +9,10 @@ libtpu (`pip install libtpu==0.0.42.1`, the version jax[tpu] 0.10.2 pins).
 
 The model is the config's: with `model.hf_path`, the checkpoint's config.json alone is read;
 `--model=qwen2.5-7b` plans a named architecture instead (its published vocabulary, the config's
-dtypes and run-time overrides such as `model.overrides.remat`). Prompts are `--prompt_length` tokens (256 by default; a run's prompts come from its
-data), completions `sampling.max_new_tokens`. Config fields are overridden as for
-`gmpo_jax.main`, e.g. `--config.sampling.max_new_tokens=2048`.
+dtypes and run-time overrides such as `model.overrides.remat`). Prompts are `--prompt_length`
+tokens (256 by default; a run's prompts come from its data), completions
+`sampling.max_new_tokens`. Config fields are overridden as for `gmpo_jax.main`, e.g.
+`--config.sampling.max_new_tokens=2048`.
 
 Exit status 2 with one line on stderr for a program that does not fit (naming it, what it needs
 and the first change that fits) or a config error; the JSON is written first in the former case.

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from gmpo_jax.infra import hbm
@@ -56,6 +57,8 @@ class TestAutoFsdp:
     assert hbm.chip_hbm("TPU v5").capacity == 95 * GIB
     assert hbm.chip_hbm("TPU v6 lite").bandwidth == 1638e9
     assert hbm.chip_hbm("cpu") is None
+    # A CPU device reports no HBM limit and is in no table.
+    assert hbm.device_hbm_bytes(jax.devices("cpu")[0]) is None
 
 
 def _plan(tmp_path, *flags):

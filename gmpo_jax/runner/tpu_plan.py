@@ -184,12 +184,14 @@ class Compiled(NamedTuple):
     memory: the compiled program's `Memory`; None if it did not compile.
     cost: its `Cost` as the compiler prices it (loop bodies once); None if it did not compile.
     hlo: its optimized HLO text; '' if it did not compile.
+    judged: the compiler saw it (False: refused by the early check, `need` a lower bound).
   """
   fits: bool
   need: float
   memory: Memory | None
   cost: Cost | None
   hlo: str
+  judged: bool
 
 
 _SIZE = re.compile(r"([\d.]+)\s*([KMGT])i?B?\b")
@@ -223,13 +225,13 @@ def compile_program(program: abstract_step.Program, mesh: jax.sharding.Mesh, *,
   held_bytes = shard_bytes(held)
   floor = shard_bytes(program.args) + shard_bytes(temporaries) + held_bytes
   if floor > capacity:
-    return Compiled(False, floor, None, None, "")
+    return Compiled(False, floor, None, None, "", False)
   try:
     compiled = program.lower(mesh).compile()
   except jax.errors.JaxRuntimeError as error:
     if "RESOURCE_EXHAUSTED" not in str(error):
       raise
-    return Compiled(False, max(_oom_need(str(error)) + held_bytes, floor), None, None, "")
+    return Compiled(False, max(_oom_need(str(error)) + held_bytes, floor), None, None, "", True)
   stats = compiled.memory_analysis()
   memory = Memory(stats.argument_size_in_bytes, stats.output_size_in_bytes,
                   stats.temp_size_in_bytes, stats.alias_size_in_bytes, held_bytes)
@@ -242,7 +244,7 @@ def compile_program(program: abstract_step.Program, mesh: jax.sharding.Mesh, *,
                    "call among %s is priced at -1 s", program.name, seconds, unpriced, targets)
   cost = Cost(float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0)),
               seconds)
-  return Compiled(memory.total <= capacity, memory.total, memory, cost, hlo)
+  return Compiled(memory.total <= capacity, memory.total, memory, cost, hlo, True)
 
 
 def collectives(hlo: str) -> dict[str, int]:
@@ -503,18 +505,21 @@ class _Planner:
             dataclasses.replace(base, chunk_size=chunk))
         chunk //= 2
 
-  def find_fix(self, name: str, setup: Setup, need: float) -> str:
+  def find_fix(self, name: str, setup: Setup, real: Compiled) -> str:
     """The first candidate change under which `name` fits, else an estimate of the chips."""
-    last = need
+    last = real
     for label, candidate in self.candidates(name, setup):
       compiled = self.compile(name, candidate)
       if compiled.fits:
         return f"{label}: {compiled.need / GIB:.2f} GiB per chip"
-      last = compiled.need
+      last = compiled
     chips = self.target.chips
-    more = 2 ** math.ceil(math.log2(max(chips * last / self.target.hbm.capacity, chips + 1)))
-    return (f"more chips: about {more} of {self.target.device_kind} with FSDP over all of them "
-            f"({last / GIB:.2f} GiB per chip on {chips})")
+    more = 2 ** math.ceil(math.log2(max(chips * last.need / self.target.hbm.capacity,
+                                        chips + 1)))
+    # A need from the early check counts the arguments and held state only: a lower bound.
+    bound = "about" if last.judged else "at least"
+    return (f"more chips: {bound} {more} of {self.target.device_kind} with FSDP over all of "
+            f"them ({last.need / GIB:.2f} GiB per chip on {chips})")
 
 
 def initial_setup(config: ExperimentConfig, model: TransformerConfig,
@@ -584,7 +589,7 @@ def plan(config: ExperimentConfig, model: TransformerConfig, target: Target, *,
                   hbm_bandwidth_fraction=None, bytes_read_over_needed=None,
                   attention_kernel=None, collectives=None, fix=None)
     if not real.fits:
-      report["fix"] = planner.find_fix(name, setup, real.need)
+      report["fix"] = planner.find_fix(name, setup, real)
       reports.append(ProgramPlan(**report))
       continue
     impl = attention_lib.resolve_impl(
