@@ -192,7 +192,7 @@ def _append(file: io.FileIO, data: bytes, path: pathlib.Path) -> None:
 def _write_atomically(path: pathlib.Path, data: bytes) -> None:
   """Replaces `path` by `data` through `<path>.tmp`, which a failure removes again."""
   temporary = path.with_name(path.name + ".tmp")
-  with _naming(temporary):
+  with _naming(path):
     try:
       temporary.write_bytes(data)
       os.replace(temporary, path)
