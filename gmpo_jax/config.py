@@ -518,11 +518,10 @@ class ExperimentConfig:
         # A bfloat16 weight keeps its value under any step below half its ulp, 2^-9 |w|: at
         # lr 1e-6 that is every weight above ~5e-4, so training would change nothing.
         _require(optim.stochastic_rounding, "model.param_dtype", self.model.param_dtype,
-                 f"stores the trained parameters in bfloat16, which rounds away every "
-                 f"update below 2^-9 of a weight (at lr {optim.learning_rate:g}, nearly all "
-                 f"of them): train float32 masters with model.param_dtype='float32' (and "
-                 f"model.dtype='bfloat16' for bfloat16 compute), or set "
-                 f"{name}.stochastic_rounding=True")
+                 f"stores the trained parameters in bfloat16, which rounds away every step "
+                 f"below 2^-9 of a weight (at lr 1e-6, nearly every step): train float32 "
+                 f"masters with model.param_dtype='float32' (and model.dtype='bfloat16' for "
+                 f"bfloat16 compute), or set {name}.stochastic_rounding=True")
 
   # Built by `gmpo_jax.main` before any JAX backend starts (`distributed.DistributedConfig`).
   _UNTYPED_SECTIONS = ("distributed",)

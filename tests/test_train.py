@@ -49,8 +49,13 @@ def test_run_writes_metrics_checkpoints_and_plot(uninterrupted):
   assert "eval/pass@1" in records[0]  # the evaluation before any RL update
   for key in ("reward/mean", "reward/geometric_mean", "advantage/std", "loss", "grad_norm",
               "clip_fraction_low", "ratio_max", "entropy", "groups/zero_std_fraction",
-              "response_length/mean", "mismatch/kl"):
+              "response_length/mean", "mismatch/kl", "update/relative_change",
+              "update/lost_fraction"):
     assert key in records[1], key
+  # float32 parameters: the updates reach them, none is rounded away (a step whose groups all
+  # tie has zero advantages and no update).
+  assert any(r["update/relative_change"] > 0 for r in records[1:])
+  assert all(r["update/lost_fraction"] < 0.01 for r in records[1:])
   # The sampler and the learner score the same tokens with the same parameters in float32.
   assert all(0 <= r["mismatch/kl"] < 1e-5 for r in records[1:])
   # Without an importance correction (the default) no weight is computed or logged.

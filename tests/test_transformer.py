@@ -345,7 +345,8 @@ class TestConfig:
   # Parameter counts of the published checkpoints (tied embeddings counted once).
   @pytest.mark.parametrize("name,count", [
       ("qwen2-0.5b", 494_032_768), ("qwen2.5-0.5b", 494_032_768),
-      ("qwen2.5-1.5b", 1_543_714_304), ("qwen3-0.6b", 596_049_920),
+      ("qwen2.5-1.5b", 1_543_714_304), ("qwen2.5-7b", 7_615_616_512),
+      ("qwen3-0.6b", 596_049_920),
       ("llama-3.2-1b", 1_235_814_400),
   ])
   def test_named_configs_have_the_published_size(self, name, count):

@@ -299,12 +299,7 @@ def make_update_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformati
     recorded runs would no longer reproduce), and it looks only at the gradient, not the loss.
   """
   mesh = _mesh_of(param_shardings)
-  # Not with a tensor axis: XLA's SPMD partitioner aborts on the embedding gather of a
-  # tensor-sharded vocabulary inside a shard_map that leaves `tensor` automatic (jax 0.10.2,
-  # "Check failed" in ExpandDeviceGroupsWithIota, 2x2x2 mesh); such a mesh keeps the
-  # per-micro-batch reduction.
-  if (mesh is not None and mesh.shape.get(DATA_AXIS, 1) > 1
-      and mesh.shape.get("tensor", 1) == 1):
+  if mesh is not None and reduces_once_over_data(mesh):
     # Parameters, optimizer state and outputs are replicated over `data`; the rows of every
     # micro-batch (axis 1) are split over it, as `place_batch` splits them. Every output is
     # computed from values summed over `data`, so the replicas agree; the replication check
@@ -319,6 +314,19 @@ def make_update_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformati
   return jax.jit(step, donate_argnums=(0, 1) if donate else (),
                  in_shardings=shardings, out_shardings=shardings,
                  compiler_options=compilation.learner_compiler_options())
+
+
+def reduces_once_over_data(mesh: jax.sharding.Mesh) -> bool:
+  """Whether `make_update_fn` on `mesh` sums the gradient over `data` once per step (inside
+  `jax.shard_map` over `data`) rather than once per micro-batch: a `data` axis of more than one
+  device and no `tensor` axis.
+
+  Not with a tensor axis: XLA's SPMD partitioner aborts on the embedding gather of a
+  tensor-sharded vocabulary inside a shard_map that leaves `tensor` automatic (jax 0.10.2,
+  "Check failed" in ExpandDeviceGroupsWithIota, 2x2x2 mesh); such a mesh keeps the
+  per-micro-batch reduction.
+  """
+  return mesh.shape.get(DATA_AXIS, 1) > 1 and mesh.shape.get("tensor", 1) == 1
 
 
 def _mesh_of(shardings: Any) -> jax.sharding.Mesh | None:
@@ -357,25 +365,38 @@ def update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
       if micro_metrics is not None:
         micro_metrics = micro_metrics.pool(jax.vmap(minibatch_counts)(batch.loss_mask),
                                            axis_name)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # The optimizer sees float32 values whatever stores them; the result is cast back, exactly
-    # for float32 masters and for stochastically rounded bfloat16 (`precision`).
-    masters = precision.float32_view(params)
-    updates, new_opt_state = optimizer.update(grads, opt_state, masters)
-    new_params = jax.tree.map(lambda new, old: new.astype(old.dtype),
-                              optax.apply_updates(masters, updates), params)
-    stats = precision.update_statistics(params, new_params, updates, grads)
-    keep = lambda new, old: jnp.where(finite, new, old)
-    params = jax.tree.map(keep, new_params, params)
-    opt_state = jax.tree.map(keep, new_opt_state, opt_state)
-    stats = jax.tree.map(lambda x: jnp.where(finite, x, 0.0), stats)
+    params, opt_state, out = apply_gradients(optimizer, params, opt_state, loss, grads)
     metrics = None if micro_metrics is None else micro_metrics.combine()
-    return params, opt_state, UpdateOutput(
-        loss=loss, grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32), metrics=metrics,
-        relative_change=stats.relative_change, lost_fraction=stats.lost_fraction)
+    return params, opt_state, out._replace(metrics=metrics)
 
   return update
+
+
+def apply_gradients(optimizer: optax.GradientTransformation, params: Any, opt_state: Any,
+                    loss: jax.Array, grads: Any) -> tuple[Any, Any, UpdateOutput]:
+  """The optimizer step of `update_step` on the minibatch's summed loss and gradient.
+
+  The optimizer sees float32 values whatever stores the parameters; the result is cast back,
+  exactly for float32 masters and for stochastically rounded bfloat16 (`precision`). A
+  non-finite loss or gradient norm keeps `params` and `opt_state`.
+
+  Returns:
+    (params, opt_state, the step's `UpdateOutput` with `metrics` None).
+  """
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  masters = precision.float32_view(params)
+  updates, new_opt_state = optimizer.update(grads, opt_state, masters)
+  new_params = jax.tree.map(lambda new, old: new.astype(old.dtype),
+                            optax.apply_updates(masters, updates), params)
+  stats = precision.update_statistics(params, new_params, updates, grads)
+  keep = lambda new, old: jnp.where(finite, new, old)
+  params = jax.tree.map(keep, new_params, params)
+  opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+  stats = jax.tree.map(lambda x: jnp.where(finite, x, 0.0), stats)
+  return params, opt_state, UpdateOutput(
+      loss=loss, grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32), metrics=None,
+      relative_change=stats.relative_change, lost_fraction=stats.lost_fraction)
 
 
 def accumulate_gradients(grad_fn: Callable, params: Any, batch: Batch

@@ -135,6 +135,12 @@ _NAMED_CONFIGS: dict[str, dict[str, Any]] = {
         num_kv_heads=2, head_dim=128, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
         tie_word_embeddings=True, attention_bias=True, max_position_embeddings=131_072,
     ),
+    # Qwen2.5-7B(-Instruct): untied embeddings, 28 query and 4 key/value heads of 128.
+    "qwen2.5-7b": dict(
+        vocab_size=152_064, hidden_size=3584, intermediate_size=18_944, num_layers=28,
+        num_heads=28, num_kv_heads=4, head_dim=128, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, attention_bias=True, max_position_embeddings=32_768,
+    ),
     "qwen3-0.6b": dict(
         vocab_size=151_936, hidden_size=1024, intermediate_size=3072, num_layers=28, num_heads=16,
         num_kv_heads=8, head_dim=128, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
@@ -254,7 +260,7 @@ class TransformerConfig:
 
     Args:
       name: one of 'tiny', 'llama-100m', 'qwen2-0.5b', 'qwen2.5-0.5b', 'qwen2.5-1.5b',
-        'qwen3-0.6b', 'llama-3.2-1b'.
+        'qwen2.5-7b', 'qwen3-0.6b', 'llama-3.2-1b'.
 
     Returns:
       The config (float32 parameters and compute; remat off).
