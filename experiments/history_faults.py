@@ -257,7 +257,7 @@ def _fill(path: pathlib.Path) -> None:
 
 
 _ONE_LINE = re.compile(r"error: No space left on device( while saving step \d+ to \S+; (the last "
-                       r"complete step is \d+|no step is complete yet)|: .+)")
+                       r"complete step is \d+|no step is complete yet)| in the workdir \S+: .+)")
 
 
 def _half_written(workdir: pathlib.Path) -> list[str]:

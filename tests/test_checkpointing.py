@@ -466,21 +466,32 @@ class TestFullDisk:
       raise error
 
     monkeypatch.setattr(integrity, "build_manifest", fail)
-    with Checkpointer(tmp_path, async_save=async_save) as checkpointer:
-      _, state = _make_state(2, seed=2)
-      with pytest.raises(disk_full.DiskFullError) as raised:
+    _, state = _make_state(2, seed=2)
+    with pytest.raises(disk_full.DiskFullError) as raised:
+      with Checkpointer(tmp_path, async_save=async_save) as checkpointer:
         checkpointer.save(state)
         checkpointer.save(_make_state(3, seed=3)[1])  # an asynchronous save fails here
-      assert str(raised.value) == (f"No space left on device while saving step 2 to {tmp_path / '2'}; "
-                                   "the last complete step is 1")
-      assert (raised.value.step, raised.value.last_complete) == (2, 1)
-      assert sorted(os.listdir(tmp_path)) == ["1"]  # no Orbax tmp directory, no manifest tmp file
-      monkeypatch.undo()
-      # Once there is space again, the same step saves and restores.
+    assert str(raised.value) == (f"No space left on device while saving step 2 to {tmp_path / '2'}; "
+                                 "the last complete step is 1")
+    assert (raised.value.step, raised.value.last_complete) == (2, 1)
+    assert sorted(os.listdir(tmp_path)) == ["1"]  # no Orbax tmp directory, no manifest tmp file
+    monkeypatch.undo()
+    # Once there is space again, the same step saves and restores.
+    with Checkpointer(tmp_path, async_save=async_save) as checkpointer:
       assert checkpointer.save(state)
     with Checkpointer(tmp_path) as checkpointer:
       assert checkpointer.all_steps() == [1, 2]
       _assert_restored_equals(checkpointer.restore(1, _abstract_target()), expected[1])
+
+  def test_saving_on_after_a_full_disk_removes_the_failed_step_first(self, tmp_path, monkeypatch):
+    monkeypatch.setattr(integrity, "build_manifest", lambda *args: (_ for _ in ()).throw(_ENOSPC))
+    with Checkpointer(tmp_path, async_save=False) as checkpointer:
+      with pytest.raises(disk_full.DiskFullError):
+        checkpointer.save(_make_state(1, seed=1)[1])
+      monkeypatch.undo()
+      assert checkpointer.save(_make_state(2, seed=2)[1])
+      assert checkpointer.all_steps() == [2]
+    assert sorted(os.listdir(tmp_path)) == ["2"]
 
   def test_without_a_complete_step_the_error_says_so(self, tmp_path, monkeypatch):
     monkeypatch.setattr(integrity, "build_manifest", lambda *args: (_ for _ in ()).throw(_ENOSPC))

@@ -162,8 +162,9 @@ class TestSummarize:
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(pathlib.Path, "write_text", half_then_full)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as raised:
       evaluation.write_results(tmp_path / "step_000010.jsonl", _results(seed=3))
+    assert raised.value.filename == str(tmp_path / "step_000010.jsonl")
     assert not list(tmp_path.iterdir())
 
   def test_json_line_has_the_counts_and_majority(self):

@@ -2,6 +2,7 @@
 
 import ast
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -455,6 +456,20 @@ def test_a_damaged_dataset_cache_is_built_again_with_a_warning_naming_the_file(d
   caplog.clear()
   assert list(task.load("test", data_dir=str(tmp_path)))
   assert not [r for r in caplog.records if r.name == base.logger.name]
+
+
+
+def test_a_build_that_fails_to_write_names_the_cache(tmp_path, monkeypatch):
+  task = tasks.get_task("arithmetic", **SMALL["arithmetic"])
+
+  def full_disk(self, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(arithmetic.ArithmeticBuilder, "download_and_prepare", full_disk)
+  with pytest.raises(OSError) as raised:
+    task.load("train", data_dir=str(tmp_path))
+  assert raised.value.errno == errno.ENOSPC
+  assert raised.value.filename == str(task.cache_dir(data_dir=str(tmp_path)))
 
 
 def _check_builder(task, data_dir, tmp_path, generated, key):

@@ -233,17 +233,21 @@ def summarize(results: Sequence[PromptResult], ks: Iterable[int], *,
 
 
 def write_results(path: str | os.PathLike, results: Iterable[PromptResult]) -> pathlib.Path:
-  """Writes one JSON line per prompt, atomically (a temporary file, then a rename; the temporary
-  file is removed if that fails, on a full disk)."""
+  """Writes one JSON line per prompt, atomically (a temporary file, then a rename).
+
+  If that fails (a full disk), the temporary file is removed and the OSError names `path`.
+  """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   temporary = path.with_name(path.name + ".tmp")
   try:
     temporary.write_text("".join(json.dumps(r.to_json()) + "\n" for r in results))
     os.replace(temporary, path)
-  except BaseException:
+  except OSError as error:
     temporary.unlink(missing_ok=True)
-    raise
+    if error.filename is not None:
+      raise
+    raise OSError(error.errno, error.strerror, str(path)) from error
   return path
 
 

@@ -192,7 +192,7 @@ def _append(file: io.FileIO, data: bytes, path: pathlib.Path) -> None:
 def _write_atomically(path: pathlib.Path, data: bytes) -> None:
   """Replaces `path` by `data` through `<path>.tmp`, which a failure removes again."""
   temporary = path.with_name(path.name + ".tmp")
-  with _naming(temporary):
+  with _naming(path):
     try:
       temporary.write_bytes(data)
       os.replace(temporary, path)
@@ -393,9 +393,9 @@ class MetricsWriter:
     if self._events.first and records:
       logger.warning("%s holds no event file; rebuilt it from the %d records of %s.",
                      self._workdir / TENSORBOARD_DIR, len(records), self._path)
-      self._events.write([event for event in (
-          _scalars_event(r["step"], {k: v for k, v in r.items() if k != "step"}) for r in records)
-                          if event is not None])
+      events = (_scalars_event(r["step"], {k: v for k, v in r.items() if k != "step"})
+                for r in records)
+      self._events.write([event for event in events if event is not None])
     self._bar = tqdm.tqdm(
         total=total_steps,
         initial=0 if start_step is None else start_step,
@@ -424,7 +424,7 @@ class MetricsWriter:
     Raises:
       ValueError: a decreasing step, a metric named "step", a non-scalar value.
       TypeError: a non-numeric value.
-      OSError: a write failed (naming the file); nothing of the record was left in it.
+      OSError: a write failed (naming the file); each file holds the record whole or not at all.
     """
     step = operator.index(step)
     if step < self._min_step:

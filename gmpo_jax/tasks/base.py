@@ -452,9 +452,15 @@ class Task(abc.ABC):
       logger.warning("The dataset cache %s is damaged (%s); building it again.", directory, problem)
       directory.rmtree()
     builder = self.builder(data_dir=data_dir)
-    builder.download_and_prepare(
-        file_format="array_record", download_config=self.download_config()
-    )
+    try:
+      builder.download_and_prepare(
+          file_format="array_record", download_config=self.download_config()
+      )
+    except OSError as error:
+      if error.filename is not None:
+        raise
+      # A failed write (a full disk) names no file: name the cache being built.
+      raise OSError(error.errno, error.strerror, str(directory)) from error
     if problem is not None or not (directory / CACHE_MANIFEST).exists():
       _write_cache_manifest(directory)
     return DecodedSource(builder.as_data_source(split))

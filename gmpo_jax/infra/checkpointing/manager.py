@@ -64,10 +64,11 @@ Guarantees:
     leaving the `with` block) wait for it, and an error in the background
     surfaces there or at the next `save`.
   * A full disk (ENOSPC, EDQUOT) during a save raises `disk_full.DiskFullError`
-    (the step, its directory, the newest complete step) once the save's files
-    are removed: Orbax's temporary directory, or the committed directory when
-    it does not verify. A step whose manifest could not be sealed for lack of
-    space stays (it keeps the weaker check of an unsealed step).
+    (the step, its directory, the newest complete step); `close` (or the next
+    `save`) removes what the save wrote, once Orbax's threads are done with it:
+    Orbax's temporary directory, or the committed directory when it does not
+    verify. A step whose manifest could not be sealed for lack of space stays
+    (it keeps the weaker check of an unsealed step).
   * Multi-host: every process calls `save`/`restore*` (they are collective);
     Orbax writes from the primary process only, the manifest is written by the
     primary process, and the only file operation done here (moving a corrupted
@@ -371,6 +372,9 @@ class Checkpointer:
       raise ValueError(f"step must be >= 0, got {step}.")
     # The previous save's manifest callback must be done before `_pending` changes.
     self.wait_until_finished()
+    if self._failed_save is not None:  # saving on after a full disk: its files go first
+      self._remove_partial(self._failed_save)
+      self._failed_save = None
     if step in self._unreadable:
       logger.warning("Not saving checkpoint step %d: %s exists and this process cannot read it "
                      "(restore its permissions or remove it).", step, self._step_dir(step))
@@ -816,9 +820,9 @@ class Checkpointer:
     self._seal()
 
   def _disk_full(self, step: int) -> disk_full.DiskFullError:
-    """Removes what the failed save of `step` wrote and describes it."""
+    """Describes the failed save of `step`; its files are removed by `close` (or the next
+    `save`), once Orbax's threads that still write them are done."""
     self._failed_save = step
-    self._remove_partial(step)
     return disk_full.DiskFullError(step=step, path=self._step_dir(step),
                                    last_complete=self.latest_step)
 
@@ -857,11 +861,12 @@ class Checkpointer:
           raise
       if self._failed_save is not None:
         # The writes tensorstore still had in flight when Orbax gave up on the failed save go on
-        # (and fail) after Orbax closes, and recreate its directories: remove them until they
+        # (and fail) after Orbax closes, and can recreate its directories: remove them until they
         # stay gone.
         deadline = time.monotonic() + _SETTLE_LIMIT_S
         while self._remove_partial(self._failed_save) and time.monotonic() < deadline:
           time.sleep(_SETTLE_S)
+        self._failed_save = None
 
   def __enter__(self) -> Checkpointer:
     return self
