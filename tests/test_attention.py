@@ -95,6 +95,20 @@ class TestBlockwiseMatchesDense:
     np.testing.assert_allclose(blockwise(q, k, v, jnp.int32(offset)),
                                _dense(q, k, v, key_mask, offset), atol=1e-5, rtol=1e-5)
 
+  def test_kv_cache_order_gives_the_same_values(self):
+    """The decode kernel reads a KV cache's [B, K, S, hd] in place: same values, one query."""
+    rng = np.random.default_rng(2)
+    q, k, v = _inputs(rng, 3, 1, 6, 2, 8, keys=21)
+    key_mask = jnp.asarray(rng.random((3, 21)) < 0.7).at[:, 0].set(True)
+    mask = attn.causal_padding_mask(key_mask, 1, 17)
+    want = attn.dense_attention(q, k, v, mask, precision=HIGHEST)
+    heads_major = [jnp.swapaxes(x, 1, 2) for x in (k, v)]
+    got = attn.causal_attention(q, *heads_major, key_mask, impl="xla", query_offset=17,
+                                precision=HIGHEST, kv_heads_major=True)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="kv_heads_major applies to the 'xla' kernel"):
+      attn.causal_attention(q, *heads_major, key_mask, impl="blockwise", kv_heads_major=True)
+
   def test_bfloat16_is_close_and_keeps_dtype(self):
     rng = np.random.default_rng(2)
     q, k, v = _inputs(rng, 4, 29, 4, 2, 16, dtype=jnp.bfloat16)

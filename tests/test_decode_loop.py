@@ -1,5 +1,6 @@
-"""Tests for the decode loop of gmpo_jax.rollout.sampling: k steps per finish check give the same
-outputs for every k, stop early, select one program each, and write the KV cache in place."""
+"""Tests for the decode loop of gmpo_jax.rollout.sampling: k steps per finish check and the cache
+read window by window give the same outputs, stop early, select one program each, and write the
+KV cache in place."""
 
 import contextlib
 import dataclasses
@@ -78,6 +79,30 @@ def test_outputs_are_bit_identical_for_every_steps_per_check(temperature):
       np.testing.assert_array_equal(getattr(got, name), value, err_msg=f'k={k} {name}')
 
 
+@pytest.mark.parametrize('bucket,k', [(1, 1), (4, 1), (5, 3), (None, 3)])
+def test_outputs_do_not_depend_on_the_cache_read_bucket(bucket, k):
+  """Reading the cache window by window attends to the same slots as reading all of them."""
+  model = _model()
+  tokens, mask = _random_prompts(seed=2)
+  config = sampling.SamplingConfig(max_new_tokens=N, pad_id=3, steps_per_check=k,
+                                   cache_read_bucket=None)
+  want = sampling.generate(model, tokens, mask, jax.random.key(4), config=config)
+  got = sampling.generate(model, tokens, mask, jax.random.key(4),
+                          config=dataclasses.replace(config, cache_read_bucket=bucket))
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_array_equal(got.completion_mask, want.completion_mask)
+  np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-5, atol=1e-6)
+
+
+def test_read_windows():
+  assert sampling.read_windows(16, 14, None) == (30,)
+  assert sampling.read_windows(16, 14, 5) == (21, 26, 30)
+  assert sampling.read_windows(16, 14, 14) == (30,)
+  assert sampling.read_windows(16, 14, 100) == (30,)
+  with pytest.raises(ValueError, match='cache_read_bucket'):
+    sampling.SamplingConfig(max_new_tokens=4, cache_read_bucket=0)
+
+
 @pytest.mark.parametrize('k', [1, 3, 8])
 def test_decoding_stops_within_k_steps_of_the_last_row_stopping(k):
   model = _model()
@@ -147,8 +172,8 @@ def _reachable(computations, root):
   return seen
 
 
-@pytest.mark.parametrize('k', [1, 3])
-def test_decode_loop_writes_the_kv_cache_in_place(k):
+@pytest.mark.parametrize('k,bucket', [(1, None), (3, None), (1, 2)])
+def test_decode_loop_writes_the_kv_cache_in_place(k, bucket):
   model = _model()
   graphdef, state = nnx.split(model)
   batch, prompt, new = 8, 16, 6
@@ -158,16 +183,17 @@ def test_decode_loop_writes_the_kv_cache_in_place(k):
   compiled = sampling._generate_bucketed.lower(
       graphdef, state, np.zeros((batch, prompt), np.int32), np.ones((batch, prompt), bool),
       jax.random.key(0), knobs, max_new_tokens=new, cache_dtype=None,
-      steps_per_check=k).compile()
+      steps_per_check=k, cache_read_bucket=bucket).compile()
   computations = _computations(compiled.as_text())
-  cache = re.escape(f'[{_CONFIG.num_layers},{batch},{prompt + new},{_CONFIG.num_kv_heads},'
+  cache = re.escape(f'[{_CONFIG.num_layers},{batch},{_CONFIG.num_kv_heads},{prompt + new},'
                     f'{_CONFIG.head_dim}]')  # the K or V buffer's shape, any dtype
   # The decode loops are the while loops whose trip count XLA cannot know (it stops on the
   # data); the layer scans and the k-step inner loop have a known trip count.
   decode_bodies = [re.search(r'body=%([\w.\-]+)', line).group(1)
                    for lines in computations.values() for line in lines
                    if ' while(' in line and 'known_trip_count' not in line]
-  assert len(decode_bodies) == (1 if (new - 1) % k == 0 else 2)
+  windows = sampling.read_windows(prompt, new, bucket)
+  assert len(decode_bodies) == len(windows) + (0 if (new - 1) % k == 0 else 1)
   for body in decode_bodies:
     lines = [line for name in _reachable(computations, body) for line in computations[name]]
     writes = [line for line in lines if re.search(

@@ -11,9 +11,10 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
-from gmpo_jax.infra import hbm
+from gmpo_jax.infra import hbm, sharding
 
 GIB = hbm.GIB
 
@@ -51,6 +52,26 @@ class TestAutoFsdp:
   def test_sizes_that_do_not_divide_the_devices_are_refused(self):
     with pytest.raises(ValueError, match="does not divide"):
       hbm.auto_fsdp(data=3, fsdp=1, tensor=1, num_devices=4, state_bytes=1, hbm_bytes=GIB)
+
+  def test_the_sampler_copy_is_replicated_over_fsdp_when_it_fits(self):
+    # Qwen2.5-1.5B in bfloat16 (3.1 GB) on v5e: within a quarter of 16 GiB.
+    assert hbm.sampler_replicates(copy_bytes=3.1e9, fsdp=4, tensor=1, hbm_bytes=16 * GIB)
+    # 7B (15.2 GB) does not fit a quarter of v5e's HBM, unless split over tensor=4.
+    assert not hbm.sampler_replicates(copy_bytes=15.2e9, fsdp=4, tensor=1, hbm_bytes=16 * GIB)
+    assert hbm.sampler_replicates(copy_bytes=15.2e9, fsdp=2, tensor=4, hbm_bytes=16 * GIB)
+    # Nothing to replicate without fsdp; an unknown capacity (the CPU) keeps the sharding.
+    assert not hbm.sampler_replicates(copy_bytes=1, fsdp=1, tensor=1, hbm_bytes=16 * GIB)
+    assert not hbm.sampler_replicates(copy_bytes=1, fsdp=4, tensor=1, hbm_bytes=None)
+
+  def test_replicated_over_drops_only_that_axis(self):
+    devices = np.asarray(jax.devices("cpu")[:1]).reshape(1, 1, 1)
+    mesh = jax.sharding.Mesh(devices, sharding.MESH_AXES)
+    named = lambda *spec: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+    tree = {"a": named("fsdp", "tensor"), "b": named(("data", "fsdp"), None), "c": named(),
+            "d": named(("fsdp", "tensor"),)}
+    got = sharding.replicated_over(tree, "fsdp")
+    assert {k: tuple(v.spec) for k, v in got.items()} == {
+        "a": (None, "tensor"), "b": ("data", None), "c": (), "d": ("tensor",)}
 
   def test_chip_table(self):
     assert hbm.chip_hbm("TPU v5 lite").capacity == 16 * GIB

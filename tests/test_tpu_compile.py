@@ -15,6 +15,7 @@ Skipped where libtpu is not installed.
 
 import dataclasses
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,7 @@ KERNEL = "tpu_custom_call"
 MODEL = dataclasses.replace(TransformerConfig.from_name("tiny"), dtype="bfloat16")
 M, B, T = 2, 4, 128  # micro-batches x rows (a multiple of data x fsdp) x tokens
 PROMPT, NEW_TOKENS = 32, 16
+READ_BUCKET = 8  # the sampler's cache windows: 40 and 48 slots
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -149,10 +151,16 @@ def test_sampler_compiles(mesh, model):
       mesh, sampling._generate_bucketed,  # pylint: disable=protected-access
       graphdef, params, _rows(mesh, (B, PROMPT), jnp.int32), _rows(mesh, (B, PROMPT), bool),
       key, knobs, max_new_tokens=NEW_TOKENS, cache_dtype=None,
-      steps_per_check=sampling.default_steps_per_check("tpu"))
+      steps_per_check=sampling.default_steps_per_check("tpu"), cache_read_bucket=READ_BUCKET)
   hlo = compiled.as_text()
   assert KERNEL not in hlo and "while" in hlo
   _check_fits(compiled)
+  # The decode kernel reads the cache in place: no copy of a layer's K or V (any window).
+  windows = sampling.read_windows(PROMPT, NEW_TOKENS, READ_BUCKET)
+  assert len(windows) > 1
+  shapes = [tuple(int(d) for d in dims.split(",")) for dims in
+            re.findall(r"= bf16\[([\d,]+)\][^ ]* copy\(", hlo)]
+  assert not [s for s in shapes if s[-1] == MODEL.head_dim and set(s) & set(windows)], shapes
 
 
 @pytest.mark.slow  # three compiles of a larger program: ~35 s of CPU each

@@ -206,7 +206,7 @@ class TestKVCache:
 
   def test_init_cache_shapes(self):
     cache = tfm.init_cache(FULL, 3, 16)
-    assert cache.k.shape == cache.v.shape == (2, 3, 16, 2, 10)
+    assert cache.k.shape == cache.v.shape == (2, 3, 2, 16, 10)
     assert cache.key_mask.shape == (3, 16) and not cache.key_mask.any()
     assert cache.index.dtype == jnp.int32 and int(cache.index) == 0
     assert tfm.init_cache(FULL, 1, 4, jnp.bfloat16).k.dtype == jnp.bfloat16
@@ -249,10 +249,43 @@ class TestKVCache:
     model = _make(TINY)
     cache = tfm.init_cache(TINY, 1, 4).replace(index=jnp.int32(2))
     ones = jnp.ones((1, 3), jnp.int32)
-    with pytest.raises(ValueError, match=r"overflow: index 2 \+ 3 new tokens > capacity 4"):
+    with pytest.raises(ValueError, match=r"overflow: index 2 \+ 3 new tokens > 4 slots"):
       model(ones, ones, cache=cache)
     with pytest.raises(ValueError, match="cannot fit"):
       model(jnp.ones((1, 5), jnp.int32), jnp.ones((1, 5), jnp.int32), cache=cache)
+    one = jnp.ones((1, 1), jnp.int32)
+    with pytest.raises(ValueError, match=r"overflow: index 2 \+ 1 new tokens > 2 slots"):
+      model(one, one, cache=cache, read_slots=2)
+    with pytest.raises(ValueError, match=r"read_slots=5 must lie in \[1, 4\]"):
+      model(one, one, cache=cache, read_slots=5)
+    with pytest.raises(ValueError, match="read_slots applies to a call with a cache"):
+      model(one, one, read_slots=1)
+
+  def test_a_window_of_the_cache_gives_the_full_cache_result(self):
+    """Slots past the window are never attended to (the causal mask), so a step reading only
+    the first index + 1 slots equals one reading all of them: prefill then decode steps."""
+    model = _make(FULL)
+    rng = np.random.default_rng(0)
+    batch, prompt, capacity = 3, 5, 12
+    tokens = jnp.asarray(rng.integers(0, FULL.vocab_size, (batch, prompt + 3)), jnp.int32)
+    mask = jnp.asarray(np.arange(prompt)[None, :] >= np.array([[0], [2], [4]]))
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    full = window = tfm.init_cache(FULL, batch, capacity)
+    want, full = model(tokens[:, :prompt], positions, key_mask=mask, cache=full)
+    got, window = model(tokens[:, :prompt], positions, key_mask=mask, cache=window,
+                        read_slots=prompt)
+    # Padding queries attend to nothing: their (meaningless) rows spread over the slots read.
+    np.testing.assert_allclose(got[mask], want[mask], rtol=1e-6, atol=1e-6)
+    for step in range(3):
+      position = positions[:, -1:] + 1 + step
+      token = tokens[:, prompt + step][:, None]
+      want, full = model(token, position, cache=full)
+      got, window = model(token, position, cache=window, read_slots=prompt + step + 1)
+      np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    valid = np.asarray(full.key_mask)  # [B, S]; padding slots hold meaningless keys
+    np.testing.assert_allclose(np.moveaxis(np.asarray(window.k), 3, 2)[:, valid],
+                               np.moveaxis(np.asarray(full.k), 3, 2)[:, valid],
+                               rtol=1e-5, atol=1e-5)
 
 
 class TestTrainingPath:

@@ -87,6 +87,21 @@ def state_shardings(state: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
                       state, specs)
 
 
+def replicated_over(shardings: Any, axis: str) -> Any:
+  """`shardings` with the mesh axis `axis` removed from every spec: each array replicated
+  over it, split as before over the other axes."""
+
+  def drop(named: NamedSharding) -> NamedSharding:
+    entries = []
+    for entry in named.spec:
+      names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+      kept = tuple(n for n in names if n != axis)
+      entries.append(kept[0] if len(kept) == 1 else (kept or None))
+    return NamedSharding(named.mesh, P(*entries))
+
+  return jax.tree.map(drop, shardings)
+
+
 def opt_state_shardings(optimizer: optax.GradientTransformation, params: Any,
                         param_shardings: Any, mesh: Mesh) -> Any:
   """`NamedSharding`s of `optimizer.init(params)`: each moment tree sharded like `params`.

@@ -94,6 +94,7 @@ def causal_padding_mask(key_mask: jax.Array, num_queries: int,
 def dense_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
     precision: jax.lax.Precision = jax.lax.Precision.DEFAULT,
+    kv_heads_major: bool = False,
 ) -> jax.Array:
   """softmax(q kᵀ / sqrt(head_dim) masked) v, each query head reading key head h // (H/K).
 
@@ -103,10 +104,12 @@ def dense_attention(
 
   Args:
     q: [B, T, H, head_dim] queries.
-    k: [B, S, K, head_dim] keys, H % K == 0.
-    v: [B, S, K, head_dim] values.
+    k: [B, S, K, head_dim] keys, H % K == 0; [B, K, S, head_dim] with kv_heads_major.
+    v: values, shaped as k.
     mask: [B, T, S] bool, True where query t may attend to key s (any pattern).
     precision: matmul precision of both products.
+    kv_heads_major: k and v are [B, K, S, head_dim], the KV cache's order, which both
+      products contract without a transposed copy.
 
   Returns:
     [B, T, H, head_dim] in q's dtype. A query row with no True in its mask attends
@@ -115,18 +118,19 @@ def dense_attention(
   chex.assert_rank([q, k, v, mask], [4, 4, 4, 3])
   chex.assert_equal_shape([k, v])
   batch, length, num_heads, head_dim = q.shape
-  num_kv_heads = k.shape[2]
+  kv = "bksd" if kv_heads_major else "bskd"
+  num_kv_heads, num_keys = (k.shape[1], k.shape[2]) if kv_heads_major else k.shape[2:0:-1]
   if num_heads % num_kv_heads:
     raise ValueError(f"{num_heads} query heads is not a multiple of {num_kv_heads} kv heads.")
-  chex.assert_shape(mask, (batch, length, k.shape[1]))
+  chex.assert_shape(mask, (batch, length, num_keys))
   q = q.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
   acc = _accumulation_dtype(q)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, precision=precision,
+  scores = jnp.einsum(f"btkgd,{kv}->bkgts", q, k, precision=precision,
                       preferred_element_type=acc)
   scores = scores * (head_dim**-0.5)
   scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, precision=precision,
+  out = jnp.einsum(f"bkgts,{kv}->btkgd", probs.astype(v.dtype), v, precision=precision,
                    preferred_element_type=acc)
   return out.reshape(batch, length, num_heads, head_dim).astype(q.dtype)
 
@@ -556,6 +560,7 @@ def causal_attention(
     block_size: int = DEFAULT_BLOCK_SIZE,
     precision: jax.lax.Precision = jax.lax.Precision.DEFAULT,
     dense_mask: jax.Array | None = None,
+    kv_heads_major: bool = False,
 ) -> jax.Array:
   """Causal padded GQA attention with a resolved kernel (see `resolve_impl`).
 
@@ -568,6 +573,7 @@ def causal_attention(
     precision: matmul precision ('xla', 'blockwise').
     dense_mask: [B, T, S] `causal_padding_mask(key_mask, T, query_offset)` for 'xla', when
       the caller shares one across layers; built here otherwise.
+    kv_heads_major: k and v are [B, K, S, head_dim] (a KV cache's order); 'xla' only.
 
   Returns:
     [B, T, H, head_dim] in q's dtype.
@@ -575,7 +581,10 @@ def causal_attention(
   if impl == "xla":
     if dense_mask is None:
       dense_mask = causal_padding_mask(key_mask, q.shape[1], query_offset)
-    return dense_attention(q, k, v, dense_mask, precision=precision)
+    return dense_attention(q, k, v, dense_mask, precision=precision,
+                           kv_heads_major=kv_heads_major)
+  if kv_heads_major:
+    raise ValueError(f"kv_heads_major applies to the 'xla' kernel, not {impl!r}.")
   if impl == "blockwise":
     return blockwise_attention(q, k, v, key_mask, query_offset=query_offset,
                                block_size=block_size, precision=precision)

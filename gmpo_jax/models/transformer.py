@@ -353,9 +353,14 @@ class TransformerConfig:
 class KVCache:
   """Keys and values of every layer at a fixed capacity S, filled left to right.
 
+  Heads come before slots so that a decode step's dense kernel, which contracts each (row,
+  head) pair's [S, head_dim] keys, reads the cache in place: stored [L, B, S, K, head_dim]
+  the TPU compiler copied every layer's K and V into this order at every step (the decode
+  step read about three times the bytes it needs; docs/tpu.md).
+
   Attributes:
-    k: [L, B, S, K, head_dim] keys (after RoPE), compute dtype.
-    v: [L, B, S, K, head_dim] values.
+    k: [L, B, K, S, head_dim] keys (after RoPE), compute dtype.
+    v: [L, B, K, S, head_dim] values.
     key_mask: [B, S] bool, True where a slot holds a real (non-padding) token.
     index: int32 scalar, the number of slots written so far (the next write position).
   """
@@ -367,7 +372,7 @@ class KVCache:
 
   @property
   def capacity(self) -> int:
-    return self.k.shape[2]
+    return self.k.shape[3]
 
 
 # On the CPU a scan over at most this many layers is unrolled (`default_layer_unroll`).
@@ -428,12 +433,12 @@ def init_cache(
       the CPU, bfloat16 for a float32 model on GPU/TPU).
 
   Returns:
-    KVCache with k, v [L, B, S, K, head_dim], key_mask [B, S] all False, index 0.
+    KVCache with k, v [L, B, K, S, head_dim], key_mask [B, S] all False, index 0.
   """
   if batch <= 0 or capacity <= 0:
     raise ValueError(f"init_cache needs batch > 0 and capacity > 0, got {batch}, {capacity}.")
   dtype = default_cache_dtype(config) if dtype is None else jnp.dtype(dtype)
-  shape = (config.num_layers, batch, capacity, config.num_kv_heads, config.head_dim)
+  shape = (config.num_layers, batch, config.num_kv_heads, capacity, config.head_dim)
   return KVCache(
       k=jnp.zeros(shape, dtype),
       v=jnp.zeros(shape, dtype),
@@ -689,6 +694,7 @@ class Transformer(nnx.Module):
       *,
       key_mask: jax.Array | None = None,
       cache: KVCache | None = None,
+      read_slots: int | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     """Final-norm hidden states of a chunk of tokens, optionally extending a KV cache.
 
@@ -702,6 +708,9 @@ class Transformer(nnx.Module):
         left-padded prompt, then last position + 1 per decode step.
       key_mask: [B, T] bool, False at padding; default all True.
       cache: KVCache with capacity S ≥ index + T, or None.
+      read_slots: with a cache, attend to its first `read_slots` slots only (static; at least
+        index + T, which the caller guarantees under jit): a decode step early in a long
+        completion then reads the live part of the cache, not all S slots. None: all S.
 
     Returns:
       (hidden [B, T, D] in config.dtype, the updated cache with index += T, or None).
@@ -730,15 +739,21 @@ class Transformer(nnx.Module):
         raise ValueError(f"Token ids must lie in [0, {config.vocab_size}), got [{low}, {high}].")
     if cache is not None:
       chex.assert_shape(cache.key_mask, (batch, cache.capacity))
-      chex.assert_shape([cache.k, cache.v], (config.num_layers, batch, cache.capacity,
-                                             config.num_kv_heads, config.head_dim))
+      chex.assert_shape([cache.k, cache.v], (config.num_layers, batch, config.num_kv_heads,
+                                             cache.capacity, config.head_dim))
       if length > cache.capacity:
         raise ValueError(f"A chunk of {length} tokens cannot fit a cache of {cache.capacity}.")
+      read_slots = cache.capacity if read_slots is None else read_slots
+      if not length <= read_slots <= cache.capacity:
+        raise ValueError(f"read_slots={read_slots} must lie in [{length}, {cache.capacity}] "
+                         f"(the chunk's {length} tokens, the cache's capacity).")
       # Under jit the index is traced and the caller guarantees the fit (see Raises).
       if (not isinstance(cache.index, jax.core.Tracer)
-          and int(cache.index) + length > cache.capacity):
+          and int(cache.index) + length > read_slots):
         raise ValueError(f"Cache overflow: index {int(cache.index)} + {length} new tokens > "
-                         f"capacity {cache.capacity}.")
+                         f"{read_slots} slots (capacity {cache.capacity}).")
+    elif read_slots is not None:
+      raise ValueError("read_slots applies to a call with a cache.")
 
     # Under jit ids cannot be checked; clip instead of jnp.take's default NaN fill.
     x = jnp.take(self.embedding[...], tokens, axis=0, mode="clip").astype(config.dtype)
@@ -751,7 +766,7 @@ class Transformer(nnx.Module):
     else:
       index = offset = cache.index
       new_key_mask = jax.lax.dynamic_update_slice(cache.key_mask, key_mask, (0, index))
-      attended_mask = new_key_mask
+      attended_mask = new_key_mask[:, :read_slots]
       layers_k, layers_v = cache.k, cache.v
     # The platform of the mesh the call is traced under: a TPU program compiled on a CPU host
     # gets the TPU kernels.
@@ -766,6 +781,9 @@ class Transformer(nnx.Module):
         block_size=config.attention_block_size or attention_lib.default_block_size(backend),
         precision=config.matmul_precision,
         dense_mask=dense_mask)
+    # The dense kernel reads the cache's [B, K, S, head_dim] slices in place; the blockwise
+    # kernel of a prefill takes [B, S, K, head_dim] (one transposed copy per layer per prefill).
+    kv_heads_major = impl == "xla"
 
     graphdef, block_state = nnx.split(self.blocks)
 
@@ -775,12 +793,19 @@ class Transformer(nnx.Module):
       state, layer_index = xs
       block = nnx.merge(graphdef, state)
       q, k, v = block.attn.qkv(block.attn_norm(h), positions, inv_freq)
-      if all_k is not None:
-        start = (layer_index, 0, index, 0, 0)
-        all_k = jax.lax.dynamic_update_slice(all_k, k.astype(all_k.dtype)[None], start)
-        all_v = jax.lax.dynamic_update_slice(all_v, v.astype(all_v.dtype)[None], start)
-        k, v = all_k[layer_index].astype(q.dtype), all_v[layer_index].astype(q.dtype)
-      attended = attend(q, k, v)
+      if all_k is None:
+        attended = attend(q, k, v)
+      else:
+        start = (layer_index, 0, 0, index, 0)
+        all_k, all_v = (
+            jax.lax.dynamic_update_slice(
+                stacked, jnp.swapaxes(new, 1, 2).astype(stacked.dtype)[None], start)
+            for stacked, new in ((all_k, k), (all_v, v)))
+        k, v = (stacked[layer_index, :, :, :read_slots].astype(q.dtype)
+                for stacked in (all_k, all_v))
+        if not kv_heads_major:
+          k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+        attended = attend(q, k, v, kv_heads_major=kv_heads_major)
       h = h + block.attn.output(attended)
       h = h + block.mlp(block.mlp_norm(h))
       return (h, all_k, all_v), None

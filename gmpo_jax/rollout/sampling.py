@@ -4,11 +4,12 @@
 buckets so that calls with nearby shapes reuse one compiled program, prefills the KV cache
 with the whole prompt in one forward pass, then decodes one token per step inside a
 `lax.while_loop` that stops once every row has emitted a stop token, testing that every
-`steps_per_check` steps (see `default_steps_per_check`). Temperature,
+`steps_per_check` steps (see `default_steps_per_check`); a step attends to the cache's live
+slots rounded up to the next `cache_read_bucket` (see `read_windows`). Temperature,
 top-k, top-p, the stop tokens and the pad id are traced values: changing them (greedy
 evaluation between sampled training rollouts, say) reuses the compiled program; only the
-shapes (batch bucket, prompt bucket, max_new_tokens), the KV-cache dtype, steps_per_check and
-the model structure select a program.
+shapes (batch bucket, prompt bucket, max_new_tokens), the KV-cache dtype, steps_per_check,
+cache_read_bucket and the model structure select a program.
 
 Log-probabilities. Logits come from `gmpo_jax.models.logprobs.project_logits`, the same function the
 learner's `token_logprobs` uses, and every choice is made in float32. For each generated token
@@ -60,6 +61,11 @@ class SamplingConfig:
       None = `default_steps_per_check()` (by backend). The outputs do not depend on k; a
       larger k trades up to k − 1 wasted steps after the last row stops for fewer host
       round trips (GPU).
+    cache_read_bucket: w, the step of the decode loop's cache window: decode steps run in
+      phases, phase j attending to the first min(P + j·w, P + N) cache slots only, so a step
+      reads about the live part of the cache (w / 2 slots more on average) rather than all
+      P + N. Each phase is a compiled copy of the decode step (ceil(N / w) of them); None or
+      w ≥ N: one phase reading all slots. The outputs do not depend on w.
   """
 
   max_new_tokens: int
@@ -73,6 +79,7 @@ class SamplingConfig:
   min_prompt_bucket: int = 16
   cache_dtype: Any = None
   steps_per_check: int | None = None
+  cache_read_bucket: int | None = 512
 
   def __post_init__(self):
     if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
@@ -87,11 +94,11 @@ class SamplingConfig:
     for name in ('batch_multiple', 'min_prompt_bucket'):
       if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
         raise ValueError(f'{name} must be a positive int, got {getattr(self, name)!r}')
-    if self.steps_per_check is not None and (
-        isinstance(self.steps_per_check, bool) or not isinstance(self.steps_per_check, int)
-        or self.steps_per_check <= 0):
-      raise ValueError(f'steps_per_check must be a positive int or None, got '
-                       f'{self.steps_per_check!r}')
+    for name in ('steps_per_check', 'cache_read_bucket'):
+      value = getattr(self, name)
+      if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                or value <= 0):
+        raise ValueError(f'{name} must be a positive int or None, got {value!r}')
     if self.cache_dtype is not None:
       object.__setattr__(self, 'cache_dtype', jnp.dtype(self.cache_dtype))
 
@@ -238,10 +245,27 @@ class _DecodeState(NamedTuple):
   policy_logprobs: jax.Array
 
 
+def read_windows(prompt_len: int, max_new_tokens: int, bucket: int | None) -> tuple[int, ...]:
+  """The cache slots each decode phase attends to: P + w, P + 2w, …, then P + N.
+
+  Args:
+    prompt_len: P, the prompt bucket.
+    max_new_tokens: N.
+    bucket: w (`SamplingConfig.cache_read_bucket`); None: one window of P + N.
+
+  Returns:
+    The increasing windows, the last P + N.
+  """
+  total = prompt_len + max_new_tokens
+  if bucket is None:
+    return (total,)
+  return tuple(range(prompt_len + bucket, total, bucket)) + (total,)
+
+
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'cache_dtype',
-                                             'steps_per_check'))
+                                             'steps_per_check', 'cache_read_bucket'))
 def _generate_bucketed(graphdef, state, prompt_tokens, prompt_mask, key, knobs, *,
-                       max_new_tokens, cache_dtype, steps_per_check):
+                       max_new_tokens, cache_dtype, steps_per_check, cache_read_bucket):
   """The compiled program: left-aligned, bucketed [B, P] prompts -> bucketed outputs."""
   model = nnx.merge(graphdef, state)
   batch, prompt_len = prompt_tokens.shape
@@ -252,7 +276,8 @@ def _generate_bucketed(graphdef, state, prompt_tokens, prompt_mask, key, knobs, 
 
   positions = positions_from_mask(prompt_mask)
   cache = init_cache(model.config, batch, prompt_len + max_new_tokens, cache_dtype)
-  hidden, cache = model(prompt_tokens, positions, key_mask=prompt_mask, cache=cache)
+  hidden, cache = model(prompt_tokens, positions, key_mask=prompt_mask, cache=cache,
+                        read_slots=prompt_len)
   # Prompts are left-aligned, so the last column is every row's last real token.
   first_position = positions[:, -1] + 1
 
@@ -273,22 +298,26 @@ def _generate_bucketed(graphdef, state, prompt_tokens, prompt_mask, key, knobs, 
         logprobs=put(s.logprobs, jnp.where(active, logp, 0.0)),
         policy_logprobs=put(s.policy_logprobs, jnp.where(active, policy_logp, 0.0)))
 
-  def decode_step(s: _DecodeState) -> _DecodeState:
+  def decode_step(s: _DecodeState, window: int) -> _DecodeState:
     last = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=1)
     hidden, cache = model(last, (first_position + s.step - 1)[:, None],
-                          key_mask=~s.done[:, None], cache=s.cache)
+                          key_mask=~s.done[:, None], cache=s.cache, read_slots=window)
     return record(s._replace(cache=cache), hidden[:, 0])
 
-  def decode_loop(s: _DecodeState, width: int) -> _DecodeState:
-    """Runs `width` steps at a time while they fit in N columns and some row is running."""
+  def decode_loop(s: _DecodeState, width: int, window: int) -> _DecodeState:
+    """Runs `width` steps at a time while they fit in N columns and in the first `window`
+    cache slots, and some row is running."""
     def cond(s):
-      return (s.step + width <= max_new_tokens) & ~jnp.all(s.done)
+      # Decode step `step` writes cache slot P + step − 1; the iteration's last one must fit.
+      last_step = s.step + width - 1
+      return ((last_step < max_new_tokens) & (prompt_len + last_step <= window)
+              & ~jnp.all(s.done))
 
     def body(s):
       if width == 1:
-        return decode_step(s)
+        return decode_step(s, window)
       # A static trip count: XLA:GPU runs it without a host round trip per step.
-      return jax.lax.fori_loop(0, width, lambda _, s: decode_step(s), s)
+      return jax.lax.fori_loop(0, width, lambda _, s: decode_step(s, window), s)
 
     return jax.lax.while_loop(cond, body, s)
 
@@ -298,12 +327,16 @@ def _generate_bucketed(graphdef, state, prompt_tokens, prompt_mask, key, knobs, 
       mask=jnp.zeros((batch, max_new_tokens), bool),
       logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32),
       policy_logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32))
-  # Column 0 comes from the prefill; the N − 1 decode steps run k at a time, then the last
-  # (N − 1) mod k in one more iteration, so no step writes past column N − 1. A row that
-  # stopped within an iteration writes pad / False for the rest of it, as with k = 1.
-  final = decode_loop(record(init, hidden[:, -1]), steps_per_check)
+  # Column 0 comes from the prefill; the N − 1 decode steps run k at a time, window after
+  # window (steps that do not fill an iteration of k in a window run in the next one), then
+  # the last (N − 1) mod k in one more iteration, so no step writes past column N − 1. A row
+  # that stopped within an iteration writes pad / False for the rest of it, as with k = 1.
+  final = record(init, hidden[:, -1])
+  windows = read_windows(prompt_len, max_new_tokens, cache_read_bucket)
+  for window in windows:
+    final = decode_loop(final, steps_per_check, window)
   if (max_new_tokens - 1) % steps_per_check:
-    final = decode_loop(final, (max_new_tokens - 1) % steps_per_check)
+    final = decode_loop(final, (max_new_tokens - 1) % steps_per_check, windows[-1])
   out = SampleOutput(
       tokens=jnp.concatenate([prompt_tokens, final.tokens], axis=1),
       prompt_mask=prompt_mask,
@@ -356,7 +389,7 @@ def generate(
   "Geometric-Mean Policy Optimization", arXiv 2507.20673). Host-level entry point (not
   traceable): it reads the prompt mask to validate and bucket the shapes, then calls one
   compiled program per (batch bucket, prompt bucket, max_new_tokens, cache dtype,
-  steps_per_check, model structure).
+  steps_per_check, cache_read_bucket, model structure).
 
   Args:
     model_or_graphdef_state: a `Transformer`, or its `nnx.split` (graphdef, state).
@@ -417,7 +450,8 @@ def generate(
       pad_id=np.int32(config.pad_id))
   out = _generate_bucketed(graphdef, state, bucket_tokens, bucket_mask, key, knobs,
                            max_new_tokens=config.max_new_tokens, cache_dtype=config.cache_dtype,
-                           steps_per_check=config.steps_per_check or default_steps_per_check())
+                           steps_per_check=config.steps_per_check or default_steps_per_check(),
+                           cache_read_bucket=config.cache_read_bucket)
   return _unbucket(out, batch=batch, prompt_len=prompt_len)
 
 

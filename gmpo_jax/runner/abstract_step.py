@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gmpo_jax.config import ExperimentConfig, ModelConfig
-from gmpo_jax.infra import sharding
+from gmpo_jax.infra import hbm, sharding
 from gmpo_jax.learner import precision
 from gmpo_jax.learner import update as learner
 from gmpo_jax.models import hf_import, tokenization
@@ -156,21 +156,29 @@ def _rows(mesh: jax.sharding.Mesh, shape: tuple[int, ...], dtype: Any, *,
 
 
 class AbstractPolicy(NamedTuple):
-  """The policy's graph, abstract parameters and their shardings on one mesh."""
+  """The policy's graph, abstract parameters and their shardings on one mesh, and the
+  shardings of the sampler's copy (`Run.sampler_shardings`)."""
   graphdef: nnx.GraphDef
   params: Any
   shardings: Any
+  sampler_shardings: Any
 
   @property
   def config(self) -> TransformerConfig:
     return nnx.merge(self.graphdef, self.params).config
 
 
-def abstract_policy(config: TransformerConfig, mesh: jax.sharding.Mesh) -> AbstractPolicy:
-  """`nnx.eval_shape` of the model: parameters as shapes, placed by the sharding rules."""
+def abstract_policy(config: TransformerConfig, mesh: jax.sharding.Mesh, *,
+                    hbm_bytes: float | None = None) -> AbstractPolicy:
+  """`nnx.eval_shape` of the model: parameters as shapes, placed by the sharding rules; the
+  sampler's copy replicated over fsdp when it fits `hbm_bytes` (as `build_run` decides)."""
   graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
   shardings = sharding.state_shardings(params, mesh)
-  return AbstractPolicy(graphdef, _abstract(params, shardings), shardings)
+  copy_bytes = hbm.tree_bytes(_recast(params, config.dtype))
+  replicate = hbm.sampler_replicates(copy_bytes=copy_bytes, fsdp=mesh.shape["fsdp"],
+                                     tensor=mesh.shape["tensor"], hbm_bytes=hbm_bytes)
+  sampler_shardings = sharding.replicated_over(shardings, "fsdp") if replicate else shardings
+  return AbstractPolicy(graphdef, _abstract(params, shardings), shardings, sampler_shardings)
 
 
 def _recast(tree: Any, dtype: Any) -> Any:
@@ -182,9 +190,9 @@ def _recast(tree: Any, dtype: Any) -> Any:
 
 
 def sampler_params(policy: AbstractPolicy) -> Any:
-  """The sampler's copy of the parameters: the compute dtype, the learner's shardings
+  """The sampler's copy of the parameters: the compute dtype, the sampler's shardings
   (`precision.cast_floating`, as `Run.sampler_params` makes it)."""
-  return _recast(policy.params, policy.config.dtype)
+  return _abstract(_recast(policy.params, policy.config.dtype), policy.sampler_shardings)
 
 
 def float32_gradients(policy: AbstractPolicy) -> Any:
@@ -349,7 +357,8 @@ def prefill_program(config: ExperimentConfig, policy: AbstractPolicy, mesh: jax.
   def prefill(params, tokens, mask, key):
     model = nnx.merge(graphdef, params)
     cache = init_cache(model.config, rows, capacity, kv_dtype)
-    hidden, cache = model(tokens, positions_from_mask(mask), key_mask=mask, cache=cache)
+    hidden, cache = model(tokens, positions_from_mask(mask), key_mask=mask, cache=cache,
+                          read_slots=width)
     token, logp = _choose(model, hidden[:, -1], key, temperature)
     return token, logp, cache
 
@@ -358,13 +367,14 @@ def prefill_program(config: ExperimentConfig, policy: AbstractPolicy, mesh: jax.
   args = (sampler_params(policy),
           jax.ShapeDtypeStruct((rows, width), jnp.int32, sharding=replicated),
           jax.ShapeDtypeStruct((rows, width), bool, sharding=replicated), _key(mesh))
-  jitted = jax.jit(prefill, in_shardings=(policy.shardings, replicated, replicated, replicated))
+  jitted = jax.jit(prefill, in_shardings=(policy.sampler_shardings, replicated, replicated,
+                                          replicated))
   return Program("prefill", jitted, args)
 
 
 def abstract_cache(policy: AbstractPolicy, mesh: jax.sharding.Mesh, rows: int, capacity: int,
                    kv_dtype: Any) -> Any:
-  """The KV cache [L, rows, S, K, hd] as the sampler holds it: rows over data x fsdp."""
+  """The KV cache [L, rows, K, S, hd] as the sampler holds it: rows over data x fsdp."""
   cache = jax.eval_shape(lambda: init_cache(policy.config, rows, capacity, kv_dtype))
   per_layer = sharding.batch_sharding(mesh, ndim=5, batch_axis=1)
   shardings = type(cache)(k=per_layer, v=per_layer,
@@ -374,11 +384,11 @@ def abstract_cache(policy: AbstractPolicy, mesh: jax.sharding.Mesh, rows: int, c
 
 
 def decode_program(config: ExperimentConfig, policy: AbstractPolicy, mesh: jax.sharding.Mesh,
-                   shape: StepShape, *, kv_dtype: Any) -> Program:
+                   shape: StepShape, *, kv_dtype: Any, read_slots: int | None = None) -> Program:
   """One decode step of `generate`: feed each row's last token, extend the cache, draw the next.
 
-  The cache is full width (P + N slots, the decode kernel reads all of them every step) and
-  donated, as the loop carries it.
+  The cache is full width (P + N slots) and donated, as the loop carries it; the step attends
+  to its first `read_slots` slots (a window of `sampling.read_windows`; None: all P + N).
   """
   graphdef, temperature = policy.graphdef, config.sampling.logit_temperature
   rows, width = sampler_batch(config, shape)
@@ -386,7 +396,8 @@ def decode_program(config: ExperimentConfig, policy: AbstractPolicy, mesh: jax.s
 
   def decode(params, cache, last, position, done, key):
     model = nnx.merge(graphdef, params)
-    hidden, cache = model(last[:, None], position[:, None], key_mask=~done[:, None], cache=cache)
+    hidden, cache = model(last[:, None], position[:, None], key_mask=~done[:, None], cache=cache,
+                          read_slots=read_slots)
     token, logp = _choose(model, hidden[:, 0], key, temperature)
     return token, logp, cache
 
@@ -398,7 +409,8 @@ def decode_program(config: ExperimentConfig, policy: AbstractPolicy, mesh: jax.s
           jax.ShapeDtypeStruct((rows,), bool, sharding=row), _key(mesh))
   cache_shardings = jax.tree.map(lambda x: x.sharding, cache)
   jitted = jax.jit(decode, donate_argnums=(1,),
-                   in_shardings=(policy.shardings, cache_shardings, row, row, row, replicated),
+                   in_shardings=(policy.sampler_shardings, cache_shardings, row, row, row,
+                                 replicated),
                    out_shardings=(row, row, cache_shardings))
   return Program("decode", jitted, args)
 

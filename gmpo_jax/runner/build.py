@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,11 +21,14 @@ from flax import nnx
 
 from gmpo_jax import tasks as tasks_lib
 from gmpo_jax.config import AlgorithmConfig, ConfigError, ExperimentConfig, ModelConfig, OptimConfig
-from gmpo_jax.infra import distributed, sharding
+from gmpo_jax.infra import distributed, hbm, sharding
 from gmpo_jax.learner import precision
 from gmpo_jax.models import hf_import, tokenization
 from gmpo_jax.models.transformer import Transformer, TransformerConfig
 from gmpo_jax.rollout.sampling import SamplingConfig
+
+
+logger = logging.getLogger(__name__)
 
 
 def build_tokenizer(model: ModelConfig) -> tokenization.Tokenizer:
@@ -130,19 +134,22 @@ class Run:
 
   @functools.cached_property
   def _to_compute_dtype(self):
+    same_devices = self.sampler_mesh is self.mesh
     return jax.jit(functools.partial(precision.cast_floating, dtype=self.compute_dtype),
-                   out_shardings=self.param_shardings)
+                   out_shardings=self.sampler_shardings if same_devices else self.param_shardings)
 
   def sampler_params(self, params: Any) -> Any:
     """The RL sampler's parameters made from the learner's `params`, once per update.
 
     In the compute dtype (`ModelConfig.dtype`): float32 masters are cast to a bfloat16 copy,
     which decode reads at half the bytes, and which gives the values the learner's forward
-    pass computes with (it casts every weight alike). The copy is made on the learner's
-    shardings, then moved to the sampler's when it has devices of its own. Parameters
-    already in the compute dtype are the learner's arrays themselves when the two share
-    devices and take turns (`max_staleness` 0: the synchronous loop, no copy); otherwise a
-    copy on the sampler's shardings, device to device (`jax.device_put`), since the
+    pass computes with (it casts every weight alike). On the learner's devices the copy is
+    made on the sampler's shardings (replicated over fsdp when it fits,
+    `hbm.sampler_replicates`: decode then gathers no weight), else on the learner's and then
+    moved to the sampler's devices. Parameters already in the compute dtype are the
+    learner's arrays themselves when the two share devices and shardings and take turns
+    (`max_staleness` 0: the synchronous loop, no copy); otherwise a copy on the sampler's
+    shardings, device to device (`jax.device_put`), since the
     learner's next update donates its buffers (`learner.make_update_fn`) while the sampler
     may still be using them.
     """
@@ -150,7 +157,8 @@ class Run:
       params = self._to_compute_dtype(params)
       if self.sampler_mesh is self.mesh:
         return params
-    elif self.sampler_mesh is self.mesh and self.config.rollout.max_staleness == 0:
+    elif (self.sampler_shardings is self.param_shardings
+          and self.config.rollout.max_staleness == 0):
       return params
     return jax.device_put(params, self.sampler_shardings, may_alias=False)
 
@@ -189,11 +197,20 @@ def build_run(config_dict: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
   tokenizer = build_tokenizer(config.model)
   model = build_model(config.model, tokenizer, seed=config.seed)
   graphdef, params = nnx.split(model)
+  mesh = _fitted_mesh(config, mesh, params)
   param_shardings = sharding.state_shardings(params, mesh)
   params = jax.device_put(params, param_shardings)
-  sampler_mesh = mesh if sampler_mesh is None else sampler_mesh
-  sampler_shardings = (param_shardings if sampler_mesh is mesh
-                       else sharding.state_shardings(params, sampler_mesh))
+  if sampler_mesh is None:
+    sampler_mesh = mesh
+    copy_bytes = hbm.tree_bytes(jax.eval_shape(
+        functools.partial(precision.cast_floating, dtype=model.config.dtype), params))
+    replicate = hbm.sampler_replicates(
+        copy_bytes=copy_bytes, fsdp=mesh.shape["fsdp"], tensor=mesh.shape["tensor"],
+        hbm_bytes=hbm.device_hbm_bytes(mesh.devices.flat[0]))
+    sampler_shardings = (sharding.replicated_over(param_shardings, "fsdp") if replicate
+                         else param_shardings)
+  else:
+    sampler_shardings = sharding.state_shardings(params, sampler_mesh)
   sampling_config = dataclasses.replace(config.sampling, eos_id=tokenizer.eos_id,
                                         pad_id=tokenizer.pad_id)
   return Run(config=config, config_dict=config_dict, workdir=workdir, task=task,
@@ -201,6 +218,27 @@ def build_run(config_dict: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
              params=params, param_shardings=param_shardings,
              sampler_shardings=sampler_shardings, sampling=sampling_config,
              train_examples=train_examples, eval_examples=eval_examples)
+
+
+def _fitted_mesh(config: ExperimentConfig, mesh: jax.sharding.Mesh, params: Any
+                 ) -> jax.sharding.Mesh:
+  """The learner's mesh, with FSDP over its data devices when a replicated copy of the
+  parameters and Adam state would not fit a device (`hbm.auto_fsdp`; docs/tpu.md)."""
+  algo = config.algorithm
+  optimizer = make_optimizer(config.optim,
+                             config.num_steps * algo.num_epochs * algo.num_minibatches,
+                             param_dtype=config.model.trained_dtype, seed=config.seed)
+  state_bytes = hbm.tree_bytes(params) + hbm.tree_bytes(
+      jax.eval_shape(lambda p: optimizer.init(precision.float32_view(p)), params))
+  devices = list(mesh.devices.flat)
+  choice = hbm.auto_fsdp(data=mesh.shape["data"], fsdp=mesh.shape["fsdp"],
+                         tensor=mesh.shape["tensor"], num_devices=len(devices),
+                         state_bytes=state_bytes, hbm_bytes=hbm.device_hbm_bytes(devices[0]))
+  if not choice.sharded:
+    return mesh
+  logger.info("mesh: %s", choice.reason)
+  return sharding.make_mesh(data=choice.data, fsdp=choice.fsdp, tensor=choice.tensor,
+                            devices=devices)
 
 
 def _split_devices(config: ExperimentConfig, num_sequences: int

@@ -17,8 +17,11 @@ the run's mesh and reads what the compiler says of each:
     program, the same program (same rows, T, mesh, shardings) with one knob changed:
       - layers (a `lax.scan` over L): variants with 1 and 2 layers, unrolled, so no layer loop;
         X(L) = X(1) + (L - 1)(X(2) - X(1)). Few layers also keep the cost model from pricing
-        a cache update (`dynamic_update_slice` of the stacked [L, B, S, K, hd] cache) as a
+        a cache update (`dynamic_update_slice` of the stacked [L, B, K, S, hd] cache) as a
         read and write of all L layers' cache, which it does inside the real layer loop;
+      - decode windows (the sampler's decode loop reads the first w cache slots, w growing
+        window by window, `sampling.read_windows`): a step's cost is affine in w, so the
+        variants read the mean window over the rollout's steps (`mean_decode_window`);
       - log-prob chunks (`token_logprobs`' scans over n chunks of T forward and n blocks of V
         backward, each priced once, i.e. at 1/n of the whole): a 1-layer variant with half
         the `chunk_size` (n' chunks) gives the whole W = (X_n' - X_n)/(1/n' - 1/n), and
@@ -32,7 +35,7 @@ the run's mesh and reads what the compiler says of each:
     `tpu_custom_call`; the time it gives the call, for its operands, stays in), and the
     blockwise kernel's loops are priced one tile at a time (that tile stays in the compiler's
     count: at most one [block x block] tile per layer counted twice). A decode step
-    has no such loop (its dense kernel over all P + N slots is priced by the compiler).
+    has no such loop (its dense kernel over its window of slots is priced by the compiler).
 
 Every time and MFU here is compiler-estimated: the cost model is a model, not a measurement.
 MFU = model FLOPs (`gmpo_jax.runner.perf`, PaLM's convention) / (seconds x peak x chips); decode
@@ -57,6 +60,7 @@ from gmpo_jax.infra import hbm as hbm_lib
 from gmpo_jax.infra import sharding
 from gmpo_jax.models import attention as attention_lib
 from gmpo_jax.models.transformer import TransformerConfig
+from gmpo_jax.rollout import sampling
 from gmpo_jax.runner import abstract_step, perf
 
 logger = logging.getLogger(__name__)
@@ -131,6 +135,8 @@ class Setup:
   model: TransformerConfig
   microbatches: int
   chunk_size: int
+  # The cache slots the decode step attends to; None: all of them (the sampler's last window).
+  decode_read_slots: int | None = None
 
   def describe(self) -> str:
     remat = "" if self.model.remat == "none" else f", remat={self.model.remat}"
@@ -369,14 +375,30 @@ def analytic_attention_flops(name: str, model: TransformerConfig,
   return 0.0
 
 
+def mean_decode_window(config: ExperimentConfig, shape: abstract_step.StepShape) -> int:
+  """The cache slots a decode step attends to, averaged over the N − 1 steps of a rollout:
+  step s reads the first of `sampling.read_windows` that holds slot P + s − 1 (counted for
+  one step per finish check, the TPU default)."""
+  _, width = abstract_step.sampler_batch(config, shape)
+  new_tokens = shape.completion_length
+  windows = sampling.read_windows(width, new_tokens, config.sampling.cache_read_bucket)
+  if new_tokens < 2:
+    return windows[-1]
+  reads = [next(w for w in windows if w >= width + step) for step in range(1, new_tokens)]
+  return round(sum(reads) / len(reads))
+
+
 def decode_bytes_per_step(model: TransformerConfig, shape: abstract_step.StepShape,
-                          kv_dtype: Any) -> float:
-  """Bytes a decode step must read, averaged over a step whose rows all run to N
-  (`perf.decode_bytes`: weights once, every row's live K/V)."""
+                          kv_dtype: Any, *, weight_readers: int) -> float:
+  """Bytes a decode step must read over all chips, averaged over a step whose rows all run to
+  N (`perf.decode_bytes`: every row's live K/V, and the sampler's compute-dtype weights once
+  per `weight_readers`: each chip multiplies its rows by all the weights, which a mesh
+  without a tensor axis must bring to every chip, chips / tensor of them)."""
   steps = max(shape.completion_length - 1, 1)
   rows = shape.rows
+  sampler_weights = dataclasses.replace(model, param_dtype=model.dtype)
   total = perf.decode_bytes(
-      param_bytes=perf.decode_param_bytes(model),
+      param_bytes=perf.decode_param_bytes(sampler_weights) * weight_readers,
       kv_bytes_per_position=perf.kv_bytes_per_position(model, kv_dtype),
       prompt_lengths=np.full(rows, shape.prompt_length),
       completion_lengths=np.full(rows, shape.completion_length))
@@ -397,7 +419,8 @@ class _Planner:
     """The program `name` under `setup`; the arrays it allocates whatever it does (gradient
     accumulators); and what the step's other programs hold meanwhile (`Memory.held`)."""
     mesh = setup.mesh(self.target)
-    policy = abstract_step.abstract_policy(setup.model, mesh)
+    policy = abstract_step.abstract_policy(setup.model, mesh,
+                                           hbm_bytes=self.target.hbm.capacity)
     shape = self.shape(setup)
     opt_state = abstract_step.abstract_opt_state(
         abstract_step.optimizer_for(self.config, setup.model), policy, mesh)
@@ -417,7 +440,8 @@ class _Planner:
       return (abstract_step.prefill_program(self.config, policy, mesh, shape, kv_dtype=kv_dtype),
               None, learner_state)
     if name == "decode":
-      return (abstract_step.decode_program(self.config, policy, mesh, shape, kv_dtype=kv_dtype),
+      return (abstract_step.decode_program(self.config, policy, mesh, shape, kv_dtype=kv_dtype,
+                                           read_slots=setup.decode_read_slots),
               None, learner_state)
     if name == "gradient":
       return (abstract_step.gradient_program(self.config, policy, mesh, shape, chunk_size=chunk),
@@ -444,9 +468,15 @@ class _Planner:
     layers = setup.model.num_layers
     # The update is costed from its loop body, the gradient of one micro-batch.
     body = "gradient" if name == "update" else name
+    # A decode step's cost is affine in the slots it reads: priced at the mean window, it is
+    # the mean over the steps of a rollout.
+    if name == "decode":
+      setup = dataclasses.replace(
+          setup, decode_read_slots=mean_decode_window(self.config, self.shape(setup)))
 
     def variant(num_layers: int, chunk_size: int) -> Cost | None:
-      if body == name and layers == num_layers == 1 and chunk_size == setup.chunk_size:
+      if (body == name != "decode" and layers == num_layers == 1
+          and chunk_size == setup.chunk_size):
         return real.cost  # the real program is that variant
       model = dataclasses.replace(setup.model, num_layers=num_layers, layer_unroll=num_layers)
       return self.compile(body, dataclasses.replace(setup, model=model,
@@ -605,7 +635,8 @@ def plan(config: ExperimentConfig, model: TransformerConfig, target: Target, *,
       report.update(compiler_flops=cost.flops * chips, analytic_flops=analytic,
                     estimated_seconds=seconds)
       if name == "decode":
-        needed = decode_bytes_per_step(setup.model, shape, kv_dtype)
+        needed = decode_bytes_per_step(setup.model, shape, kv_dtype,
+                                       weight_readers=chips // setup.tensor)
         report.update(hbm_bandwidth_fraction=needed / (seconds * target.hbm.bandwidth * chips),
                       bytes_read_over_needed=cost.bytes * chips / needed)
       else:

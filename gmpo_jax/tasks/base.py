@@ -457,7 +457,8 @@ class Task(abc.ABC):
           file_format="array_record", download_config=self.download_config()
       )
     except OSError as error:
-      if error.filename is not None:
+      # Raised with only a message (a missing manual file) or naming its file: as it is.
+      if error.errno is None or error.filename is not None:
         raise
       # A failed write (a full disk) names no file: name the cache being built.
       raise OSError(error.errno, error.strerror, str(directory)) from error
