@@ -21,6 +21,7 @@ import pytest
 from flax import nnx
 
 from experiments import fault_table
+from gmpo_jax.infra import disk_full
 from gmpo_jax.infra.checkpointing import (
   CONFIG_METADATA_KEY,
   CORRUPTED_DIR,
@@ -39,7 +40,6 @@ from gmpo_jax.infra.checkpointing import (
   config_record,
   integrity,
 )
-from gmpo_jax.infra import disk_full
 from gmpo_jax.infra.preemption import install_preemption_handler
 
 _TX = optax.adamw(1e-2)

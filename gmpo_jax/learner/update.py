@@ -49,7 +49,6 @@ from gmpo_jax.infra import compilation, sharding
 from gmpo_jax.learner import precision
 from gmpo_jax.models.logprobs import positions_from_mask, sequence_logprobs
 
-
 # The mesh axis over which the parameters are replicated and the rows split
 # (`gmpo_jax.infra.sharding`): the one gradient reduction the update defers to the step's end.
 DATA_AXIS = "data"

@@ -39,8 +39,12 @@ from gmpo_jax.learner import precision
 from gmpo_jax.learner import update as learner
 from gmpo_jax.models import hf_import, tokenization
 from gmpo_jax.models.logprobs import positions_from_mask, project_logits
-from gmpo_jax.models.transformer import (Transformer, TransformerConfig, default_cache_dtype,
-                                         init_cache)
+from gmpo_jax.models.transformer import (
+  Transformer,
+  TransformerConfig,
+  default_cache_dtype,
+  init_cache,
+)
 from gmpo_jax.rollout.sampling import prompt_bucket
 from gmpo_jax.runner.build import make_optimizer, model_dtypes
 

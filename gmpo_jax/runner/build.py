@@ -27,7 +27,6 @@ from gmpo_jax.models import hf_import, tokenization
 from gmpo_jax.models.transformer import Transformer, TransformerConfig
 from gmpo_jax.rollout.sampling import SamplingConfig
 
-
 logger = logging.getLogger(__name__)
 
 

@@ -34,8 +34,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from gmpo_jax.infra import (checkpointing, compilation, disk_full, preemption, sharding,
-                            workdir_lock)
+from gmpo_jax.infra import checkpointing, compilation, disk_full, preemption, sharding, workdir_lock
 from gmpo_jax.infra import metrics as metrics_lib
 from gmpo_jax.infra.preemption import Preempted
 from gmpo_jax.infra.sharding import tree_shardings

@@ -32,8 +32,7 @@ from typing import Any, ClassVar
 import numpy as np
 import tensorflow_datasets as tfds
 
-from gmpo_jax.tasks import base
-from gmpo_jax.tasks import minilang
+from gmpo_jax.tasks import base, minilang
 
 # Largest |f(x)| of a generated function on [x_min, x_max]: keeps prompts short.
 _MAX_OUTPUT = 10**6

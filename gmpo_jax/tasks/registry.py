@@ -6,12 +6,7 @@ from typing import Any
 
 import ml_collections
 
-from gmpo_jax.tasks import arithmetic
-from gmpo_jax.tasks import base
-from gmpo_jax.tasks import competition_math
-from gmpo_jax.tasks import gsm8k
-from gmpo_jax.tasks import multiplicative
-from gmpo_jax.tasks import program_tests
+from gmpo_jax.tasks import arithmetic, base, competition_math, gsm8k, multiplicative, program_tests
 
 TASKS: Mapping[str, type[base.Task]] = {
     task.name: task
