@@ -36,7 +36,9 @@ def get_config():
   config.model.name = None  # the architecture comes from hf_path
   config.model.hf_path = None  # required: a local checkpoint directory
   config.model.tokenizer = None  # the tokenizer.json next to the weights
-  config.model.overrides = {}  # the architecture is the checkpoint's
+  # The architecture is the checkpoint's; how it runs can change, e.g.
+  # --config.model.overrides.remat=projections when `python -m gmpo_jax.plan` says so.
+  config.model.overrides = {"remat": "none", "attention_impl": "auto"}
   # float32 master weights and Adam moments, bf16 compute and sampler copy: at lr 1e-6 a
   # bf16-stored weight keeps its value under nearly every step (README, "Mixed precision").
   config.model.param_dtype = "float32"

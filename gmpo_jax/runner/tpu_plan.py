@@ -516,10 +516,11 @@ class _Planner:
       for policy in ("projections", "full"):
         if REMAT_ORDER.index(policy) > REMAT_ORDER.index(base.model.remat):
           remat = dataclasses.replace(base, model=dataclasses.replace(base.model, remat=policy))
-          yield " + ".join(label + [f"remat={policy} (model.overrides)"]), remat
+          yield " + ".join(label + [f"remat={policy} "
+                                    f"(--config.model.overrides.remat={policy})"]), remat
       if REMAT_ORDER.index(base.model.remat) < REMAT_ORDER.index("full"):
         base = dataclasses.replace(base, model=dataclasses.replace(base.model, remat="full"))
-        label.append("remat=full (model.overrides)")
+        label.append("remat=full (--config.model.overrides.remat=full)")
     if name == "update":
       shape, batch_split = self.shape(base), base.data * base.fsdp
       micro = base.microbatches * 2
