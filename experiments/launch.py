@@ -22,6 +22,13 @@ resolved in-process with the runner's own flag parser (a misspelt key or a value
 wrong type fails here, not after an hour) and its algorithm section is validated; the
 resolved config goes to `launch.json` in the workdir.
 
+Shared warm starts (`--shared-warm-start`): the supervised warm start of each seed runs first,
+once, in OUT/warm_starts/seed_S (the base config with the `--set` overrides, `gmpo_jax.main
+--warm_start_only`), and every point of that seed starts from it
+(`--config.warm_start.init_from=OUT/warm_starts/seed_S`): the points of a seed then share their
+starting policy without recomputing it, and a point that changes the task or the model is
+refused by the runner. The points of a seed whose warm start failed are not run.
+
 Restarts: a run whose summary.json says it reached its last step is skipped; any other is
 started again and the runner resumes it from its checkpoint. A workdir whose launch.json
 holds a different config is an error (use another --out). A failed run is reported with its
@@ -68,6 +75,7 @@ from ml_collections import config_flags
 from experiments import aggregate as aggregate_lib
 from gmpo_jax.config import ExperimentConfig
 from gmpo_jax.infra import metrics as metrics_lib
+from gmpo_jax.runner.loop import WARM_START_SUMMARY
 
 # pylint: enable=wrong-import-position
 
@@ -89,6 +97,7 @@ ALIASES: Mapping[str, tuple[str, ...]] = MappingProxyType({
 
 RUNS_DIR = "runs"
 MANIFEST = "launch.json"  # in OUT: the points and runs launched there
+WARM_STARTS_DIR = "warm_starts"  # in OUT: seed_S, the shared warm start of seed S
 RUN_FILE = "launch.json"  # in a workdir: the run's overrides and resolved config
 LOG_FILE = "launch.log"
 XLA_CACHE = "xla_cache"
@@ -276,24 +285,38 @@ def load_preset(config: str, name: str) -> Mapping[str, Mapping[str, Any]]:
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-  """One run: a point at a seed, in its own workdir."""
+  """One run: a point at a seed, in its own workdir; or, with `warm_start_only`, the shared
+  warm start of a seed."""
   point: Point
   seed: int
   config: str  # the --config value: an absolute path, optionally ':arg'
   workdir: pathlib.Path
+  init_from: pathlib.Path | None = None  # the seed's shared warm start
+  warm_start_only: bool = False
 
   @property
   def overrides(self) -> tuple[Override, ...]:
-    return self.point.overrides + (Override("seed", str(self.seed), self.seed),)
+    shared = (() if self.init_from is None else
+              (Override("warm_start.init_from", str(self.init_from), str(self.init_from)),))
+    return self.point.overrides + shared + (Override("seed", str(self.seed), self.seed),)
+
+  def config_args(self) -> list[str]:
+    """The flags the config is resolved from."""
+    return [f"--config={self.config}", f"--workdir={self.workdir}",
+            *(o.flag() for o in self.overrides)]
 
   def args(self) -> list[str]:
     """The runner's flags (after the runner command)."""
-    return [f"--config={self.config}", f"--workdir={self.workdir}",
-            *(o.flag() for o in self.overrides)]
+    return self.config_args() + (["--warm_start_only"] if self.warm_start_only else [])
 
   @property
   def label(self) -> str:
     return f"{self.point.name} seed {self.seed}"
+
+  def finished(self) -> bool:
+    if self.warm_start_only:
+      return (self.workdir / WARM_START_SUMMARY).exists()
+    return is_finished(self.workdir)
 
 
 def resolve_config(spec: RunSpec) -> ml_collections.ConfigDict:
@@ -304,7 +327,7 @@ def resolve_config(spec: RunSpec) -> ml_collections.ConfigDict:
       back to itself, or an invalid value in any section (`ExperimentConfig`, the runner's own
       check), so a bad grid point fails before any run starts.
   """
-  argv = ["runner", *spec.args()]
+  argv = ["runner", *spec.config_args()]
   flag_values = flags.FlagValues()
   holder = config_flags.DEFINE_config_file("config", None, flag_values=flag_values,
                                            lock_config=True, sys_argv=argv)
@@ -411,7 +434,7 @@ class _Launcher:
       with self._lock:
         del self._processes[process.pid]
     seconds = time.monotonic() - start
-    if returncode == 0 and is_finished(spec.workdir):
+    if returncode == 0 and spec.finished():
       status = "finished"
     else:
       status = "stopped" if self._stopping.is_set() else "failed"
@@ -453,9 +476,22 @@ class _Launcher:
 
 
 def plan_runs(points: Sequence[Point], seeds: Sequence[int], *, config: str,
-              out: pathlib.Path) -> list[RunSpec]:
-  return [RunSpec(point, seed, config, out / RUNS_DIR / point.name / f"seed_{seed}")
+              out: pathlib.Path, shared_warm_start: bool = False) -> list[RunSpec]:
+  return [RunSpec(point, seed, config, out / RUNS_DIR / point.name / f"seed_{seed}",
+                  init_from=warm_start_dir(out, seed) if shared_warm_start else None)
           for point in points for seed in seeds]
+
+
+def warm_start_dir(out: pathlib.Path, seed: int) -> pathlib.Path:
+  return out / WARM_STARTS_DIR / f"seed_{seed}"
+
+
+def plan_warm_starts(seeds: Sequence[int], fixed: Sequence[Override], *, config: str,
+                     out: pathlib.Path) -> list[RunSpec]:
+  """One warm-start-only run per seed: the base config with the `--set` overrides."""
+  point = Point("warm_start", tuple(sorted(fixed, key=lambda o: o.path.count("."))))
+  return [RunSpec(point, seed, config, warm_start_dir(out, seed), warm_start_only=True)
+          for seed in seeds]
 
 
 def prepare(specs: Sequence[RunSpec]) -> None:
@@ -559,6 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--seeds", type=int, default=1, help="seeds per point (default 1)")
   parser.add_argument("--first-seed", type=int, default=0, help="seeds are first..first+N-1")
   parser.add_argument("--parallel", type=int, default=1, help="runs at a time (default 1)")
+  parser.add_argument("--shared-warm-start", action="store_true",
+                      help=f"run each seed's warm start once (OUT/{WARM_STARTS_DIR}/seed_S), "
+                           "first, and start every point of the seed from it")
   parser.add_argument("--runner", default=shlex.join(DEFAULT_RUNNER),
                       help="command that gets --config/--workdir/--config.* flags "
                            "(default: this Python -m gmpo_jax.main)")
@@ -618,21 +657,24 @@ def main(argv: Sequence[str] | None = None, *, stream: TextIO | None = None) -> 
              for p in expand_key(key)]
     points = make_points(axes, fixed)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
-    specs = plan_runs(points, seeds, config=config, out=out)
+    specs = plan_runs(points, seeds, config=config, out=out,
+                      shared_warm_start=args.shared_warm_start)
+    warm_starts = (plan_warm_starts(seeds, fixed, config=config, out=out)
+                   if args.shared_warm_start else [])
     if args.dry_run:
-      for spec in specs:
+      for spec in warm_starts + specs:
         resolve_config(spec)
-        state = "finished" if is_finished(spec.workdir) else "to run"
+        state = "finished" if spec.finished() else "to run"
         print(f"{spec.label}: {state}\n  {shlex.join(shlex.split(args.runner) + spec.args())}",
               file=stream)
       return 0
-    prepare(specs)
+    prepare(warm_starts + specs)
     update_manifest(out, config, specs)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
 
-  todo = [s for s in specs if not is_finished(s.workdir)]
+  todo = [s for s in specs if not s.finished()]
   skipped = len(specs) - len(todo)
   print(f"{len(points)} point(s) x {len(seeds)} seed(s) = {len(specs)} runs in {out}; "
         f"{skipped} already finished, {len(todo)} to run, {args.parallel} at a time", file=stream)
@@ -641,7 +683,15 @@ def main(argv: Sequence[str] | None = None, *, stream: TextIO | None = None) -> 
   previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
   start = time.monotonic()
   try:
-    results = launcher.run_all(todo)
+    warm_todo = [s for s in warm_starts if not s.finished()]
+    if warm_todo:
+      print(f"first the shared warm starts of {len(warm_todo)} seed(s)", file=stream)
+    results = launcher.run_all(warm_todo)
+    lost = {r.spec.seed for r in results if r.status != "finished"}
+    if lost:
+      print(f"the points of seed(s) {sorted(lost)} are not run: their warm start did not finish",
+            file=stream)
+    results += launcher.run_all([s for s in todo if s.seed not in lost])
   finally:
     signal.signal(signal.SIGTERM, previous)
   failed = [r for r in results if r.status == "failed"]
