@@ -440,6 +440,10 @@ class _Launcher:
       status = "stopped" if self._stopping.is_set() else "failed"
     return RunResult(spec, status, returncode, seconds, log)
 
+  @property
+  def stopping(self) -> bool:
+    return self._stopping.is_set()
+
   def stop(self, sig: int) -> None:
     self._stopping.set()
     with self._lock:
@@ -476,10 +480,24 @@ class _Launcher:
 
 
 def plan_runs(points: Sequence[Point], seeds: Sequence[int], *, config: str,
-              out: pathlib.Path, shared_warm_start: bool = False) -> list[RunSpec]:
+              out: pathlib.Path, shared_warm_start: bool = False,
+              by_seed: bool = False) -> list[RunSpec]:
+  """The runs in the order they start: every seed of a point, point after point; `by_seed`:
+  every point of a seed, seed after seed (a grid cut short then still holds paired seeds)."""
+  pairs = ([(p, s) for s in seeds for p in points] if by_seed else
+           [(p, s) for p in points for s in seeds])
   return [RunSpec(point, seed, config, out / RUNS_DIR / point.name / f"seed_{seed}",
                   init_from=warm_start_dir(out, seed) if shared_warm_start else None)
-          for point in points for seed in seeds]
+          for point, seed in pairs]
+
+
+def select_points(points: Sequence[Point], names: Sequence[str]) -> list[Point]:
+  """The points named, in the order named (ValueError for a name the grid lacks)."""
+  by_name = {p.name: p for p in points}
+  unknown = [n for n in names if n not in by_name]
+  if unknown:
+    raise ValueError(f"--points {unknown} not in the grid; its points: {list(by_name)}")
+  return [by_name[n] for n in names]
 
 
 def warm_start_dir(out: pathlib.Path, seed: int) -> pathlib.Path:
@@ -595,6 +613,12 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--seeds", type=int, default=1, help="seeds per point (default 1)")
   parser.add_argument("--first-seed", type=int, default=0, help="seeds are first..first+N-1")
   parser.add_argument("--parallel", type=int, default=1, help="runs at a time (default 1)")
+  parser.add_argument("--points", type=split_values, default=None, metavar="NAME,...",
+                      help="run only these points of the grid, in this order (the first is "
+                           "the one the others are paired with)")
+  parser.add_argument("--by-seed", action="store_true",
+                      help="start the runs seed after seed (all points of a seed, then the "
+                           "next), not point after point")
   parser.add_argument("--shared-warm-start", action="store_true",
                       help=f"run each seed's warm start once (OUT/{WARM_STARTS_DIR}/seed_S), "
                            "first, and start every point of the seed from it")
@@ -656,9 +680,11 @@ def main(argv: Sequence[str] | None = None, *, stream: TextIO | None = None) -> 
     fixed = [Override(p, v) for key, v in map(parse_assignment, args.fixed)
              for p in expand_key(key)]
     points = make_points(axes, fixed)
+    if args.points is not None:
+      points = select_points(points, args.points)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     specs = plan_runs(points, seeds, config=config, out=out,
-                      shared_warm_start=args.shared_warm_start)
+                      shared_warm_start=args.shared_warm_start, by_seed=args.by_seed)
     warm_starts = (plan_warm_starts(seeds, fixed, config=config, out=out)
                    if args.shared_warm_start else [])
     if args.dry_run:
@@ -691,7 +717,8 @@ def main(argv: Sequence[str] | None = None, *, stream: TextIO | None = None) -> 
     if lost:
       print(f"the points of seed(s) {sorted(lost)} are not run: their warm start did not finish",
             file=stream)
-    results += launcher.run_all([s for s in todo if s.seed not in lost])
+    if not launcher.stopping:
+      results += launcher.run_all([s for s in todo if s.seed not in lost])
   finally:
     signal.signal(signal.SIGTERM, previous)
   failed = [r for r in results if r.status == "failed"]

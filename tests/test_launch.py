@@ -360,3 +360,15 @@ def test_shared_warm_starts_run_first_once_per_seed(tmp_path):
   assert counts == {"warm_starts/seed_0": 1, "warm_starts/seed_1": 1, "warm_starts/seed_2": 2,
                     **{f"runs/advantage={a}/seed_{s}": 1 for a in ("grpo", "gmpo")
                        for s in range(3)}}
+
+
+def test_points_selects_and_orders_the_grid_and_by_seed_interleaves_the_seeds(tmp_path):
+  points = launch.select_points(
+      launch.make_points([launch.preset_axis(ablation_gmpo.get_grid("gmpo_design"))]),
+      ["grpo", "gmpo_full"])
+  assert [p.name for p in points] == ["grpo", "gmpo_full"]
+  specs = launch.plan_runs(points, [0, 1], config="c.py", out=tmp_path, by_seed=True)
+  assert [(s.point.name, s.seed) for s in specs] == [
+      ("grpo", 0), ("gmpo_full", 0), ("grpo", 1), ("gmpo_full", 1)]
+  with pytest.raises(ValueError, match=r"\['nope'\] not in the grid"):
+    launch.select_points(points, ["nope"])
