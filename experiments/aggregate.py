@@ -185,6 +185,20 @@ def paired_difference(values: Mapping[int, float], reference: Mapping[int, float
   return mean_stderr(values[s] - reference[s] for s in values if s in reference)
 
 
+def seeds_to_resolve(stat: Stat, *, limit: int = 10_000) -> int | None:
+  """The fewest seeds n whose 95% interval t_{0.975, n−1}·s/√n would exclude 0 if the mean and
+  the spread s (ddof = 1) stayed as observed (2 when s is 0 and the mean is not); None when s
+  is undefined (fewer than 2 values), the mean is 0, or more than `limit` seeds would be
+  needed."""
+  if stat.num_finite < 2 or not math.isfinite(stat.stderr) or stat.mean == 0:
+    return None
+  spread = stat.stderr * math.sqrt(stat.num_finite)
+  for n in range(2, limit + 1):
+    if scipy.stats.t.ppf(0.975, n - 1) * spread / math.sqrt(n) < abs(stat.mean):
+      return n
+  return None
+
+
 def _value(record: Mapping[str, Any], name: str) -> float:
   value = record[name]
   return math.nan if value is None else float(value)
@@ -427,6 +441,14 @@ def aggregate(out: str | pathlib.Path, runs: Sequence[RunMetrics], *,
         [[p, str(stats[p, metrics[0].name, f"{statistic(metrics[0])}_minus_{reference}"].num_runs)]
          + [_fmt(stats[p, m.name, f"{statistic(m)}_minus_{reference}"]) for m in metrics]
          for p in points[1:]])
+    lines.append("")
+  if len(points) > 1:
+    lines += [f"## Seeds for the paired final difference from {reference} to exclude 0",
+              "", "(`seeds_to_resolve`: at the observed mean and spread; — : none would)", ""]
+    lines += _markdown_table(
+        ["point"] + [m.name for m in metrics],
+        [[p] + [str(seeds_to_resolve(stats[p, m.name, f"final_minus_{reference}"]) or "—")
+                for m in metrics] for p in points[1:]])
     lines.append("")
   if point_overrides:
     lines += ["## Points", ""]

@@ -80,3 +80,19 @@ def test_aggregate_writes_the_paired_pass_at_k_table_and_plot(tmp_path):
   table = files["table_md"].read_text()
   assert "## Sampled pass@k minus ref's, paired by seed" in table
   assert "| pass@1 | pass@2 | pass@4 | pass@8 | distinct answers |" in table
+
+
+def test_seeds_to_resolve_is_the_first_n_whose_interval_excludes_zero():
+  rng = np.random.default_rng(1)
+  d = rng.normal(0.3, 1.0, 6)
+  stat = aggregate.mean_stderr(d)
+  n = aggregate.seeds_to_resolve(stat)
+  s = d.std(ddof=1)
+
+  def half_width(m):
+    return scipy.stats.t.ppf(0.975, m - 1) * s / math.sqrt(m)
+
+  assert half_width(n) < abs(d.mean()) <= half_width(n - 1)
+  assert aggregate.seeds_to_resolve(aggregate.mean_stderr([0.1, 0.1])) == 2  # no spread
+  assert aggregate.seeds_to_resolve(aggregate.mean_stderr([-0.1, 0.1])) is None  # mean 0
+  assert aggregate.seeds_to_resolve(aggregate.mean_stderr([0.5])) is None
