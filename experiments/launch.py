@@ -22,8 +22,9 @@ resolved in-process with the runner's own flag parser (a misspelt key or a value
 wrong type fails here, not after an hour) and its algorithm section is validated; the
 resolved config goes to `launch.json` in the workdir.
 
-Shared warm starts (`--shared-warm-start`): the supervised warm start of each seed runs first,
-once, in OUT/warm_starts/seed_S (the base config with the `--set` overrides, `gmpo_jax.main
+Shared warm starts (`--shared-warm-start`): the supervised warm start of each seed runs once,
+before any point of that seed (they start first; a seed's points start as soon as its own warm
+start has finished), in OUT/warm_starts/seed_S (the base config with the `--set` overrides, `gmpo_jax.main
 --warm_start_only`), and every point of that seed starts from it
 (`--config.warm_start.init_from=OUT/warm_starts/seed_S`): the points of a seed then share their
 starting policy without recomputing it, and a point that changes the task or the model is
@@ -373,7 +374,7 @@ def is_finished(workdir: pathlib.Path) -> bool:
 
 class RunResult(NamedTuple):
   spec: RunSpec
-  status: str  # 'finished' | 'skipped' (already finished) | 'failed' | 'stopped'
+  status: str  # 'finished' | 'failed' | 'stopped' | 'not run' (its warm start did not finish)
   returncode: int | None
   seconds: float
   log: pathlib.Path
@@ -409,8 +410,11 @@ class _Launcher:
     with self._lock:
       print(text, file=self._stream, flush=True)
 
-  def _run(self, spec: RunSpec) -> RunResult:
+  def _run(self, spec: RunSpec, after: concurrent.futures.Future | None = None) -> RunResult:
     log = spec.workdir / LOG_FILE
+    # `after` was submitted earlier, so it has a worker of its own: waiting cannot deadlock.
+    if after is not None and after.result().status != "finished":
+      return RunResult(spec, "not run", None, 0.0, log)
     if self._stopping.is_set():
       return RunResult(spec, "stopped", None, 0.0, log)
     command = self._runner + spec.args()
@@ -440,20 +444,21 @@ class _Launcher:
       status = "stopped" if self._stopping.is_set() else "failed"
     return RunResult(spec, status, returncode, seconds, log)
 
-  @property
-  def stopping(self) -> bool:
-    return self._stopping.is_set()
-
   def stop(self, sig: int) -> None:
     self._stopping.set()
     with self._lock:
       for process in self._processes.values():
         process.send_signal(sig)
 
-  def run_all(self, specs: Sequence[RunSpec]) -> list[RunResult]:
+  def run_all(self, specs: Sequence[RunSpec], warm_starts: Sequence[RunSpec] = ()
+              ) -> list[RunResult]:
+    """Runs `warm_starts` first, then `specs`, each of which waits for its seed's warm start
+    (if among `warm_starts`) and is not run if that one does not finish."""
     results = []
     with concurrent.futures.ThreadPoolExecutor(self._parallel) as pool:
-      futures = [pool.submit(self._run, spec) for spec in specs]
+      before = {spec.seed: pool.submit(self._run, spec) for spec in warm_starts}
+      futures = list(before.values()) + [pool.submit(self._run, spec, before.get(spec.seed))
+                                         for spec in specs]
       pending = set(futures)
       while pending:
         try:
@@ -471,11 +476,14 @@ class _Launcher:
           result = future.result()
           results.append(result)
           if result.status == "finished":
-            self._print(f"[{len(results)}/{len(specs)}] finished {result.spec.label} "
+            self._print(f"[{len(results)}/{len(futures)}] finished {result.spec.label} "
                         f"in {result.seconds:.0f} s")
           elif result.status == "failed":
-            self._print(f"[{len(results)}/{len(specs)}] FAILED {result.spec.label} "
+            self._print(f"[{len(results)}/{len(futures)}] FAILED {result.spec.label} "
                         f"({_failure(result)}); log: {result.log}\n{_tail(result.log)}")
+          elif result.status == "not run":
+            self._print(f"[{len(results)}/{len(futures)}] not run: {result.spec.label} (its "
+                        "warm start did not finish)")
     return results
 
 
@@ -712,20 +720,14 @@ def main(argv: Sequence[str] | None = None, *, stream: TextIO | None = None) -> 
     warm_todo = [s for s in warm_starts if not s.finished()]
     if warm_todo:
       print(f"first the shared warm starts of {len(warm_todo)} seed(s)", file=stream)
-    results = launcher.run_all(warm_todo)
-    lost = {r.spec.seed for r in results if r.status != "finished"}
-    if lost:
-      print(f"the points of seed(s) {sorted(lost)} are not run: their warm start did not finish",
-            file=stream)
-    if not launcher.stopping:
-      results += launcher.run_all([s for s in todo if s.seed not in lost])
+    results = launcher.run_all(todo, warm_starts=warm_todo)
   finally:
     signal.signal(signal.SIGTERM, previous)
   failed = [r for r in results if r.status == "failed"]
-  stopped = [r for r in results if r.status == "stopped"]
+  stopped = [r for r in results if r.status in ("stopped", "not run")]
   print(f"done in {time.monotonic() - start:.0f} s: "
         f"{sum(r.status == 'finished' for r in results)} finished, {skipped} skipped, "
-        f"{len(failed)} failed, {len(stopped)} stopped", file=stream)
+        f"{len(failed)} failed, {len(stopped)} stopped or not run", file=stream)
   for result in failed:
     print(f"  failed: {result.spec.label} ({_failure(result)}): {result.log}", file=stream)
   if not args.no_aggregate:
