@@ -128,6 +128,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.warm_start.optim = ml_collections.ConfigDict(config.optim.to_dict())
   config.warm_start.optim.learning_rate = 3e-3
   config.warm_start.optim.warmup_steps = 20
+  # A finished warm start to start from instead (a directory or a workdir holding one, of the
+  # same task and model): the points of an ablation share one per seed (experiments/launch.py).
+  config.warm_start.init_from = ml_collections.FieldReference(None, field_type=str)
 
   config.eval = ml_collections.ConfigDict()
   config.eval.num_examples = 500

@@ -14,6 +14,13 @@ step, step 0 = the evaluation before RL, `null` for a non-finite value). Output,
                       point, with its 95% confidence band, and a legend
     final_bars.png    one panel per metric: the final value per point, 95% CI error bars, one
                       dot per seed
+    pass_at_k.csv     for runs that kept their evaluation results (`eval_results/`): the
+    pass_at_k.png     sampled pass@k of the last evaluation for every k = 1..n (the unbiased
+                      estimator from the n samples of each held-out prompt, averaged over the
+                      prompts), per point over seeds and paired with the first point; the plot
+                      shows the curves against k with their 95% bands, and the paired
+                      differences; table.md lists k = 1, 2, 4, ..., n and the mean number of
+                      distinct answers among a prompt's n samples (diversity)
 
 Statistics of one run and metric (records without the metric do not count):
   final    the value of the last record that has the metric;
@@ -28,7 +35,7 @@ a cell says "(k/n)" when only k of the n runs had a finite value (a diverged run
 
 Paired by seed (statistics `final_minus_<first point>` and `max_minus_...` / `min_minus_...`):
 the same statistics of the per-seed differences, e.g. final(point, s) − final(first point, s),
-over the seeds both finished. Runs of one
+over the seeds both finished (`paired_difference`). Runs of one
 seed share the warm start, the data order and the sampling keys, so the difference removes the
 spread between seeds that dominates the unpaired intervals; it is the interval to read when
 ordering methods.
@@ -49,13 +56,17 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from gmpo_jax.algo import pass_at_k as evaluation
 from gmpo_jax.infra import metrics as metrics_lib
+from gmpo_jax.runner.evaluate import EVAL_RESULTS_DIR
 
 TABLE_MD = "table.md"
 TABLE_CSV = "table.csv"
 RUNS_CSV = "runs.csv"
 CURVES_PNG = "curves.png"
 BARS_PNG = "final_bars.png"
+PASS_AT_K_CSV = "pass_at_k.csv"
+PASS_AT_K_PNG = "pass_at_k.png"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,12 +101,55 @@ DEFAULT_METRICS: tuple[MetricSpec, ...] = tuple(MetricSpec.parse(m) for m in (
     "clip_fraction_low:max", "clip_fraction_high:max"))
 
 
+class SampledEval(NamedTuple):
+  """The sampled completions of a run's first (step 0) and last held-out evaluation.
+
+  Attributes:
+    initial, final: mean over prompts of pass@k for k = 1..n, float64 [n].
+    initial_distinct, final_distinct: mean over prompts of the number of distinct answers among
+      the n samples (no stated answer counts as one more answer).
+  """
+  initial: np.ndarray
+  final: np.ndarray
+  initial_distinct: float
+  final_distinct: float
+
+
 @dataclasses.dataclass(frozen=True)
 class RunMetrics:
-  """The records of one finished run."""
+  """The records of one finished run, and its sampled evaluations when they were kept."""
   point: str
   seed: int
   records: Sequence[Mapping[str, Any]]
+  sampled: SampledEval | None = None
+
+
+def pass_at_k_curve(results: Sequence[evaluation.PromptResult]) -> np.ndarray:
+  """[n] float64: the mean over prompts of the unbiased pass@k (`evaluation.pass_at_k`), k = 1..n.
+
+  Raises:
+    ValueError: no results, or prompts with different n.
+  """
+  sizes = {r.n for r in results}
+  if len(sizes) != 1:
+    raise ValueError(f"every prompt needs the same number of samples; got {sorted(sizes)}")
+  (n,) = sizes
+  counts = np.array([r.c for r in results])
+  return np.array([evaluation.pass_at_k(n, counts, k).mean() for k in range(1, n + 1)])
+
+
+def load_sampled(workdir: str | pathlib.Path) -> SampledEval | None:
+  """The step-0 and last `eval_results/step_*.jsonl` of a run; None without both."""
+  files = sorted((pathlib.Path(workdir) / EVAL_RESULTS_DIR).glob("step_*.jsonl"))
+  if len(files) < 2 or files[0].name != "step_000000.jsonl":
+    return None
+  first, last = evaluation.read_results(files[0]), evaluation.read_results(files[-1])
+
+  def distinct(results):
+    return float(np.mean([len(set(r.answers)) for r in results]))
+
+  return SampledEval(pass_at_k_curve(first), pass_at_k_curve(last), distinct(first),
+                     distinct(last))
 
 
 class Stat(NamedTuple):
@@ -120,6 +174,29 @@ def mean_stderr(values: Iterable[float]) -> Stat:
   stderr = float(finite.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
   ci95 = float(scipy.stats.t.ppf(0.975, n - 1) * stderr) if n > 1 else math.nan
   return Stat(mean, stderr, n, values.size, ci95)
+
+
+def paired_difference(values: Mapping[int, float], reference: Mapping[int, float]) -> Stat:
+  """`mean_stderr` of values[s] − reference[s] over the seeds s in both (a paired t interval).
+
+  Pairing removes what the two share per seed (here: the warm start, the data order and the
+  sampling keys), so its interval is the one that orders two points.
+  """
+  return mean_stderr(values[s] - reference[s] for s in values if s in reference)
+
+
+def seeds_to_resolve(stat: Stat, *, limit: int = 10_000) -> int | None:
+  """The fewest seeds n whose 95% interval t_{0.975, n−1}·s/√n would exclude 0 if the mean and
+  the spread s (ddof = 1) stayed as observed (2 when s is 0 and the mean is not); None when s
+  is undefined (fewer than 2 values), the mean is 0, or more than `limit` seeds would be
+  needed."""
+  if stat.num_finite < 2 or not math.isfinite(stat.stderr) or stat.mean == 0:
+    return None
+  spread = stat.stderr * math.sqrt(stat.num_finite)
+  for n in range(2, limit + 1):
+    if scipy.stats.t.ppf(0.975, n - 1) * spread / math.sqrt(n) < abs(stat.mean):
+      return n
+  return None
 
 
 def _value(record: Mapping[str, Any], name: str) -> float:
@@ -301,13 +378,15 @@ def aggregate(out: str | pathlib.Path, runs: Sequence[RunMetrics], *,
             v for p, _, m, s, v in per_run if (p, m, s) == (point, metric.name, statistic))
   reference = points[0]
   by_run = {(p, seed, m, s): v for p, seed, m, s, v in per_run}
+  def by_seed(point: str, metric: str, statistic: str) -> dict[int, float]:
+    return {seed: v for (p, seed, m, s), v in by_run.items() if (p, m, s) == (point, metric,
+                                                                              statistic)}
+
   for point in points[1:]:
     for metric in metrics:
       for statistic in ("final", metric.mode):
-        stats[point, metric.name, f"{statistic}_minus_{reference}"] = mean_stderr(
-            v - by_run[reference, seed, m, s] for (p, seed, m, s), v in by_run.items()
-            if (p, m, s) == (point, metric.name, statistic)
-            and (reference, seed, m, s) in by_run)
+        stats[point, metric.name, f"{statistic}_minus_{reference}"] = paired_difference(
+            by_seed(point, metric.name, statistic), by_seed(reference, metric.name, statistic))
 
   out.mkdir(parents=True, exist_ok=True)
   files = {"table_md": out / TABLE_MD, "table_csv": out / TABLE_CSV, "runs_csv": out / RUNS_CSV}
@@ -363,6 +442,14 @@ def aggregate(out: str | pathlib.Path, runs: Sequence[RunMetrics], *,
          + [_fmt(stats[p, m.name, f"{statistic(m)}_minus_{reference}"]) for m in metrics]
          for p in points[1:]])
     lines.append("")
+  if len(points) > 1:
+    lines += [f"## Seeds for the paired final difference from {reference} to exclude 0",
+              "", "(`seeds_to_resolve`: at the observed mean and spread; — : none would)", ""]
+    lines += _markdown_table(
+        ["point"] + [m.name for m in metrics],
+        [[p] + [str(seeds_to_resolve(stats[p, m.name, f"final_minus_{reference}"]) or "—")
+                for m in metrics] for p in points[1:]])
+    lines.append("")
   if point_overrides:
     lines += ["## Points", ""]
     lines += _markdown_table(
@@ -370,6 +457,10 @@ def aggregate(out: str | pathlib.Path, runs: Sequence[RunMetrics], *,
         [[p, "<br>".join(f"`{o}`" for o in point_overrides.get(p, ())) or "(base config)"]
          for p in points])
     lines.append("")
+  sampled = {p: {r.seed: r.sampled for r in point_runs if r.sampled is not None}
+             for p, point_runs in by_point.items()}
+  if any(sampled.values()):
+    lines += _pass_at_k_section(out, sampled, files)
   files["table_md"].write_text("\n".join(lines))
 
   curve_points = {p: r for p, r in by_point.items() if r}
@@ -378,7 +469,86 @@ def aggregate(out: str | pathlib.Path, runs: Sequence[RunMetrics], *,
   return files
 
 
+def _pass_at_k_section(out: pathlib.Path, sampled: Mapping[str, Mapping[int, SampledEval]],
+                       files: dict[str, pathlib.Path]) -> list[str]:
+  """pass_at_k.csv, pass_at_k.png and the lines of table.md on the sampled pass@k curves."""
+  points = [p for p, runs in sampled.items() if runs]
+  reference = points[0]
+  n = min(len(e.final) for runs in sampled.values() for e in runs.values())
+  ks = [k for k in (2 ** i for i in range(n.bit_length())) if k <= n]
+  unpaired = {(p, k, which): mean_stderr(getattr(e, which)[k - 1] for e in sampled[p].values())
+              for p in points for k in range(1, n + 1) for which in ("initial", "final")}
+  paired = {(p, k): paired_difference({s: e.final[k - 1] for s, e in sampled[p].items()},
+                                      {s: e.final[k - 1] for s, e in sampled[reference].items()})
+            for p in points[1:] for k in range(1, n + 1)}
+  distinct = {(p, which): mean_stderr(getattr(e, f"{which}_distinct") for e in sampled[p].values())
+              for p in points for which in ("initial", "final")}
+  files["pass_at_k_csv"] = out / PASS_AT_K_CSV
+  with files["pass_at_k_csv"].open("w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["point", "k", "statistic", "mean", "stderr", "ci95", "num_finite",
+                     "num_runs"])
+    rows = [(p, k, which, stat) for (p, k, which), stat in unpaired.items()]
+    rows += [(p, k, f"final_minus_{reference}", stat) for (p, k), stat in paired.items()]
+    for p, k, statistic, stat in rows:
+      writer.writerow([p, k, statistic, _csv_float(stat.mean), _csv_float(stat.stderr),
+                       _csv_float(stat.ci95), stat.num_finite, stat.num_runs])
+  files["pass_at_k"] = plot_pass_at_k(out / PASS_AT_K_PNG, unpaired, paired, points=points, n=n)
+  header = ["point", "seeds"] + [f"pass@{k}" for k in ks] + ["distinct answers"]
+  lines = [f"## Sampled pass@k of the last evaluation (n = {n} per prompt, unbiased estimator)",
+           ""]
+  lines += _markdown_table(header, [
+      [p, str(len(sampled[p]))] + [_fmt(unpaired[p, k, "final"]) for k in ks]
+      + [_fmt(distinct[p, "final"])] for p in points])
+  lines += ["", "Before RL (step 0):", ""]
+  lines += _markdown_table(header, [
+      [p, str(len(sampled[p]))] + [_fmt(unpaired[p, k, "initial"]) for k in ks]
+      + [_fmt(distinct[p, "initial"])] for p in points])
+  if len(points) > 1:
+    lines += ["", f"## Sampled pass@k minus {reference}'s, paired by seed", ""]
+    lines += _markdown_table(header[:-1], [
+        [p, str(paired[p, 1].num_runs)] + [_fmt(paired[p, k]) for k in ks] for p in points[1:]])
+  return lines + [""]
+
+
+def plot_pass_at_k(path: pathlib.Path, unpaired: Mapping[tuple[str, int, str], Stat],
+                   paired: Mapping[tuple[str, int], Stat], *, points: Sequence[str],
+                   n: int) -> pathlib.Path:
+  """pass@k against k (log scale) per point with its 95% band, the first point's step 0 dashed;
+  beside it each point's paired difference from the first point with its 95% band."""
+  figure, axes = _panels(2 if len(points) > 1 else 1, ncols=2, height=3.6)
+  colors = _colors(points)
+  ks = np.arange(1, n + 1)
+
+  def band(axis, stats, color, **style):
+    mean = np.array([s.mean for s in stats])
+    ci95 = np.array([s.ci95 for s in stats])
+    axis.plot(ks, mean, color=color, linewidth=1.2, **style)
+    axis.fill_between(ks, mean - ci95, mean + ci95, color=color, alpha=0.15, linewidth=0)
+
+  band(axes[0], [unpaired[points[0], k, "initial"] for k in ks], "gray", linestyle="--",
+       label="before RL")
+  for point in points:
+    band(axes[0], [unpaired[point, k, "final"] for k in ks], colors[point], label=point)
+  axes[0].set_title(f"held-out pass@k (n = {n}), mean over seeds, 95% CI", fontsize=9)
+  axes[0].set_ylabel("pass@k", fontsize=8)
+  if len(points) > 1:
+    for point in points[1:]:
+      band(axes[1], [paired[point, k] for k in ks], colors[point], label=point)
+    axes[1].axhline(0.0, color=colors[points[0]], linewidth=1.0)
+    axes[1].set_title(f"pass@k minus {points[0]}'s, paired by seed, 95% CI", fontsize=9)
+  for axis in axes:
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("k", fontsize=8)
+    axis.tick_params(labelsize=7)
+    axis.grid(alpha=0.3)
+  _legend(figure, {"before RL": "gray", **colors})
+  figure.savefig(path, dpi=100)
+  return path
+
+
 def load_runs(entries: Iterable[tuple[str, int, str | pathlib.Path]]) -> list[RunMetrics]:
-  """(point, seed, workdir) -> the run's records (`gmpo_jax.infra.metrics.read_metrics`)."""
-  return [RunMetrics(point, seed, metrics_lib.read_metrics(workdir))
+  """(point, seed, workdir) -> the run's records (`gmpo_jax.infra.metrics.read_metrics`) and its
+  sampled evaluations (`load_sampled`)."""
+  return [RunMetrics(point, seed, metrics_lib.read_metrics(workdir), load_sampled(workdir))
           for point, seed, workdir in entries]

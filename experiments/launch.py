@@ -22,6 +22,14 @@ resolved in-process with the runner's own flag parser (a misspelt key or a value
 wrong type fails here, not after an hour) and its algorithm section is validated; the
 resolved config goes to `launch.json` in the workdir.
 
+Shared warm starts (`--shared-warm-start`): the supervised warm start of each seed runs once,
+before any point of that seed (they start first; a seed's points start as soon as its own warm
+start has finished), in OUT/warm_starts/seed_S (the base config with the `--set` overrides, `gmpo_jax.main
+--warm_start_only`), and every point of that seed starts from it
+(`--config.warm_start.init_from=OUT/warm_starts/seed_S`): the points of a seed then share their
+starting policy without recomputing it, and a point that changes the task or the model is
+refused by the runner. The points of a seed whose warm start failed are not run.
+
 Restarts: a run whose summary.json says it reached its last step is skipped; any other is
 started again and the runner resumes it from its checkpoint. A workdir whose launch.json
 holds a different config is an error (use another --out). A failed run is reported with its
@@ -68,6 +76,7 @@ from ml_collections import config_flags
 from experiments import aggregate as aggregate_lib
 from gmpo_jax.config import ExperimentConfig
 from gmpo_jax.infra import metrics as metrics_lib
+from gmpo_jax.runner.loop import WARM_START_SUMMARY
 
 # pylint: enable=wrong-import-position
 
@@ -89,6 +98,7 @@ ALIASES: Mapping[str, tuple[str, ...]] = MappingProxyType({
 
 RUNS_DIR = "runs"
 MANIFEST = "launch.json"  # in OUT: the points and runs launched there
+WARM_STARTS_DIR = "warm_starts"  # in OUT: seed_S, the shared warm start of seed S
 RUN_FILE = "launch.json"  # in a workdir: the run's overrides and resolved config
 LOG_FILE = "launch.log"
 XLA_CACHE = "xla_cache"
@@ -276,24 +286,38 @@ def load_preset(config: str, name: str) -> Mapping[str, Mapping[str, Any]]:
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-  """One run: a point at a seed, in its own workdir."""
+  """One run: a point at a seed, in its own workdir; or, with `warm_start_only`, the shared
+  warm start of a seed."""
   point: Point
   seed: int
   config: str  # the --config value: an absolute path, optionally ':arg'
   workdir: pathlib.Path
+  init_from: pathlib.Path | None = None  # the seed's shared warm start
+  warm_start_only: bool = False
 
   @property
   def overrides(self) -> tuple[Override, ...]:
-    return self.point.overrides + (Override("seed", str(self.seed), self.seed),)
+    shared = (() if self.init_from is None else
+              (Override("warm_start.init_from", str(self.init_from), str(self.init_from)),))
+    return self.point.overrides + shared + (Override("seed", str(self.seed), self.seed),)
+
+  def config_args(self) -> list[str]:
+    """The flags the config is resolved from."""
+    return [f"--config={self.config}", f"--workdir={self.workdir}",
+            *(o.flag() for o in self.overrides)]
 
   def args(self) -> list[str]:
     """The runner's flags (after the runner command)."""
-    return [f"--config={self.config}", f"--workdir={self.workdir}",
-            *(o.flag() for o in self.overrides)]
+    return self.config_args() + (["--warm_start_only"] if self.warm_start_only else [])
 
   @property
   def label(self) -> str:
     return f"{self.point.name} seed {self.seed}"
+
+  def finished(self) -> bool:
+    if self.warm_start_only:
+      return (self.workdir / WARM_START_SUMMARY).exists()
+    return is_finished(self.workdir)
 
 
 def resolve_config(spec: RunSpec) -> ml_collections.ConfigDict:
@@ -304,7 +328,7 @@ def resolve_config(spec: RunSpec) -> ml_collections.ConfigDict:
       back to itself, or an invalid value in any section (`ExperimentConfig`, the runner's own
       check), so a bad grid point fails before any run starts.
   """
-  argv = ["runner", *spec.args()]
+  argv = ["runner", *spec.config_args()]
   flag_values = flags.FlagValues()
   holder = config_flags.DEFINE_config_file("config", None, flag_values=flag_values,
                                            lock_config=True, sys_argv=argv)
@@ -350,7 +374,7 @@ def is_finished(workdir: pathlib.Path) -> bool:
 
 class RunResult(NamedTuple):
   spec: RunSpec
-  status: str  # 'finished' | 'skipped' (already finished) | 'failed' | 'stopped'
+  status: str  # 'finished' | 'failed' | 'stopped' | 'not run' (its warm start did not finish)
   returncode: int | None
   seconds: float
   log: pathlib.Path
@@ -386,8 +410,11 @@ class _Launcher:
     with self._lock:
       print(text, file=self._stream, flush=True)
 
-  def _run(self, spec: RunSpec) -> RunResult:
+  def _run(self, spec: RunSpec, after: concurrent.futures.Future | None = None) -> RunResult:
     log = spec.workdir / LOG_FILE
+    # `after` was submitted earlier, so it has a worker of its own: waiting cannot deadlock.
+    if after is not None and after.result().status != "finished":
+      return RunResult(spec, "not run", None, 0.0, log)
     if self._stopping.is_set():
       return RunResult(spec, "stopped", None, 0.0, log)
     command = self._runner + spec.args()
@@ -411,7 +438,7 @@ class _Launcher:
       with self._lock:
         del self._processes[process.pid]
     seconds = time.monotonic() - start
-    if returncode == 0 and is_finished(spec.workdir):
+    if returncode == 0 and spec.finished():
       status = "finished"
     else:
       status = "stopped" if self._stopping.is_set() else "failed"
@@ -423,10 +450,15 @@ class _Launcher:
       for process in self._processes.values():
         process.send_signal(sig)
 
-  def run_all(self, specs: Sequence[RunSpec]) -> list[RunResult]:
+  def run_all(self, specs: Sequence[RunSpec], warm_starts: Sequence[RunSpec] = ()
+              ) -> list[RunResult]:
+    """Runs `warm_starts` first, then `specs`, each of which waits for its seed's warm start
+    (if among `warm_starts`) and is not run if that one does not finish."""
     results = []
     with concurrent.futures.ThreadPoolExecutor(self._parallel) as pool:
-      futures = [pool.submit(self._run, spec) for spec in specs]
+      before = {spec.seed: pool.submit(self._run, spec) for spec in warm_starts}
+      futures = list(before.values()) + [pool.submit(self._run, spec, before.get(spec.seed))
+                                         for spec in specs]
       pending = set(futures)
       while pending:
         try:
@@ -444,18 +476,48 @@ class _Launcher:
           result = future.result()
           results.append(result)
           if result.status == "finished":
-            self._print(f"[{len(results)}/{len(specs)}] finished {result.spec.label} "
+            self._print(f"[{len(results)}/{len(futures)}] finished {result.spec.label} "
                         f"in {result.seconds:.0f} s")
           elif result.status == "failed":
-            self._print(f"[{len(results)}/{len(specs)}] FAILED {result.spec.label} "
+            self._print(f"[{len(results)}/{len(futures)}] FAILED {result.spec.label} "
                         f"({_failure(result)}); log: {result.log}\n{_tail(result.log)}")
+          elif result.status == "not run":
+            self._print(f"[{len(results)}/{len(futures)}] not run: {result.spec.label} (its "
+                        "warm start did not finish)")
     return results
 
 
 def plan_runs(points: Sequence[Point], seeds: Sequence[int], *, config: str,
-              out: pathlib.Path) -> list[RunSpec]:
-  return [RunSpec(point, seed, config, out / RUNS_DIR / point.name / f"seed_{seed}")
-          for point in points for seed in seeds]
+              out: pathlib.Path, shared_warm_start: bool = False,
+              by_seed: bool = False) -> list[RunSpec]:
+  """The runs in the order they start: every seed of a point, point after point; `by_seed`:
+  every point of a seed, seed after seed (a grid cut short then still holds paired seeds)."""
+  pairs = ([(p, s) for s in seeds for p in points] if by_seed else
+           [(p, s) for p in points for s in seeds])
+  return [RunSpec(point, seed, config, out / RUNS_DIR / point.name / f"seed_{seed}",
+                  init_from=warm_start_dir(out, seed) if shared_warm_start else None)
+          for point, seed in pairs]
+
+
+def select_points(points: Sequence[Point], names: Sequence[str]) -> list[Point]:
+  """The points named, in the order named (ValueError for a name the grid lacks)."""
+  by_name = {p.name: p for p in points}
+  unknown = [n for n in names if n not in by_name]
+  if unknown:
+    raise ValueError(f"--points {unknown} not in the grid; its points: {list(by_name)}")
+  return [by_name[n] for n in names]
+
+
+def warm_start_dir(out: pathlib.Path, seed: int) -> pathlib.Path:
+  return out / WARM_STARTS_DIR / f"seed_{seed}"
+
+
+def plan_warm_starts(seeds: Sequence[int], fixed: Sequence[Override], *, config: str,
+                     out: pathlib.Path) -> list[RunSpec]:
+  """One warm-start-only run per seed: the base config with the `--set` overrides."""
+  point = Point("warm_start", tuple(sorted(fixed, key=lambda o: o.path.count("."))))
+  return [RunSpec(point, seed, config, warm_start_dir(out, seed), warm_start_only=True)
+          for seed in seeds]
 
 
 def prepare(specs: Sequence[RunSpec]) -> None:
@@ -559,6 +621,15 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--seeds", type=int, default=1, help="seeds per point (default 1)")
   parser.add_argument("--first-seed", type=int, default=0, help="seeds are first..first+N-1")
   parser.add_argument("--parallel", type=int, default=1, help="runs at a time (default 1)")
+  parser.add_argument("--points", type=split_values, default=None, metavar="NAME,...",
+                      help="run only these points of the grid, in this order (the first is "
+                           "the one the others are paired with)")
+  parser.add_argument("--by-seed", action="store_true",
+                      help="start the runs seed after seed (all points of a seed, then the "
+                           "next), not point after point")
+  parser.add_argument("--shared-warm-start", action="store_true",
+                      help=f"run each seed's warm start once (OUT/{WARM_STARTS_DIR}/seed_S), "
+                           "first, and start every point of the seed from it")
   parser.add_argument("--runner", default=shlex.join(DEFAULT_RUNNER),
                       help="command that gets --config/--workdir/--config.* flags "
                            "(default: this Python -m gmpo_jax.main)")
@@ -617,22 +688,27 @@ def main(argv: Sequence[str] | None = None, *, stream: TextIO | None = None) -> 
     fixed = [Override(p, v) for key, v in map(parse_assignment, args.fixed)
              for p in expand_key(key)]
     points = make_points(axes, fixed)
+    if args.points is not None:
+      points = select_points(points, args.points)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
-    specs = plan_runs(points, seeds, config=config, out=out)
+    specs = plan_runs(points, seeds, config=config, out=out,
+                      shared_warm_start=args.shared_warm_start, by_seed=args.by_seed)
+    warm_starts = (plan_warm_starts(seeds, fixed, config=config, out=out)
+                   if args.shared_warm_start else [])
     if args.dry_run:
-      for spec in specs:
+      for spec in warm_starts + specs:
         resolve_config(spec)
-        state = "finished" if is_finished(spec.workdir) else "to run"
+        state = "finished" if spec.finished() else "to run"
         print(f"{spec.label}: {state}\n  {shlex.join(shlex.split(args.runner) + spec.args())}",
               file=stream)
       return 0
-    prepare(specs)
+    prepare(warm_starts + specs)
     update_manifest(out, config, specs)
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
 
-  todo = [s for s in specs if not is_finished(s.workdir)]
+  todo = [s for s in specs if not s.finished()]
   skipped = len(specs) - len(todo)
   print(f"{len(points)} point(s) x {len(seeds)} seed(s) = {len(specs)} runs in {out}; "
         f"{skipped} already finished, {len(todo)} to run, {args.parallel} at a time", file=stream)
@@ -641,14 +717,17 @@ def main(argv: Sequence[str] | None = None, *, stream: TextIO | None = None) -> 
   previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
   start = time.monotonic()
   try:
-    results = launcher.run_all(todo)
+    warm_todo = [s for s in warm_starts if not s.finished()]
+    if warm_todo:
+      print(f"first the shared warm starts of {len(warm_todo)} seed(s)", file=stream)
+    results = launcher.run_all(todo, warm_starts=warm_todo)
   finally:
     signal.signal(signal.SIGTERM, previous)
   failed = [r for r in results if r.status == "failed"]
-  stopped = [r for r in results if r.status == "stopped"]
+  stopped = [r for r in results if r.status in ("stopped", "not run")]
   print(f"done in {time.monotonic() - start:.0f} s: "
         f"{sum(r.status == 'finished' for r in results)} finished, {skipped} skipped, "
-        f"{len(failed)} failed, {len(stopped)} stopped", file=stream)
+        f"{len(failed)} failed, {len(stopped)} stopped or not run", file=stream)
   for result in failed:
     print(f"  failed: {result.spec.label} ({_failure(result)}): {result.log}", file=stream)
   if not args.no_aggregate:

@@ -342,6 +342,9 @@ class WarmStartConfig:
       reaches it; None: run all `steps`.
     probe_every: steps between probes.
     probe_size: train prompts per probe.
+    init_from: a directory holding a finished warm start, or a workdir with one under
+      `warm_start/`: its policy is the start of RL and none is trained here; it must be of the
+      same task and model (`gmpo_jax.runner.warm_start.fingerprint`). None: train one.
   """
   steps: int
   batch_size: int
@@ -349,6 +352,7 @@ class WarmStartConfig:
   target_train_pass_rate: float | None = None
   probe_every: int = 50
   probe_size: int = 256
+  init_from: str | None = None
 
   def __post_init__(self):
     _require(self.steps >= 0, "steps", self.steps, "must be >= 0")
@@ -357,6 +361,8 @@ class WarmStartConfig:
              "target_train_pass_rate", self.target_train_pass_rate, "must lie in [0, 1] or be None")
     _require(self.probe_every >= 1, "probe_every", self.probe_every, "must be >= 1")
     _require(self.probe_size >= 1, "probe_size", self.probe_size, "must be >= 1")
+    _require(self.init_from is None or bool(self.init_from.strip()), "init_from", self.init_from,
+             "must name a directory or be None")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,10 +22,13 @@ from ml_collections import config_flags
 from gmpo_jax.config import ConfigError, ExperimentConfig
 from gmpo_jax.infra import checkpointing, compilation, disk_full, distributed, workdir_lock
 from gmpo_jax.runner import loop
+from gmpo_jax.runner.warm_start import IncompatibleWarmStartError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, data and metrics.")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
                                           lock_config=True)
+_WARM_START_ONLY = flags.DEFINE_bool(
+    "warm_start_only", False, "Run only the warm start (for other runs' warm_start.init_from).")
 
 
 class WorkdirError(Exception):
@@ -70,9 +73,13 @@ def main(argv):
         distributed.DistributedConfig.from_config(_CONFIG.value.get("distributed")))
     if _CONFIG.value.get("compilation_cache_dir") is not None:
       compilation.enable_persistent_cache(_CONFIG.value.compilation_cache_dir)
-    loop.train_and_evaluate(_CONFIG.value, workdir)
+    if _WARM_START_ONLY.value:
+      loop.warm_start_only(_CONFIG.value, workdir)
+    else:
+      loop.train_and_evaluate(_CONFIG.value, workdir)
   except (ConfigError, WorkdirError, workdir_lock.WorkdirInUseError,
-          checkpointing.ConfigMismatchError, checkpointing.CheckpointMismatchError) as error:
+          checkpointing.ConfigMismatchError, checkpointing.CheckpointMismatchError,
+          IncompatibleWarmStartError) as error:
     # A user error, not a crash: one line naming what is wrong, no traceback.
     _exit_with_config_error(str(error))
   except Exception as error:  # noqa: BLE001 - re-raised unless the disk is full

@@ -310,3 +310,65 @@ def test_real_smoke_run_through_the_launcher(tmp_path, capsys):
   row = _table(out)["base", "reward/mean", "final"]
   assert row["num_finite"] == "1" and math.isfinite(_float(row["mean"]))
   assert "1 finished" in capsys.readouterr().out
+
+
+# A fake runner for `--shared-warm-start`: a warm-start-only run writes warm_start.json (or fails
+# when its workdir holds FAIL); a point run fails unless its init_from holds one.
+FAKE_SHARED_RUNNER = r'''
+import json, pathlib, sys
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if "=" in a)
+workdir = pathlib.Path(args["workdir"])
+with open(workdir / "invocations", "a") as f:
+  f.write("run\n")
+if "--warm_start_only" in sys.argv:
+  if (workdir / "FAIL").exists():
+    sys.exit(3)
+  (workdir / "warm_start.json").write_text(json.dumps({"fingerprint": "f", "result": {}}))
+  sys.exit(0)
+init_from = pathlib.Path(args["config.warm_start.init_from"])
+if not (init_from / "warm_start.json").exists():
+  sys.exit(4)
+(workdir / "init_from").write_text(str(init_from))
+(workdir / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward/mean": 1.0}) + "\n")
+(workdir / "summary.json").write_text(json.dumps({"total_steps": 1, "last_step": 1}))
+'''
+
+
+def test_shared_warm_starts_run_first_once_per_seed(tmp_path):
+  runner_path = tmp_path / "fake_shared_runner.py"
+  runner_path.write_text(FAKE_SHARED_RUNNER)
+  runner = shlex.join([sys.executable, str(runner_path)])
+  out = tmp_path / "out"
+
+  def run():
+    return launch.main(["--config=configs/smoke.py", f"--out={out}", "--seeds=3",
+                        "--grid=advantage=grpo,gmpo", "--shared-warm-start", "--parallel=2",
+                        f"--runner={runner}", "--metrics=reward/mean"], stream=open(os.devnull, "w"))
+
+  (out / "warm_starts" / "seed_2").mkdir(parents=True)
+  (out / "warm_starts" / "seed_2" / "FAIL").touch()
+  assert run() == 1  # seed 2's warm start fails, so its points are not run
+  for advantage in ("grpo", "gmpo"):
+    for seed in (0, 1):
+      workdir = _workdir(out, advantage, seed)
+      assert (workdir / "init_from").read_text() == str(out / "warm_starts" / f"seed_{seed}")
+    assert not (_workdir(out, advantage, 2) / "invocations").exists()
+  (out / "warm_starts" / "seed_2" / "FAIL").unlink()
+  assert run() == 0  # only seed 2's warm start and points run now
+  counts = {path.parent.relative_to(out).as_posix(): len(path.read_text().splitlines())
+            for path in out.rglob("invocations")}
+  assert counts == {"warm_starts/seed_0": 1, "warm_starts/seed_1": 1, "warm_starts/seed_2": 2,
+                    **{f"runs/advantage={a}/seed_{s}": 1 for a in ("grpo", "gmpo")
+                       for s in range(3)}}
+
+
+def test_points_selects_and_orders_the_grid_and_by_seed_interleaves_the_seeds(tmp_path):
+  points = launch.select_points(
+      launch.make_points([launch.preset_axis(ablation_gmpo.get_grid("gmpo_design"))]),
+      ["grpo", "gmpo_full"])
+  assert [p.name for p in points] == ["grpo", "gmpo_full"]
+  specs = launch.plan_runs(points, [0, 1], config="c.py", out=tmp_path, by_seed=True)
+  assert [(s.point.name, s.seed) for s in specs] == [
+      ("grpo", 0), ("gmpo_full", 0), ("grpo", 1), ("gmpo_full", 1)]
+  with pytest.raises(ValueError, match=r"\['nope'\] not in the grid"):
+    launch.select_points(points, ["nope"])

@@ -47,7 +47,7 @@ from gmpo_jax.runner.data import PromptStream
 from gmpo_jax.runner.evaluate import evaluate
 from gmpo_jax.runner.rl_step import RLState, RLStep, ScoredRollout
 from gmpo_jax.runner.state import METRICS_HISTORY_KEY, InFlightRollout, RunState, in_flight_name
-from gmpo_jax.runner.warm_start import warm_start
+from gmpo_jax.runner.warm_start import fingerprint, warm_start
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       except Preempted as stopped:
         logger.warning("preempted during the %s; rerun the same command to resume", stopped)
         return {"preempted": str(stopped)}
+
+
+WARM_START_SUMMARY = "warm_start.json"
+
+
+def warm_start_only(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
+                    ) -> dict[str, Any]:
+  """Runs (or resumes, or reuses) only the warm start of `config` in `workdir`, for other runs
+  to start from (`warm_start.init_from`); returns and writes `workdir/warm_start.json`: its
+  result and the fingerprint an `init_from` run checks."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  with workdir_lock.hold(workdir):
+    run = build_run(config, workdir)
+    if run.config.warm_start.steps == 0 or run.config.warm_start.init_from is not None:
+      raise ValueError("a warm-start-only run needs warm_start.steps > 0 and no init_from")
+    with jax.set_mesh(run.mesh), preemption.install_preemption_handler() as handler:
+      try:
+        _, result = warm_start(run, handler)
+      except Preempted as stopped:
+        logger.warning("preempted during the %s; rerun the same command to resume", stopped)
+        return {"preempted": str(stopped)}
+    summary = {"result": result, "fingerprint": fingerprint(
+        json.loads(run.config_dict.task.to_json()), json.loads(run.config_dict.model.to_json()))}
+    (workdir / WARM_START_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _has_warm_start(config) -> bool:
+  return config.warm_start.steps > 0 or config.warm_start.init_from is not None
 
 
 def _producer_sample(rl_step: RLStep, stream: PromptStream, prompts_per_step: int):
@@ -106,7 +136,7 @@ def _train(run: Run, preemption: preemption.PreemptionHandler,
                                   best_metric=config.checkpoint.best_metric,
                                   best_mode="max") as ckpt:
     warm_start_result = None
-    if config.warm_start.steps > 0:
+    if _has_warm_start(config):
       # With an RL checkpoint to resume from, the warm start's policy is needed only as the KL
       # reference; otherwise a damaged warm-start cache is skipped, not recomputed.
       params, warm_start_result = warm_start(
@@ -188,7 +218,7 @@ def _resume_and_train(run: Run, ckpt: checkpointing.Checkpointer,
       logger.info("before RL: %s", initial_eval)
       writer.write(0, initial_eval)
     writer.add_to_summary("initial_eval", initial_eval)
-    if config.warm_start.steps > 0:
+    if _has_warm_start(config):
       writer.add_to_summary("warm_start", warm_start_result)
     if rl_step.peak is not None:
       writer.add_to_summary("perf", rl_step.peak._asdict())

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import pathlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +26,28 @@ from gmpo_jax.runner.data import PromptStream, encode_batch
 from gmpo_jax.runner.evaluate import train_pass_rate_probe
 
 logger = logging.getLogger(__name__)
+
+# Under a workdir: the warm start's cache, which `warm_start.init_from` may also name.
+WARM_START_DIR = "warm_start"
+
+
+class IncompatibleWarmStartError(ValueError):
+  """`warm_start.init_from` names no finished warm start, or one of another task or model."""
+
+
+def fingerprint(task: dict[str, Any], model: dict[str, Any]) -> str:
+  """What a shared warm start must match to start another run: 16 hex digits of the SHA-256 of
+  the task and model sections (the task's data_dir aside: a location, not the problems)."""
+  task = {k: v for k, v in task.items() if k != "data_dir"}
+  text = json.dumps({"task": task, "model": model}, sort_keys=True, separators=(",", ":"))
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def init_from_directory(path: str | pathlib.Path) -> pathlib.Path:
+  """The checkpoint directory `warm_start.init_from` names: PATH/warm_start when PATH is a
+  workdir, else PATH itself."""
+  path = pathlib.Path(path).expanduser()
+  return path / WARM_START_DIR if (path / WARM_START_DIR).is_dir() else path
 
 
 def warm_start(run: Run, preemption: preemption.PreemptionHandler, *, needed: bool = True
@@ -55,7 +79,9 @@ def warm_start(run: Run, preemption: preemption.PreemptionHandler, *, needed: bo
     last probe's rate (None without a target)}`; (None, None) when skipped.
   """
   cfg = run.config.warm_start
-  directory = run.workdir / "warm_start"
+  if cfg.init_from is not None:
+    return _shared_warm_start(run, needed=needed)
+  directory = run.workdir / WARM_START_DIR
   # Its own rounding stream (bfloat16 parameters), as its own data order: seed + 1.
   optimizer = make_optimizer(cfg.optim, cfg.steps, param_dtype=run.config.model.trained_dtype,
                              seed=run.config.seed + 1)
@@ -97,7 +123,8 @@ def warm_start(run: Run, preemption: preemption.PreemptionHandler, *, needed: bo
     start = time.perf_counter()
     save = lambda step, result=None: ckpt.save(checkpointing.CheckpointState(
         step=step, model=params, opt_state=opt_state, key=key,
-        metadata={"signature": signature, "result": result}))
+        metadata={"signature": signature, "result": result,
+                  "fingerprint": fingerprint(signature["task"], signature["model"])}))
     step = first
     while step < cfg.steps:
       if preemption.requested_on_any_process():
@@ -124,11 +151,63 @@ def warm_start(run: Run, preemption: preemption.PreemptionHandler, *, needed: bo
   return params, result
 
 
+def _shared_warm_start(run: Run, *, needed: bool) -> tuple[Any | None, dict[str, Any] | None]:
+  """The finished warm start `warm_start.init_from` names, read and never written.
+
+  Raises:
+    IncompatibleWarmStartError: no such directory, no finished warm start in it, or one whose
+      task or model differs from this run's (the message names the differing fields).
+  """
+  source = run.config.warm_start.init_from
+  directory = init_from_directory(source)
+  if not directory.is_dir():
+    raise IncompatibleWarmStartError(f"warm_start.init_from={source!r}: no such directory")
+  if not needed:
+    logger.info("warm start: not loaded from %s (RL resumes from its own checkpoint)", directory)
+    return None, None
+  signature = _warm_start_signature(run.config_dict)
+  with checkpointing.Checkpointer(directory, max_to_keep=1, async_save=False) as ckpt:
+    step = ckpt.latest_step
+    metadata = ckpt.restore_metadata(step) if step is not None else {}
+    stored = metadata.get("signature")
+    if stored is None or metadata.get("result") is None:
+      raise IncompatibleWarmStartError(
+          f"warm_start.init_from={source!r}: {directory} holds no finished warm start "
+          f"({'no checkpoint' if step is None else f'step {step} is unfinished'})")
+    here = fingerprint(signature["task"], signature["model"])
+    there = fingerprint(stored["task"], stored["model"])
+    if here != there:
+      ours = checkpointing.flatten_config({"task": signature["task"], "model": signature["model"]})
+      theirs = checkpointing.flatten_config({"task": stored["task"], "model": stored["model"]})
+      differ = [f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here"
+                for k in sorted(ours.keys() | theirs.keys())
+                if k != "task.data_dir" and ours.get(k) != theirs.get(k)]
+      raise IncompatibleWarmStartError(
+          f"warm_start.init_from={source!r} is a warm start of another task or model "
+          f"(fingerprint {there}, this run's {here}): {'; '.join(differ)}")
+    if stored.get("seed") != run.config.seed:
+      # Allowed (a deliberate choice), but every point of a paired grid should share its seed's.
+      logger.warning("warm start: %s was trained with seed %s, this run has seed %d", directory,
+                     stored.get("seed"), run.config.seed)
+    optimizer = make_optimizer(run.config.warm_start.optim, run.config.warm_start.steps,
+                               param_dtype=run.config.model.trained_dtype,
+                               seed=run.config.seed + 1)
+    target = checkpointing.CheckpointState(
+        step=0, model=run.params, opt_state=learner.init_opt_state(optimizer, run.params, run.mesh),
+        key=sharding.prng_key(run.config.seed, run.mesh), metadata={})
+    restored = ckpt.restore(step, target)
+  logger.info("warm start: %s (fingerprint %s, step %d)", directory, there, step)
+  return restored.model, {**metadata["result"], "warm_start/fingerprint": there,
+                          "warm_start/init_from": str(directory.resolve())}
+
+
 def _warm_start_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """What the cached warm start depends on (its own settings, the task, the model, the seed);
-  a change to any of them retrains it."""
-  return {"warm_start": json.loads(config.warm_start.to_json()),
-          "task": json.loads(config.task.to_json()), "model": json.loads(config.model.to_json()),
+  a change to any of them retrains it. `init_from` is no part of it: with it set, no cache is
+  written."""
+  settings = json.loads(config.warm_start.to_json())
+  settings.pop("init_from", None)
+  return {"warm_start": settings, "task": json.loads(config.task.to_json()), "model": json.loads(config.model.to_json()),
           "seed": config.seed, "chunk_size": config.chunk_size}
 
 
