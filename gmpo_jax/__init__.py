@@ -7,33 +7,32 @@ family (`power_mean_advantages`, `power_mean_loss`). Any advantage estimator com
 objective. This module only re-exports the public API.
 """
 
-from gmpo_jax.algo.advantages import ADVANTAGE_ESTIMATORS
-from gmpo_jax.algo.advantages import batch_std_advantages
-from gmpo_jax.algo.advantages import dr_grpo_advantages
-from gmpo_jax.algo.advantages import get_advantage_fn
-from gmpo_jax.algo.advantages import gmpo_advantages
-from gmpo_jax.algo.advantages import grpo_advantages
-from gmpo_jax.algo.advantages import maxrl_advantages
-from gmpo_jax.algo.advantages import power_mean_advantages
-from gmpo_jax.algo.advantages import reward_domain
-from gmpo_jax.algo.advantages import rloo_advantages
-from gmpo_jax.algo.advantages import validate_rewards
+from gmpo_jax.algo.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    batch_std_advantages,
+    dr_grpo_advantages,
+    get_advantage_fn,
+    gmpo_advantages,
+    grpo_advantages,
+    maxrl_advantages,
+    power_mean_advantages,
+    reward_domain,
+    rloo_advantages,
+    validate_rewards,
+)
+from gmpo_jax.algo.aggregation import AGGREGATION_MODES, LossExtras, aggregate_loss
+from gmpo_jax.algo.kl import KL_ESTIMATORS, entropy_from_logits, kl_penalty
+from gmpo_jax.algo.losses import (
+    CLIP_MODES,
+    POLICY_LOSSES,
+    geometric_mean_loss,
+    get_policy_loss,
+    gspo_loss,
+    power_mean_loss,
+    token_clip_loss,
+)
+from gmpo_jax.algo.reward_shape import recommend_advantage, reward_diagnostics
 from gmpo_jax.config import AlgorithmConfig
-from gmpo_jax.algo.kl import KL_ESTIMATORS
-from gmpo_jax.algo.kl import entropy_from_logits
-from gmpo_jax.algo.kl import kl_penalty
-from gmpo_jax.algo.losses import AGGREGATION_MODES
-from gmpo_jax.algo.losses import CLIP_MODES
-from gmpo_jax.algo.losses import POLICY_LOSSES
-from gmpo_jax.algo.losses import LossExtras
-from gmpo_jax.algo.losses import aggregate_loss
-from gmpo_jax.algo.losses import geometric_mean_loss
-from gmpo_jax.algo.losses import get_policy_loss
-from gmpo_jax.algo.losses import gspo_loss
-from gmpo_jax.algo.losses import power_mean_loss
-from gmpo_jax.algo.losses import token_clip_loss
-from gmpo_jax.algo.reward_shape import recommend_advantage
-from gmpo_jax.algo.reward_shape import reward_diagnostics
 from gmpo_jax.models.hf_export import export_hf
 
 __version__ = "0.1.0"

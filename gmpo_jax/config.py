@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from gmpo_jax.algo import advantages as advantages_lib
-from gmpo_jax.algo import importance
+from gmpo_jax.algo import aggregation, importance
 from gmpo_jax.algo import kl as kl_lib
 from gmpo_jax.algo import losses as losses_lib
 from gmpo_jax.algo import pass_at_k as evaluation
@@ -123,9 +123,9 @@ class AlgorithmConfig:
       if key in dict(self.objective_kwargs):
         raise ValueError(f"set algorithm.{key}, not algorithm.objective_kwargs.{key}")
     self._check_hyperparameter_values()
-    if self.loss_agg_mode is not None and self.loss_agg_mode not in losses_lib.AGGREGATION_MODES:
+    if self.loss_agg_mode is not None and self.loss_agg_mode not in aggregation.AGGREGATION_MODES:
       raise ValueError(f"loss_agg_mode={self.loss_agg_mode!r}; expected one of "
-                       f"{losses_lib.AGGREGATION_MODES}")
+                       f"{aggregation.AGGREGATION_MODES}")
     if self.num_generations < 2:
       raise ValueError(f"num_generations={self.num_generations}: a group needs >= 2 completions")
     for name in ("num_epochs", "num_minibatches", "num_microbatches"):

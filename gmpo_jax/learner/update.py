@@ -24,7 +24,7 @@ rows (`make_logprob_fn`), optimizer-state placement (`init_opt_state`), micro-ba
 (`to_microbatches`) and batch placement (`place_batch`).
 
 Micro-batching never changes the result: the loss functions receive the number of sequences
-and tokens of the whole minibatch (`gmpo_jax.algo.losses.aggregate_loss`), so micro-batch losses
+and tokens of the whole minibatch (`gmpo_jax.algo.aggregation.aggregate_loss`), so micro-batch losses
 and gradients add up to the full-minibatch ones, whatever the split.
 """
 
@@ -41,14 +41,13 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from gmpo_jax.algo import aggregation
 from gmpo_jax.algo import importance as importance_lib
 from gmpo_jax.algo import kl as kl_lib
-from gmpo_jax.algo import losses as losses_lib
 from gmpo_jax.config import AlgorithmConfig
 from gmpo_jax.infra import compilation, sharding
 from gmpo_jax.learner import precision
 from gmpo_jax.models.logprobs import positions_from_mask, sequence_logprobs
-
 
 # The mesh axis over which the parameters are replicated and the rows split
 # (`gmpo_jax.infra.sharding`): the one gradient reduction the update defers to the step's end.
@@ -83,7 +82,7 @@ class Batch(NamedTuple):
 
 
 class Counts(NamedTuple):
-  """Global normalizers of a minibatch (see `gmpo_jax.algo.losses.aggregate_loss`)."""
+  """Global normalizers of a minibatch (see `gmpo_jax.algo.aggregation.aggregate_loss`)."""
   num_sequences: jax.Array
   num_tokens: jax.Array
 
@@ -92,7 +91,7 @@ class PolicyMetrics(NamedTuple):
   """Diagnostics of the policy loss (float32 scalars, or stacked over micro-batches/updates).
 
   Attributes:
-    extras: the objective's `gmpo_jax.algo.losses.LossExtras` (clip fractions, ratio statistics,
+    extras: the objective's `gmpo_jax.algo.aggregation.LossExtras` (clip fractions, ratio statistics,
       approximate KL, KL to the reference).
     entropy: token-mean entropy of the current policy on the trained tokens.
     importance: the applied importance weights' `gmpo_jax.algo.importance.ImportanceStats`; None
@@ -101,7 +100,7 @@ class PolicyMetrics(NamedTuple):
       sampler's (`Batch.behav_logp`), token-mean per micro-batch; None otherwise (the runner
       measures it from its rescoring).
   """
-  extras: losses_lib.LossExtras
+  extras: aggregation.LossExtras
   entropy: jax.Array
   importance: importance_lib.ImportanceStats | None = None
   mismatch_kl: jax.Array | None = None
@@ -181,7 +180,7 @@ def sampler_learner_kl(learner_logp: jax.Array, sampler_logp: jax.Array,
   k3 = e^x − x − 1 on tokens drawn from the sampler. No completion token: 0.
   """
   k3 = kl_lib.kl_penalty(sampler_logp, learner_logp, estimator="k3")
-  return losses_lib.aggregate_loss(k3, mask, mode="token-mean")
+  return aggregation.aggregate_loss(k3, mask, mode="token-mean")
 
 
 def policy_loss(algo: AlgorithmConfig, *, temperature: float, chunk_size: int,
@@ -227,7 +226,7 @@ def policy_loss(algo: AlgorithmConfig, *, temperature: float, chunk_size: int,
         ref_logp=batch.ref_logp if algo.beta > 0 else None, beta=algo.beta,
         kl_estimator=algo.kl_estimator, num_sequences=counts.num_sequences,
         num_tokens=counts.num_tokens, token_weights=weights, **norm)
-    entropy = losses_lib.aggregate_loss(
+    entropy = aggregation.aggregate_loss(
         jax.lax.stop_gradient(out.entropy), batch.loss_mask, mode="token-mean")
     mismatch = (sampler_learner_kl(old_logp, batch.behav_logp, batch.loss_mask)
                 if on_policy else None)
@@ -243,7 +242,7 @@ def supervised_loss(*, chunk_size: int) -> MicroLoss:
   def micro_loss(model, batch: Batch, counts: Counts):
     logp = sequence_logprobs(model, batch.tokens, batch.positions, batch.key_mask,
                              chunk_size=chunk_size)
-    loss = losses_lib.aggregate_loss(-logp, batch.loss_mask, mode="token-mean",
+    loss = aggregation.aggregate_loss(-logp, batch.loss_mask, mode="token-mean",
                                      num_tokens=counts.num_tokens)
     return loss, None
 
