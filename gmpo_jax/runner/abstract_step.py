@@ -39,9 +39,14 @@ from gmpo_jax.learner import precision
 from gmpo_jax.learner import update as learner
 from gmpo_jax.models import hf_import, tokenization
 from gmpo_jax.models.logprobs import positions_from_mask, project_logits
-from gmpo_jax.models.transformer import (Transformer, TransformerConfig, default_cache_dtype,
-                                         init_cache)
+from gmpo_jax.models.transformer import (
+  Transformer,
+  TransformerConfig,
+  default_cache_dtype,
+  init_cache,
+)
 from gmpo_jax.rollout.sampling import prompt_bucket
+from gmpo_jax.runner import build
 from gmpo_jax.runner.build import make_optimizer, model_dtypes
 
 PROGRAMS = ("prefill", "decode", "logprob", "update")
@@ -209,7 +214,7 @@ def abstract_opt_state(optimizer: optax.GradientTransformation, policy: Abstract
 
 
 def _micro_loss(config: ExperimentConfig, shape: StepShape, chunk_size: int) -> Any:
-  return learner.policy_loss(
+  return build.policy_loss(
       config.algorithm, temperature=config.sampling.logit_temperature, chunk_size=chunk_size,
       max_length=config.sampling.max_new_tokens, on_policy=shape.on_policy)
 
