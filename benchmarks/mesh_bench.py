@@ -105,7 +105,7 @@ def measure(model_name, mesh_name, timed):
                          num_microbatches=ARGS.microbatches)
   update = learner.make_update_fn(
       graphdef, optimizer,
-      learner.policy_loss(algo, temperature=1.0, chunk_size=64, max_length=ARGS.length),
+      build.policy_loss(algo, temperature=1.0, chunk_size=64, max_length=ARGS.length),
       param_shardings=param_shardings, opt_shardings=opt_shardings)
   batch = _batch(config, np.random.default_rng(0))
   batch_shardings = jax.tree.map(

@@ -20,13 +20,11 @@ from gmpo_jax.algo.advantages import (
     rloo_advantages,
     validate_rewards,
 )
+from gmpo_jax.algo.aggregation import AGGREGATION_MODES, LossExtras, aggregate_loss
 from gmpo_jax.algo.kl import KL_ESTIMATORS, entropy_from_logits, kl_penalty
 from gmpo_jax.algo.losses import (
-    AGGREGATION_MODES,
     CLIP_MODES,
     POLICY_LOSSES,
-    LossExtras,
-    aggregate_loss,
     geometric_mean_loss,
     get_policy_loss,
     gspo_loss,

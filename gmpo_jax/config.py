@@ -9,7 +9,9 @@ its values in `__post_init__`. A bad value or an unknown field raises one `Confi
 "Unset" is None (a `FieldReference(None, field_type=...)` in the config file), never "".
 
 `AlgorithmConfig`, the part that decides the math of an update, is hashable and can be a static
-argument of `jax.jit`.
+argument of `jax.jit`. The config holds names and values only: it checks them against the
+registries of `gmpo_jax.algo`, and `gmpo_jax.runner.build` turns the names into functions
+(`advantage_fn`, `policy_loss`), so neither the algorithms nor the learner need the config.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from gmpo_jax.algo import advantages as advantages_lib
-from gmpo_jax.algo import importance
+from gmpo_jax.algo import aggregation, importance
 from gmpo_jax.algo import kl as kl_lib
 from gmpo_jax.algo import losses as losses_lib
 from gmpo_jax.algo import pass_at_k as evaluation
@@ -123,9 +125,9 @@ class AlgorithmConfig:
       if key in dict(self.objective_kwargs):
         raise ValueError(f"set algorithm.{key}, not algorithm.objective_kwargs.{key}")
     self._check_hyperparameter_values()
-    if self.loss_agg_mode is not None and self.loss_agg_mode not in losses_lib.AGGREGATION_MODES:
+    if self.loss_agg_mode is not None and self.loss_agg_mode not in aggregation.AGGREGATION_MODES:
       raise ValueError(f"loss_agg_mode={self.loss_agg_mode!r}; expected one of "
-                       f"{losses_lib.AGGREGATION_MODES}")
+                       f"{aggregation.AGGREGATION_MODES}")
     if self.num_generations < 2:
       raise ValueError(f"num_generations={self.num_generations}: a group needs >= 2 completions")
     for name in ("num_epochs", "num_minibatches", "num_microbatches"):
@@ -145,10 +147,12 @@ class AlgorithmConfig:
       object.__setattr__(self, "require_positive_rewards", domain == "positive")
 
   def _check_hyperparameter_values(self) -> None:
-    """Builds the estimator and the objective (the registries check names and hyperparameter
-    names) and traces each on abstract [1, 2] inputs, which runs their own value checks (clip
-    ranges, p, ...): a bad value fails here, not at the first update."""
-    advantage_fn, loss_fn = self.advantage_fn(), self.loss_fn()
+    """Looks the estimator and the objective up in their registries (which check names and
+    hyperparameter names) and traces each on abstract [1, 2] inputs, which runs their own value
+    checks (clip ranges, p, ...): a bad value fails here, not at the first update. The runner
+    resolves them for its use in `gmpo_jax.runner.build`."""
+    advantage_fn = advantages_lib.get_advantage_fn(self.advantage, **dict(self.advantage_kwargs))
+    loss_fn = losses_lib.get_policy_loss(self.objective, **self.objective_options)
     rows, mask = jax.ShapeDtypeStruct((1, 2), jnp.float32), jax.ShapeDtypeStruct((1, 2), bool)
     jax.eval_shape(advantage_fn, rows, mask)
     norm = {"max_length": 2} if self.agg_mode == "seq-mean-token-sum-norm" else {}
@@ -195,16 +199,13 @@ class AlgorithmConfig:
     signature = inspect.signature(losses_lib.POLICY_LOSSES[self.objective])
     return signature.parameters["loss_agg_mode"].default
 
-  def advantage_fn(self):
-    """`(rewards [B, G], mask [B, G]) -> advantages [B, G]`."""
-    return advantages_lib.get_advantage_fn(self.advantage, **dict(self.advantage_kwargs))
-
-  def loss_fn(self):
-    """The objective with its hyperparameters and aggregation bound; see `gmpo_jax.algo.losses`."""
-    kwargs = dict(self.objective_kwargs)
+  @property
+  def objective_options(self) -> dict[str, Any]:
+    """The objective's keyword options: `objective_kwargs`, and `loss_agg_mode` when set."""
+    options = dict(self.objective_kwargs)
     if self.loss_agg_mode is not None:
-      kwargs["loss_agg_mode"] = self.loss_agg_mode
-    return losses_lib.get_policy_loss(self.objective, **kwargs)
+      options["loss_agg_mode"] = self.loss_agg_mode
+    return options
 
 
 @dataclasses.dataclass(frozen=True)

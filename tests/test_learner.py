@@ -14,6 +14,7 @@ from gmpo_jax.config import AlgorithmConfig
 from gmpo_jax.learner import update as learner
 from gmpo_jax.models.logprobs import positions_from_mask, sequence_logprobs
 from gmpo_jax.models.transformer import Transformer, TransformerConfig
+from gmpo_jax.runner import build
 
 CONFIG = TransformerConfig.from_name("tiny")
 N, T = 8, 10
@@ -52,7 +53,7 @@ def test_update_does_not_depend_on_the_micro_batch_split(objective, agg, kwargs)
   optimizer = optax.sgd(1.0)
   update = learner.make_update_fn(
       graphdef, optimizer,
-      learner.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T), donate=False)
+      build.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T), donate=False)
   batch = _sequences(seed=len(objective))
   results = [update(params, optimizer.init(params), _split(batch, m)) for m in (1, 2, 4)]
   (p1, _, o1) = results[0]
@@ -97,7 +98,7 @@ def test_importance_correction_weighs_the_loss_and_reports_its_weights():
   algo = AlgorithmConfig(is_correction="token_tis", is_cap=1.5)
   update = learner.make_update_fn(
       graphdef, optimizer,
-      learner.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T), donate=False)
+      build.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T), donate=False)
   run = lambda behav_logp: update(params, optimizer.init(params),
                                   _split(batch._replace(behav_logp=behav_logp), 2))[2]
   # Sampler and learner agree: every weight is 1 (all-ones weights leave the loss exactly
@@ -120,10 +121,10 @@ def test_importance_correction_weighs_the_loss_and_reports_its_weights():
   # are required.
   model = nnx.merge(graphdef, params)
   counts = learner.minibatch_counts(batch.loss_mask)
-  plain = learner.policy_loss(AlgorithmConfig(), temperature=1.0, chunk_size=4, max_length=T)
+  plain = build.policy_loss(AlgorithmConfig(), temperature=1.0, chunk_size=4, max_length=T)
   assert jax.eval_shape(plain, model, batch, counts)[1].importance is None
   with pytest.raises(ValueError, match="needs the sampler's log-probs"):
-    jax.eval_shape(learner.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T),
+    jax.eval_shape(build.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T),
                    model, batch, counts)
 
 
@@ -142,7 +143,7 @@ def test_on_policy_update_equals_the_rescored_one_without_reading_old_logp():
   def update(on_policy, old_logp):
     fn = learner.make_update_fn(
         graphdef, optimizer,
-        learner.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T,
+        build.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T,
                             on_policy=on_policy), donate=False)
     return fn(params, optimizer.init(params),
               _split(batch._replace(old_logp=old_logp, behav_logp=behav), 1))
@@ -170,7 +171,7 @@ def test_metrics_combine_on_the_host_stays_numpy_and_matches_the_device(backend_
   algo = AlgorithmConfig(is_correction="token_tis", is_cap=1.5)
   update = learner.make_update_fn(
       graphdef, optimizer,
-      learner.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T), donate=False)
+      build.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T), donate=False)
   batch = _sequences(seed=11)
   rng = np.random.default_rng(11)
   behav = batch.old_logp + jnp.asarray(rng.normal(0.0, 0.5, batch.old_logp.shape), jnp.float32)
@@ -196,7 +197,7 @@ def test_learner_programs_compile_without_fusion_emitters_on_the_cpu_to_the_same
   graphdef, params = _model()
   optimizer = optax.adamw(1e-2)
   algo = AlgorithmConfig(objective="geometric", beta=0.02)
-  micro_loss = learner.policy_loss(algo, temperature=0.7, chunk_size=4, max_length=T)
+  micro_loss = build.policy_loss(algo, temperature=0.7, chunk_size=4, max_length=T)
   lean = learner.make_update_fn(graphdef, optimizer, micro_loss, donate=False)
   default = jax.jit(learner.update_step(graphdef, optimizer, micro_loss))
   batch = _split(_sequences(seed=13), 2)

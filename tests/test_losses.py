@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gmpo_jax.algo import losses
+from gmpo_jax.algo import aggregation, losses
 
 B, T = 8, 8
-MODES = losses.AGGREGATION_MODES
+MODES = aggregation.AGGREGATION_MODES
 MAX_LENGTH = 12  # seq-mean-token-sum-norm divisor, != T so that a default of T shows
 
 # name -> (objective, hyperparameters, std of delta). Asymmetric epsilons catch
@@ -85,7 +85,7 @@ def _evaluate_eager(case, logp, old_logp, advantages, mask, ref_logp, *,
 _evaluate = jax.jit(_evaluate_eager,
                     static_argnames=('case', 'beta', 'kl_estimator'),
                     compiler_options={'xla_backend_optimization_level': 0})
-_aggregate = jax.jit(losses.aggregate_loss,
+_aggregate = jax.jit(aggregation.aggregate_loss,
                      static_argnames=('mode', 'max_length'))
 
 
@@ -215,7 +215,7 @@ def _reference_extras(objective, logp, old_logp, advantages, mask, hp,
   rho = np.exp(logp[mask] - old_logp[mask])
   nonempty = mask.any(-1)
   fully = [(low[i] | high[i])[mask[i]].all() for i in np.flatnonzero(nonempty)]
-  return losses.LossExtras(
+  return aggregation.LossExtras(
       clip_fraction_low=low.sum() / mask.sum(),
       clip_fraction_high=high.sum() / mask.sum(),
       ratio_min=rho.min(), ratio_mean=rho.mean(), ratio_max=rho.max(),
@@ -342,7 +342,7 @@ def _check_against_reference(case, batch, results, *, beta=0.0,
     assert np.abs(expected_grad).max() > 1e-3, mode  # not trivially zero
   expected_extras = _reference_extras(objective, logp, old_logp, advantages,
                                       mask, hp, ref_logp, kl_estimator)
-  for name, got, want in zip(losses.LossExtras._fields, extras, expected_extras):
+  for name, got, want in zip(aggregation.LossExtras._fields, extras, expected_extras):
     assert got.dtype == jnp.float32 and got.shape == (), name
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
 
@@ -432,7 +432,7 @@ def test_aggregate_loss_matches_reference(mode, use_jit):
   *_, mask, _ = _make_batch(12)
   per_token = rng.normal(size=mask.shape).astype(np.float32)
   per_token[~mask] = np.nan
-  fn = _aggregate if use_jit else losses.aggregate_loss
+  fn = _aggregate if use_jit else aggregation.aggregate_loss
   options = [{}, {'num_sequences': 5.0, 'num_tokens': 40.0}]
   if mode == 'seq-mean-token-sum-norm':  # max_length is required
     options = [{'max_length': 20}, {'max_length': 7, 'num_sequences': 5.0}]
@@ -452,7 +452,7 @@ def test_aggregate_loss_of_all_masked_batch_is_zero(mode):
   mask = jnp.zeros((2, 3), bool)
   length = {'max_length': 4} if mode == 'seq-mean-token-sum-norm' else {}
   value, grad = jax.value_and_grad(
-      lambda x: losses.aggregate_loss(x, mask, mode=mode, **length))(per_token)
+      lambda x: aggregation.aggregate_loss(x, mask, mode=mode, **length))(per_token)
   assert value == 0
   np.testing.assert_array_equal(grad, 0.0)
 
@@ -576,7 +576,7 @@ def test_all_masked_input_gives_zero_loss_and_finite_extras(case):
   for mode, ((loss, extras), grad) in results.items():
     assert loss == 0, mode
     np.testing.assert_array_equal(grad, 0.0, err_msg=mode)
-    assert extras == losses.LossExtras(0, 0, 1, 1, 1, 0, 0, 0), mode
+    assert extras == aggregation.LossExtras(0, 0, 1, 1, 1, 0, 0, 0), mode
 
 
 @pytest.mark.parametrize('fn, kwargs, message', [
@@ -718,7 +718,7 @@ def test_masked_garbage_contributes_nothing_for_every_objective(objective, seed)
     np.testing.assert_allclose(loss, want, rtol=1e-6, atol=1e-8, err_msg=mode)
     np.testing.assert_array_equal(np.asarray(grad)[~mask], 0.0)
     np.testing.assert_allclose(np.asarray(grad)[kept], want_grad, rtol=1e-5, atol=1e-9)
-    for name, a, b in zip(losses.LossExtras._fields, extras, want_extras):
+    for name, a, b in zip(aggregation.LossExtras._fields, extras, want_extras):
       np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9, err_msg=f'{mode} {name}')
 
 

@@ -111,7 +111,7 @@ def test_update_compiles_with_splash(mesh, model):
   opt_state = _abstract(jax.eval_shape(optimizer.init, params), opt_shardings)
   algo = AlgorithmConfig(advantage="gmpo", objective="geometric", num_microbatches=M)
   update = learner.make_update_fn(
-      graphdef, optimizer, learner.policy_loss(algo, temperature=1.0, chunk_size=64,
+      graphdef, optimizer, build.policy_loss(algo, temperature=1.0, chunk_size=64,
                                                max_length=NEW_TOKENS),
       param_shardings=param_shardings, opt_shardings=opt_shardings)
   sequences = lambda dtype: _rows(mesh, (M, B, T), dtype, batch_axis=1)

@@ -50,7 +50,7 @@ def make_pmap_update_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransfo
   Args:
     graphdef: the model's `nnx.split` graph definition.
     optimizer: any optax transformation.
-    micro_loss: the micro-batch loss, e.g. `learner.policy_loss(algo, ...)`.
+    micro_loss: the micro-batch loss, e.g. `gmpo_jax.runner.build.policy_loss(algo, ...)`.
     devices: the D devices to map over (the runner passes its mesh's, in mesh order, so a
       batch placed by `learner.place_batch` is already where pmap wants it).
     donate: donate the params and optimizer state buffers.

@@ -24,7 +24,7 @@ rows (`make_logprob_fn`), optimizer-state placement (`init_opt_state`), micro-ba
 (`to_microbatches`) and batch placement (`place_batch`).
 
 Micro-batching never changes the result: the loss functions receive the number of sequences
-and tokens of the whole minibatch (`gmpo_jax.algo.losses.aggregate_loss`), so micro-batch losses
+and tokens of the whole minibatch (`gmpo_jax.algo.aggregation.aggregate_loss`), so micro-batch losses
 and gradients add up to the full-minibatch ones, whatever the split.
 """
 
@@ -41,10 +41,9 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from gmpo_jax.algo import aggregation
 from gmpo_jax.algo import importance as importance_lib
 from gmpo_jax.algo import kl as kl_lib
-from gmpo_jax.algo import losses as losses_lib
-from gmpo_jax.config import AlgorithmConfig
 from gmpo_jax.infra import compilation, sharding
 from gmpo_jax.learner import precision
 from gmpo_jax.models.logprobs import positions_from_mask, sequence_logprobs
@@ -82,7 +81,7 @@ class Batch(NamedTuple):
 
 
 class Counts(NamedTuple):
-  """Global normalizers of a minibatch (see `gmpo_jax.algo.losses.aggregate_loss`)."""
+  """Global normalizers of a minibatch (see `gmpo_jax.algo.aggregation.aggregate_loss`)."""
   num_sequences: jax.Array
   num_tokens: jax.Array
 
@@ -91,7 +90,7 @@ class PolicyMetrics(NamedTuple):
   """Diagnostics of the policy loss (float32 scalars, or stacked over micro-batches/updates).
 
   Attributes:
-    extras: the objective's `gmpo_jax.algo.losses.LossExtras` (clip fractions, ratio statistics,
+    extras: the objective's `gmpo_jax.algo.aggregation.LossExtras` (clip fractions, ratio statistics,
       approximate KL, KL to the reference).
     entropy: token-mean entropy of the current policy on the trained tokens.
     importance: the applied importance weights' `gmpo_jax.algo.importance.ImportanceStats`; None
@@ -100,7 +99,7 @@ class PolicyMetrics(NamedTuple):
       sampler's (`Batch.behav_logp`), token-mean per micro-batch; None otherwise (the runner
       measures it from its rescoring).
   """
-  extras: losses_lib.LossExtras
+  extras: aggregation.LossExtras
   entropy: jax.Array
   importance: importance_lib.ImportanceStats | None = None
   mismatch_kl: jax.Array | None = None
@@ -180,25 +179,33 @@ def sampler_learner_kl(learner_logp: jax.Array, sampler_logp: jax.Array,
   k3 = e^x − x − 1 on tokens drawn from the sampler. No completion token: 0.
   """
   k3 = kl_lib.kl_penalty(sampler_logp, learner_logp, estimator="k3")
-  return losses_lib.aggregate_loss(k3, mask, mode="token-mean")
+  return aggregation.aggregate_loss(k3, mask, mode="token-mean")
 
 
-def policy_loss(algo: AlgorithmConfig, *, temperature: float, chunk_size: int,
-                max_length: int, on_policy: bool = False) -> MicroLoss:
-  """The RL objective of `algo` on one micro-batch, plus its `PolicyMetrics`.
+def policy_loss(objective: Callable[..., tuple[jax.Array, aggregation.LossExtras]], *,
+                with_reference: bool, is_correction: str, is_cap: float, temperature: float,
+                chunk_size: int, on_policy: bool = False) -> MicroLoss:
+  """The RL objective on one micro-batch, plus its `PolicyMetrics`.
 
-  With `algo.is_correction` other than 'none', every token's loss is weighted by the
+  With `is_correction` other than 'none', every token's loss is weighted by the
   importance weight between `batch.old_logp` (the proximal policy) and `batch.behav_logp`
   (the behaviour policy), `gmpo_jax.algo.importance.correction_weights`; with 'none' no weight is
-  computed or passed, and the program is the uncorrected one.
+  computed or passed, and the program is the uncorrected one. `gmpo_jax.runner.build.policy_loss`
+  makes these arguments from an `AlgorithmConfig`.
 
   Args:
-    algo: the validated algorithm configuration (objective, clip, aggregation, KL,
-      importance correction).
+    objective: a policy objective of `gmpo_jax.algo.losses` with every option bound but the
+      per-batch ones (`get_policy_loss`: hyperparameters, aggregation, beta, KL estimator and,
+      for 'seq-mean-token-sum-norm', the generation budget as `max_length`); called as
+      `objective(logp, old_logp, advantages, mask, ref_logp=, num_sequences=, num_tokens=,
+      token_weights=)`.
+    with_reference: pass `batch.ref_logp` (the KL penalty's reference, beta > 0); otherwise
+      the objective gets None and the batch's reference log-probs are not read.
+    is_correction: 'none' or one of `gmpo_jax.algo.importance.IS_CORRECTIONS`.
+    is_cap: the correction's cap c > 1; unused with 'none'.
     temperature: the sampler's logit temperature, so the learner's log-probs describe the
       policy that generated the rollout.
     chunk_size: sequence chunk of the memory-lean log-prob computation.
-    max_length: the generation budget: Dr.GRPO's constant for 'seq-mean-token-sum-norm'.
     on_policy: the update is the only one on its rollout and starts from the parameters that
       sampled it (one epoch, one minibatch, no staleness), so π_old is the current policy:
       the loss takes `stop_gradient` of its own log-probs as π_old (the ratio is exactly 1,
@@ -206,27 +213,23 @@ def policy_loss(algo: AlgorithmConfig, *, temperature: float, chunk_size: int,
       rescoring forward pass. The sampler/learner drift is then measured here, from
       `batch.behav_logp` (`PolicyMetrics.mismatch_kl`).
   """
-  loss_fn = algo.loss_fn()
-  norm = {"max_length": max_length} if algo.agg_mode == "seq-mean-token-sum-norm" else {}
 
   def micro_loss(model, batch: Batch, counts: Counts):
     out = sequence_logprobs(model, batch.tokens, batch.positions, batch.key_mask,
                             chunk_size=chunk_size, temperature=temperature, with_entropy=True)
     old_logp = jax.lax.stop_gradient(out.logp) if on_policy else batch.old_logp
     weights, stats = None, None
-    if algo.is_correction != "none":
+    if is_correction != "none":
       if batch.behav_logp is None:
-        raise ValueError(f"algorithm.is_correction={algo.is_correction!r} needs the sampler's "
+        raise ValueError(f"algorithm.is_correction={is_correction!r} needs the sampler's "
                          "log-probs in Batch.behav_logp")
       weights, stats = importance_lib.correction_weights(
-          old_logp, batch.behav_logp, batch.loss_mask, mode=algo.is_correction,
-          cap=algo.is_cap)
-    loss, extras = loss_fn(
+          old_logp, batch.behav_logp, batch.loss_mask, mode=is_correction, cap=is_cap)
+    loss, extras = objective(
         out.logp, old_logp, batch.advantages, batch.loss_mask,
-        ref_logp=batch.ref_logp if algo.beta > 0 else None, beta=algo.beta,
-        kl_estimator=algo.kl_estimator, num_sequences=counts.num_sequences,
-        num_tokens=counts.num_tokens, token_weights=weights, **norm)
-    entropy = losses_lib.aggregate_loss(
+        ref_logp=batch.ref_logp if with_reference else None,
+        num_sequences=counts.num_sequences, num_tokens=counts.num_tokens, token_weights=weights)
+    entropy = aggregation.aggregate_loss(
         jax.lax.stop_gradient(out.entropy), batch.loss_mask, mode="token-mean")
     mismatch = (sampler_learner_kl(old_logp, batch.behav_logp, batch.loss_mask)
                 if on_policy else None)
@@ -242,7 +245,7 @@ def supervised_loss(*, chunk_size: int) -> MicroLoss:
   def micro_loss(model, batch: Batch, counts: Counts):
     logp = sequence_logprobs(model, batch.tokens, batch.positions, batch.key_mask,
                              chunk_size=chunk_size)
-    loss = losses_lib.aggregate_loss(-logp, batch.loss_mask, mode="token-mean",
+    loss = aggregation.aggregate_loss(-logp, batch.loss_mask, mode="token-mean",
                                      num_tokens=counts.num_tokens)
     return loss, None
 

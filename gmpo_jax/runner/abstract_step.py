@@ -46,6 +46,7 @@ from gmpo_jax.models.transformer import (
   init_cache,
 )
 from gmpo_jax.rollout.sampling import prompt_bucket
+from gmpo_jax.runner import build
 from gmpo_jax.runner.build import make_optimizer, model_dtypes
 
 PROGRAMS = ("prefill", "decode", "logprob", "update")
@@ -221,7 +222,7 @@ def abstract_opt_state(optimizer: optax.GradientTransformation, policy: Abstract
 
 
 def _micro_loss(config: ExperimentConfig, shape: StepShape, chunk_size: int) -> Any:
-  return learner.policy_loss(
+  return build.policy_loss(
       config.algorithm, temperature=config.sampling.logit_temperature, chunk_size=chunk_size,
       max_length=config.sampling.max_new_tokens, on_policy=shape.on_policy)
 

@@ -1,4 +1,5 @@
-"""Building a run from its config: tokenizer, policy, optimizer, meshes, task data.
+"""Building a run from its config: tokenizer, policy, optimizer, meshes, task data, and the
+functions the config's algorithm names (advantage estimator, policy loss).
 
 `build_run` validates everything it can before the first dataset or program is built and
 returns the `Run` that the warm start, the RL step and the evaluation share.
@@ -10,7 +11,7 @@ import dataclasses
 import functools
 import logging
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -20,9 +21,12 @@ import optax
 from flax import nnx
 
 from gmpo_jax import tasks as tasks_lib
+from gmpo_jax.algo import advantages as advantages_lib
+from gmpo_jax.algo import losses as losses_lib
 from gmpo_jax.config import AlgorithmConfig, ConfigError, ExperimentConfig, ModelConfig, OptimConfig
 from gmpo_jax.infra import distributed, hbm, sharding
 from gmpo_jax.learner import precision
+from gmpo_jax.learner import update as learner
 from gmpo_jax.models import hf_import, tokenization
 from gmpo_jax.models.transformer import Transformer, TransformerConfig
 from gmpo_jax.rollout.sampling import SamplingConfig
@@ -59,6 +63,31 @@ def build_model(model: ModelConfig, tokenizer: tokenization.Tokenizer, *, seed: 
   # One compiled program for every parameter: built eagerly, each initializer and each shape
   # compiled a program of its own (about 20, some 0.5 s, each kept resident).
   return nnx.jit(lambda: Transformer(config, rngs=nnx.Rngs(seed)))()
+
+
+def advantage_fn(algo: AlgorithmConfig) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """`(rewards [B, G], mask [B, G]) -> advantages [B, G]`: the estimator `algo.advantage` names,
+  with its hyperparameters bound (`gmpo_jax.algo.advantages.get_advantage_fn`)."""
+  return advantages_lib.get_advantage_fn(algo.advantage, **dict(algo.advantage_kwargs))
+
+
+def policy_loss(algo: AlgorithmConfig, *, temperature: float, chunk_size: int, max_length: int,
+                on_policy: bool = False) -> learner.MicroLoss:
+  """`learner.policy_loss` of `algo`: the objective `algo.objective` names, with its
+  hyperparameters, aggregation and KL bound (`gmpo_jax.algo.losses.get_policy_loss`), and the
+  importance correction.
+
+  Args:
+    algo: the validated algorithm configuration.
+    temperature, chunk_size, on_policy: as `learner.policy_loss`.
+    max_length: the generation budget: Dr.GRPO's constant for 'seq-mean-token-sum-norm'.
+  """
+  norm = {"max_length": max_length} if algo.agg_mode == "seq-mean-token-sum-norm" else {}
+  objective = losses_lib.get_policy_loss(algo.objective, **algo.objective_options,
+                                         beta=algo.beta, kl_estimator=algo.kl_estimator, **norm)
+  return learner.policy_loss(objective, with_reference=algo.beta > 0,
+                             is_correction=algo.is_correction, is_cap=algo.is_cap,
+                             temperature=temperature, chunk_size=chunk_size, on_policy=on_policy)
 
 
 def make_optimizer(optim: OptimConfig, total_updates: int, *, param_dtype: Any = "float32",

@@ -47,6 +47,7 @@ from gmpo_jax.runner.data import PromptStream
 from gmpo_jax.runner.evaluate import evaluate
 from gmpo_jax.runner.rl_step import RLState, RLStep, ScoredRollout
 from gmpo_jax.runner.state import METRICS_HISTORY_KEY, InFlightRollout, RunState, in_flight_name
+from gmpo_jax.runner.steps import run_steps
 from gmpo_jax.runner.warm_start import fingerprint, warm_start
 
 logger = logging.getLogger(__name__)
@@ -251,29 +252,36 @@ def _resume_and_train(run: Run, ckpt: checkpointing.Checkpointer,
             steps=range(state.step + len(in_flight), config.num_steps), max_staleness=staleness,
             first_version=state.step, params=sampler_params, place=run.sampler_params,
             ready={s.step: s for s in in_flight})
+      eval_due = lambda done: done % config.eval_every == 0 or done == config.num_steps
+      record: dict[str, Any] = {}
+
+      def take_step(step: int) -> tuple[int, bool]:
+        nonlocal state, record
+        del step  # state.step
+        if producer is None:
+          state, record = rl_step(state, stream.take(config.prompts_per_step))
+        else:
+          state, record = _learn_from(producer, rl_step, state)
+        if eval_due(state.step):
+          record.update(evaluate(run, state.params, eval_key, step=state.step))
+        writer.write(state.step, record)
+        return state.step, False
+
+      def save(done: int, last: bool) -> None:
+        pending = (() if producer is None else
+                   producer.peek(range(done, min(done + staleness, config.num_steps))))
+        ckpt.save(
+            checkpoint(state, pending),
+            metrics={config.checkpoint.best_metric: record[config.checkpoint.best_metric]}
+            if config.checkpoint.best_metric in record else None)
+
       try:
-        while state.step < config.num_steps:
-          if producer is None:
-            state, record = rl_step(state, stream.take(config.prompts_per_step))
-          else:
-            state, record = _learn_from(producer, rl_step, state)
-          done = state.step
-          eval_due = done % config.eval_every == 0 or done == config.num_steps
-          if eval_due:
-            record.update(evaluate(run, state.params, eval_key, step=done))
-          writer.write(done, record)
-          # Every process must stop at the same step (the save below is collective).
-          stop = preemption.requested_on_any_process()
-          if eval_due or done % config.checkpoint.every == 0 or stop or done == config.num_steps:
-            pending = (() if producer is None else
-                       producer.peek(range(done, min(done + staleness, config.num_steps))))
-            ckpt.save(
-                checkpoint(state, pending),
-                metrics={config.checkpoint.best_metric: record[config.checkpoint.best_metric]}
-                if config.checkpoint.best_metric in record else None)
-          if stop:
-            logger.warning("preemption requested: checkpoint saved at step %d, exiting", done)
-            break
+        done, preempted = run_steps(
+            state.step, config.num_steps, take_step=take_step, save=save,
+            save_due=lambda done: eval_due(done) or done % config.checkpoint.every == 0,
+            preemption=preemption)
+        if preempted:
+          logger.warning("preemption requested: checkpoint saved at step %d, exiting", done)
       finally:
         if producer is not None:
           producer.close()

@@ -31,7 +31,7 @@ from gmpo_jax.learner import precision
 from gmpo_jax.learner import update as learner
 from gmpo_jax.models.transformer import default_cache_dtype
 from gmpo_jax.rollout.backends import Rollout, RolloutBackend
-from gmpo_jax.runner import perf
+from gmpo_jax.runner import build, perf
 from gmpo_jax.runner.build import Run
 from gmpo_jax.runner.data import decode_completions, encode_batch
 
@@ -97,7 +97,7 @@ def rollout_batch(rollout: Rollout, *, advantages: jax.Array, group_mask: jax.Ar
     group_mask: [B, G] bool; a masked completion (dynamic sampling masks whole groups) keeps
       its advantage but none of its tokens is trained or counted.
     old_logp, ref_logp: [N, T] float32 log-probs under the rollout and reference policies;
-      old_logp is None for an on-policy update (`learner.policy_loss(on_policy=True)`),
+      old_logp is None for an on-policy update (`build.policy_loss(on_policy=True)`),
       ref_logp None without a reference (the batch then holds zeros).
     behav_logp: [N, T] float32 log-probs under the behaviour policy (the sampler's own,
       `rollout.policy_logprobs`) for the importance correction; None without one.
@@ -166,7 +166,7 @@ class RLStep:
   `learn(state, scored)` computes group advantages over the whole batch, rescores π_old (and
   π_ref) with the learner's own program (not π_old when the update is on-policy: one epoch of
   one minibatch, whose loss takes π_old from its own forward pass,
-  `learner.policy_loss(on_policy=True)`), and runs mu epochs of minibatch updates (on the mesh,
+  `build.policy_loss(on_policy=True)`), and runs mu epochs of minibatch updates (on the mesh,
   or through `gmpo_jax.learner.pmap_update` with `config.parallelism='pmap'`; both take the same
   batches). With a stale rollout π_old is still the current parameters (the proximal policy of
   decoupled PPO) and `Rollout.policy_logprobs` the behaviour policy. Calling the object does
@@ -206,9 +206,9 @@ class RLStep:
     temperature, chunk_size = run.sampling.logit_temperature, run.config.chunk_size
     # One optimizer step per rollout: π_old = π_θ, the parameters of the update.
     self.on_policy = algo.num_epochs == 1 and algo.num_minibatches == 1
-    micro_loss = learner.policy_loss(algo, temperature=temperature, chunk_size=chunk_size,
-                                     max_length=run.sampling.max_new_tokens,
-                                     on_policy=self.on_policy)
+    micro_loss = build.policy_loss(algo, temperature=temperature, chunk_size=chunk_size,
+                                   max_length=run.sampling.max_new_tokens,
+                                   on_policy=self.on_policy)
     if run.config.parallelism == "pmap":
       self.update = pmap_step.make_pmap_update_fn(
           run.graphdef, optimizer, micro_loss, devices=list(run.mesh.devices.flat),
@@ -219,7 +219,7 @@ class RLStep:
                                            opt_shardings=opt_shardings)
     self.policy_logprobs = learner.make_logprob_fn(run.graphdef, run.param_shardings, run.mesh,
                                                    temperature=temperature, chunk_size=chunk_size)
-    self.advantage_fn = jax.jit(algo.advantage_fn())
+    self.advantage_fn = jax.jit(build.advantage_fn(algo))
     self.lost_update_warning = precision.LostUpdateWarning()
     # Replicated, so every process can read the scalar of row-sharded inputs.
     self.mismatch_kl = jax.jit(learner.sampler_learner_kl,

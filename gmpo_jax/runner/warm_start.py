@@ -24,6 +24,7 @@ from gmpo_jax.models.logprobs import positions_from_mask
 from gmpo_jax.runner.build import Run, make_optimizer
 from gmpo_jax.runner.data import PromptStream, encode_batch
 from gmpo_jax.runner.evaluate import train_pass_rate_probe
+from gmpo_jax.runner.steps import run_steps
 
 logger = logging.getLogger(__name__)
 
@@ -121,15 +122,9 @@ def warm_start(run: Run, preemption: preemption.PreemptionHandler, *, needed: bo
     stream = PromptStream(run.train_examples, seed=run.config.seed + 1,
                           position=first * cfg.batch_size)
     start = time.perf_counter()
-    save = lambda step, result=None: ckpt.save(checkpointing.CheckpointState(
-        step=step, model=params, opt_state=opt_state, key=key,
-        metadata={"signature": signature, "result": result,
-                  "fingerprint": fingerprint(signature["task"], signature["model"])}))
-    step = first
-    while step < cfg.steps:
-      if preemption.requested_on_any_process():
-        save(step)
-        raise Preempted(f"warm start, step {step} of {cfg.steps} saved")
+
+    def take_step(step: int) -> tuple[int, bool]:
+      nonlocal params, opt_state, rate
       examples = stream.take(cfg.batch_size)
       prompts = [run.task.prompt(e) for e in examples]
       solutions = [run.task.demonstration(e) for e in examples]
@@ -139,16 +134,30 @@ def warm_start(run: Run, preemption: preemption.PreemptionHandler, *, needed: bo
       if step % max(cfg.steps // 5, 1) == 1 or step == cfg.steps:
         logger.info("warm start step %d/%d: nll %.4f", step, cfg.steps, float(out.loss))
         lost_update_warning(float(out.lost_fraction), step=step, where="warm start")
-      if probe is not None and step % cfg.probe_every == 0:
-        rate = probe(params)
-        logger.info("warm start step %d: train pass rate %.3f (target %.3f)", step, rate,
-                    target_rate)
-        if rate >= target_rate:
-          break
+      if probe is None or step % cfg.probe_every:
+        return step, False
+      rate = probe(params)
+      logger.info("warm start step %d: train pass rate %.3f (target %.3f)", step, rate,
+                  target_rate)
+      return step, rate >= target_rate
+
+    def save(step: int, last: bool) -> None:
+      # Only the finished pass records its result: a run that finds it reuses it as is.
+      ckpt.save(checkpointing.CheckpointState(
+          step=step, model=params, opt_state=opt_state, key=key,
+          metadata={"signature": signature, "result": _result(step, rate) if last else None}))
+
+    step, preempted = run_steps(first, cfg.steps, take_step=take_step, save=save,
+                                save_due=lambda step: False, preemption=preemption)
+    if preempted:
+      raise Preempted(f"warm start, step {step} of {cfg.steps} saved")
     logger.info("warm start: %d steps in %.1fs", step - first, time.perf_counter() - start)
-    result = {"warm_start/steps": step, "warm_start/train_pass_rate": rate}
-    save(step, result)
-  return params, result
+  return params, _result(step, rate)
+
+
+def _result(steps: int, rate: float | None) -> dict[str, Any]:
+  """What the warm start reports, and its cache keeps once it is complete."""
+  return {"warm_start/steps": steps, "warm_start/train_pass_rate": rate}
 
 
 def _shared_warm_start(run: Run, *, needed: bool) -> tuple[Any | None, dict[str, Any] | None]:

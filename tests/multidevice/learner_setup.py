@@ -45,7 +45,7 @@ def optimizer():
 
 
 def micro_loss(algo=ALGO):
-  return learner.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T)
+  return build.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T)
 
 
 def rollout(seed):
@@ -78,7 +78,7 @@ def rollout(seed):
 
 @functools.cache
 def _advantage_fn():
-  return jax.jit(ALGO.advantage_fn())
+  return jax.jit(build.advantage_fn(ALGO))
 
 
 def learner_batch(data, num_microbatches, algo=ALGO):

@@ -21,6 +21,7 @@ from gmpo_jax.config import AlgorithmConfig
 from gmpo_jax.infra import sharding
 from gmpo_jax.learner import update as learner
 from gmpo_jax.models.logprobs import positions_from_mask
+from gmpo_jax.runner import build
 
 CONSTRAINT = 'sdy.sharding_constraint'
 BATCH_SPEC = '[{"data", "fsdp"}, {}, {}]'
@@ -89,7 +90,7 @@ def test_update_temporaries_drop_on_2x4x1():
   param_shardings = sharding.state_shardings(PARAMS, mesh)
   opt_shardings = sharding.opt_state_shardings(opt, PARAMS, param_shardings, mesh)
   algo = AlgorithmConfig(advantage="gmpo", objective="geometric")
-  loss = learner.policy_loss(algo, temperature=1.0, chunk_size=64, max_length=t)
+  loss = build.policy_loss(algo, temperature=1.0, chunk_size=64, max_length=t)
   shardings = (param_shardings, opt_shardings, None)
   # The step left to the partitioner, and the runner's, which runs it under a shard_map over
   # `data` (the gradient is reduced once per step) and so always traces under a mesh.
