@@ -138,9 +138,12 @@ def pass_at_k_curve(results: Sequence[evaluation.PromptResult]) -> np.ndarray:
   return np.array([evaluation.pass_at_k(n, counts, k).mean() for k in range(1, n + 1)])
 
 
-def load_sampled(workdir: str | pathlib.Path) -> SampledEval | None:
-  """The step-0 and last `eval_results/step_*.jsonl` of a run; None without both."""
+def load_sampled(workdir: str | pathlib.Path, step: int | None = None) -> SampledEval | None:
+  """The step-0 and the last (or `step`'s) `eval_results/step_*.jsonl` of a run; None without
+  both."""
   files = sorted((pathlib.Path(workdir) / EVAL_RESULTS_DIR).glob("step_*.jsonl"))
+  if step is not None:
+    files = [f for f in files if int(f.stem.removeprefix("step_")) <= step]
   if len(files) < 2 or files[0].name != "step_000000.jsonl":
     return None
   first, last = evaluation.read_results(files[0]), evaluation.read_results(files[-1])
@@ -547,8 +550,15 @@ def plot_pass_at_k(path: pathlib.Path, unpaired: Mapping[tuple[str, int, str], S
   return path
 
 
-def load_runs(entries: Iterable[tuple[str, int, str | pathlib.Path]]) -> list[RunMetrics]:
+def load_runs(entries: Iterable[tuple[str, int, str | pathlib.Path]], *,
+              until_step: int | None = None) -> list[RunMetrics]:
   """(point, seed, workdir) -> the run's records (`gmpo_jax.infra.metrics.read_metrics`) and its
-  sampled evaluations (`load_sampled`)."""
-  return [RunMetrics(point, seed, metrics_lib.read_metrics(workdir), load_sampled(workdir))
-          for point, seed, workdir in entries]
+  sampled evaluations (`load_sampled`); with `until_step`, only what was logged up to that step
+  (every run then ends at the same step: a grid cut short compares its points there)."""
+  runs = []
+  for point, seed, workdir in entries:
+    records = metrics_lib.read_metrics(workdir)
+    if until_step is not None:
+      records = [r for r in records if r["step"] <= until_step]
+    runs.append(RunMetrics(point, seed, records, load_sampled(workdir, until_step)))
+  return runs

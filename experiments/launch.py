@@ -568,27 +568,51 @@ def update_manifest(out: pathlib.Path, config: str, specs: Sequence[RunSpec]) ->
 
 
 def aggregate_out(out: pathlib.Path, *, metrics: Sequence[aggregate_lib.MetricSpec],
-                  curves: Sequence[aggregate_lib.MetricSpec] | None,
-                  stream: TextIO) -> dict[str, pathlib.Path] | None:
-  """Aggregates the finished runs listed in OUT/launch.json; None if none has finished."""
+                  curves: Sequence[aggregate_lib.MetricSpec] | None, stream: TextIO,
+                  points: Sequence[str] | None = None,
+                  until_step: int | None = None) -> dict[str, pathlib.Path] | None:
+  """Aggregates the finished runs listed in OUT/launch.json into OUT; None if none has finished.
+
+  `points`: only these, in this order (the first is the one the others are paired with).
+  `until_step`: every run that has evaluated at that step, finished or not, up to that step,
+  into OUT/at_step_<S>.
+  """
   path = out / MANIFEST
   if not path.exists():
     raise ValueError(f"{path} not found: nothing was launched into {out}")
   manifest = json.loads(path.read_text())
+  if points is not None:
+    by_name = {p["name"]: p for p in manifest["points"]}
+    unknown = [n for n in points if n not in by_name]
+    if unknown:
+      raise ValueError(f"--points {unknown} were not launched into {out}")
+    manifest = {"points": [by_name[n] for n in points],
+                "runs": [r for r in manifest["runs"] if r["point"] in points]}
+
+  def done(run: Mapping[str, Any]) -> bool:
+    workdir = out / run["workdir"]
+    if until_step is None:
+      return is_finished(workdir)
+    return (workdir / aggregate_lib.EVAL_RESULTS_DIR / f"step_{until_step:06d}.jsonl").exists()
+
   finished, missing = [], []
   for run in manifest["runs"]:
-    (finished if is_finished(out / run["workdir"]) else missing).append(run)
+    (finished if done(run) else missing).append(run)
   if missing:
-    print(f"not finished, left out of the table: "
-          f"{', '.join(r['workdir'] for r in missing)}", file=stream)
+    print(f"{'not finished' if until_step is None else f'not at step {until_step}'}, left out "
+          f"of the table: {', '.join(r['workdir'] for r in missing)}", file=stream)
   if not finished:
     print("no finished run to aggregate", file=stream)
     return None
   points = [p["name"] for p in manifest["points"]]
   notes = sorted({f"base config: `{p['config']}`" for p in manifest["points"]})
-  notes.append(f"runs finished: {len(finished)} of {len(manifest['runs'])}")
+  notes.append(f"runs finished: {len(finished)} of {len(manifest['runs'])}" if until_step is None
+               else f"runs up to step {until_step} (the evaluation there is the final value): "
+                    f"{len(finished)} of {len(manifest['runs'])}")
   files = aggregate_lib.aggregate(
-      out, aggregate_lib.load_runs((r["point"], r["seed"], out / r["workdir"]) for r in finished),
+      out if until_step is None else out / f"at_step_{until_step}",
+      aggregate_lib.load_runs(((r["point"], r["seed"], out / r["workdir"]) for r in finished),
+                              until_step=until_step),
       points=points, metrics=metrics, curves=curves, notes=notes,
       point_overrides={p["name"]: p["overrides"] for p in manifest["points"]},
       expected_runs={p: sum(r["point"] == p for r in manifest["runs"]) for p in points})
@@ -641,6 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--aggregate-only", action="store_true",
                       help="only rebuild the tables and plots from OUT")
   parser.add_argument("--no-aggregate", action="store_true", help="run, but do not aggregate")
+  parser.add_argument("--until-step", type=int, default=None, metavar="S",
+                      help="with --aggregate-only: every run that has evaluated at step S, "
+                           "finished or not, up to S, into OUT/at_step_S")
   parser.add_argument("--metrics", type=_metric_list, default=list(aggregate_lib.DEFAULT_METRICS),
                       metavar="NAME[:max|min],...",
                       help="metrics of the tables and bars, each with the extreme over the "
@@ -674,8 +701,8 @@ def main(argv: Sequence[str] | None = None, *, stream: TextIO | None = None) -> 
   out = args.out.resolve()
   try:
     if args.aggregate_only:
-      return 0 if aggregate_out(out, metrics=args.metrics, curves=args.curves,
-                                stream=stream) else 1
+      return 0 if aggregate_out(out, metrics=args.metrics, curves=args.curves, stream=stream,
+                                points=args.points, until_step=args.until_step) else 1
     if not args.config:
       parser.error("--config is required unless --aggregate-only")
     if args.seeds < 1 or args.parallel < 1:

@@ -2,6 +2,7 @@
 references written from the definitions (scipy's paired t test, binomial coefficients)."""
 
 import csv
+import json
 import math
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import scipy.stats
 
 from experiments import aggregate
-from gmpo_jax.algo.pass_at_k import PromptResult
+from gmpo_jax.algo.pass_at_k import PromptResult, write_results
 
 
 @pytest.mark.parametrize("num_seeds", [2, 5, 9])
@@ -96,3 +97,16 @@ def test_seeds_to_resolve_is_the_first_n_whose_interval_excludes_zero():
   assert aggregate.seeds_to_resolve(aggregate.mean_stderr([0.1, 0.1])) == 2  # no spread
   assert aggregate.seeds_to_resolve(aggregate.mean_stderr([-0.1, 0.1])) is None  # mean 0
   assert aggregate.seeds_to_resolve(aggregate.mean_stderr([0.5])) is None
+
+
+def test_load_runs_until_a_step_cuts_the_records_and_the_sampled_evaluation(tmp_path):
+  records = [{"step": t, "reward/mean": float(t)} for t in range(5)]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  for step, counts in ((0, [0, 1]), (2, [2, 2]), (4, [4, 4])):
+    write_results(tmp_path / "eval_results" / f"step_{step:06d}.jsonl", _results(counts, 4))
+  (run,) = aggregate.load_runs([("p", 0, tmp_path)], until_step=2)
+  assert [r["step"] for r in run.records] == [0, 1, 2]
+  np.testing.assert_allclose(run.sampled.initial[0], 1 / 8)
+  np.testing.assert_allclose(run.sampled.final[0], 2 / 4)
+  (full,) = aggregate.load_runs([("p", 0, tmp_path)])
+  assert len(full.records) == 5 and full.sampled.final[0] == 1.0
