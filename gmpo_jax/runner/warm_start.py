@@ -126,9 +126,12 @@ def warm_start(run: Run, preemption: preemption.PreemptionHandler, *, needed: bo
 
 def _warm_start_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """What the cached warm start depends on (its own settings, the task, the model, the seed);
-  a change to any of them retrains it."""
+  a change to any of them retrains it. Not `model.lora`: the warm start trains the full model,
+  which a LoRA run then adapts, so full-parameter and LoRA runs of a seed share it."""
+  model = json.loads(config.model.to_json())
+  model.pop("lora", None)
   return {"warm_start": json.loads(config.warm_start.to_json()),
-          "task": json.loads(config.task.to_json()), "model": json.loads(config.model.to_json()),
+          "task": json.loads(config.task.to_json()), "model": model,
           "seed": config.seed, "chunk_size": config.chunk_size}
 
 
