@@ -164,7 +164,7 @@ def apply_lora(model: Transformer, config: LoRAConfig, *, seed: int) -> Transfor
   float_dtype = model.config.dtype if quantized else jnp.dtype(base_dtype)
   for _, node in nnx.iter_graph(model):
     if isinstance(node, nnx.Param):
-      node.value = node.value.astype(float_dtype)
+      node.set_value(node[...].astype(float_dtype))
   for (owner, name), module in replaced.items():
     setattr(owner, name, module)
   return model
