@@ -333,8 +333,10 @@ def make_update_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformati
     trained, opt_state, out = jitted(trained, opt_state, batch, frozen)
     return nnx.merge_state(trained, frozen), opt_state, out
 
-  # What callers ask of a jitted function: its compile count (the runner logs it).
+  # What callers ask of a jitted function: its compile count (the runner logs it), and the
+  # program itself, `jitted(trained, opt_state, batch, frozen)`, to `.lower` ahead of time.
   update._cache_size = jitted._cache_size  # pylint: disable=protected-access
+  update.jitted = jitted
   return update
 
 
