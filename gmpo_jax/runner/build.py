@@ -265,7 +265,6 @@ def attach_lora(run: Run, *, base_path: str) -> None:
   run.sampler_shardings = (run.param_shardings if run.sampler_mesh is run.mesh
                            else sharding.state_shardings(params, run.sampler_mesh))
   run.lora_base = {"path": base_path, "fingerprint": fingerprint}
-  run.__dict__.pop("compute_dtype", None)
 
 
 def _split_devices(config: ExperimentConfig, num_sequences: int
