@@ -2,8 +2,8 @@
 # LoRA (rank 8 and 32, configs/lora.py) against full-parameter RL (configs/default.py), per seed:
 # the full run first (it trains and caches the warm start), whose warm_start/ the LoRA runs of
 # the seed reuse (the cache does not depend on model.lora), so all three start from one policy.
-# Peak memory: the maximum resident set of the whole process (GNU time). Summarize with
-# benchmarks/lora_summary.py ROOT.
+# Peak memory: the maximum resident set of the whole process (GNU time, DIR/time.txt); the
+# held-out pass@1 gain is summary.json's eval_gain, s/step the mean of metrics.jsonl's time/step.
 #   usage: benchmarks/lora_vs_full.sh ROOT SEED...
 set -euo pipefail
 root=$1; shift
