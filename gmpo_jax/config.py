@@ -31,6 +31,7 @@ from gmpo_jax.algo import aggregation, importance
 from gmpo_jax.algo import kl as kl_lib
 from gmpo_jax.algo import losses as losses_lib
 from gmpo_jax.algo import pass_at_k as evaluation
+from gmpo_jax.models.lora import LoRAConfig
 from gmpo_jax.models.transformer import TransformerConfig
 from gmpo_jax.rollout import backends as rollout_lib
 from gmpo_jax.rollout.sampling import SamplingConfig
@@ -255,6 +256,9 @@ class ModelConfig:
     dtype: the compute dtype, which the model casts each weight to where it is used, and
       the dtype of the sampler's copy of the parameters; None: the checkpoint's (`hf_path`),
       or float32.
+    lora: low-rank adapters (`gmpo_jax.models.lora.LoRAConfig`: rank, alpha, dropout, targets,
+      base_dtype); RL then trains only them, on the frozen base (the checkpoint of `hf_path`,
+      or the warm start's policy). None: every parameter is trained.
   """
   name: str | None = None
   hf_path: str | None = None
@@ -262,6 +266,7 @@ class ModelConfig:
   overrides: tuple[tuple[str, Any], ...] = ()
   param_dtype: str | None = None
   dtype: str | None = None
+  lora: LoRAConfig | None = None
 
   def __post_init__(self):
     _require((self.name is None) != (self.hf_path is None), "name", self.name,
@@ -292,6 +297,9 @@ class ModelConfig:
              "param_dtype", self.param_dtype,
              f"is not one of {TRAINED_DTYPES}: the trained parameters are float32 masters, or "
              "bfloat16 with optim.stochastic_rounding")
+    _require(self.lora is None or self.trained_dtype == jnp.float32, "param_dtype",
+             self.param_dtype, "with lora: the adapters are trained as float32 masters, and the "
+             "frozen base is stored as lora.base_dtype")
 
   @property
   def trained_dtype(self) -> jnp.dtype:
@@ -514,6 +522,9 @@ class ExperimentConfig:
     _require(self.chunk_size >= 1, "chunk_size", self.chunk_size, "must be >= 1")
     _require(self.parallelism in PARALLELISMS, "parallelism", self.parallelism,
              f"is not one of {PARALLELISMS}")
+    _require(self.parallelism == "mesh" or self.model.lora is None, "parallelism",
+             self.parallelism, "with model.lora: the pmap update trains every parameter; use "
+             "parallelism='mesh'")
     if self.parallelism == "pmap":
       _require(self.mesh.fsdp == 1 and self.mesh.tensor == 1, "parallelism", self.parallelism,
                f"replicates the parameters: it needs mesh.fsdp = mesh.tensor = 1, got "
@@ -554,7 +565,9 @@ class ExperimentConfig:
         task=_section(TaskConfig, sections["task"], "task",
                       kwargs=_frozen(sections["task"].get("kwargs"))),
         model=_section(ModelConfig, sections["model"], "model",
-                       overrides=_frozen(sections["model"].get("overrides"))),
+                       overrides=_frozen(sections["model"].get("overrides")),
+                       lora=(None if sections["model"].get("lora") is None else
+                             _section(LoRAConfig, sections["model"]["lora"], "model.lora"))),
         sampling=_section(SamplingConfig, sections["sampling"], "sampling"),
         algorithm=AlgorithmConfig.from_config(config["algorithm"]),
         optim=_section(OptimConfig, sections["optim"], "optim"),

@@ -12,6 +12,13 @@ manifest before anything is read, as a resume does; a damaged step is refused (e
 replaced by an older one, and nothing in the workdir is changed. The warm-start cache
 (`W/warm_start`) is not exported.
 
+A LoRA run (`config.model.lora`) checkpoints only its adapters: its base is rebuilt as the run
+built it (the checkpoint of `model.hf_path`, the warm start cached in `W/warm_start`, or the
+named model at random init), refused unless its fingerprint is the one the step records, and
+the export is the merged model W + scale·A·B; with `--adapter`, the adapters alone in the PEFT
+layout instead (`gmpo_jax.models.peft_export`), for a run whose base is a Hugging Face
+checkpoint (`model.hf_path`, which adapter_config.json names).
+
 User errors (no checkpoint, an unknown or damaged step, an existing output directory, a model
 the exporter cannot express) print one line and exit with status 2.
 """
@@ -34,7 +41,7 @@ from gmpo_jax.config import ConfigError, ExperimentConfig, ModelConfig
 from gmpo_jax.infra import checkpointing
 from gmpo_jax.infra import metrics as metrics_lib
 from gmpo_jax.learner import precision
-from gmpo_jax.models import hf_export, hf_import, tokenization
+from gmpo_jax.models import hf_export, hf_import, lora, peft_export, tokenization
 from gmpo_jax.models.transformer import Transformer, TransformerConfig
 from gmpo_jax.runner import build
 
@@ -79,23 +86,27 @@ def policy_config(model: ModelConfig, tokenizer: tokenization.Tokenizer) -> Tran
 
 
 class Restored(NamedTuple):
-  """One step of a run: its parameters (`nnx.State`), configs, tokenizer and metadata."""
+  """One step of a run: its parameters (`nnx.State`, of `graphdef`: for a LoRA run the base
+  with the step's adapters), configs, tokenizer and metadata."""
 
   step: int
   params: Any
+  graphdef: nnx.GraphDef
   config: ExperimentConfig
   model_config: TransformerConfig
   tokenizer: tokenization.Tokenizer
   metadata: Mapping[str, Any]
 
 
-def _restore_target(config: ExperimentConfig, model_config: TransformerConfig
+def _restore_target(optim: Any, model_config: TransformerConfig, params: Any = None
                     ) -> checkpointing.CheckpointState:
-  """Abstract arrays shaped like what the RL loop (`gmpo_jax.runner.loop`) saves: parameters, AdamW state, key."""
-  _, params = nnx.split(nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0))))
+  """Abstract arrays shaped like what the RL loop (`gmpo_jax.runner.loop`) or the warm start
+  saves: parameters (`params`, or the whole model's), AdamW state of `optim`, key."""
+  if params is None:
+    _, params = nnx.split(nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0))))
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   # The schedule's length changes no shape of the optimizer state.
-  optimizer = build.make_optimizer(config.optim, config.num_steps,
-                                   param_dtype=model_config.param_dtype)
+  optimizer = build.make_optimizer(optim, 1, param_dtype=model_config.param_dtype)
   opt_state = jax.eval_shape(lambda p: optimizer.init(precision.float32_view(p)), params)
   key = jax.eval_shape(lambda: jax.random.key(0))
   return checkpointing.CheckpointState(step=0, model=params, opt_state=opt_state, key=key,
@@ -140,14 +151,52 @@ def restore_step(workdir: str | pathlib.Path, step: int | None = None) -> Restor
         model_config = policy_config(config.model, tokenizer)
       except (OSError, ValueError) as error:
         raise ExportError(f"the run's model or tokenizer cannot be read back: {error}") from error
-      restored = ckpt.restore(step, _restore_target(config, model_config))
+      if config.model.lora is None:
+        graphdef, _ = nnx.split(nnx.eval_shape(
+            lambda: Transformer(model_config, rngs=nnx.Rngs(0))))
+        restored = ckpt.restore(step, _restore_target(config.optim, model_config))
+        params = restored.model
+      else:
+        base = _lora_base(pathlib.Path(workdir), config, model_config, tokenizer, metadata)
+        graphdef, state = nnx.split(lora.apply_lora(base, config.model.lora, seed=config.seed))
+        adapters, frozen = lora.split_adapters(state)
+        restored = ckpt.restore(step, _restore_target(config.optim, model_config, adapters))
+        params = nnx.merge_state(restored.model, frozen)
     except checkpointing.CorruptCheckpointError as error:
       others = [s for s in steps if s != step]
       raise ExportError(
           f"{where} is damaged, and a resume would not use it either: {error}. Other steps: "
           f"{others} (--step).") from error
-  return Restored(step=step, params=restored.model, config=config, model_config=model_config,
-                  tokenizer=tokenizer, metadata=metadata)
+  return Restored(step=step, params=params, graphdef=graphdef, config=config,
+                  model_config=model_config, tokenizer=tokenizer, metadata=metadata)
+
+
+def _lora_base(workdir: pathlib.Path, config: ExperimentConfig, model_config: TransformerConfig,
+               tokenizer: tokenization.Tokenizer, metadata: Mapping[str, Any]) -> Transformer:
+  """A LoRA run's frozen base, rebuilt as the run built it, checked against its fingerprint.
+
+  Raises:
+    ExportError: the base cannot be rebuilt, or it is not the one the adapters were trained on.
+  """
+  if config.warm_start.steps > 0:
+    directory = workdir / "warm_start"
+    target = _restore_target(config.warm_start.optim, model_config)
+    with checkpointing.Checkpointer(directory, max_to_keep=1, async_save=False) as ckpt:
+      restored = ckpt.restore_latest(target)
+    if restored is None:
+      raise ExportError(f"the LoRA run's base is its warm start, and {directory} holds none.")
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0))))
+    base = nnx.merge(graphdef, restored.model)
+  else:
+    base = build.build_model(config.model, tokenizer, seed=config.seed)
+  stored = metadata.get("lora_base") or {}
+  fingerprint = lora.fingerprint(nnx.state(base))
+  if stored.get("fingerprint") != fingerprint:
+    raise ExportError(
+        f"the base rebuilt from {workdir} (fingerprint {fingerprint}) is not the one the "
+        f"adapters were trained on ({stored.get('path')!r}, fingerprint "
+        f"{stored.get('fingerprint')}).")
+  return base
 
 
 def _number(value: Any) -> str:
@@ -210,9 +259,11 @@ def run_card(workdir: str | pathlib.Path, restored: Restored) -> str:
 
 
 def export_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *, step: int | None = None,
-               dtype: str | None = None,
-               max_shard_size: int = hf_export.MAX_SHARD_SIZE) -> pathlib.Path:
+               dtype: str | None = None, max_shard_size: int = hf_export.MAX_SHARD_SIZE,
+               adapter: bool = False) -> pathlib.Path:
   """Exports one step of a run (see the module docstring); returns the export directory.
+
+  `adapter`: a LoRA run's adapters alone, in the PEFT layout, instead of the merged model.
 
   Raises:
     ExportError: see `restore_step`; also a model the exporter cannot express and an `out`
@@ -226,6 +277,16 @@ def export_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *, step: in
   restored = restore_step(workdir, step)
   config = restored.config
   model = config.model
+  if adapter and model.lora is None:
+    raise ExportError(f"{workdir} is a full-parameter run: it has no adapter to export.")
+  policy = nnx.merge(restored.graphdef, restored.params)
+  if adapter:
+    if model.hf_path is None:
+      raise ExportError("the run's base is not a Hugging Face checkpoint (no model.hf_path), so "
+                        "PEFT would have nothing to load the adapter onto: export the merged "
+                        "model (without --adapter).")
+    return peft_export.export_peft(policy, model.lora, out, base_model=model.hf_path)
+  params = restored.params if model.lora is None else nnx.state(lora.merge_adapters(policy))
   tokenizer = model.hf_path if model.tokenizer is None else model.tokenizer
   # The greedy decoding of the run's headline metric, pass@1, and its stop tokens.
   generation = {"do_sample": False, "max_new_tokens": config.sampling.max_new_tokens}
@@ -233,7 +294,7 @@ def export_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *, step: in
     generation["eos_token_id"] = [restored.tokenizer.eos_id, *config.sampling.stop_ids]
   card = run_card(workdir, restored)
   try:
-    return hf_export.export_hf(restored.params, restored.model_config, out, dtype=dtype,
+    return hf_export.export_hf(params, restored.model_config, out, dtype=dtype,
                                tokenizer=tokenizer, generation=generation, card=card,
                                max_shard_size=max_shard_size)
   except (ValueError, FileExistsError) as error:
@@ -247,6 +308,8 @@ def define_flags() -> None:
   flags.DEFINE_string("out", None, "The directory to write; must not exist or be empty.")
   flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                     "Stored dtype; default the run's parameter dtype.")
+  flags.DEFINE_bool("adapter", False, "A LoRA run's adapters alone, in the PEFT layout "
+                    "(adapter_config.json, adapter_model.safetensors), not the merged model.")
   flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -258,7 +321,8 @@ def main(argv):
   # Orbax reports every file operation at INFO through absl's logger.
   logging.getLogger("absl").setLevel(logging.WARNING)
   try:
-    out = export_run(args.workdir, args.out, step=args.step, dtype=args.dtype)
+    out = export_run(args.workdir, args.out, step=args.step, dtype=args.dtype,
+                     adapter=args.adapter)
   except (ExportError, ConfigError, checkpointing.CheckpointMismatchError) as error:
     # A user error, not a crash: one line naming what is wrong, no traceback.
     print(f"error: {error}", file=sys.stderr)

@@ -6,7 +6,14 @@ import pathlib
 import pytest
 
 from gmpo_jax.infra.checkpointing import CONFIG_METADATA_KEY
-from gmpo_jax.runner.state import RUN_STATE_VERSION, InFlightRollout, RunState, in_flight_name
+from gmpo_jax.runner.state import (
+    RUN_STATE_VERSION,
+    InFlightRollout,
+    LoRABaseMismatchError,
+    RunState,
+    check_lora_base,
+    in_flight_name,
+)
 
 # The metadata of step 4 of a smoke run, written before `RunState` existed (version 0).
 V0_METADATA = pathlib.Path(__file__).parent / "fixtures" / "run_state_v0.json"
@@ -36,11 +43,24 @@ def test_reads_a_version_0_checkpoint_written_before_the_record_existed():
   assert state.initial_eval == metadata["initial_eval"]
   assert state.config_record == metadata[CONFIG_METADATA_KEY]
   # And what it reads is written back under the same keys (plus the version and the fields
-  # added since: the warm start's result).
+  # added since: the warm start's result, a LoRA run's base).
   rewritten = state.to_metadata()
-  assert rewritten["warm_start"] is None
-  assert {k: v for k, v in rewritten.items() if k not in ("run_state_version", "warm_start")
-          } == metadata
+  assert rewritten["warm_start"] is None and rewritten["lora_base"] is None
+  assert {k: v for k, v in rewritten.items()
+          if k not in ("run_state_version", "warm_start", "lora_base")} == metadata
+
+
+def test_reads_a_version_2_checkpoint_without_a_lora_base_and_round_trips_one():
+  metadata = _state().to_metadata()
+  metadata["run_state_version"] = 2
+  del metadata["lora_base"]
+  assert RunState.from_metadata(metadata) == _state()
+  base = {"path": "hf/qwen", "fingerprint": "0123abcd"}
+  with_base = RunState.from_metadata(_state(lora_base=base).to_metadata())
+  assert with_base.lora_base == base
+  check_lora_base(base, dict(base))
+  with pytest.raises(LoRABaseMismatchError, match="'hf/qwen' .*0123abcd.*'other'.*ffff"):
+    check_lora_base(base, {"path": "other", "fingerprint": "ffff"})
 
 
 def test_reads_a_version_1_checkpoint_without_the_warm_start_result():

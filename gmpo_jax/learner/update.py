@@ -275,7 +275,8 @@ class UpdateOutput(NamedTuple):
 
 def make_update_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                    micro_loss: MicroLoss, *, donate: bool = True,
-                   param_shardings: Any = None, opt_shardings: Any = None):
+                   param_shardings: Any = None, opt_shardings: Any = None,
+                   trainable: Any = None):
   """Builds `update(params, opt_state, batch) -> (params, opt_state, UpdateOutput)`, jitted.
 
   Args:
@@ -292,6 +293,11 @@ def make_update_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformati
       `data` (`fsdp` left to the partitioner) so that the gradient is reduced over `data`
       once per step, not once per micro-batch; a batch must then be placed by
       `place_batch`.
+    trainable: an `nnx` filter of the parameters the update trains (the LoRA adapters,
+      `gmpo_jax.models.lora.LoRAParam`); None: all of them. With a filter, the optimizer state
+      covers (and was made by `init_opt_state` from) the trained part only, the gradient is
+      taken with respect to it alone, and the rest is a frozen input that is neither donated
+      nor returned: the update's output holds the caller's own frozen arrays, never a copy.
 
   Returns:
     The jitted update. A non-finite loss or gradient norm leaves params and optimizer state
@@ -300,6 +306,10 @@ def make_update_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformati
     and changes the last bit of 18% of the tiny model's parameters after three steps (so
     recorded runs would no longer reproduce), and it looks only at the gradient, not the loss.
   """
+  frozen_shardings = None
+  if trainable is not None and param_shardings is not None:
+    param_shardings, frozen_shardings = nnx.split_state(param_shardings, trainable, ...)
+  extra_specs = () if trainable is None else (P(),)
   mesh = _mesh_of(param_shardings)
   if mesh is not None and reduces_once_over_data(mesh):
     # Parameters, optimizer state and outputs are replicated over `data`; the rows of every
@@ -308,14 +318,28 @@ def make_update_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformati
     # is off because the model's loops start from constants that it would have to mark as
     # varying over `data` (`jax.lax.pcast`), for no change in the program.
     step = jax.shard_map(update_step(graphdef, optimizer, micro_loss, axis_name=DATA_AXIS),
-                         mesh=mesh, in_specs=(P(), P(), P(None, DATA_AXIS)), out_specs=P(),
-                         axis_names=frozenset({DATA_AXIS}), check_vma=False)
+                         mesh=mesh, in_specs=(P(), P(), P(None, DATA_AXIS)) + extra_specs,
+                         out_specs=P(), axis_names=frozenset({DATA_AXIS}), check_vma=False)
   else:
     step = update_step(graphdef, optimizer, micro_loss)
   shardings = (param_shardings, opt_shardings, None)
-  return jax.jit(step, donate_argnums=(0, 1) if donate else (),
-                 in_shardings=shardings, out_shardings=shardings,
-                 compiler_options=compilation.learner_compiler_options())
+  in_shardings = shardings + (() if trainable is None else (frozen_shardings,))
+  jitted = jax.jit(step, donate_argnums=(0, 1) if donate else (),
+                   in_shardings=in_shardings, out_shardings=shardings,
+                   compiler_options=compilation.learner_compiler_options())
+  if trainable is None:
+    return jitted
+
+  def update(params, opt_state, batch):
+    trained, frozen = nnx.split_state(params, trainable, ...)
+    trained, opt_state, out = jitted(trained, opt_state, batch, frozen)
+    return nnx.merge_state(trained, frozen), opt_state, out
+
+  # What callers ask of a jitted function: its compile count (the runner logs it), and the
+  # program itself, `jitted(trained, opt_state, batch, frozen)`, to `.lower` ahead of time.
+  update._cache_size = jitted._cache_size  # pylint: disable=protected-access
+  update.jitted = jitted
+  return update
 
 
 def reduces_once_over_data(mesh: jax.sharding.Mesh) -> bool:
@@ -341,7 +365,9 @@ def _mesh_of(shardings: Any) -> jax.sharding.Mesh | None:
 
 def update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                 micro_loss: MicroLoss, *, axis_name: str | None = None):
-  """The traceable step that `make_update_fn` compiles (see there).
+  """The traceable step that `make_update_fn` compiles (see there): `update(params, opt_state,
+  batch, frozen=None)`, where `frozen`, when given, is the untrained rest of the model's state
+  and `params` the trained part.
 
   With `axis_name` (inside `jax.pmap` / `shard_map` over that axis), each device holds a
   shard of every micro-batch: the counts are summed over the axis before the scan, the loss
@@ -351,14 +377,15 @@ def update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
   combines them: the same values as the unsharded step.
   """
 
-  def update(params, opt_state, batch: Batch):
+  def update(params, opt_state, batch: Batch, frozen=None):
     chex.assert_rank(batch.tokens, 3)
     counts = minibatch_counts(batch.loss_mask)
     if axis_name is not None:
       counts = jax.lax.psum(counts, axis_name)
 
     def loss_of_params(p, micro):
-      return micro_loss(nnx.merge(graphdef, p), micro, counts)
+      states = (p,) if frozen is None else (p, frozen)
+      return micro_loss(nnx.merge(graphdef, *states), micro, counts)
 
     loss, grads, micro_metrics = accumulate_gradients(
         jax.value_and_grad(loss_of_params, has_aux=True), params, batch)

@@ -45,6 +45,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from gmpo_jax.infra.sharding import constrain_to_batch_axes, target_platform
 from gmpo_jax.models import attention as attention_lib
+from gmpo_jax.models.quantization import weight_value
 
 _SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "projections")
@@ -567,6 +568,19 @@ def contract(x: jax.Array, w: jax.Array, *, axes: int, precision: jax.lax.Precis
   return y.reshape(*lead, *out)
 
 
+def linear(module: nnx.Module, name: str, x: jax.Array, *, axes: int, dtype: Any,
+           precision: jax.lax.Precision) -> jax.Array:
+  """x · W for the weight `module.<name>`, plus the low-rank update of a LoRA adapter
+  `module.<name>_lora` when one is attached (`gmpo_jax.models.lora`): computed as
+  scale · (x · A) · B, never as a merged weight, so the base stays as stored (quantized or not)
+  and its gradient is never formed."""
+  y = contract(x, weight_value(getattr(module, name), dtype), axes=axes, precision=precision)
+  adapter = getattr(module, f"{name}_lora", None)
+  if adapter is not None:
+    y = y + adapter(x, dtype=dtype, precision=precision)
+  return y
+
+
 def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str) -> nnx.Param:
   """A parameter with logical axis names; `eager_sharding=False` so no mesh is needed."""
   if init == "normal":
@@ -611,8 +625,8 @@ class Attention(nnx.Module):
 
   def _project(self, x: jax.Array, name: str) -> jax.Array:
     dtype = self.config.dtype
-    y = contract(x, getattr(self, f"{name}_proj")[...].astype(dtype), axes=1,
-                 precision=self.config.matmul_precision)
+    y = linear(self, f"{name}_proj", x, axes=1, dtype=dtype,
+               precision=self.config.matmul_precision)
     if self.config.attention_bias:
       y = y + getattr(self, f"{name}_bias")[...].astype(dtype)
     return checkpoint_name(y, f"{name}_proj")
@@ -625,8 +639,8 @@ class Attention(nnx.Module):
     return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
   def output(self, attended: jax.Array) -> jax.Array:
-    return checkpoint_name(contract(attended, self.o_proj[...].astype(self.config.dtype), axes=2,
-                                    precision=self.config.matmul_precision), "o_proj")
+    return checkpoint_name(linear(self, "o_proj", attended, axes=2, dtype=self.config.dtype,
+                                  precision=self.config.matmul_precision), "o_proj")
 
 
 class MLP(nnx.Module):
@@ -640,11 +654,10 @@ class MLP(nnx.Module):
     self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), pd, "normal")
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    matmul = functools.partial(contract, axes=1, precision=self.precision)
-    gate = checkpoint_name(matmul(x, self.gate_proj[...].astype(self.dtype)), "gate_proj")
-    up = checkpoint_name(matmul(x, self.up_proj[...].astype(self.dtype)), "up_proj")
-    return checkpoint_name(matmul(jax.nn.silu(gate) * up, self.down_proj[...].astype(self.dtype)),
-                           "down_proj")
+    matmul = functools.partial(linear, self, axes=1, dtype=self.dtype, precision=self.precision)
+    gate = checkpoint_name(matmul("gate_proj", x), "gate_proj")
+    up = checkpoint_name(matmul("up_proj", x), "up_proj")
+    return checkpoint_name(matmul("down_proj", jax.nn.silu(gate) * up), "down_proj")
 
 
 class Block(nnx.Module):

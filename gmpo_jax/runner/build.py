@@ -27,7 +27,7 @@ from gmpo_jax.config import AlgorithmConfig, ConfigError, ExperimentConfig, Mode
 from gmpo_jax.infra import distributed, hbm, sharding
 from gmpo_jax.learner import precision
 from gmpo_jax.learner import update as learner
-from gmpo_jax.models import hf_import, tokenization
+from gmpo_jax.models import hf_import, lora, tokenization
 from gmpo_jax.models.transformer import Transformer, TransformerConfig
 from gmpo_jax.rollout.sampling import SamplingConfig
 
@@ -146,6 +146,26 @@ class Run:
   sampling: SamplingConfig
   train_examples: Sequence[Mapping[str, Any]]
   eval_examples: Sequence[Mapping[str, Any]]
+  lora_base: Mapping[str, str] | None = None
+  # The frozen base's copy on the sampler's mesh, when the sampler has devices of its own.
+  _base_on_sampler: Any = dataclasses.field(default=None, repr=False)
+
+  @property
+  def trainable(self) -> Any:
+    """The filter of the trained parameters: the adapters once `attach_lora` has run, else
+    None (all of them)."""
+    return None if self.lora_base is None else lora.LoRAParam
+
+  def trained_params(self, params: Any) -> Any:
+    """What the optimizer and the checkpoints hold: the adapters of a LoRA policy, else
+    `params` itself."""
+    return params if self.lora_base is None else lora.split_adapters(params)[0]
+
+  def with_trained(self, trained: Any, params: Any) -> Any:
+    """`params` with its trained part replaced by `trained` (`trained_params`' inverse)."""
+    if self.lora_base is None:
+      return trained
+    return nnx.merge_state(trained, lora.split_adapters(params)[1])
 
   @property
   def algo(self) -> AlgorithmConfig:
@@ -166,6 +186,11 @@ class Run:
     return jax.jit(functools.partial(precision.cast_floating, dtype=self.compute_dtype),
                    out_shardings=self.sampler_shardings if same_devices else self.param_shardings)
 
+  @functools.cached_property
+  def _adapters_to_compute_dtype(self):
+    return jax.jit(functools.partial(precision.cast_floating, dtype=self.compute_dtype),
+                   out_shardings=lora.split_adapters(self.param_shardings)[0])
+
   def sampler_params(self, params: Any) -> Any:
     """The RL sampler's parameters made from the learner's `params`, once per update.
 
@@ -181,14 +206,30 @@ class Run:
     learner's next update donates its buffers (`learner.make_update_fn`) while the sampler
     may still be using them.
     """
+    if self.lora_base is None:
+      return self._copy_for_sampler(params, self._to_compute_dtype, self.sampler_shardings)
+    # The frozen base is never donated (`learner.make_update_fn` with a filter), so the sampler
+    # reads the learner's own base arrays; only the adapters are copied.
+    adapters, base = lora.split_adapters(params)
+    sampler_adapter_shardings, sampler_base_shardings = lora.split_adapters(
+        self.sampler_shardings)
+    adapters = self._copy_for_sampler(adapters, self._adapters_to_compute_dtype,
+                                      sampler_adapter_shardings)
+    if self.sampler_mesh is not self.mesh:  # copied once: the base never changes
+      if self._base_on_sampler is None:
+        self._base_on_sampler = jax.device_put(base, sampler_base_shardings)
+      base = self._base_on_sampler
+    return nnx.merge_state(adapters, base)
+
+  def _copy_for_sampler(self, params: Any, cast: Any, sampler_shardings: Any) -> Any:
     if any(x.dtype != self.compute_dtype for x in jax.tree.leaves(params)):
-      params = self._to_compute_dtype(params)
+      params = cast(params)
       if self.sampler_mesh is self.mesh:
         return params
     elif (self.sampler_shardings is self.param_shardings
           and self.config.rollout.max_staleness == 0):
       return params
-    return jax.device_put(params, self.sampler_shardings, may_alias=False)
+    return jax.device_put(params, sampler_shardings, may_alias=False)
 
 
 def build_run(config_dict: ml_collections.ConfigDict, workdir: pathlib.Path) -> Run:
@@ -267,6 +308,29 @@ def _fitted_mesh(config: ExperimentConfig, mesh: jax.sharding.Mesh, params: Any
   logger.info("mesh: %s", choice.reason)
   return sharding.make_mesh(data=choice.data, fsdp=choice.fsdp, tensor=choice.tensor,
                             devices=devices)
+
+
+def attach_lora(run: Run, *, base_path: str) -> None:
+  """Turns `run`'s policy into the frozen base of a LoRA policy (`config.model.lora`), in place.
+
+  The base (the checkpoint, or the warm start's policy) is fingerprinted as it is, then stored
+  as `lora.base_dtype` (cast or quantized) with zero-initialised adapters attached; the run's
+  graph, parameters and shardings become the adapted model's, and `run.lora_base` names the
+  base ({'path', 'fingerprint'}) for the checkpoints, which a resume compares.
+
+  Args:
+    run: a run whose `params` are the base, on its mesh.
+    base_path: where the base comes from, for people (the fingerprint decides).
+  """
+  config = run.config.model.lora
+  fingerprint = lora.fingerprint(run.params)
+  model = lora.apply_lora(nnx.merge(run.graphdef, run.params), config, seed=run.config.seed)
+  run.graphdef, params = nnx.split(model)
+  run.param_shardings = sharding.state_shardings(params, run.mesh)
+  run.params = jax.device_put(params, run.param_shardings)
+  run.sampler_shardings = (run.param_shardings if run.sampler_mesh is run.mesh
+                           else sharding.state_shardings(params, run.sampler_mesh))
+  run.lora_base = {"path": base_path, "fingerprint": fingerprint}
 
 
 def _split_devices(config: ExperimentConfig, num_sequences: int

@@ -42,11 +42,17 @@ from gmpo_jax.learner import update as learner
 from gmpo_jax.rollout import backends as rollout_lib
 from gmpo_jax.rollout import producer as async_rollout
 from gmpo_jax.rollout.backends import Rollout
-from gmpo_jax.runner.build import Run, build_run, make_optimizer
+from gmpo_jax.runner.build import Run, attach_lora, build_run, make_optimizer
 from gmpo_jax.runner.data import PromptStream
 from gmpo_jax.runner.evaluate import evaluate
 from gmpo_jax.runner.rl_step import RLState, RLStep, ScoredRollout
-from gmpo_jax.runner.state import METRICS_HISTORY_KEY, InFlightRollout, RunState, in_flight_name
+from gmpo_jax.runner.state import (
+  METRICS_HISTORY_KEY,
+  InFlightRollout,
+  RunState,
+  check_lora_base,
+  in_flight_name,
+)
 from gmpo_jax.runner.steps import run_steps
 from gmpo_jax.runner.warm_start import fingerprint, warm_start
 
@@ -139,12 +145,27 @@ def _train(run: Run, preemption: preemption.PreemptionHandler,
     warm_start_result = None
     if _has_warm_start(config):
       # With an RL checkpoint to resume from, the warm start's policy is needed only as the KL
-      # reference; otherwise a damaged warm-start cache is skipped, not recomputed.
+      # reference or a LoRA run's frozen base; otherwise a damaged warm-start cache is skipped,
+      # not recomputed.
       params, warm_start_result = warm_start(
-          run, preemption, needed=ckpt.latest_step is None or run.algo.beta > 0)
+          run, preemption, needed=(ckpt.latest_step is None or run.algo.beta > 0
+                                   or config.model.lora is not None))
       if params is not None:
         run.params = params
+    if config.model.lora is not None:
+      attach_lora(run, base_path=_base_path(run, warm_start_result))
     return _resume_and_train(run, ckpt, warm_start_result, preemption, compile_timer)
+
+
+def _base_path(run: Run, warm_start_result: dict[str, Any] | None) -> str:
+  """Where a LoRA run's frozen base comes from, in words (its fingerprint is what is checked)."""
+  model = run.config.model
+  start = model.hf_path if model.hf_path is not None else (
+      f"{model.name} at random init (seed {run.config.seed})")
+  if run.config.warm_start.steps > 0:
+    steps = (warm_start_result or {}).get("warm_start/steps")
+    start += f", then the warm start in {run.workdir / 'warm_start'} ({steps} steps)"
+  return start
 
 
 def _resume_and_train(run: Run, ckpt: checkpointing.Checkpointer,
@@ -152,15 +173,19 @@ def _resume_and_train(run: Run, ckpt: checkpointing.Checkpointer,
                       preemption: preemption.PreemptionHandler,
                       compile_timer: compilation.CompileTimer) -> dict[str, Any]:
   config, workdir, algo = run.config, run.workdir, run.algo
-  ref_params = jax.tree.map(jnp.copy, run.params) if algo.beta > 0 else None
+  # The update donates (and so invalidates) only the trained parameters: a LoRA run's
+  # reference shares the frozen base and copies the adapters.
+  ref_params = (run.with_trained(jax.tree.map(jnp.copy, run.trained_params(run.params)),
+                                 run.params) if algo.beta > 0 else None)
   optimizer = make_optimizer(config.optim,
                              config.num_steps * algo.num_epochs * algo.num_minibatches,
                              param_dtype=config.model.trained_dtype, seed=config.seed)
-  opt_state = learner.init_opt_state(optimizer, run.params, run.mesh)
+  opt_state = learner.init_opt_state(optimizer, run.trained_params(run.params), run.mesh)
   base_key, eval_key = jax.random.split(sharding.prng_key(config.seed, run.mesh))
 
-  target = checkpointing.CheckpointState(step=0, model=run.params, opt_state=opt_state,
-                                         key=base_key, metadata={})
+  # A LoRA run's checkpoints hold its adapters; the base is named in the run state.
+  target = checkpointing.CheckpointState(step=0, model=run.trained_params(run.params),
+                                         opt_state=opt_state, key=base_key, metadata={})
   # A workdir resumes only the experiment that wrote it (the fields in
   # `checkpointing.RESUMABLE_FIELDS` may differ); `resume_with_changes` accepts any change,
   # and the changes are logged and kept in every later checkpoint.
@@ -179,8 +204,9 @@ def _resume_and_train(run: Run, ckpt: checkpointing.Checkpointer,
   in_flight_entries, history = (), None
   if restored is not None:
     stored = RunState.from_metadata(restored.metadata)
-    state = RLState(step=restored.step, params=restored.model, opt_state=restored.opt_state,
-                    skipped_updates=stored.skipped_updates)
+    check_lora_base(stored.lora_base, run.lora_base)
+    state = RLState(step=restored.step, params=run.with_trained(restored.model, run.params),
+                    opt_state=restored.opt_state, skipped_updates=stored.skipped_updates)
     position, initial_eval, in_flight_entries = (stored.data_position, stored.initial_eval,
                                                  stored.in_flight)
     if warm_start_result is None:  # not run (not needed): what the checkpoint recorded of it
@@ -231,13 +257,14 @@ def _resume_and_train(run: Run, ckpt: checkpointing.Checkpointer,
       # The run's history up to this step travels with it (`MetricsWriter(history=...)`).
       arrays[METRICS_HISTORY_KEY] = np.frombuffer(writer.history, np.uint8)
       return checkpointing.CheckpointState(
-          step=state.step, model=state.params, opt_state=state.opt_state, key=base_key,
+          step=state.step, model=run.trained_params(state.params), opt_state=state.opt_state,
+          key=base_key,
           metadata=RunState(
               data_position=start_position + config.prompts_per_step * (state.step - start_step),
               skipped_updates=state.skipped_updates, initial_eval=initial_eval,
               config_record=config_record,
               in_flight=tuple(InFlightRollout(step=s.step, version=s.version) for s in in_flight),
-              warm_start=warm_start_result,
+              warm_start=warm_start_result, lora_base=run.lora_base,
           ).to_metadata(),
           arrays=arrays)
 

@@ -216,7 +216,8 @@ class RLStep:
     else:
       self.update = learner.make_update_fn(run.graphdef, optimizer, micro_loss,
                                            param_shardings=run.param_shardings,
-                                           opt_shardings=opt_shardings)
+                                           opt_shardings=opt_shardings,
+                                           trainable=run.trainable)
     self.policy_logprobs = learner.make_logprob_fn(run.graphdef, run.param_shardings, run.mesh,
                                                    temperature=temperature, chunk_size=chunk_size)
     self.advantage_fn = jax.jit(build.advantage_fn(algo))

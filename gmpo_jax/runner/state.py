@@ -17,7 +17,7 @@ from typing import Any
 
 from gmpo_jax.infra.checkpointing import CONFIG_METADATA_KEY
 
-RUN_STATE_VERSION = 2
+RUN_STATE_VERSION = 3
 _VERSION_KEY = "run_state_version"
 # Version 0's keys, kept so that a version-0 checkpoint and this writer's agree on names.
 _DATA_POSITION_KEY = "data_position"
@@ -25,6 +25,7 @@ _SKIPPED_UPDATES_KEY = "skipped_updates"
 _INITIAL_EVAL_KEY = "initial_eval"
 _IN_FLIGHT_KEY = "in_flight_rollouts"
 _WARM_START_KEY = "warm_start"
+_LORA_BASE_KEY = "lora_base"
 
 # The key in `CheckpointState.arrays` of metrics.jsonl's lines up to the checkpoint's step, as
 # uint8 (`gmpo_jax.infra.metrics.MetricsWriter.history`); absent from checkpoints written before.
@@ -58,6 +59,9 @@ class RunState:
     in_flight: the rollouts sampled ahead of this step, oldest first.
     warm_start: what the warm start reported (steps, train pass rate; None without one), so a
       resume that does not need the warm-start cache still reports it (version 2 on).
+    lora_base: a LoRA run's frozen base, {'path': where it came from, 'fingerprint':
+      `gmpo_jax.models.lora.fingerprint` of its values}: the checkpoint holds only adapters,
+      which mean nothing on another base (version 3 on; None for full-parameter runs).
   """
   data_position: int
   skipped_updates: int
@@ -65,6 +69,7 @@ class RunState:
   config_record: Mapping[str, Any]
   in_flight: tuple[InFlightRollout, ...] = ()
   warm_start: Mapping[str, Any] | None = None
+  lora_base: Mapping[str, str] | None = None
 
   def to_metadata(self) -> dict[str, Any]:
     """The JSON metadata of a checkpoint (`CheckpointState.metadata`)."""
@@ -76,6 +81,7 @@ class RunState:
         _INITIAL_EVAL_KEY: None if self.initial_eval is None else dict(self.initial_eval),
         _IN_FLIGHT_KEY: [dataclasses.asdict(r) for r in self.in_flight],
         _WARM_START_KEY: None if self.warm_start is None else dict(self.warm_start),
+        _LORA_BASE_KEY: None if self.lora_base is None else dict(self.lora_base),
     }
 
   @classmethod
@@ -94,7 +100,7 @@ class RunState:
     if missing:
       raise ValueError(f"the checkpoint's run state (version {version}) lacks {missing}")
     # Versions 0 and 1 share their keys; version 1 adds the version itself, version 2 the warm
-    # start's result.
+    # start's result, version 3 a LoRA run's base.
     return cls(
         data_position=int(metadata[_DATA_POSITION_KEY]),
         skipped_updates=int(metadata[_SKIPPED_UPDATES_KEY]),
@@ -102,4 +108,26 @@ class RunState:
         config_record=metadata[CONFIG_METADATA_KEY],
         in_flight=tuple(InFlightRollout(step=int(r["step"]), version=int(r["version"]))
                         for r in metadata.get(_IN_FLIGHT_KEY, [])),
-        warm_start=metadata.get(_WARM_START_KEY))
+        warm_start=metadata.get(_WARM_START_KEY),
+        lora_base=metadata.get(_LORA_BASE_KEY))
+
+
+class LoRABaseMismatchError(ValueError):
+  """A LoRA checkpoint's adapters were trained on another base than this run's."""
+
+
+def check_lora_base(stored: Mapping[str, str] | None, current: Mapping[str, str] | None) -> None:
+  """Refuses to resume adapters onto another base (the fingerprints decide; paths are for
+  people).
+
+  Raises:
+    LoRABaseMismatchError: the fingerprints differ, naming both bases.
+  """
+  if stored is None or current is None:
+    return  # a full-parameter run (a LoRA config on its checkpoint is refused as a config change)
+  if stored["fingerprint"] != current["fingerprint"]:
+    raise LoRABaseMismatchError(
+        f"the checkpoint's LoRA adapters were trained on the base {stored['path']!r} "
+        f"(fingerprint {stored['fingerprint']}), but this run's base is {current['path']!r} "
+        f"(fingerprint {current['fingerprint']}): adapters mean nothing on another base; "
+        "resume with the original base, or start a new workdir")

@@ -212,11 +212,14 @@ def _shared_warm_start(run: Run, *, needed: bool) -> tuple[Any | None, dict[str,
 
 def _warm_start_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """What the cached warm start depends on (its own settings, the task, the model, the seed);
-  a change to any of them retrains it. `init_from` is no part of it: with it set, no cache is
-  written."""
+  a change to any of them retrains it. Not `init_from`: with it set, no cache is written. Not
+  `model.lora`: the warm start trains the full model, which a LoRA run then adapts, so
+  full-parameter and LoRA runs of a seed share it."""
   settings = json.loads(config.warm_start.to_json())
   settings.pop("init_from", None)
-  return {"warm_start": settings, "task": json.loads(config.task.to_json()), "model": json.loads(config.model.to_json()),
+  model = json.loads(config.model.to_json())
+  model.pop("lora", None)
+  return {"warm_start": settings, "task": json.loads(config.task.to_json()), "model": model,
           "seed": config.seed, "chunk_size": config.chunk_size}
 
 
