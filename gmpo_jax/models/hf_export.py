@@ -22,13 +22,14 @@ Tied embeddings stay tied: no ``lm_head.weight`` is written, ``tie_word_embeddin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import pathlib
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -219,6 +220,32 @@ def check_out_dir(out_dir: str | os.PathLike) -> None:
     raise FileExistsError(f"{out_dir} exists and is not an empty directory; export elsewhere.")
 
 
+@contextlib.contextmanager
+def staged_directory(out_dir: pathlib.Path) -> Iterator[pathlib.Path]:
+  """A new directory beside `out_dir` to write an export into, renamed to `out_dir` when the
+  block ends, removed if it raises: a reader never sees a half-written export.
+
+  `out_dir` must not exist or be empty (`check_out_dir`). The files get the modes the umask
+  gives (mkdtemp and safetensors create owner-only entries).
+  """
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+  try:
+    yield staging
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in staging.iterdir():
+      path.chmod(0o666 & ~umask)
+    staging.chmod(0o777 & ~umask)
+    if out_dir.exists():
+      out_dir.rmdir()  # empty (checked); os.replace would also replace it on POSIX only
+    os.replace(staging, out_dir)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+
+
+
 def _plan_shards(sizes: Mapping[str, int], max_shard_size: int) -> list[list[str]]:
   """Consecutive tensors into shards of at most `max_shard_size` bytes (a larger tensor alone)."""
   shards: list[list[str]] = []
@@ -358,9 +385,7 @@ def export_hf(
   flat = _checked_params(params, config)
   targets = hf_tensor_targets(config)
 
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-  try:
+  with staged_directory(out_dir) as staging:
     special_tokens, tokenizer_note = SpecialTokens(), "No tokenizer was exported."
     if tokenizer is not None:
       special_tokens, tokenizer_note = _write_tokenizer(tokenizer, staging,
@@ -393,16 +418,4 @@ def export_hf(
 
     num_params = sum(math.prod(t.hf_shape) for t in targets.values())
     (staging / CARD_FILE).write_text(_card(config, dtype, num_params, tokenizer_note, card))
-    # mkdtemp and safetensors create owner-only entries; an export gets the usual modes.
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in staging.iterdir():
-      path.chmod(0o666 & ~umask)
-    staging.chmod(0o777 & ~umask)
-    if out_dir.exists():
-      out_dir.rmdir()  # empty (checked above); os.replace would also replace it on POSIX only
-    os.replace(staging, out_dir)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
   return out_dir

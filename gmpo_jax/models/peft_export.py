@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 
 import jax
 import numpy as np
@@ -96,20 +94,7 @@ def export_peft(model: Transformer, lora_config: LoRAConfig, out_dir: str | os.P
       "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
       "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
   }
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-  try:
+  with hf_export.staged_directory(out_dir) as staging:
     (staging / ADAPTER_CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2) + "\n")
     save_file(tensors, staging / ADAPTER_WEIGHTS_FILE, metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in staging.iterdir():
-      path.chmod(0o666 & ~umask)
-    staging.chmod(0o777 & ~umask)
-    if out_dir.exists():
-      out_dir.rmdir()
-    os.replace(staging, out_dir)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
   return out_dir
