@@ -21,7 +21,7 @@ from gmpo_jax.learner import update as learner
 from gmpo_jax.models import hf_import, lora, quantization
 from gmpo_jax.models.logprobs import positions_from_mask
 from gmpo_jax.models.transformer import Transformer, TransformerConfig
-from gmpo_jax.runner import loop
+from gmpo_jax.runner import build, loop
 from gmpo_jax.runner.state import LoRABaseMismatchError
 
 CONFIG = dataclasses.replace(TransformerConfig.from_name("tiny"), attention_bias=True)
@@ -175,7 +175,7 @@ def _update_fn(graphdef):
   algo = AlgorithmConfig(objective="geometric")
   return learner.make_update_fn(
       graphdef, optax.adam(1e-2),
-      learner.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T),
+      build.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T),
       trainable=lora.LoRAParam)
 
 
@@ -206,8 +206,8 @@ def test_lora_update_does_not_depend_on_the_micro_batch_split():
   graphdef, params = nnx.split(_adapted())
   update = learner.make_update_fn(
       graphdef, optax.sgd(1.0),
-      learner.policy_loss(AlgorithmConfig(objective="geometric"), temperature=1.0, chunk_size=4,
-                          max_length=T),
+      build.policy_loss(AlgorithmConfig(objective="geometric"), temperature=1.0, chunk_size=4,
+                        max_length=T),
       donate=False, trainable=lora.LoRAParam)
   opt_state = optax.sgd(1.0).init(lora.split_adapters(params)[0])
   batch = _sequences()
