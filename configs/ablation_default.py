@@ -28,7 +28,7 @@ what the grid changes; `aggregate` pairs them by seed.
 from collections.abc import Mapping
 from typing import Any
 
-from configs import default
+from configs import ablation_gmpo, default
 
 _AGG = "seq-mean-token-mean"
 
@@ -45,18 +45,6 @@ def get_config():
   config.eval.num_samples = 64
   config.eval.k = (2, 4, 8, 16, 32, 64)
   return config
-
-
-def _geometric(clip_mode: str, epsilon: float) -> dict[str, Any]:
-  return {"objective": "geometric", "loss_agg_mode": _AGG,
-          "algorithm.objective_kwargs": {"epsilon_low": epsilon, "epsilon_high": epsilon,
-                                         "clip_mode": clip_mode}}
-
-
-def _power_mean_objective(p: float) -> dict[str, Any]:
-  return {"objective": "power_mean", "loss_agg_mode": _AGG,
-          "algorithm.objective_kwargs": {"epsilon_low": 0.4, "epsilon_high": 0.4,
-                                         "clip_mode": "token", "p": p}}
 
 
 def _advantage(name: str, **kwargs: Any) -> dict[str, Any]:
@@ -92,17 +80,8 @@ def get_grid(name: str) -> Mapping[str, Mapping[str, Any]]:
     ValueError: an unknown name (the message lists the known ones).
   """
   grids = {
-      "gmpo_design": {
-          "gmpo_full": _geometric("token", 0.4),
-          "gmpo_seqclip": _geometric("sequence", 0.4),
-          "gmpo_noclip": _geometric("none", 0.4),
-          "grpo": {"objective": "token_clip", "loss_agg_mode": _AGG,
-                   "algorithm.objective_kwargs": {"epsilon_low": 0.2, "epsilon_high": 0.2}},
-          "gmpo_clip0.2": _geometric("token", 0.2),
-          "gmpo_clip0.8": _geometric("token", 0.8),
-          "pm_p1": _power_mean_objective(1.0),
-          "pm_pm1": _power_mean_objective(-1.0),
-      },
+      # The design points of the small-scale grid, on this task.
+      "gmpo_design": ablation_gmpo.get_grid("gmpo_design"),
       "advantage_family": {
           "grpo": _advantage("grpo", normalize=True),
           "maxrl": _advantage("maxrl"),

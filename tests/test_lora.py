@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from test_learner import N, T, _sequences
 
 from configs import smoke
 from gmpo_jax import export
@@ -25,7 +26,6 @@ from gmpo_jax.runner import build, loop
 from gmpo_jax.runner.state import LoRABaseMismatchError
 
 CONFIG = dataclasses.replace(TransformerConfig.from_name("tiny"), attention_bias=True)
-N, T = 8, 10
 
 
 @nnx.jit
@@ -156,21 +156,6 @@ def test_qlora_model_computes_with_its_dequantized_base(kind):
                              atol=1e-5)
 
 
-def _sequences():
-  rng = np.random.default_rng(3)
-  tokens = rng.integers(0, CONFIG.vocab_size, (N, T)).astype(np.int32)
-  prompt = rng.integers(2, 5, N)
-  length = prompt + rng.integers(1, T - 4, N)
-  cols = np.arange(T)[None]
-  key_mask = cols < length[:, None]
-  loss_mask = key_mask & (cols >= prompt[:, None])
-  old = np.where(loss_mask, rng.normal(-4.0, 0.3, (N, T)), 0.0).astype(np.float32)
-  return learner.Batch(
-      tokens=jnp.asarray(tokens), positions=positions_from_mask(jnp.asarray(key_mask)),
-      key_mask=jnp.asarray(key_mask), loss_mask=jnp.asarray(loss_mask), old_logp=jnp.asarray(old),
-      ref_logp=jnp.asarray(old), advantages=jnp.asarray(rng.normal(size=N), jnp.float32))
-
-
 def _update_fn(graphdef):
   algo = AlgorithmConfig(objective="geometric")
   return learner.make_update_fn(
@@ -192,7 +177,7 @@ def test_update_trains_only_the_adapters_and_keeps_the_base_arrays(base_dtype):
   base_buffers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(base)]
   base_values = jax.tree.map(np.asarray, base)
   new, _, out = _update_fn(graphdef)(params, opt_state, jax.tree.map(lambda x: x[None],
-                                                                      _sequences()))
+                                                                      _sequences(seed=3)))
   assert float(out.grad_norm) > 0 and int(out.skipped) == 0
   new_adapters, new_base = lora.split_adapters(new)
   # Every adapter matrix moved; the base is the caller's own arrays, neither copied nor changed.
@@ -210,7 +195,7 @@ def test_lora_update_does_not_depend_on_the_micro_batch_split():
                         max_length=T),
       donate=False, trainable=lora.LoRAParam)
   opt_state = optax.sgd(1.0).init(lora.split_adapters(params)[0])
-  batch = _sequences()
+  batch = _sequences(seed=3)
   results = [update(params, opt_state,
                     jax.tree.map(lambda x, m=m: x.reshape((m, N // m) + x.shape[1:]), batch))
              for m in (1, 2, 4)]

@@ -32,6 +32,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gmpo_jax.infra import hbm
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -100,6 +102,24 @@ def replicated_over(shardings: Any, axis: str) -> Any:
     return NamedSharding(named.mesh, P(*entries))
 
   return jax.tree.map(drop, shardings)
+
+
+def sampler_copy_shardings(param_shardings: Any, mesh: Mesh, *, copy_bytes: int,
+                           hbm_bytes: float | None) -> Any:
+  """The shardings of the sampler's compute-dtype copy of the parameters on the learner's mesh:
+  `param_shardings` replicated over fsdp when the copy fits (`hbm.sampler_replicates`), so a
+  decode step gathers no weight; `param_shardings` itself otherwise.
+
+  Args:
+    param_shardings: the learner's parameter shardings on `mesh`.
+    mesh: the learner's mesh.
+    copy_bytes: the copy's bytes, unsharded.
+    hbm_bytes: one device's HBM (`hbm.device_hbm_bytes`); None: unknown (the CPU).
+  """
+  if hbm.sampler_replicates(copy_bytes=copy_bytes, fsdp=mesh.shape["fsdp"],
+                            tensor=mesh.shape["tensor"], hbm_bytes=hbm_bytes):
+    return replicated_over(param_shardings, "fsdp")
+  return param_shardings
 
 
 def opt_state_shardings(optimizer: optax.GradientTransformation, params: Any,

@@ -179,10 +179,9 @@ def abstract_policy(config: TransformerConfig, mesh: jax.sharding.Mesh, *,
   sampler's copy replicated over fsdp when it fits `hbm_bytes` (as `build_run` decides)."""
   graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
   shardings = sharding.state_shardings(params, mesh)
-  copy_bytes = hbm.tree_bytes(_recast(params, config.dtype))
-  replicate = hbm.sampler_replicates(copy_bytes=copy_bytes, fsdp=mesh.shape["fsdp"],
-                                     tensor=mesh.shape["tensor"], hbm_bytes=hbm_bytes)
-  sampler_shardings = sharding.replicated_over(shardings, "fsdp") if replicate else shardings
+  sampler_shardings = sharding.sampler_copy_shardings(
+      shardings, mesh, copy_bytes=hbm.tree_bytes(_recast(params, config.dtype)),
+      hbm_bytes=hbm_bytes)
   return AbstractPolicy(graphdef, _abstract(params, shardings), shardings, sampler_shardings)
 
 

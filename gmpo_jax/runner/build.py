@@ -198,7 +198,7 @@ class Run:
     which decode reads at half the bytes, and which gives the values the learner's forward
     pass computes with (it casts every weight alike). On the learner's devices the copy is
     made on the sampler's shardings (replicated over fsdp when it fits,
-    `hbm.sampler_replicates`: decode then gathers no weight), else on the learner's and then
+    `sharding.sampler_copy_shardings`: decode then gathers no weight), else on the learner's and then
     moved to the sampler's devices. Parameters already in the compute dtype are the
     learner's arrays themselves when the two share devices and shardings and take turns
     (`max_staleness` 0: the synchronous loop, no copy); otherwise a copy on the sampler's
@@ -273,11 +273,9 @@ def build_run(config_dict: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
     sampler_mesh = mesh
     copy_bytes = hbm.tree_bytes(jax.eval_shape(
         functools.partial(precision.cast_floating, dtype=model.config.dtype), params))
-    replicate = hbm.sampler_replicates(
-        copy_bytes=copy_bytes, fsdp=mesh.shape["fsdp"], tensor=mesh.shape["tensor"],
+    sampler_shardings = sharding.sampler_copy_shardings(
+        param_shardings, mesh, copy_bytes=copy_bytes,
         hbm_bytes=hbm.device_hbm_bytes(mesh.devices.flat[0]))
-    sampler_shardings = (sharding.replicated_over(param_shardings, "fsdp") if replicate
-                         else param_shardings)
   else:
     sampler_shardings = sharding.state_shardings(params, sampler_mesh)
   sampling_config = dataclasses.replace(config.sampling, eos_id=tokenizer.eos_id,
