@@ -40,16 +40,15 @@ estimator needs.
 
 from __future__ import annotations
 
-import functools
-import inspect
-import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import numpy.typing as npt
+
+from gmpo_jax.algo import registry
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -64,6 +63,11 @@ __all__ = [
     "rloo_advantages",
     "validate_rewards",
 ]
+
+
+# Filled by `@ADVANTAGE_ESTIMATORS.register(name)` below; frozen after the last estimator.
+ADVANTAGE_ESTIMATORS: registry.Registry[Callable[..., jax.Array]] = registry.Registry(
+    "advantage estimator")
 
 
 def _check_inputs(rewards: chex.Array, mask: chex.Array | None) -> jax.Array:
@@ -208,6 +212,7 @@ def _log_rewards(rewards: chex.Array, *, floor: float, offset: float) -> jax.Arr
   return jnp.log(jnp.clip(shifted, floor, jnp.finfo(dtype).max))
 
 
+@ADVANTAGE_ESTIMATORS.register("gmpo")
 def gmpo_advantages(
     rewards: chex.Array,
     mask: chex.Array | None = None,
@@ -259,6 +264,7 @@ def gmpo_advantages(
   return _nan_where_invalid(advantages, rewards, valid)
 
 
+@ADVANTAGE_ESTIMATORS.register("power_mean")
 def power_mean_advantages(
     rewards: chex.Array,
     mask: chex.Array | None = None,
@@ -341,6 +347,7 @@ def power_mean_advantages(
   return _nan_where_invalid(advantages, rewards, valid)
 
 
+@ADVANTAGE_ESTIMATORS.register("grpo")
 def grpo_advantages(
     rewards: chex.Array,
     mask: chex.Array | None = None,
@@ -377,6 +384,7 @@ def grpo_advantages(
   return _nan_where_invalid(advantages, rewards, valid)
 
 
+@ADVANTAGE_ESTIMATORS.register("dr_grpo")
 def dr_grpo_advantages(rewards: chex.Array, mask: chex.Array | None = None) -> jax.Array:
   """Dr.GRPO: A_i = R_i - mean_j R_j (no division by the standard deviation).
 
@@ -393,6 +401,7 @@ def dr_grpo_advantages(rewards: chex.Array, mask: chex.Array | None = None) -> j
   return grpo_advantages(rewards, mask, normalize=False)
 
 
+@ADVANTAGE_ESTIMATORS.register("rloo")
 def rloo_advantages(rewards: chex.Array, mask: chex.Array | None = None) -> jax.Array:
   """RLOO: A_i = R_i - mean_{j != i, valid} R_j = n / (n - 1) · (R_i - mean_j R_j).
 
@@ -421,6 +430,7 @@ def rloo_advantages(rewards: chex.Array, mask: chex.Array | None = None) -> jax.
   return _nan_where_invalid(advantages, rewards, valid)
 
 
+@ADVANTAGE_ESTIMATORS.register("maxrl")
 def maxrl_advantages(
     rewards: chex.Array, mask: chex.Array | None = None, *, eps: float = 1e-6
 ) -> jax.Array:
@@ -462,6 +472,7 @@ def maxrl_advantages(
   return _nan_where_invalid(advantages, rewards, valid, outside_domain=values < 0)
 
 
+@ADVANTAGE_ESTIMATORS.register("batch_std")
 def batch_std_advantages(
     rewards: chex.Array, mask: chex.Array | None = None, *, eps: float = 1e-6
 ) -> jax.Array:
@@ -497,17 +508,7 @@ def batch_std_advantages(
   return _nan_where_invalid(advantages, rewards, valid, whole_batch=True)
 
 
-ADVANTAGE_ESTIMATORS: Mapping[str, Callable[..., jax.Array]] = types.MappingProxyType(
-    {
-        "grpo": grpo_advantages,
-        "gmpo": gmpo_advantages,
-        "dr_grpo": dr_grpo_advantages,
-        "rloo": rloo_advantages,
-        "batch_std": batch_std_advantages,
-        "power_mean": power_mean_advantages,
-        "maxrl": maxrl_advantages,
-    }
-)
+ADVANTAGE_ESTIMATORS.freeze()  # read-only from here on
 
 
 def get_advantage_fn(name: str, **hyperparameters) -> Callable[..., jax.Array]:
@@ -526,27 +527,7 @@ def get_advantage_fn(name: str, **hyperparameters) -> Callable[..., jax.Array]:
     ValueError: unknown name, a hyperparameter the estimator does not take, or a
       missing required one (the message lists the valid ones).
   """
-  if name not in ADVANTAGE_ESTIMATORS:
-    raise ValueError(
-        f"Unknown advantage estimator {name!r}; valid names: {sorted(ADVANTAGE_ESTIMATORS)}."
-    )
-  estimator = ADVANTAGE_ESTIMATORS[name]
-  keyword_only = [
-      p for p in inspect.signature(estimator).parameters.values()
-      if p.kind is inspect.Parameter.KEYWORD_ONLY
-  ]
-  accepted = [p.name for p in keyword_only]
-  unknown = sorted(set(hyperparameters) - set(accepted))
-  if unknown:
-    raise ValueError(
-        f"Advantage estimator {name!r} takes no hyperparameter(s) {unknown}; "
-        f"valid: {accepted or 'none'}."
-    )
-  missing = [p.name for p in keyword_only
-             if p.default is inspect.Parameter.empty and p.name not in hyperparameters]
-  if missing:
-    raise ValueError(f"Advantage estimator {name!r} needs hyperparameter(s) {missing}.")
-  return functools.partial(estimator, **hyperparameters)
+  return ADVANTAGE_ESTIMATORS.bind(name, **hyperparameters)
 
 
 def reward_domain(name: str, **hyperparameters) -> str:

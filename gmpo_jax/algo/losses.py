@@ -16,15 +16,14 @@ finite values.
 """
 
 import functools
-import inspect
-import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Final
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gmpo_jax.algo import registry
 from gmpo_jax.algo.aggregation import (
   LossExtras,
   MaskedInputs,
@@ -33,6 +32,14 @@ from gmpo_jax.algo.aggregation import (
   row_count,
 )
 from gmpo_jax.algo.kl import MAX_LOG_RATIO
+
+# Per-batch data, not hyperparameters: binding them once would go stale.
+_PER_BATCH_ARGUMENTS: Final[frozenset[str]] = frozenset(
+    {'ref_logp', 'num_sequences', 'num_tokens', 'token_weights'})
+
+# Filled by `@POLICY_LOSSES.register(name)` below; frozen after the last objective.
+POLICY_LOSSES: Final[registry.Registry[Callable[..., tuple[jax.Array, LossExtras]]]] = (
+    registry.Registry('policy loss', per_call=_PER_BATCH_ARGUMENTS))
 
 CLIP_MODES: Final[tuple[str, ...]] = ('token', 'sequence', 'sequence_mean', 'none')
 
@@ -47,6 +54,7 @@ def _check_epsilons(epsilon_low, epsilon_high, *, ratio_space: bool) -> None:
         f'epsilon_high={epsilon_high}.')
 
 
+@POLICY_LOSSES.register('token_clip')
 @policy_objective(loss_agg_mode='token-mean')
 def token_clip_loss(
     inputs: MaskedInputs,
@@ -142,6 +150,7 @@ def _log_power_mean(x, valid, lengths, *, p: float):
   return (pc + jnp.log1p(jnp.sum(terms, axis=-1) / denominator)) / p
 
 
+@POLICY_LOSSES.register('geometric')
 @policy_objective(loss_agg_mode='seq-mean-token-mean')
 def geometric_mean_loss(
     inputs: MaskedInputs,
@@ -186,6 +195,7 @@ def geometric_mean_loss(
                                epsilon_high=epsilon_high, clip_mode=clip_mode)
 
 
+@POLICY_LOSSES.register('power_mean')
 @policy_objective(loss_agg_mode='seq-mean-token-mean')
 def power_mean_loss(
     inputs: MaskedInputs,
@@ -292,6 +302,7 @@ def power_mean_loss(
   return ObjectiveTerms(low_counts, high_counts, sequence_losses=sequence_loss)
 
 
+@POLICY_LOSSES.register('gspo')
 @policy_objective(loss_agg_mode='seq-mean-token-mean')
 def gspo_loss(
     inputs: MaskedInputs,
@@ -336,17 +347,7 @@ def gspo_loss(
   return ObjectiveTerms(low_counts, high_counts, sequence_losses=sequence_loss)
 
 
-POLICY_LOSSES: Final[Mapping[str, Callable[..., tuple[jax.Array, LossExtras]]]] = (
-    types.MappingProxyType({
-        'token_clip': token_clip_loss,
-        'geometric': geometric_mean_loss,
-        'gspo': gspo_loss,
-        'power_mean': power_mean_loss,
-    }))
-
-# Per-batch data, not hyperparameters: binding them once would go stale.
-_PER_BATCH_ARGUMENTS: Final[frozenset[str]] = frozenset(
-    {'ref_logp', 'num_sequences', 'num_tokens', 'token_weights'})
+POLICY_LOSSES.freeze()  # read-only from here on
 
 
 def get_policy_loss(
@@ -370,24 +371,4 @@ def get_policy_loss(
     ValueError: unknown name or hyperparameter, or a missing required one (the
       message lists the valid ones).
   """
-  if name not in POLICY_LOSSES:
-    raise ValueError(
-        f'Unknown policy loss {name!r}; valid: {", ".join(POLICY_LOSSES)}.')
-  fn = POLICY_LOSSES[name]
-  options = [
-      p for p in inspect.signature(fn).parameters.values()
-      if p.kind is inspect.Parameter.KEYWORD_ONLY
-      and p.name not in _PER_BATCH_ARGUMENTS
-  ]
-  allowed = [p.name for p in options]
-  unknown = sorted(set(hyperparameters) - set(allowed))
-  if unknown:
-    raise ValueError(
-        f'Unknown hyperparameter(s) {", ".join(unknown)} for policy loss '
-        f'{name!r}; valid: {", ".join(allowed)}.')
-  missing = [p.name for p in options
-             if p.default is inspect.Parameter.empty and p.name not in hyperparameters]
-  if missing:
-    raise ValueError(
-        f'Policy loss {name!r} needs hyperparameter(s) {", ".join(missing)}.')
-  return functools.partial(fn, **hyperparameters)
+  return POLICY_LOSSES.bind(name, **hyperparameters)
