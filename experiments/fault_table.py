@@ -729,7 +729,7 @@ the manifest when the save finishes (next `save`, `wait_until_finished`, `close`
 killed between the commit and that point leaves a step whose manifest lacks them ("unsealed"
 below): the first is then only checked to be a JSON object and the second to exist, so a flip of
 a digit inside the commit timestamp goes unnoticed there; nothing in either file is used to
-restore (tests/test_checkpointing.py checks that such a step still restores exactly). The last
+restore (tests/infra/test_checkpointing.py checks that such a step still restores exactly). The last
 sections run the real runner: damage to the step a run resumes from, kill -9 and SIGTERM in each
 phase, workdirs it must refuse, and a long run's memory.
 """

@@ -61,7 +61,7 @@ class Objective:
 # and p = 0 the log baseline, so only the interior and negative points are new
 # rows; `run.advantage_checks` verifies the two ends. MaxRL (Tajwar et al. 2026,
 # arXiv 2602.02710) divides R - mean by the mean: it needs R >= 0, which every
-# study environment satisfies (tests/test_reward_study.py checks it).
+# study environment satisfies (tests/experiments/test_reward_study.py checks it).
 METHODS: Final[tuple[Method, ...]] = (
     Method('GRPO', 'grpo'),
     Method('Dr.GRPO', 'dr_grpo'),

@@ -127,7 +127,7 @@ def reward_diagnostics(
 # of the reward study, B = 64, G = 8, the environments where the log-reward baseline helps
 # give 0.9-1.8 (lognormal 1.05-1.29, pareto 0.87-1.27; also kelly 1.3-1.8, product
 # 1.2-1.5), the light-tailed ones 8.5-11.7 (uniform, multiscale); counts (2.7-4.3) and
-# binary have zeros and stop at rule 2. tests/test_reward_shape.py checks lognormal, pareto,
+# binary have zeros and stop at rule 2. tests/algo/test_reward_shape.py checks lognormal, pareto,
 # uniform and multiscale.
 HEAVY_TAIL_INDEX = 3.0
 # Above this fraction of groups without spread the reason suggests dynamic sampling.

@@ -94,7 +94,6 @@ def causal_padding_mask(key_mask: jax.Array, num_queries: int,
 def dense_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
     precision: jax.lax.Precision = jax.lax.Precision.DEFAULT,
-    kv_heads_major: bool = False,
 ) -> jax.Array:
   """softmax(q kᵀ / sqrt(head_dim) masked) v, each query head reading key head h // (H/K).
 
@@ -104,12 +103,10 @@ def dense_attention(
 
   Args:
     q: [B, T, H, head_dim] queries.
-    k: [B, S, K, head_dim] keys, H % K == 0; [B, K, S, head_dim] with kv_heads_major.
+    k: [B, S, K, head_dim] keys, H % K == 0.
     v: values, shaped as k.
     mask: [B, T, S] bool, True where query t may attend to key s (any pattern).
     precision: matmul precision of both products.
-    kv_heads_major: k and v are [B, K, S, head_dim], the KV cache's order, which both
-      products contract without a transposed copy.
 
   Returns:
     [B, T, H, head_dim] in q's dtype. A query row with no True in its mask attends
@@ -117,22 +114,84 @@ def dense_attention(
   """
   chex.assert_rank([q, k, v, mask], [4, 4, 4, 3])
   chex.assert_equal_shape([k, v])
+  grouped = _group_queries(q, k.shape[2])
+  chex.assert_shape(mask, (q.shape[0], q.shape[1], k.shape[1]))
+  probs = _masked_softmax(_scores(grouped, k, "bskd", precision), mask)
+  return _ungroup(_weighted_values(probs, v, "bskd", precision), q)
+
+
+def cached_dense_attention(
+    q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, cache_mask: jax.Array,
+    k: jax.Array, v: jax.Array, chunk_mask: jax.Array, *,
+    precision: jax.lax.Precision = jax.lax.Precision.DEFAULT,
+) -> jax.Array:
+  """`dense_attention` over a read-only KV cache followed by the chunk's own keys.
+
+  The softmax runs over the concatenation [cache slots ; chunk keys]; only the [.., S + T]
+  scores are concatenated, never the keys: the cache is read in place (from a layer
+  scan's slice) and written after the layers, so a decode step neither copies nor
+  re-lays-out the cache (a cache carried through the layer scan and updated there made the
+  TPU compiler keep it in a write-friendly layout and copy every layer's slice at every
+  step).
+
+  Args:
+    q: [B, T, H, head_dim] queries of the chunk.
+    cache_k: [B, K, S, head_dim] the cache's keys before this chunk (kv heads major).
+    cache_v: values, shaped as cache_k.
+    cache_mask: [B, T, S] bool, True where query t may attend to cache slot s (slots the
+      chunk is about to overwrite must be False).
+    k: [B, T, K, head_dim] the chunk's keys; v: its values.
+    chunk_mask: [B, T, T] bool, True where query t may attend to chunk key t'.
+    precision: matmul precision of the products.
+
+  Returns:
+    [B, T, H, head_dim] in q's dtype; equal to `dense_attention` over the cache with the
+    chunk written into it, up to the order of the floating-point sums.
+  """
+  chex.assert_rank([q, cache_k, cache_v, cache_mask, k, v, chunk_mask], [4, 4, 4, 3, 4, 4, 3])
+  chex.assert_equal_shape([cache_k, cache_v])
+  chex.assert_equal_shape([k, v])
+  batch, length = q.shape[:2]
+  chex.assert_shape(cache_mask, (batch, length, cache_k.shape[2]))
+  chex.assert_shape(chunk_mask, (batch, length, length))
+  grouped = _group_queries(q, cache_k.shape[1])
+  scores = jnp.concatenate([_scores(grouped, cache_k, "bksd", precision),
+                            _scores(grouped, k, "bskd", precision)], axis=-1)
+  probs = _masked_softmax(scores, jnp.concatenate([cache_mask, chunk_mask], axis=-1))
+  num_slots = cache_k.shape[2]
+  out = (_weighted_values(probs[..., :num_slots], cache_v, "bksd", precision)
+         + _weighted_values(probs[..., num_slots:], v, "bskd", precision))
+  return _ungroup(out, q)
+
+
+def _group_queries(q, num_kv_heads):
+  """[B, T, H, head_dim] -> [B, T, K, G, head_dim]: query head h reads key head h // G."""
   batch, length, num_heads, head_dim = q.shape
-  kv = "bksd" if kv_heads_major else "bskd"
-  num_kv_heads, num_keys = (k.shape[1], k.shape[2]) if kv_heads_major else k.shape[2:0:-1]
   if num_heads % num_kv_heads:
     raise ValueError(f"{num_heads} query heads is not a multiple of {num_kv_heads} kv heads.")
-  chex.assert_shape(mask, (batch, length, num_keys))
-  q = q.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
-  acc = _accumulation_dtype(q)
-  scores = jnp.einsum(f"btkgd,{kv}->bkgts", q, k, precision=precision,
-                      preferred_element_type=acc)
-  scores = scores * (head_dim**-0.5)
-  scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum(f"bkgts,{kv}->btkgd", probs.astype(v.dtype), v, precision=precision,
-                   preferred_element_type=acc)
-  return out.reshape(batch, length, num_heads, head_dim).astype(q.dtype)
+  return q.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
+
+
+def _ungroup(out, q):
+  return out.reshape(q.shape).astype(q.dtype)
+
+
+def _scores(grouped, k, kv, precision):
+  """[B, K, G, T, S] scaled scores in the accumulation dtype; `kv` is k's einsum layout."""
+  scores = jnp.einsum(f"btkgd,{kv}->bkgts", grouped, k, precision=precision,
+                      preferred_element_type=_accumulation_dtype(grouped))
+  return scores * (grouped.shape[-1]**-0.5)
+
+
+def _masked_softmax(scores, mask):
+  """Softmax over the keys of [B, K, G, T, S] scores where the [B, T, S] mask allows."""
+  return jax.nn.softmax(jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE), axis=-1)
+
+
+def _weighted_values(probs, v, kv, precision):
+  """[B, T, K, G, head_dim]: probabilities (cast to v's dtype) times values."""
+  return jnp.einsum(f"bkgts,{kv}->btkgd", probs.astype(v.dtype), v, precision=precision,
+                    preferred_element_type=_accumulation_dtype(probs))
 
 
 # ----------------------------------------------------------------------------------------
@@ -560,7 +619,6 @@ def causal_attention(
     block_size: int = DEFAULT_BLOCK_SIZE,
     precision: jax.lax.Precision = jax.lax.Precision.DEFAULT,
     dense_mask: jax.Array | None = None,
-    kv_heads_major: bool = False,
 ) -> jax.Array:
   """Causal padded GQA attention with a resolved kernel (see `resolve_impl`).
 
@@ -573,7 +631,6 @@ def causal_attention(
     precision: matmul precision ('xla', 'blockwise').
     dense_mask: [B, T, S] `causal_padding_mask(key_mask, T, query_offset)` for 'xla', when
       the caller shares one across layers; built here otherwise.
-    kv_heads_major: k and v are [B, K, S, head_dim] (a KV cache's order); 'xla' only.
 
   Returns:
     [B, T, H, head_dim] in q's dtype.
@@ -581,10 +638,7 @@ def causal_attention(
   if impl == "xla":
     if dense_mask is None:
       dense_mask = causal_padding_mask(key_mask, q.shape[1], query_offset)
-    return dense_attention(q, k, v, dense_mask, precision=precision,
-                           kv_heads_major=kv_heads_major)
-  if kv_heads_major:
-    raise ValueError(f"kv_heads_major applies to the 'xla' kernel, not {impl!r}.")
+    return dense_attention(q, k, v, dense_mask, precision=precision)
   if impl == "blockwise":
     return blockwise_attention(q, k, v, key_mask, query_offset=query_offset,
                                block_size=block_size, precision=precision)
@@ -598,5 +652,6 @@ def causal_attention(
 __all__ = [
     "CPU_BLOCK_SIZE", "DEFAULT_BLOCK_SIZE", "IMPLEMENTATIONS", "MASK_VALUE",
     "blockwise_attention", "causal_attention", "causal_padding_mask", "cudnn_attention",
-    "default_block_size", "dense_attention", "resolve_impl", "splash_attention",
+    "cached_dense_attention", "default_block_size", "dense_attention", "resolve_impl",
+    "splash_attention",
 ]

@@ -4,7 +4,7 @@ The inverse of `gmpo_jax.models.hf_import`: the same tensor names, shapes and ta
 (`hf_import.hf_tensor_targets`), each parameter turned back into PyTorch's ``nn.Linear``
 [out, in] layout, so that ``load_hf_checkpoint`` of an export gives back the exported
 parameters bit for bit and ``transformers.AutoModelForCausalLM`` computes the same logits
-(tests/test_hf_export.py). The family follows from the config: q/k/v biases are Qwen2, per-head
+(tests/models/test_hf_export.py). The family follows from the config: q/k/v biases are Qwen2, per-head
 q/k RMSNorm is Qwen3, neither is Llama.
 
 An export directory holds::

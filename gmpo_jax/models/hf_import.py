@@ -175,7 +175,7 @@ def load_hf_checkpoint(
 
   Returns:
     (model, config). Weights are converted with [out, in] → [in, out] transposes; the
-    model reproduces the Hugging Face logits (tests/test_hf_import.py).
+    model reproduces the Hugging Face logits (tests/models/test_hf_import.py).
 
   Raises:
     FileNotFoundError: config.json, the weights or a shard is missing (the path is named).

@@ -12,7 +12,7 @@ scale · (x·A)·B with A [in..., r] flattened and transposed, B [r, out...] lik
 axes flatten in the order the Hugging Face weights use (`hf_import.hf_tensor_targets`). Loaded
 with ``peft.PeftModel.from_pretrained`` onto the base (the checkpoint the run started from, or
 `hf_export.export_hf` of the base), it computes the adapted policy's logits
-(tests/test_lora.py). For a single merged checkpoint, export `lora.merge_adapters(model)` with
+(tests/models/test_lora.py). For a single merged checkpoint, export `lora.merge_adapters(model)` with
 `hf_export.export_hf` instead.
 """
 

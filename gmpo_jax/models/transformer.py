@@ -786,50 +786,64 @@ class Transformer(nnx.Module):
     backend = target_platform()
     impl = attention_lib.resolve_impl(config.attention_impl, backend=backend, dtype=config.dtype,
                                       num_queries=length, cached=cache is not None)
-    # The dense kernel's [B, T, S] mask is built once and shared by the layers.
-    dense_mask = (attention_lib.causal_padding_mask(attended_mask, length, offset)
-                  if impl == "xla" else None)
     attend = functools.partial(
         attention_lib.causal_attention, key_mask=attended_mask, impl=impl, query_offset=offset,
         block_size=config.attention_block_size or attention_lib.default_block_size(backend),
-        precision=config.matmul_precision,
-        dense_mask=dense_mask)
-    # The dense kernel reads the cache's [B, K, S, head_dim] slices in place; the blockwise
-    # kernel of a prefill takes [B, S, K, head_dim] (one transposed copy per layer per prefill).
-    kv_heads_major = impl == "xla"
+        precision=config.matmul_precision)
+    # The dense kernel's masks are built once and shared by the layers.
+    if impl != "xla":
+      dense_masks = None
+    elif cache is None:
+      dense_masks = attention_lib.causal_padding_mask(attended_mask, length)
+    else:
+      # Over the cache: its slots before the chunk; over the chunk: causal and padded.
+      before_chunk = jnp.arange(read_slots) < index
+      dense_masks = (attention_lib.causal_padding_mask(attended_mask, length, offset)
+                     & before_chunk, attention_lib.causal_padding_mask(key_mask, length))
 
     graphdef, block_state = nnx.split(self.blocks)
 
-    def layer(carry, xs):
-      h, all_k, all_v = carry
-      h = constrain_to_batch_axes(h)
+    def layer(h, xs):
+      # With a cache, the layer reads its [B, K, S, head_dim] slices of the stacked cache in
+      # place (a slice the dot fuses, not a scanned-over copy); the chunk's keys and values
+      # leave as the scan's outputs and are written after it.
       state, layer_index = xs
+      h = constrain_to_batch_axes(h)
       block = nnx.merge(graphdef, state)
       q, k, v = block.attn.qkv(block.attn_norm(h), positions, inv_freq)
-      if all_k is None:
-        attended = attend(q, k, v)
+      if cache is None:
+        attended = attend(q, k, v, dense_mask=dense_masks)
+        written = None
       else:
-        start = (layer_index, 0, 0, index, 0)
-        all_k, all_v = (
-            jax.lax.dynamic_update_slice(
-                stacked, jnp.swapaxes(new, 1, 2).astype(stacked.dtype)[None], start)
-            for stacked, new in ((all_k, k), (all_v, v)))
-        k, v = (stacked[layer_index, :, :, :read_slots].astype(q.dtype)
-                for stacked in (all_k, all_v))
-        if not kv_heads_major:
-          k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
-        attended = attend(q, k, v, kv_heads_major=kv_heads_major)
+        cached_k, cached_v = (stacked[layer_index, :, :, :read_slots].astype(q.dtype)
+                              for stacked in (layers_k, layers_v))
+        if impl == "xla":
+          attended = attention_lib.cached_dense_attention(
+              q, cached_k, cached_v, dense_masks[0], k, v, dense_masks[1],
+              precision=config.matmul_precision)
+        else:
+          # A prefill kernel takes all keys in one array: the chunk written into a copy of
+          # the layer's slice, slot-major (one copy per layer per prefill).
+          k_all, v_all = (
+              jnp.swapaxes(jax.lax.dynamic_update_slice(
+                  cached, jnp.swapaxes(new, 1, 2), (0, 0, index, 0)), 1, 2)
+              for cached, new in ((cached_k, k), (cached_v, v)))
+          attended = attend(q, k_all, v_all)
+        written = tuple(jnp.swapaxes(new, 1, 2).astype(cache.k.dtype) for new in (k, v))
       h = h + block.attn.output(attended)
       h = h + block.mlp(block.mlp_norm(h))
-      return (h, all_k, all_v), None
+      return h, written
 
     layer = remat_layer(layer, config.remat)
     # Unrolling pays in the backward pass; on the CPU an unrolled decode ran 1.18x slower.
     unroll = config.layer_unroll or (1 if cache is not None
                                      else default_layer_unroll(backend, config.num_layers))
-    (x, layers_k, layers_v), _ = jax.lax.scan(
-        layer, (x, layers_k, layers_v), (block_state, jnp.arange(config.num_layers)),
-        unroll=min(unroll, config.num_layers))
+    x, written = jax.lax.scan(layer, x, (block_state, jnp.arange(config.num_layers)),
+                              unroll=min(unroll, config.num_layers))
+    if cache is not None:
+      # One write of every layer's chunk: [L, B, K, T, head_dim] at slot `index`.
+      layers_k, layers_v = (jax.lax.dynamic_update_slice(stacked, new, (0, 0, 0, index, 0))
+                            for stacked, new in ((layers_k, written[0]), (layers_v, written[1])))
     hidden = self.final_norm(x)
     if cache is None:
       return hidden, None

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.experimental.layout import Format, Layout
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -411,7 +412,10 @@ def decode_program(config: ExperimentConfig, policy: AbstractPolicy, mesh: jax.s
           jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=row),
           jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=row),
           jax.ShapeDtypeStruct((rows,), bool, sharding=row), _key(mesh))
-  cache_shardings = jax.tree.map(lambda x: x.sharding, cache)
+  # The sampler's cache lives inside its one jitted program (`sampling._generate_bucketed`), where the
+  # compiler lays it out; AUTO lets it choose here too, not the default row-major layout a
+  # program boundary would impose (for 64-wide heads it keeps the cache slot-minor).
+  cache_shardings = jax.tree.map(lambda x: Format(Layout.AUTO, x.sharding), cache)
   jitted = jax.jit(decode, donate_argnums=(1,),
                    in_shardings=(policy.sampler_shardings, cache_shardings, row, row, row,
                                  replicated),

@@ -16,9 +16,7 @@ the run's mesh and reads what the compiler says of each:
     count, so every loop is costed per iteration from variants compiled beside the real
     program, the same program (same rows, T, mesh, shardings) with one knob changed:
       - layers (a `lax.scan` over L): variants with 1 and 2 layers, unrolled, so no layer loop;
-        X(L) = X(1) + (L - 1)(X(2) - X(1)). Few layers also keep the cost model from pricing
-        a cache update (`dynamic_update_slice` of the stacked [L, B, K, S, hd] cache) as a
-        read and write of all L layers' cache, which it does inside the real layer loop;
+        X(L) = X(1) + (L - 1)(X(2) - X(1));
       - decode windows (the sampler's decode loop reads the first w cache slots, w growing
         window by window, `sampling.read_windows`): a step's cost is affine in w, so the
         variants read the mean window over the rollout's steps (`mean_decode_window`);

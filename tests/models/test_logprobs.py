@@ -2,7 +2,6 @@
 reference (values and finite-difference gradients), the memory bound, and sequence alignment
 on the real Transformer."""
 
-import dataclasses
 import functools
 
 import jax
@@ -10,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from model_fixtures import CONTEXT_CONFIG as _CONFIG
+from model_fixtures import context_model as _model
+from model_fixtures import full_logits as _full_logits
 
 from gmpo_jax.models import logprobs as lp
-from gmpo_jax.models import transformer as tfm
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -222,34 +223,10 @@ def test_positions_from_mask():
       lp.positions_from_mask(mask), [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2], [0, 0, 1, 2, 2]])
 
 
-# A small model with random weights large enough that its predictions depend on the context.
-_CONFIG = dataclasses.replace(tfm.TransformerConfig.from_name('tiny'), vocab_size=50,
-                              tie_word_embeddings=False)
-
-
-@functools.cache
-def _model():
-  # Built abstractly and filled from NumPy: constructing it eagerly costs seconds of op
-  # compilation on a CPU. Weights of scale 0.15 make predictions depend on the context.
-  model = nnx.eval_shape(lambda: tfm.Transformer(_CONFIG, rngs=nnx.Rngs(0)))
-  rng = np.random.default_rng(1)
-  nnx.update(model, jax.tree.map(
-      lambda x: jnp.asarray(0.15 * rng.standard_normal(x.shape) if len(x.shape) > 1
-                            else 1.0 + 0.2 * rng.standard_normal(x.shape), x.dtype),
-      nnx.state(model, nnx.Param)))
-  return model
-
-
 @nnx.jit(static_argnames=('temperature', 'with_entropy'))
 def _sequence_logprobs(model, tokens, key_mask, temperature, with_entropy):
   return lp.sequence_logprobs(model, tokens, lp.positions_from_mask(key_mask), key_mask,
                               chunk_size=4, temperature=temperature, with_entropy=with_entropy)
-
-
-@nnx.jit
-def _full_logits(model, tokens, key_mask):
-  hidden, _ = model(tokens, lp.positions_from_mask(key_mask), key_mask=key_mask)
-  return model.logits(hidden)
 
 
 class TestSequenceLogprobs:

@@ -18,7 +18,7 @@ import pytest
 from gmpo_jax.infra import workdir_lock
 from gmpo_jax.infra.workdir_lock import Holder, WorkdirInUseError, WorkdirLock
 
-_REPO = pathlib.Path(__file__).resolve().parents[1]
+_REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _record(workdir: pathlib.Path) -> Holder | None:

@@ -12,7 +12,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from test_learner import N, T, _sequences
+from learner_fixtures import N, T
+from learner_fixtures import sequences as _sequences
 
 from configs import smoke
 from gmpo_jax import export

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import scipy.stats
 from flax import nnx
-from test_logprobs import _CONFIG, _full_logits, _model
+from model_fixtures import CONTEXT_CONFIG as _CONFIG
+from model_fixtures import context_model as _model
+from model_fixtures import full_logits as _full_logits
 
 from gmpo_jax.models.logprobs import positions_from_mask
 from gmpo_jax.rollout import sampling

@@ -42,7 +42,7 @@ from gmpo_jax.models.transformer import (
 )
 from gmpo_jax.runner import build  # noqa: E402
 
-_REPO = pathlib.Path(__file__).resolve().parents[1]
+_REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _trained_policy(family, tmp_path):

@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from test_logprobs import _CONFIG, _model
+from model_fixtures import CONTEXT_CONFIG as _CONFIG
+from model_fixtures import context_model as _model
 
 from gmpo_jax.rollout import sampling
 

@@ -90,7 +90,7 @@ def _plan(tmp_path, *flags):
       [sys.executable, "-m", "gmpo_jax.plan", "--config=configs/smoke.py",
        "--topology=v5e:2x2", "--prompt_length=16", f"--json={path}", *flags],
       capture_output=True, text=True, env=env, timeout=600, check=False,
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+      cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
   plan = json.loads(path.read_text()) if path.exists() else None
   return result.returncode, result.stdout, result.stderr, plan
 

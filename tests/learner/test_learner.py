@@ -8,35 +8,19 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from learner_fixtures import CONFIG, N, T
+from learner_fixtures import sequences as _sequences
 
 from gmpo_jax.algo import importance
 from gmpo_jax.config import AlgorithmConfig
 from gmpo_jax.learner import update as learner
-from gmpo_jax.models.logprobs import positions_from_mask, sequence_logprobs
-from gmpo_jax.models.transformer import Transformer, TransformerConfig
+from gmpo_jax.models.logprobs import sequence_logprobs
+from gmpo_jax.models.transformer import Transformer
 from gmpo_jax.runner import build
-
-CONFIG = TransformerConfig.from_name("tiny")
-N, T = 8, 10
 
 
 def _model():
   return nnx.split(Transformer(CONFIG, rngs=nnx.Rngs(0)))
-
-
-def _sequences(seed):
-  rng = np.random.default_rng(seed)
-  tokens = rng.integers(0, CONFIG.vocab_size, (N, T)).astype(np.int32)
-  prompt = rng.integers(2, 5, N)
-  length = prompt + rng.integers(1, T - 4, N)
-  cols = np.arange(T)[None]
-  key_mask = cols < length[:, None]
-  loss_mask = key_mask & (cols >= prompt[:, None])
-  old = np.where(loss_mask, rng.normal(-4.0, 0.3, (N, T)), 0.0).astype(np.float32)
-  return learner.Batch(
-      tokens=jnp.asarray(tokens), positions=positions_from_mask(jnp.asarray(key_mask)),
-      key_mask=jnp.asarray(key_mask), loss_mask=jnp.asarray(loss_mask), old_logp=jnp.asarray(old),
-      ref_logp=jnp.asarray(old + 0.1), advantages=jnp.asarray(rng.normal(size=N), jnp.float32))
 
 
 def _split(batch, m):

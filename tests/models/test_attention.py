@@ -95,19 +95,25 @@ class TestBlockwiseMatchesDense:
     np.testing.assert_allclose(blockwise(q, k, v, jnp.int32(offset)),
                                _dense(q, k, v, key_mask, offset), atol=1e-5, rtol=1e-5)
 
-  def test_kv_cache_order_gives_the_same_values(self):
-    """The decode kernel reads a KV cache's [B, K, S, hd] in place: same values, one query."""
+  @pytest.mark.parametrize("length", [1, 5])
+  def test_cached_kernel_equals_dense_over_the_written_cache(self, length):
+    """Cache slots before the chunk ([B, K, S, hd], read in place) then the chunk's own keys:
+    the values of dense attention over the cache with the chunk written into it."""
     rng = np.random.default_rng(2)
-    q, k, v = _inputs(rng, 3, 1, 6, 2, 8, keys=21)
-    key_mask = jnp.asarray(rng.random((3, 21)) < 0.7).at[:, 0].set(True)
-    mask = attn.causal_padding_mask(key_mask, 1, 17)
+    batch, slots, offset = 3, 21, 11
+    q, k, v = _inputs(rng, batch, length, 6, 2, 8, keys=slots)
+    key_mask = jnp.asarray(rng.random((batch, slots)) < 0.7).at[:, offset].set(True)
+    mask = attn.causal_padding_mask(key_mask, length, offset)
     want = attn.dense_attention(q, k, v, mask, precision=HIGHEST)
-    heads_major = [jnp.swapaxes(x, 1, 2) for x in (k, v)]
-    got = attn.causal_attention(q, *heads_major, key_mask, impl="xla", query_offset=17,
-                                precision=HIGHEST, kv_heads_major=True)
+    # The cache holds garbage where the chunk will be written: it must not be read.
+    chunk = slice(offset, offset + length)
+    stale = [x.at[:, chunk].set(1e3) for x in (k, v)]
+    cache_k, cache_v = (jnp.swapaxes(x, 1, 2) for x in stale)
+    before_chunk = jnp.arange(slots) < offset
+    got = jax.jit(functools.partial(attn.cached_dense_attention, precision=HIGHEST))(
+        q, cache_k, cache_v, mask & before_chunk, k[:, chunk], v[:, chunk],
+        attn.causal_padding_mask(key_mask[:, chunk], length))
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="kv_heads_major applies to the 'xla' kernel"):
-      attn.causal_attention(q, *heads_major, key_mask, impl="blockwise", kv_heads_major=True)
 
   def test_bfloat16_is_close_and_keeps_dtype(self):
     rng = np.random.default_rng(2)
