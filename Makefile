@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MULTIDEVICE_FLAGS := XLA_FLAGS=--xla_force_host_platform_device_count=8
 
-.PHONY: venv train test test-fast bench clean
+.PHONY: venv train test format clean
 
 # Two stamps: `make train` installs only what a run imports; `make test` adds the test and
 # parity extras (pytest, torch, transformers) on top.
@@ -32,6 +32,13 @@ train: venv
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -n 2 --ignore=tests/multidevice
 	$(MULTIDEVICE_FLAGS) $(PY) -m pytest -q tests/multidevice
+
+# pyink (configured in pyproject.toml) over the tree, then ruff's lint rules.
+FORMATTED := gmpo_jax tests experiments configs benchmarks
+format: $(VENV)/.installed
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pyink $(FORMATTED)
+	$(VENV)/bin/ruff check $(FORMATTED)
 
 clean:
 	rm -rf $(VENV) workdirs

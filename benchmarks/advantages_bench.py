@@ -64,7 +64,7 @@ def top_level_fusions(jitted: Callable[..., jax.Array], *args: jax.Array) -> str
   """The compiled program's top-level kernels as 'shape:kind', to see what XLA fused."""
   text = jitted.lower(*args).compile().as_text()
   kernels = []
-  for line in text[text.index("ENTRY"):].splitlines()[1:]:
+  for line in text[text.index("ENTRY") :].splitlines()[1:]:
     match = re.match(r"\s*(?:ROOT )?%\S+ = (\S+?)(?:\{[^}]*\})? (?:fusion|custom-call)\(", line)
     if match:
       kind = re.search(r'"kind":"(\w+)"', line) or re.search(r"kind=(\w+)", line)

@@ -39,10 +39,15 @@ def _parse():
   parser.add_argument("--skip", type=int, default=3, help="leading steps left out (compiles)")
   parser.add_argument("--warm-start-steps", type=int, default=50)
   parser.add_argument("--eval-examples", type=int, default=32)
-  parser.add_argument("--devices", type=int, default=None,
-                      help="simulated CPU devices (ignored on an accelerator)")
-  parser.add_argument("--split", type=int, default=None,
-                      help="sampler devices of the split run (None: no split run)")
+  parser.add_argument(
+      "--devices", type=int, default=None, help="simulated CPU devices (ignored on an accelerator)"
+  )
+  parser.add_argument(
+      "--split",
+      type=int,
+      default=None,
+      help="sampler devices of the split run (None: no split run)",
+  )
   parser.add_argument("--workdir", default=None, help="kept when given; a temporary one if not")
   return parser.parse_args()
 
@@ -50,8 +55,9 @@ def _parse():
 ARGS = _parse()
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 if ARGS.devices:  # must precede JAX's initialisation
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + f" --xla_force_host_platform_device_count={ARGS.devices}").strip()
+  os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={ARGS.devices}"
+  ).strip()
 
 import importlib  # noqa: E402
 
@@ -59,8 +65,8 @@ import jax  # noqa: E402
 
 from gmpo_jax.infra import metrics as metrics_lib  # noqa: E402
 from gmpo_jax.runner import (
-  loop,  # noqa: E402
-  rl_step,  # noqa: E402
+    loop,  # noqa: E402
+    rl_step,  # noqa: E402
 )
 
 
@@ -90,7 +96,7 @@ def _run(root, name, staleness, devices=None):
 
 
 def _timing(records):
-  timed = records[ARGS.skip:]
+  timed = records[ARGS.skip :]
   median = lambda key: statistics.median(r[key] for r in timed)
   sampler = statistics.median(r["time/rollout"] + r["time/reward"] for r in timed)
   wait = sum(r["time/wait_rollout"] for r in timed) / sum(r["time/step"] for r in timed)
@@ -114,24 +120,32 @@ def _largest_difference(got, want):
 
 def main():
   root = pathlib.Path(ARGS.workdir or tempfile.mkdtemp(prefix="async_bench_"))
-  print(f"# async_bench {' '.join(sys.argv[1:])}: {time.strftime('%Y-%m-%d %H:%M')}, "
-        f"{jax.device_count()} x {jax.devices()[0].platform}, load {os.getloadavg()[0]:.1f}")
+  print(
+      f"# async_bench {' '.join(sys.argv[1:])}: {time.strftime('%Y-%m-%d %H:%M')}, "
+      f"{jax.device_count()} x {jax.devices()[0].platform}, load {os.getloadavg()[0]:.1f}"
+  )
   sync, sync_s = _run(root, "k0", 0)
   async_, async_s = _run(root, "k1", 1)
   t0, t1 = _timing(sync), _timing(async_)
-  print(f"model (k=0): S = {t0['S']:.3f} s, L = {t0['L']:.3f} s; sync S+L = {t0['S'] + t0['L']:.3f} s, "
-        f"async max(S, L) = {max(t0['S'], t0['L']):.3f} s, predicted speedup "
-        f"{(t0['S'] + t0['L']) / max(t0['S'], t0['L']):.2f}x")
-  print(f"measured median time/step: k=0 {t0['step']:.3f} s, k=1 {t1['step']:.3f} s, "
-        f"speedup {t0['step'] / t1['step']:.2f}x")
+  print(
+      f"model (k=0): S = {t0['S']:.3f} s, L = {t0['L']:.3f} s; sync S+L = {t0['S'] + t0['L']:.3f} s, "
+      f"async max(S, L) = {max(t0['S'], t0['L']):.3f} s, predicted speedup "
+      f"{(t0['S'] + t0['L']) / max(t0['S'], t0['L']):.2f}x"
+  )
+  print(
+      f"measured median time/step: k=0 {t0['step']:.3f} s, k=1 {t1['step']:.3f} s, "
+      f"speedup {t0['step'] / t1['step']:.2f}x"
+  )
   print(f"k=1 sampler S = {t1['S']:.3f} s, learner L = {t1['L']:.3f} s (in parallel threads)")
   print(f"learner's wait share: k=0 {t0['wait']:.3f}, k=1 {t1['wait']:.3f}")
   print(f"whole command: k=0 {sync_s:.0f} s, k=1 {async_s:.0f} s")
   if ARGS.split:
     split, _ = _run(root, "k1_split", 1, ARGS.split)
     worst, where = _largest_difference(split, async_)
-    print(f"split {ARGS.split} + {jax.device_count() - ARGS.split} vs shared at k=1: "
-          f"largest relative difference of a non-timing metric {worst:.2e} ({where})")
+    print(
+        f"split {ARGS.split} + {jax.device_count() - ARGS.split} vs shared at k=1: "
+        f"largest relative difference of a non-timing metric {worst:.2e} ({where})"
+    )
   if ARGS.workdir is None:
     shutil.rmtree(root)
 

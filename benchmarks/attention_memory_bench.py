@@ -55,8 +55,7 @@ def _batch(config, batch, length, seed=0):
   # Left padding of up to 1/8 of the row, different per row.
   pads = rng.integers(0, max(length // 8, 1), batch)
   key_mask = np.arange(length)[None, :] >= pads[:, None]
-  return (jnp.asarray(tokens), positions_from_mask(jnp.asarray(key_mask)),
-          jnp.asarray(key_mask))
+  return (jnp.asarray(tokens), positions_from_mask(jnp.asarray(key_mask)), jnp.asarray(key_mask))
 
 
 def measure(config, batch, length, timed, reps):
@@ -81,15 +80,22 @@ def measure(config, batch, length, timed, reps):
 def sweep_blocks(base, batch, lengths, blocks, reps, dense_max, cudnn=False):
   """Median ms of dense and of blockwise at each block size (and of cuDNN), repetitions
   interleaved (one of each program in turn), so load changes hit all programs alike."""
-  print("| T | dense ms | " + " | ".join(f"block {b} ms" for b in blocks)
-        + (" | cudnn ms" if cudnn else "") + " |")
+  print(
+      "| T | dense ms | "
+      + " | ".join(f"block {b} ms" for b in blocks)
+      + (" | cudnn ms" if cudnn else "")
+      + " |"
+  )
   print("|---|---|" + "---|" * (len(blocks) + cudnn))
   for length in lengths:
     programs = {}
-    configs = [("xla", dataclasses.replace(base, attention_impl="xla"))] if (
-        length <= dense_max) else []
-    configs += [(b, dataclasses.replace(base, attention_impl="blockwise", attention_block_size=b))
-                for b in blocks]
+    configs = (
+        [("xla", dataclasses.replace(base, attention_impl="xla"))] if (length <= dense_max) else []
+    )
+    configs += [
+        (b, dataclasses.replace(base, attention_impl="blockwise", attention_block_size=b))
+        for b in blocks
+    ]
     if cudnn:
       configs.append(("cudnn", dataclasses.replace(base, attention_impl="cudnn")))
     for name, config in configs:
@@ -106,8 +112,13 @@ def sweep_blocks(base, batch, lengths, blocks, reps, dense_max, cudnn=False):
         times.append(time.perf_counter() - start)
     median = {name: statistics.median(times) * 1e3 for name, (_, _, times) in programs.items()}
     dense = f"{median['xla']:.1f}" if "xla" in median else "—"
-    print(f"| {length} | {dense} | " + " | ".join(f"{median[b]:.1f}" for b in blocks)
-          + (f" | {median['cudnn']:.1f}" if cudnn else "") + " |", flush=True)
+    print(
+        f"| {length} | {dense} | "
+        + " | ".join(f"{median[b]:.1f}" for b in blocks)
+        + (f" | {median['cudnn']:.1f}" if cudnn else "")
+        + " |",
+        flush=True,
+    )
 
 
 def main(argv=None):
@@ -115,19 +126,41 @@ def main(argv=None):
   parser.add_argument("--config", default="tiny")
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048, 4096, 8192])
-  parser.add_argument("--time", type=int, nargs="*", default=[256, 1024],
-                      help="lengths to time (others: memory only)")
-  parser.add_argument("--run", type=int, nargs="*", default=[8192],
-                      help="lengths at which the blockwise step is also executed once")
+  parser.add_argument(
+      "--time",
+      type=int,
+      nargs="*",
+      default=[256, 1024],
+      help="lengths to time (others: memory only)",
+  )
+  parser.add_argument(
+      "--run",
+      type=int,
+      nargs="*",
+      default=[8192],
+      help="lengths at which the blockwise step is also executed once",
+  )
   parser.add_argument("--reps", type=int, default=5)
   parser.add_argument("--block-size", type=int, default=None)
   parser.add_argument("--dense-max", type=int, default=4096)
-  parser.add_argument("--sweep-blocks", type=int, nargs="*", default=None,
-                      help="instead: time dense and these block sizes at the --time lengths")
-  parser.add_argument("--cudnn", action="store_true",
-                      help="with --sweep-blocks: time the cuDNN kernel too (GPU, 16-bit dtype)")
-  parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                      help="parameters and compute; default the config's")
+  parser.add_argument(
+      "--sweep-blocks",
+      type=int,
+      nargs="*",
+      default=None,
+      help="instead: time dense and these block sizes at the --time lengths",
+  )
+  parser.add_argument(
+      "--cudnn",
+      action="store_true",
+      help="with --sweep-blocks: time the cuDNN kernel too (GPU, 16-bit dtype)",
+  )
+  parser.add_argument(
+      "--dtype",
+      default=None,
+      choices=["float32", "bfloat16"],
+      help="parameters and compute; default the config's",
+  )
   args = parser.parse_args(argv)
 
   base = TransformerConfig.from_name(args.config)
@@ -136,12 +169,15 @@ def main(argv=None):
   if args.block_size is not None:
     base = dataclasses.replace(base, attention_block_size=args.block_size)
   block = base.attention_block_size or default_block_size(jax.default_backend())
-  print(f"# {datetime.date.today()}  jax {jax.__version__}  backend {jax.default_backend()}  "
-        f"{args.config} {base.dtype} B={args.batch} block={block}  "
-        f"argv: {' '.join(sys.argv[1:])}")
+  print(
+      f"# {datetime.date.today()}  jax {jax.__version__}  backend {jax.default_backend()}  "
+      f"{args.config} {base.dtype} B={args.batch} block={block}  "
+      f"argv: {' '.join(sys.argv[1:])}"
+  )
   if args.sweep_blocks:
-    sweep_blocks(base, args.batch, args.time, args.sweep_blocks, args.reps, args.dense_max,
-                 cudnn=args.cudnn)
+    sweep_blocks(
+        base, args.batch, args.time, args.sweep_blocks, args.reps, args.dense_max, cudnn=args.cudnn
+    )
     return
   rows = {}
   for length in args.lengths:
@@ -150,26 +186,33 @@ def main(argv=None):
         continue
       config = dataclasses.replace(base, attention_impl=impl)
       timed = length in args.time or (impl == "blockwise" and length in args.run)
-      rows[impl, length] = measure(config, args.batch, length, timed,
-                                   args.reps if length in args.time else 1)
+      rows[impl, length] = measure(
+          config, args.batch, length, timed, args.reps if length in args.time else 1
+      )
   reference = 1024 if ("blockwise", 1024) in rows else args.lengths[0]
 
   def mib(impl, length):
     return rows[impl, length][0] / MIB if (impl, length) in rows else float("nan")
 
-  print("| T | dense MiB | blockwise MiB | blockwise / dense | dense ÷ dense@{0} | "
-        "blockwise ÷ blockwise@{0} | time blockwise / dense |".format(reference))
+  print(
+      "| T | dense MiB | blockwise MiB | blockwise / dense | dense ÷ dense@{0} | "
+      "blockwise ÷ blockwise@{0} | time blockwise / dense |".format(reference)
+  )
   print("|---|---|---|---|---|---|---|")
   for length in args.lengths:
     dense, blockwise = mib("xla", length), mib("blockwise", length)
     dense_t = rows.get(("xla", length), (0, None))[1]
     block_t = rows.get(("blockwise", length), (0, None))[1]
-    timing = f"{block_t / dense_t:.2f} ({dense_t * 1e3:.0f} ms dense)" if (
-        dense_t and block_t and length in args.time) else (
-            f"ran: {block_t:.1f} s" if block_t else "—")
-    print(f"| {length} | {dense:.1f} | {blockwise:.1f} | {blockwise / dense:.3f} | "
-          f"{dense / mib('xla', reference):.2f} | {blockwise / mib('blockwise', reference):.2f} "
-          f"| {timing} |")
+    timing = (
+        f"{block_t / dense_t:.2f} ({dense_t * 1e3:.0f} ms dense)"
+        if (dense_t and block_t and length in args.time)
+        else (f"ran: {block_t:.1f} s" if block_t else "—")
+    )
+    print(
+        f"| {length} | {dense:.1f} | {blockwise:.1f} | {blockwise / dense:.3f} | "
+        f"{dense / mib('xla', reference):.2f} | {blockwise / mib('blockwise', reference):.2f} "
+        f"| {timing} |"
+    )
 
 
 if __name__ == "__main__":

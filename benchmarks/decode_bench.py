@@ -66,8 +66,9 @@ def _timed(fn, reps):
 
 def _model_and_prompts(name: str, args):
   """A randomly initialised `name` model (graphdef, state) and [batch, prompt_len] prompts."""
-  config = dataclasses.replace(TransformerConfig.from_name(name), dtype=args.dtype,
-                               param_dtype=args.dtype)
+  config = dataclasses.replace(
+      TransformerConfig.from_name(name), dtype=args.dtype, param_dtype=args.dtype
+  )
   model = nnx.jit(lambda: Transformer(config, rngs=nnx.Rngs(0)))()
   graphdef, state = nnx.split(model)
   rng = np.random.default_rng(0)
@@ -80,12 +81,14 @@ def bench(name: str, args) -> dict:
   graphdef, state, prompt, mask = _model_and_prompts(name, args)
   n_new = args.new_tokens
 
-  sampling_config = sampling.SamplingConfig(max_new_tokens=n_new, temperature=0.0,
-                                            batch_multiple=1, min_prompt_bucket=1)
+  sampling_config = sampling.SamplingConfig(
+      max_new_tokens=n_new, temperature=0.0, batch_multiple=1, min_prompt_bucket=1
+  )
 
   def cached():
-    return sampling.generate((graphdef, state), prompt, mask, jax.random.key(0),
-                             config=sampling_config)
+    return sampling.generate(
+        (graphdef, state), prompt, mask, jax.random.key(0), config=sampling_config
+    )
 
   cached_out = cached()  # compile
   cached_s = _timed(cached, args.reps)
@@ -94,7 +97,7 @@ def bench(name: str, args) -> dict:
   lengths = [min(_bucket(args.prompt_len + t, args.bucket), width) for t in range(n_new)]
 
   def run_steps(steps):
-    buffer = jnp.zeros((args.batch, width), jnp.int32).at[:, :args.prompt_len].set(prompt)
+    buffer = jnp.zeros((args.batch, width), jnp.int32).at[:, : args.prompt_len].set(prompt)
     for t in steps:
       buffer = _recompute_step(graphdef, state, buffer, args.prompt_len + t, length=lengths[t])
     return buffer
@@ -103,17 +106,25 @@ def bench(name: str, args) -> dict:
   for t in first_step_of_bucket.values():  # compile every bucket
     jax.block_until_ready(run_steps([t]))
   if args.quick:
-    step_s = {length: _timed(lambda t=t: run_steps([t]), args.reps)
-              for length, t in first_step_of_bucket.items()}
+    step_s = {
+        length: _timed(lambda t=t: run_steps([t]), args.reps)
+        for length, t in first_step_of_bucket.items()
+    }
     recompute_s = sum(step_s[length] for length in lengths)
     agree = 'n/a (quick)'
   else:
     recompute_s = _timed(lambda: run_steps(range(n_new)), args.reps)
-    recomputed = np.asarray(run_steps(range(n_new)))[:, args.prompt_len:args.prompt_len + n_new]
+    recomputed = np.asarray(run_steps(range(n_new)))[:, args.prompt_len : args.prompt_len + n_new]
     agree = f'{np.mean(recomputed == np.asarray(cached_out.completion_tokens)):.3f}'
   tokens = args.batch * n_new
-  return dict(config=name, cached=tokens / cached_s, recompute=tokens / recompute_s,
-              cached_s=cached_s, recompute_s=recompute_s, agree=agree)
+  return dict(
+      config=name,
+      cached=tokens / cached_s,
+      recompute=tokens / recompute_s,
+      cached_s=cached_s,
+      recompute_s=recompute_s,
+      agree=agree,
+  )
 
 
 def bench_steps_per_check(name: str, args) -> list[dict]:
@@ -121,11 +132,16 @@ def bench_steps_per_check(name: str, args) -> list[dict]:
   graphdef, state, prompt, mask = _model_and_prompts(name, args)
 
   def decoder(k):
-    sampling_config = sampling.SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.0,
-                                              batch_multiple=1, min_prompt_bucket=1,
-                                              steps_per_check=k)
-    return lambda: sampling.generate((graphdef, state), prompt, mask, jax.random.key(0),
-                                     config=sampling_config)
+    sampling_config = sampling.SamplingConfig(
+        max_new_tokens=args.new_tokens,
+        temperature=0.0,
+        batch_multiple=1,
+        min_prompt_bucket=1,
+        steps_per_check=k,
+    )
+    return lambda: sampling.generate(
+        (graphdef, state), prompt, mask, jax.random.key(0), config=sampling_config
+    )
 
   decoders = {k: decoder(k) for k in args.steps_per_check}
   tokens = {k: np.asarray(run().completion_tokens) for k, run in decoders.items()}  # compile
@@ -137,9 +153,16 @@ def bench_steps_per_check(name: str, args) -> list[dict]:
   rows = []
   for k in decoders:
     seconds = statistics.median(times[k])
-    rows.append(dict(config=name, k=k, tok_s=args.batch * args.new_tokens / seconds,
-                     seconds=seconds, ratio=statistics.median(times[first]) / seconds,
-                     same=bool(np.array_equal(tokens[k], tokens[first]))))
+    rows.append(
+        dict(
+            config=name,
+            k=k,
+            tok_s=args.batch * args.new_tokens / seconds,
+            seconds=seconds,
+            ratio=statistics.median(times[first]) / seconds,
+            same=bool(np.array_equal(tokens[k], tokens[first])),
+        )
+    )
   return rows
 
 
@@ -147,18 +170,25 @@ def _print_steps_per_check(args):
   device = jax.devices()[0]
   first = args.steps_per_check[0]
   print('\n### Cached decode, k steps per finish check\n')
-  print(f'- device: {device.platform} / {device.device_kind} ({jax.device_count()} device(s)), '
-        f'jax {jax.__version__}')
+  print(
+      f'- device: {device.platform} / {device.device_kind} ({jax.device_count()} device(s)), '
+      f'jax {jax.__version__}'
+  )
   print(f'- date: {datetime.datetime.now().isoformat(timespec="seconds")}')
   print(f'- command: `{" ".join([sys.executable.split("/")[-1]] + sys.argv)}`')
-  print(f'- batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, '
-        f'no stop token, {args.dtype}; median of {args.reps} interleaved repetitions\n')
+  print(
+      f'- batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, '
+      f'no stop token, {args.dtype}; median of {args.reps} interleaved repetitions\n'
+  )
   print(f'| config | k | tok/s | median s | speed vs k={first} | tokens equal to k={first} |')
   print('|---|---|---|---|---|---|', flush=True)
   for name in args.config:  # each config's rows as soon as they are measured
     for r in bench_steps_per_check(name, args):
-      print(f'| {r["config"]} | {r["k"]} | {r["tok_s"]:.0f} | {r["seconds"]:.4f} | '
-            f'{r["ratio"]:.3f} | {r["same"]} |', flush=True)
+      print(
+          f'| {r["config"]} | {r["k"]} | {r["tok_s"]:.0f} | {r["seconds"]:.4f} | '
+          f'{r["ratio"]:.3f} | {r["same"]} |',
+          flush=True,
+      )
 
 
 def main(argv=None):
@@ -168,13 +198,25 @@ def main(argv=None):
   parser.add_argument('--prompt-len', type=int, default=32)
   parser.add_argument('--new-tokens', type=int, default=256)
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
-  parser.add_argument('--bucket', type=int, default=32,
-                      help='baseline prefix lengths are padded to a multiple of this')
+  parser.add_argument(
+      '--bucket',
+      type=int,
+      default=32,
+      help='baseline prefix lengths are padded to a multiple of this',
+  )
   parser.add_argument('--reps', type=int, default=3, help='timed repetitions (median)')
-  parser.add_argument('--quick', action='store_true',
-                      help='estimate the baseline from one timed step per length bucket')
-  parser.add_argument('--steps-per-check', type=int, nargs='+', default=None,
-                      help='instead: time the cached decoder for each k (ratios vs the first)')
+  parser.add_argument(
+      '--quick',
+      action='store_true',
+      help='estimate the baseline from one timed step per length bucket',
+  )
+  parser.add_argument(
+      '--steps-per-check',
+      type=int,
+      nargs='+',
+      default=None,
+      help='instead: time the cached decoder for each k (ratios vs the first)',
+  )
   args = parser.parse_args(argv)
   if args.steps_per_check:
     _print_steps_per_check(args)
@@ -183,22 +225,33 @@ def main(argv=None):
   rows = [bench(name, args) for name in args.config]
   device = jax.devices()[0]
   print('\n### Decode throughput, KV cache vs full-prefix recompute\n')
-  print(f'- device: {device.platform} / {device.device_kind} ({jax.device_count()} device(s)), '
-        f'jax {jax.__version__}')
+  print(
+      f'- device: {device.platform} / {device.device_kind} ({jax.device_count()} device(s)), '
+      f'jax {jax.__version__}'
+  )
   print(f'- date: {datetime.datetime.now().isoformat(timespec="seconds")}')
   print(f'- command: `{" ".join([sys.executable.split("/")[-1]] + sys.argv)}`')
-  baseline = ('ESTIMATED from one timed step per bucket (--quick)' if args.quick
-              else 'measured over all steps')
-  print(f'- batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, '
-        f'{args.dtype}; baseline prefix padded to a multiple of {args.bucket}; '
-        f'baseline {baseline}; median of {args.reps}\n')
-  print('| config | cached tok/s | recompute tok/s | speedup | cached s | recompute s '
-        '| greedy tokens agree |')
+  baseline = (
+      'ESTIMATED from one timed step per bucket (--quick)'
+      if args.quick
+      else 'measured over all steps'
+  )
+  print(
+      f'- batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, '
+      f'{args.dtype}; baseline prefix padded to a multiple of {args.bucket}; '
+      f'baseline {baseline}; median of {args.reps}\n'
+  )
+  print(
+      '| config | cached tok/s | recompute tok/s | speedup | cached s | recompute s '
+      '| greedy tokens agree |'
+  )
   print('|---|---|---|---|---|---|---|')
   for r in rows:
-    print(f'| {r["config"]} | {r["cached"]:.0f} | {r["recompute"]:.0f} | '
-          f'{r["cached"] / r["recompute"]:.1f}x | {r["cached_s"]:.3f} | {r["recompute_s"]:.3f} '
-          f'| {r["agree"]} |')
+    print(
+        f'| {r["config"]} | {r["cached"]:.0f} | {r["recompute"]:.0f} | '
+        f'{r["cached"] / r["recompute"]:.1f}x | {r["cached_s"]:.3f} | {r["recompute_s"]:.3f} '
+        f'| {r["agree"]} |'
+    )
 
 
 if __name__ == '__main__':

@@ -65,11 +65,11 @@ def write_task_files(workdir: pathlib.Path) -> None:
     for e in examples:
       f.write(json.dumps({"prompt": task.prompt(e), "answer": task.solution(e)}) + "\n")
   (workdir / "corpus.txt").write_text(
-      "\n".join(task.prompt(e) + task.demonstration(e) for e in examples))
+      "\n".join(task.prompt(e) + task.demonstration(e) for e in examples)
+  )
 
 
-def run_measured(command: list[str], env: dict[str, str] | None = None
-                 ) -> tuple[float, float]:
+def run_measured(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
   """Runs a child to completion; (wall seconds, its own peak RSS in MiB) from wait4."""
   start = time.perf_counter()
   child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -82,50 +82,77 @@ def run_measured(command: list[str], env: dict[str, str] | None = None
   return wall, usage.ru_maxrss / 1024
 
 
-def run_trl(python: pathlib.Path, workdir: pathlib.Path, objective: str, index: int,
-            threads: int) -> dict:
+def run_trl(
+    python: pathlib.Path, workdir: pathlib.Path, objective: str, index: int, threads: int
+) -> dict:
   out = workdir / f"trl_{objective}_{index}.json"
-  wall, rss = run_measured([str(python), str(PEER_SCRIPT), "train", "--workdir", str(workdir),
-                            "--objective", objective, "--threads", str(threads),
-                            "--out", str(out)])
+  wall, rss = run_measured(
+      [
+          str(python),
+          str(PEER_SCRIPT),
+          "train",
+          "--workdir",
+          str(workdir),
+          "--objective",
+          objective,
+          "--threads",
+          str(threads),
+          "--out",
+          str(out),
+      ]
+  )
   result = json.loads(out.read_text())
   steps, tokens = np.array(result["step_s"]), np.array(result["completion_tokens"])
-  return {"step_s": float(np.median(steps[STEADY])),
-          "rollout_s": float(np.median(np.array(result["rollout_s"])[STEADY])),
-          "tokens_per_s": float(tokens[STEADY].sum() / steps[STEADY].sum()),
-          "first_step_s": float(steps[0]), "process_s": wall, "peak_rss_mib": rss,
-          "versions": result["versions"]}
+  return {
+      "step_s": float(np.median(steps[STEADY])),
+      "rollout_s": float(np.median(np.array(result["rollout_s"])[STEADY])),
+      "tokens_per_s": float(tokens[STEADY].sum() / steps[STEADY].sum()),
+      "first_step_s": float(steps[0]),
+      "process_s": wall,
+      "peak_rss_mib": rss,
+      "versions": result["versions"],
+  }
 
 
 OBJECTIVE_OVERRIDES = {
     "token_clip": [],
-    "geometric": ["--config.algorithm.objective=geometric",
-                  "--config.algorithm.objective_kwargs.epsilon_low=0.4",
-                  "--config.algorithm.objective_kwargs.epsilon_high=0.4",
-                  "--config.algorithm.loss_agg_mode=seq-mean-token-mean"],
+    "geometric": [
+        "--config.algorithm.objective=geometric",
+        "--config.algorithm.objective_kwargs.epsilon_low=0.4",
+        "--config.algorithm.objective_kwargs.epsilon_high=0.4",
+        "--config.algorithm.loss_agg_mode=seq-mean-token-mean",
+    ],
 }
 
 
 def run_jax(workdir: pathlib.Path, objective: str, index: int, cache: bool) -> dict:
   run_dir = workdir / f"jax_{objective}_{index}"
   shutil.rmtree(run_dir, ignore_errors=True)  # a finished workdir would resume, not rerun
-  command = [sys.executable, "-m", "gmpo_jax.main",
-             f"--config={ROOT / 'benchmarks' / 'e2e_peer_config.py'}:{workdir / 'model'}",
-             f"--workdir={run_dir}", f"--config.task.data_dir={workdir / 'data'}",
-             *([f"--config.compilation_cache_dir={workdir / 'jax_cache'}"] if cache else []),
-             *OBJECTIVE_OVERRIDES[objective]]
+  command = [
+      sys.executable,
+      "-m",
+      "gmpo_jax.main",
+      f"--config={ROOT / 'benchmarks' / 'e2e_peer_config.py'}:{workdir / 'model'}",
+      f"--workdir={run_dir}",
+      f"--config.task.data_dir={workdir / 'data'}",
+      *([f"--config.compilation_cache_dir={workdir / 'jax_cache'}"] if cache else []),
+      *OBJECTIVE_OVERRIDES[objective],
+  ]
   wall, rss = run_measured(command, env=dict(os.environ, PYTHONPATH=str(ROOT)))
   records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
   records = [r for r in records if "time/step" in r]
   steps = np.array([r["time/step"] for r in records])
   tokens = np.array([r["response_length/mean"] for r in records]) * 64
-  return {"step_s": float(np.median(steps[STEADY])),
-          "rollout_s": float(np.median([r["time/rollout"] for r in records][STEADY])),
-          "update_s": float(np.median([r["time/update"] for r in records][STEADY])),
-          "tokens_per_s": float(tokens[STEADY].sum() / steps[STEADY].sum()),
-          "first_step_s": float(steps[0]),
-          "first_step_compile_s": float(records[0].get("time/compile", float("nan"))),
-          "process_s": wall, "peak_rss_mib": rss}
+  return {
+      "step_s": float(np.median(steps[STEADY])),
+      "rollout_s": float(np.median([r["time/rollout"] for r in records][STEADY])),
+      "update_s": float(np.median([r["time/update"] for r in records][STEADY])),
+      "tokens_per_s": float(tokens[STEADY].sum() / steps[STEADY].sum()),
+      "first_step_s": float(steps[0]),
+      "first_step_compile_s": float(records[0].get("time/compile", float("nan"))),
+      "process_s": wall,
+      "peak_rss_mib": rss,
+  }
 
 
 def main():
@@ -133,21 +160,27 @@ def main():
   parser.add_argument("--workdir", default="/tmp/gmpo_jax_e2e_peer")
   parser.add_argument("--peer-venv", default=None, help="default: <workdir>/peer_venv")
   parser.add_argument("--rounds", type=int, default=3)
-  parser.add_argument("--objectives", nargs="+", default=["token_clip", "geometric"],
-                      choices=sorted(OBJECTIVE_OVERRIDES))
+  parser.add_argument(
+      "--objectives",
+      nargs="+",
+      default=["token_clip", "geometric"],
+      choices=sorted(OBJECTIVE_OVERRIDES),
+  )
   # torch's intra-op threads: on the quiet 2-core machine 2 threads ran TRL's step 1.5x faster
   # than 1 (0.75 vs 1.12 s); under load from other jobs 1 was the faster.
   parser.add_argument("--trl-threads", type=int, default=os.cpu_count())
-  parser.add_argument("--jax-cache", action="store_true",
-                      help="share a persistent compilation cache between the gmpo_jax runs")
+  parser.add_argument(
+      "--jax-cache",
+      action="store_true",
+      help="share a persistent compilation cache between the gmpo_jax runs",
+  )
   args = parser.parse_args()
   workdir = pathlib.Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   python = ensure_peer_venv(pathlib.Path(args.peer_venv or workdir / "peer_venv"))
   if not (workdir / "model" / "config.json").exists():
     write_task_files(workdir)
-    subprocess.run([str(python), str(PEER_SCRIPT), "build", "--workdir", str(workdir)],
-                   check=True)
+    subprocess.run([str(python), str(PEER_SCRIPT), "build", "--workdir", str(workdir)], check=True)
 
   results = {objective: {"trl": [], "jax": []} for objective in args.objectives}
   for index in range(args.rounds):
@@ -155,17 +188,26 @@ def main():
       # ABBA order: each side goes first in every other round.
       order = ("trl", "jax") if index % 2 == 0 else ("jax", "trl")
       for side in order:
-        run = (run_trl(python, workdir, objective, index, args.trl_threads) if side == "trl"
-               else run_jax(workdir, objective, index, args.jax_cache))
+        run = (
+            run_trl(python, workdir, objective, index, args.trl_threads)
+            if side == "trl"
+            else run_jax(workdir, objective, index, args.jax_cache)
+        )
         results[objective][side].append(run)
-        print(f"round {index} {objective:10s} {side:4s} "
-              + " ".join(f"{k}={v:.3f}" for k, v in run.items() if isinstance(v, float)),
-              flush=True)
+        print(
+            f"round {index} {objective:10s} {side:4s} "
+            + " ".join(f"{k}={v:.3f}" for k, v in run.items() if isinstance(v, float)),
+            flush=True,
+        )
 
-  summary = {"date": datetime.datetime.now().isoformat(timespec="minutes"),
-             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-             "load_average": os.getloadavg(), "rounds": args.rounds,
-             "trl_threads": args.trl_threads, "results": results}
+  summary = {
+      "date": datetime.datetime.now().isoformat(timespec="minutes"),
+      "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+      "load_average": os.getloadavg(),
+      "rounds": args.rounds,
+      "trl_threads": args.trl_threads,
+      "results": results,
+  }
   (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
   for objective, sides in results.items():
     print(f"\n{objective} (medians over {args.rounds} rounds)")
@@ -176,11 +218,15 @@ def main():
       trl_text = "" if trl_value is None else f"  TRL {trl_value:9.3f}"
       print(f"  {key:22s} gmpo_jax {jax_value:9.3f}{trl_text}")
     ratios = [j["tokens_per_s"] / t["tokens_per_s"] for j, t in zip(sides["jax"], sides["trl"])]
-    print(f"  completion tokens/s, gmpo_jax / TRL per round: {np.round(ratios, 2).tolist()}, "
-          f"median {np.median(ratios):.2f}")
+    print(
+        f"  completion tokens/s, gmpo_jax / TRL per round: {np.round(ratios, 2).tolist()}, "
+        f"median {np.median(ratios):.2f}"
+    )
     warm = [r["first_step_s"] for r in sides["jax"][1:]]
-    print(f"  gmpo_jax first RL step: round 0 {sides['jax'][0]['first_step_s']:.2f} s, "
-          f"later rounds {np.round(warm, 2).tolist()} s")
+    print(
+        f"  gmpo_jax first RL step: round 0 {sides['jax'][0]['first_step_s']:.2f} s, "
+        f"later rounds {np.round(warm, 2).tolist()} s"
+    )
 
 
 if __name__ == "__main__":

@@ -18,9 +18,15 @@ def get_config(hf_path: str | None = None):
   config.prompts_per_step = 8
   config.eval_every = 10_000
   config.progress = False
-  config.model.overrides = {"hidden_size": 256, "intermediate_size": 768, "num_layers": 4,
-                            "num_heads": 8, "num_kv_heads": 4, "head_dim": 32,
-                            "tie_word_embeddings": False}
+  config.model.overrides = {
+      "hidden_size": 256,
+      "intermediate_size": 768,
+      "num_layers": 4,
+      "num_heads": 8,
+      "num_kv_heads": 4,
+      "head_dim": 32,
+      "tie_word_embeddings": False,
+  }
   if hf_path:
     config.model.name = None
     config.model.hf_path = hf_path

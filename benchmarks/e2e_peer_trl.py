@@ -19,9 +19,16 @@ import pathlib
 import resource
 import time
 
-MODEL_SHAPE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                   num_attention_heads=8, num_key_value_heads=4, head_dim=32,
-                   tie_word_embeddings=False, max_position_embeddings=512)
+MODEL_SHAPE = dict(
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=32,
+    tie_word_embeddings=False,
+    max_position_embeddings=512,
+)
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
 
 
@@ -36,18 +43,23 @@ def build(workdir: pathlib.Path) -> None:
   # Byte-level over the whole text (no regex split), so merges may span "+" and "=".
   bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
   bpe.decoder = decoders.ByteLevel()
-  bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=256,
-                                                      special_tokens=list(SPECIAL_TOKENS)))
+  bpe.train_from_iterator(
+      corpus, trainers.BpeTrainer(vocab_size=256, special_tokens=list(SPECIAL_TOKENS))
+  )
   out = workdir / "model"
   out.mkdir(parents=True, exist_ok=True)
   tokenizer = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=bpe, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+      tokenizer_object=bpe, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
+  )
   tokenizer.save_pretrained(out)
   torch.manual_seed(0)
   config = transformers.LlamaConfig(
-      vocab_size=bpe.get_vocab_size(), pad_token_id=bpe.token_to_id("<pad>"),
-      bos_token_id=bpe.token_to_id("<bos>"), eos_token_id=bpe.token_to_id("<eos>"),
-      **MODEL_SHAPE)
+      vocab_size=bpe.get_vocab_size(),
+      pad_token_id=bpe.token_to_id("<pad>"),
+      bos_token_id=bpe.token_to_id("<bos>"),
+      eos_token_id=bpe.token_to_id("<eos>"),
+      **MODEL_SHAPE,
+  )
   model = transformers.LlamaForCausalLM(config)
   # Random norm weights, so a loader that skipped them would not start from the same model.
   with torch.no_grad():
@@ -60,8 +72,9 @@ def build(workdir: pathlib.Path) -> None:
 
 def reward_exact(completions, answer, **_):
   """1 when the completion's first line is the answer, else a small positive floor."""
-  return [1.0 if c.strip().split("\n")[0].strip() == a else 0.01
-          for c, a in zip(completions, answer)]
+  return [
+      1.0 if c.strip().split("\n")[0].strip() == a else 0.01 for c, a in zip(completions, answer)
+  ]
 
 
 def train(args) -> None:
@@ -78,20 +91,43 @@ def train(args) -> None:
   model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
   tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
   common = dict(
-      output_dir=str(workdir / "trl_out"), max_steps=args.steps, per_device_train_batch_size=64,
-      gradient_accumulation_steps=1, num_generations=8, max_completion_length=32,
-      temperature=1.0, top_p=1.0, beta=0.0, num_iterations=1, learning_rate=1e-4,
-      max_grad_norm=1.0, adam_beta2=0.99, lr_scheduler_type="constant", logging_steps=1,
-      report_to=[], save_strategy="no", use_cpu=True, bf16=False, seed=0,
-      dataloader_num_workers=0, disable_tqdm=True)
+      output_dir=str(workdir / "trl_out"),
+      max_steps=args.steps,
+      per_device_train_batch_size=64,
+      gradient_accumulation_steps=1,
+      num_generations=8,
+      max_completion_length=32,
+      temperature=1.0,
+      top_p=1.0,
+      beta=0.0,
+      num_iterations=1,
+      learning_rate=1e-4,
+      max_grad_norm=1.0,
+      adam_beta2=0.99,
+      lr_scheduler_type="constant",
+      logging_steps=1,
+      report_to=[],
+      save_strategy="no",
+      use_cpu=True,
+      bf16=False,
+      seed=0,
+      dataloader_num_workers=0,
+      disable_tqdm=True,
+  )
   if args.objective == "geometric":
     from trl.experimental.gmpo import GMPOConfig, GMPOTrainer
+
     config, trainer_cls = GMPOConfig(epsilon=0.4, **common), GMPOTrainer
   else:
     config = trl.GRPOConfig(epsilon=0.2, loss_type="dapo", **common)  # dapo: token-mean
     trainer_cls = trl.GRPOTrainer
-  trainer = trainer_cls(model=model, reward_funcs=reward_exact, args=config,
-                        train_dataset=dataset, processing_class=tokenizer)
+  trainer = trainer_cls(
+      model=model,
+      reward_funcs=reward_exact,
+      args=config,
+      train_dataset=dataset,
+      processing_class=tokenizer,
+  )
 
   steps, rollouts, completion_tokens = [], [], []
   generate = trainer._generate_and_score_completions  # pylint: disable=protected-access
@@ -106,6 +142,7 @@ def train(args) -> None:
   trainer._generate_and_score_completions = timed_generate  # pylint: disable=protected-access
 
   class StepTimer(transformers.TrainerCallback):
+
     def on_step_begin(self, *_, **__):
       self.start = time.perf_counter()
 
@@ -114,11 +151,20 @@ def train(args) -> None:
 
   trainer.add_callback(StepTimer())
   trainer.train()
-  result = {"side": "trl", "objective": args.objective, "threads": args.threads,
-            "step_s": steps, "rollout_s": rollouts, "completion_tokens": completion_tokens,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "versions": {"trl": trl.__version__, "transformers": transformers.__version__,
-                         "torch": torch.__version__}}
+  result = {
+      "side": "trl",
+      "objective": args.objective,
+      "threads": args.threads,
+      "step_s": steps,
+      "rollout_s": rollouts,
+      "completion_tokens": completion_tokens,
+      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      "versions": {
+          "trl": trl.__version__,
+          "transformers": transformers.__version__,
+          "torch": torch.__version__,
+      },
+  }
   pathlib.Path(args.out).write_text(json.dumps(result))
 
 

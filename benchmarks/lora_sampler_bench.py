@@ -28,8 +28,9 @@ from gmpo_jax.models.transformer import Transformer, TransformerConfig
 from gmpo_jax.rollout import sampling
 
 # configs/default.py's policy (the char tokenizer's 99 ids rounded up).
-DEFAULT = dict(vocab_size=128, hidden_size=128, intermediate_size=256, num_heads=4,
-               num_kv_heads=2, head_dim=32)
+DEFAULT = dict(
+    vocab_size=128, hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2, head_dim=32
+)
 
 
 def main():
@@ -42,17 +43,23 @@ def main():
   args = parser.parse_args()
   config = dataclasses.replace(TransformerConfig.from_name("tiny"), **DEFAULT)
   rng = np.random.default_rng(0)
-  prompts = jnp.asarray(rng.integers(3, config.vocab_size, (args.batch, args.prompt_len)),
-                        jnp.int32)
+  prompts = jnp.asarray(
+      rng.integers(3, config.vocab_size, (args.batch, args.prompt_len)), jnp.int32
+  )
   mask = jnp.ones(prompts.shape, bool)
-  print(f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {jax.devices()[0]}, "
-        f"batch {args.batch}, prompt {args.prompt_len}")
-  print("| rank | new tokens | adapters in forward (s) | merge + merged decode (s) | merge "
-        "alone (s) | merged / adapters |")
+  print(
+      f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {jax.devices()[0]}, "
+      f"batch {args.batch}, prompt {args.prompt_len}"
+  )
+  print(
+      "| rank | new tokens | adapters in forward (s) | merge + merged decode (s) | merge "
+      "alone (s) | merged / adapters |"
+  )
   print("|---|---|---|---|---|---|")
   for rank in args.rank:
-    model = lora.apply_lora(Transformer(config, rngs=nnx.Rngs(0)),
-                            lora.LoRAConfig(rank=rank, alpha=32.0), seed=0)
+    model = lora.apply_lora(
+        Transformer(config, rngs=nnx.Rngs(0)), lora.LoRAConfig(rank=rank, alpha=32.0), seed=0
+    )
     graphdef, state = nnx.split(model)
     adapters, base = lora.split_adapters(state)
     # Trained adapters (B away from zero), so neither side decodes a degenerate model.
@@ -70,8 +77,7 @@ def main():
 
       def merged():
         _, plain = merge(state)
-        out = sampling.generate((plain_graphdef, plain), prompts, mask, key,
-                                config=sampling_config)
+        out = sampling.generate((plain_graphdef, plain), prompts, mask, key, config=sampling_config)
         return jax.block_until_ready(out.tokens)
 
       def merge_only():
@@ -88,8 +94,10 @@ def main():
           fn()
           times[name].append(time.perf_counter() - start)
       a, m, g = (statistics.median(times[n]) for n in ("adapted", "merged", "merge"))
-      print(f"| {rank} | {new_tokens} | {a:.4f} | {m:.4f} | {g:.4f} | {m / a:.2f} "
-            f"(rows identical: {agree:.2f}) |")
+      print(
+          f"| {rank} | {new_tokens} | {a:.4f} | {m:.4f} | {g:.4f} | {m / a:.2f} "
+          f"(rows identical: {agree:.2f}) |"
+      )
 
 
 if __name__ == "__main__":

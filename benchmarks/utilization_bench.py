@@ -59,8 +59,12 @@ def main():
   parser.add_argument("--train-batch", type=int, default=8)
   parser.add_argument("--train-length", type=int, default=1024)
   parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100 SXM)")
-  parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                      help="parameters, compute and cache (XLA:CPU has no fast bf16 matmul)")
+  parser.add_argument(
+      "--dtype",
+      default="bfloat16",
+      choices=["bfloat16", "float32"],
+      help="parameters, compute and cache (XLA:CPU has no fast bf16 matmul)",
+  )
   parser.add_argument("--copy-mib", type=int, default=2048, help="size of the copied array")
   args = parser.parse_args()
 
@@ -68,16 +72,18 @@ def main():
   copy_bytes = 2 * x.nbytes
   copy_bw = copy_bytes / _median_time_in_place(jax.jit(lambda a: a * 2 + 1, donate_argnums=0), x)
 
-  config = dataclasses.replace(TransformerConfig.from_name(args.config), param_dtype=args.dtype,
-                               dtype=args.dtype)
+  config = dataclasses.replace(
+      TransformerConfig.from_name(args.config), param_dtype=args.dtype, dtype=args.dtype
+  )
   model = Transformer(config, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
   param_bytes = sum(p.nbytes for p in jax.tree.leaves(state))
   num_params = sum(p.size for p in jax.tree.leaves(state))
 
   cache = init_cache(config, args.batch, args.cache + 8, args.dtype)
-  cache = cache.replace(key_mask=jnp.ones_like(cache.key_mask),
-                        index=jnp.asarray(args.cache, jnp.int32))
+  cache = cache.replace(
+      key_mask=jnp.ones_like(cache.key_mask), index=jnp.asarray(args.cache, jnp.int32)
+  )
   cache_bytes = cache.k.nbytes * args.cache // cache.capacity * 2
 
   def decode_step(state, cache, tokens):
@@ -102,26 +108,44 @@ def main():
   def train_step(state):
     def loss(s):
       m = nnx.merge(graphdef, s)
-      return -jnp.mean(sequence_logprobs(m, train_tokens, positions_from_mask(key_mask), key_mask,
-                                         chunk_size=256))
+      return -jnp.mean(
+          sequence_logprobs(
+              m, train_tokens, positions_from_mask(key_mask), key_mask, chunk_size=256
+          )
+      )
+
     return jax.value_and_grad(loss)(state)
 
   train_time = _median_time(train_step, state, repeats=5)
   mfu = 6 * num_params * b * t / train_time / (args.peak_tflops * 1e12)
 
-  print(f"device: {jax.devices()[0].device_kind}; date {datetime.date.today()}; jax {jax.__version__}")
+  print(
+      f"device: {jax.devices()[0].device_kind}; date {datetime.date.today()}; jax {jax.__version__}"
+  )
   print("| measurement | value |\n|---|---|")
-  print(f"| copy bandwidth ({args.copy_mib} MiB f32, read+write, in place) | "
-        f"{copy_bw / 1e9:.1f} GB/s |")
-  print(f"| {args.config} {args.dtype}: params | {num_params / 1e6:.1f} M "
-        f"({param_bytes / 2**30:.2f} GiB) |")
-  print(f"| decode step, B={args.batch}, cache {args.cache}, cache donated (in place) | "
-        f"{decode_time * 1e3:.2f} ms ({args.batch / decode_time:.0f} tok/s) |")
+  print(
+      f"| copy bandwidth ({args.copy_mib} MiB f32, read+write, in place) | "
+      f"{copy_bw / 1e9:.1f} GB/s |"
+  )
+  print(
+      f"| {args.config} {args.dtype}: params | {num_params / 1e6:.1f} M "
+      f"({param_bytes / 2**30:.2f} GiB) |"
+  )
+  print(
+      f"| decode step, B={args.batch}, cache {args.cache}, cache donated (in place) | "
+      f"{decode_time * 1e3:.2f} ms ({args.batch / decode_time:.0f} tok/s) |"
+  )
   print(f"| the same step without donation (copies the cache) | {copying_time * 1e3:.2f} ms |")
-  print(f"| decode bytes read / step (params + K/V) | {(param_bytes + cache_bytes) / 2**30:.2f} GiB |")
-  print(f"| decode bandwidth utilization | {decode_bw / 1e9:.1f} GB/s = {decode_bw / copy_bw:.1%} "
-        f"of copy |")
-  print(f"| train fwd+bwd, B={b}, T={t} | {train_time * 1e3:.1f} ms ({b * t / train_time:.0f} tok/s) |")
+  print(
+      f"| decode bytes read / step (params + K/V) | {(param_bytes + cache_bytes) / 2**30:.2f} GiB |"
+  )
+  print(
+      f"| decode bandwidth utilization | {decode_bw / 1e9:.1f} GB/s = {decode_bw / copy_bw:.1%} "
+      f"of copy |"
+  )
+  print(
+      f"| train fwd+bwd, B={b}, T={t} | {train_time * 1e3:.1f} ms ({b * t / train_time:.0f} tok/s) |"
+  )
   print(f"| MFU (6·N·tokens, peak {args.peak_tflops:g} TFLOP/s) | {mfu:.1%} |")
 
 

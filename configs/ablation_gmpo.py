@@ -48,8 +48,7 @@ def get_config(regime: str = "clip"):
   config.prompts_per_step = 16
   config.eval_every = 25
   config.progress = False
-  config.task.kwargs = {"num_digits": 1, "operations": ("+", "-"), "num_train": 150,
-                        "num_test": 50}
+  config.task.kwargs = {"num_digits": 1, "operations": ("+", "-"), "num_train": 150, "num_test": 50}
   config.model.name = "tiny"
   config.model.overrides = {}
   config.algorithm.advantage = "grpo"
@@ -74,15 +73,28 @@ def get_config(regime: str = "clip"):
 
 
 def _geometric(clip_mode: str, epsilon: float) -> dict[str, Any]:
-  return {"objective": "geometric", "loss_agg_mode": "seq-mean-token-mean",
-          "algorithm.objective_kwargs": {"epsilon_low": epsilon, "epsilon_high": epsilon,
-                                         "clip_mode": clip_mode}}
+  return {
+      "objective": "geometric",
+      "loss_agg_mode": "seq-mean-token-mean",
+      "algorithm.objective_kwargs": {
+          "epsilon_low": epsilon,
+          "epsilon_high": epsilon,
+          "clip_mode": clip_mode,
+      },
+  }
 
 
 def _power_mean(p: float) -> dict[str, Any]:
-  return {"objective": "power_mean", "loss_agg_mode": "seq-mean-token-mean",
-          "algorithm.objective_kwargs": {"epsilon_low": 0.4, "epsilon_high": 0.4,
-                                         "clip_mode": "token", "p": p}}
+  return {
+      "objective": "power_mean",
+      "loss_agg_mode": "seq-mean-token-mean",
+      "algorithm.objective_kwargs": {
+          "epsilon_low": 0.4,
+          "epsilon_high": 0.4,
+          "clip_mode": "token",
+          "p": p,
+      },
+  }
 
 
 def get_grid(name: str) -> Mapping[str, Mapping[str, Any]]:
@@ -116,14 +128,19 @@ def get_grid(name: str) -> Mapping[str, Mapping[str, Any]]:
           "gmpo_seqclip": _geometric("sequence", 0.4),
           "gmpo_clip0.2": _geometric("token", 0.2),
           "gmpo_clip0.8": _geometric("token", 0.8),
-          "grpo": {"objective": "token_clip", "loss_agg_mode": "seq-mean-token-mean",
-                   "algorithm.objective_kwargs": {"epsilon_low": 0.2, "epsilon_high": 0.2}},
+          "grpo": {
+              "objective": "token_clip",
+              "loss_agg_mode": "seq-mean-token-mean",
+              "algorithm.objective_kwargs": {"epsilon_low": 0.2, "epsilon_high": 0.2},
+          },
           "pm_p1": _power_mean(1.0),
           "pm_pm1": _power_mean(-1.0),
       },
   }
-  grids["gmpo_stress"] = {point: grids["gmpo_design"][point]
-                          for point in ("gmpo_full", "gmpo_noclip", "gmpo_seqclip", "grpo")}
+  grids["gmpo_stress"] = {
+      point: grids["gmpo_design"][point]
+      for point in ("gmpo_full", "gmpo_noclip", "gmpo_seqclip", "grpo")
+  }
   if name not in grids:
     raise ValueError(f"unknown grid {name!r}; known: {sorted(grids)}")
   return grids[name]

@@ -63,8 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.task = ml_collections.ConfigDict()
   config.task.name = "arithmetic"
-  config.task.kwargs = {"num_digits": 2, "operations": ("+",), "num_train": 5000,
-                        "num_test": 500}
+  config.task.kwargs = {"num_digits": 2, "operations": ("+",), "num_train": 5000, "num_test": 500}
   config.task.data_dir = ml_collections.FieldReference(None, field_type=str)  # None: <workdir>/data
   config.task.train_split = "train"
   config.task.eval_split = "test"
@@ -75,8 +74,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.tokenizer = ml_collections.FieldReference("char", field_type=str)
   # `tiny` widened to 128: the 64-wide model learns addition too slowly for RL to move its
   # greedy answers in minutes (see the docstring).
-  config.model.overrides = {"hidden_size": 128, "intermediate_size": 256, "num_heads": 4,
-                            "num_kv_heads": 2, "head_dim": 32}
+  config.model.overrides = {
+      "hidden_size": 128,
+      "intermediate_size": 256,
+      "num_heads": 4,
+      "num_kv_heads": 2,
+      "head_dim": 32,
+  }
   # Trained parameters: None is float32 masters ('bfloat16' needs optim.stochastic_rounding).
   config.model.param_dtype = ml_collections.FieldReference(None, field_type=str)
   # Compute dtype and the sampler's copy: None is the checkpoint's (hf_path) or float32.

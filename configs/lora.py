@@ -18,8 +18,14 @@ from configs import default
 
 def get_config(rank: str = "8") -> ml_collections.ConfigDict:
   config = default.get_config()
-  config.model.lora = ml_collections.ConfigDict({
-      "rank": int(rank), "alpha": 32.0, "dropout": 0.0, "targets": ".*",
-      "base_dtype": ml_collections.FieldReference(None, field_type=str)})
+  config.model.lora = ml_collections.ConfigDict(
+      {
+          "rank": int(rank),
+          "alpha": 32.0,
+          "dropout": 0.0,
+          "targets": ".*",
+          "base_dtype": ml_collections.FieldReference(None, field_type=str),
+      }
+  )
   config.optim.learning_rate = 10 * config.optim.learning_rate
   return config

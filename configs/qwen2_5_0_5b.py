@@ -30,8 +30,10 @@ def get_config():
   config.compilation_cache_dir = "~/.cache/gmpo_jax/compiled"
 
   config.task.name = "gsm8k"
-  config.task.kwargs = {"manual_dir": ml_collections.FieldReference(None, field_type=str),
-                        "min_reward": 0.01}
+  config.task.kwargs = {
+      "manual_dir": ml_collections.FieldReference(None, field_type=str),
+      "min_reward": 0.01,
+  }
 
   config.model.name = None  # the architecture comes from hf_path
   config.model.hf_path = None  # required: a local checkpoint directory

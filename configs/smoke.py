@@ -10,8 +10,14 @@ def get_config():
   config.eval_every = 2
   config.progress = False
   config.task.kwargs = {"num_digits": 1, "operations": ("+",), "num_train": 60, "num_test": 20}
-  config.model.overrides = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 1,
-                            "num_heads": 2, "num_kv_heads": 1, "head_dim": 16}
+  config.model.overrides = {
+      "hidden_size": 32,
+      "intermediate_size": 64,
+      "num_layers": 1,
+      "num_heads": 2,
+      "num_kv_heads": 1,
+      "head_dim": 16,
+  }
   config.sampling.max_new_tokens = 3
   config.algorithm.num_generations = 4
   config.algorithm.num_epochs = 1

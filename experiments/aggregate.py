@@ -95,10 +95,22 @@ class MetricSpec:
     return cls(name.strip(), mode.strip() or "max")
 
 
-DEFAULT_METRICS: tuple[MetricSpec, ...] = tuple(MetricSpec.parse(m) for m in (
-    "eval/pass@1:max", "eval/reward:max", "reward/mean:max", "reward/geometric_mean:max",
-    "entropy:min", "kl:max", "approx_kl:max", "ratio_max:max", "ratio_min:min",
-    "clip_fraction_low:max", "clip_fraction_high:max"))
+DEFAULT_METRICS: tuple[MetricSpec, ...] = tuple(
+    MetricSpec.parse(m)
+    for m in (
+        "eval/pass@1:max",
+        "eval/reward:max",
+        "reward/mean:max",
+        "reward/geometric_mean:max",
+        "entropy:min",
+        "kl:max",
+        "approx_kl:max",
+        "ratio_max:max",
+        "ratio_min:min",
+        "clip_fraction_low:max",
+        "clip_fraction_high:max",
+    )
+)
 
 
 class SampledEval(NamedTuple):
@@ -109,6 +121,7 @@ class SampledEval(NamedTuple):
     initial_distinct, final_distinct: mean over prompts of the number of distinct answers among
       the n samples (no stated answer counts as one more answer).
   """
+
   initial: np.ndarray
   final: np.ndarray
   initial_distinct: float
@@ -118,6 +131,7 @@ class SampledEval(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class RunMetrics:
   """The records of one finished run, and its sampled evaluations when they were kept."""
+
   point: str
   seed: int
   records: Sequence[Mapping[str, Any]]
@@ -151,12 +165,12 @@ def load_sampled(workdir: str | pathlib.Path, step: int | None = None) -> Sample
   def distinct(results):
     return float(np.mean([len(set(r.answers)) for r in results]))
 
-  return SampledEval(pass_at_k_curve(first), pass_at_k_curve(last), distinct(first),
-                     distinct(last))
+  return SampledEval(pass_at_k_curve(first), pass_at_k_curve(last), distinct(first), distinct(last))
 
 
 class Stat(NamedTuple):
   """Mean, standard error and 95% CI half-width of the finite values among `num_runs` runs."""
+
   mean: float
   stderr: float
   num_finite: int
@@ -270,8 +284,9 @@ def _colors(points: Sequence[str]) -> dict[str, Any]:
   return {p: palette[i % len(palette)] for i, p in enumerate(points)}
 
 
-def plot_curves(path: pathlib.Path, by_point: Mapping[str, Sequence[RunMetrics]],
-                metrics: Sequence[MetricSpec]) -> pathlib.Path:
+def plot_curves(
+    path: pathlib.Path, by_point: Mapping[str, Sequence[RunMetrics]], metrics: Sequence[MetricSpec]
+) -> pathlib.Path:
   """Learning curves: mean over seeds per step, 95% CI band, one color per point, a legend."""
   figure, axes = _panels(len(metrics))
   colors = _colors(list(by_point))
@@ -281,12 +296,24 @@ def plot_curves(path: pathlib.Path, by_point: Mapping[str, Sequence[RunMetrics]]
       if not np.isfinite(mean).any():
         continue
       # Sparse series (evaluations every few steps) get markers so single points show.
-      axis.plot(steps, mean, color=colors[point], linewidth=1.2, label=point,
-                marker="o" if len(steps) <= 25 else None, markersize=3)
+      axis.plot(
+          steps,
+          mean,
+          color=colors[point],
+          linewidth=1.2,
+          label=point,
+          marker="o" if len(steps) <= 25 else None,
+          markersize=3,
+      )
       band = np.isfinite(ci95)
-      axis.fill_between(steps, np.where(band, mean - ci95, np.nan),
-                        np.where(band, mean + ci95, np.nan), color=colors[point], alpha=0.2,
-                        linewidth=0)
+      axis.fill_between(
+          steps,
+          np.where(band, mean - ci95, np.nan),
+          np.where(band, mean + ci95, np.nan),
+          color=colors[point],
+          alpha=0.2,
+          linewidth=0,
+      )
     axis.set_title(metric.name, fontsize=9)
     axis.set_xlabel("step", fontsize=8)
     axis.tick_params(labelsize=7)
@@ -296,8 +323,9 @@ def plot_curves(path: pathlib.Path, by_point: Mapping[str, Sequence[RunMetrics]]
   return path
 
 
-def plot_final_bars(path: pathlib.Path, by_point: Mapping[str, Sequence[RunMetrics]],
-                    metrics: Sequence[MetricSpec]) -> pathlib.Path:
+def plot_final_bars(
+    path: pathlib.Path, by_point: Mapping[str, Sequence[RunMetrics]], metrics: Sequence[MetricSpec]
+) -> pathlib.Path:
   """Final values: a bar per point at the mean, 95% CI error bar, a dot per seed."""
   figure, axes = _panels(len(metrics))
   colors = _colors(list(by_point))
@@ -307,8 +335,14 @@ def plot_final_bars(path: pathlib.Path, by_point: Mapping[str, Sequence[RunMetri
       stat = mean_stderr(finals)
       if not stat.num_finite:
         continue
-      axis.bar(x, stat.mean, color=colors[point], alpha=0.7,
-               yerr=stat.ci95 if stat.num_finite > 1 else None, capsize=3)
+      axis.bar(
+          x,
+          stat.mean,
+          color=colors[point],
+          alpha=0.7,
+          yerr=stat.ci95 if stat.num_finite > 1 else None,
+          capsize=3,
+      )
       axis.scatter(np.full(len(finals), x), finals, color="black", s=8, zorder=3)
     axis.set_title(f"final {metric.name}", fontsize=9)
     axis.set_xticks(range(len(by_point)), [""] * len(by_point))
@@ -320,8 +354,11 @@ def plot_final_bars(path: pathlib.Path, by_point: Mapping[str, Sequence[RunMetri
 
 
 def _legend(figure: Figure, colors: Mapping[str, Any]) -> None:
-  figure.legend(handles=[Patch(color=c, label=p) for p, c in colors.items()],
-                loc="outside right upper", fontsize=8)
+  figure.legend(
+      handles=[Patch(color=c, label=p) for p, c in colors.items()],
+      loc="outside right upper",
+      fontsize=8,
+  )
 
 
 def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -330,12 +367,17 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> lis
   return lines
 
 
-def aggregate(out: str | pathlib.Path, runs: Sequence[RunMetrics], *,
-              points: Sequence[str], metrics: Sequence[MetricSpec] = DEFAULT_METRICS,
-              curves: Sequence[MetricSpec] | None = None,
-              point_overrides: Mapping[str, Sequence[str]] | None = None,
-              expected_runs: Mapping[str, int] | None = None,
-              notes: Sequence[str] = ()) -> dict[str, pathlib.Path]:
+def aggregate(
+    out: str | pathlib.Path,
+    runs: Sequence[RunMetrics],
+    *,
+    points: Sequence[str],
+    metrics: Sequence[MetricSpec] = DEFAULT_METRICS,
+    curves: Sequence[MetricSpec] | None = None,
+    point_overrides: Mapping[str, Sequence[str]] | None = None,
+    expected_runs: Mapping[str, int] | None = None,
+    notes: Sequence[str] = (),
+) -> dict[str, pathlib.Path]:
   """Writes table.md, table.csv, runs.csv, curves.png and final_bars.png into `out`.
 
   Args:
@@ -378,18 +420,22 @@ def aggregate(out: str | pathlib.Path, runs: Sequence[RunMetrics], *,
     for metric in metrics:
       for statistic in ("initial", "final", "gain", metric.mode):
         stats[point, metric.name, statistic] = mean_stderr(
-            v for p, _, m, s, v in per_run if (p, m, s) == (point, metric.name, statistic))
+            v for p, _, m, s, v in per_run if (p, m, s) == (point, metric.name, statistic)
+        )
   reference = points[0]
   by_run = {(p, seed, m, s): v for p, seed, m, s, v in per_run}
+
   def by_seed(point: str, metric: str, statistic: str) -> dict[int, float]:
-    return {seed: v for (p, seed, m, s), v in by_run.items() if (p, m, s) == (point, metric,
-                                                                              statistic)}
+    return {
+        seed: v for (p, seed, m, s), v in by_run.items() if (p, m, s) == (point, metric, statistic)
+    }
 
   for point in points[1:]:
     for metric in metrics:
       for statistic in ("final", metric.mode):
         stats[point, metric.name, f"{statistic}_minus_{reference}"] = paired_difference(
-            by_seed(point, metric.name, statistic), by_seed(reference, metric.name, statistic))
+            by_seed(point, metric.name, statistic), by_seed(reference, metric.name, statistic)
+        )
 
   out.mkdir(parents=True, exist_ok=True)
   files = {"table_md": out / TABLE_MD, "table_csv": out / TABLE_CSV, "runs_csv": out / RUNS_CSV}
@@ -399,69 +445,118 @@ def aggregate(out: str | pathlib.Path, runs: Sequence[RunMetrics], *,
     writer.writerows([p, seed, m, s, _csv_float(v)] for p, seed, m, s, v in per_run)
   with files["table_csv"].open("w", newline="") as f:
     writer = csv.writer(f)
-    writer.writerow(["point", "metric", "statistic", "mean", "stderr", "ci95", "num_finite",
-                     "num_runs"])
+    writer.writerow(
+        ["point", "metric", "statistic", "mean", "stderr", "ci95", "num_finite", "num_runs"]
+    )
     for (point, metric, statistic), stat in stats.items():
-      writer.writerow([point, metric, statistic, _csv_float(stat.mean), _csv_float(stat.stderr),
-                       _csv_float(stat.ci95), stat.num_finite, stat.num_runs])
+      writer.writerow(
+          [
+              point,
+              metric,
+              statistic,
+              _csv_float(stat.mean),
+              _csv_float(stat.stderr),
+              _csv_float(stat.ci95),
+              stat.num_finite,
+              stat.num_runs,
+          ]
+      )
 
   def seeds_cell(point: str) -> str:
     done = len(by_point[point])
     return f"{done}/{expected_runs[point]}" if expected_runs else str(done)
 
   lines = ["# Ablation results", ""] + [f"- {note}" for note in notes]
-  lines += ["- mean ± half-width of its 95% confidence interval over seeds "
-            "(t_{0.975, n−1}·s/√n, ddof = 1), the mean rounded to the half-width's second "
-            "significant digit; (k/n): only k of n runs had a finite value", ""]
+  lines += [
+      "- mean ± half-width of its 95% confidence interval over seeds "
+      "(t_{0.975, n−1}·s/√n, ddof = 1), the mean rounded to the half-width's second "
+      "significant digit; (k/n): only k of n runs had a finite value",
+      "",
+  ]
   if absent:
     lines += [f"- not logged by any run: {', '.join(sorted(absent))}", ""]
-  sections = [("Final values", lambda m: "final", lambda m: m.name),
-              ("Extremes over the RL steps (step >= 1)", lambda m: m.mode,
-               lambda m: f"{m.name} ({m.mode})")]
-  initial_metrics = [m for m in metrics
-                     if any(stats[p, m.name, "initial"].num_finite for p in points)]
+  sections = [
+      ("Final values", lambda m: "final", lambda m: m.name),
+      (
+          "Extremes over the RL steps (step >= 1)",
+          lambda m: m.mode,
+          lambda m: f"{m.name} ({m.mode})",
+      ),
+  ]
+  initial_metrics = [
+      m for m in metrics if any(stats[p, m.name, "initial"].num_finite for p in points)
+  ]
   for title, statistic, label in sections:
     lines += [f"## {title}", ""]
     lines += _markdown_table(
         ["point", "seeds"] + [label(m) for m in metrics],
-        [[p, seeds_cell(p)] + [_fmt(stats[p, m.name, statistic(m)]) for m in metrics]
-         for p in points])
+        [
+            [p, seeds_cell(p)] + [_fmt(stats[p, m.name, statistic(m)]) for m in metrics]
+            for p in points
+        ],
+    )
     lines.append("")
   if initial_metrics:
     lines += ["## Before RL (step 0)", ""]
     lines += _markdown_table(
         ["point"] + [m.name for m in initial_metrics],
-        [[p] + [_fmt(stats[p, m.name, "initial"]) for m in initial_metrics] for p in points])
+        [[p] + [_fmt(stats[p, m.name, "initial"]) for m in initial_metrics] for p in points],
+    )
     lines += ["", "## RL gain (final − step 0)", ""]
     lines += _markdown_table(
         ["point"] + [m.name for m in initial_metrics],
-        [[p] + [_fmt(stats[p, m.name, "gain"]) for m in initial_metrics] for p in points])
+        [[p] + [_fmt(stats[p, m.name, "gain"]) for m in initial_metrics] for p in points],
+    )
     lines.append("")
   for title, statistic, label in (sections if len(points) > 1 else ()):
     lines += [f"## {title} minus {reference}'s, paired by seed", ""]
     lines += _markdown_table(
         ["point", "seeds"] + [label(m) for m in metrics],
-        [[p, str(stats[p, metrics[0].name, f"{statistic(metrics[0])}_minus_{reference}"].num_runs)]
-         + [_fmt(stats[p, m.name, f"{statistic(m)}_minus_{reference}"]) for m in metrics]
-         for p in points[1:]])
+        [
+            [
+                p,
+                str(
+                    stats[p, metrics[0].name, f"{statistic(metrics[0])}_minus_{reference}"].num_runs
+                ),
+            ]
+            + [_fmt(stats[p, m.name, f"{statistic(m)}_minus_{reference}"]) for m in metrics]
+            for p in points[1:]
+        ],
+    )
     lines.append("")
   if len(points) > 1:
-    lines += [f"## Seeds for the paired final difference from {reference} to exclude 0",
-              "", "(`seeds_to_resolve`: at the observed mean and spread; — : none would)", ""]
+    lines += [
+        f"## Seeds for the paired final difference from {reference} to exclude 0",
+        "",
+        "(`seeds_to_resolve`: at the observed mean and spread; — : none would)",
+        "",
+    ]
     lines += _markdown_table(
         ["point"] + [m.name for m in metrics],
-        [[p] + [str(seeds_to_resolve(stats[p, m.name, f"final_minus_{reference}"]) or "—")
-                for m in metrics] for p in points[1:]])
+        [
+            [p]
+            + [
+                str(seeds_to_resolve(stats[p, m.name, f"final_minus_{reference}"]) or "—")
+                for m in metrics
+            ]
+            for p in points[1:]
+        ],
+    )
     lines.append("")
   if point_overrides:
     lines += ["## Points", ""]
     lines += _markdown_table(
         ["point", "overrides"],
-        [[p, "<br>".join(f"`{o}`" for o in point_overrides.get(p, ())) or "(base config)"]
-         for p in points])
+        [
+            [p, "<br>".join(f"`{o}`" for o in point_overrides.get(p, ())) or "(base config)"]
+            for p in points
+        ],
+    )
     lines.append("")
-  sampled = {p: {r.seed: r.sampled for r in point_runs if r.sampled is not None}
-             for p, point_runs in by_point.items()}
+  sampled = {
+      p: {r.seed: r.sampled for r in point_runs if r.sampled is not None}
+      for p, point_runs in by_point.items()
+  }
   if any(sampled.values()):
     lines += _pass_at_k_section(out, sampled, files)
   files["table_md"].write_text("\n".join(lines))
@@ -472,51 +567,93 @@ def aggregate(out: str | pathlib.Path, runs: Sequence[RunMetrics], *,
   return files
 
 
-def _pass_at_k_section(out: pathlib.Path, sampled: Mapping[str, Mapping[int, SampledEval]],
-                       files: dict[str, pathlib.Path]) -> list[str]:
+def _pass_at_k_section(
+    out: pathlib.Path,
+    sampled: Mapping[str, Mapping[int, SampledEval]],
+    files: dict[str, pathlib.Path],
+) -> list[str]:
   """pass_at_k.csv, pass_at_k.png and the lines of table.md on the sampled pass@k curves."""
   points = [p for p, runs in sampled.items() if runs]
   reference = points[0]
   n = min(len(e.final) for runs in sampled.values() for e in runs.values())
-  ks = [k for k in (2 ** i for i in range(n.bit_length())) if k <= n]
-  unpaired = {(p, k, which): mean_stderr(getattr(e, which)[k - 1] for e in sampled[p].values())
-              for p in points for k in range(1, n + 1) for which in ("initial", "final")}
-  paired = {(p, k): paired_difference({s: e.final[k - 1] for s, e in sampled[p].items()},
-                                      {s: e.final[k - 1] for s, e in sampled[reference].items()})
-            for p in points[1:] for k in range(1, n + 1)}
-  distinct = {(p, which): mean_stderr(getattr(e, f"{which}_distinct") for e in sampled[p].values())
-              for p in points for which in ("initial", "final")}
+  ks = [k for k in (2**i for i in range(n.bit_length())) if k <= n]
+  unpaired = {
+      (p, k, which): mean_stderr(getattr(e, which)[k - 1] for e in sampled[p].values())
+      for p in points
+      for k in range(1, n + 1)
+      for which in ("initial", "final")
+  }
+  paired = {
+      (p, k): paired_difference(
+          {s: e.final[k - 1] for s, e in sampled[p].items()},
+          {s: e.final[k - 1] for s, e in sampled[reference].items()},
+      )
+      for p in points[1:]
+      for k in range(1, n + 1)
+  }
+  distinct = {
+      (p, which): mean_stderr(getattr(e, f"{which}_distinct") for e in sampled[p].values())
+      for p in points
+      for which in ("initial", "final")
+  }
   files["pass_at_k_csv"] = out / PASS_AT_K_CSV
   with files["pass_at_k_csv"].open("w", newline="") as f:
     writer = csv.writer(f)
-    writer.writerow(["point", "k", "statistic", "mean", "stderr", "ci95", "num_finite",
-                     "num_runs"])
+    writer.writerow(["point", "k", "statistic", "mean", "stderr", "ci95", "num_finite", "num_runs"])
     rows = [(p, k, which, stat) for (p, k, which), stat in unpaired.items()]
     rows += [(p, k, f"final_minus_{reference}", stat) for (p, k), stat in paired.items()]
     for p, k, statistic, stat in rows:
-      writer.writerow([p, k, statistic, _csv_float(stat.mean), _csv_float(stat.stderr),
-                       _csv_float(stat.ci95), stat.num_finite, stat.num_runs])
+      writer.writerow(
+          [
+              p,
+              k,
+              statistic,
+              _csv_float(stat.mean),
+              _csv_float(stat.stderr),
+              _csv_float(stat.ci95),
+              stat.num_finite,
+              stat.num_runs,
+          ]
+      )
   files["pass_at_k"] = plot_pass_at_k(out / PASS_AT_K_PNG, unpaired, paired, points=points, n=n)
   header = ["point", "seeds"] + [f"pass@{k}" for k in ks] + ["distinct answers"]
-  lines = [f"## Sampled pass@k of the last evaluation (n = {n} per prompt, unbiased estimator)",
-           ""]
-  lines += _markdown_table(header, [
-      [p, str(len(sampled[p]))] + [_fmt(unpaired[p, k, "final"]) for k in ks]
-      + [_fmt(distinct[p, "final"])] for p in points])
+  lines = [f"## Sampled pass@k of the last evaluation (n = {n} per prompt, unbiased estimator)", ""]
+  lines += _markdown_table(
+      header,
+      [
+          [p, str(len(sampled[p]))]
+          + [_fmt(unpaired[p, k, "final"]) for k in ks]
+          + [_fmt(distinct[p, "final"])]
+          for p in points
+      ],
+  )
   lines += ["", "Before RL (step 0):", ""]
-  lines += _markdown_table(header, [
-      [p, str(len(sampled[p]))] + [_fmt(unpaired[p, k, "initial"]) for k in ks]
-      + [_fmt(distinct[p, "initial"])] for p in points])
+  lines += _markdown_table(
+      header,
+      [
+          [p, str(len(sampled[p]))]
+          + [_fmt(unpaired[p, k, "initial"]) for k in ks]
+          + [_fmt(distinct[p, "initial"])]
+          for p in points
+      ],
+  )
   if len(points) > 1:
     lines += ["", f"## Sampled pass@k minus {reference}'s, paired by seed", ""]
-    lines += _markdown_table(header[:-1], [
-        [p, str(paired[p, 1].num_runs)] + [_fmt(paired[p, k]) for k in ks] for p in points[1:]])
+    lines += _markdown_table(
+        header[:-1],
+        [[p, str(paired[p, 1].num_runs)] + [_fmt(paired[p, k]) for k in ks] for p in points[1:]],
+    )
   return lines + [""]
 
 
-def plot_pass_at_k(path: pathlib.Path, unpaired: Mapping[tuple[str, int, str], Stat],
-                   paired: Mapping[tuple[str, int], Stat], *, points: Sequence[str],
-                   n: int) -> pathlib.Path:
+def plot_pass_at_k(
+    path: pathlib.Path,
+    unpaired: Mapping[tuple[str, int, str], Stat],
+    paired: Mapping[tuple[str, int], Stat],
+    *,
+    points: Sequence[str],
+    n: int,
+) -> pathlib.Path:
   """pass@k against k (log scale) per point with its 95% band, the first point's step 0 dashed;
   beside it each point's paired difference from the first point with its 95% band."""
   figure, axes = _panels(2 if len(points) > 1 else 1, ncols=2, height=3.6)
@@ -529,8 +666,13 @@ def plot_pass_at_k(path: pathlib.Path, unpaired: Mapping[tuple[str, int, str], S
     axis.plot(ks, mean, color=color, linewidth=1.2, **style)
     axis.fill_between(ks, mean - ci95, mean + ci95, color=color, alpha=0.15, linewidth=0)
 
-  band(axes[0], [unpaired[points[0], k, "initial"] for k in ks], "gray", linestyle="--",
-       label="before RL")
+  band(
+      axes[0],
+      [unpaired[points[0], k, "initial"] for k in ks],
+      "gray",
+      linestyle="--",
+      label="before RL",
+  )
   for point in points:
     band(axes[0], [unpaired[point, k, "final"] for k in ks], colors[point], label=point)
   axes[0].set_title(f"held-out pass@k (n = {n}), mean over seeds, 95% CI", fontsize=9)
@@ -550,8 +692,9 @@ def plot_pass_at_k(path: pathlib.Path, unpaired: Mapping[tuple[str, int, str], S
   return path
 
 
-def load_runs(entries: Iterable[tuple[str, int, str | pathlib.Path]], *,
-              until_step: int | None = None) -> list[RunMetrics]:
+def load_runs(
+    entries: Iterable[tuple[str, int, str | pathlib.Path]], *, until_step: int | None = None
+) -> list[RunMetrics]:
   """(point, seed, workdir) -> the run's records (`gmpo_jax.infra.metrics.read_metrics`) and its
   sampled evaluations (`load_sampled`); with `until_step`, only what was logged up to that step
   (every run then ends at the same step: a grid cut short compares its points there)."""

@@ -153,15 +153,23 @@ def make_state(step: int, *, features: int = 4) -> checkpointing.CheckpointState
   grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5 + step), params)
   _, opt_state = TX.update(grads, opt_state, params)
   return checkpointing.CheckpointState(
-      step=step, model=params, opt_state=opt_state, key=jax.random.fold_in(jax.random.key(7), step),
-      metadata={"data_position": 10 * step, "skipped_updates": 0})
+      step=step,
+      model=params,
+      opt_state=opt_state,
+      key=jax.random.fold_in(jax.random.key(7), step),
+      metadata={"data_position": 10 * step, "skipped_updates": 0},
+  )
 
 
 def abstract_target(*, features: int = 4) -> checkpointing.CheckpointState:
   _, params = nnx.split(nnx.eval_shape(lambda: nnx.Linear(3, features, rngs=nnx.Rngs(0))))
   return checkpointing.CheckpointState(
-      step=0, model=params, opt_state=jax.eval_shape(TX.init, params),
-      key=jax.eval_shape(lambda: jax.random.key(0)), metadata={})
+      step=0,
+      model=params,
+      opt_state=jax.eval_shape(TX.init, params),
+      key=jax.eval_shape(lambda: jax.random.key(0)),
+      metadata={},
+  )
 
 
 def save_steps(directory: pathlib.Path, steps=(1, 2, 3), *, features: int = 4) -> None:
@@ -172,13 +180,17 @@ def save_steps(directory: pathlib.Path, steps=(1, 2, 3), *, features: int = 4) -
 
 def host_values(state: checkpointing.CheckpointState) -> list[np.ndarray]:
   return [np.asarray(x) for x in jax.tree.leaves((state.model, state.opt_state))] + [
-      np.asarray(jax.random.key_data(state.key))]
+      np.asarray(jax.random.key_data(state.key))
+  ]
 
 
 def same_state(restored: checkpointing.CheckpointState, step: int) -> bool:
   expected = make_state(step)
-  return (restored.step == step and dict(restored.metadata) == dict(expected.metadata)
-          and all(np.array_equal(a, b) for a, b in zip(host_values(restored), host_values(expected))))
+  return (
+      restored.step == step
+      and dict(restored.metadata) == dict(expected.metadata)
+      and all(np.array_equal(a, b) for a, b in zip(host_values(restored), host_values(expected)))
+  )
 
 
 # -- trials ---------------------------------------------------------------------------------
@@ -194,8 +206,13 @@ class _Warnings(logging.Handler):
     self.messages.append(record.getMessage())
 
 
-def restore_outcome(directory: pathlib.Path, *, expected_step: int | None, damaged: list[int],
-                    target: checkpointing.CheckpointState | None = None) -> str:
+def restore_outcome(
+    directory: pathlib.Path,
+    *,
+    expected_step: int | None,
+    damaged: list[int],
+    target: checkpointing.CheckpointState | None = None,
+) -> str:
   """Restores `directory` and names the outcome (see the module docstring)."""
   handler = _Warnings()
   logger = logging.getLogger("gmpo_jax.infra.checkpointing")
@@ -215,7 +232,9 @@ def restore_outcome(directory: pathlib.Path, *, expected_step: int | None, damag
   if "Event loop is closed" in stderr.getvalue():
     return "EVENT LOOP TRACEBACK"
   if restored is None or expected_step is None:
-    return f"LOADED {'NOTHING' if restored is None else 'STEP %d' % restored.step} (expected an error)"
+    return (
+        f"LOADED {'NOTHING' if restored is None else 'STEP %d' % restored.step} (expected an error)"
+    )
   if restored.step != expected_step:
     return f"WRONG STEP {restored.step}"
   if not same_state(restored, expected_step):
@@ -264,7 +283,9 @@ def special_trials(pristine: dict[tuple[int, ...], pathlib.Path], scratch: pathl
     directory = scratch / name.replace(" ", "_").replace("/", "_")
     shutil.copytree(source, directory)
     damage(directory)
-    outcome = restore_outcome(directory, expected_step=expected, damaged=list(damaged), target=target)
+    outcome = restore_outcome(
+        directory, expected_step=expected, damaged=list(damaged), target=target
+    )
     shutil.rmtree(directory, ignore_errors=True)
     return name, position, outcome
 
@@ -272,28 +293,68 @@ def special_trials(pristine: dict[tuple[int, ...], pathlib.Path], scratch: pathl
     def damage(directory):
       path = directory / "3" / relative
       path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
     return damage
 
-  yield trial("metadata: valid JSON, data_position 0", "latest",
-              edit_json("metadata/metadata", lambda m: {**m, "data_position": 0}))
-  yield trial("metrics: valid JSON, acc 1e9", "latest", edit_json("metrics/metrics", lambda m: {"acc": 1e9}))
-  yield trial("manifest: valid JSON, one hash changed", "latest", edit_json(
-      checkpointing.MANIFEST_FILE,
-      lambda m: {**m, "files": {**m["files"], "metadata/metadata": {
-          **m["files"]["metadata/metadata"], "sha256": "0" * 64}}}))
-  yield trial("manifest: valid JSON, a shape changed", "latest", edit_json(
-      checkpointing.MANIFEST_FILE,
-      lambda m: {**m, "tree": {**m["tree"], "['model']['kernel'].value": {"shape": [9, 9], "dtype": "float32"}}}))
+  yield trial(
+      "metadata: valid JSON, data_position 0",
+      "latest",
+      edit_json("metadata/metadata", lambda m: {**m, "data_position": 0}),
+  )
+  yield trial(
+      "metrics: valid JSON, acc 1e9", "latest", edit_json("metrics/metrics", lambda m: {"acc": 1e9})
+  )
+  yield trial(
+      "manifest: valid JSON, one hash changed",
+      "latest",
+      edit_json(
+          checkpointing.MANIFEST_FILE,
+          lambda m: {
+              **m,
+              "files": {
+                  **m["files"],
+                  "metadata/metadata": {**m["files"]["metadata/metadata"], "sha256": "0" * 64},
+              },
+          },
+      ),
+  )
+  yield trial(
+      "manifest: valid JSON, a shape changed",
+      "latest",
+      edit_json(
+          checkpointing.MANIFEST_FILE,
+          lambda m: {
+              **m,
+              "tree": {
+                  **m["tree"],
+                  "['model']['kernel'].value": {"shape": [9, 9], "dtype": "float32"},
+              },
+          },
+      ),
+  )
 
   def extra_truncated(directory):
     data = sorted((directory / "3" / "state").rglob("d/*"))[0]
     (data.parent / "0123456789abcdef").write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+
   yield trial("extra truncated data file", "latest", extra_truncated)
-  yield trial("half-written step 4 committed without manifest", "latest",
-              lambda d: (shutil.copytree(d / "3", d / "4"), (d / "4" / checkpointing.MANIFEST_FILE).unlink()),
-              expected=3, damaged=(4,))
-  yield trial("Orbax tmp directory of step 4 left by a kill", "latest",
-              lambda d: shutil.copytree(d / "3", d / "4.orbax-checkpoint-tmp"), expected=3, damaged=())
+  yield trial(
+      "half-written step 4 committed without manifest",
+      "latest",
+      lambda d: (
+          shutil.copytree(d / "3", d / "4"),
+          (d / "4" / checkpointing.MANIFEST_FILE).unlink(),
+      ),
+      expected=3,
+      damaged=(4,),
+  )
+  yield trial(
+      "Orbax tmp directory of step 4 left by a kill",
+      "latest",
+      lambda d: shutil.copytree(d / "3", d / "4.orbax-checkpoint-tmp"),
+      expected=3,
+      damaged=(),
+  )
 
   # A process killed between Orbax's commit and the end of the save: the manifest lacks the
   # hashes of the two files Orbax writes at the commit; they get structure checks only.
@@ -304,19 +365,36 @@ def special_trials(pristine: dict[tuple[int, ...], pathlib.Path], scratch: pathl
     save_steps(unsealed)
   finally:
     checkpointing.Checkpointer._seal = seal
-  yield trial("unsealed step: garbage in _CHECKPOINT_METADATA", "latest",
-              lambda d: garbage("start")(d / "3" / "_CHECKPOINT_METADATA"), source=unsealed)
-  yield trial("unsealed step: _CHECKPOINT_METADATA truncated", "latest",
-              lambda d: truncate(d / "3" / "_CHECKPOINT_METADATA"), source=unsealed)
-  yield trial("unsealed step: commit_success.txt deleted", "latest",
-              lambda d: delete(d / "3" / "commit_success.txt"), source=unsealed)
+  yield trial(
+      "unsealed step: garbage in _CHECKPOINT_METADATA",
+      "latest",
+      lambda d: garbage("start")(d / "3" / "_CHECKPOINT_METADATA"),
+      source=unsealed,
+  )
+  yield trial(
+      "unsealed step: _CHECKPOINT_METADATA truncated",
+      "latest",
+      lambda d: truncate(d / "3" / "_CHECKPOINT_METADATA"),
+      source=unsealed,
+  )
+  yield trial(
+      "unsealed step: commit_success.txt deleted",
+      "latest",
+      lambda d: delete(d / "3" / "commit_success.txt"),
+      source=unsealed,
+  )
 
   other_latest = scratch / "other_latest_src"
   save_steps(other_latest, (1, 2))
   save_steps(other_latest, (3,), features=5)
   yield trial("another model (Linear 3x5) in step 3", "latest", lambda d: None, source=other_latest)
-  yield trial("another model in every step", "only", lambda d: None, expected=None,
-              target=abstract_target(features=5))
+  yield trial(
+      "another model in every step",
+      "only",
+      lambda d: None,
+      expected=None,
+      target=abstract_target(features=5),
+  )
 
 
 def unreadable_trials(pristine: dict[tuple[int, ...], pathlib.Path], scratch: pathlib.Path):
@@ -345,14 +423,23 @@ def unreadable_trials(pristine: dict[tuple[int, ...], pathlib.Path], scratch: pa
         "logging.getLogger('gmpo_jax.infra.checkpointing').addHandler(warnings)\n"
         "outcome = f.restore_outcome(pathlib.Path(sys.argv[1]), expected_step=2, damaged=[])\n"
         "print('WARNINGS', sum('is not readable by this process' in m for m in warnings.messages))\n"
-        "print('OUTCOME', outcome)\n")
+        "print('OUTCOME', outcome)\n"
+    )
     command = [sys.executable, "-c", script, str(directory / "ckpt")]
     if as_other_user:
       command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] + command
-    result = subprocess.run(command, capture_output=True, text=True, cwd=os.getcwd(),
-                            env=dict(os.environ, HOME=str(directory), JAX_PLATFORMS="cpu"))
-    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines()
-                 if line.startswith(("OUTCOME ", "WARNINGS ")))
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        cwd=os.getcwd(),
+        env=dict(os.environ, HOME=str(directory), JAX_PLATFORMS="cpu"),
+    )
+    lines = dict(
+        line.split(" ", 1)
+        for line in result.stdout.splitlines()
+        if line.startswith(("OUTCOME ", "WARNINGS "))
+    )
     outcome = lines.get("OUTCOME", f"CRASHED: {result.stderr[-500:]}")
     warned = int(lines.get("WARNINGS", -1))
     still_there = target.exists()
@@ -374,8 +461,10 @@ def runner_trials(scratch: pathlib.Path):
   from gmpo_jax.runner import loop, rl_step
 
   def records(workdir):
-    return [{k: v for k, v in r.items() if k not in rl_step.TIMING_METRICS}
-            for r in metrics_lib.read_metrics(workdir)]
+    return [
+        {k: v for k, v in r.items() if k not in rl_step.TIMING_METRICS}
+        for r in metrics_lib.read_metrics(workdir)
+    ]
 
   reference_dir = scratch / "runner_reference"
   loop.train_and_evaluate(smoke.get_config(), reference_dir)
@@ -395,7 +484,8 @@ def runner_trials(scratch: pathlib.Path):
   finally:
     metrics_lib.MetricsWriter.write = write
   data_file = sorted((stopped / "checkpoints" / "3" / "state").rglob("d/*"))[0].relative_to(
-      stopped / "checkpoints" / "3")
+      stopped / "checkpoints" / "3"
+  )
   for fault_name in ("truncate", "garbage@middle", "bit_flip@middle", "delete"):
     for relative in (str(data_file), "metadata/metadata"):
       workdir = scratch / f"runner-{fault_name}-{relative.replace('/', '_')}"
@@ -413,13 +503,17 @@ def runner_trials(scratch: pathlib.Path):
         got = records(workdir)
         by_step = {r["step"]: r for r in got}
         same = sorted(by_step) == [r["step"] for r in reference] and all(
-            by_step[r["step"]].keys() == r.keys() and all(
-                np.allclose(by_step[r["step"]][k], r[k], rtol=1e-6) for k in r) for r in reference)
+            by_step[r["step"]].keys() == r.keys()
+            and all(np.allclose(by_step[r["step"]][k], r[k], rtol=1e-6) for k in r)
+            for r in reference
+        )
         moved = [p.name.split(".")[0] for p in (workdir / "checkpoints" / "corrupted").glob("*")]
         resumed = any(m.startswith("resuming from step 2") for m in messages.messages)
-        outcome = ("recovered: resumed from step 2, metrics equal the uninterrupted run"
-                   if same and resumed and moved == ["3"]
-                   else f"DIFFERENT (metrics equal: {same}, resumed from 2: {resumed}, moved {moved})")
+        outcome = (
+            "recovered: resumed from step 2, metrics equal the uninterrupted run"
+            if same and resumed and moved == ["3"]
+            else f"DIFFERENT (metrics equal: {same}, resumed from 2: {resumed}, moved {moved})"
+        )
       except Exception as error:  # noqa: BLE001
         outcome = f"ERROR {type(error).__name__}: {error}"
       finally:
@@ -445,20 +539,36 @@ class _Child:
   Orbax tmp directory exists in `checkpoints/` or `warm_start/`.
   """
 
-  _MARKERS = (("warm start: ", "first evaluation"), ("before RL:", "RL steps"),
-              ("Run summary", "done"))
+  _MARKERS = (
+      ("warm start: ", "first evaluation"),
+      ("before RL:", "RL steps"),
+      ("Run summary", "done"),
+  )
 
-  def __init__(self, workdir: pathlib.Path, *extra: str, env: dict[str, str],
-               prefix: tuple[str, ...] = ()):
+  def __init__(
+      self, workdir: pathlib.Path, *extra: str, env: dict[str, str], prefix: tuple[str, ...] = ()
+  ):
     self.workdir = workdir
     self.lines: list[str] = []
     self.events: list[tuple[float, str]] = []  # (time, phase that begins)
     self.writes: list[str] = []  # tmp directories seen, in order
     self.start = time.monotonic()
     self.proc = subprocess.Popen(
-        [*prefix, sys.executable, "-m", "gmpo_jax.main", "--config=configs/smoke.py",
-         f"--workdir={workdir}", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=_REPO, env=env)
+        [
+            *prefix,
+            sys.executable,
+            "-m",
+            "gmpo_jax.main",
+            "--config=configs/smoke.py",
+            f"--workdir={workdir}",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=_REPO,
+        env=env,
+    )
     self._reader = threading.Thread(target=self._read, daemon=True)
     self._reader.start()
 
@@ -472,7 +582,10 @@ class _Child:
 
   def poll(self) -> tuple[str, str | None]:
     """(phase, the step being written or None), after looking at the workdir."""
-    if not any(p == "warm start" for _, p in self.events) and (self.workdir / "warm_start").exists():
+    if (
+        not any(p == "warm start" for _, p in self.events)
+        and (self.workdir / "warm_start").exists()
+    ):
       self.events.append((time.monotonic(), "warm start"))
     writing = None
     for sub in ("checkpoints", "warm_start"):
@@ -500,26 +613,41 @@ class _Child:
 def _child_env(scratch: pathlib.Path) -> dict[str, str]:
   # A persistent compilation cache keeps each trial to seconds; it changes no value. One given
   # in the environment is kept (several invocations can share it).
-  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(_REPO), PYTHONUNBUFFERED="1",
-              JAX_COMPILATION_CACHE_DIR=os.environ.get("JAX_COMPILATION_CACHE_DIR",
-                                                       str(scratch / "jax_cache")),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      PYTHONPATH=str(_REPO),
+      PYTHONUNBUFFERED="1",
+      JAX_COMPILATION_CACHE_DIR=os.environ.get(
+          "JAX_COMPILATION_CACHE_DIR", str(scratch / "jax_cache")
+      ),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
 
 
 def _records(workdir: pathlib.Path) -> dict[int, dict]:
   """The last record of every step, timings removed."""
   from gmpo_jax.runner import rl_step
-  return {r["step"]: {k: v for k, v in r.items() if k not in rl_step.TIMING_METRICS}
-          for r in metrics_lib.read_metrics(workdir)}
+
+  return {
+      r["step"]: {k: v for k, v in r.items() if k not in rl_step.TIMING_METRICS}
+      for r in metrics_lib.read_metrics(workdir)
+  }
 
 
 def _saved_steps(workdir: pathlib.Path) -> set[str]:
-  return {f"{sub}/{p.name}" for sub in ("checkpoints", "warm_start")
-          for p in (workdir / sub).glob("*") if p.name.isdigit()}
+  return {
+      f"{sub}/{p.name}"
+      for sub in ("checkpoints", "warm_start")
+      for p in (workdir / sub).glob("*")
+      if p.name.isdigit()
+  }
 
 
-def _reference_timeline(scratch: pathlib.Path, env) -> tuple[dict[int, dict], dict[str, float], int]:
+def _reference_timeline(
+    scratch: pathlib.Path, env
+) -> tuple[dict[int, dict], dict[str, float], int]:
   """An uninterrupted run: its records, how long each phase lasted, how many saves it made.
 
   Run twice, the first filling the compilation cache, so the phases last as in the trials.
@@ -536,9 +664,17 @@ def _reference_timeline(scratch: pathlib.Path, env) -> tuple[dict[int, dict], di
   return _records(child.workdir), durations, len(child.writes)
 
 
-def interruption_trial(scratch: pathlib.Path, env, name: str, signum: int, target: str,
-                       rng: np.random.Generator, durations: dict[str, float], saves: int,
-                       reference: dict[int, dict]) -> dict:
+def interruption_trial(
+    scratch: pathlib.Path,
+    env,
+    name: str,
+    signum: int,
+    target: str,
+    rng: np.random.Generator,
+    durations: dict[str, float],
+    saves: int,
+    reference: dict[int, dict],
+) -> dict:
   """Signals a run at a random moment of `target`, reruns it to the end, compares the metrics."""
   workdir = scratch / name
   child = _Child(workdir, env=env)
@@ -549,8 +685,11 @@ def interruption_trial(scratch: pathlib.Path, env, name: str, signum: int, targe
   phase, writing, sent, before = "start-up", None, None, set()
   while child.proc.poll() is None:
     phase, writing = child.poll()
-    due = (len(child.writes) > nth and writing is not None) if nth is not None else (
-        child.began(target) is not None and time.monotonic() >= child.began(target) + delay)
+    due = (
+        (len(child.writes) > nth and writing is not None)
+        if nth is not None
+        else (child.began(target) is not None and time.monotonic() >= child.began(target) + delay)
+    )
     if due:
       before = _saved_steps(workdir)
       sent = time.monotonic()
@@ -567,18 +706,30 @@ def interruption_trial(scratch: pathlib.Path, env, name: str, signum: int, targe
   rerun = _Child(workdir, env=env)
   rerun_rc = rerun.wait()
   equal = rerun_rc == 0 and _records(workdir) == reference
-  trial = {"signal": signal.Signals(signum).name, "target": target,
-           "phase": (f"checkpoint write ({writing})" if writing else phase) if sent else phase,
-           "at_s": round(sent - child.start, 2) if sent else None, "rc": first_rc,
-           "exit_s": exit_s, "saved": saved, "resumed": _resume_point(rerun.log()),
-           "rerun_rc": rerun_rc, "finished": finished,
-           "equal": equal, "event_loop": "Event loop is closed" in log + rerun.log()}
+  trial = {
+      "signal": signal.Signals(signum).name,
+      "target": target,
+      "phase": (f"checkpoint write ({writing})" if writing else phase) if sent else phase,
+      "at_s": round(sent - child.start, 2) if sent else None,
+      "rc": first_rc,
+      "exit_s": exit_s,
+      "saved": saved,
+      "resumed": _resume_point(rerun.log()),
+      "rerun_rc": rerun_rc,
+      "finished": finished,
+      "equal": equal,
+      "event_loop": "Event loop is closed" in log + rerun.log(),
+  }
   # A SIGTERM after the last step's stop check finds nothing in flight: the run just ends.
   if signum == signal.SIGKILL:
     ok = sent and equal
   else:
-    ok = sent and first_rc == 0 and equal and (
-        (saved and "preempt" in log) or (finished and "preempt" not in log))
+    ok = (
+        sent
+        and first_rc == 0
+        and equal
+        and ((saved and "preempt" in log) or (finished and "preempt" not in log))
+    )
   trial["outcome"] = "recovered" if ok and not trial["event_loop"] else "FAILED"
   if trial["outcome"] != "recovered":
     trial["log"] = (log[-1500:], rerun.log()[-1500:])
@@ -590,25 +741,37 @@ def _resume_point(log: str) -> str:
   """Where a rerun started, from its log: the warm start's and the RL loop's."""
   warm = re.search(r"warm start: (reusing|resuming at step (\d+))", log)
   rl = re.search(r"resuming from step (\d+)", log)
-  return ", ".join([
-      "warm start " + ("redone" if not warm else "reused" if warm[1] == "reusing" else f"from {warm[2]}"),
-      "RL from " + (f"step {rl[1]}" if rl else "scratch")])
+  return ", ".join(
+      [
+          "warm start "
+          + ("redone" if not warm else "reused" if warm[1] == "reusing" else f"from {warm[2]}"),
+          "RL from " + (f"step {rl[1]}" if rl else "scratch"),
+      ]
+  )
 
 
-def interruption_trials(scratch: pathlib.Path, *, kills: int, sigterms: int, seed: int,
-                        jobs: int) -> tuple[list[dict], dict[str, float]]:
+def interruption_trials(
+    scratch: pathlib.Path, *, kills: int, sigterms: int, seed: int, jobs: int
+) -> tuple[list[dict], dict[str, float]]:
   """`kills` kill -9 trials and `sigterms` SIGTERM trials per phase, `jobs` runs at a time."""
   env = _child_env(scratch)
   reference, durations, saves = _reference_timeline(scratch, env)
   rng = np.random.default_rng(seed)
   plan = [(f"kill-{i}", signal.SIGKILL, PHASES[i % len(PHASES)]) for i in range(kills)] + [
       (f"term-{p.replace(' ', '_')}-{i}", signal.SIGTERM, p)
-      for p in PHASES for i in range(sigterms)]
+      for p in PHASES
+      for i in range(sigterms)
+  ]
   seeds = rng.integers(2**31, size=len(plan))
   with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-    trials = list(pool.map(
-        lambda args: interruption_trial(scratch, env, *args[0], np.random.default_rng(args[1]),
-                                        durations, saves, reference), zip(plan, seeds)))
+    trials = list(
+        pool.map(
+            lambda args: interruption_trial(
+                scratch, env, *args[0], np.random.default_rng(args[1]), durations, saves, reference
+            ),
+            zip(plan, seeds),
+        )
+    )
   return trials, durations
 
 
@@ -626,10 +789,16 @@ def cli_error_trials(scratch: pathlib.Path):
     return rc, last, "clear error" if clear else "NO CLEAR ERROR"
 
   for name, extra in (
-      ("another model (hidden_size 48) in the workdir", ("--config.model.overrides.hidden_size=48",)),
-      ("another model, resume_with_changes=True", ("--config.model.overrides.hidden_size=48",
-                                                  "--config.resume_with_changes=True")),
-      ("another experiment (advantage grpo)", ("--config.algorithm.advantage=grpo",))):
+      (
+          "another model (hidden_size 48) in the workdir",
+          ("--config.model.overrides.hidden_size=48",),
+      ),
+      (
+          "another model, resume_with_changes=True",
+          ("--config.model.overrides.hidden_size=48", "--config.resume_with_changes=True"),
+      ),
+      ("another experiment (advantage grpo)", ("--config.algorithm.advantage=grpo",)),
+  ):
     workdir = scratch / "cli_other"
     shutil.copytree(done, workdir)
     yield (name, *one_line_error(_Child(workdir, *extra, env=env)))
@@ -649,10 +818,14 @@ def cli_error_trials(scratch: pathlib.Path):
   prefix = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups") if as_root else ()
   if as_root:
     subprocess.run(["chown", "-R", "65534:65534", str(home)], check=True)
-  cases = {"new workdir in a read-only directory": (home / "parent" / "run", [home / "parent"]),
-           "finished workdir, all read-only (chmod -R a-w)": (home / "finished", None),
-           "workdir with a read-only checkpoints/": (home / "checkpoints_read_only",
-                                                     [home / "checkpoints_read_only" / "checkpoints"])}
+  cases = {
+      "new workdir in a read-only directory": (home / "parent" / "run", [home / "parent"]),
+      "finished workdir, all read-only (chmod -R a-w)": (home / "finished", None),
+      "workdir with a read-only checkpoints/": (
+          home / "checkpoints_read_only",
+          [home / "checkpoints_read_only" / "checkpoints"],
+      ),
+  }
   child_env = dict(env, HOME=str(home), JAX_COMPILATION_CACHE_DIR=str(home / "jax_cache"))
   try:
     for name, (workdir, read_only) in cases.items():
@@ -670,8 +843,13 @@ def soak(scratch: pathlib.Path, steps: int) -> dict:
   """A `steps`-step smoke run: RSS at every status line, and `compiles/update` of every step."""
   env = _child_env(scratch)
   every = max(steps // 10, 1)
-  child = _Child(scratch / "soak", f"--config.num_steps={steps}", f"--config.eval_every={every}",
-                 f"--config.checkpoint.every={every}", env=env)
+  child = _Child(
+      scratch / "soak",
+      f"--config.num_steps={steps}",
+      f"--config.eval_every={every}",
+      f"--config.checkpoint.every={every}",
+      env=env,
+  )
   rss, seen = [], 0
   while child.proc.poll() is None:
     status = [line for line in child.lines if "metrics.py" in line and f"/{steps} " in line]
@@ -679,9 +857,11 @@ def soak(scratch: pathlib.Path, steps: int) -> dict:
       seen = len(status)
       step = int(status[-1].split("step ", 1)[1].split("/")[0])
       with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-        kib = next(int(line.split()[1]) for line in
-                   pathlib.Path(f"/proc/{child.proc.pid}/status").read_text().splitlines()
-                   if line.startswith("VmRSS:"))
+        kib = next(
+            int(line.split()[1])
+            for line in pathlib.Path(f"/proc/{child.proc.pid}/status").read_text().splitlines()
+            if line.startswith("VmRSS:")
+        )
         rss.append((step, kib / 1024))
     time.sleep(0.05)
   rc = child.wait()
@@ -690,8 +870,14 @@ def soak(scratch: pathlib.Path, steps: int) -> dict:
   compiles = sorted({r["compiles/update"] for r in records.values() if "compiles/update" in r})
   seconds = [r["time/step"] for r in metrics_lib.read_metrics(child.workdir) if "time/step" in r]
   shutil.rmtree(child.workdir, ignore_errors=True)
-  return {"rc": rc, "rss": rss, "compiles": compiles, "steps": max(records), "wall_s": wall,
-          "s_per_step": float(np.median(seconds))}
+  return {
+      "rc": rc,
+      "rss": rss,
+      "compiles": compiles,
+      "steps": max(records),
+      "wall_s": wall,
+      "s_per_step": float(np.median(seconds)),
+  }
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -739,28 +925,35 @@ def print_signal_section(args, scratch: pathlib.Path) -> int:
   """kill -9 and SIGTERM trials through the command line; returns the failures."""
   failures = 0
   started, load = time.strftime("%Y-%m-%d %H:%M"), os.getloadavg()[0]
-  trials, durations = interruption_trials(scratch, kills=args.kills, sigterms=args.sigterms,
-                                          seed=args.seed, jobs=args.jobs)
+  trials, durations = interruption_trials(
+      scratch, kills=args.kills, sigterms=args.sigterms, seed=args.seed, jobs=args.jobs
+  )
   print("\n## Interrupted runs: kill -9 and SIGTERM\n")
-  print(f"`--sections signals --kills {args.kills} --sigterms {args.sigterms} --seed {args.seed} "
-        f"--jobs {args.jobs}`, run {started}, {os.cpu_count()} CPUs, load average {load:.1f} at "
-        f"the start and "
-        f"{os.getloadavg()[0]:.1f} after the trials (other jobs share the machine: wall times "
-        f"below are stretched by them).\n")
-  print(f"`python -m gmpo_jax.main --config=configs/smoke.py` in a child process (a persistent "
-        f"compilation cache keeps each run to seconds; {args.jobs} trials at a time), sent the "
-        f"signal at a random moment of the target phase (uniform over the phase's duration in an "
-        f"uninterrupted run: warm start {durations['warm start']:.1f} s, first evaluation "
-        f"{durations['first evaluation']:.1f} s, RL steps {durations['RL steps']:.1f} s), or, for "
-        f"a checkpoint write, while a randomly chosen save of the run has its Orbax tmp directory "
-        f"(warm-start saves included); then rerun with the same command to the end. The phase "
-        f"column is where the run was when the signal was sent, as its log and workdir showed. "
-        f"`recovered` = the rerun's metrics (every step, every key, timings aside) are identical to "
-        f"the uninterrupted run's (exact equality), no `Event loop is closed`, and, for SIGTERM: "
-        f"exit code 0 and a step saved after the signal (or the run had already logged its last "
-        f"step).\n")
-  print("| signal | target phase | trials | phase at the signal | exit code | saved after the signal "
-        "| rerun identical | outcome |")
+  print(
+      f"`--sections signals --kills {args.kills} --sigterms {args.sigterms} --seed {args.seed} "
+      f"--jobs {args.jobs}`, run {started}, {os.cpu_count()} CPUs, load average {load:.1f} at "
+      f"the start and "
+      f"{os.getloadavg()[0]:.1f} after the trials (other jobs share the machine: wall times "
+      f"below are stretched by them).\n"
+  )
+  print(
+      f"`python -m gmpo_jax.main --config=configs/smoke.py` in a child process (a persistent "
+      f"compilation cache keeps each run to seconds; {args.jobs} trials at a time), sent the "
+      f"signal at a random moment of the target phase (uniform over the phase's duration in an "
+      f"uninterrupted run: warm start {durations['warm start']:.1f} s, first evaluation "
+      f"{durations['first evaluation']:.1f} s, RL steps {durations['RL steps']:.1f} s), or, for "
+      f"a checkpoint write, while a randomly chosen save of the run has its Orbax tmp directory "
+      f"(warm-start saves included); then rerun with the same command to the end. The phase "
+      f"column is where the run was when the signal was sent, as its log and workdir showed. "
+      f"`recovered` = the rerun's metrics (every step, every key, timings aside) are identical to "
+      f"the uninterrupted run's (exact equality), no `Event loop is closed`, and, for SIGTERM: "
+      f"exit code 0 and a step saved after the signal (or the run had already logged its last "
+      f"step).\n"
+  )
+  print(
+      "| signal | target phase | trials | phase at the signal | exit code | saved after the signal "
+      "| rerun identical | outcome |"
+  )
   print("|---|---|---|---|---|---|---|---|")
   groups = collections.defaultdict(list)
   for trial in trials:
@@ -771,27 +964,40 @@ def print_signal_section(args, scratch: pathlib.Path) -> int:
     saved = sum(bool(t["saved"]) for t in group)
     good = sum(t["outcome"] == "recovered" for t in group)
     failures += len(group) - good
-    print(f"| {name} | {target} | {len(group)} | "
-          + ", ".join(f"{p} {n}" for p, n in phases.most_common()) + " | "
-          + ", ".join(f"{c}: {n}" for c, n in sorted(codes.items())) + f" | {saved}/{len(group)} | "
-          + f"{sum(t['equal'] for t in group)}/{len(group)} | recovered {good}/{len(group)}"
-          + (f", **FAILED {len(group) - good}**" if good < len(group) else "") + " |")
+    print(
+        f"| {name} | {target} | {len(group)} | "
+        + ", ".join(f"{p} {n}" for p, n in phases.most_common())
+        + " | "
+        + ", ".join(f"{c}: {n}" for c, n in sorted(codes.items()))
+        + f" | {saved}/{len(group)} | "
+        + f"{sum(t['equal'] for t in group)}/{len(group)} | recovered {good}/{len(group)}"
+        + (f", **FAILED {len(group) - good}**" if good < len(group) else "")
+        + " |"
+    )
   kills = [t for t in trials if t["signal"] == "SIGKILL"]
   terms = [t for t in trials if t["signal"] == "SIGTERM"]
   exits = [t["exit_s"] for t in terms if t["rc"] == 0 and t["exit_s"] is not None]
-  print(f"\n{len(kills)} kill -9 and {len(terms)} SIGTERM trials; "
-        f"{sum(t['outcome'] == 'recovered' for t in trials)} recovered. SIGTERM to exit: median "
-        f"{np.median(exits):.1f} s, max {max(exits):.1f} s (the step in flight finishes first).\n")
-  print("| trial | signal | target | phase at the signal | sent at (s) | exit code | saved | rerun "
-        "started | identical | outcome |")
+  print(
+      f"\n{len(kills)} kill -9 and {len(terms)} SIGTERM trials; "
+      f"{sum(t['outcome'] == 'recovered' for t in trials)} recovered. SIGTERM to exit: median "
+      f"{np.median(exits):.1f} s, max {max(exits):.1f} s (the step in flight finishes first).\n"
+  )
+  print(
+      "| trial | signal | target | phase at the signal | sent at (s) | exit code | saved | rerun "
+      "started | identical | outcome |"
+  )
   print("|---|---|---|---|---|---|---|---|---|---|")
   for i, t in enumerate(trials, 1):
-    print(f"| {i} | {t['signal']} | {t['target']} | {t['phase']} | {t['at_s']} | {t['rc']} | "
-          f"{', '.join(t['saved']) or '-'} | {t['resumed']} | {t['equal']} | {t['outcome']} |")
+    print(
+        f"| {i} | {t['signal']} | {t['target']} | {t['phase']} | {t['at_s']} | {t['rc']} | "
+        f"{', '.join(t['saved']) or '-'} | {t['resumed']} | {t['equal']} | {t['outcome']} |"
+    )
   for t in trials:
     if t["outcome"] != "recovered":
-      print(f"\n<details><summary>{t['signal']} {t['phase']}</summary>\n\n```\n{t['log'][0]}\n"
-            f"--- rerun ---\n{t['log'][1]}\n```\n</details>")
+      print(
+          f"\n<details><summary>{t['signal']} {t['phase']}</summary>\n\n```\n{t['log'][0]}\n"
+          f"--- rerun ---\n{t['log'][1]}\n```\n</details>"
+      )
 
   return failures
 
@@ -800,9 +1006,11 @@ def print_refused_section(scratch: pathlib.Path) -> int:
   """Workdirs the command line must refuse with one line; returns the failures."""
   failures = 0
   print("\n## Refused workdirs\n")
-  print("The same command on a finished smoke workdir changed as named (the read-only cases run "
-        "as `nobody` when the table is made as root, whom file modes do not bind). Expected: exit "
-        "code 2 and one line naming the problem, no traceback, nothing written.\n")
+  print(
+      "The same command on a finished smoke workdir changed as named (the read-only cases run "
+      "as `nobody` when the table is made as root, whom file modes do not bind). Expected: exit "
+      "code 2 and one line naming the problem, no traceback, nothing written.\n"
+  )
   print("| fault | exit code | the line printed | outcome |")
   print("|---|---|---|---|")
   for name, rc, line, outcome in cli_error_trials(scratch):
@@ -820,21 +1028,25 @@ def print_long_run_section(args, scratch: pathlib.Path) -> int:
   result = soak(scratch, args.soak_steps)
   rss = result["rss"]
   print(f"\n## A {args.soak_steps:,}-step run\n")
-  print(f"`configs/smoke.py` with `--config.num_steps={args.soak_steps} "
-        f"--config.eval_every={max(args.soak_steps // 10, 1)} "
-        f"--config.checkpoint.every={max(args.soak_steps // 10, 1)}`, resident set size (VmRSS) "
-        f"read at each status line; run {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, "
-        f"load average {load:.1f} at the start. Exit code {result['rc']}, {result['steps']} steps in "
-        f"{result['wall_s']:.0f} s ({result['s_per_step']:.3f} s/step median), `compiles/update` "
-        f"over all steps: {result['compiles']}.\n")
+  print(
+      f"`configs/smoke.py` with `--config.num_steps={args.soak_steps} "
+      f"--config.eval_every={max(args.soak_steps // 10, 1)} "
+      f"--config.checkpoint.every={max(args.soak_steps // 10, 1)}`, resident set size (VmRSS) "
+      f"read at each status line; run {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, "
+      f"load average {load:.1f} at the start. Exit code {result['rc']}, {result['steps']} steps in "
+      f"{result['wall_s']:.0f} s ({result['s_per_step']:.3f} s/step median), `compiles/update` "
+      f"over all steps: {result['compiles']}.\n"
+  )
   print("| step | " + " | ".join(str(step) for step, _ in rss) + " |")
   print("|---|" + "---|" * len(rss))
   print("| RSS (MiB) | " + " | ".join(f"{mib:.0f}" for _, mib in rss) + " |")
   steps, mib = np.array([s for s, _ in rss], float), np.array([m for _, m in rss])
   slope = np.polyfit(steps, mib, 1)[0] * 1000 if len(rss) > 1 else float("nan")
-  print(f"\nStart (step {int(steps[0])}) {mib[0]:.0f} MiB, end (step {int(steps[-1])}) "
-        f"{mib[-1]:.0f} MiB, max {mib.max():.0f} MiB; least-squares slope {slope:+.1f} MiB per "
-        f"1,000 steps; load average {os.getloadavg()[0]:.1f} at the end.")
+  print(
+      f"\nStart (step {int(steps[0])}) {mib[0]:.0f} MiB, end (step {int(steps[-1])}) "
+      f"{mib[-1]:.0f} MiB, max {mib.max():.0f} MiB; least-squares slope {slope:+.1f} MiB per "
+      f"1,000 steps; load average {os.getloadavg()[0]:.1f} at the end."
+  )
   if result["rc"] != 0 or result["compiles"] != [1]:
     failures += 1
   return failures
@@ -854,11 +1066,14 @@ def _cell(counts: collections.Counter, position: str) -> str:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument(
-      "--sections", nargs="+", default=["checkpointer"],
+      "--sections",
+      nargs="+",
+      default=["checkpointer"],
       choices=["checkpointer", "runner", "signals", "refused", "long-run"],
       help="checkpointer: damage saved steps of a tiny model; runner: damage the step a real run "
-           "resumes from; through gmpo_jax.main in child processes: signals (kill -9 / SIGTERM "
-           "in each phase), refused (workdirs the runner must refuse), long-run (memory)")
+      "resumes from; through gmpo_jax.main in child processes: signals (kill -9 / SIGTERM "
+      "in each phase), refused (workdirs the runner must refuse), long-run (memory)",
+  )
   parser.add_argument("--kills", type=int, default=24, help="kill -9 trials, spread over phases")
   parser.add_argument("--sigterms", type=int, default=5, help="SIGTERM trials per phase")
   parser.add_argument("--soak-steps", type=int, default=1000, help="steps of the long run")
@@ -891,33 +1106,44 @@ def main(argv=None) -> int:
       print("| fault | trials | latest | fallback | only |")
       print("|---|---|---|---|---|")
       for family, counts in by_fault.items():
-        print(f"| {family} | {sum(counts.values())} | "
-              + " | ".join(_cell(counts, p) for p in POSITIONS) + " |")
-      print(f"\n{total_trials} byte-damage trials over {len(table) // len(by_fault)} file types; "
-            f"{failures} neither recovered nor a clear error.\n")
+        print(
+            f"| {family} | {sum(counts.values())} | "
+            + " | ".join(_cell(counts, p) for p in POSITIONS)
+            + " |"
+        )
+      print(
+          f"\n{total_trials} byte-damage trials over {len(table) // len(by_fault)} file types; "
+          f"{failures} neither recovered nor a clear error.\n"
+      )
       print("\n".join(examples))
       print("## Byte damage by file type\n")
       print("| file type | fault | trials | latest | fallback | only |")
       print("|---|---|---|---|---|---|")
       for (kind, family), counts in sorted(table.items()):
-        print(f"| {kind} | {family} | {sum(counts.values())} | "
-              + " | ".join(_cell(counts, p) for p in POSITIONS) + " |")
+        print(
+            f"| {kind} | {family} | {sum(counts.values())} | "
+            + " | ".join(_cell(counts, p) for p in POSITIONS)
+            + " |"
+        )
 
       print("\n## Other faults\n")
       print("| fault | position | outcome |")
       print("|---|---|---|")
       for name, position, outcome in list(special_trials(pristine, scratch)) + list(
-          unreadable_trials(pristine, scratch)):
+          unreadable_trials(pristine, scratch)
+      ):
         if not (outcome in ("recovered", "error") or outcome.startswith("skipped")):
           failures += 1
         print(f"| {name} | {position} | {outcome} |")
 
     if "runner" in args.sections:
       print("\n## Through the runner\n")
-      print("`configs/smoke.py` stopped by SIGTERM after step 3, then one file of step 3 (the step "
-            "the rerun resumes from) damaged, then rerun to the end; `recovered` = it resumed "
-            "from step 2, moved step 3 aside, and every logged metric (timings aside) equals an "
-            "uninterrupted run's to rtol 1e-6.\n")
+      print(
+          "`configs/smoke.py` stopped by SIGTERM after step 3, then one file of step 3 (the step "
+          "the rerun resumes from) damaged, then rerun to the end; `recovered` = it resumed "
+          "from step 2, moved step 3 aside, and every logged metric (timings aside) equals an "
+          "uninterrupted run's to rtol 1e-6.\n"
+      )
       print("| file type | fault | outcome |")
       print("|---|---|---|")
       rows = []

@@ -81,20 +81,25 @@ from gmpo_jax.runner.loop import WARM_START_SUMMARY
 # pylint: enable=wrong-import-position
 
 # Short names for the fields an ablation varies most; one alias may set several fields.
-ALIASES: Mapping[str, tuple[str, ...]] = MappingProxyType({
-    "advantage": ("algorithm.advantage",),
-    "objective": ("algorithm.objective",),
-    "epsilon": ("algorithm.objective_kwargs.epsilon_low", "algorithm.objective_kwargs.epsilon_high"),
-    "epsilon_low": ("algorithm.objective_kwargs.epsilon_low",),
-    "epsilon_high": ("algorithm.objective_kwargs.epsilon_high",),
-    "clip_mode": ("algorithm.objective_kwargs.clip_mode",),
-    "loss_agg_mode": ("algorithm.loss_agg_mode",),
-    "num_generations": ("algorithm.num_generations",),
-    "num_epochs": ("algorithm.num_epochs",),
-    "beta": ("algorithm.beta",),
-    "lr": ("optim.learning_rate",),
-    "steps": ("num_steps",),
-})
+ALIASES: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "advantage": ("algorithm.advantage",),
+        "objective": ("algorithm.objective",),
+        "epsilon": (
+            "algorithm.objective_kwargs.epsilon_low",
+            "algorithm.objective_kwargs.epsilon_high",
+        ),
+        "epsilon_low": ("algorithm.objective_kwargs.epsilon_low",),
+        "epsilon_high": ("algorithm.objective_kwargs.epsilon_high",),
+        "clip_mode": ("algorithm.objective_kwargs.clip_mode",),
+        "loss_agg_mode": ("algorithm.loss_agg_mode",),
+        "num_generations": ("algorithm.num_generations",),
+        "num_epochs": ("algorithm.num_epochs",),
+        "beta": ("algorithm.beta",),
+        "lr": ("optim.learning_rate",),
+        "steps": ("num_steps",),
+    }
+)
 
 RUNS_DIR = "runs"
 MANIFEST = "launch.json"  # in OUT: the points and runs launched there
@@ -117,6 +122,7 @@ _NOT_GIVEN = object()
 class Override(NamedTuple):
   """One `--config.PATH=TEXT` flag; `expected` is the Python value it must parse to (a
   preset's value), or `_NOT_GIVEN` for text from the command line (the field's type decides)."""
+
   path: str
   text: str
   expected: Any = _NOT_GIVEN
@@ -131,8 +137,9 @@ def expand_key(key: str) -> tuple[str, ...]:
   if key in ALIASES:
     return ALIASES[key]
   if not _KEY_RE.fullmatch(key):
-    raise ValueError(f"{key!r} is neither a config path (a.b.c) nor an alias in "
-                     f"{sorted(ALIASES)}")
+    raise ValueError(
+        f"{key!r} is neither a config path (a.b.c) nor an alias in " f"{sorted(ALIASES)}"
+    )
   if key == "seed":
     raise ValueError("seeds come from --seeds / --first-seed, not from an override")
   return (key,)
@@ -193,6 +200,7 @@ def safe_label(value: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class Point:
   """One grid point: a name (its directory under OUT/runs) and the overrides it applies."""
+
   name: str
   overrides: tuple[Override, ...]
 
@@ -219,13 +227,15 @@ def grid_axes(specs: Sequence[str]) -> list[Axis]:
   axes = []
   for (key, paths, values), short in zip(parsed, shorts):
     label = short if shorts.count(short) == 1 else key
-    axes.append([(f"{label}={safe_label(v)}", tuple(Override(p, v) for p in paths))
-                 for v in values])
+    axes.append(
+        [(f"{label}={safe_label(v)}", tuple(Override(p, v) for p in paths)) for v in values]
+    )
   return axes
 
 
-def preset_axis(points: Mapping[str, Mapping[str, Any]] | Sequence[tuple[str, Mapping[str, Any]]]
-                ) -> Axis:
+def preset_axis(
+    points: Mapping[str, Mapping[str, Any]] | Sequence[tuple[str, Mapping[str, Any]]],
+) -> Axis:
   """A config module's `get_grid(name)` result (point name -> {key: value}, or a sequence of
   (name, {key: value}) pairs) -> one axis of named points."""
   items = list(points.items()) if isinstance(points, Mapping) else list(points)
@@ -234,10 +244,20 @@ def preset_axis(points: Mapping[str, Mapping[str, Any]] | Sequence[tuple[str, Ma
   axis = []
   for name, overrides in items:
     if not _POINT_NAME_RE.fullmatch(name):
-      raise ValueError(f"preset point name {name!r} is not filesystem-safe "
-                       "(letters, digits, '._+=,-'; not starting with '.')")
-    axis.append((name, tuple(Override(path, flag_text(value), value)
-                             for key, value in overrides.items() for path in expand_key(key))))
+      raise ValueError(
+          f"preset point name {name!r} is not filesystem-safe "
+          "(letters, digits, '._+=,-'; not starting with '.')"
+      )
+    axis.append(
+        (
+            name,
+            tuple(
+                Override(path, flag_text(value), value)
+                for key, value in overrides.items()
+                for path in expand_key(key)
+            ),
+        )
+    )
   return axis
 
 
@@ -288,6 +308,7 @@ def load_preset(config: str, name: str) -> Mapping[str, Mapping[str, Any]]:
 class RunSpec:
   """One run: a point at a seed, in its own workdir; or, with `warm_start_only`, the shared
   warm start of a seed."""
+
   point: Point
   seed: int
   config: str  # the --config value: an absolute path, optionally ':arg'
@@ -297,14 +318,20 @@ class RunSpec:
 
   @property
   def overrides(self) -> tuple[Override, ...]:
-    shared = (() if self.init_from is None else
-              (Override("warm_start.init_from", str(self.init_from), str(self.init_from)),))
+    shared = (
+        ()
+        if self.init_from is None
+        else (Override("warm_start.init_from", str(self.init_from), str(self.init_from)),)
+    )
     return self.point.overrides + shared + (Override("seed", str(self.seed), self.seed),)
 
   def config_args(self) -> list[str]:
     """The flags the config is resolved from."""
-    return [f"--config={self.config}", f"--workdir={self.workdir}",
-            *(o.flag() for o in self.overrides)]
+    return [
+        f"--config={self.config}",
+        f"--workdir={self.workdir}",
+        *(o.flag() for o in self.overrides),
+    ]
 
   def args(self) -> list[str]:
     """The runner's flags (after the runner command)."""
@@ -330,8 +357,9 @@ def resolve_config(spec: RunSpec) -> ml_collections.ConfigDict:
   """
   argv = ["runner", *spec.config_args()]
   flag_values = flags.FlagValues()
-  holder = config_flags.DEFINE_config_file("config", None, flag_values=flag_values,
-                                           lock_config=True, sys_argv=argv)
+  holder = config_flags.DEFINE_config_file(
+      "config", None, flag_values=flag_values, lock_config=True, sys_argv=argv
+  )
   flags.DEFINE_string("workdir", None, "the run's directory", flag_values=flag_values)
   try:
     flag_values(argv)
@@ -357,9 +385,12 @@ def config_path_value(config: ml_collections.ConfigDict, path: str) -> Any:
 def run_identity(spec: RunSpec, config: ml_collections.ConfigDict) -> dict[str, Any]:
   """What makes a run itself: its point, seed, overrides and the resolved config (paths of
   the config file and workdir aside, so a results folder can move)."""
-  return {"point": spec.point.name, "seed": spec.seed,
-          "overrides": [f"{o.path}={o.text}" for o in spec.overrides],
-          "config": json.loads(config.to_json_best_effort(sort_keys=True))}
+  return {
+      "point": spec.point.name,
+      "seed": spec.seed,
+      "overrides": [f"{o.path}={o.text}" for o in spec.overrides],
+      "config": json.loads(config.to_json_best_effort(sort_keys=True)),
+  }
 
 
 def is_finished(workdir: pathlib.Path) -> bool:
@@ -396,8 +427,9 @@ def _tail(path: pathlib.Path, lines: int = 8) -> str:
 class _Launcher:
   """Runs specs through the runner command, `parallel` at a time, and stops them on request."""
 
-  def __init__(self, runner: Sequence[str], *, parallel: int, env: Mapping[str, str],
-               stream: TextIO):
+  def __init__(
+      self, runner: Sequence[str], *, parallel: int, env: Mapping[str, str], stream: TextIO
+  ):
     self._runner = list(runner)
     self._parallel = parallel
     self._env = dict(env)
@@ -425,8 +457,9 @@ class _Launcher:
       try:
         # Own session: a Ctrl-C in the terminal reaches the launcher only, which then stops
         # each run with SIGTERM (the runner checkpoints and exits).
-        process = subprocess.Popen(command, stdout=file, stderr=subprocess.STDOUT,
-                                   env=self._env, start_new_session=True)
+        process = subprocess.Popen(
+            command, stdout=file, stderr=subprocess.STDOUT, env=self._env, start_new_session=True
+        )
       except OSError as error:  # e.g. a --runner that does not exist
         file.write(f"cannot start the runner: {error}\n")
         return RunResult(spec, "failed", None, 0.0, log)
@@ -450,20 +483,23 @@ class _Launcher:
       for process in self._processes.values():
         process.send_signal(sig)
 
-  def run_all(self, specs: Sequence[RunSpec], warm_starts: Sequence[RunSpec] = ()
-              ) -> list[RunResult]:
+  def run_all(
+      self, specs: Sequence[RunSpec], warm_starts: Sequence[RunSpec] = ()
+  ) -> list[RunResult]:
     """Runs `warm_starts` first, then `specs`, each of which waits for its seed's warm start
     (if among `warm_starts`) and is not run if that one does not finish."""
     results = []
     with concurrent.futures.ThreadPoolExecutor(self._parallel) as pool:
       before = {spec.seed: pool.submit(self._run, spec) for spec in warm_starts}
-      futures = list(before.values()) + [pool.submit(self._run, spec, before.get(spec.seed))
-                                         for spec in specs]
+      futures = list(before.values()) + [
+          pool.submit(self._run, spec, before.get(spec.seed)) for spec in specs
+      ]
       pending = set(futures)
       while pending:
         try:
-          done, pending = concurrent.futures.wait(pending, timeout=1.0,
-                                                  return_when=concurrent.futures.FIRST_COMPLETED)
+          done, pending = concurrent.futures.wait(
+              pending, timeout=1.0, return_when=concurrent.futures.FIRST_COMPLETED
+          )
         except KeyboardInterrupt:
           if self._stopping.is_set():
             self._print("second interrupt: killing the runs")
@@ -476,27 +512,49 @@ class _Launcher:
           result = future.result()
           results.append(result)
           if result.status == "finished":
-            self._print(f"[{len(results)}/{len(futures)}] finished {result.spec.label} "
-                        f"in {result.seconds:.0f} s")
+            self._print(
+                f"[{len(results)}/{len(futures)}] finished {result.spec.label} "
+                f"in {result.seconds:.0f} s"
+            )
           elif result.status == "failed":
-            self._print(f"[{len(results)}/{len(futures)}] FAILED {result.spec.label} "
-                        f"({_failure(result)}); log: {result.log}\n{_tail(result.log)}")
+            self._print(
+                f"[{len(results)}/{len(futures)}] FAILED {result.spec.label} "
+                f"({_failure(result)}); log: {result.log}\n{_tail(result.log)}"
+            )
           elif result.status == "not run":
-            self._print(f"[{len(results)}/{len(futures)}] not run: {result.spec.label} (its "
-                        "warm start did not finish)")
+            self._print(
+                f"[{len(results)}/{len(futures)}] not run: {result.spec.label} (its "
+                "warm start did not finish)"
+            )
     return results
 
 
-def plan_runs(points: Sequence[Point], seeds: Sequence[int], *, config: str,
-              out: pathlib.Path, shared_warm_start: bool = False,
-              by_seed: bool = False) -> list[RunSpec]:
+def plan_runs(
+    points: Sequence[Point],
+    seeds: Sequence[int],
+    *,
+    config: str,
+    out: pathlib.Path,
+    shared_warm_start: bool = False,
+    by_seed: bool = False,
+) -> list[RunSpec]:
   """The runs in the order they start: every seed of a point, point after point; `by_seed`:
   every point of a seed, seed after seed (a grid cut short then still holds paired seeds)."""
-  pairs = ([(p, s) for s in seeds for p in points] if by_seed else
-           [(p, s) for p in points for s in seeds])
-  return [RunSpec(point, seed, config, out / RUNS_DIR / point.name / f"seed_{seed}",
-                  init_from=warm_start_dir(out, seed) if shared_warm_start else None)
-          for point, seed in pairs]
+  pairs = (
+      [(p, s) for s in seeds for p in points]
+      if by_seed
+      else [(p, s) for p in points for s in seeds]
+  )
+  return [
+      RunSpec(
+          point,
+          seed,
+          config,
+          out / RUNS_DIR / point.name / f"seed_{seed}",
+          init_from=warm_start_dir(out, seed) if shared_warm_start else None,
+      )
+      for point, seed in pairs
+  ]
 
 
 def select_points(points: Sequence[Point], names: Sequence[str]) -> list[Point]:
@@ -512,12 +570,15 @@ def warm_start_dir(out: pathlib.Path, seed: int) -> pathlib.Path:
   return out / WARM_STARTS_DIR / f"seed_{seed}"
 
 
-def plan_warm_starts(seeds: Sequence[int], fixed: Sequence[Override], *, config: str,
-                     out: pathlib.Path) -> list[RunSpec]:
+def plan_warm_starts(
+    seeds: Sequence[int], fixed: Sequence[Override], *, config: str, out: pathlib.Path
+) -> list[RunSpec]:
   """One warm-start-only run per seed: the base config with the `--set` overrides."""
   point = Point("warm_start", tuple(sorted(fixed, key=lambda o: o.path.count("."))))
-  return [RunSpec(point, seed, config, warm_start_dir(out, seed), warm_start_only=True)
-          for seed in seeds]
+  return [
+      RunSpec(point, seed, config, warm_start_dir(out, seed), warm_start_only=True)
+      for seed in seeds
+  ]
 
 
 def prepare(specs: Sequence[RunSpec]) -> None:
@@ -536,8 +597,10 @@ def prepare(specs: Sequence[RunSpec]) -> None:
       continue
     path = spec.workdir / RUN_FILE
     if path.exists() and json.loads(path.read_text()) != identities[-1]:
-      errors.append(f"{spec.label}: {spec.workdir} holds a run with other overrides or another "
-                    f"config (see {path}); launch into another --out")
+      errors.append(
+          f"{spec.label}: {spec.workdir} holds a run with other overrides or another "
+          f"config (see {path}); launch into another --out"
+      )
   if errors:
     raise ValueError("\n".join(errors))
   for spec, identity in zip(specs, identities):
@@ -551,26 +614,39 @@ def update_manifest(out: pathlib.Path, config: str, specs: Sequence[RunSpec]) ->
   manifest = json.loads(path.read_text()) if path.exists() else {"points": [], "runs": []}
   points = {p["name"]: p for p in manifest["points"]}
   for spec in specs:
-    entry = points.setdefault(spec.point.name, {"name": spec.point.name, "config": config,
-                                                "overrides": spec.point.override_texts()})
+    entry = points.setdefault(
+        spec.point.name,
+        {"name": spec.point.name, "config": config, "overrides": spec.point.override_texts()},
+    )
     if entry["overrides"] != spec.point.override_texts():
-      raise ValueError(f"{path} has a point {spec.point.name!r} with other overrides: "
-                       f"{entry['overrides']}")
+      raise ValueError(
+          f"{path} has a point {spec.point.name!r} with other overrides: " f"{entry['overrides']}"
+      )
   runs = {(r["point"], r["seed"]): r for r in manifest["runs"]}
   for spec in specs:
-    runs.setdefault((spec.point.name, spec.seed),
-                    {"point": spec.point.name, "seed": spec.seed,
-                     "workdir": str(spec.workdir.relative_to(out))})
+    runs.setdefault(
+        (spec.point.name, spec.seed),
+        {
+            "point": spec.point.name,
+            "seed": spec.seed,
+            "workdir": str(spec.workdir.relative_to(out)),
+        },
+    )
   manifest = {"points": list(points.values()), "runs": list(runs.values())}
   out.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(manifest, indent=2) + "\n")
   return manifest
 
 
-def aggregate_out(out: pathlib.Path, *, metrics: Sequence[aggregate_lib.MetricSpec],
-                  curves: Sequence[aggregate_lib.MetricSpec] | None, stream: TextIO,
-                  points: Sequence[str] | None = None,
-                  until_step: int | None = None) -> dict[str, pathlib.Path] | None:
+def aggregate_out(
+    out: pathlib.Path,
+    *,
+    metrics: Sequence[aggregate_lib.MetricSpec],
+    curves: Sequence[aggregate_lib.MetricSpec] | None,
+    stream: TextIO,
+    points: Sequence[str] | None = None,
+    until_step: int | None = None,
+) -> dict[str, pathlib.Path] | None:
   """Aggregates the finished runs listed in OUT/launch.json into OUT; None if none has finished.
 
   `points`: only these, in this order (the first is the one the others are paired with).
@@ -586,8 +662,10 @@ def aggregate_out(out: pathlib.Path, *, metrics: Sequence[aggregate_lib.MetricSp
     unknown = [n for n in points if n not in by_name]
     if unknown:
       raise ValueError(f"--points {unknown} were not launched into {out}")
-    manifest = {"points": [by_name[n] for n in points],
-                "runs": [r for r in manifest["runs"] if r["point"] in points]}
+    manifest = {
+        "points": [by_name[n] for n in points],
+        "runs": [r for r in manifest["runs"] if r["point"] in points],
+    }
 
   def done(run: Mapping[str, Any]) -> bool:
     workdir = out / run["workdir"]
@@ -599,23 +677,34 @@ def aggregate_out(out: pathlib.Path, *, metrics: Sequence[aggregate_lib.MetricSp
   for run in manifest["runs"]:
     (finished if done(run) else missing).append(run)
   if missing:
-    print(f"{'not finished' if until_step is None else f'not at step {until_step}'}, left out "
-          f"of the table: {', '.join(r['workdir'] for r in missing)}", file=stream)
+    print(
+        f"{'not finished' if until_step is None else f'not at step {until_step}'}, left out "
+        f"of the table: {', '.join(r['workdir'] for r in missing)}",
+        file=stream,
+    )
   if not finished:
     print("no finished run to aggregate", file=stream)
     return None
   points = [p["name"] for p in manifest["points"]]
   notes = sorted({f"base config: `{p['config']}`" for p in manifest["points"]})
-  notes.append(f"runs finished: {len(finished)} of {len(manifest['runs'])}" if until_step is None
-               else f"runs up to step {until_step} (the evaluation there is the final value): "
-                    f"{len(finished)} of {len(manifest['runs'])}")
+  notes.append(
+      f"runs finished: {len(finished)} of {len(manifest['runs'])}"
+      if until_step is None
+      else f"runs up to step {until_step} (the evaluation there is the final value): "
+      f"{len(finished)} of {len(manifest['runs'])}"
+  )
   files = aggregate_lib.aggregate(
       out if until_step is None else out / f"at_step_{until_step}",
-      aggregate_lib.load_runs(((r["point"], r["seed"], out / r["workdir"]) for r in finished),
-                              until_step=until_step),
-      points=points, metrics=metrics, curves=curves, notes=notes,
+      aggregate_lib.load_runs(
+          ((r["point"], r["seed"], out / r["workdir"]) for r in finished), until_step=until_step
+      ),
+      points=points,
+      metrics=metrics,
+      curves=curves,
+      notes=notes,
       point_overrides={p["name"]: p["overrides"] for p in manifest["points"]},
-      expected_runs={p: sum(r["point"] == p for r in manifest["runs"]) for p in points})
+      expected_runs={p: sum(r["point"] == p for r in manifest["runs"]) for p in points},
+  )
   print(f"wrote {', '.join(str(f) for f in files.values())}", file=stream)
   return files
 
@@ -631,58 +720,108 @@ def _metric_list(text: str) -> list[aggregate_lib.MetricSpec]:
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="launch.py", description=__doc__.split("\n", 1)[0],
+      prog="launch.py",
+      description=__doc__.split("\n", 1)[0],
       formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog="aliases: " + ", ".join(f"{k} -> {'+'.join(v)}" for k, v in ALIASES.items()))
+      epilog="aliases: " + ", ".join(f"{k} -> {'+'.join(v)}" for k, v in ALIASES.items()),
+  )
   parser.add_argument("--config", help="base config file (configs/*.py[:arg])")
   parser.add_argument("--out", required=True, type=pathlib.Path, help="results folder")
-  parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                      help="one grid axis (repeat for a Cartesian product)")
-  parser.add_argument("--grid-preset", metavar="NAME",
-                      help="named points from the config module's get_grid(NAME)")
-  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      dest="fixed", help="an override for every run")
+  parser.add_argument(
+      "--grid",
+      action="append",
+      default=[],
+      metavar="KEY=V1,V2",
+      help="one grid axis (repeat for a Cartesian product)",
+  )
+  parser.add_argument(
+      "--grid-preset", metavar="NAME", help="named points from the config module's get_grid(NAME)"
+  )
+  parser.add_argument(
+      "--set",
+      action="append",
+      default=[],
+      metavar="KEY=VALUE",
+      dest="fixed",
+      help="an override for every run",
+  )
   parser.add_argument("--seeds", type=int, default=1, help="seeds per point (default 1)")
   parser.add_argument("--first-seed", type=int, default=0, help="seeds are first..first+N-1")
   parser.add_argument("--parallel", type=int, default=1, help="runs at a time (default 1)")
-  parser.add_argument("--points", type=split_values, default=None, metavar="NAME,...",
-                      help="run only these points of the grid, in this order (the first is "
-                           "the one the others are paired with)")
-  parser.add_argument("--by-seed", action="store_true",
-                      help="start the runs seed after seed (all points of a seed, then the "
-                           "next), not point after point")
-  parser.add_argument("--shared-warm-start", action="store_true",
-                      help=f"run each seed's warm start once (OUT/{WARM_STARTS_DIR}/seed_S), "
-                           "first, and start every point of the seed from it")
-  parser.add_argument("--runner", default=shlex.join(DEFAULT_RUNNER),
-                      help="command that gets --config/--workdir/--config.* flags "
-                           "(default: this Python -m gmpo_jax.main)")
-  parser.add_argument("--xla-cache", default=None, metavar="DIR",
-                      help="persistent XLA compilation cache of the runs (default: "
-                           f"$JAX_COMPILATION_CACHE_DIR, else OUT/{XLA_CACHE}; '' disables)")
-  parser.add_argument("--dry-run", action="store_true",
-                      help="resolve and list the runs and their commands; run nothing")
-  parser.add_argument("--aggregate-only", action="store_true",
-                      help="only rebuild the tables and plots from OUT")
+  parser.add_argument(
+      "--points",
+      type=split_values,
+      default=None,
+      metavar="NAME,...",
+      help="run only these points of the grid, in this order (the first is "
+      "the one the others are paired with)",
+  )
+  parser.add_argument(
+      "--by-seed",
+      action="store_true",
+      help="start the runs seed after seed (all points of a seed, then the "
+      "next), not point after point",
+  )
+  parser.add_argument(
+      "--shared-warm-start",
+      action="store_true",
+      help=f"run each seed's warm start once (OUT/{WARM_STARTS_DIR}/seed_S), "
+      "first, and start every point of the seed from it",
+  )
+  parser.add_argument(
+      "--runner",
+      default=shlex.join(DEFAULT_RUNNER),
+      help="command that gets --config/--workdir/--config.* flags "
+      "(default: this Python -m gmpo_jax.main)",
+  )
+  parser.add_argument(
+      "--xla-cache",
+      default=None,
+      metavar="DIR",
+      help="persistent XLA compilation cache of the runs (default: "
+      f"$JAX_COMPILATION_CACHE_DIR, else OUT/{XLA_CACHE}; '' disables)",
+  )
+  parser.add_argument(
+      "--dry-run",
+      action="store_true",
+      help="resolve and list the runs and their commands; run nothing",
+  )
+  parser.add_argument(
+      "--aggregate-only", action="store_true", help="only rebuild the tables and plots from OUT"
+  )
   parser.add_argument("--no-aggregate", action="store_true", help="run, but do not aggregate")
-  parser.add_argument("--until-step", type=int, default=None, metavar="S",
-                      help="with --aggregate-only: every run that has evaluated at step S, "
-                           "finished or not, up to S, into OUT/at_step_S")
-  parser.add_argument("--metrics", type=_metric_list, default=list(aggregate_lib.DEFAULT_METRICS),
-                      metavar="NAME[:max|min],...",
-                      help="metrics of the tables and bars, each with the extreme over the "
-                           "RL steps to report (default: " + ", ".join(
-                               f"{m.name}:{m.mode}" for m in aggregate_lib.DEFAULT_METRICS) + ")")
-  parser.add_argument("--curves", type=_metric_list, default=None, metavar="NAME,...",
-                      help="metrics of the learning curves (default: --metrics)")
+  parser.add_argument(
+      "--until-step",
+      type=int,
+      default=None,
+      metavar="S",
+      help="with --aggregate-only: every run that has evaluated at step S, "
+      "finished or not, up to S, into OUT/at_step_S",
+  )
+  parser.add_argument(
+      "--metrics",
+      type=_metric_list,
+      default=list(aggregate_lib.DEFAULT_METRICS),
+      metavar="NAME[:max|min],...",
+      help="metrics of the tables and bars, each with the extreme over the "
+      "RL steps to report (default: "
+      + ", ".join(f"{m.name}:{m.mode}" for m in aggregate_lib.DEFAULT_METRICS)
+      + ")",
+  )
+  parser.add_argument(
+      "--curves",
+      type=_metric_list,
+      default=None,
+      metavar="NAME,...",
+      help="metrics of the learning curves (default: --metrics)",
+  )
   return parser
 
 
 def _runner_env(out: pathlib.Path, xla_cache: str | None) -> dict[str, str]:
   env = dict(os.environ)
   # Config modules import `configs.*`, which lives in the repository root.
-  env["PYTHONPATH"] = os.pathsep.join(
-      p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
   if xla_cache is None:  # the default gives way to a cache the environment already names
     env.setdefault("JAX_COMPILATION_CACHE_DIR", str(out / XLA_CACHE))
   elif xla_cache:
@@ -701,8 +840,18 @@ def main(argv: Sequence[str] | None = None, *, stream: TextIO | None = None) -> 
   out = args.out.resolve()
   try:
     if args.aggregate_only:
-      return 0 if aggregate_out(out, metrics=args.metrics, curves=args.curves, stream=stream,
-                                points=args.points, until_step=args.until_step) else 1
+      return (
+          0
+          if aggregate_out(
+              out,
+              metrics=args.metrics,
+              curves=args.curves,
+              stream=stream,
+              points=args.points,
+              until_step=args.until_step,
+          )
+          else 1
+      )
     if not args.config:
       parser.error("--config is required unless --aggregate-only")
     if args.seeds < 1 or args.parallel < 1:
@@ -712,22 +861,32 @@ def main(argv: Sequence[str] | None = None, *, stream: TextIO | None = None) -> 
     axes = grid_axes(args.grid)
     if args.grid_preset:
       axes.insert(0, preset_axis(load_preset(config, args.grid_preset)))
-    fixed = [Override(p, v) for key, v in map(parse_assignment, args.fixed)
-             for p in expand_key(key)]
+    fixed = [
+        Override(p, v) for key, v in map(parse_assignment, args.fixed) for p in expand_key(key)
+    ]
     points = make_points(axes, fixed)
     if args.points is not None:
       points = select_points(points, args.points)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
-    specs = plan_runs(points, seeds, config=config, out=out,
-                      shared_warm_start=args.shared_warm_start, by_seed=args.by_seed)
-    warm_starts = (plan_warm_starts(seeds, fixed, config=config, out=out)
-                   if args.shared_warm_start else [])
+    specs = plan_runs(
+        points,
+        seeds,
+        config=config,
+        out=out,
+        shared_warm_start=args.shared_warm_start,
+        by_seed=args.by_seed,
+    )
+    warm_starts = (
+        plan_warm_starts(seeds, fixed, config=config, out=out) if args.shared_warm_start else []
+    )
     if args.dry_run:
       for spec in warm_starts + specs:
         resolve_config(spec)
         state = "finished" if spec.finished() else "to run"
-        print(f"{spec.label}: {state}\n  {shlex.join(shlex.split(args.runner) + spec.args())}",
-              file=stream)
+        print(
+            f"{spec.label}: {state}\n  {shlex.join(shlex.split(args.runner) + spec.args())}",
+            file=stream,
+        )
       return 0
     prepare(warm_starts + specs)
     update_manifest(out, config, specs)
@@ -737,10 +896,17 @@ def main(argv: Sequence[str] | None = None, *, stream: TextIO | None = None) -> 
 
   todo = [s for s in specs if not s.finished()]
   skipped = len(specs) - len(todo)
-  print(f"{len(points)} point(s) x {len(seeds)} seed(s) = {len(specs)} runs in {out}; "
-        f"{skipped} already finished, {len(todo)} to run, {args.parallel} at a time", file=stream)
-  launcher = _Launcher(shlex.split(args.runner), parallel=args.parallel,
-                       env=_runner_env(out, args.xla_cache), stream=stream)
+  print(
+      f"{len(points)} point(s) x {len(seeds)} seed(s) = {len(specs)} runs in {out}; "
+      f"{skipped} already finished, {len(todo)} to run, {args.parallel} at a time",
+      file=stream,
+  )
+  launcher = _Launcher(
+      shlex.split(args.runner),
+      parallel=args.parallel,
+      env=_runner_env(out, args.xla_cache),
+      stream=stream,
+  )
   previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
   start = time.monotonic()
   try:
@@ -752,9 +918,12 @@ def main(argv: Sequence[str] | None = None, *, stream: TextIO | None = None) -> 
     signal.signal(signal.SIGTERM, previous)
   failed = [r for r in results if r.status == "failed"]
   stopped = [r for r in results if r.status in ("stopped", "not run")]
-  print(f"done in {time.monotonic() - start:.0f} s: "
-        f"{sum(r.status == 'finished' for r in results)} finished, {skipped} skipped, "
-        f"{len(failed)} failed, {len(stopped)} stopped or not run", file=stream)
+  print(
+      f"done in {time.monotonic() - start:.0f} s: "
+      f"{sum(r.status == 'finished' for r in results)} finished, {skipped} skipped, "
+      f"{len(failed)} failed, {len(stopped)} stopped or not run",
+      file=stream,
+  )
   for result in failed:
     print(f"  failed: {result.spec.label} ({_failure(result)}): {result.log}", file=stream)
   if not args.no_aggregate:

@@ -127,8 +127,10 @@ class AlgorithmConfig:
         raise ValueError(f"set algorithm.{key}, not algorithm.objective_kwargs.{key}")
     self._check_hyperparameter_values()
     if self.loss_agg_mode is not None and self.loss_agg_mode not in aggregation.AGGREGATION_MODES:
-      raise ValueError(f"loss_agg_mode={self.loss_agg_mode!r}; expected one of "
-                       f"{aggregation.AGGREGATION_MODES}")
+      raise ValueError(
+          f"loss_agg_mode={self.loss_agg_mode!r}; expected one of "
+          f"{aggregation.AGGREGATION_MODES}"
+      )
     if self.num_generations < 2:
       raise ValueError(f"num_generations={self.num_generations}: a group needs >= 2 completions")
     for name in ("num_epochs", "num_minibatches", "num_microbatches"):
@@ -137,11 +139,17 @@ class AlgorithmConfig:
     if self.beta < 0:
       raise ValueError(f"beta={self.beta} must be >= 0")
     if self.kl_estimator not in kl_lib.KL_ESTIMATORS:
-      raise ValueError(f"kl_estimator={self.kl_estimator!r}; expected one of {tuple(kl_lib.KL_ESTIMATORS)}")
+      raise ValueError(
+          f"kl_estimator={self.kl_estimator!r}; expected one of {tuple(kl_lib.KL_ESTIMATORS)}"
+      )
     if self.overlong_buffer < 0 or self.overlong_penalty < 0:
       raise ValueError("overlong_buffer and overlong_penalty must be >= 0")
-    _require(self.is_correction in ("none",) + importance.IS_CORRECTIONS, "is_correction",
-             self.is_correction, f"is not one of {('none',) + importance.IS_CORRECTIONS}")
+    _require(
+        self.is_correction in ("none",) + importance.IS_CORRECTIONS,
+        "is_correction",
+        self.is_correction,
+        f"is not one of {('none',) + importance.IS_CORRECTIONS}",
+    )
     _require(self.is_cap > 1, "is_cap", self.is_cap, "must be > 1")
     if self.require_positive_rewards is None:
       domain = advantages_lib.reward_domain(self.advantage, **dict(self.advantage_kwargs))
@@ -157,8 +165,13 @@ class AlgorithmConfig:
     rows, mask = jax.ShapeDtypeStruct((1, 2), jnp.float32), jax.ShapeDtypeStruct((1, 2), bool)
     jax.eval_shape(advantage_fn, rows, mask)
     norm = {"max_length": 2} if self.agg_mode == "seq-mean-token-sum-norm" else {}
-    jax.eval_shape(functools.partial(loss_fn, **norm), rows, rows,
-                   jax.ShapeDtypeStruct((1,), jnp.float32), mask)
+    jax.eval_shape(
+        functools.partial(loss_fn, **norm),
+        rows,
+        rows,
+        jax.ShapeDtypeStruct((1,), jnp.float32),
+        mask,
+    )
 
   @property
   def reward_domain(self) -> str:
@@ -176,17 +189,23 @@ class AlgorithmConfig:
       raise ValueError(
           f"advantage={self.advantage!r} takes log(R + offset) and needs R + offset > 0, but the "
           f"task's smallest reward is {low} (offset {self.offset}); raise the task's min_reward "
-          "or set algorithm.advantage_kwargs.offset")
+          "or set algorithm.advantage_kwargs.offset"
+      )
     if self.reward_domain == "non_negative" and low < 0:
-      raise ValueError(f"advantage={self.advantage!r} needs rewards >= 0, but the task's "
-                       f"smallest reward is {low}")
+      raise ValueError(
+          f"advantage={self.advantage!r} needs rewards >= 0, but the task's "
+          f"smallest reward is {low}"
+      )
 
   @classmethod
   def from_config(cls, config: Mapping[str, Any]) -> AlgorithmConfig:
     """Builds it from the `algorithm` section of an experiment ConfigDict."""
-    return _section(cls, config, "algorithm",
-                    **{key: _frozen(config.get(key)) for key in ("advantage_kwargs",
-                                                                  "objective_kwargs")})
+    return _section(
+        cls,
+        config,
+        "algorithm",
+        **{key: _frozen(config.get(key)) for key in ("advantage_kwargs", "objective_kwargs")},
+    )
 
   @property
   def offset(self) -> float:
@@ -219,6 +238,7 @@ class TaskConfig:
     data_dir: where the TFDS data is built; None: `<workdir>/data`.
     train_split / eval_split: the splits RL trains and evaluates on.
   """
+
   name: str
   kwargs: tuple[tuple[str, Any], ...] = ()
   data_dir: str | None = None
@@ -226,8 +246,12 @@ class TaskConfig:
   eval_split: str = "test"
 
   def __post_init__(self):
-    _require(self.data_dir is None or bool(self.data_dir), "data_dir", self.data_dir,
-             "must be a path or None (<workdir>/data)")
+    _require(
+        self.data_dir is None or bool(self.data_dir),
+        "data_dir",
+        self.data_dir,
+        "must be a path or None (<workdir>/data)",
+    )
 
 
 # The `TransformerConfig` fields that `model.overrides` may set on a checkpoint (`hf_path`): how
@@ -260,6 +284,7 @@ class ModelConfig:
       base_dtype); RL then trains only them, on the frozen base (the checkpoint of `hf_path`,
       or the warm start's policy). None: every parameter is trained.
   """
+
   name: str | None = None
   hf_path: str | None = None
   tokenizer: str | None = None
@@ -269,23 +294,37 @@ class ModelConfig:
   lora: LoRAConfig | None = None
 
   def __post_init__(self):
-    _require((self.name is None) != (self.hf_path is None), "name", self.name,
-             f"and hf_path={self.hf_path!r}: set exactly one of them")
+    _require(
+        (self.name is None) != (self.hf_path is None),
+        "name",
+        self.name,
+        f"and hf_path={self.hf_path!r}: set exactly one of them",
+    )
     if self.name is not None:
       TransformerConfig.from_name(self.name)  # its error lists the known names
-    _require(self.tokenizer is not None or self.hf_path is not None, "tokenizer",
-             self.tokenizer, "is needed without an hf_path to read tokenizer.json from")
+    _require(
+        self.tokenizer is not None or self.hf_path is not None,
+        "tokenizer",
+        self.tokenizer,
+        "is needed without an hf_path to read tokenizer.json from",
+    )
     fields = {f.name for f in dataclasses.fields(TransformerConfig)} - {"vocab_size"}
     overrides = dict(self.overrides)
     unknown = sorted(set(overrides) - fields)
-    _require(not unknown, "overrides", unknown, f"are not TransformerConfig fields {sorted(fields)}")
+    _require(
+        not unknown, "overrides", unknown, f"are not TransformerConfig fields {sorted(fields)}"
+    )
     dtypes = sorted({"param_dtype", "dtype"} & set(overrides))
     _require(not dtypes, "overrides", dtypes, "are set as model.param_dtype and model.dtype")
     if self.hf_path is not None:
       architecture = sorted(set(overrides) - set(CHECKPOINT_OVERRIDES))
-      _require(not architecture, "overrides", architecture,
-               f"would change the architecture of the checkpoint of hf_path; on a checkpoint "
-               f"only {list(CHECKPOINT_OVERRIDES)} may be overridden")
+      _require(
+          not architecture,
+          "overrides",
+          architecture,
+          f"would change the architecture of the checkpoint of hf_path; on a checkpoint "
+          f"only {list(CHECKPOINT_OVERRIDES)} may be overridden",
+      )
     for name in ("param_dtype", "dtype"):
       value = getattr(self, name)
       if value is not None:
@@ -293,13 +332,20 @@ class ModelConfig:
           jnp.dtype(value)
         except TypeError as error:
           raise ValueError(f"{name}={value!r} is not a dtype") from error
-    _require(self.param_dtype is None or jnp.dtype(self.param_dtype).name in TRAINED_DTYPES,
-             "param_dtype", self.param_dtype,
-             f"is not one of {TRAINED_DTYPES}: the trained parameters are float32 masters, or "
-             "bfloat16 with optim.stochastic_rounding")
-    _require(self.lora is None or self.trained_dtype == jnp.float32, "param_dtype",
-             self.param_dtype, "with lora: the adapters are trained as float32 masters, and the "
-             "frozen base is stored as lora.base_dtype")
+    _require(
+        self.param_dtype is None or jnp.dtype(self.param_dtype).name in TRAINED_DTYPES,
+        "param_dtype",
+        self.param_dtype,
+        f"is not one of {TRAINED_DTYPES}: the trained parameters are float32 masters, or "
+        "bfloat16 with optim.stochastic_rounding",
+    )
+    _require(
+        self.lora is None or self.trained_dtype == jnp.float32,
+        "param_dtype",
+        self.param_dtype,
+        "with lora: the adapters are trained as float32 masters, and the "
+        "frozen base is stored as lora.base_dtype",
+    )
 
   @property
   def trained_dtype(self) -> jnp.dtype:
@@ -317,6 +363,7 @@ class OptimConfig:
   (`gmpo_jax.learner.precision.bfloat16_stochastic_rounding`); it is required there, and
   changes nothing for float32 parameters.
   """
+
   learning_rate: float
   warmup_steps: int
   end_lr_fraction: float
@@ -329,14 +376,22 @@ class OptimConfig:
   def __post_init__(self):
     _require(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be > 0")
     _require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
-    _require(0 <= self.end_lr_fraction <= 1, "end_lr_fraction", self.end_lr_fraction,
-             "must lie in [0, 1]")
+    _require(
+        0 <= self.end_lr_fraction <= 1,
+        "end_lr_fraction",
+        self.end_lr_fraction,
+        "must lie in [0, 1]",
+    )
     _require(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "must be > 0")
     for name in ("b1", "b2"):
       _require(0 <= getattr(self, name) < 1, name, getattr(self, name), "must lie in [0, 1)")
     _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
-    _require(isinstance(self.stochastic_rounding, bool), "stochastic_rounding",
-             self.stochastic_rounding, "must be True or False")
+    _require(
+        isinstance(self.stochastic_rounding, bool),
+        "stochastic_rounding",
+        self.stochastic_rounding,
+        "must be True or False",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,6 +410,7 @@ class WarmStartConfig:
       `warm_start/`: its policy is the start of RL and none is trained here; it must be of the
       same task and model (`gmpo_jax.runner.warm_start.fingerprint`). None: train one.
   """
+
   steps: int
   batch_size: int
   optim: OptimConfig
@@ -366,12 +422,20 @@ class WarmStartConfig:
   def __post_init__(self):
     _require(self.steps >= 0, "steps", self.steps, "must be >= 0")
     _require(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
-    _require(self.target_train_pass_rate is None or 0 <= self.target_train_pass_rate <= 1,
-             "target_train_pass_rate", self.target_train_pass_rate, "must lie in [0, 1] or be None")
+    _require(
+        self.target_train_pass_rate is None or 0 <= self.target_train_pass_rate <= 1,
+        "target_train_pass_rate",
+        self.target_train_pass_rate,
+        "must lie in [0, 1] or be None",
+    )
     _require(self.probe_every >= 1, "probe_every", self.probe_every, "must be >= 1")
     _require(self.probe_size >= 1, "probe_size", self.probe_size, "must be >= 1")
-    _require(self.init_from is None or bool(self.init_from.strip()), "init_from", self.init_from,
-             "must name a directory or be None")
+    _require(
+        self.init_from is None or bool(self.init_from.strip()),
+        "init_from",
+        self.init_from,
+        "must name a directory or be None",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,6 +448,7 @@ class EvalConfig:
     num_samples: n, sampled completions per prompt (mean@n).
     k: the k of pass@k and maj@k, sorted, each 1 <= k <= n.
   """
+
   num_examples: int
   temperature: float
   num_samples: int
@@ -399,6 +464,7 @@ class EvalConfig:
 class CheckpointConfig:
   """`config.checkpoint`: a save every `every` RL steps (and at each evaluation), the `keep`
   latest kept, and the best by `best_metric` (None: no best-step tracking)."""
+
   every: int
   keep: int
   best_metric: str | None = None
@@ -406,13 +472,18 @@ class CheckpointConfig:
   def __post_init__(self):
     _require(self.every >= 1, "every", self.every, "must be >= 1")
     _require(self.keep >= 1, "keep", self.keep, "must be >= 1")
-    _require(self.best_metric is None or bool(self.best_metric), "best_metric",
-             self.best_metric, "must be a metric name or None")
+    _require(
+        self.best_metric is None or bool(self.best_metric),
+        "best_metric",
+        self.best_metric,
+        "must be a metric name or None",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
   """`config.mesh`: the (data, fsdp, tensor) device mesh; one size may be -1 (what is left)."""
+
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
@@ -421,8 +492,12 @@ class MeshConfig:
     sizes = dataclasses.asdict(self)
     for name, size in sizes.items():
       _require(size == -1 or size >= 1, name, size, "must be >= 1 or -1")
-    _require(list(sizes.values()).count(-1) <= 1, "data", self.data,
-             f"fsdp={self.fsdp} tensor={self.tensor}: at most one axis may be -1")
+    _require(
+        list(sizes.values()).count(-1) <= 1,
+        "data",
+        self.data,
+        f"fsdp={self.fsdp} tensor={self.tensor}: at most one axis may be -1",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -437,17 +512,30 @@ class RolloutConfig:
     devices: None: the sampler shares every device with the learner. n: the sampler gets its
       own data-parallel mesh on the first n devices and `config.mesh` is built on the rest.
   """
+
   backend: str = "jax"
   max_staleness: int = 0
   devices: int | None = None
 
   def __post_init__(self):
-    _require(self.backend in rollout_lib.ROLLOUT_BACKENDS, "backend", self.backend,
-             f"is not one of {sorted(rollout_lib.ROLLOUT_BACKENDS)}")
-    _require(_is_int(self.max_staleness) and self.max_staleness >= 0, "max_staleness",
-             self.max_staleness, "must be an int >= 0")
-    _require(self.devices is None or (_is_int(self.devices) and self.devices >= 1), "devices",
-             self.devices, "must be an int >= 1 or None (shared with the learner)")
+    _require(
+        self.backend in rollout_lib.ROLLOUT_BACKENDS,
+        "backend",
+        self.backend,
+        f"is not one of {sorted(rollout_lib.ROLLOUT_BACKENDS)}",
+    )
+    _require(
+        _is_int(self.max_staleness) and self.max_staleness >= 0,
+        "max_staleness",
+        self.max_staleness,
+        "must be an int >= 0",
+    )
+    _require(
+        self.devices is None or (_is_int(self.devices) and self.devices >= 1),
+        "devices",
+        self.devices,
+        "must be an int >= 1 or None (shared with the learner)",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -459,12 +547,17 @@ class PerfConfig:
       learner's devices); None: the chip's dense bf16 peak from `gmpo_jax.runner.perf.CHIP_PEAK_TFLOPS`,
       or on the CPU a measured float32 matmul probe.
   """
+
   peak_tflops: float | None = None
 
   def __post_init__(self):
     peak = self.peak_tflops
-    _require(peak is None or (math.isfinite(peak) and peak > 0), "peak_tflops", peak,
-             "must be a finite number > 0 or None")
+    _require(
+        peak is None or (math.isfinite(peak) and peak > 0),
+        "peak_tflops",
+        peak,
+        "must be a finite number > 0 or None",
+    )
 
 
 PARALLELISMS = ("mesh", "pmap")
@@ -493,6 +586,7 @@ class ExperimentConfig:
       the sections. `sampling` is the sampler's own `SamplingConfig` without the tokenizer's ids
       (`eos_id`, `pad_id`: the runner sets them).
   """
+
   seed: int
   num_steps: int
   prompts_per_step: int
@@ -516,30 +610,45 @@ class ExperimentConfig:
 
   def __post_init__(self):
     _require(self.num_steps >= 1, "num_steps", self.num_steps, "must be >= 1")
-    _require(self.prompts_per_step >= 1, "prompts_per_step", self.prompts_per_step,
-             "must be >= 1")
+    _require(self.prompts_per_step >= 1, "prompts_per_step", self.prompts_per_step, "must be >= 1")
     _require(self.eval_every >= 1, "eval_every", self.eval_every, "must be >= 1")
     _require(self.chunk_size >= 1, "chunk_size", self.chunk_size, "must be >= 1")
-    _require(self.parallelism in PARALLELISMS, "parallelism", self.parallelism,
-             f"is not one of {PARALLELISMS}")
-    _require(self.parallelism == "mesh" or self.model.lora is None, "parallelism",
-             self.parallelism, "with model.lora: the pmap update trains every parameter; use "
-             "parallelism='mesh'")
+    _require(
+        self.parallelism in PARALLELISMS,
+        "parallelism",
+        self.parallelism,
+        f"is not one of {PARALLELISMS}",
+    )
+    _require(
+        self.parallelism == "mesh" or self.model.lora is None,
+        "parallelism",
+        self.parallelism,
+        "with model.lora: the pmap update trains every parameter; use " "parallelism='mesh'",
+    )
     if self.parallelism == "pmap":
-      _require(self.mesh.fsdp == 1 and self.mesh.tensor == 1, "parallelism", self.parallelism,
-               f"replicates the parameters: it needs mesh.fsdp = mesh.tensor = 1, got "
-               f"fsdp={self.mesh.fsdp} tensor={self.mesh.tensor}")
+      _require(
+          self.mesh.fsdp == 1 and self.mesh.tensor == 1,
+          "parallelism",
+          self.parallelism,
+          f"replicates the parameters: it needs mesh.fsdp = mesh.tensor = 1, got "
+          f"fsdp={self.mesh.fsdp} tensor={self.mesh.tensor}",
+      )
     if self.model.trained_dtype != jnp.float32:
       optimizers = [("optim", self.optim)] + (
-          [("warm_start.optim", self.warm_start.optim)] if self.warm_start.steps > 0 else [])
+          [("warm_start.optim", self.warm_start.optim)] if self.warm_start.steps > 0 else []
+      )
       for name, optim in optimizers:
         # A bfloat16 weight keeps its value under any step below half its ulp, 2^-9 |w|: at
         # lr 1e-6 that is every weight above ~5e-4, so training would change nothing.
-        _require(optim.stochastic_rounding, "model.param_dtype", self.model.param_dtype,
-                 f"stores the trained parameters in bfloat16, which rounds away every step "
-                 f"below 2^-9 of a weight (at lr 1e-6, nearly every step): train float32 "
-                 f"masters with model.param_dtype='float32' (and model.dtype='bfloat16' for "
-                 f"bfloat16 compute), or set {name}.stochastic_rounding=True")
+        _require(
+            optim.stochastic_rounding,
+            "model.param_dtype",
+            self.model.param_dtype,
+            f"stores the trained parameters in bfloat16, which rounds away every step "
+            f"below 2^-9 of a weight (at lr 1e-6, nearly every step): train float32 "
+            f"masters with model.param_dtype='float32' (and model.dtype='bfloat16' for "
+            f"bfloat16 compute), or set {name}.stochastic_rounding=True",
+        )
 
   # Built by `gmpo_jax.main` before any JAX backend starts (`distributed.DistributedConfig`).
   _UNTYPED_SECTIONS = ("distributed",)
@@ -554,28 +663,57 @@ class ExperimentConfig:
     missing = sorted({f.name for f in dataclasses.fields(cls)} - set(config))
     if missing:
       raise ConfigError(f"config: missing field(s) {missing}")
-    sections = {name: config[name] for name in ("task", "model", "sampling", "optim",
-                                                "warm_start", "eval", "checkpoint", "mesh",
-                                                "rollout", "perf")}
+    sections = {
+        name: config[name]
+        for name in (
+            "task",
+            "model",
+            "sampling",
+            "optim",
+            "warm_start",
+            "eval",
+            "checkpoint",
+            "mesh",
+            "rollout",
+            "perf",
+        )
+    }
     warm_start = sections["warm_start"]
-    top = {name: value for name, value in dict(config).items()
-           if name not in sections and name not in cls._UNTYPED_SECTIONS + ("algorithm",)}
+    top = {
+        name: value
+        for name, value in dict(config).items()
+        if name not in sections and name not in cls._UNTYPED_SECTIONS + ("algorithm",)
+    }
     return _section(
-        cls, top, "",
-        task=_section(TaskConfig, sections["task"], "task",
-                      kwargs=_frozen(sections["task"].get("kwargs"))),
-        model=_section(ModelConfig, sections["model"], "model",
-                       overrides=_frozen(sections["model"].get("overrides")),
-                       lora=(None if sections["model"].get("lora") is None else
-                             _section(LoRAConfig, sections["model"]["lora"], "model.lora"))),
+        cls,
+        top,
+        "",
+        task=_section(
+            TaskConfig, sections["task"], "task", kwargs=_frozen(sections["task"].get("kwargs"))
+        ),
+        model=_section(
+            ModelConfig,
+            sections["model"],
+            "model",
+            overrides=_frozen(sections["model"].get("overrides")),
+            lora=(
+                None
+                if sections["model"].get("lora") is None
+                else _section(LoRAConfig, sections["model"]["lora"], "model.lora")
+            ),
+        ),
         sampling=_section(SamplingConfig, sections["sampling"], "sampling"),
         algorithm=AlgorithmConfig.from_config(config["algorithm"]),
         optim=_section(OptimConfig, sections["optim"], "optim"),
-        warm_start=_section(WarmStartConfig, warm_start, "warm_start",
-                            optim=_section(OptimConfig, warm_start.get("optim"),
-                                           "warm_start.optim")),
+        warm_start=_section(
+            WarmStartConfig,
+            warm_start,
+            "warm_start",
+            optim=_section(OptimConfig, warm_start.get("optim"), "warm_start.optim"),
+        ),
         eval=_section(EvalConfig, sections["eval"], "eval", k=tuple(sections["eval"].get("k", ()))),
         checkpoint=_section(CheckpointConfig, sections["checkpoint"], "checkpoint"),
         mesh=_section(MeshConfig, sections["mesh"], "mesh"),
         rollout=_section(RolloutConfig, sections["rollout"], "rollout"),
-        perf=_section(PerfConfig, sections["perf"], "perf"))
+        perf=_section(PerfConfig, sections["perf"], "perf"),
+    )

@@ -80,8 +80,11 @@ def policy_config(model: ModelConfig, tokenizer: tokenization.Tokenizer) -> Tran
   if model.hf_path is not None:
     config = hf_import.read_config(model.hf_path)
     return dataclasses.replace(config, **build.model_dtypes(model, config.dtype))
-  config = dataclasses.replace(TransformerConfig.from_name(model.name),
-                               vocab_size=tokenizer.vocab_size, **dict(model.overrides))
+  config = dataclasses.replace(
+      TransformerConfig.from_name(model.name),
+      vocab_size=tokenizer.vocab_size,
+      **dict(model.overrides),
+  )
   return dataclasses.replace(config, **build.model_dtypes(model, config.dtype))
 
 
@@ -98,8 +101,9 @@ class Restored(NamedTuple):
   metadata: Mapping[str, Any]
 
 
-def _restore_target(optim: Any, model_config: TransformerConfig, params: Any = None
-                    ) -> checkpointing.CheckpointState:
+def _restore_target(
+    optim: Any, model_config: TransformerConfig, params: Any = None
+) -> checkpointing.CheckpointState:
   """Abstract arrays shaped like what the RL loop (`gmpo_jax.runner.loop`) or the warm start
   saves: parameters (`params`, or the whole model's), AdamW state of `optim`, key."""
   if params is None:
@@ -109,8 +113,9 @@ def _restore_target(optim: Any, model_config: TransformerConfig, params: Any = N
   optimizer = build.make_optimizer(optim, 1, param_dtype=model_config.param_dtype)
   opt_state = jax.eval_shape(lambda p: optimizer.init(precision.float32_view(p)), params)
   key = jax.eval_shape(lambda: jax.random.key(0))
-  return checkpointing.CheckpointState(step=0, model=params, opt_state=opt_state, key=key,
-                                       metadata={})
+  return checkpointing.CheckpointState(
+      step=0, model=params, opt_state=opt_state, key=key, metadata={}
+  )
 
 
 def restore_step(workdir: str | pathlib.Path, step: int | None = None) -> Restored:
@@ -152,8 +157,7 @@ def restore_step(workdir: str | pathlib.Path, step: int | None = None) -> Restor
       except (OSError, ValueError) as error:
         raise ExportError(f"the run's model or tokenizer cannot be read back: {error}") from error
       if config.model.lora is None:
-        graphdef, _ = nnx.split(nnx.eval_shape(
-            lambda: Transformer(model_config, rngs=nnx.Rngs(0))))
+        graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0))))
         restored = ckpt.restore(step, _restore_target(config.optim, model_config))
         params = restored.model
       else:
@@ -166,13 +170,26 @@ def restore_step(workdir: str | pathlib.Path, step: int | None = None) -> Restor
       others = [s for s in steps if s != step]
       raise ExportError(
           f"{where} is damaged, and a resume would not use it either: {error}. Other steps: "
-          f"{others} (--step).") from error
-  return Restored(step=step, params=params, graphdef=graphdef, config=config,
-                  model_config=model_config, tokenizer=tokenizer, metadata=metadata)
+          f"{others} (--step)."
+      ) from error
+  return Restored(
+      step=step,
+      params=params,
+      graphdef=graphdef,
+      config=config,
+      model_config=model_config,
+      tokenizer=tokenizer,
+      metadata=metadata,
+  )
 
 
-def _lora_base(workdir: pathlib.Path, config: ExperimentConfig, model_config: TransformerConfig,
-               tokenizer: tokenization.Tokenizer, metadata: Mapping[str, Any]) -> Transformer:
+def _lora_base(
+    workdir: pathlib.Path,
+    config: ExperimentConfig,
+    model_config: TransformerConfig,
+    tokenizer: tokenization.Tokenizer,
+    metadata: Mapping[str, Any],
+) -> Transformer:
   """A LoRA run's frozen base, rebuilt as the run built it, checked against its fingerprint.
 
   Raises:
@@ -195,7 +212,8 @@ def _lora_base(workdir: pathlib.Path, config: ExperimentConfig, model_config: Tr
     raise ExportError(
         f"the base rebuilt from {workdir} (fingerprint {fingerprint}) is not the one the "
         f"adapters were trained on ({stored.get('path')!r}, fingerprint "
-        f"{stored.get('fingerprint')}).")
+        f"{stored.get('fingerprint')})."
+    )
   return base
 
 
@@ -218,9 +236,11 @@ def run_card(workdir: str | pathlib.Path, restored: Restored) -> str:
   if config.warm_start.steps:
     start += f", then up to {config.warm_start.steps} supervised warm-start steps"
   lines = [
-      "## The run", "",
+      "## The run",
+      "",
       f"RL step {step} of {config.num_steps} of the run in `{workdir}`, exported by "
-      "`python -m gmpo_jax.export`.", "",
+      "`python -m gmpo_jax.export`.",
+      "",
       f"- task: `{config.task.name}` {dict(config.task.kwargs)}",
       f"- starting policy: {start}",
       f"- advantage `{algo.advantage}`, objective `{algo.objective}`, {config.prompts_per_step} "
@@ -235,12 +255,17 @@ def run_card(workdir: str | pathlib.Path, restored: Restored) -> str:
     lines += [f"Step {step} was not evaluated (every {config.eval_every} steps and the last).", ""]
   if names:
     lines += [f"| metric (95% interval) | before RL | step {step} |", "|---|---|---|"]
-    lines += [f"| {name} | {_with_interval(initial, name)} | {_with_interval(at_step, name)} |"
-              for name in names]
-    lines += ["", f"Greedy pass@1 on the first {config.eval.num_examples} held-out prompts; "
-              f"mean@{config.eval.num_samples}, pass@k and maj@k from samples at temperature "
-              f"{config.eval.temperature} (top_p {config.sampling.top_p}, top_k "
-              f"{config.sampling.top_k}), at most {config.sampling.max_new_tokens} new tokens."]
+    lines += [
+        f"| {name} | {_with_interval(initial, name)} | {_with_interval(at_step, name)} |"
+        for name in names
+    ]
+    lines += [
+        "",
+        f"Greedy pass@1 on the first {config.eval.num_examples} held-out prompts; "
+        f"mean@{config.eval.num_samples}, pass@k and maj@k from samples at temperature "
+        f"{config.eval.temperature} (top_p {config.sampling.top_p}, top_k "
+        f"{config.sampling.top_k}), at most {config.sampling.max_new_tokens} new tokens.",
+    ]
   summary_path = workdir / metrics_lib.SUMMARY_FILE
   try:
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
@@ -248,19 +273,31 @@ def run_card(workdir: str | pathlib.Path, restored: Restored) -> str:
     logger.warning("%s is not JSON (%s); the card leaves it out", summary_path, error)
     summary = None
   if summary is not None:
-    best = [f"{name} {_number(entry['value'])} at step {entry['step']}"
-            for name, entry in (summary.get("best") or {}).items()
-            if name.startswith("eval/") and entry]
-    lines += ["", f"`summary.json` (the run at step {summary.get('last_step')}): best "
-              + ("; ".join(best) if best else "–") + "."]
+    best = [
+        f"{name} {_number(entry['value'])} at step {entry['step']}"
+        for name, entry in (summary.get("best") or {}).items()
+        if name.startswith("eval/") and entry
+    ]
+    lines += [
+        "",
+        f"`summary.json` (the run at step {summary.get('last_step')}): best "
+        + ("; ".join(best) if best else "–")
+        + ".",
+    ]
   fields = restored.metadata[checkpointing.CONFIG_METADATA_KEY]["fields"]
   lines += ["", "### Config", "", "```json", json.dumps(fields, indent=1, sort_keys=True), "```"]
   return "\n".join(lines)
 
 
-def export_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *, step: int | None = None,
-               dtype: str | None = None, max_shard_size: int = hf_export.MAX_SHARD_SIZE,
-               adapter: bool = False) -> pathlib.Path:
+def export_run(
+    workdir: str | pathlib.Path,
+    out: str | pathlib.Path,
+    *,
+    step: int | None = None,
+    dtype: str | None = None,
+    max_shard_size: int = hf_export.MAX_SHARD_SIZE,
+    adapter: bool = False,
+) -> pathlib.Path:
   """Exports one step of a run (see the module docstring); returns the export directory.
 
   `adapter`: a LoRA run's adapters alone, in the PEFT layout, instead of the merged model.
@@ -282,9 +319,11 @@ def export_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *, step: in
   policy = nnx.merge(restored.graphdef, restored.params)
   if adapter:
     if model.hf_path is None:
-      raise ExportError("the run's base is not a Hugging Face checkpoint (no model.hf_path), so "
-                        "PEFT would have nothing to load the adapter onto: export the merged "
-                        "model (without --adapter).")
+      raise ExportError(
+          "the run's base is not a Hugging Face checkpoint (no model.hf_path), so "
+          "PEFT would have nothing to load the adapter onto: export the merged "
+          "model (without --adapter)."
+      )
     return peft_export.export_peft(policy, model.lora, out, base_model=model.hf_path)
   params = restored.params if model.lora is None else nnx.state(lora.merge_adapters(policy))
   tokenizer = model.hf_path if model.tokenizer is None else model.tokenizer
@@ -294,9 +333,16 @@ def export_run(workdir: str | pathlib.Path, out: str | pathlib.Path, *, step: in
     generation["eos_token_id"] = [restored.tokenizer.eos_id, *config.sampling.stop_ids]
   card = run_card(workdir, restored)
   try:
-    return hf_export.export_hf(params, restored.model_config, out, dtype=dtype,
-                               tokenizer=tokenizer, generation=generation, card=card,
-                               max_shard_size=max_shard_size)
+    return hf_export.export_hf(
+        params,
+        restored.model_config,
+        out,
+        dtype=dtype,
+        tokenizer=tokenizer,
+        generation=generation,
+        card=card,
+        max_shard_size=max_shard_size,
+    )
   except (ValueError, FileExistsError) as error:
     raise ExportError(f"cannot export step {restored.step} of {workdir}: {error}") from error
 
@@ -306,10 +352,18 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "The run's workdir (gmpo_jax.main --workdir).")
   flags.DEFINE_integer("step", None, "The RL step to export; default the latest.")
   flags.DEFINE_string("out", None, "The directory to write; must not exist or be empty.")
-  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
-                    "Stored dtype; default the run's parameter dtype.")
-  flags.DEFINE_bool("adapter", False, "A LoRA run's adapters alone, in the PEFT layout "
-                    "(adapter_config.json, adapter_model.safetensors), not the merged model.")
+  flags.DEFINE_enum(
+      "dtype",
+      None,
+      ["float32", "bfloat16", "float16"],
+      "Stored dtype; default the run's parameter dtype.",
+  )
+  flags.DEFINE_bool(
+      "adapter",
+      False,
+      "A LoRA run's adapters alone, in the PEFT layout "
+      "(adapter_config.json, adapter_model.safetensors), not the merged model.",
+  )
   flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -321,8 +375,7 @@ def main(argv):
   # Orbax reports every file operation at INFO through absl's logger.
   logging.getLogger("absl").setLevel(logging.WARNING)
   try:
-    out = export_run(args.workdir, args.out, step=args.step, dtype=args.dtype,
-                     adapter=args.adapter)
+    out = export_run(args.workdir, args.out, step=args.step, dtype=args.dtype, adapter=args.adapter)
   except (ExportError, ConfigError, checkpointing.CheckpointMismatchError) as error:
     # A user error, not a crash: one line naming what is wrong, no traceback.
     print(f"error: {error}", file=sys.stderr)

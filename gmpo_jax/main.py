@@ -25,10 +25,12 @@ from gmpo_jax.runner import loop
 from gmpo_jax.runner.warm_start import IncompatibleWarmStartError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, data and metrics.")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a configs/*.py file.", lock_config=True
+)
 _WARM_START_ONLY = flags.DEFINE_bool(
-    "warm_start_only", False, "Run only the warm start (for other runs' warm_start.init_from).")
+    "warm_start_only", False, "Run only the warm start (for other runs' warm_start.init_from)."
+)
 
 
 class WorkdirError(Exception):
@@ -52,8 +54,10 @@ def check_workdir(path: str | os.PathLike[str]) -> pathlib.Path:
     raise WorkdirError(f"cannot create the workdir {workdir}: {error.strerror or error}") from None
   for directory, _, _ in os.walk(workdir):
     if not os.access(directory, os.W_OK | os.X_OK):
-      raise WorkdirError(f"the workdir {workdir} is not writable by this process: "
-                         f"{directory} is read-only for it")
+      raise WorkdirError(
+          f"the workdir {workdir} is not writable by this process: "
+          f"{directory} is read-only for it"
+      )
   return workdir
 
 
@@ -70,25 +74,34 @@ def main(argv):
     workdir = check_workdir(_WORKDIR.value)
     # Before anything starts a JAX backend: the device list is fixed then.
     distributed.initialize(
-        distributed.DistributedConfig.from_config(_CONFIG.value.get("distributed")))
+        distributed.DistributedConfig.from_config(_CONFIG.value.get("distributed"))
+    )
     if _CONFIG.value.get("compilation_cache_dir") is not None:
       compilation.enable_persistent_cache(_CONFIG.value.compilation_cache_dir)
     if _WARM_START_ONLY.value:
       loop.warm_start_only(_CONFIG.value, workdir)
     else:
       loop.train_and_evaluate(_CONFIG.value, workdir)
-  except (ConfigError, WorkdirError, workdir_lock.WorkdirInUseError,
-          checkpointing.ConfigMismatchError, checkpointing.CheckpointMismatchError,
-          IncompatibleWarmStartError) as error:
+  except (
+      ConfigError,
+      WorkdirError,
+      workdir_lock.WorkdirInUseError,
+      checkpointing.ConfigMismatchError,
+      checkpointing.CheckpointMismatchError,
+      IncompatibleWarmStartError,
+  ) as error:
     # A user error, not a crash: one line naming what is wrong, no traceback.
     _exit_with_config_error(str(error))
   except Exception as error:  # noqa: BLE001 - re-raised unless the disk is full
     if not disk_full.is_disk_full(error):
       raise
     # Outside a save (the lock, the dataset ...): where, and the error's first line.
-    message = (str(error) if isinstance(error, disk_full.DiskFullError) else
-               f"No space left on device in the workdir {_WORKDIR.value}: "
-               + next(iter(str(error).splitlines()), repr(error)))
+    message = (
+        str(error)
+        if isinstance(error, disk_full.DiskFullError)
+        else f"No space left on device in the workdir {_WORKDIR.value}: "
+        + next(iter(str(error).splitlines()), repr(error))
+    )
     print(f"error: {message}", file=sys.stderr)
     # Now, not at interpreter shutdown: Orbax's threads of the failed save are still waiting on
     # its writes, and would report them again as shutdown stops the executors they use. What is
@@ -170,8 +183,11 @@ def parse_flags(argv: list[str]) -> list[str]:
   value = _config_arg(argv)
   path = value.split(":", 1)[0] if value is not None else None
   if path is not None and not os.path.isfile(path):
-    _exit_with_config_error(f"the config file {path!r} does not exist" if not os.path.exists(path)
-                            else f"the config file {path!r} is not a file")
+    _exit_with_config_error(
+        f"the config file {path!r} does not exist"
+        if not os.path.exists(path)
+        else f"the config file {path!r} is not a file"
+    )
   try:
     positional = app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError):

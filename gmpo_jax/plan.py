@@ -31,15 +31,20 @@ from ml_collections import config_flags
 from gmpo_jax.config import CHECKPOINT_OVERRIDES, ConfigError, ExperimentConfig
 from gmpo_jax.models.transformer import TransformerConfig
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a configs/*.py file.", lock_config=True
+)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:2x2 or v5p:2x2x1.")
 _JSON = flags.DEFINE_string("json", None, "Also write the plan as JSON to this path.")
 _PROMPT_LENGTH = flags.DEFINE_integer("prompt_length", 256, "Prompt tokens per row.")
-_MODEL = flags.DEFINE_string("model", None, "Plan this named architecture "
-                             "(TransformerConfig.from_name) instead of the config's model.")
-_HBM_GIB = flags.DEFINE_float("hbm_gib", None, "Plan against this HBM per chip (GiB) instead "
-                              "of the chip's capacity.")
+_MODEL = flags.DEFINE_string(
+    "model",
+    None,
+    "Plan this named architecture " "(TransformerConfig.from_name) instead of the config's model.",
+)
+_HBM_GIB = flags.DEFINE_float(
+    "hbm_gib", None, "Plan against this HBM per chip (GiB) instead " "of the chip's capacity."
+)
 flags.mark_flags_as_required(["config", "topology"])
 
 
@@ -53,30 +58,39 @@ def _rate(x: float | None) -> str:
 
 def format_plan(plan) -> str:
   """The plan as a text table (every time and MFU compiler-estimated)."""
-  lines = [f"plan for {plan.topology}: {plan.chips} x {plan.device_kind}; mesh "
-           f"{plan.setup.describe()}",
-           f"  mesh choice: {plan.mesh.reason}",
-           f"  model: {plan.model['parameters'] / 1e9:.3f}B parameters ({plan.model['param_dtype']}"
-           f" params, {plan.model['dtype']} compute, attention {plan.model['attention_impl']}); "
-           f"{plan.shape.rows} rows x T = {plan.shape.prompt_length} + "
-           f"{plan.shape.completion_length}",
-           "  times and MFU are compiler-estimated (TPU cost model, loops costed per iteration)",
-           f"  {'program':8} {'calls':>5} {'fits':>4} {'HBM GiB/chip':>18} {'args':>6} "
-           f"{'temps':>6} {'out':>6} {'TFLOP cmp/model':>16} {'s/call':>9} {'MFU/BW':>7}  "
-           "attention; collectives"]
+  lines = [
+      f"plan for {plan.topology}: {plan.chips} x {plan.device_kind}; mesh "
+      f"{plan.setup.describe()}",
+      f"  mesh choice: {plan.mesh.reason}",
+      f"  model: {plan.model['parameters'] / 1e9:.3f}B parameters ({plan.model['param_dtype']}"
+      f" params, {plan.model['dtype']} compute, attention {plan.model['attention_impl']}); "
+      f"{plan.shape.rows} rows x T = {plan.shape.prompt_length} + "
+      f"{plan.shape.completion_length}",
+      "  times and MFU are compiler-estimated (TPU cost model, loops costed per iteration)",
+      f"  {'program':8} {'calls':>5} {'fits':>4} {'HBM GiB/chip':>18} {'args':>6} "
+      f"{'temps':>6} {'out':>6} {'TFLOP cmp/model':>16} {'s/call':>9} {'MFU/BW':>7}  "
+      "attention; collectives",
+  ]
   for p in plan.programs:
     memory = p.memory or {}
-    flops = ("-" if p.compiler_flops is None else
-             f"{(p.compiler_flops + p.analytic_flops) / 1e12:.2f}/{p.model_flops / 1e12:.2f}")
+    flops = (
+        "-"
+        if p.compiler_flops is None
+        else f"{(p.compiler_flops + p.analytic_flops) / 1e12:.2f}/{p.model_flops / 1e12:.2f}"
+    )
     rate = _rate(p.mfu) if p.name != "decode" else _rate(p.hbm_bandwidth_fraction) + " BW"
     seconds = "-" if p.estimated_seconds is None else f"{p.estimated_seconds:.4g}"
-    coll = ("" if p.collectives is None else
-            ", ".join(f"{k} {v}" for k, v in p.collectives.items() if v))
+    coll = (
+        ""
+        if p.collectives is None
+        else ", ".join(f"{k} {v}" for k, v in p.collectives.items() if v)
+    )
     lines.append(
         f"  {p.name:8} {p.calls:>5} {'yes' if p.fits else 'NO':>4} "
         f"{_gib(p.hbm_gib) + ' / ' + _gib(p.capacity_gib):>18} {_gib(memory.get('arguments')):>6}"
         f" {_gib(memory.get('temps')):>6} {_gib(memory.get('outputs')):>6} {flops:>16} "
-        f"{seconds:>9} {rate:>7}  {p.attention_kernel or '-'}; {coll or '-'}")
+        f"{seconds:>9} {rate:>7}  {p.attention_kernel or '-'}; {coll or '-'}"
+    )
     if p.fix:
       lines.append(f"    does not fit; change that fits: {p.fix}")
   if plan.step is not None:
@@ -86,7 +100,8 @@ def format_plan(plan) -> str:
         f"learner {step['learner_seconds']:.3f} s), "
         f"{step['tokens_per_second_per_chip']:.0f} tokens/s/chip "
         f"({step['completion_tokens_per_second_per_chip']:.0f} completion), learner MFU "
-        f"{_rate(step['learner_mfu'])}, step MFU {_rate(step['step_mfu'])} (compiler-estimated)")
+        f"{_rate(step['learner_mfu'])}, step MFU {_rate(step['step_mfu'])} (compiler-estimated)"
+    )
   return "\n".join(lines)
 
 
@@ -94,6 +109,7 @@ def _model(config_dict) -> tuple[ExperimentConfig, TransformerConfig]:
   """The typed config and the architecture to plan: `--model` (its published vocabulary, the
   config's dtypes and run-time overrides), else the config's own model."""
   from gmpo_jax.runner import abstract_step  # pylint: disable=g-import-not-at-top
+
   vocab_size = None
   if _MODEL.value is not None:
     try:
@@ -103,8 +119,9 @@ def _model(config_dict) -> tuple[ExperimentConfig, TransformerConfig]:
     config_dict.model.name, config_dict.model.hf_path = _MODEL.value, None
     config_dict.model.tokenizer = config_dict.model.tokenizer or "char"
     # How the model runs (kernel, remat) still comes from the config; its shape does not.
-    config_dict.model.overrides = {k: v for k, v in config_dict.model.overrides.items()
-                                   if k in CHECKPOINT_OVERRIDES}
+    config_dict.model.overrides = {
+        k: v for k, v in config_dict.model.overrides.items() if k in CHECKPOINT_OVERRIDES
+    }
   config = ExperimentConfig.from_config(config_dict)
   try:
     return config, abstract_step.model_config(config.model, vocab_size=vocab_size)
@@ -121,6 +138,7 @@ def main(argv):
   # Only compiles here: a TPU VM's training process may hold libtpu's lockfile meanwhile.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from gmpo_jax.runner import tpu_plan  # pylint: disable=g-import-not-at-top
+
   try:
     config, model = _model(_CONFIG.value)
     target = tpu_plan.tpu_target(_TOPOLOGY.value, hbm_gib=_HBM_GIB.value)

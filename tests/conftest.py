@@ -13,9 +13,12 @@ from jax import monitoring
 
 from gmpo_jax.infra import compilation
 
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("GMPO_JAX_TEST_CACHE",
-                                 os.path.join(tempfile.gettempdir(), "gmpo_jax_xla_cache")))
+jax.config.update(
+    "jax_compilation_cache_dir",
+    os.environ.get(
+        "GMPO_JAX_TEST_CACHE", os.path.join(tempfile.gettempdir(), "gmpo_jax_xla_cache")
+    ),
+)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 

@@ -9,23 +9,48 @@ import torch
 import transformers
 from flax import nnx
 
-_COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=56, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
-               max_position_embeddings=256)
+_COMMON = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=56,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=256,
+)
 # Each family with the features that distinguish it; tied and untied embeddings both covered.
 FAMILIES = {
-    "llama_llama3rope_untied": (transformers.LlamaConfig, dict(
-        tie_word_embeddings=False,
-        rope_parameters=dict(rope_type="llama3", rope_theta=10_000.0, factor=8.0,
-                             low_freq_factor=1.0, high_freq_factor=4.0,
-                             original_max_position_embeddings=128))),
-    "llama_tied": (transformers.LlamaConfig, dict(
-        tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=500.0))),
-    "qwen2_bias_tied": (transformers.Qwen2Config, dict(
-        tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=1e6))),
-    "qwen3_qknorm_untied": (transformers.Qwen3Config, dict(
-        tie_word_embeddings=False, head_dim=16,
-        rope_parameters=dict(rope_type="default", rope_theta=1e6))),
+    "llama_llama3rope_untied": (
+        transformers.LlamaConfig,
+        dict(
+            tie_word_embeddings=False,
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=10_000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=128,
+            ),
+        ),
+    ),
+    "llama_tied": (
+        transformers.LlamaConfig,
+        dict(tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=500.0)),
+    ),
+    "qwen2_bias_tied": (
+        transformers.Qwen2Config,
+        dict(tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=1e6)),
+    ),
+    "qwen3_qknorm_untied": (
+        transformers.Qwen3Config,
+        dict(
+            tie_word_embeddings=False,
+            head_dim=16,
+            rope_parameters=dict(rope_type="default", rope_theta=1e6),
+        ),
+    ),
 }
 
 
@@ -69,8 +94,10 @@ def left_padded_batch(vocab_size):
 
 def torch_logits(model, tokens, positions, mask):
   with torch.no_grad():
-    out = model(input_ids=torch.tensor(tokens, dtype=torch.long),
-                attention_mask=torch.tensor(mask, dtype=torch.long),
-                # HF's generate convention: padding positions set to 1 (never attended).
-                position_ids=torch.tensor(np.where(mask, positions, 1), dtype=torch.long))
+    out = model(
+        input_ids=torch.tensor(tokens, dtype=torch.long),
+        attention_mask=torch.tensor(mask, dtype=torch.long),
+        # HF's generate convention: padding positions set to 1 (never attended).
+        position_ids=torch.tensor(np.where(mask, positions, 1), dtype=torch.long),
+    )
   return out.logits.float().numpy()

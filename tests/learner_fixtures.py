@@ -21,6 +21,11 @@ def sequences(seed):
   loss_mask = key_mask & (cols >= prompt[:, None])
   old = np.where(loss_mask, rng.normal(-4.0, 0.3, (N, T)), 0.0).astype(np.float32)
   return learner.Batch(
-      tokens=jnp.asarray(tokens), positions=positions_from_mask(jnp.asarray(key_mask)),
-      key_mask=jnp.asarray(key_mask), loss_mask=jnp.asarray(loss_mask), old_logp=jnp.asarray(old),
-      ref_logp=jnp.asarray(old + 0.1), advantages=jnp.asarray(rng.normal(size=N), jnp.float32))
+      tokens=jnp.asarray(tokens),
+      positions=positions_from_mask(jnp.asarray(key_mask)),
+      key_mask=jnp.asarray(key_mask),
+      loss_mask=jnp.asarray(loss_mask),
+      old_logp=jnp.asarray(old),
+      ref_logp=jnp.asarray(old + 0.1),
+      advantages=jnp.asarray(rng.normal(size=N), jnp.float32),
+  )

@@ -13,8 +13,9 @@ from gmpo_jax.models import logprobs as lp
 from gmpo_jax.models import transformer as tfm
 
 # A small model with random weights large enough that its predictions depend on the context.
-CONTEXT_CONFIG = dataclasses.replace(tfm.TransformerConfig.from_name('tiny'), vocab_size=50,
-                                    tie_word_embeddings=False)
+CONTEXT_CONFIG = dataclasses.replace(
+    tfm.TransformerConfig.from_name('tiny'), vocab_size=50, tie_word_embeddings=False
+)
 
 
 @functools.cache
@@ -23,10 +24,18 @@ def context_model():
   # compilation on a CPU. Weights of scale 0.15 make predictions depend on the context.
   model = nnx.eval_shape(lambda: tfm.Transformer(CONTEXT_CONFIG, rngs=nnx.Rngs(0)))
   rng = np.random.default_rng(1)
-  nnx.update(model, jax.tree.map(
-      lambda x: jnp.asarray(0.15 * rng.standard_normal(x.shape) if len(x.shape) > 1
-                            else 1.0 + 0.2 * rng.standard_normal(x.shape), x.dtype),
-      nnx.state(model, nnx.Param)))
+  nnx.update(
+      model,
+      jax.tree.map(
+          lambda x: jnp.asarray(
+              0.15 * rng.standard_normal(x.shape)
+              if len(x.shape) > 1
+              else 1.0 + 0.2 * rng.standard_normal(x.shape),
+              x.dtype,
+          ),
+          nnx.state(model, nnx.Param),
+      ),
+  )
   return model
 
 

@@ -31,27 +31,34 @@ def test_the_shipped_configs_are_valid():
   assert ExperimentConfig.from_config(config).model.tokenizer is None
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("prompts_per_step", 0, r"config: prompts_per_step=0 must be >= 1"),
-    ("num_steps", -1, r"config: num_steps=-1"),
-    ("eval.k", (0,), r"config.eval: eval.k=\(0,\)"),
-    ("eval.num_samples", 0, r"config.eval: .*num_samples=0"),
-    ("algorithm.objective_kwargs.epsilon_low", -1.0, r"config.algorithm: .*epsilon_low=-1"),
-    ("algorithm.num_generations", 1, r"config.algorithm: num_generations=1"),
-    ("optim.b1", 1.5, r"config.optim: b1=1.5 must lie in \[0, 1\)"),
-    ("warm_start.optim.learning_rate", 0.0, r"config.warm_start.optim: learning_rate=0.0"),
-    ("warm_start.batch_size", 0, r"config.warm_start: batch_size=0"),
-    ("sampling.top_p", 2.0, r"config.sampling: top_p must lie in \(0, 1\]"),
-    ("checkpoint.keep", 0, r"config.checkpoint: keep=0"),
-    ("mesh.fsdp", 0, r"config.mesh: fsdp=0 must be >= 1 or -1"),
-    ("rollout.backend", "vllm", r"config.rollout: backend='vllm' is not one of \['jax', 'mock'\]"),
-    ("model.dtype", "float33", r"config.model: dtype='float33' is not a dtype"),
-    ("model.name", "gpt5", r"config.model: Unknown model name 'gpt5'"),
-    ("model.tokenizer", None, r"config.model: tokenizer=None is needed without an hf_path"),
-    ("algorithm.is_correction", "tis", r"config.algorithm: is_correction='tis' is not one of"),
-    ("algorithm.is_cap", 1.0, r"config.algorithm: is_cap=1.0 must be > 1"),
-    ("parallelism", "shard_map", r"config: parallelism='shard_map' is not one of"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("prompts_per_step", 0, r"config: prompts_per_step=0 must be >= 1"),
+        ("num_steps", -1, r"config: num_steps=-1"),
+        ("eval.k", (0,), r"config.eval: eval.k=\(0,\)"),
+        ("eval.num_samples", 0, r"config.eval: .*num_samples=0"),
+        ("algorithm.objective_kwargs.epsilon_low", -1.0, r"config.algorithm: .*epsilon_low=-1"),
+        ("algorithm.num_generations", 1, r"config.algorithm: num_generations=1"),
+        ("optim.b1", 1.5, r"config.optim: b1=1.5 must lie in \[0, 1\)"),
+        ("warm_start.optim.learning_rate", 0.0, r"config.warm_start.optim: learning_rate=0.0"),
+        ("warm_start.batch_size", 0, r"config.warm_start: batch_size=0"),
+        ("sampling.top_p", 2.0, r"config.sampling: top_p must lie in \(0, 1\]"),
+        ("checkpoint.keep", 0, r"config.checkpoint: keep=0"),
+        ("mesh.fsdp", 0, r"config.mesh: fsdp=0 must be >= 1 or -1"),
+        (
+            "rollout.backend",
+            "vllm",
+            r"config.rollout: backend='vllm' is not one of \['jax', 'mock'\]",
+        ),
+        ("model.dtype", "float33", r"config.model: dtype='float33' is not a dtype"),
+        ("model.name", "gpt5", r"config.model: Unknown model name 'gpt5'"),
+        ("model.tokenizer", None, r"config.model: tokenizer=None is needed without an hf_path"),
+        ("algorithm.is_correction", "tis", r"config.algorithm: is_correction='tis' is not one of"),
+        ("algorithm.is_cap", 1.0, r"config.algorithm: is_cap=1.0 must be > 1"),
+        ("parallelism", "shard_map", r"config: parallelism='shard_map' is not one of"),
+    ],
+)
 def test_a_bad_value_is_one_error_naming_its_field(field, value, message):
   config = smoke.get_config()
   *parents, name = field.split(".")
@@ -66,8 +73,11 @@ def test_a_bad_value_is_one_error_naming_its_field(field, value, message):
 def test_pmap_refuses_sharded_parameters():
   config = smoke.get_config()
   config.parallelism, config.mesh.tensor = "pmap", 2
-  with pytest.raises(ConfigError, match=r"config: parallelism='pmap' replicates the parameters: "
-                                        r"it needs mesh.fsdp = mesh.tensor = 1, got fsdp=1 tensor=2"):
+  with pytest.raises(
+      ConfigError,
+      match=r"config: parallelism='pmap' replicates the parameters: "
+      r"it needs mesh.fsdp = mesh.tensor = 1, got fsdp=1 tensor=2",
+  ):
     ExperimentConfig.from_config(config)
   config.mesh.tensor = 1
   assert ExperimentConfig.from_config(config).parallelism == "pmap"
@@ -76,8 +86,11 @@ def test_pmap_refuses_sharded_parameters():
 def test_unknown_fields_are_named_with_what_the_section_accepts():
   config = smoke.get_config().to_dict()
   config["eval"]["ks"] = (2,)
-  with pytest.raises(ConfigError, match=r"config.eval: unknown field\(s\) \['ks'\]; accepted: "
-                                        r"\['num_examples', 'temperature', 'num_samples', 'k'\]"):
+  with pytest.raises(
+      ConfigError,
+      match=r"config.eval: unknown field\(s\) \['ks'\]; accepted: "
+      r"\['num_examples', 'temperature', 'num_samples', 'k'\]",
+  ):
     ExperimentConfig.from_config(config)
   del config["eval"]["ks"], config["rollout"]
   with pytest.raises(ConfigError, match=r"config: missing field\(s\) \['rollout'\]"):
@@ -103,21 +116,34 @@ def test_an_unknown_override_names_the_field_and_what_its_section_accepts():
   assert main.unknown_override(argv + ["--config.seed=3"]) is None
   assert main.unknown_override(argv + ["--config.algorithm.advantage_kwargs.offset=1"]) == (
       "unknown config field config.algorithm.advantage_kwargs.offset; "
-      "config.algorithm.advantage_kwargs accepts: normalize")
+      "config.algorithm.advantage_kwargs accepts: normalize"
+  )
   assert main.unknown_override(argv + ["--config.seed.x=1"]) == (
-      "config.seed is a value, not a section: config.seed.x cannot be set")
+      "config.seed is a value, not a section: config.seed.x cannot be set"
+  )
 
 
 def test_the_command_line_prints_one_line_and_exits_2(tmp_path):
   result = subprocess.run(
-      [sys.executable, "-m", "gmpo_jax.main", "--config=configs/smoke.py",
-       f"--workdir={tmp_path}", "--config.algorithm.advantage_kwargs.offset=1"],
-      capture_output=True, text=True, timeout=300,
-      cwd=os.path.dirname(os.path.dirname(smoke.__file__)))
+      [
+          sys.executable,
+          "-m",
+          "gmpo_jax.main",
+          "--config=configs/smoke.py",
+          f"--workdir={tmp_path}",
+          "--config.algorithm.advantage_kwargs.offset=1",
+      ],
+      capture_output=True,
+      text=True,
+      timeout=300,
+      cwd=os.path.dirname(os.path.dirname(smoke.__file__)),
+  )
   assert result.returncode == 2, result.stderr[-2000:]
   errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-  assert errors == ["error: unknown config field config.algorithm.advantage_kwargs.offset; "
-                    "config.algorithm.advantage_kwargs accepts: normalize"]
+  assert errors == [
+      "error: unknown config field config.algorithm.advantage_kwargs.offset; "
+      "config.algorithm.advantage_kwargs accepts: normalize"
+  ]
   assert "Traceback" not in result.stderr and not list(tmp_path.iterdir())
 
 
@@ -132,10 +158,14 @@ def test_a_checkpoint_takes_how_it_runs_from_overrides_but_not_its_architecture(
   overrides = {"attention_impl": "splash", "remat": "projections", "attention_block_size": 256}
   typed = ExperimentConfig.from_config(_checkpoint_config(overrides=overrides))
   assert dict(typed.model.overrides) == overrides
-  with pytest.raises(ConfigError, match=r"config.model: overrides=\['num_layers', 'qk_norm'\] "
-                                        r"would change the architecture of the checkpoint"):
-    ExperimentConfig.from_config(_checkpoint_config(
-        overrides={"remat": "full", "num_layers": 2, "qk_norm": True}))
+  with pytest.raises(
+      ConfigError,
+      match=r"config.model: overrides=\['num_layers', 'qk_norm'\] "
+      r"would change the architecture of the checkpoint",
+  ):
+    ExperimentConfig.from_config(
+        _checkpoint_config(overrides={"remat": "full", "num_layers": 2, "qk_norm": True})
+    )
   # The dtypes have fields of their own (`model.param_dtype`, `model.dtype`), never overrides.
   with pytest.raises(ConfigError, match=r"overrides=\['dtype'\] are set as model.param_dtype"):
     ExperimentConfig.from_config(_checkpoint_config(overrides={"dtype": "float32"}))
@@ -144,16 +174,29 @@ def test_a_checkpoint_takes_how_it_runs_from_overrides_but_not_its_architecture(
 def test_build_model_applies_the_overrides_to_a_checkpoint(tmp_path):
   """A checkpoint of zeros in the Hugging Face layout (`hf_import.hf_tensor_targets`) loads
   with the overridden kernel and remat and the configured compute dtype, and computes in it."""
-  hf_config = dict(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=48,
-                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                   tie_word_embeddings=True, torch_dtype="float32")
+  hf_config = dict(
+      model_type="qwen2",
+      vocab_size=64,
+      hidden_size=32,
+      intermediate_size=48,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      tie_word_embeddings=True,
+      torch_dtype="float32",
+  )
   (tmp_path / hf_import.CONFIG_FILE).write_text(json.dumps(hf_config))
   targets = hf_import.hf_tensor_targets(TransformerConfig.from_hf_config(hf_config))
-  save_file({name: np.zeros(t.hf_shape, np.float32) for name, t in targets.items()},
-            str(tmp_path / hf_import.WEIGHTS_FILE))
+  save_file(
+      {name: np.zeros(t.hf_shape, np.float32) for name, t in targets.items()},
+      str(tmp_path / hf_import.WEIGHTS_FILE),
+  )
   overrides = (("attention_impl", "xla"), ("remat", "full"))
-  model = build.build_model(ModelConfig(hf_path=str(tmp_path), overrides=overrides,
-                                        dtype="bfloat16"), tokenizer=None, seed=0)
+  model = build.build_model(
+      ModelConfig(hf_path=str(tmp_path), overrides=overrides, dtype="bfloat16"),
+      tokenizer=None,
+      seed=0,
+  )
   assert (model.config.attention_impl, model.config.remat) == ("xla", "full")
   assert model.config.param_dtype == np.float32 and model.config.dtype == jnp.bfloat16
   tokens = jnp.zeros((1, 4), jnp.int32)

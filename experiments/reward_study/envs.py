@@ -33,9 +33,7 @@ TYPE_NAMES: Final[str] = 'ABCD'
 
 def all_sequences() -> np.ndarray:
   """Every sequence of NUM_TOKENS tokens, lexicographic: [V^T, T] int32."""
-  return np.array(
-      list(itertools.product(range(VOCAB_SIZE), repeat=NUM_TOKENS)),
-      dtype=np.int32)
+  return np.array(list(itertools.product(range(VOCAB_SIZE), repeat=NUM_TOKENS)), dtype=np.int32)
 
 
 class ExactTables(NamedTuple):
@@ -81,12 +79,10 @@ class RewardEnv(abc.ABC):
 
   def __post_init__(self):
     if not self.context_scales or min(self.context_scales) <= 0:
-      raise ValueError(
-          f'{self.name}: context_scales must be positive, got {self.context_scales}.')
+      raise ValueError(f'{self.name}: context_scales must be positive, got {self.context_scales}.')
     if self.geo_offset != 0 and set(self.context_scales) != {1.0}:
       # log(sR + c) does not separate into log s + log(R + c).
-      raise ValueError(
-          f'{self.name}: context scales need geo_offset == 0, got {self.geo_offset}.')
+      raise ValueError(f'{self.name}: context scales need geo_offset == 0, got {self.geo_offset}.')
     if self.mix_contexts and self.num_contexts < 3:
       raise ValueError(f'{self.name}: mix_contexts needs >= 3 contexts.')
 
@@ -137,7 +133,8 @@ class RewardEnv(abc.ABC):
     scales = np.asarray(self.context_scales, np.float64)[:, None]
     return ExactTables(
         mean_reward=mean.reshape(shape) * scales,
-        mean_log_reward=mean_log.reshape(shape) + np.log(scales))
+        mean_log_reward=mean_log.reshape(shape) + np.log(scales),
+    )
 
   @abc.abstractmethod
   def _sample(self, key: jax.Array, types: jax.Array) -> jax.Array:
@@ -246,16 +243,21 @@ class BetaProductEnv(RewardEnv):
   def __post_init__(self):
     super().__post_init__()
     shapes = np.asarray(self.mean) * self.concentration
-    if not (np.allclose(shapes, np.round(shapes)) and np.all(np.round(shapes) >= 1)
-            and np.all(np.round(shapes) <= self.concentration - 1)):
+    if not (
+        np.allclose(shapes, np.round(shapes))
+        and np.all(np.round(shapes) >= 1)
+        and np.all(np.round(shapes) <= self.concentration - 1)
+    ):
       raise ValueError(
           f'{self.name}: concentration * mean must be integers in [1, k - 1], got '
-          f'{shapes.tolist()}.')
+          f'{shapes.tolist()}.'
+      )
 
   def _sample(self, key, types):
     shape = jnp.asarray(np.round(np.asarray(self.mean) * self.concentration), jnp.int32)
     partial_sums = jnp.cumsum(
-        jax.random.exponential(key, types.shape + (self.concentration,)), axis=-1)
+        jax.random.exponential(key, types.shape + (self.concentration,)), axis=-1
+    )
     numerator = jnp.take_along_axis(partial_sums, shape[types][..., None] - 1, axis=-1)
     return jnp.prod(numerator[..., 0] / partial_sums[..., -1], axis=-1)
 
@@ -337,35 +339,51 @@ def study_envs() -> tuple[RewardEnv, ...]:
   return (
       UniformEnv(
           name='uniform',
-          summary='bounded U[q, q+0.5], q in [0.1, 1]; both optima AAAA (easy control)'),
+          summary='bounded U[q, q+0.5], q in [0.1, 1]; both optima AAAA (easy control)',
+      ),
       LogNormalEnv(
-          name='lognormal', log_mean=(0.0, -0.25, -0.5, -1.0), log_std=(0.75,) * 4,
-          summary='log-normal long tail (log R sd 1.5); both optima AAAA'),
+          name='lognormal',
+          log_mean=(0.0, -0.25, -0.5, -1.0),
+          log_std=(0.75,) * 4,
+          summary='log-normal long tail (log R sd 1.5); both optima AAAA',
+      ),
       LogNormalEnv(
-          name='kelly', log_mean=(0.0, -0.2, -0.6, -1.0),
+          name='kelly',
+          log_mean=(0.0, -0.2, -0.6, -1.0),
           log_std=(0.1, 0.8, 0.1, 0.1),
-          summary=('log-normal, conflict: B has the larger mean (x1.13/token) and '
-                   'the smaller median (x0.82/token); E[R] optimum BBBB, '
-                   'E[log R] optimum AAAA')),
+          summary=(
+              'log-normal, conflict: B has the larger mean (x1.13/token) and '
+              'the smaller median (x0.82/token); E[R] optimum BBBB, '
+              'E[log R] optimum AAAA'
+          ),
+      ),
       ParetoOutlierEnv(
           name='pareto',
-          summary=('Pareto(3) tail x rare 100x lucky outliers (p = 0.02, '
-                   'independent of the tokens); both optima AAAA')),
+          summary=(
+              'Pareto(3) tail x rare 100x lucky outliers (p = 0.02, '
+              'independent of the tokens); both optima AAAA'
+          ),
+      ),
       BetaProductEnv(
           name='product',
-          summary=('product of 4 Beta step scores, R in ~[1e-5, 1]; both optima '
-                   'AAAA')),
+          summary=('product of 4 Beta step scores, R in ~[1e-5, 1]; both optima ' 'AAAA'),
+      ),
       CountsEnv(
           name='counts',
-          summary=('tests passed 0..100, zero when not compiling; E[R] optimum AAAA '
-                   '(f=0.52, 80 tests), safe BBBB compiles (f=0.96) but passes 25'),
+          summary=(
+              'tests passed 0..100, zero when not compiling; E[R] optimum AAAA '
+              '(f=0.52, 80 tests), safe BBBB compiles (f=0.96) but passes 25'
           ),
-      BinaryEnv(
-          name='binary',
-          summary='Bernoulli(sigmoid(-1 + sum w)); both optima AAAA'),
+      ),
+      BinaryEnv(name='binary', summary='Bernoulli(sigmoid(-1 + sum w)); both optima AAAA'),
       UniformEnv(
-          name='multiscale', context_scales=(0.01, 1.0, 100.0),
-          permute_tokens=True, mix_contexts=True,
-          summary=('3 prompts with rewards x0.01 / x1 / x100 (uniform env), '
-                   'different best tokens, parameters shared by all prompts')),
+          name='multiscale',
+          context_scales=(0.01, 1.0, 100.0),
+          permute_tokens=True,
+          mix_contexts=True,
+          summary=(
+              '3 prompts with rewards x0.01 / x1 / x100 (uniform env), '
+              'different best tokens, parameters shared by all prompts'
+          ),
+      ),
   )

@@ -52,15 +52,18 @@ def steps_to_target(curves: np.ndarray, target: float = TARGET) -> dict:
   reached = hit.any(axis=1)
   first = hit.argmax(axis=1)[reached]
   stat = mean_ci(first) if reached.any() else (float('nan'), float('nan'))
-  return {'mean': stat[0], 'ci95': stat[1], 'reached': int(reached.sum()),
-          'seeds': int(len(curves))}
+  return {
+      'mean': stat[0],
+      'ci95': stat[1],
+      'reached': int(reached.sum()),
+      'seeds': int(len(curves)),
+  }
 
 
 def fmt_steps(steps: dict) -> str:
   if not steps['reached']:
     return f'never (0/{steps["seeds"]})'
-  return (f'{steps["mean"]:.0f} ± {steps["ci95"]:.0f} '
-          f'({steps["reached"]}/{steps["seeds"]})')
+  return f'{steps["mean"]:.0f} ± {steps["ci95"]:.0f} ' f'({steps["reached"]}/{steps["seeds"]})'
 
 
 def sequence_label(env: envs.RewardEnv, context: int, index: int) -> str:
@@ -76,15 +79,17 @@ def optima(env: envs.RewardEnv) -> list[dict]:
   out = []
   for c in range(env.num_contexts):
     mean, log = tables.mean_reward[c], tables.mean_log_reward[c]
-    out.append({
-        'arith_opt': sequence_label(env, c, int(mean.argmax())),
-        'arith_opt_value': float(mean.max()),
-        'geo_opt': sequence_label(env, c, int(log.argmax())),
-        'geo_opt_value': float(log.max()),
-        'uniform_policy_mean': float(mean.mean()),
-        'uniform_policy_mean_log': float(log.mean()),
-        'geo_offset': env.geo_offset,
-    })
+    out.append(
+        {
+            'arith_opt': sequence_label(env, c, int(mean.argmax())),
+            'arith_opt_value': float(mean.max()),
+            'geo_opt': sequence_label(env, c, int(log.argmax())),
+            'geo_opt_value': float(log.max()),
+            'uniform_policy_mean': float(mean.mean()),
+            'uniform_policy_mean_log': float(log.mean()),
+            'geo_offset': env.geo_offset,
+        }
+    )
   return out
 
 
@@ -102,36 +107,43 @@ def summarize_runs(config: study.TrainConfig, result: study.TrainResult) -> list
       geo = result.geo_score[m, o]
       prob = result.final_sequence_prob[m, o]  # [S, C, N]
       modal = prob.argmax(axis=-1)  # [S, C]
-      labels = ['/'.join(sequence_label(env, c, int(n)) for c, n in enumerate(seed))
-                for seed in modal]
+      labels = [
+          '/'.join(sequence_label(env, c, int(n)) for c, n in enumerate(seed)) for seed in modal
+      ]
       label, count = collections.Counter(labels).most_common(1)[0]
-      rows.append({
-          'method': method.label,
-          'objective': objective.label,
-          'arith_final': mean_ci(arith[:, -1].mean(-1)),
-          'geo_final': mean_ci(geo[:, -1].mean(-1)),
-          'arith_final_per_context': [mean_ci(arith[:, -1, c]) for c in contexts],
-          'steps_arith': steps_to_target(arith.mean(-1)),
-          'steps_geo': steps_to_target(geo.mean(-1)),
-          'prob_arith_opt': mean_ci(prob[:, contexts, arith_best].mean(-1)),
-          'prob_geo_opt': mean_ci(prob[:, contexts, geo_best].mean(-1)),
-          'modal_sequence': label,
-          'modal_count': count,
-          'penalized_fraction': mean_ci(result.penalized_fraction[m, o]),
-          'clip_fraction': mean_ci(result.clip_fraction[m, o]),
-          'zero_advantage_fraction': mean_ci(result.zero_advantage_fraction[m, o]),
-      })
+      rows.append(
+          {
+              'method': method.label,
+              'objective': objective.label,
+              'arith_final': mean_ci(arith[:, -1].mean(-1)),
+              'geo_final': mean_ci(geo[:, -1].mean(-1)),
+              'arith_final_per_context': [mean_ci(arith[:, -1, c]) for c in contexts],
+              'steps_arith': steps_to_target(arith.mean(-1)),
+              'steps_geo': steps_to_target(geo.mean(-1)),
+              'prob_arith_opt': mean_ci(prob[:, contexts, arith_best].mean(-1)),
+              'prob_geo_opt': mean_ci(prob[:, contexts, geo_best].mean(-1)),
+              'modal_sequence': label,
+              'modal_count': count,
+              'penalized_fraction': mean_ci(result.penalized_fraction[m, o]),
+              'clip_fraction': mean_ci(result.clip_fraction[m, o]),
+              'zero_advantage_fraction': mean_ci(result.zero_advantage_fraction[m, o]),
+          }
+      )
   return rows
 
 
-def summarize_diagnostics(
-    config: study.TrainConfig, diagnostics: study.Diagnostics) -> list[dict]:
+def summarize_diagnostics(config: study.TrainConfig, diagnostics: study.Diagnostics) -> list[dict]:
   """One row per method from a `study.run_diagnostics` result ([S, M], NumPy)."""
-  return [{
-      'method': method.label,
-      **{field: mean_ci(getattr(diagnostics, field)[:, m])
-         for field in study.Diagnostics._fields},
-  } for m, method in enumerate(config.methods)]
+  return [
+      {
+          'method': method.label,
+          **{
+              field: mean_ci(getattr(diagnostics, field)[:, m])
+              for field in study.Diagnostics._fields
+          },
+      }
+      for m, method in enumerate(config.methods)
+  ]
 
 
 def runs_table(rows: list[dict], seeds: int) -> str:
@@ -139,35 +151,43 @@ def runs_table(rows: list[dict], seeds: int) -> str:
       '| method | objective | E[R] score | E[log R] score | steps to 0.9 (E[R]) '
       '| steps to 0.9 (E[log R]) | π(E[R]-opt) | π(E[log R]-opt) | modal sequence '
       '| penalized (train) | clip fraction |\n'
-      '|---|---|---|---|---|---|---|---|---|---|---|\n')
+      '|---|---|---|---|---|---|---|---|---|---|---|\n'
+  )
   lines = [
       f'| {r["method"]} | {r["objective"]} | {fmt(r["arith_final"])} '
       f'| {fmt(r["geo_final"])} | {fmt_steps(r["steps_arith"])} '
       f'| {fmt_steps(r["steps_geo"])} | {fmt(r["prob_arith_opt"], 2)} '
       f'| {fmt(r["prob_geo_opt"], 2)} | {r["modal_sequence"]} '
       f'({r["modal_count"]}/{seeds}) | {fmt(r["penalized_fraction"])} '
-      f'| {fmt(r["clip_fraction"], 4)} |' for r in rows]
+      f'| {fmt(r["clip_fraction"], 4)} |'
+      for r in rows
+  ]
   return header + '\n'.join(lines) + '\n'
 
 
 def diagnostics_table(rows: list[dict]) -> str:
-  header = ('| method | penalized fraction | gradient SNR | cos(E g, ∇E[R]) '
-            '| cos(E g, ∇E[log R]) |\n|---|---|---|---|---|\n')
+  header = (
+      '| method | penalized fraction | gradient SNR | cos(E g, ∇E[R]) '
+      '| cos(E g, ∇E[log R]) |\n|---|---|---|---|---|\n'
+  )
   lines = [
       f'| {r["method"]} | {fmt(r["penalized_fraction"])} '
       f'| {fmt(r["grad_snr"], 4)} | {fmt(r["cos_arith"])} '
-      f'| {fmt(r["cos_geo"])} |' for r in rows]
+      f'| {fmt(r["cos_geo"])} |'
+      for r in rows
+  ]
   return header + '\n'.join(lines) + '\n'
 
 
 def context_table(env: envs.RewardEnv, rows: list[dict]) -> str:
   scales = ' | '.join(f'prompt ×{s:g}' for s in env.context_scales)
-  header = (f'| method | objective | {scales} |\n'
-            f'|---|---|{"---|" * env.num_contexts}\n')
+  header = f'| method | objective | {scales} |\n' f'|---|---|{"---|" * env.num_contexts}\n'
   lines = [
       f'| {r["method"]} | {r["objective"]} | '
-      + ' | '.join(fmt(stat) for stat in r['arith_final_per_context']) + ' |'
-      for r in rows]
+      + ' | '.join(fmt(stat) for stat in r['arith_final_per_context'])
+      + ' |'
+      for r in rows
+  ]
   return header + '\n'.join(lines) + '\n'
 
 
@@ -191,16 +211,17 @@ def _colors(num_methods: int):
   return plt.get_cmap('tab10' if num_methods <= 10 else 'tab20')
 
 
-def plot_curves(path, config: study.TrainConfig, result: study.TrainResult,
-                title: str) -> None:
+def plot_curves(path, config: study.TrainConfig, result: study.TrainResult, title: str) -> None:
   """Rows: objectives; columns: E[R] and E[log R] scores (mean over contexts)."""
   num_objectives = len(config.objectives)
-  fig, axes = plt.subplots(num_objectives, 2, figsize=(11, 3.2 * num_objectives),
-                           squeeze=False, sharex=True)
+  fig, axes = plt.subplots(
+      num_objectives, 2, figsize=(11, 3.2 * num_objectives), squeeze=False, sharex=True
+  )
   colors = _colors(len(config.methods))
   for o, objective in enumerate(config.objectives):
     for col, (field, name) in enumerate(
-        (('arith_score', 'E[R] score'), ('geo_score', 'E[log R] score'))):
+        (('arith_score', 'E[R] score'), ('geo_score', 'E[log R] score'))
+    ):
       ax = axes[o, col]
       for m, method in enumerate(config.methods):
         curves = getattr(result, field)[m, o].mean(-1)
@@ -217,18 +238,25 @@ def plot_curves(path, config: study.TrainConfig, result: study.TrainResult,
   plt.close(fig)
 
 
-def plot_contexts(path, config: study.TrainConfig, result: study.TrainResult,
-                  objective: int = 0) -> None:
+def plot_contexts(
+    path, config: study.TrainConfig, result: study.TrainResult, objective: int = 0
+) -> None:
   """E[R] score of every context (one panel each) for one objective."""
   env = config.env
-  fig, axes = plt.subplots(1, env.num_contexts, figsize=(4 * env.num_contexts, 3.2),
-                           squeeze=False, sharey=True)
+  fig, axes = plt.subplots(
+      1, env.num_contexts, figsize=(4 * env.num_contexts, 3.2), squeeze=False, sharey=True
+  )
   colors = _colors(len(config.methods))
   for c, scale in enumerate(env.context_scales):
     ax = axes[0, c]
     for m, method in enumerate(config.methods):
-      _band(ax, result.arith_score[m, objective][:, :, c], color=colors(m),
-            label=method.label, ls=_LINE_STYLES[m % 4])
+      _band(
+          ax,
+          result.arith_score[m, objective][:, :, c],
+          color=colors(m),
+          label=method.label,
+          ls=_LINE_STYLES[m % 4],
+      )
     ax.set_title(f'prompt with rewards ×{scale:g}', fontsize=10)
     ax.set_xlabel('step')
     ax.grid(alpha=0.3)
@@ -246,8 +274,9 @@ def plot_advantage_scatter(path, worked_examples: Sequence[dict]) -> None:
   unnormalized ones divided by the group's max |A| (their units differ).
   """
   rows = (('GRPO', 'log-norm d=1e-8'), ('Dr.GRPO', 'log d=1e-8'))
-  fig, axes = plt.subplots(2, len(worked_examples),
-                           figsize=(4.5 * len(worked_examples), 6.4), squeeze=False)
+  fig, axes = plt.subplots(
+      2, len(worked_examples), figsize=(4.5 * len(worked_examples), 6.4), squeeze=False
+  )
   markers = ('o', 'x')
   for g, example in enumerate(worked_examples):
     rewards = np.asarray(example['rewards'], np.float64)

@@ -39,17 +39,28 @@ WORKED_GROUPS: tuple[tuple[float, ...], ...] = (
 # GMPO's geometric objective at the token-clip's range, to compare the two at
 # equal clip widths in the stress regime.
 GEOMETRIC_NARROW = study.Objective(
-    'geometric e^±0.2', 'geometric',
-    (('epsilon_low', 0.2), ('epsilon_high', 0.2), ('clip_mode', 'token'),
-     ('loss_agg_mode', 'seq-mean-token-mean')))
+    'geometric e^±0.2',
+    'geometric',
+    (
+        ('epsilon_low', 0.2),
+        ('epsilon_high', 0.2),
+        ('clip_mode', 'token'),
+        ('loss_agg_mode', 'seq-mean-token-mean'),
+    ),
+)
 
 
 # p = 1 and p -> 0 of the power-mean family, checked against the estimators they
 # reduce to (Dr.GRPO / GRPO and the log baseline) rather than trained twice.
 _POWER_MEAN_ENDS = tuple(
-    study.Method(f'pow{"-norm" if normalize else ""} p={label}', 'power_mean',
-                 (('p', p), ('normalize', normalize), ('floor', 1e-8)))
-    for p, label in ((1.0, '1'), (1e-6, '1e-6')) for normalize in (False, True))
+    study.Method(
+        f'pow{"-norm" if normalize else ""} p={label}',
+        'power_mean',
+        (('p', p), ('normalize', normalize), ('floor', 1e-8)),
+    )
+    for p, label in ((1.0, '1'), (1e-6, '1e-6'))
+    for normalize in (False, True)
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,14 +105,22 @@ class StudyConfig:
     if unknown:
       raise ValueError(
           f'Unknown environment(s) or method(s) {sorted(unknown)}; environments: '
-          f'{sorted(known_envs)}, methods: {sorted(known_methods)}.')
+          f'{sorted(known_envs)}, methods: {sorted(known_methods)}.'
+      )
     if self.num_seeds < 2 or self.diag_seeds < 2:
       raise ValueError('num_seeds and diag_seeds must be >= 2 (confidence intervals).')
 
 
 FULL = StudyConfig()
-QUICK = StudyConfig(env_names=('uniform',), num_seeds=3, num_steps=30, diag_seeds=2,
-                    diag_batches=16, stress_env_names=(), scale_groups=256)
+QUICK = StudyConfig(
+    env_names=('uniform',),
+    num_seeds=3,
+    num_steps=30,
+    diag_seeds=2,
+    diag_batches=16,
+    stress_env_names=(),
+    scale_groups=256,
+)
 
 
 def _env(name: str) -> envs.RewardEnv:
@@ -115,13 +134,14 @@ def _numpy(tree):
   return jax.tree.map(np.asarray, tree)
 
 
-def _uniform_policy_rewards(env: envs.RewardEnv, key, num_groups: int,
-                            group_size: int) -> jax.Array:
+def _uniform_policy_rewards(
+    env: envs.RewardEnv, key, num_groups: int, group_size: int
+) -> jax.Array:
   """[num_groups, G] rewards of the uniform policy in context 0 of env."""
   key_tokens, key_rewards = jax.random.split(key)
   tokens = jax.random.randint(
-      key_tokens, (env.num_contexts, num_groups * group_size, envs.NUM_TOKENS), 0,
-      envs.VOCAB_SIZE)
+      key_tokens, (env.num_contexts, num_groups * group_size, envs.NUM_TOKENS), 0, envs.VOCAB_SIZE
+  )
   return env.sample(key_rewards, tokens)[0].reshape(num_groups, group_size)
 
 
@@ -135,34 +155,47 @@ def advantage_checks(config: StudyConfig, key) -> dict:
   rewards = np.zeros((len(WORKED_GROUPS), size), np.float32)
   mask = np.zeros((len(WORKED_GROUPS), size), bool)
   for g, group in enumerate(WORKED_GROUPS):
-    rewards[g, :len(group)], mask[g, :len(group)] = group, True
+    rewards[g, : len(group)], mask[g, : len(group)] = group, True
   values = np.asarray(advantage(jnp.asarray(rewards), jnp.asarray(mask)))  # [M, W, G]
   worked = []
   for g, group in enumerate(WORKED_GROUPS):
     valid = np.asarray(group)[None]
     rows = []
     for i, method in enumerate(methods):
-      adv = values[i, g, :len(group)]
+      adv = values[i, g, : len(group)]
       penalized, above = study.penalized_counts(jnp.asarray(valid), jnp.asarray(adv[None]))
-      rows.append({'method': method.label, 'advantages': adv.tolist(),
-                   'negative': int(np.sum(adv < 0)), 'penalized': int(penalized),
-                   'above_median': int(above)})
-    worked.append({'rewards': list(group), 'rows': rows,
-                   'arithmetic_mean': float(np.mean(group)),
-                   'geometric_mean': float(np.exp(np.mean(np.log(np.maximum(group, 1e-8)))))})
+      rows.append(
+          {
+              'method': method.label,
+              'advantages': adv.tolist(),
+              'negative': int(np.sum(adv < 0)),
+              'penalized': int(penalized),
+              'above_median': int(above),
+          }
+      )
+    worked.append(
+        {
+            'rewards': list(group),
+            'rows': rows,
+            'arithmetic_mean': float(np.mean(group)),
+            'geometric_mean': float(np.exp(np.mean(np.log(np.maximum(group, 1e-8))))),
+        }
+    )
 
   key_positive, key_binary = jax.random.split(key)
   scales = (1e-6, 1e-3, 1e3)
-  positive = _uniform_policy_rewards(_env('lognormal'), key_positive,
-                                     config.scale_groups, config.group_size)
+  positive = _uniform_policy_rewards(
+      _env('lognormal'), key_positive, config.scale_groups, config.group_size
+  )
   deviation = study.scale_deviation(positive, methods, scales)
   # The ends of the power-mean family, which METHODS leave out as duplicates.
   ends = study.all_advantages(_POWER_MEAN_ENDS)(positive)
   same = dict(zip((m.label for m in methods), np.asarray(advantage(positive), np.float64)))
   end = dict(zip((m.label for m in _POWER_MEAN_ENDS), np.asarray(ends, np.float64)))
 
-  binary = _uniform_policy_rewards(_env('binary'), key_binary, config.scale_groups,
-                                   config.group_size)
+  binary = _uniform_policy_rewards(
+      _env('binary'), key_binary, config.scale_groups, config.group_size
+  )
   by_label = dict(zip((m.label for m in methods), np.asarray(advantage(binary), np.float64)))
 
   def max_relative(a, b):
@@ -171,32 +204,40 @@ def advantage_checks(config: StudyConfig, key) -> dict:
   identities = {
       'log-norm d=1e-8 vs GRPO': max_relative(by_label['log-norm d=1e-8'], by_label['GRPO']),
       'log d=1e-8 vs |ln 1e-8| x Dr.GRPO': max_relative(
-          by_label['log d=1e-8'], -math.log(1e-8) * by_label['Dr.GRPO']),
+          by_label['log d=1e-8'], -math.log(1e-8) * by_label['Dr.GRPO']
+      ),
       'log d=1e-2 vs |ln 1e-2| x Dr.GRPO': max_relative(
-          by_label['log d=1e-2'], -math.log(1e-2) * by_label['Dr.GRPO']),
+          by_label['log d=1e-2'], -math.log(1e-2) * by_label['Dr.GRPO']
+      ),
   }
   # Any increasing transform of two values standardizes to GRPO; unnormalized, the
   # power mean is Dr.GRPO times L(1) - L(0) = (1 - d^p) / p with the floor d = 1e-8.
   for p in (0.5, -0.5):
     identities[f'pow-norm p={p:g} vs GRPO'] = max_relative(
-        by_label[f'pow-norm p={p:g}'], by_label['GRPO'])
+        by_label[f'pow-norm p={p:g}'], by_label['GRPO']
+    )
     factor = (1 - 1e-8**p) / p
     identities[f'pow p={p:g} vs {factor:.5g} x Dr.GRPO'] = max_relative(
-        by_label[f'pow p={p:g}'], factor * by_label['Dr.GRPO'])
+        by_label[f'pow p={p:g}'], factor * by_label['Dr.GRPO']
+    )
   power_mean_ends = {
       'pow p=1 vs Dr.GRPO': max_relative(end['pow p=1'], same['Dr.GRPO']),
       'pow-norm p=1 vs GRPO': max_relative(end['pow-norm p=1'], same['GRPO']),
       'pow p=1e-6 vs log d=1e-8': max_relative(end['pow p=1e-6'], same['log d=1e-8']),
       'pow-norm p=1e-6 vs log-norm d=1e-8': max_relative(
-          end['pow-norm p=1e-6'], same['log-norm d=1e-8']),
+          end['pow-norm p=1e-6'], same['log-norm d=1e-8']
+      ),
   }
   return {
       'worked_examples': worked,
       'scale_invariance': {
           'scales': list(scales),
           'rewards': 'lognormal env, uniform policy',
-          'rows': [{'method': m.label, 'max_relative_deviation': deviation[i].tolist()}
-                   for i, m in enumerate(methods)]},
+          'rows': [
+              {'method': m.label, 'max_relative_deviation': deviation[i].tolist()}
+              for i, m in enumerate(methods)
+          ],
+      },
       'binary_identities': identities,
       'power_mean_ends': power_mean_ends,
   }
@@ -206,13 +247,22 @@ def _train_config(config: StudyConfig, env: envs.RewardEnv, *, stress: bool) -> 
   """The main regime (every method and objective), or the high-reuse one."""
   if not stress:
     return study.TrainConfig(
-        env=env, num_steps=config.num_steps, group_size=config.group_size,
-        num_epochs=config.num_epochs, learning_rate=config.learning_rate)
+        env=env,
+        num_steps=config.num_steps,
+        group_size=config.group_size,
+        num_epochs=config.num_epochs,
+        learning_rate=config.learning_rate,
+    )
   methods = tuple(m for m in study.METHODS if m.label in config.stress_methods)
   return study.TrainConfig(
-      env=env, methods=methods, objectives=study.OBJECTIVES + (GEOMETRIC_NARROW,),
-      num_steps=config.stress_steps, group_size=config.group_size,
-      num_epochs=config.stress_epochs, learning_rate=config.stress_learning_rate)
+      env=env,
+      methods=methods,
+      objectives=study.OBJECTIVES + (GEOMETRIC_NARROW,),
+      num_steps=config.stress_steps,
+      group_size=config.group_size,
+      num_epochs=config.stress_epochs,
+      learning_rate=config.stress_learning_rate,
+  )
 
 
 def run_study(config: StudyConfig, out: pathlib.Path, command: str) -> dict:
@@ -232,34 +282,49 @@ def run_study(config: StudyConfig, out: pathlib.Path, command: str) -> dict:
       'command': command,
       'config': dataclasses.asdict(config),
       'train_hyperparameters': {
-          'group_size': config.group_size, 'num_steps': config.num_steps,
-          'num_epochs': config.num_epochs, 'learning_rate': config.learning_rate,
-          'optimizer': 'adam', 'T': envs.NUM_TOKENS, 'V': envs.VOCAB_SIZE,
+          'group_size': config.group_size,
+          'num_steps': config.num_steps,
+          'num_epochs': config.num_epochs,
+          'learning_rate': config.learning_rate,
+          'optimizer': 'adam',
+          'T': envs.NUM_TOKENS,
+          'V': envs.VOCAB_SIZE,
           'methods': [dataclasses.asdict(m) for m in study.METHODS],
-          'objectives': [dataclasses.asdict(o) for o in study.OBJECTIVES]},
+          'objectives': [dataclasses.asdict(o) for o in study.OBJECTIVES],
+      },
       'checks': advantage_checks(config, key_checks),
-      'envs': {}, 'stress': {}, 'timing_s': {},
+      'envs': {},
+      'stress': {},
+      'timing_s': {},
   }
-  report.plot_advantage_scatter(out / 'advantage_scatter.png',
-                                summary['checks']['worked_examples'])
+  report.plot_advantage_scatter(out / 'advantage_scatter.png', summary['checks']['worked_examples'])
   raw = {}
   for name in config.env_names:
     tic = time.perf_counter()
     env = _env(name)
     train_config = _train_config(config, env, stress=False)
-    result = _numpy(study.run_grid(train_config, jax.random.fold_in(key_main, len(raw)),
-                                   num_seeds=config.num_seeds))
-    diagnostics = _numpy(study.run_diagnostics(
-        train_config, jax.random.fold_in(key_diag, len(raw)),
-        num_seeds=config.diag_seeds, num_batches=config.diag_batches))
+    result = _numpy(
+        study.run_grid(
+            train_config, jax.random.fold_in(key_main, len(raw)), num_seeds=config.num_seeds
+        )
+    )
+    diagnostics = _numpy(
+        study.run_diagnostics(
+            train_config,
+            jax.random.fold_in(key_diag, len(raw)),
+            num_seeds=config.diag_seeds,
+            num_batches=config.diag_batches,
+        )
+    )
     raw[name] = (train_config, result)
     summary['envs'][name] = {
-        'summary': env.summary, 'optima': report.optima(env),
+        'summary': env.summary,
+        'optima': report.optima(env),
         'context_scales': list(env.context_scales),
         'runs': report.summarize_runs(train_config, result),
-        'diagnostics': report.summarize_diagnostics(train_config, diagnostics)}
-    report.plot_curves(out / f'curves_{name}.png', train_config, result,
-                       f'{name}: {env.summary}')
+        'diagnostics': report.summarize_diagnostics(train_config, diagnostics),
+    }
+    report.plot_curves(out / f'curves_{name}.png', train_config, result, f'{name}: {env.summary}')
     if env.num_contexts > 1:
       report.plot_contexts(out / f'contexts_{name}.png', train_config, result)
     summary['timing_s'][name] = time.perf_counter() - tic
@@ -269,21 +334,33 @@ def run_study(config: StudyConfig, out: pathlib.Path, command: str) -> dict:
     tic = time.perf_counter()
     env = _env(name)
     train_config = _train_config(config, env, stress=True)
-    result = _numpy(study.run_grid(train_config, jax.random.fold_in(key_stress, index),
-                                   num_seeds=config.num_seeds))
+    result = _numpy(
+        study.run_grid(
+            train_config, jax.random.fold_in(key_stress, index), num_seeds=config.num_seeds
+        )
+    )
     summary['stress'][name] = {'runs': report.summarize_runs(train_config, result)}
-    report.plot_curves(out / f'stress_{name}.png', train_config, result,
-                       f'high reuse (lr {config.stress_learning_rate}, '
-                       f'{config.stress_epochs} epochs): {name}')
+    report.plot_curves(
+        out / f'stress_{name}.png',
+        train_config,
+        result,
+        f'high reuse (lr {config.stress_learning_rate}, ' f'{config.stress_epochs} epochs): {name}',
+    )
     summary['timing_s'][f'stress {name}'] = time.perf_counter() - tic
-    print(f'[reward_study] stress {name}: '
-          f'{summary["timing_s"][f"stress {name}"]:.1f} s', flush=True)
+    print(
+        f'[reward_study] stress {name}: ' f'{summary["timing_s"][f"stress {name}"]:.1f} s',
+        flush=True,
+    )
 
   summary['timing_s']['total'] = time.perf_counter() - start
   summary['machine'] = {
-      'cpus_usable': len(os.sched_getaffinity(0)), 'load_average_start': load_start,
-      'load_average_end': os.getloadavg(), 'python': platform.python_version(),
-      'jax': jax.__version__, 'backend': jax.default_backend()}
+      'cpus_usable': len(os.sched_getaffinity(0)),
+      'load_average_start': load_start,
+      'load_average_end': os.getloadavg(),
+      'python': platform.python_version(),
+      'jax': jax.__version__,
+      'backend': jax.default_backend(),
+  }
   (out / 'results.json').write_text(json.dumps(summary, indent=1))
   (out / 'results.md').write_text(results_markdown(summary, config))
   return {'summary': summary, 'raw': raw}
@@ -315,27 +392,37 @@ def results_markdown(summary: dict, config: StudyConfig) -> str:
         + '\n'.join(
             f'| {r["method"]} | {", ".join(f"{a:.4g}" for a in r["advantages"])} '
             f'| {r["negative"]}/{len(example["rewards"])} '
-            f'| {r["penalized"]}/{r["above_median"]} |' for r in example['rows'])
-        + '\n')
+            f'| {r["penalized"]}/{r["above_median"]} |'
+            for r in example['rows']
+        )
+        + '\n'
+    )
   scale = summary['checks']['scale_invariance']
   parts.append(
       '## Scale invariance of the advantages\n\n'
       f'max |A(cR) - A(R)| / max |A(R)| on {config.scale_groups} groups of '
       f'{scale["rewards"]} rewards.\n\n'
       '| method | ' + ' | '.join(f'c = {c:g}' for c in scale['scales']) + ' |\n'
-      '|---|' + '---|' * len(scale['scales']) + '\n'
-      + '\n'.join(f'| {r["method"]} | '
-                  + ' | '.join(f'{d:.2e}' for d in r['max_relative_deviation']) + ' |'
-                  for r in scale['rows']) + '\n')
+      '|---|'
+      + '---|' * len(scale['scales'])
+      + '\n'
+      + '\n'.join(
+          f'| {r["method"]} | ' + ' | '.join(f'{d:.2e}' for d in r['max_relative_deviation']) + ' |'
+          for r in scale['rows']
+      )
+      + '\n'
+  )
   parts.append(
       '## Binary 0/1 rewards: identities (max relative deviation)\n\n'
       + '\n'.join(f'- {k}: {v:.2e}' for k, v in summary['checks']['binary_identities'].items())
-      + '\n')
+      + '\n'
+  )
   parts.append(
       '## The ends of the power-mean family (max relative deviation, '
       f'{scale["rewards"]} rewards)\n\n'
       + '\n'.join(f'- {k}: {v:.2e}' for k, v in summary['checks']['power_mean_ends'].items())
-      + '\n')
+      + '\n'
+  )
   for name, env_summary in summary['envs'].items():
     optima_lines = '\n'.join(
         f'- prompt ×{scale:g}: E[R] optimum {o["arith_opt"]} '
@@ -343,38 +430,50 @@ def results_markdown(summary: dict, config: StudyConfig) -> str:
         f'{o["geo_opt"]} ({o["geo_opt_value"]:.4g}); uniform policy E[R] = '
         f'{o["uniform_policy_mean"]:.4g}, E[log(R + {o["geo_offset"]:g})] = '
         f'{o["uniform_policy_mean_log"]:.4g}'
-        for scale, o in zip(env_summary['context_scales'], env_summary['optima']))
+        for scale, o in zip(env_summary['context_scales'], env_summary['optima'])
+    )
     parts.append(
         f'## {name}\n\n{env_summary["summary"]}.\n\n{optima_lines}\n\n'
         + report.runs_table(env_summary['runs'], config.num_seeds)
         + f'\nDiagnostics at the uniform policy ({config.diag_seeds} seeds x '
         f'{config.diag_batches} batches):\n\n'
         + report.diagnostics_table(env_summary['diagnostics'])
-        + f'\n![{name}](curves_{name}.png)\n')
+        + f'\n![{name}](curves_{name}.png)\n'
+    )
     if len(env_summary['context_scales']) > 1:
       env = _env(name)
-      parts.append('\nFinal E[R] score per prompt:\n\n'
-                   + report.context_table(env, env_summary['runs'])
-                   + f'\n![{name} per prompt](contexts_{name}.png)\n')
+      parts.append(
+          '\nFinal E[R] score per prompt:\n\n'
+          + report.context_table(env, env_summary['runs'])
+          + f'\n![{name} per prompt](contexts_{name}.png)\n'
+      )
   if summary['stress']:
     parts.append(
         f'## High-reuse regime ({config.stress_steps} steps, {config.stress_epochs} '
-        f'epochs per batch, lr {config.stress_learning_rate})\n')
+        f'epochs per batch, lr {config.stress_learning_rate})\n'
+    )
     for name, stress in summary['stress'].items():
-      parts.append(f'### {name}\n\n' + report.runs_table(stress['runs'], config.num_seeds)
-                   + f'\n![stress {name}](stress_{name}.png)\n')
-  parts.append('## Timing (s)\n\n' + '\n'.join(
-      f'- {k}: {v:.1f}' for k, v in summary['timing_s'].items()) + '\n')
+      parts.append(
+          f'### {name}\n\n'
+          + report.runs_table(stress['runs'], config.num_seeds)
+          + f'\n![stress {name}](stress_{name}.png)\n'
+      )
+  parts.append(
+      '## Timing (s)\n\n'
+      + '\n'.join(f'- {k}: {v:.1f}' for k, v in summary['timing_s'].items())
+      + '\n'
+  )
   return '\n'.join(parts)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--out', default='results/reward_study',
-                      help='results folder (created if missing)')
-  parser.add_argument('--quick', action='store_true',
-                      help='smoke run: one environment, few steps and seeds')
+  parser.add_argument(
+      '--out', default='results/reward_study', help='results folder (created if missing)'
+  )
+  parser.add_argument(
+      '--quick', action='store_true', help='smoke run: one environment, few steps and seeds'
+  )
   args = parser.parse_args(argv)
-  command = 'python -m experiments.reward_study ' + ' '.join(
-      sys.argv[1:] if argv is None else argv)
+  command = 'python -m experiments.reward_study ' + ' '.join(sys.argv[1:] if argv is None else argv)
   return run_study(QUICK if args.quick else FULL, pathlib.Path(args.out), command.strip())

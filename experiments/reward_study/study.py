@@ -71,24 +71,30 @@ METHODS: Final[tuple[Method, ...]] = (
     Method('log d=1e-2', 'gmpo', (('normalize', False), ('floor', 1e-2))),
     Method('log(R+1)', 'gmpo', (('normalize', False), ('offset', 1.0))),
     Method('pow p=0.5', 'power_mean', (('p', 0.5), ('normalize', False), ('floor', 1e-8))),
-    Method('pow-norm p=0.5', 'power_mean',
-           (('p', 0.5), ('normalize', True), ('floor', 1e-8))),
-    Method('pow p=-0.5', 'power_mean',
-           (('p', -0.5), ('normalize', False), ('floor', 1e-8))),
-    Method('pow-norm p=-0.5', 'power_mean',
-           (('p', -0.5), ('normalize', True), ('floor', 1e-8))),
+    Method('pow-norm p=0.5', 'power_mean', (('p', 0.5), ('normalize', True), ('floor', 1e-8))),
+    Method('pow p=-0.5', 'power_mean', (('p', -0.5), ('normalize', False), ('floor', 1e-8))),
+    Method('pow-norm p=-0.5', 'power_mean', (('p', -0.5), ('normalize', True), ('floor', 1e-8))),
     Method('MaxRL', 'maxrl'),
 )
 
 # Token-clip: PPO/GRPO with epsilon 0.2. Geometric: GMPO (Zhao et al. 2025, arXiv
 # 2507.20673) with its defaults, token clip at e^(+-0.4).
 OBJECTIVES: Final[tuple[Objective, ...]] = (
-    Objective('token-clip', 'token_clip',
-              (('epsilon_low', 0.2), ('epsilon_high', 0.2),
-               ('loss_agg_mode', 'token-mean'))),
-    Objective('geometric', 'geometric',
-              (('epsilon_low', 0.4), ('epsilon_high', 0.4), ('clip_mode', 'token'),
-               ('loss_agg_mode', 'seq-mean-token-mean'))),
+    Objective(
+        'token-clip',
+        'token_clip',
+        (('epsilon_low', 0.2), ('epsilon_high', 0.2), ('loss_agg_mode', 'token-mean')),
+    ),
+    Objective(
+        'geometric',
+        'geometric',
+        (
+            ('epsilon_low', 0.4),
+            ('epsilon_high', 0.4),
+            ('clip_mode', 'token'),
+            ('loss_agg_mode', 'seq-mean-token-mean'),
+        ),
+    ),
 )
 
 
@@ -119,8 +125,8 @@ class TrainConfig:
       raise ValueError('TrainConfig needs at least one method and one objective.')
     if self.num_steps < 1 or self.num_epochs < 1:
       raise ValueError(
-          f'num_steps and num_epochs must be >= 1, got {self.num_steps}, '
-          f'{self.num_epochs}.')
+          f'num_steps and num_epochs must be >= 1, got {self.num_steps}, ' f'{self.num_epochs}.'
+      )
     if self.group_size < 2:
       raise ValueError(f'group_size must be >= 2, got {self.group_size}.')
     if not self.learning_rate > 0:
@@ -195,12 +201,11 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
   chex.assert_rank([logits, tokens], 3)
   logp = jax.nn.log_softmax(logits, axis=-1)[:, None]  # [C, 1, T, V]
   return jnp.take_along_axis(
-      jnp.broadcast_to(logp, tokens.shape + logits.shape[-1:]),
-      tokens[..., None], axis=-1)[..., 0]
+      jnp.broadcast_to(logp, tokens.shape + logits.shape[-1:]), tokens[..., None], axis=-1
+  )[..., 0]
 
 
-def penalized_counts(
-    rewards: jax.Array, advantage: jax.Array) -> tuple[jax.Array, jax.Array]:
+def penalized_counts(rewards: jax.Array, advantage: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Samples above their group's median with a negative advantage.
 
   Args:
@@ -266,7 +271,8 @@ def _parts(config: TrainConfig) -> _Parts:
   def sample_batch(key, logits):
     key_tokens, key_rewards = jax.random.split(key)
     tokens = jax.random.categorical(
-        key_tokens, logits[:, None], shape=(num_contexts, group, envs.NUM_TOKENS))
+        key_tokens, logits[:, None], shape=(num_contexts, group, envs.NUM_TOKENS)
+    )
     return tokens, env.sample(key_rewards, tokens)
 
   def flat_logprobs(params, tokens):
@@ -277,11 +283,19 @@ def _parts(config: TrainConfig) -> _Parts:
     return jax.lax.switch(method_index, advantage_fns, rewards)
 
   def policy_loss(params, tokens, old_logp, flat_advantage, objective_index):
-    return jax.lax.switch(objective_index, loss_fns, flat_logprobs(params, tokens),
-                          old_logp, flat_advantage, mask)
+    return jax.lax.switch(
+        objective_index, loss_fns, flat_logprobs(params, tokens), old_logp, flat_advantage, mask
+    )
 
-  return _Parts(mixing, make_scorer(env), sample_batch, flat_logprobs, advantage,
-                policy_loss, (num_contexts, envs.NUM_TOKENS, envs.VOCAB_SIZE))
+  return _Parts(
+      mixing,
+      make_scorer(env),
+      sample_batch,
+      flat_logprobs,
+      advantage,
+      policy_loss,
+      (num_contexts, envs.NUM_TOKENS, envs.VOCAB_SIZE),
+  )
 
 
 def make_train(config: TrainConfig) -> Callable[[jax.Array, int, int], TrainResult]:
@@ -307,22 +321,30 @@ def make_train(config: TrainConfig) -> Callable[[jax.Array, int, int], TrainResu
       def epoch(carry, _):
         params, opt_state = carry
         grads, extras = jax.grad(parts.policy_loss, has_aux=True)(
-            params, tokens, old_logp, flat_advantage, objective_index)
+            params, tokens, old_logp, flat_advantage, objective_index
+        )
         updates, opt_state = optimizer.update(grads, opt_state, params)
         clipped = extras.clip_fraction_low + extras.clip_fraction_high
         return (optax.apply_updates(params, updates), opt_state), clipped
 
       (params, opt_state), clipped = jax.lax.scan(
-          epoch, (params, opt_state), None, length=config.num_epochs)
+          epoch, (params, opt_state), None, length=config.num_epochs
+      )
       scores = parts.score(policy_logits(params, parts.mixing))
       penalized, above = penalized_counts(rewards, advantage)
-      metrics = (scores.arith, scores.geo, penalized, above, jnp.mean(clipped),
-                 jnp.mean(jnp.all(advantage == 0, axis=-1)))
+      metrics = (
+          scores.arith,
+          scores.geo,
+          penalized,
+          above,
+          jnp.mean(clipped),
+          jnp.mean(jnp.all(advantage == 0, axis=-1)),
+      )
       return (params, opt_state), metrics
 
     (params, _), metrics = jax.lax.scan(
-        step, (params, optimizer.init(params)),
-        jax.random.split(key, config.num_steps))
+        step, (params, optimizer.init(params)), jax.random.split(key, config.num_steps)
+    )
     arith, geo, penalized, above, clipped, zero = metrics
     initial = parts.score(policy_logits(jnp.zeros_like(params), parts.mixing))
     final = parts.score(policy_logits(params, parts.mixing))
@@ -332,13 +354,15 @@ def make_train(config: TrainConfig) -> Callable[[jax.Array, int, int], TrainResu
         final_sequence_prob=final.sequence_prob,
         penalized_fraction=jnp.sum(penalized) / jnp.maximum(jnp.sum(above), 1),
         clip_fraction=jnp.mean(clipped),
-        zero_advantage_fraction=jnp.mean(zero))
+        zero_advantage_fraction=jnp.mean(zero),
+    )
 
   return train
 
 
 def make_diagnostics(
-    config: TrainConfig, *, num_batches: int) -> Callable[[jax.Array], Diagnostics]:
+    config: TrainConfig, *, num_batches: int
+) -> Callable[[jax.Array], Diagnostics]:
   """Builds diagnose(key) -> Diagnostics with a leading [M] axis (every method).
 
   At the initial (uniform) policy, draws `num_batches` independent batches (one
@@ -357,8 +381,9 @@ def make_diagnostics(
   objective_fn = config.objectives[0].loss_fn()
 
   def first_objective(params, tokens, old_logp, advantage):
-    return objective_fn(parts.flat_logprobs(params, tokens), old_logp, advantage,
-                        jnp.ones(old_logp.shape, bool))
+    return objective_fn(
+        parts.flat_logprobs(params, tokens), old_logp, advantage, jnp.ones(old_logp.shape, bool)
+    )
 
   def mean_score(field):
     return lambda p: jnp.mean(getattr(parts.score(policy_logits(p, parts.mixing)), field))
@@ -372,7 +397,8 @@ def make_diagnostics(
 
     def ascent(advantage):
       grads, _ = jax.grad(first_objective, has_aux=True)(
-          params, tokens, old_logp, advantage.reshape(-1))
+          params, tokens, old_logp, advantage.reshape(-1)
+      )
       return -grads.reshape(-1)
 
     advantage = jnp.stack([fn(rewards) for fn in advantage_fns])  # [M, C, G]
@@ -384,7 +410,8 @@ def make_diagnostics(
 
   def diagnose(key):
     ascent, (penalized, above) = jax.vmap(one_batch)(
-        jax.random.split(key, num_batches))  # [N, M, P], [N, M]
+        jax.random.split(key, num_batches)
+    )  # [N, M, P], [N, M]
     mean = jnp.mean(ascent, axis=0)
     total_variance = jnp.sum(jnp.var(ascent, axis=0, ddof=1), axis=-1)
     signal = jnp.maximum(jnp.sum(mean**2, axis=-1) - total_variance / num_batches, 0)
@@ -392,7 +419,8 @@ def make_diagnostics(
         penalized_fraction=jnp.sum(penalized, 0) / jnp.maximum(jnp.sum(above, 0), 1),
         grad_snr=signal / jnp.maximum(total_variance, 1e-30),
         cos_arith=cosine(mean, exact_arith),
-        cos_geo=cosine(mean, exact_geo))
+        cos_geo=cosine(mean, exact_geo),
+    )
 
   return diagnose
 
@@ -410,8 +438,10 @@ def run_grid(config: TrainConfig, key: jax.Array, *, num_seeds: int) -> TrainRes
   over_objectives = jax.vmap(over_seeds, in_axes=(None, None, 0))
   over_methods = jax.vmap(over_objectives, in_axes=(None, 0, None))
   return jax.jit(over_methods)(
-      jax.random.split(key, num_seeds), jnp.arange(len(config.methods)),
-      jnp.arange(len(config.objectives)))
+      jax.random.split(key, num_seeds),
+      jnp.arange(len(config.methods)),
+      jnp.arange(len(config.objectives)),
+  )
 
 
 def run_diagnostics(
@@ -422,8 +452,7 @@ def run_diagnostics(
   return jax.jit(jax.vmap(diagnose))(jax.random.split(key, num_seeds))
 
 
-def all_advantages(
-    methods: Sequence[Method]) -> Callable[[jax.Array, jax.Array | None], jax.Array]:
+def all_advantages(methods: Sequence[Method]) -> Callable[[jax.Array, jax.Array | None], jax.Array]:
   """A jitted fn(rewards [B, G], mask [B, G] | None) -> [M, B, G]: every method."""
   fns = [method.advantage_fn() for method in methods]
   return jax.jit(lambda rewards, mask=None: jnp.stack([fn(rewards, mask) for fn in fns]))
@@ -440,6 +469,7 @@ def scale_deviation(
   advantage = all_advantages(methods)
   base = np.asarray(advantage(rewards), np.float64)
   deviation = [
-      np.max(np.abs(np.asarray(advantage(rewards * scale), np.float64) - base),
-             axis=(1, 2)) for scale in scales]
+      np.max(np.abs(np.asarray(advantage(rewards * scale), np.float64) - base), axis=(1, 2))
+      for scale in scales
+  ]
   return np.stack(deviation, axis=1) / np.max(np.abs(base), axis=(1, 2))[:, None]

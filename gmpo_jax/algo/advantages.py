@@ -67,7 +67,8 @@ __all__ = [
 
 # Filled by `@ADVANTAGE_ESTIMATORS.register(name)` below; frozen after the last estimator.
 ADVANTAGE_ESTIMATORS: registry.Registry[Callable[..., jax.Array]] = registry.Registry(
-    "advantage estimator")
+    "advantage estimator"
+)
 
 
 def _check_inputs(rewards: chex.Array, mask: chex.Array | None) -> jax.Array:
@@ -321,8 +322,7 @@ def power_mean_advantages(
   if not np.isfinite(p):
     raise ValueError(f"p must be a finite number, got {p}.")
   if p == 0:
-    return gmpo_advantages(
-        rewards, mask, normalize=normalize, eps=eps, floor=floor, offset=offset)
+    return gmpo_advantages(rewards, mask, normalize=normalize, eps=eps, floor=floor, offset=offset)
   valid = _check_inputs(rewards, mask)
   _check_eps(eps)
   log_rewards = _log_rewards(rewards, floor=floor, offset=offset)
@@ -340,8 +340,7 @@ def power_mean_advantages(
       # an all-equal group (centered exactly 0) stays 0 rather than 0 * inf.
       return centered * jnp.minimum(jnp.exp(pc), largest)
     # (L_i - mean L) / (std L + eps), with L = e^{pc} u divided through by e^{pc}.
-    return _standardize(centered, _safe_std(variance),
-                        eps * jnp.minimum(jnp.exp(-pc), largest))
+    return _standardize(centered, _safe_std(variance), eps * jnp.minimum(jnp.exp(-pc), largest))
 
   advantages = jax.vmap(one_group)(log_rewards, valid)
   return _nan_where_invalid(advantages, rewards, valid)
@@ -603,9 +602,7 @@ def validate_rewards(
           f"got {valid.dtype} {valid.shape}."
       )
   if group_names is not None and len(group_names) != values.shape[0]:
-    raise ValueError(
-        f"group_names has {len(group_names)} names for {values.shape[0]} groups."
-    )
+    raise ValueError(f"group_names has {len(group_names)} names for {values.shape[0]} groups.")
 
   def describe(group: int) -> str:
     return f"group {group}" + (f" ({group_names[group]!r})" if group_names is not None else "")

@@ -171,34 +171,37 @@ def aggregate_loss(
   chex.assert_equal_shape([per_token, mask])
   _check_aggregation(mode, max_length)
   valid = mask.astype(bool)
-  row_sums = jnp.sum(jnp.where(valid, per_token.astype(jnp.float32), 0.0),
-                     axis=-1)
+  row_sums = jnp.sum(jnp.where(valid, per_token.astype(jnp.float32), 0.0), axis=-1)
   weights = _row_weights(
-      row_count(valid), mode=mode, max_length=max_length,
-      num_sequences=num_sequences, num_tokens=num_tokens)
+      row_count(valid),
+      mode=mode,
+      max_length=max_length,
+      num_sequences=num_sequences,
+      num_tokens=num_tokens,
+  )
   return jnp.sum(weights * row_sums)
 
 
 def _check_aggregation(mode, max_length) -> None:
   if mode not in AGGREGATION_MODES:
-    raise ValueError(
-        f'Unknown loss_agg_mode {mode!r}; valid: {", ".join(AGGREGATION_MODES)}.')
+    raise ValueError(f'Unknown loss_agg_mode {mode!r}; valid: {", ".join(AGGREGATION_MODES)}.')
   if mode == 'seq-mean-token-sum-norm':
     if max_length is None:
       raise ValueError(
           'loss_agg_mode="seq-mean-token-sum-norm" needs max_length, its constant '
           'divisor (Dr.GRPO: the generation budget); without it the divisor would '
-          'be the padded length of each (micro-)batch.')
+          'be the padded length of each (micro-)batch.'
+      )
     if not max_length > 0:
       raise ValueError(f'max_length must be positive, got {max_length}.')
   elif max_length is not None:
     raise ValueError(
         f'max_length applies only to loss_agg_mode="seq-mean-token-sum-norm", '
-        f'got mode {mode!r}.')
+        f'got mode {mode!r}.'
+    )
 
 
-def _row_weights(lengths, *, mode, max_length, num_sequences,
-                 num_tokens) -> jax.Array:
+def _row_weights(lengths, *, mode, max_length, num_sequences, num_tokens) -> jax.Array:
   """[B] weights w_i with aggregate = sum_i w_i sum_t l_it (see aggregate_loss).
 
   Aggregating through per-row sums lets a sequence-level loss l_i enter as
@@ -206,8 +209,7 @@ def _row_weights(lengths, *, mode, max_length, num_sequences,
   """
   if mode == 'token-mean':
     count = jnp.sum(lengths) if num_tokens is None else num_tokens
-    return jnp.broadcast_to(1.0 / jnp.maximum(count, 1).astype(jnp.float32),
-                            lengths.shape)
+    return jnp.broadcast_to(1.0 / jnp.maximum(count, 1).astype(jnp.float32), lengths.shape)
   count = jnp.sum(lengths > 0) if num_sequences is None else num_sequences
   per_sequence = 1.0 / jnp.maximum(count, 1).astype(jnp.float32)
   if mode == 'seq-mean-token-mean':
@@ -219,24 +221,22 @@ def _row_weights(lengths, *, mode, max_length, num_sequences,
 
 def _check_inputs(logp, old_logp, advantages, mask, ref_logp) -> None:
   chex.assert_rank([logp, old_logp, mask, advantages], [2, 2, 2, 1])
-  chex.assert_equal_shape(
-      [logp, old_logp, mask] + ([] if ref_logp is None else [ref_logp]))
+  chex.assert_equal_shape([logp, old_logp, mask] + ([] if ref_logp is None else [ref_logp]))
   chex.assert_equal_shape_prefix([logp, advantages], 1)
   chex.assert_type([logp, old_logp, advantages], float)
 
 
-def _check_options(*, loss_agg_mode, max_length, ref_logp, beta,
-                   kl_estimator) -> None:
+def _check_options(*, loss_agg_mode, max_length, ref_logp, beta, kl_estimator) -> None:
   _check_aggregation(loss_agg_mode, max_length)
   if kl_estimator not in KL_ESTIMATORS:
-    raise ValueError(
-        f'Unknown kl_estimator {kl_estimator!r}; valid: {", ".join(KL_ESTIMATORS)}.')
+    raise ValueError(f'Unknown kl_estimator {kl_estimator!r}; valid: {", ".join(KL_ESTIMATORS)}.')
   if not beta >= 0:
     raise ValueError(f'beta must be >= 0, got {beta}.')
   if beta > 0 and ref_logp is None:
     raise ValueError(
         f'beta={beta} > 0 needs ref_logp (the reference policy log-probs); pass '
-        'ref_logp or set beta=0.')
+        'ref_logp or set beta=0.'
+    )
 
 
 def row_count(flags: jax.Array) -> jax.Array:
@@ -284,10 +284,14 @@ def _aggregate_terms(
   valid, log_ratio, lengths, _ = inputs
   if token_weights is not None:
     chex.assert_equal_shape([token_weights, valid])
-    token_weights = jax.lax.stop_gradient(
-        jnp.where(valid, token_weights.astype(jnp.float32), 0.0))
-  row_losses = _row_sums(valid, lengths, token_weights, token_losses=terms.token_losses,
-                         sequence_losses=terms.sequence_losses)
+    token_weights = jax.lax.stop_gradient(jnp.where(valid, token_weights.astype(jnp.float32), 0.0))
+  row_losses = _row_sums(
+      valid,
+      lengths,
+      token_weights,
+      token_losses=terms.token_losses,
+      sequence_losses=terms.sequence_losses,
+  )
   kl_rows = None
   if ref_logp is not None:
     # Zeroing both inputs on padding makes x = 0 there, where every estimator
@@ -296,24 +300,32 @@ def _aggregate_terms(
     finite = jnp.isfinite(logp) & jnp.isfinite(ref_logp)
     token_kl = kl_penalty(
         jnp.where(valid & finite, logp, 0.0),
-        jnp.where(valid & finite, ref_logp, 0.0), estimator=kl_estimator)
+        jnp.where(valid & finite, ref_logp, 0.0),
+        estimator=kl_estimator,
+    )
     token_kl = jnp.where(valid & ~finite, jnp.nan, token_kl)
     kl_rows = jnp.sum(token_kl, axis=-1)
     if beta > 0:
       row_losses = row_losses + beta * (
-          kl_rows if token_weights is None
-          else _row_sums(valid, lengths, token_weights, token_losses=token_kl))
+          kl_rows
+          if token_weights is None
+          else _row_sums(valid, lengths, token_weights, token_losses=token_kl)
+      )
   weights = _row_weights(
-      lengths, mode=loss_agg_mode, max_length=max_length,
-      num_sequences=num_sequences, num_tokens=num_tokens)
+      lengths,
+      mode=loss_agg_mode,
+      max_length=max_length,
+      num_sequences=num_sequences,
+      num_tokens=num_tokens,
+  )
   loss = jnp.sum(weights * row_losses)
-  extras = _extras(log_ratio, valid, lengths, terms.low_counts,
-                   terms.high_counts, kl_rows)
+  extras = _extras(log_ratio, valid, lengths, terms.low_counts, terms.high_counts, kl_rows)
   return loss, jax.tree.map(jax.lax.stop_gradient, extras)
 
 
-def _row_sums(valid, lengths, token_weights, *, token_losses=None,
-              sequence_losses=None) -> jax.Array:
+def _row_sums(
+    valid, lengths, token_weights, *, token_losses=None, sequence_losses=None
+) -> jax.Array:
   """[B] sum_t w_it l_it over the valid tokens (w = 1 without weights; the
   weights must be 0 on padding).
 
@@ -328,8 +340,7 @@ def _row_sums(valid, lengths, token_weights, *, token_losses=None,
   return jnp.sum(token_weights, axis=-1) * sequence_losses
 
 
-def _extras(log_ratio, valid, lengths, low_counts, high_counts,
-            kl_rows) -> LossExtras:
+def _extras(log_ratio, valid, lengths, low_counts, high_counts, kl_rows) -> LossExtras:
   num_tokens = jnp.maximum(jnp.sum(lengths), 1).astype(jnp.float32)
   nonempty = lengths > 0
   num_sequences = jnp.maximum(jnp.sum(nonempty), 1).astype(jnp.float32)
@@ -352,8 +363,7 @@ def _extras(log_ratio, valid, lengths, low_counts, high_counts,
       ratio_max=jnp.where(any_valid, ratio_max, 1.0),
       approx_kl=(sum_expm1 - sum_log_ratio) / num_tokens,
       fully_clipped_fraction=jnp.sum(fully_clipped) / num_sequences,
-      kl=(jnp.float32(0.0) if kl_rows is None
-          else jnp.sum(kl_rows) / num_tokens),
+      kl=(jnp.float32(0.0) if kl_rows is None else jnp.sum(kl_rows) / num_tokens),
   )
 
 
@@ -407,24 +417,40 @@ def policy_objective(
         **hyperparameters,
     ) -> tuple[jax.Array, LossExtras]:
       _check_inputs(logp, old_logp, advantages, mask, ref_logp)
-      _check_options(loss_agg_mode=loss_agg_mode, max_length=max_length,
-                     ref_logp=ref_logp, beta=beta, kl_estimator=kl_estimator)
+      _check_options(
+          loss_agg_mode=loss_agg_mode,
+          max_length=max_length,
+          ref_logp=ref_logp,
+          beta=beta,
+          kl_estimator=kl_estimator,
+      )
       inputs = _masked_inputs(logp, old_logp, advantages, mask)
       return _aggregate_terms(
-          inputs, terms_fn(inputs, **hyperparameters), logp, ref_logp,
-          token_weights=token_weights, beta=beta, kl_estimator=kl_estimator,
-          loss_agg_mode=loss_agg_mode, max_length=max_length,
-          num_sequences=num_sequences, num_tokens=num_tokens)
+          inputs,
+          terms_fn(inputs, **hyperparameters),
+          logp,
+          ref_logp,
+          token_weights=token_weights,
+          beta=beta,
+          kl_estimator=kl_estimator,
+          loss_agg_mode=loss_agg_mode,
+          max_length=max_length,
+          num_sequences=num_sequences,
+          num_tokens=num_tokens,
+      )
 
     # The signature callers see (and `get_policy_loss` reads): the objective's own
     # hyperparameters in place of **hyperparameters, before the shared options.
     shared = inspect.signature(objective)
-    own = [q for q in inspect.signature(terms_fn).parameters.values()
-           if q.kind is inspect.Parameter.KEYWORD_ONLY]
-    positional = [q for q in shared.parameters.values()
-                  if q.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
-    options = [q for q in shared.parameters.values()
-               if q.kind is inspect.Parameter.KEYWORD_ONLY]
+    own = [
+        q
+        for q in inspect.signature(terms_fn).parameters.values()
+        if q.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    positional = [
+        q for q in shared.parameters.values() if q.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    ]
+    options = [q for q in shared.parameters.values() if q.kind is inspect.Parameter.KEYWORD_ONLY]
     objective.__signature__ = shared.replace(parameters=positional + own + options)
     objective.__name__ = objective.__qualname__ = terms_fn.__name__
     objective.__doc__ = terms_fn.__doc__

@@ -39,7 +39,11 @@ import jax
 import jax.numpy as jnp
 
 IS_CORRECTIONS: Final[tuple[str, ...]] = (
-    'token_tis', 'sequence_tis', 'token_mask', 'sequence_mask')
+    'token_tis',
+    'sequence_tis',
+    'token_mask',
+    'sequence_mask',
+)
 
 
 class ImportanceStats(NamedTuple):
@@ -53,13 +57,15 @@ class ImportanceStats(NamedTuple):
     weight_max: max of the applied weight.
     masked_fraction: fraction of valid tokens whose weight the mask set to 0 (0 for TIS).
   """
+
   weight_mean: jax.Array
   weight_max: jax.Array
   masked_fraction: jax.Array
 
 
-def correction_weights(prox_logp: jax.Array, behav_logp: jax.Array, mask: jax.Array, *,
-                       mode: str, cap: float) -> tuple[jax.Array, ImportanceStats]:
+def correction_weights(
+    prox_logp: jax.Array, behav_logp: jax.Array, mask: jax.Array, *, mode: str, cap: float
+) -> tuple[jax.Array, ImportanceStats]:
   """Per-token importance weights of `mode`, and their statistics.
 
   log w_t = prox_logp_t - behav_logp_t; token forms use w_t, sequence forms
@@ -93,8 +99,9 @@ def correction_weights(prox_logp: jax.Array, behav_logp: jax.Array, mask: jax.Ar
   log_w = jnp.where(valid, jnp.where(jnp.isfinite(delta), delta, jnp.nan), 0.0)
   if mode.startswith('sequence'):
     lengths = jnp.sum(valid, axis=-1, dtype=jnp.float32)
-    log_w = jnp.broadcast_to((jnp.sum(log_w, axis=-1) / jnp.maximum(lengths, 1.0))[:, None],
-                             log_w.shape)
+    log_w = jnp.broadcast_to(
+        (jnp.sum(log_w, axis=-1) / jnp.maximum(lengths, 1.0))[:, None], log_w.shape
+    )
   if mode.endswith('tis'):
     weights = jnp.minimum(jnp.exp(log_w), cap)  # exp may overflow to inf: capped
     dropped = jnp.zeros_like(valid)
@@ -109,5 +116,6 @@ def correction_weights(prox_logp: jax.Array, behav_logp: jax.Array, mask: jax.Ar
   stats = ImportanceStats(
       weight_mean=jnp.where(any_valid, jnp.sum(weights) / count, 1.0),
       weight_max=jnp.where(any_valid, jnp.max(jnp.where(valid, weights, -jnp.inf)), 1.0),
-      masked_fraction=jnp.sum(dropped, dtype=jnp.float32) / count)
+      masked_fraction=jnp.sum(dropped, dtype=jnp.float32) / count,
+  )
   return weights, stats

@@ -21,9 +21,7 @@ KL_ESTIMATORS: Final[tuple[str, ...]] = ('k1', 'k2', 'k3')
 MAX_LOG_RATIO: Final[float] = 20.0
 
 
-def kl_penalty(
-    logp: jax.Array, ref_logp: jax.Array, *, estimator: str
-) -> jax.Array:
+def kl_penalty(logp: jax.Array, ref_logp: jax.Array, *, estimator: str) -> jax.Array:
   """Per-token estimate of KL(pi_theta || pi_ref) from tokens sampled from pi_theta.
 
   x = ref_logp - logp;  k1 = -x,  k2 = x^2 / 2,  k3 = exp(x) - x - 1.
@@ -52,8 +50,7 @@ def kl_penalty(
   chex.assert_equal_shape([logp, ref_logp])
   chex.assert_type([logp, ref_logp], float)
   if estimator not in KL_ESTIMATORS:
-    raise ValueError(
-        f'Unknown KL estimator {estimator!r}; valid: {", ".join(KL_ESTIMATORS)}.')
+    raise ValueError(f'Unknown KL estimator {estimator!r}; valid: {", ".join(KL_ESTIMATORS)}.')
   x = ref_logp.astype(jnp.float32) - logp.astype(jnp.float32)
   if estimator == 'k1':
     return -x

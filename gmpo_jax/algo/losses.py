@@ -25,21 +25,23 @@ import numpy as np
 
 from gmpo_jax.algo import registry
 from gmpo_jax.algo.aggregation import (
-  LossExtras,
-  MaskedInputs,
-  ObjectiveTerms,
-  policy_objective,
-  row_count,
+    LossExtras,
+    MaskedInputs,
+    ObjectiveTerms,
+    policy_objective,
+    row_count,
 )
 from gmpo_jax.algo.kl import MAX_LOG_RATIO
 
 # Per-batch data, not hyperparameters: binding them once would go stale.
 _PER_BATCH_ARGUMENTS: Final[frozenset[str]] = frozenset(
-    {'ref_logp', 'num_sequences', 'num_tokens', 'token_weights'})
+    {'ref_logp', 'num_sequences', 'num_tokens', 'token_weights'}
+)
 
 # Filled by `@POLICY_LOSSES.register(name)` below; frozen after the last objective.
 POLICY_LOSSES: Final[registry.Registry[Callable[..., tuple[jax.Array, LossExtras]]]] = (
-    registry.Registry('policy loss', per_call=_PER_BATCH_ARGUMENTS))
+    registry.Registry('policy loss', per_call=_PER_BATCH_ARGUMENTS)
+)
 
 CLIP_MODES: Final[tuple[str, ...]] = ('token', 'sequence', 'sequence_mean', 'none')
 
@@ -51,7 +53,8 @@ def _check_epsilons(epsilon_low, epsilon_high, *, ratio_space: bool) -> None:
     bound = '0 <= epsilon_low <= 1' if ratio_space else 'epsilon_low >= 0'
     raise ValueError(
         f'Need {bound} and epsilon_high >= 0, got epsilon_low={epsilon_low}, '
-        f'epsilon_high={epsilon_high}.')
+        f'epsilon_high={epsilon_high}.'
+    )
 
 
 @POLICY_LOSSES.register('token_clip')
@@ -102,15 +105,18 @@ def token_clip_loss(
   # the ratio has left the range on the side the advantage pushes it to: high
   # for A > 0, low for A < 0. Padding has ratio 1 and is never counted.
   positive, negative = row_adv > 0, row_adv < 0
-  clipped_counts = row_count(jnp.where(
-      positive[:, None], ratio > 1.0 + epsilon_high,
-      negative[:, None] & (ratio < 1.0 - epsilon_low)))
+  clipped_counts = row_count(
+      jnp.where(
+          positive[:, None],
+          ratio > 1.0 + epsilon_high,
+          negative[:, None] & (ratio < 1.0 - epsilon_low),
+      )
+  )
   low_counts = jnp.where(negative, clipped_counts, 0)
   high_counts = jnp.where(positive, clipped_counts, 0)
   if dual_clip is not None:
     # c > 1 >= 1 - epsilon_low, so the bound c|A| binds exactly where rho > c.
-    per_token = jnp.where(adv < 0, jnp.minimum(per_token, -dual_clip * adv),
-                          per_token)
+    per_token = jnp.where(adv < 0, jnp.minimum(per_token, -dual_clip * adv), per_token)
     high_counts = high_counts + row_count(negative[:, None] & (ratio > dual_clip))
   return ObjectiveTerms(low_counts, high_counts, token_losses=per_token)
 
@@ -123,10 +129,8 @@ def _one_sided_clip(x, positive, negative, *, epsilon_low, epsilon_high):
   for A > 0, below it for A < 0). `positive` / `negative` broadcast against x.
   """
   bounded = jnp.clip(x, -epsilon_low, epsilon_high)
-  clipped_x = jnp.where(positive, jnp.minimum(x, bounded),
-                        jnp.maximum(x, bounded))
-  clipped = jnp.where(positive, x > epsilon_high,
-                      negative & (x < -epsilon_low))
+  clipped_x = jnp.where(positive, jnp.minimum(x, bounded), jnp.maximum(x, bounded))
+  clipped = jnp.where(positive, x > epsilon_high, negative & (x < -epsilon_low))
   return clipped_x, clipped
 
 
@@ -191,8 +195,9 @@ def geometric_mean_loss(
   Raises:
     ValueError: as `power_mean_loss`.
   """
-  return power_mean_loss.terms(inputs, p=0.0, epsilon_low=epsilon_low,
-                               epsilon_high=epsilon_high, clip_mode=clip_mode)
+  return power_mean_loss.terms(
+      inputs, p=0.0, epsilon_low=epsilon_low, epsilon_high=epsilon_high, clip_mode=clip_mode
+  )
 
 
 @POLICY_LOSSES.register('power_mean')
@@ -268,20 +273,17 @@ def power_mean_loss(
       options errors of `aggregation.policy_objective`.
   """
   if clip_mode not in CLIP_MODES:
-    raise ValueError(
-        f'Unknown clip_mode {clip_mode!r}; valid: {", ".join(CLIP_MODES)}.')
+    raise ValueError(f'Unknown clip_mode {clip_mode!r}; valid: {", ".join(CLIP_MODES)}.')
   _check_epsilons(epsilon_low, epsilon_high, ratio_space=False)
   if not np.isfinite(p):
     raise ValueError(f'p must be a finite number, got {p}.')
   valid, log_ratio, lengths, adv = inputs
   positive, negative = adv > 0, adv < 0
-  clip = functools.partial(_one_sided_clip, epsilon_low=epsilon_low,
-                           epsilon_high=epsilon_high)
+  clip = functools.partial(_one_sided_clip, epsilon_low=epsilon_low, epsilon_high=epsilon_high)
   if clip_mode == 'token':
     # Padding has log_ratio 0, which clipping keeps at 0: it adds nothing and
     # is never counted as clipped.
-    clipped_log_ratio, clipped = clip(log_ratio, positive[:, None],
-                                      negative[:, None])
+    clipped_log_ratio, clipped = clip(log_ratio, positive[:, None], negative[:, None])
     log_mean = _log_power_mean(clipped_log_ratio, valid, lengths, p=p)
     clipped_counts = row_count(clipped)
   else:
@@ -290,8 +292,7 @@ def power_mean_loss(
     if clip_mode != 'none':
       # 'sequence' clips |o| log M_p (sum_t delta_t at p = 0), 'sequence_mean'
       # log M_p itself.
-      size = (jnp.maximum(lengths, 1).astype(jnp.float32)
-              if clip_mode == 'sequence' else 1.0)
+      size = jnp.maximum(lengths, 1).astype(jnp.float32) if clip_mode == 'sequence' else 1.0
       clipped_total, clipped = clip(log_mean * size, positive, negative)
       log_mean = clipped_total / size
       clipped_counts = jnp.where(clipped, lengths, 0)
@@ -338,8 +339,7 @@ def gspo_loss(
   """
   _check_epsilons(epsilon_low, epsilon_high, ratio_space=True)
   valid, log_ratio, lengths, adv = inputs
-  ratio = jnp.exp(jnp.minimum(_log_power_mean(log_ratio, valid, lengths, p=0.0),
-                              MAX_LOG_RATIO))
+  ratio = jnp.exp(jnp.minimum(_log_power_mean(log_ratio, valid, lengths, p=0.0), MAX_LOG_RATIO))
   clipped_ratio = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
   sequence_loss = jnp.maximum(-ratio * adv, -clipped_ratio * adv)
   high_counts = jnp.where((adv > 0) & (ratio > 1.0 + epsilon_high), lengths, 0)
@@ -350,9 +350,7 @@ def gspo_loss(
 POLICY_LOSSES.freeze()  # read-only from here on
 
 
-def get_policy_loss(
-    name: str, **hyperparameters
-) -> Callable[..., tuple[jax.Array, LossExtras]]:
+def get_policy_loss(name: str, **hyperparameters) -> Callable[..., tuple[jax.Array, LossExtras]]:
   """Looks up a policy objective by name and binds its hyperparameters.
 
   Args:

@@ -96,7 +96,7 @@ def majority_at_k(answers: Sequence[str | None], correct: Sequence[float], k: in
   scores = []
   for start in range(0, len(answers) - k + 1, k):
     votes: dict[str, list[float]] = collections.defaultdict(list)
-    for answer, value in zip(answers[start:start + k], correct[start:start + k]):
+    for answer, value in zip(answers[start : start + k], correct[start : start + k]):
       if answer is not None:
         votes[answer].append(float(value))
     if not votes:
@@ -117,8 +117,13 @@ def majority_answer(answers: Sequence[str | None]) -> str | None:
   return next(a for a in answers if a is not None and counts[a] == most)
 
 
-def bootstrap_interval(scores: Sequence[float], *, confidence: float = CONFIDENCE,
-                       num_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+def bootstrap_interval(
+    scores: Sequence[float],
+    *,
+    confidence: float = CONFIDENCE,
+    num_resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
   """Percentile-bootstrap interval of the mean of per-prompt `scores`, resampling prompts.
 
   Deterministic for a given seed. One prompt: (score, score).
@@ -150,6 +155,7 @@ class PromptResult:
     answers: the extracted answer of each sampled completion (None: none stated).
     passed: whether each sampled completion passed.
   """
+
   prompt_id: int
   prompt: str
   greedy_passed: bool
@@ -167,18 +173,29 @@ class PromptResult:
 
   def to_json(self) -> dict:
     majority = majority_answer(self.answers)
-    return {"prompt_id": self.prompt_id, "prompt": self.prompt, "n": self.n, "c": self.c,
-            "majority_answer": majority,
-            "majority_passed": majority is not None and _answer_correctness(self, majority) >= 0.5,
-            "greedy_passed": self.greedy_passed, "greedy_reward": self.greedy_reward,
-            "answers": list(self.answers), "passed": list(self.passed)}
+    return {
+        "prompt_id": self.prompt_id,
+        "prompt": self.prompt,
+        "n": self.n,
+        "c": self.c,
+        "majority_answer": majority,
+        "majority_passed": majority is not None and _answer_correctness(self, majority) >= 0.5,
+        "greedy_passed": self.greedy_passed,
+        "greedy_reward": self.greedy_reward,
+        "answers": list(self.answers),
+        "passed": list(self.passed),
+    }
 
   @classmethod
   def from_json(cls, record: Mapping) -> PromptResult:
-    return cls(prompt_id=int(record["prompt_id"]), prompt=record["prompt"],
-               greedy_passed=bool(record["greedy_passed"]),
-               greedy_reward=float(record["greedy_reward"]),
-               answers=tuple(record["answers"]), passed=tuple(bool(p) for p in record["passed"]))
+    return cls(
+        prompt_id=int(record["prompt_id"]),
+        prompt=record["prompt"],
+        greedy_passed=bool(record["greedy_passed"]),
+        greedy_reward=float(record["greedy_reward"]),
+        answers=tuple(record["answers"]),
+        passed=tuple(bool(p) for p in record["passed"]),
+    )
 
 
 def _answer_correctness(result: PromptResult, answer: str) -> float:
@@ -191,13 +208,15 @@ def check_ks(ks: Iterable[int], num_samples: int) -> tuple[int, ...]:
   if num_samples < 1:
     raise ValueError(f"eval.num_samples={num_samples} must be >= 1")
   if not ks or ks[0] < 1 or ks[-1] > num_samples:
-    raise ValueError(f"eval.k={ks} must be a non-empty list of 1 <= k <= eval.num_samples "
-                     f"({num_samples})")
+    raise ValueError(
+        f"eval.k={ks} must be a non-empty list of 1 <= k <= eval.num_samples " f"({num_samples})"
+    )
   return ks
 
 
-def summarize(results: Sequence[PromptResult], ks: Iterable[int], *,
-              prefix: str = "eval/") -> dict[str, float]:
+def summarize(
+    results: Sequence[PromptResult], ks: Iterable[int], *, prefix: str = "eval/"
+) -> dict[str, float]:
   """Every metric with its 95% bootstrap interval, from per-prompt results.
 
   Keys (with `prefix`): 'pass@1' (greedy), 'reward' (greedy mean reward), 'mean@n', and for

@@ -33,15 +33,18 @@ class Registry(Mapping[str, F], Generic[F]):
 
   def register(self, name: str) -> Callable[[F], F]:
     """Decorator: registers the function under `name` and returns it unchanged."""
+
     def decorate(fn: F) -> F:
       if self._frozen:
         raise RuntimeError(
             f'the {self._kind} registry is frozen once its module has imported; '
-            f'{name!r} cannot be added')
+            f'{name!r} cannot be added'
+        )
       if name in self._functions:
         raise ValueError(f'{self._kind} {name!r} is registered twice')
       self._functions[name] = fn
       return fn
+
     return decorate
 
   def freeze(self) -> None:
@@ -71,16 +74,22 @@ class Registry(Mapping[str, F], Generic[F]):
       raise ValueError(f'Unknown {self._kind} {name!r}; valid names: {sorted(self)}.')
     fn = self._functions[name]
     options = [
-        p for p in inspect.signature(fn).parameters.values()
+        p
+        for p in inspect.signature(fn).parameters.values()
         if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in self._per_call
     ]
     accepted = [p.name for p in options]
     unknown = sorted(set(hyperparameters) - set(accepted))
     if unknown:
-      raise ValueError(f'{self._kind} {name!r} takes no hyperparameter(s) {unknown}; '
-                       f'valid: {accepted or "none"}.')
-    missing = [p.name for p in options
-               if p.default is inspect.Parameter.empty and p.name not in hyperparameters]
+      raise ValueError(
+          f'{self._kind} {name!r} takes no hyperparameter(s) {unknown}; '
+          f'valid: {accepted or "none"}.'
+      )
+    missing = [
+        p.name
+        for p in options
+        if p.default is inspect.Parameter.empty and p.name not in hyperparameters
+    ]
     if missing:
       raise ValueError(f'{self._kind} {name!r} needs hyperparameter(s) {missing}.')
     return functools.partial(fn, **hyperparameters)

@@ -35,7 +35,8 @@ def _valid_rewards(rewards: npt.ArrayLike, mask: npt.ArrayLike | None):
     if valid.shape != values.shape or valid.dtype != np.bool_:
       raise ValueError(
           f"mask must be bool with the rewards' shape {values.shape}, "
-          f"got {valid.dtype} {valid.shape}.")
+          f"got {valid.dtype} {valid.shape}."
+      )
   return values, valid
 
 
@@ -113,7 +114,8 @@ def reward_diagnostics(
       "groups": float(groups),
       "zero_std_group_fraction": zero_std / groups if groups else nan,
       "non_positive_fraction": (
-          float(np.sum(values[finite] <= 0)) / num_finite if num_finite else nan),
+          float(np.sum(values[finite] <= 0)) / num_finite if num_finite else nan
+      ),
       "non_finite_fraction": (num_valid - num_finite) / num_valid if num_valid else nan,
       "log10_span_mean": float(np.mean(span_values)) if span_values else nan,
       "log10_span_max": float(np.max(span_values)) if span_values else nan,
@@ -176,23 +178,33 @@ def recommend_advantage(diagnostics: Mapping[str, float]) -> tuple[str, str]:
   zero_std, non_positive = get("zero_std_group_fraction"), get("non_positive_fraction")
   tail = get("tail_index")
   if get("groups") == 0 or not zero_std < 1:
-    return "grpo", ("no group has any reward spread, so every estimator gives zero "
-                    "advantages; enable dynamic_sampling (DAPO)")
-  note = (f"; {zero_std:.0%} of groups have no spread: consider dynamic_sampling"
-          if zero_std >= _MANY_ZERO_STD else "")
+    return "grpo", (
+        "no group has any reward spread, so every estimator gives zero "
+        "advantages; enable dynamic_sampling (DAPO)"
+    )
+  note = (
+      f"; {zero_std:.0%} of groups have no spread: consider dynamic_sampling"
+      if zero_std >= _MANY_ZERO_STD
+      else ""
+  )
   if non_positive > 0:
     return "grpo", (
         f"{non_positive:.0%} of rewards are <= 0: a log baseline's floor would redefine "
-        "the objective (reward study, counts: E[R] score 0.550 vs GRPO 0.967 ± 0.013)"
-        + note)
+        "the objective (reward study, counts: E[R] score 0.550 vs GRPO 0.967 ± 0.013)" + note
+    )
   if tail < HEAVY_TAIL_INDEX:
     return "gmpo", (
         f"positive rewards with a heavy right tail (Hill alpha {tail:.2f} < "
         f"{HEAVY_TAIL_INDEX:g}): the log-reward baseline with normalize=True (reward "
         "study, lognormal E[R] score 0.976 ± 0.014 vs GRPO 0.949 ± 0.023; pareto 34 vs 40 "
-        "steps to 0.9); it optimizes E[log R], not E[R] (kelly)" + note)
-  shape = (f"without a heavy tail (Hill alpha {tail:.2f})" if not math.isnan(tail) else
-           f"too few to measure a tail (Hill needs {_MIN_TAIL_SAMPLES} positive rewards)")
+        "steps to 0.9); it optimizes E[log R], not E[R] (kelly)" + note
+    )
+  shape = (
+      f"without a heavy tail (Hill alpha {tail:.2f})"
+      if not math.isnan(tail)
+      else f"too few to measure a tail (Hill needs {_MIN_TAIL_SAMPLES} positive rewards)"
+  )
   return "grpo", (
       f"positive rewards {shape}: GRPO, the log baseline adds nothing (reward study, "
-      "multiscale: 21 vs 23 steps to 0.9)" + note)
+      "multiscale: 21 vs 23 steps to 0.9)" + note
+  )

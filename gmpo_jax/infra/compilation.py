@@ -24,11 +24,13 @@ from jax import monitoring
 # another function is traced records its own span inside the outer one; the timer counts the
 # union of the spans, so nothing is counted twice.
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # XLA, or the cache read
-COMPILE_EVENTS = frozenset({
-    "/jax/core/compile/jaxpr_trace_duration",
-    "/jax/core/compile/jaxpr_to_mlir_module_duration",
-    BACKEND_COMPILE_EVENT,
-})
+COMPILE_EVENTS = frozenset(
+    {
+        "/jax/core/compile/jaxpr_trace_duration",
+        "/jax/core/compile/jaxpr_to_mlir_module_duration",
+        BACKEND_COMPILE_EVENT,
+    }
+)
 
 
 def learner_compiler_options(backend: str | None = None) -> dict[str, bool] | None:

@@ -32,10 +32,14 @@ class DiskFullError(Exception):
 
   def __init__(self, *, step: int, path: str | os.PathLike, last_complete: int | None):
     self.step, self.path, self.last_complete = step, os.fspath(path), last_complete
-    complete = ("no step is complete yet" if last_complete is None
-                else f"the last complete step is {last_complete}")
-    super().__init__(f"No space left on device while saving step {step} to {self.path}; "
-                     f"{complete}")
+    complete = (
+        "no step is complete yet"
+        if last_complete is None
+        else f"the last complete step is {last_complete}"
+    )
+    super().__init__(
+        f"No space left on device while saving step {step} to {self.path}; " f"{complete}"
+    )
 
 
 def is_disk_full(error: BaseException | None) -> bool:
@@ -74,8 +78,12 @@ def _is_closed_loop_echo(error: BaseException | None, traceback) -> bool:
   Orbax save it belonged to failed and closed its event loop: an echo of that failure, which the
   main thread reports.
   """
-  return (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
-          and traceback is not None and traceback.tb_frame.f_code.co_name == "call_soon_threadsafe")
+  return (
+      isinstance(error, RuntimeError)
+      and str(error) == "Event loop is closed"
+      and traceback is not None
+      and traceback.tb_frame.f_code.co_name == "call_soon_threadsafe"
+  )
 
 
 def quiet_background_reports() -> None:

@@ -59,24 +59,33 @@ class DistributedConfig:
   initialization_timeout: int = 300
 
   def __post_init__(self):
-    given = {"coordinator_address": self.coordinator_address,
-             "num_processes": self.num_processes, "process_id": self.process_id}
+    given = {
+        "coordinator_address": self.coordinator_address,
+        "num_processes": self.num_processes,
+        "process_id": self.process_id,
+    }
     missing = [name for name, value in given.items() if value is None]
     if 0 < len(missing) < len(given):
-      raise ValueError(f"distributed: {sorted(set(given) - set(missing))} given but {missing} "
-                       f"missing; set all three (config or {ENV_COORDINATOR_ADDRESS}, "
-                       f"{ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}) or none")
+      raise ValueError(
+          f"distributed: {sorted(set(given) - set(missing))} given but {missing} "
+          f"missing; set all three (config or {ENV_COORDINATOR_ADDRESS}, "
+          f"{ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}) or none"
+      )
     if not missing:
       host, _, port = self.coordinator_address.rpartition(":")
       if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"distributed.coordinator_address={self.coordinator_address!r}: "
-                         "expected 'host:port'")
+        raise ValueError(
+            f"distributed.coordinator_address={self.coordinator_address!r}: " "expected 'host:port'"
+        )
       if self.num_processes < 1 or not 0 <= self.process_id < self.num_processes:
-        raise ValueError(f"distributed: process_id={self.process_id} must lie in "
-                         f"[0, num_processes={self.num_processes})")
+        raise ValueError(
+            f"distributed: process_id={self.process_id} must lie in "
+            f"[0, num_processes={self.num_processes})"
+        )
     if self.initialization_timeout <= 0:
-      raise ValueError(f"distributed.initialization_timeout={self.initialization_timeout} "
-                       "must be > 0 seconds")
+      raise ValueError(
+          f"distributed.initialization_timeout={self.initialization_timeout} " "must be > 0 seconds"
+      )
 
   @property
   def explicit(self) -> bool:
@@ -88,8 +97,9 @@ class DistributedConfig:
     return self.explicit or self.auto_detect
 
   @classmethod
-  def from_config(cls, section: Mapping[str, Any] | None,
-                  environ: Mapping[str, str] | None = None) -> DistributedConfig:
+  def from_config(
+      cls, section: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None
+  ) -> DistributedConfig:
     """Reads the config's `distributed` section; unset ('' or None) fields fall back to the
     `JAX_*` environment variables of the module docstring.
 
@@ -120,7 +130,8 @@ class DistributedConfig:
         num_processes=pick("num_processes", ENV_NUM_PROCESSES, int),
         process_id=pick("process_id", ENV_PROCESS_ID, int),
         auto_detect=bool(section.get("auto_detect", False)),
-        initialization_timeout=int(section.get("initialization_timeout", 300)))
+        initialization_timeout=int(section.get("initialization_timeout", 300)),
+    )
 
 
 def initialize(config: DistributedConfig) -> bool:
@@ -144,15 +155,23 @@ def initialize(config: DistributedConfig) -> bool:
     return False
   if config.explicit:
     jax.distributed.initialize(
-        coordinator_address=config.coordinator_address, num_processes=config.num_processes,
-        process_id=config.process_id, initialization_timeout=config.initialization_timeout,
+        coordinator_address=config.coordinator_address,
+        num_processes=config.num_processes,
+        process_id=config.process_id,
+        initialization_timeout=config.initialization_timeout,
         # Everything is given: skip cluster detection, which could misread a CI or
         # Kubernetes environment.
-        cluster_detection_method="deactivate")
+        cluster_detection_method="deactivate",
+    )
   else:
     jax.distributed.initialize(initialization_timeout=config.initialization_timeout)
-  logger.info("process %d of %d: %d local of %d devices", jax.process_index(),
-              jax.process_count(), jax.local_device_count(), jax.device_count())
+  logger.info(
+      "process %d of %d: %d local of %d devices",
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.device_count(),
+  )
   return True
 
 

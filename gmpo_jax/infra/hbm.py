@@ -24,6 +24,7 @@ GIB = 2**30
 
 class ChipHBM(NamedTuple):
   """One chip's high-bandwidth memory: capacity in bytes and bandwidth in bytes per second."""
+
   capacity: float
   bandwidth: float
 
@@ -84,8 +85,12 @@ def device_hbm_bytes(device: jax.Device) -> float | None:
 
 def tree_bytes(tree: Any) -> int:
   """Bytes of every array leaf of `tree` (arrays or `jax.ShapeDtypeStruct`s), unsharded."""
-  return int(sum(np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize
-                 for x in jax.tree.leaves(tree)))
+  return int(
+      sum(
+          np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize
+          for x in jax.tree.leaves(tree)
+      )
+  )
 
 
 class MeshChoice(NamedTuple):
@@ -96,6 +101,7 @@ class MeshChoice(NamedTuple):
     sharded: True when `auto_fsdp` moved the data devices to fsdp.
     reason: one line on why, for logs and the planner's report.
   """
+
   data: int
   fsdp: int
   tensor: int
@@ -103,8 +109,16 @@ class MeshChoice(NamedTuple):
   reason: str
 
 
-def auto_fsdp(*, data: int, fsdp: int, tensor: int, num_devices: int, state_bytes: int,
-              hbm_bytes: float | None, fraction: float = STATE_FRACTION) -> MeshChoice:
+def auto_fsdp(
+    *,
+    data: int,
+    fsdp: int,
+    tensor: int,
+    num_devices: int,
+    state_bytes: int,
+    hbm_bytes: float | None,
+    fraction: float = STATE_FRACTION,
+) -> MeshChoice:
   """The mesh sizes to use: FSDP over the data devices when a replicated state does not fit.
 
   With the parameters and optimizer state replicated (fsdp = 1), every device holds
@@ -129,8 +143,9 @@ def auto_fsdp(*, data: int, fsdp: int, tensor: int, num_devices: int, state_byte
   sizes = [data, fsdp, tensor]
   known = int(np.prod([s for s in sizes if s != -1]))
   if sizes.count(-1) > 1 or num_devices % known:
-    raise ValueError(f"mesh data={data} fsdp={fsdp} tensor={tensor} does not divide "
-                     f"{num_devices} devices")
+    raise ValueError(
+        f"mesh data={data} fsdp={fsdp} tensor={tensor} does not divide " f"{num_devices} devices"
+    )
   if -1 in sizes:
     sizes[sizes.index(-1)] = num_devices // known
   data, fsdp, tensor = sizes
@@ -138,15 +153,23 @@ def auto_fsdp(*, data: int, fsdp: int, tensor: int, num_devices: int, state_byte
   if hbm_bytes is None:
     return MeshChoice(data, fsdp, tensor, False, "HBM capacity unknown: mesh as configured")
   budget = fraction * hbm_bytes
-  summary = (f"parameters + optimizer state {per_device / GIB:.2f} GiB per device "
-             f"{'>' if per_device > budget else '<='} {fraction:g} x {hbm_bytes / GIB:.2f} GiB HBM")
+  summary = (
+      f"parameters + optimizer state {per_device / GIB:.2f} GiB per device "
+      f"{'>' if per_device > budget else '<='} {fraction:g} x {hbm_bytes / GIB:.2f} GiB HBM"
+  )
   if fsdp > 1 or data == 1 or per_device <= budget:
     return MeshChoice(data, fsdp, tensor, False, summary + ": mesh as configured")
   return MeshChoice(1, data, tensor, True, summary + f": FSDP over {data} devices")
 
 
-def sampler_replicates(*, copy_bytes: int, fsdp: int, tensor: int, hbm_bytes: float | None,
-                       fraction: float = SAMPLER_COPY_FRACTION) -> bool:
+def sampler_replicates(
+    *,
+    copy_bytes: int,
+    fsdp: int,
+    tensor: int,
+    hbm_bytes: float | None,
+    fraction: float = SAMPLER_COPY_FRACTION,
+) -> bool:
   """Whether the sampler's copy of the parameters is replicated over the fsdp axis.
 
   Args:

@@ -70,6 +70,7 @@ def _import_tensorboardx():
   """
   if "torch" in sys.modules:
     import tensorboardX  # pylint: disable=import-outside-toplevel
+
     return tensorboardX
   sys.modules["torch"] = None
   try:
@@ -109,7 +110,9 @@ def to_python_scalar(name: str, value: Any) -> int | float:
     return int(array)
   if jnp.issubdtype(array.dtype, jnp.floating):
     return float(array)
-  raise TypeError(f"Metric {name!r} must be numeric, got {type(value).__name__} of dtype {array.dtype}.")
+  raise TypeError(
+      f"Metric {name!r} must be numeric, got {type(value).__name__} of dtype {array.dtype}."
+  )
 
 
 _TENSORBOARD_ILLEGAL = re.compile(r"[^A-Za-z0-9_.\-/]")
@@ -157,8 +160,12 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
   for number, line in enumerate(lines + [rest] * bool(rest), start=1):
     record = _parse_line(line)
     if record is None:
-      logger.warning("Skipping unreadable line %d of %s: not UTF-8 JSON of an object with an "
-                     "integer 'step'.", number, path)
+      logger.warning(
+          "Skipping unreadable line %d of %s: not UTF-8 JSON of an object with an "
+          "integer 'step'.",
+          number,
+          path,
+      )
       continue
     records.append(record)
   return records
@@ -183,7 +190,7 @@ def _append(file: io.FileIO, data: bytes, path: pathlib.Path) -> None:
     try:
       view = memoryview(data)
       while view:
-        view = view[file.write(view):]
+        view = view[file.write(view) :]
     except OSError:
       os.ftruncate(file.fileno(), size)
       raise
@@ -223,32 +230,60 @@ def _restore_history(path: pathlib.Path, start_step: int, history: bytes | None)
   if history is not None:
     kept = history
     if not data and history:
-      logger.warning("%s is missing; restored its %d records up to step %d from the checkpoint.",
-                     path, history.count(b"\n"), start_step)
+      logger.warning(
+          "%s is missing; restored its %d records up to step %d from the checkpoint.",
+          path,
+          history.count(b"\n"),
+          start_step,
+      )
     elif data is not None and not data.startswith(history):
       line = os.path.commonprefix([data, history]).count(b"\n") + 1
       moved = _move_aside(path)
-      logger.warning("%s differs from line %d on from the copy of its records up to step %d that "
-                     "the checkpoint holds; moved it to %s and restored the %d records from the "
-                     "checkpoint.", path, line, start_step, moved, history.count(b"\n"))
+      logger.warning(
+          "%s differs from line %d on from the copy of its records up to step %d that "
+          "the checkpoint holds; moved it to %s and restored the %d records from the "
+          "checkpoint.",
+          path,
+          line,
+          start_step,
+          moved,
+          history.count(b"\n"),
+      )
       data = None
   else:
     lines, rest = _split_lines(data or b"")
     records = [_parse_line(line) for line in lines]
-    kept = b"".join(line for line, record in zip(lines, records)
-                    if record is not None and record["step"] <= start_step)
+    kept = b"".join(
+        line
+        for line, record in zip(lines, records)
+        if record is not None and record["step"] <= start_step
+    )
     if data is None and start_step > 0:
-      logger.warning("%s is missing, and checkpoint step %d (written by an older gmpo_jax) holds "
-                     "no copy of it: its records up to that step are lost.", path, start_step)
+      logger.warning(
+          "%s is missing, and checkpoint step %d (written by an older gmpo_jax) holds "
+          "no copy of it: its records up to that step are lost.",
+          path,
+          start_step,
+      )
     if rest:
-      logger.warning("Skipping line %d of %s: cut short (no newline), written as the run stopped.",
-                     len(lines) + 1, path)
+      logger.warning(
+          "Skipping line %d of %s: cut short (no newline), written as the run stopped.",
+          len(lines) + 1,
+          path,
+      )
     unreadable = [number for number, record in enumerate(records, start=1) if record is None]
     if unreadable:
       moved = _move_aside(path)
-      logger.warning("Line(s) %s of %s cannot be parsed (not UTF-8 JSON of an object with an "
-                     "integer 'step'); moved the file to %s and kept its %d readable records up "
-                     "to step %d.", unreadable, path, moved, kept.count(b"\n"), start_step)
+      logger.warning(
+          "Line(s) %s of %s cannot be parsed (not UTF-8 JSON of an object with an "
+          "integer 'step'); moved the file to %s and kept its %d readable records up "
+          "to step %d.",
+          unreadable,
+          path,
+          moved,
+          kept.count(b"\n"),
+          start_step,
+      )
       data = None
   if data != kept:
     _write_atomically(path, kept)
@@ -268,12 +303,16 @@ def _record(data: bytes) -> bytes:
 def _scalars_event(step: int, values: Mapping[str, int | float | None]) -> Any:
   """The TensorBoard event of a record's finite values; None when it has none."""
   summary = tensorboardX.proto.summary_pb2.Summary
-  finite = [summary.Value(tag=tensorboard_name(name), simple_value=value)
-            for name, value in values.items() if value is not None and math.isfinite(value)]
+  finite = [
+      summary.Value(tag=tensorboard_name(name), simple_value=value)
+      for name, value in values.items()
+      if value is not None and math.isfinite(value)
+  ]
   if not finite:
     return None
-  return tensorboardX.proto.event_pb2.Event(wall_time=time.time(), step=step,
-                                            summary=summary(value=finite))
+  return tensorboardX.proto.event_pb2.Event(
+      wall_time=time.time(), step=step, summary=summary(value=finite)
+  )
 
 
 class _EventFile:
@@ -292,16 +331,24 @@ class _EventFile:
 
   def __init__(self, directory: pathlib.Path, *, purge_step: int):
     directory.mkdir(parents=True, exist_ok=True)
-    numbers = [int(match.group(1)) for match in map(_EVENT_FILE.fullmatch, os.listdir(directory))
-               if match]
+    numbers = [
+        int(match.group(1)) for match in map(_EVENT_FILE.fullmatch, os.listdir(directory)) if match
+    ]
     self.first = not numbers
     self.path = directory / f"events.out.tfevents.{max(numbers, default=0) + 1:010d}.gmpo_jax"
     with _naming(self.path):
       self._file = open(self.path, "xb", buffering=0)  # pylint: disable=consider-using-with
     event = tensorboardX.proto.event_pb2
-    self.write([event.Event(wall_time=time.time(), file_version="brain.Event:2"),
-                event.Event(wall_time=time.time(), step=purge_step,
-                            session_log=event.SessionLog(status=event.SessionLog.START))])
+    self.write(
+        [
+            event.Event(wall_time=time.time(), file_version="brain.Event:2"),
+            event.Event(
+                wall_time=time.time(),
+                step=purge_step,
+                session_log=event.SessionLog(status=event.SessionLog.START),
+            ),
+        ]
+    )
 
   def write(self, events: Sequence[Any]) -> None:
     _append(self._file, b"".join(_record(e.SerializeToString()) for e in events), self.path)
@@ -349,7 +396,9 @@ class MetricsWriter:
     if start_step is not None and operator.index(start_step) < 0:
       raise ValueError(f"start_step must be >= 0 or None, got {start_step}.")
     if history is not None and start_step is None:
-      raise ValueError("history is the copy a checkpoint holds: it needs the checkpoint's start_step.")
+      raise ValueError(
+          "history is the copy a checkpoint holds: it needs the checkpoint's start_step."
+      )
     best_modes = dict(best_modes or {})
     for name, mode in best_modes.items():
       if mode not in ("max", "min"):
@@ -391,10 +440,15 @@ class MetricsWriter:
       self._file = open(self._path, "ab", buffering=0)  # pylint: disable=consider-using-with
     self._events = _EventFile(self._workdir / TENSORBOARD_DIR, purge_step=self._min_step)
     if self._events.first and records:
-      logger.warning("%s holds no event file; rebuilt it from the %d records of %s.",
-                     self._workdir / TENSORBOARD_DIR, len(records), self._path)
-      events = (_scalars_event(r["step"], {k: v for k, v in r.items() if k != "step"})
-                for r in records)
+      logger.warning(
+          "%s holds no event file; rebuilt it from the %d records of %s.",
+          self._workdir / TENSORBOARD_DIR,
+          len(records),
+          self._path,
+      )
+      events = (
+          _scalars_event(r["step"], {k: v for k, v in r.items() if k != "step"}) for r in records
+      )
       self._events.write([event for event in events if event is not None])
     self._bar = tqdm.tqdm(
         total=total_steps,
@@ -428,7 +482,9 @@ class MetricsWriter:
     """
     step = operator.index(step)
     if step < self._min_step:
-      raise ValueError(f"Step {step} comes before step {self._min_step}, already logged or restored.")
+      raise ValueError(
+          f"Step {step} comes before step {self._min_step}, already logged or restored."
+      )
     if "step" in metrics:
       raise ValueError("'step' is reserved for the step number; rename the metric.")
     values = {name: to_python_scalar(name, value) for name, value in metrics.items()}
@@ -464,8 +520,15 @@ class MetricsWriter:
     per_step = (now - start) / max(step - first_step, 1)
     eta = per_step * (self._total_steps - step)
     fields = " ".join(f"{name}={value}" for name, value in self._status_shown.items())
-    logger.info("step %d/%d %s | %.3g s/step | ETA %dm%02ds", step, self._total_steps, fields,
-                per_step, eta // 60, eta % 60)
+    logger.info(
+        "step %d/%d %s | %.3g s/step | ETA %dm%02ds",
+        step,
+        self._total_steps,
+        fields,
+        per_step,
+        eta // 60,
+        eta % 60,
+    )
 
   def _track(self, record: Mapping[str, Any]) -> None:
     self._num_records += 1
@@ -480,7 +543,8 @@ class MetricsWriter:
       mode = self._best_modes.get(name)
       best = self._best.get(name)
       if mode is not None and (
-          best is None or (value > best["value"] if mode == "max" else value < best["value"])):
+          best is None or (value > best["value"] if mode == "max" else value < best["value"])
+      ):
         self._best[name] = {"value": value, "step": record["step"]}
 
   def add_to_summary(self, name: str, value: Any) -> None:
@@ -515,8 +579,10 @@ class MetricsWriter:
     self._file.close()
     self._events.close()
     summary = self.summary()
-    _write_atomically(self._workdir / SUMMARY_FILE,
-                      (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
+    _write_atomically(
+        self._workdir / SUMMARY_FILE,
+        (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode(),
+    )
     if report:
       print(_format_summary(summary, self._workdir))
     return summary
@@ -524,8 +590,9 @@ class MetricsWriter:
   def __enter__(self) -> MetricsWriter:
     return self
 
-  def __exit__(self, exc_type: type[BaseException] | None, error: BaseException | None,
-               traceback: object) -> None:
+  def __exit__(
+      self, exc_type: type[BaseException] | None, error: BaseException | None, traceback: object
+  ) -> None:
     # An error in flight is the one to report: the summary is written, not printed.
     try:
       self.close(report=error is None)
@@ -540,12 +607,16 @@ def _format_summary(summary: Mapping[str, Any], workdir: pathlib.Path) -> str:
   def number(value: Any) -> str:
     return "null" if value is None else f"{value:.6g}"
 
-  lines = [f"Run summary ({workdir}): step {summary['last_step']} of {summary['total_steps']}, "
-           f"{summary['num_records']} records"]
+  lines = [
+      f"Run summary ({workdir}): step {summary['last_step']} of {summary['total_steps']}, "
+      f"{summary['num_records']} records"
+  ]
   lines += [f"  final {name} = {number(value)}" for name, value in summary["final"].items()]
   for name, best in summary["best"].items():
-    lines.append(f"  best  {name} = " + ("none finite" if best is None else
-                                         f"{number(best['value'])} (step {best['step']})"))
+    lines.append(
+        f"  best  {name} = "
+        + ("none finite" if best is None else f"{number(best['value'])} (step {best['step']})")
+    )
   for name, count in summary["nonfinite_counts"].items():
     lines.append(f"  non-finite {name}: {count}")
   return "\n".join(lines)
@@ -619,9 +690,14 @@ def plot_learning_curves(
     rows = [r for r in records if key in r]
     # NaN breaks the line, so a null (non-finite) value shows as a gap.
     value = lambda r, k: np.nan if r.get(k) is None else r[k]
-    return (np.array([r["step"] for r in rows]), np.array([value(r, key) for r in rows], float),
-            np.array([[value(r, f"{key}/ci_low") for r in rows],
-                      [value(r, f"{key}/ci_high") for r in rows]], float))
+    return (
+        np.array([r["step"] for r in rows]),
+        np.array([value(r, key) for r in rows], float),
+        np.array(
+            [[value(r, f"{key}/ci_low") for r in rows], [value(r, f"{key}/ci_high") for r in rows]],
+            float,
+        ),
+    )
 
   figure = Figure(figsize=(7.5, 2.3 * len(panels) + (0.4 if title else 0)), layout="constrained")
   FigureCanvasAgg(figure)
@@ -635,9 +711,17 @@ def plot_learning_curves(
       drawn = True
       if len(values) <= _SPARSE_POINTS:
         errors = np.abs(interval - values)
-        axis.errorbar(steps, values, yerr=np.where(np.isfinite(errors), errors, 0.0),
-                      color=color, marker="o", markersize=3.5, linewidth=1.2, capsize=3,
-                      label=key)
+        axis.errorbar(
+            steps,
+            values,
+            yerr=np.where(np.isfinite(errors), errors, 0.0),
+            color=color,
+            marker="o",
+            markersize=3.5,
+            linewidth=1.2,
+            capsize=3,
+            label=key,
+        )
       else:
         axis.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
         axis.plot(steps, ema(values, smoothing), color=color, linewidth=1.6, label=key)

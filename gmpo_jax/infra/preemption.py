@@ -45,8 +45,10 @@ class PreemptionHandler:
       signal.raise_signal(signum)
       return
     self._requested = True
-    logger.warning("Received %s: saving a checkpoint and stopping at the end of this step.",
-                   signal.Signals(signum).name)
+    logger.warning(
+        "Received %s: saving a checkpoint and stopping at the end of this step.",
+        signal.Signals(signum).name,
+    )
 
   def close(self) -> None:
     for signum, previous in self._previous.items():

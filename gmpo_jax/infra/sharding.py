@@ -48,8 +48,9 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def make_mesh(*, data: int = -1, fsdp: int = 1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    *, data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
   """A (data, fsdp, tensor) mesh over `devices` (default: all); -1 takes what is left.
 
   Raises:
@@ -58,16 +59,21 @@ def make_mesh(*, data: int = -1, fsdp: int = 1, tensor: int = 1,
   devices = list(jax.devices() if devices is None else devices)
   sizes = [data, fsdp, tensor]
   if sizes.count(-1) > 1:
-    raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    raise ValueError(
+        f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}"
+    )
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if known <= 0 or len(devices) % known:
-      raise ValueError(f"{len(devices)} devices cannot be split into data={data} fsdp={fsdp} "
-                       f"tensor={tensor}")
+      raise ValueError(
+          f"{len(devices)} devices cannot be split into data={data} fsdp={fsdp} " f"tensor={tensor}"
+      )
     sizes[sizes.index(-1)] = len(devices) // known
   if int(np.prod(sizes)) != len(devices) or min(sizes) < 1:
-    raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} does not match "
-                     f"{len(devices)} devices")
+    raise ValueError(
+        f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} does not match "
+        f"{len(devices)} devices"
+    )
   return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
@@ -85,8 +91,7 @@ def state_shardings(state: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
   """`NamedSharding`s for an `nnx.State` (or a pytree of Variables) from its logical names."""
   with nnx.logical_axis_rules(rules):
     specs = nnx.get_partition_spec(state)
-  return jax.tree.map(lambda x, spec: NamedSharding(mesh, _fit(spec, x.shape, mesh)),
-                      state, specs)
+  return jax.tree.map(lambda x, spec: NamedSharding(mesh, _fit(spec, x.shape, mesh)), state, specs)
 
 
 def replicated_over(shardings: Any, axis: str) -> Any:
@@ -104,8 +109,9 @@ def replicated_over(shardings: Any, axis: str) -> Any:
   return jax.tree.map(drop, shardings)
 
 
-def sampler_copy_shardings(param_shardings: Any, mesh: Mesh, *, copy_bytes: int,
-                           hbm_bytes: float | None) -> Any:
+def sampler_copy_shardings(
+    param_shardings: Any, mesh: Mesh, *, copy_bytes: int, hbm_bytes: float | None
+) -> Any:
   """The shardings of the sampler's compute-dtype copy of the parameters on the learner's mesh:
   `param_shardings` replicated over fsdp when the copy fits (`hbm.sampler_replicates`), so a
   decode step gathers no weight; `param_shardings` itself otherwise.
@@ -116,14 +122,19 @@ def sampler_copy_shardings(param_shardings: Any, mesh: Mesh, *, copy_bytes: int,
     copy_bytes: the copy's bytes, unsharded.
     hbm_bytes: one device's HBM (`hbm.device_hbm_bytes`); None: unknown (the CPU).
   """
-  if hbm.sampler_replicates(copy_bytes=copy_bytes, fsdp=mesh.shape["fsdp"],
-                            tensor=mesh.shape["tensor"], hbm_bytes=hbm_bytes):
+  if hbm.sampler_replicates(
+      copy_bytes=copy_bytes,
+      fsdp=mesh.shape["fsdp"],
+      tensor=mesh.shape["tensor"],
+      hbm_bytes=hbm_bytes,
+  ):
     return replicated_over(param_shardings, "fsdp")
   return param_shardings
 
 
-def opt_state_shardings(optimizer: optax.GradientTransformation, params: Any,
-                        param_shardings: Any, mesh: Mesh) -> Any:
+def opt_state_shardings(
+    optimizer: optax.GradientTransformation, params: Any, param_shardings: Any, mesh: Mesh
+) -> Any:
   """`NamedSharding`s of `optimizer.init(params)`: each moment tree sharded like `params`.
 
   Left to sharding propagation, `jax.jit(optimizer.init)` returns the moments replicated
@@ -143,8 +154,12 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, params: Any,
   """
   abstract_state = jax.eval_shape(optimizer.init, params)
   return optax.tree_utils.tree_map_params(
-      optimizer, lambda _, param_sharding: param_sharding, abstract_state, param_shardings,
-      transform_non_params=lambda _: replicated(mesh))
+      optimizer,
+      lambda _, param_sharding: param_sharding,
+      abstract_state,
+      param_shardings,
+      transform_non_params=lambda _: replicated(mesh),
+  )
 
 
 def batch_sharding(mesh: Mesh, *, ndim: int, batch_axis: int = 0) -> NamedSharding:

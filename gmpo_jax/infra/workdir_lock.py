@@ -94,7 +94,7 @@ def _process_start(pid: int) -> str | None:
       pass
     return ""
   # The command name (field 2) is in parentheses and may hold spaces: split after it.
-  fields = stat[stat.rindex(")") + 2:].split()
+  fields = stat[stat.rindex(")") + 2 :].split()
   if fields[0] in ("Z", "X"):
     return None
   return fields[19]  # field 22, starttime
@@ -116,6 +116,7 @@ class Holder:
     token: unique to one holding, so a holder can tell that its lock was taken over.
     version: the record's format.
   """
+
   pid: int
   host: str
   boot_id: str
@@ -128,9 +129,15 @@ class Holder:
   @classmethod
   def this_process(cls) -> Holder:
     now = time.time()
-    return cls(pid=os.getpid(), host=socket.gethostname(), boot_id=_boot_id(),
-               process_start=_process_start(os.getpid()) or "", started=now, heartbeat=now,
-               token=uuid.uuid4().hex)
+    return cls(
+        pid=os.getpid(),
+        host=socket.gethostname(),
+        boot_id=_boot_id(),
+        process_start=_process_start(os.getpid()) or "",
+        started=now,
+        heartbeat=now,
+        token=uuid.uuid4().hex,
+    )
 
   def describe(self) -> str:
     started = datetime.datetime.fromtimestamp(self.started).astimezone()
@@ -190,8 +197,13 @@ def _write_holder(fd: int, holder: Holder | None) -> None:
 class WorkdirLock:
   """The lock of one workdir, held from `acquire` to `release` (see the module docstring)."""
 
-  def __init__(self, workdir: str | os.PathLike[str], *, heartbeat_s: float = HEARTBEAT_S,
-               lease_s: float = LEASE_S):
+  def __init__(
+      self,
+      workdir: str | os.PathLike[str],
+      *,
+      heartbeat_s: float = HEARTBEAT_S,
+      lease_s: float = LEASE_S,
+  ):
     self.workdir = pathlib.Path(workdir)
     self.path = self.workdir / LOCK_FILE
     self.heartbeat_s = heartbeat_s
@@ -212,8 +224,12 @@ class WorkdirLock:
       except OSError as error:
         if error.errno not in _NO_FLOCK:
           raise
-        logger.info("%s: the file system does not lock files (%s); the lock record alone "
-                    "guards the workdir", self.path, error.strerror)
+        logger.info(
+            "%s: the file system does not lock files (%s); the lock record alone "
+            "guards the workdir",
+            self.path,
+            error.strerror,
+        )
       previous = _read_holder(fd)
       if previous is not None:
         reason = previous.stale_reason(self.lease_s)
@@ -229,8 +245,9 @@ class WorkdirLock:
       raise
     self._fd = fd
     self._stop.clear()
-    self._heartbeat = threading.Thread(target=self._beat, name="workdir-lock-heartbeat",
-                                       daemon=True)
+    self._heartbeat = threading.Thread(
+        target=self._beat, name="workdir-lock-heartbeat", daemon=True
+    )
     self._heartbeat.start()
 
   def _in_use(self, holder: Holder | None, *, flock_held: bool) -> WorkdirInUseError:
@@ -240,10 +257,14 @@ class WorkdirLock:
       who = holder.describe()
       if not holder.on_this_host() and not flock_held:
         left = self.lease_s - (time.time() - holder.heartbeat)
-        who += (f", last heartbeat {time.time() - holder.heartbeat:.0f} s ago; if that host is "
-                f"gone, the lock expires in {max(left, 0):.0f} s")
-    return WorkdirInUseError(f"the workdir {self.workdir} is in use by {who}; stop that run or "
-                             f"use another workdir (lock file {self.path})")
+        who += (
+            f", last heartbeat {time.time() - holder.heartbeat:.0f} s ago; if that host is "
+            f"gone, the lock expires in {max(left, 0):.0f} s"
+        )
+    return WorkdirInUseError(
+        f"the workdir {self.workdir} is in use by {who}; stop that run or "
+        f"use another workdir (lock file {self.path})"
+    )
 
   def _owned(self) -> bool:
     current = _read_holder(self._fd)
@@ -254,8 +275,11 @@ class WorkdirLock:
     while not self._stop.wait(self.heartbeat_s):
       try:
         if not self._owned():
-          logger.error("the lock of %s was taken over by another process; this run and that one "
-                       "now write the same workdir", self.workdir)
+          logger.error(
+              "the lock of %s was taken over by another process; this run and that one "
+              "now write the same workdir",
+              self.workdir,
+          )
           return
         self._holder = dataclasses.replace(self._holder, heartbeat=time.time())
         _write_holder(self._fd, self._holder)
@@ -297,8 +321,9 @@ def hold(workdir: str | os.PathLike[str], **lock_kwargs) -> Iterator[None]:
   if jax.process_count() > 1:
     taken = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
     if not taken and error is None:
-      error = WorkdirInUseError(f"process 0 could not lock the workdir {workdir} (its log says "
-                                f"why)")
+      error = WorkdirInUseError(
+          f"process 0 could not lock the workdir {workdir} (its log says " f"why)"
+      )
   if error is not None:
     raise error
   try:

@@ -1,2 +1,1 @@
-"""The jitted policy update on a mesh (`update`) and its `jax.pmap` twin (`pmap_update`).
-"""
+"""The jitted policy update on a mesh (`update`) and its `jax.pmap` twin (`pmap_update`)."""

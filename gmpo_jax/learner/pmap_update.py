@@ -38,10 +38,16 @@ from gmpo_jax.learner import update as learner
 AXIS_NAME = "devices"
 
 
-def make_pmap_update_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                        micro_loss: learner.MicroLoss, *, devices: Sequence[jax.Device],
-                        donate: bool = True, param_shardings: Any = None,
-                        opt_shardings: Any = None):
+def make_pmap_update_fn(
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    micro_loss: learner.MicroLoss,
+    *,
+    devices: Sequence[jax.Device],
+    donate: bool = True,
+    param_shardings: Any = None,
+    opt_shardings: Any = None,
+):
   """Builds `update(params, opt_state, batch) -> (params, opt_state, UpdateOutput)`.
 
   The same contract as `learner.make_update_fn` (see there), computed by `jax.pmap` over
@@ -62,16 +68,20 @@ def make_pmap_update_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransfo
     (a ValueError at the first call otherwise).
   """
   num_devices = len(devices)
-  per_device = jax.pmap(learner.update_step(graphdef, optimizer, micro_loss,
-                                            axis_name=AXIS_NAME),
-                        axis_name=AXIS_NAME, in_axes=(None, None, 1), out_axes=None,
-                        devices=devices)
+  per_device = jax.pmap(
+      learner.update_step(graphdef, optimizer, micro_loss, axis_name=AXIS_NAME),
+      axis_name=AXIS_NAME,
+      in_axes=(None, None, 1),
+      out_axes=None,
+      devices=devices,
+  )
 
   def split(x):
     size = x.shape[1]
     if size % num_devices:
-      raise ValueError(f"micro-batches of {size} sequences do not split over "
-                       f"{num_devices} devices")
+      raise ValueError(
+          f"micro-batches of {size} sequences do not split over " f"{num_devices} devices"
+      )
     return x.reshape(x.shape[:1] + (num_devices, size // num_devices) + x.shape[2:])
 
   # pmap runs on its own 1-D mesh of `devices`, which must be the context mesh while it is
@@ -83,5 +93,9 @@ def make_pmap_update_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransfo
       return per_device(params, opt_state, jax.tree.map(split, batch))
 
   shardings = (param_shardings, opt_shardings, None)
-  return jax.jit(update, donate_argnums=(0, 1) if donate else (), in_shardings=shardings,
-                 out_shardings=shardings)
+  return jax.jit(
+      update,
+      donate_argnums=(0, 1) if donate else (),
+      in_shardings=shardings,
+      out_shardings=shardings,
+  )

@@ -45,7 +45,8 @@ def float32_view(tree: Any) -> Any:
 def cast_floating(tree: Any, dtype: Any) -> Any:
   """Every floating leaf as `dtype`, others unchanged (the sampler's copy of the parameters)."""
   return jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+  )
 
 
 def stochastic_round_to_bfloat16(x: jax.Array, key: jax.Array) -> jax.Array:
@@ -73,6 +74,7 @@ def stochastic_round_to_bfloat16(x: jax.Array, key: jax.Array) -> jax.Array:
 class StochasticRoundingState(NamedTuple):
   """The next rounding key, as raw uint32 key data (saved and restored like any array), so a
   resumed run rounds as the uninterrupted one."""
+
   key: jax.Array
 
 
@@ -123,6 +125,7 @@ class UpdateStats(NamedTuple):
       moved (u ≠ 0), the fraction whose stored value did not change (θ_new = θ_old): the step
       was rounded away in the stored dtype. 0 when there are none.
   """
+
   relative_change: jax.Array
   lost_fraction: jax.Array
 
@@ -155,8 +158,10 @@ def update_statistics(old: Any, new: Any, updates: Any, grads: Any) -> UpdateSta
   moved_entries = jax.tree.map(lambda u, g: (u != 0) & (g != 0), updates, grads)
   moved = total(moved_entries)
   lost = total(jax.tree.map(lambda m, n, o: m & (n == o), moved_entries, new, old))
-  return UpdateStats(relative_change=relative,
-                     lost_fraction=jnp.where(moved > 0, lost / jnp.maximum(moved, 1.0), 0.0))
+  return UpdateStats(
+      relative_change=relative,
+      lost_fraction=jnp.where(moved > 0, lost / jnp.maximum(moved, 1.0), 0.0),
+  )
 
 
 class LostUpdateWarning:
@@ -178,4 +183,9 @@ class LostUpdateWarning:
         "%s step %d: update/lost_fraction = %.3g: the stored parameters kept their value in "
         "%.1f%% of the entries that the update moved (the step is below half their ulp); train "
         "float32 masters (model.param_dtype='float32') or set optim.stochastic_rounding=True. "
-        "Warned once.", where, step, lost_fraction, 100 * lost_fraction)
+        "Warned once.",
+        where,
+        step,
+        lost_fraction,
+        100 * lost_fraction,
+    )

@@ -70,6 +70,7 @@ class Batch(NamedTuple):
     behav_logp: [M, b, T] float32 log-probs under the behaviour policy, the sampler's own
       (`Rollout.policy_logprobs`), for the importance correction; None without one.
   """
+
   tokens: jax.Array
   positions: jax.Array
   key_mask: jax.Array
@@ -82,6 +83,7 @@ class Batch(NamedTuple):
 
 class Counts(NamedTuple):
   """Global normalizers of a minibatch (see `gmpo_jax.algo.aggregation.aggregate_loss`)."""
+
   num_sequences: jax.Array
   num_tokens: jax.Array
 
@@ -99,6 +101,7 @@ class PolicyMetrics(NamedTuple):
       sampler's (`Batch.behav_logp`), token-mean per micro-batch; None otherwise (the runner
       measures it from its rescoring).
   """
+
   extras: aggregation.LossExtras
   entropy: jax.Array
   importance: importance_lib.ImportanceStats | None = None
@@ -110,12 +113,16 @@ class PolicyMetrics(NamedTuple):
     and on the host over the updates of a step: array methods, so NumPy input stays NumPy
     (jnp would compile a program per reduction and shape)."""
     mean = jax.tree.map(lambda x: x.mean(), self)
-    combined = mean._replace(extras=mean.extras._replace(
-        ratio_min=self.extras.ratio_min.min(), ratio_max=self.extras.ratio_max.max()))
+    combined = mean._replace(
+        extras=mean.extras._replace(
+            ratio_min=self.extras.ratio_min.min(), ratio_max=self.extras.ratio_max.max()
+        )
+    )
     if self.importance is None:
       return combined
-    return combined._replace(importance=mean.importance._replace(
-        weight_max=self.importance.weight_max.max()))
+    return combined._replace(
+        importance=mean.importance._replace(weight_max=self.importance.weight_max.max())
+    )
 
   def pool(self, counts: Counts, axis_name: str) -> PolicyMetrics:
     """Each micro-batch's metrics over the devices of `axis_name`, each device holding a
@@ -141,24 +148,33 @@ class PolicyMetrics(NamedTuple):
       return jnp.where(any_token, reduce(jnp.where(tokens > 0, x, neutral), axis_name), x)
 
     pooled = jax.tree.map(lambda x: mean(x, tokens), self)
-    pooled = pooled._replace(extras=pooled.extras._replace(
-        fully_clipped_fraction=mean(self.extras.fully_clipped_fraction, counts.num_sequences),
-        ratio_min=extreme(self.extras.ratio_min, jax.lax.pmin, jnp.inf),
-        ratio_max=extreme(self.extras.ratio_max, jax.lax.pmax, -jnp.inf)))
+    pooled = pooled._replace(
+        extras=pooled.extras._replace(
+            fully_clipped_fraction=mean(self.extras.fully_clipped_fraction, counts.num_sequences),
+            ratio_min=extreme(self.extras.ratio_min, jax.lax.pmin, jnp.inf),
+            ratio_max=extreme(self.extras.ratio_max, jax.lax.pmax, -jnp.inf),
+        )
+    )
     if self.importance is None:
       return pooled
-    return pooled._replace(importance=pooled.importance._replace(
-        weight_max=extreme(self.importance.weight_max, jax.lax.pmax, -jnp.inf)))
+    return pooled._replace(
+        importance=pooled.importance._replace(
+            weight_max=extreme(self.importance.weight_max, jax.lax.pmax, -jnp.inf)
+        )
+    )
 
   def as_record(self) -> dict[str, float]:
     """Flat metric names (the `LossExtras` field names, 'entropy', with a correction
     'is/weight_mean', 'is/weight_max', 'is/masked_fraction', and on-policy 'mismatch/kl')
     -> Python floats."""
-    record = {**{name: float(value) for name, value in self.extras._asdict().items()},
-              "entropy": float(self.entropy)}
+    record = {
+        **{name: float(value) for name, value in self.extras._asdict().items()},
+        "entropy": float(self.entropy),
+    }
     if self.importance is not None:
-      record.update({f"is/{name}": float(value)
-                     for name, value in self.importance._asdict().items()})
+      record.update(
+          {f"is/{name}": float(value) for name, value in self.importance._asdict().items()}
+      )
     if self.mismatch_kl is not None:
       record["mismatch/kl"] = float(self.mismatch_kl)
     return record
@@ -168,8 +184,9 @@ class PolicyMetrics(NamedTuple):
 MicroLoss = Callable[[nnx.Module, Batch, Counts], tuple[jax.Array, PolicyMetrics | None]]
 
 
-def sampler_learner_kl(learner_logp: jax.Array, sampler_logp: jax.Array,
-                       mask: jax.Array) -> jax.Array:
+def sampler_learner_kl(
+    learner_logp: jax.Array, sampler_logp: jax.Array, mask: jax.Array
+) -> jax.Array:
   """Mean k3 estimate of KL(sampler ‖ learner) over the completion tokens ([B, T] each).
 
   The sampler's own log-probs of its tokens (`Rollout.policy_logprobs`, the untruncated
@@ -182,9 +199,16 @@ def sampler_learner_kl(learner_logp: jax.Array, sampler_logp: jax.Array,
   return aggregation.aggregate_loss(k3, mask, mode="token-mean")
 
 
-def policy_loss(objective: Callable[..., tuple[jax.Array, aggregation.LossExtras]], *,
-                with_reference: bool, is_correction: str, is_cap: float, temperature: float,
-                chunk_size: int, on_policy: bool = False) -> MicroLoss:
+def policy_loss(
+    objective: Callable[..., tuple[jax.Array, aggregation.LossExtras]],
+    *,
+    with_reference: bool,
+    is_correction: str,
+    is_cap: float,
+    temperature: float,
+    chunk_size: int,
+    on_policy: bool = False,
+) -> MicroLoss:
   """The RL objective on one micro-batch, plus its `PolicyMetrics`.
 
   With `is_correction` other than 'none', every token's loss is weighted by the
@@ -215,26 +239,45 @@ def policy_loss(objective: Callable[..., tuple[jax.Array, aggregation.LossExtras
   """
 
   def micro_loss(model, batch: Batch, counts: Counts):
-    out = sequence_logprobs(model, batch.tokens, batch.positions, batch.key_mask,
-                            chunk_size=chunk_size, temperature=temperature, with_entropy=True)
+    out = sequence_logprobs(
+        model,
+        batch.tokens,
+        batch.positions,
+        batch.key_mask,
+        chunk_size=chunk_size,
+        temperature=temperature,
+        with_entropy=True,
+    )
     old_logp = jax.lax.stop_gradient(out.logp) if on_policy else batch.old_logp
     weights, stats = None, None
     if is_correction != "none":
       if batch.behav_logp is None:
-        raise ValueError(f"algorithm.is_correction={is_correction!r} needs the sampler's "
-                         "log-probs in Batch.behav_logp")
+        raise ValueError(
+            f"algorithm.is_correction={is_correction!r} needs the sampler's "
+            "log-probs in Batch.behav_logp"
+        )
       weights, stats = importance_lib.correction_weights(
-          old_logp, batch.behav_logp, batch.loss_mask, mode=is_correction, cap=is_cap)
+          old_logp, batch.behav_logp, batch.loss_mask, mode=is_correction, cap=is_cap
+      )
     loss, extras = objective(
-        out.logp, old_logp, batch.advantages, batch.loss_mask,
+        out.logp,
+        old_logp,
+        batch.advantages,
+        batch.loss_mask,
         ref_logp=batch.ref_logp if with_reference else None,
-        num_sequences=counts.num_sequences, num_tokens=counts.num_tokens, token_weights=weights)
+        num_sequences=counts.num_sequences,
+        num_tokens=counts.num_tokens,
+        token_weights=weights,
+    )
     entropy = aggregation.aggregate_loss(
-        jax.lax.stop_gradient(out.entropy), batch.loss_mask, mode="token-mean")
-    mismatch = (sampler_learner_kl(old_logp, batch.behav_logp, batch.loss_mask)
-                if on_policy else None)
-    return loss, PolicyMetrics(extras=extras, entropy=entropy, importance=stats,
-                               mismatch_kl=mismatch)
+        jax.lax.stop_gradient(out.entropy), batch.loss_mask, mode="token-mean"
+    )
+    mismatch = (
+        sampler_learner_kl(old_logp, batch.behav_logp, batch.loss_mask) if on_policy else None
+    )
+    return loss, PolicyMetrics(
+        extras=extras, entropy=entropy, importance=stats, mismatch_kl=mismatch
+    )
 
   return micro_loss
 
@@ -243,10 +286,12 @@ def supervised_loss(*, chunk_size: int) -> MicroLoss:
   """Token-mean negative log-likelihood of the `loss_mask` tokens (the warm start)."""
 
   def micro_loss(model, batch: Batch, counts: Counts):
-    logp = sequence_logprobs(model, batch.tokens, batch.positions, batch.key_mask,
-                             chunk_size=chunk_size)
-    loss = aggregation.aggregate_loss(-logp, batch.loss_mask, mode="token-mean",
-                                     num_tokens=counts.num_tokens)
+    logp = sequence_logprobs(
+        model, batch.tokens, batch.positions, batch.key_mask, chunk_size=chunk_size
+    )
+    loss = aggregation.aggregate_loss(
+        -logp, batch.loss_mask, mode="token-mean", num_tokens=counts.num_tokens
+    )
     return loss, None
 
   return micro_loss
@@ -255,8 +300,10 @@ def supervised_loss(*, chunk_size: int) -> MicroLoss:
 def minibatch_counts(loss_mask: jax.Array) -> Counts:
   """Sequences with at least one trained token, and trained tokens, over all micro-batches."""
   valid = loss_mask.astype(bool)
-  return Counts(num_sequences=jnp.sum(jnp.any(valid, axis=-1)).astype(jnp.float32),
-                num_tokens=jnp.sum(valid).astype(jnp.float32))
+  return Counts(
+      num_sequences=jnp.sum(jnp.any(valid, axis=-1)).astype(jnp.float32),
+      num_tokens=jnp.sum(valid).astype(jnp.float32),
+  )
 
 
 class UpdateOutput(NamedTuple):
@@ -265,6 +312,7 @@ class UpdateOutput(NamedTuple):
   `relative_change` and `lost_fraction` are the step's `precision.UpdateStats` on the stored
   parameters; both 0 for a skipped step.
   """
+
   loss: jax.Array
   grad_norm: jax.Array
   skipped: jax.Array
@@ -273,10 +321,16 @@ class UpdateOutput(NamedTuple):
   lost_fraction: jax.Array
 
 
-def make_update_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                   micro_loss: MicroLoss, *, donate: bool = True,
-                   param_shardings: Any = None, opt_shardings: Any = None,
-                   trainable: Any = None):
+def make_update_fn(
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    micro_loss: MicroLoss,
+    *,
+    donate: bool = True,
+    param_shardings: Any = None,
+    opt_shardings: Any = None,
+    trainable: Any = None,
+):
   """Builds `update(params, opt_state, batch) -> (params, opt_state, UpdateOutput)`, jitted.
 
   Args:
@@ -317,16 +371,25 @@ def make_update_fn(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformati
     # computed from values summed over `data`, so the replicas agree; the replication check
     # is off because the model's loops start from constants that it would have to mark as
     # varying over `data` (`jax.lax.pcast`), for no change in the program.
-    step = jax.shard_map(update_step(graphdef, optimizer, micro_loss, axis_name=DATA_AXIS),
-                         mesh=mesh, in_specs=(P(), P(), P(None, DATA_AXIS)) + extra_specs,
-                         out_specs=P(), axis_names=frozenset({DATA_AXIS}), check_vma=False)
+    step = jax.shard_map(
+        update_step(graphdef, optimizer, micro_loss, axis_name=DATA_AXIS),
+        mesh=mesh,
+        in_specs=(P(), P(), P(None, DATA_AXIS)) + extra_specs,
+        out_specs=P(),
+        axis_names=frozenset({DATA_AXIS}),
+        check_vma=False,
+    )
   else:
     step = update_step(graphdef, optimizer, micro_loss)
   shardings = (param_shardings, opt_shardings, None)
   in_shardings = shardings + (() if trainable is None else (frozen_shardings,))
-  jitted = jax.jit(step, donate_argnums=(0, 1) if donate else (),
-                   in_shardings=in_shardings, out_shardings=shardings,
-                   compiler_options=compilation.learner_compiler_options())
+  jitted = jax.jit(
+      step,
+      donate_argnums=(0, 1) if donate else (),
+      in_shardings=in_shardings,
+      out_shardings=shardings,
+      compiler_options=compilation.learner_compiler_options(),
+  )
   if trainable is None:
     return jitted
 
@@ -363,8 +426,13 @@ def _mesh_of(shardings: Any) -> jax.sharding.Mesh | None:
   return None
 
 
-def update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                micro_loss: MicroLoss, *, axis_name: str | None = None):
+def update_step(
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    micro_loss: MicroLoss,
+    *,
+    axis_name: str | None = None,
+):
   """The traceable step that `make_update_fn` compiles (see there): `update(params, opt_state,
   batch, frozen=None)`, where `frozen`, when given, is the untrained rest of the model's state
   and `params` the trained part.
@@ -388,12 +456,12 @@ def update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
       return micro_loss(nnx.merge(graphdef, *states), micro, counts)
 
     loss, grads, micro_metrics = accumulate_gradients(
-        jax.value_and_grad(loss_of_params, has_aux=True), params, batch)
+        jax.value_and_grad(loss_of_params, has_aux=True), params, batch
+    )
     if axis_name is not None:
       loss, grads = jax.lax.psum((loss, grads), axis_name)
       if micro_metrics is not None:
-        micro_metrics = micro_metrics.pool(jax.vmap(minibatch_counts)(batch.loss_mask),
-                                           axis_name)
+        micro_metrics = micro_metrics.pool(jax.vmap(minibatch_counts)(batch.loss_mask), axis_name)
     params, opt_state, out = apply_gradients(optimizer, params, opt_state, loss, grads)
     metrics = None if micro_metrics is None else micro_metrics.combine()
     return params, opt_state, out._replace(metrics=metrics)
@@ -401,8 +469,13 @@ def update_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
   return update
 
 
-def apply_gradients(optimizer: optax.GradientTransformation, params: Any, opt_state: Any,
-                    loss: jax.Array, grads: Any) -> tuple[Any, Any, UpdateOutput]:
+def apply_gradients(
+    optimizer: optax.GradientTransformation,
+    params: Any,
+    opt_state: Any,
+    loss: jax.Array,
+    grads: Any,
+) -> tuple[Any, Any, UpdateOutput]:
   """The optimizer step of `update_step` on the minibatch's summed loss and gradient.
 
   The optimizer sees float32 values whatever stores the parameters; the result is cast back,
@@ -416,20 +489,31 @@ def apply_gradients(optimizer: optax.GradientTransformation, params: Any, opt_st
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   masters = precision.float32_view(params)
   updates, new_opt_state = optimizer.update(grads, opt_state, masters)
-  new_params = jax.tree.map(lambda new, old: new.astype(old.dtype),
-                            optax.apply_updates(masters, updates), params)
+  new_params = jax.tree.map(
+      lambda new, old: new.astype(old.dtype), optax.apply_updates(masters, updates), params
+  )
   stats = precision.update_statistics(params, new_params, updates, grads)
   keep = lambda new, old: jnp.where(finite, new, old)
   params = jax.tree.map(keep, new_params, params)
   opt_state = jax.tree.map(keep, new_opt_state, opt_state)
   stats = jax.tree.map(lambda x: jnp.where(finite, x, 0.0), stats)
-  return params, opt_state, UpdateOutput(
-      loss=loss, grad_norm=grad_norm, skipped=(~finite).astype(jnp.int32), metrics=None,
-      relative_change=stats.relative_change, lost_fraction=stats.lost_fraction)
+  return (
+      params,
+      opt_state,
+      UpdateOutput(
+          loss=loss,
+          grad_norm=grad_norm,
+          skipped=(~finite).astype(jnp.int32),
+          metrics=None,
+          relative_change=stats.relative_change,
+          lost_fraction=stats.lost_fraction,
+      ),
+  )
 
 
-def accumulate_gradients(grad_fn: Callable, params: Any, batch: Batch
-                         ) -> tuple[jax.Array, Any, PolicyMetrics | None]:
+def accumulate_gradients(
+    grad_fn: Callable, params: Any, batch: Batch
+) -> tuple[jax.Array, Any, PolicyMetrics | None]:
   """Σ_m L_m and Σ_m ∇L_m over the M micro-batches of `batch`, summed in float32.
 
   The scan's carry is float32 whatever the parameters' (and so the gradients') dtype: a
@@ -458,8 +542,9 @@ def accumulate_gradients(grad_fn: Callable, params: Any, batch: Batch
   return loss, grads, metrics
 
 
-def init_opt_state(optimizer: optax.GradientTransformation, params: Any,
-                   mesh: jax.sharding.Mesh) -> Any:
+def init_opt_state(
+    optimizer: optax.GradientTransformation, params: Any, mesh: jax.sharding.Mesh
+) -> Any:
   """`optimizer.init` of the float32 view of `params`, placed like the parameters it mirrors,
   its scalars replicated.
 
@@ -470,9 +555,11 @@ def init_opt_state(optimizer: optax.GradientTransformation, params: Any,
   be placed on `mesh`.
   """
   shardings = sharding.opt_state_shardings(
-      optimizer, params, jax.tree.map(lambda x: x.sharding, params), mesh)
-  return jax.jit(lambda p: optimizer.init(precision.float32_view(p)),
-                 out_shardings=shardings)(params)
+      optimizer, params, jax.tree.map(lambda x: x.sharding, params), mesh
+  )
+  return jax.jit(lambda p: optimizer.init(precision.float32_view(p)), out_shardings=shardings)(
+      params
+  )
 
 
 def to_microbatches(x: np.ndarray | jax.Array, num: int) -> jax.Array:
@@ -485,12 +572,18 @@ def to_microbatches(x: np.ndarray | jax.Array, num: int) -> jax.Array:
 def place_batch(batch: Batch, mesh: jax.sharding.Mesh) -> Batch:
   """Micro-batched arrays [M, b, ...] on `mesh`: b is split over its data axes."""
   return jax.tree.map(
-      lambda x: jax.device_put(x, sharding.batch_sharding(mesh, ndim=x.ndim, batch_axis=1)),
-      batch)
+      lambda x: jax.device_put(x, sharding.batch_sharding(mesh, ndim=x.ndim, batch_axis=1)), batch
+  )
 
 
-def make_logprob_fn(graphdef: nnx.GraphDef, param_shardings: Any, mesh: jax.sharding.Mesh, *,
-                    temperature: float, chunk_size: int):
+def make_logprob_fn(
+    graphdef: nnx.GraphDef,
+    param_shardings: Any,
+    mesh: jax.sharding.Mesh,
+    *,
+    temperature: float,
+    chunk_size: int,
+):
   """`logprobs(params, tokens, key_mask) -> [B, T]` of rollout rows, jitted and data-parallel.
 
   The rows are split over data x fsdp like the learner's batches, and the program is the
@@ -498,24 +591,42 @@ def make_logprob_fn(graphdef: nnx.GraphDef, param_shardings: Any, mesh: jax.shar
   it matches the update's log-probs at unchanged parameters.
   """
   rows = sharding.batch_sharding(mesh, ndim=2)
-  compiled = logprob_program(graphdef, param_shardings, mesh, temperature=temperature,
-                             chunk_size=chunk_size)
+  compiled = logprob_program(
+      graphdef, param_shardings, mesh, temperature=temperature, chunk_size=chunk_size
+  )
   # The sampler's outputs come in the layout XLA chose for it; move them to the rows layout.
   return lambda params, tokens, key_mask: compiled(
-      params, jax.device_put(tokens, rows), jax.device_put(key_mask, rows))
+      params, jax.device_put(tokens, rows), jax.device_put(key_mask, rows)
+  )
 
 
-def logprob_program(graphdef: nnx.GraphDef, param_shardings: Any, mesh: jax.sharding.Mesh, *,
-                    temperature: float, chunk_size: int):
+def logprob_program(
+    graphdef: nnx.GraphDef,
+    param_shardings: Any,
+    mesh: jax.sharding.Mesh,
+    *,
+    temperature: float,
+    chunk_size: int,
+):
   """The jitted program of `make_logprob_fn`, whose inputs must already be in the rows layout
   (P(('data', 'fsdp')) on B); `.lower` it to compile it ahead of time."""
   rows = sharding.batch_sharding(mesh, ndim=2)
 
   def logprobs(params, tokens, key_mask):
     model = nnx.merge(graphdef, params)
-    return sequence_logprobs(model, tokens, positions_from_mask(key_mask), key_mask,
-                             chunk_size=chunk_size, temperature=temperature)
+    return sequence_logprobs(
+        model,
+        tokens,
+        positions_from_mask(key_mask),
+        key_mask,
+        chunk_size=chunk_size,
+        temperature=temperature,
+    )
 
   # The update's compiler options too, so that both programs round alike.
-  return jax.jit(logprobs, in_shardings=(param_shardings, rows, rows), out_shardings=rows,
-                 compiler_options=compilation.learner_compiler_options())
+  return jax.jit(
+      logprobs,
+      in_shardings=(param_shardings, rows, rows),
+      out_shardings=rows,
+      compiler_options=compilation.learner_compiler_options(),
+  )

@@ -12,6 +12,11 @@ from gmpo_jax.models.transformer import (
 )
 
 __all__ = [
-    "KVCache", "RopeScaling", "Transformer", "TransformerConfig", "export_hf", "init_cache",
+    "KVCache",
+    "RopeScaling",
+    "Transformer",
+    "TransformerConfig",
+    "export_hf",
+    "init_cache",
     "load_hf_checkpoint",
 ]

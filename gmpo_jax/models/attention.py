@@ -73,8 +73,9 @@ def _accumulation_dtype(x):
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def causal_padding_mask(key_mask: jax.Array, num_queries: int,
-                        query_offset: jax.Array | int = 0) -> jax.Array:
+def causal_padding_mask(
+    key_mask: jax.Array, num_queries: int, query_offset: jax.Array | int = 0
+) -> jax.Array:
   """allowed[b, t, s] = (s ≤ query_offset + t) ∧ key_mask[b, s].
 
   Args:
@@ -92,7 +93,11 @@ def causal_padding_mask(key_mask: jax.Array, num_queries: int,
 
 
 def dense_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
     precision: jax.lax.Precision = jax.lax.Precision.DEFAULT,
 ) -> jax.Array:
   """softmax(q kᵀ / sqrt(head_dim) masked) v, each query head reading key head h // (H/K).
@@ -121,8 +126,14 @@ def dense_attention(
 
 
 def cached_dense_attention(
-    q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, cache_mask: jax.Array,
-    k: jax.Array, v: jax.Array, chunk_mask: jax.Array, *,
+    q: jax.Array,
+    cache_k: jax.Array,
+    cache_v: jax.Array,
+    cache_mask: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    chunk_mask: jax.Array,
+    *,
     precision: jax.lax.Precision = jax.lax.Precision.DEFAULT,
 ) -> jax.Array:
   """`dense_attention` over a read-only KV cache followed by the chunk's own keys.
@@ -155,12 +166,15 @@ def cached_dense_attention(
   chex.assert_shape(cache_mask, (batch, length, cache_k.shape[2]))
   chex.assert_shape(chunk_mask, (batch, length, length))
   grouped = _group_queries(q, cache_k.shape[1])
-  scores = jnp.concatenate([_scores(grouped, cache_k, "bksd", precision),
-                            _scores(grouped, k, "bskd", precision)], axis=-1)
+  scores = jnp.concatenate(
+      [_scores(grouped, cache_k, "bksd", precision), _scores(grouped, k, "bskd", precision)],
+      axis=-1,
+  )
   probs = _masked_softmax(scores, jnp.concatenate([cache_mask, chunk_mask], axis=-1))
   num_slots = cache_k.shape[2]
-  out = (_weighted_values(probs[..., :num_slots], cache_v, "bksd", precision)
-         + _weighted_values(probs[..., num_slots:], v, "bskd", precision))
+  out = _weighted_values(probs[..., :num_slots], cache_v, "bksd", precision) + _weighted_values(
+      probs[..., num_slots:], v, "bskd", precision
+  )
   return _ungroup(out, q)
 
 
@@ -178,9 +192,14 @@ def _ungroup(out, q):
 
 def _scores(grouped, k, kv, precision):
   """[B, K, G, T, S] scaled scores in the accumulation dtype; `kv` is k's einsum layout."""
-  scores = jnp.einsum(f"btkgd,{kv}->bkgts", grouped, k, precision=precision,
-                      preferred_element_type=_accumulation_dtype(grouped))
-  return scores * (grouped.shape[-1]**-0.5)
+  scores = jnp.einsum(
+      f"btkgd,{kv}->bkgts",
+      grouped,
+      k,
+      precision=precision,
+      preferred_element_type=_accumulation_dtype(grouped),
+  )
+  return scores * (grouped.shape[-1] ** -0.5)
 
 
 def _masked_softmax(scores, mask):
@@ -190,8 +209,13 @@ def _masked_softmax(scores, mask):
 
 def _weighted_values(probs, v, kv, precision):
   """[B, T, K, G, head_dim]: probabilities (cast to v's dtype) times values."""
-  return jnp.einsum(f"bkgts,{kv}->btkgd", probs.astype(v.dtype), v, precision=precision,
-                    preferred_element_type=_accumulation_dtype(probs))
+  return jnp.einsum(
+      f"bkgts,{kv}->btkgd",
+      probs.astype(v.dtype),
+      v,
+      precision=precision,
+      preferred_element_type=_accumulation_dtype(probs),
+  )
 
 
 # ----------------------------------------------------------------------------------------
@@ -199,7 +223,11 @@ def _weighted_values(probs, v, kv, precision):
 
 
 def blockwise_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, *,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_mask: jax.Array,
+    *,
     query_offset: jax.Array | int = 0,
     block_size: int = DEFAULT_BLOCK_SIZE,
     precision: jax.lax.Precision = jax.lax.Precision.DEFAULT,
@@ -254,6 +282,7 @@ def blockwise_attention(
 @dataclasses.dataclass(frozen=True)
 class _Tiling:
   """Static part of a blockwise call (a hashable non-differentiable argument)."""
+
   block_q: int
   block_k: int
   precision: jax.lax.Precision
@@ -302,8 +331,9 @@ def _tile(tiling, q_i, k, v, key_mask, offset, i, j):
   key_slots = j * bk + jnp.arange(bk)
   allowed = (key_slots[None, :] <= query_slots[:, None])[None] & valid[:, None, :]
   allowed = allowed[:, None, None]
-  scores = jnp.einsum("bqkgd,bskd->bkgqs", q_i, k_j, precision=tiling.precision,
-                      preferred_element_type=acc)
+  scores = jnp.einsum(
+      "bqkgd,bskd->bkgqs", q_i, k_j, precision=tiling.precision, preferred_element_type=acc
+  )
   scores = jnp.where(allowed, scores * (q_i.shape[-1] ** -0.5), MASK_VALUE)
   return scores, allowed, k_j, v_j
 
@@ -340,15 +370,24 @@ def _flash_fwd(tiling, q, k, v, key_mask, offset):
       p = jnp.where(allowed, jnp.exp(scores - m_new[..., None]), 0.0)
       correction = jnp.exp(m - m_new)
       l = l * correction + jnp.sum(p, axis=-1)
-      pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), v_j,
-                      precision=tiling.precision, preferred_element_type=acc)
+      pv = jnp.einsum(
+          "bkgqs,bskd->bkgqd",
+          p.astype(v.dtype),
+          v_j,
+          precision=tiling.precision,
+          preferred_element_type=acc,
+      )
       return m_new, l, total * correction[..., None] + pv
 
     stats_shape = (batch, num_kv, groups, bq)
-    init = (jnp.full(stats_shape, MASK_VALUE, acc), jnp.zeros(stats_shape, acc),
-            jnp.zeros(stats_shape + (dim,), acc))
+    init = (
+        jnp.full(stats_shape, MASK_VALUE, acc),
+        jnp.zeros(stats_shape, acc),
+        jnp.zeros(stats_shape + (dim,), acc),
+    )
     m, l, total = jax.lax.fori_loop(
-        0, _num_key_blocks(tiling, offset, i, num_key_blocks), key_block, init)
+        0, _num_key_blocks(tiling, offset, i, num_key_blocks), key_block, init
+    )
     has_key = l > 0
     out = jnp.where(has_key[..., None], total / jnp.where(has_key, l, 1.0)[..., None], mean_v)
     # +inf for rows without an allowed key: the backward's e^{S − L} is then exactly 0 there.
@@ -383,26 +422,37 @@ def _flash_bwd(tiling, residuals, d_out):
       dq_i, dk, dv = inner
       scores, allowed, k_j, v_j = _tile(tiling, q_i, k_pad, v_pad, mask_pad, offset, i, j)
       p = jnp.where(allowed, jnp.exp(scores - lse_i[..., None]), 0.0)
-      dv_j = jnp.einsum("bkgqs,bqkgd->bskd", p.astype(do_i.dtype), do_i, precision=precision,
-                        preferred_element_type=acc)
-      dp = jnp.einsum("bqkgd,bskd->bkgqs", do_i, v_j, precision=precision,
-                      preferred_element_type=acc)
+      dv_j = jnp.einsum(
+          "bkgqs,bqkgd->bskd",
+          p.astype(do_i.dtype),
+          do_i,
+          precision=precision,
+          preferred_element_type=acc,
+      )
+      dp = jnp.einsum(
+          "bqkgd,bskd->bkgqs", do_i, v_j, precision=precision, preferred_element_type=acc
+      )
       ds = (p * (dp - delta_i[..., None]) * scale).astype(q.dtype)
-      dq_i = dq_i + jnp.einsum("bkgqs,bskd->bqkgd", ds, k_j, precision=precision,
-                               preferred_element_type=acc)
-      dk_j = jnp.einsum("bkgqs,bqkgd->bskd", ds, q_i, precision=precision,
-                        preferred_element_type=acc)
+      dq_i = dq_i + jnp.einsum(
+          "bkgqs,bskd->bqkgd", ds, k_j, precision=precision, preferred_element_type=acc
+      )
+      dk_j = jnp.einsum(
+          "bkgqs,bqkgd->bskd", ds, q_i, precision=precision, preferred_element_type=acc
+      )
       start = j * bk
       dk = jax.lax.dynamic_update_slice_in_dim(
-          dk, jax.lax.dynamic_slice_in_dim(dk, start, bk, axis=1) + dk_j, start, axis=1)
+          dk, jax.lax.dynamic_slice_in_dim(dk, start, bk, axis=1) + dk_j, start, axis=1
+      )
       dv = jax.lax.dynamic_update_slice_in_dim(
-          dv, jax.lax.dynamic_slice_in_dim(dv, start, bk, axis=1) + dv_j, start, axis=1)
+          dv, jax.lax.dynamic_slice_in_dim(dv, start, bk, axis=1) + dv_j, start, axis=1
+      )
       return dq_i, dk, dv
 
     dk, dv = carry
     dq_i = jnp.zeros(q_i.shape, acc)
     dq_i, dk, dv = jax.lax.fori_loop(
-        0, _num_key_blocks(tiling, offset, i, num_key_blocks), key_block, (dq_i, dk, dv))
+        0, _num_key_blocks(tiling, offset, i, num_key_blocks), key_block, (dq_i, dk, dv)
+    )
     return (dk, dv), dq_i
 
   q_blocks = _query_blocks(q, bq)
@@ -413,8 +463,13 @@ def _flash_bwd(tiling, residuals, d_out):
   no_key = jnp.isinf(_unblock(jnp.moveaxis(lse, -1, 2), length))  # [B, T, K, G]
   d_mean = jnp.sum(jnp.where(no_key[..., None], d_out.astype(acc), 0.0), axis=(1, 3))
   dv = dv[:, :keys] + (d_mean / keys)[:, None]
-  return (_unblock(dq, length).astype(q.dtype), dk[:, :keys].astype(k.dtype), dv.astype(v.dtype),
-          None, None)
+  return (
+      _unblock(dq, length).astype(q.dtype),
+      dk[:, :keys].astype(k.dtype),
+      dv.astype(v.dtype),
+      None,
+      None,
+  )
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -435,7 +490,11 @@ def _take(x, index):
 
 
 def cudnn_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, *,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_mask: jax.Array,
+    *,
     implementation: Literal["cudnn", "xla"] | None = "cudnn",
 ) -> jax.Array:
   """Causal self-attention over a padded chunk through `jax.nn.dot_product_attention`.
@@ -467,18 +526,29 @@ def cudnn_attention(
   if implementation == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
     raise ValueError(
         f"cuDNN flash attention needs float16 or bfloat16 inputs, got {q.dtype}; use "
-        "attention_impl='blockwise' (or 'auto') for float32.")
+        "attention_impl='blockwise' (or 'auto') for float32."
+    )
   order, inverse = _compact_order(key_mask)
   lengths = jnp.maximum(jnp.sum(key_mask, axis=1, dtype=jnp.int32), 1)
   out = jax.nn.dot_product_attention(
-      _take(q, order), _take(k, order), _take(v, order), is_causal=True,
-      key_value_seq_lengths=lengths, implementation=implementation)
+      _take(q, order),
+      _take(k, order),
+      _take(v, order),
+      is_causal=True,
+      key_value_seq_lengths=lengths,
+      implementation=implementation,
+  )
   return _take(out, inverse).astype(q.dtype)
 
 
 def splash_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, *,
-    block_size: int = DEFAULT_BLOCK_SIZE, interpret: bool = False,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_mask: jax.Array,
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    interpret: bool = False,
 ) -> jax.Array:
   """Causal self-attention over a padded chunk with the Pallas TPU splash-attention kernel.
 
@@ -516,7 +586,8 @@ def splash_attention(
   if not interpret and platform != "tpu":
     raise ValueError(
         f"attention_impl='splash' runs only on TPU (the target platform is {platform!r});"
-        " use 'auto', 'blockwise' or 'xla'.")
+        " use 'auto', 'blockwise' or 'xla'."
+    )
   kernel = functools.partial(_splash_on_device, block_size=block_size, interpret=interpret)
   mesh = jax.sharding.get_abstract_mesh()
   manual = frozenset(mesh.auto_axes)
@@ -529,8 +600,14 @@ def splash_attention(
   heads = P(batch_axes or None, None, head_axis, None)
   rows = P(batch_axes or None, None)
   # check_vma=False: the kernel's pallas_call declares outputs without a varying-axes type.
-  return jax.shard_map(kernel, mesh=mesh, in_specs=(heads, heads, heads, rows), out_specs=heads,
-                       axis_names=manual, check_vma=False)(q, k, v, key_mask)
+  return jax.shard_map(
+      kernel,
+      mesh=mesh,
+      in_specs=(heads, heads, heads, rows),
+      out_specs=heads,
+      axis_names=manual,
+      check_vma=False,
+  )(q, k, v, key_mask)
 
 
 def _splash_on_device(q, k, v, key_mask, *, block_size, interpret):
@@ -544,20 +621,28 @@ def _splash_on_device(q, k, v, key_mask, *, block_size, interpret):
   while padded % block:
     block -= 128
   mask = splash_mask.MultiHeadMask(
-      [splash_mask.CausalMask((padded, padded)) for _ in range(num_heads)])
-  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
-                            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-                            block_q_dq=block, block_kv_dq=block)
-  kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                  interpret=interpret)
+      [splash_mask.CausalMask((padded, padded)) for _ in range(num_heads)]
+  )
+  sizes = splash.BlockSizes(
+      block_q=block,
+      block_kv=block,
+      block_kv_compute=block,
+      block_q_dkv=block,
+      block_kv_dkv=block,
+      block_kv_dkv_compute=block,
+      block_q_dq=block,
+      block_kv_dq=block,
+  )
+  kernel = splash.make_splash_mha(
+      mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+  )
   segments = _pad_to(key_mask, 1, 128, False).astype(jnp.int32)
   # The kernel does not scale the scores; head-major [H, T, d] per row.
   q_heads = jnp.swapaxes(_pad_to(q * jnp.asarray(head_dim**-0.5, q.dtype), 1, 128), 1, 2)
   k_heads, v_heads = (jnp.swapaxes(_pad_to(x, 1, 128), 1, 2) for x in (k, v))
 
   def one_row(q_row, k_row, v_row, segment_row):
-    return kernel(q_row, k_row, v_row, segment_ids=splash.SegmentIds(q=segment_row,
-                                                                      kv=segment_row))
+    return kernel(q_row, k_row, v_row, segment_ids=splash.SegmentIds(q=segment_row, kv=segment_row))
 
   out = jax.vmap(one_row)(q_heads, k_heads, v_heads, segments)
   return jnp.swapaxes(out, 1, 2)[:, :length].astype(q.dtype)
@@ -613,7 +698,11 @@ def resolve_impl(impl: str, *, backend: str, dtype, num_queries: int, cached: bo
 
 
 def causal_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, *,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_mask: jax.Array,
+    *,
     impl: str,
     query_offset: jax.Array | int = 0,
     block_size: int = DEFAULT_BLOCK_SIZE,
@@ -640,8 +729,9 @@ def causal_attention(
       dense_mask = causal_padding_mask(key_mask, q.shape[1], query_offset)
     return dense_attention(q, k, v, dense_mask, precision=precision)
   if impl == "blockwise":
-    return blockwise_attention(q, k, v, key_mask, query_offset=query_offset,
-                               block_size=block_size, precision=precision)
+    return blockwise_attention(
+        q, k, v, key_mask, query_offset=query_offset, block_size=block_size, precision=precision
+    )
   if impl == "cudnn":
     return cudnn_attention(q, k, v, key_mask)
   if impl == "splash":
@@ -650,8 +740,17 @@ def causal_attention(
 
 
 __all__ = [
-    "CPU_BLOCK_SIZE", "DEFAULT_BLOCK_SIZE", "IMPLEMENTATIONS", "MASK_VALUE",
-    "blockwise_attention", "causal_attention", "causal_padding_mask", "cudnn_attention",
-    "cached_dense_attention", "default_block_size", "dense_attention", "resolve_impl",
+    "CPU_BLOCK_SIZE",
+    "DEFAULT_BLOCK_SIZE",
+    "IMPLEMENTATIONS",
+    "MASK_VALUE",
+    "blockwise_attention",
+    "causal_attention",
+    "causal_padding_mask",
+    "cudnn_attention",
+    "cached_dense_attention",
+    "default_block_size",
+    "dense_attention",
+    "resolve_impl",
     "splash_attention",
 ]

@@ -45,10 +45,10 @@ from tokenizers import decoders, models, pre_tokenizers, processors
 
 from gmpo_jax.models import tokenization
 from gmpo_jax.models.hf_import import (
-  CONFIG_FILE,
-  WEIGHTS_FILE,
-  WEIGHTS_INDEX_FILE,
-  hf_tensor_targets,
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    WEIGHTS_INDEX_FILE,
+    hf_tensor_targets,
 )
 from gmpo_jax.models.transformer import Transformer, TransformerConfig
 
@@ -58,9 +58,17 @@ MAX_SHARD_SIZE = 5 * 10**9
 """Largest shard in bytes by default: the 5 GB of transformers' ``save_pretrained``."""
 
 # The files of a Hugging Face tokenizer directory that are copied when present.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
-                   "chat_template.jinja", "chat_template.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 # The special tokens of the tokenizer.json written for `CharTokenizer` (ids 0, 1, 2).
 CHAR_SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>")
 
@@ -89,12 +97,14 @@ def hf_family(config: TransformerConfig) -> tuple[str, str]:
   if family is None:
     raise ValueError(
         "Cannot export a model with both attention_bias=True and qk_norm=True: Qwen2 has q/k/v "
-        "biases without q/k norm, Qwen3 q/k norm without biases, and Llama neither.")
+        "biases without q/k norm, Qwen3 q/k norm without biases, and Llama neither."
+    )
   return family
 
 
-def hf_config(config: TransformerConfig, *, dtype: Any = None,
-              special_tokens: SpecialTokens = SpecialTokens()) -> dict[str, Any]:
+def hf_config(
+    config: TransformerConfig, *, dtype: Any = None, special_tokens: SpecialTokens = SpecialTokens()
+) -> dict[str, Any]:
   """The config.json of an export, which `TransformerConfig.from_hf_config` reads back.
 
   Args:
@@ -117,8 +127,11 @@ def hf_config(config: TransformerConfig, *, dtype: Any = None,
     s = config.rope_scaling
     scaling = {"rope_type": s.rope_type, "factor": s.factor}
     if s.rope_type == "llama3":
-      scaling.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
-                     original_max_position_embeddings=s.original_max_position_embeddings)
+      scaling.update(
+          low_freq_factor=s.low_freq_factor,
+          high_freq_factor=s.high_freq_factor,
+          original_max_position_embeddings=s.original_max_position_embeddings,
+      )
     rope.update(scaling)
   out = {
       "architectures": [architecture],
@@ -195,21 +208,26 @@ def _checked_params(params: Any, config: TransformerConfig) -> dict[tuple[str, .
       a missing parameter, or a shape other than the config's.
   """
   abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
-  expected = {tuple(map(str, path)): leaf.shape
-              for path, leaf in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+  expected = {
+      tuple(map(str, path)): leaf.shape
+      for path, leaf in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+  }
   flat = _flat_params(params)
   extra = sorted(".".join(p) for p in set(flat) - set(expected))
   if extra:
     raise ValueError(
         f"Cannot export parameters {extra[:10]}: a Hugging Face {hf_family(config)[0]} "
-        "checkpoint of this config has no tensor for them.")
+        "checkpoint of this config has no tensor for them."
+    )
   missing = sorted(".".join(p) for p in set(expected) - set(flat))
   if missing:
     raise ValueError(f"The parameters lack {missing[:10]}, which this config's model has.")
   for path, shape in sorted(expected.items()):
     if tuple(np.shape(flat[path])) != tuple(shape):
-      raise ValueError(f"Parameter {'.'.join(path)} has shape {tuple(np.shape(flat[path]))}, "
-                       f"the config's model {tuple(shape)}.")
+      raise ValueError(
+          f"Parameter {'.'.join(path)} has shape {tuple(np.shape(flat[path]))}, "
+          f"the config's model {tuple(shape)}."
+      )
   return flat
 
 
@@ -245,7 +263,6 @@ def staged_directory(out_dir: pathlib.Path) -> Iterator[pathlib.Path]:
     raise
 
 
-
 def _plan_shards(sizes: Mapping[str, int], max_shard_size: int) -> list[list[str]]:
   """Consecutive tensors into shards of at most `max_shard_size` bytes (a larger tensor alone)."""
   shards: list[list[str]] = []
@@ -274,29 +291,42 @@ def char_tokenizer() -> tokenizers.Tokenizer:
   tokenizer = tokenizers.Tokenizer(models.WordLevel(vocab))
   tokenizer.pre_tokenizer = pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), "isolated")
   tokenizer.decoder = decoders.Fuse()
-  tokenizer.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
-                                for t in CHAR_SPECIAL_TOKENS])
+  tokenizer.add_special_tokens(
+      [tokenizers.AddedToken(t, special=True, normalized=False) for t in CHAR_SPECIAL_TOKENS]
+  )
   bos = CHAR_SPECIAL_TOKENS[tokenization.CharTokenizer.BOS]
   tokenizer.post_processor = processors.TemplateProcessing(
-      single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-      special_tokens=[(bos, tokenization.CharTokenizer.BOS)])
+      single=f"{bos} $A",
+      pair=f"{bos} $A {bos} $B",
+      special_tokens=[(bos, tokenization.CharTokenizer.BOS)],
+  )
   return tokenizer
 
 
-def _write_tokenizer(tokenizer: str | os.PathLike, directory: pathlib.Path,
-                     max_length: int) -> tuple[SpecialTokens, str]:
+def _write_tokenizer(
+    tokenizer: str | os.PathLike, directory: pathlib.Path, max_length: int
+) -> tuple[SpecialTokens, str]:
   """Writes the tokenizer files into `directory`; returns its ids and a line for the card."""
   if tokenizer == "char":
     char_tokenizer().save(str(directory / "tokenizer.json"))
     pad, bos, eos = CHAR_SPECIAL_TOKENS
-    _write_json(directory / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
-        "pad_token": pad, "model_max_length": max_length,
-        # Spaces are characters here; transformers must not "clean them up" when decoding.
-        "clean_up_tokenization_spaces": False})
+    _write_json(
+        directory / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": bos,
+            "eos_token": eos,
+            "pad_token": pad,
+            "model_max_length": max_length,
+            # Spaces are characters here; transformers must not "clean them up" when decoding.
+            "clean_up_tokenization_spaces": False,
+        },
+    )
     char = tokenization.CharTokenizer()
-    note = ("`tokenizer.json` was generated to reproduce gmpo_jax's `CharTokenizer` (one id per "
-            f"character; `{pad}`, `{bos}`, `{eos}` at ids 0, 1, 2; BOS is added in front).")
+    note = (
+        "`tokenizer.json` was generated to reproduce gmpo_jax's `CharTokenizer` (one id per "
+        f"character; `{pad}`, `{bos}`, `{eos}` at ids 0, 1, 2; BOS is added in front)."
+    )
     return SpecialTokens(char.bos_id, char.eos_id, char.pad_id), note
   source = pathlib.Path(tokenizer)
   source_dir = source if source.is_dir() else source.parent
@@ -304,26 +334,40 @@ def _write_tokenizer(tokenizer: str | os.PathLike, directory: pathlib.Path,
   for name in TOKENIZER_FILES:
     if (source_dir / name).is_file():
       shutil.copyfile(source_dir / name, directory / name)
-  return (SpecialTokens(loaded.bos_id, loaded.eos_id, loaded.pad_id),
-          f"The tokenizer files are copies of those in `{source_dir}`.")
+  return (
+      SpecialTokens(loaded.bos_id, loaded.eos_id, loaded.pad_id),
+      f"The tokenizer files are copies of those in `{source_dir}`.",
+  )
 
 
 def _write_json(path: pathlib.Path, value: Any) -> None:
   path.write_text(json.dumps(value, indent=2, allow_nan=False) + "\n")
 
 
-def _card(config: TransformerConfig, dtype: np.dtype, num_params: int, tokenizer_note: str,
-          notes: str | None) -> str:
+def _card(
+    config: TransformerConfig,
+    dtype: np.dtype,
+    num_params: int,
+    tokenizer_note: str,
+    notes: str | None,
+) -> str:
   model_type, architecture = hf_family(config)
   lines = [
-      "---", "library_name: transformers", "tags:", "- gmpo_jax", "---", "",
-      f"# A {model_type} policy exported from gmpo_jax", "",
+      "---",
+      "library_name: transformers",
+      "tags:",
+      "- gmpo_jax",
+      "---",
+      "",
+      f"# A {model_type} policy exported from gmpo_jax",
+      "",
       f"`{architecture}`, {num_params:,} parameters stored as {dtype.name}: "
       f"{config.num_layers} layer(s), hidden size {config.hidden_size}, {config.num_heads} query / "
       f"{config.num_kv_heads} key-value heads of width {config.head_dim}, MLP width "
       f"{config.intermediate_size}, vocabulary {config.vocab_size}, "
       f"{'tied' if config.tie_word_embeddings else 'untied'} embeddings. Written by "
-      "`gmpo_jax.export_hf`; `gmpo_jax.models.load_hf_checkpoint` reads it back.", "",
+      "`gmpo_jax.export_hf`; `gmpo_jax.models.load_hf_checkpoint` reads it back.",
+      "",
       tokenizer_note,
   ]
   if notes:
@@ -388,18 +432,29 @@ def export_hf(
   with staged_directory(out_dir) as staging:
     special_tokens, tokenizer_note = SpecialTokens(), "No tokenizer was exported."
     if tokenizer is not None:
-      special_tokens, tokenizer_note = _write_tokenizer(tokenizer, staging,
-                                                        config.max_position_embeddings)
-    _write_json(staging / CONFIG_FILE, hf_config(config, dtype=dtype,
-                                                 special_tokens=special_tokens))
-    _write_json(staging / GENERATION_CONFIG_FILE, {
-        "bos_token_id": special_tokens.bos_id, "eos_token_id": special_tokens.eos_id,
-        "pad_token_id": special_tokens.pad_id, **(generation or {})})
+      special_tokens, tokenizer_note = _write_tokenizer(
+          tokenizer, staging, config.max_position_embeddings
+      )
+    _write_json(
+        staging / CONFIG_FILE, hf_config(config, dtype=dtype, special_tokens=special_tokens)
+    )
+    _write_json(
+        staging / GENERATION_CONFIG_FILE,
+        {
+            "bos_token_id": special_tokens.bos_id,
+            "eos_token_id": special_tokens.eos_id,
+            "pad_token_id": special_tokens.pad_id,
+            **(generation or {}),
+        },
+    )
 
     sizes = {name: math.prod(t.hf_shape) * dtype.itemsize for name, t in targets.items()}
     shards = _plan_shards(sizes, max_shard_size)
-    names = ([WEIGHTS_FILE] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    names = (
+        [WEIGHTS_FILE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     weight_map = {}
     for file, shard in zip(names, shards):
       tensors = {}
@@ -409,12 +464,15 @@ def export_hf(
         # One layer's slice at a time: the stacked [L, ...] array never comes to the host whole.
         value = np.asarray(jax.device_get(leaf if target.layer is None else leaf[target.layer]))
         tensors[name] = np.ascontiguousarray(
-            _from_model(name, target.hf_shape)(value.astype(dtype)))
+            _from_model(name, target.hf_shape)(value.astype(dtype))
+        )
         weight_map[name] = file
       save_file(tensors, staging / file, metadata={"format": "pt"})
     if len(shards) > 1:
-      _write_json(staging / WEIGHTS_INDEX_FILE,
-                  {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map})
+      _write_json(
+          staging / WEIGHTS_INDEX_FILE,
+          {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map},
+      )
 
     num_params = sum(math.prod(t.hf_shape) for t in targets.values())
     (staging / CARD_FILE).write_text(_card(config, dtype, num_params, tokenizer_note, card))

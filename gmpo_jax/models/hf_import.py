@@ -68,8 +68,14 @@ def hf_tensor_targets(config: TransformerConfig) -> dict[str, TensorTarget]:
     Example: ``model.layers.3.self_attn.k_proj.weight`` [K·head_dim, D] → blocks.attn.k_proj
     [L, D, K, head_dim] at layer 3.
   """
-  d, h, k, hd, f, v = (config.hidden_size, config.num_heads, config.num_kv_heads,
-                       config.head_dim, config.intermediate_size, config.vocab_size)
+  d, h, k, hd, f, v = (
+      config.hidden_size,
+      config.num_heads,
+      config.num_kv_heads,
+      config.head_dim,
+      config.intermediate_size,
+      config.vocab_size,
+  )
 
   def heads_in(n):  # [n*hd, D] -> [D, n, hd]
     return lambda w: w.T.reshape(d, n, hd)
@@ -89,19 +95,19 @@ def hf_tensor_targets(config: TransformerConfig) -> dict[str, TensorTarget]:
         "self_attn.k_proj.weight": (("attn", "k_proj"), (k * hd, d), heads_in(k)),
         "self_attn.v_proj.weight": (("attn", "v_proj"), (k * hd, d), heads_in(k)),
         # [D, H*hd] -> [H, hd, D]
-        "self_attn.o_proj.weight": (("attn", "o_proj"), (d, h * hd),
-                                    lambda w: w.T.reshape(h, hd, d)),
+        "self_attn.o_proj.weight": (
+            ("attn", "o_proj"),
+            (d, h * hd),
+            lambda w: w.T.reshape(h, hd, d),
+        ),
         "mlp.gate_proj.weight": (("mlp", "gate_proj"), (f, d), _transpose),
         "mlp.up_proj.weight": (("mlp", "up_proj"), (f, d), _transpose),
         "mlp.down_proj.weight": (("mlp", "down_proj"), (d, f), _transpose),
     }
     if config.attention_bias:
-      layer["self_attn.q_proj.bias"] = (("attn", "q_bias"), (h * hd,),
-                                        lambda b: b.reshape(h, hd))
-      layer["self_attn.k_proj.bias"] = (("attn", "k_bias"), (k * hd,),
-                                        lambda b: b.reshape(k, hd))
-      layer["self_attn.v_proj.bias"] = (("attn", "v_bias"), (k * hd,),
-                                        lambda b: b.reshape(k, hd))
+      layer["self_attn.q_proj.bias"] = (("attn", "q_bias"), (h * hd,), lambda b: b.reshape(h, hd))
+      layer["self_attn.k_proj.bias"] = (("attn", "k_bias"), (k * hd,), lambda b: b.reshape(k, hd))
+      layer["self_attn.v_proj.bias"] = (("attn", "v_bias"), (k * hd,), lambda b: b.reshape(k, hd))
     if config.qk_norm:
       layer["self_attn.q_norm.weight"] = (("attn", "q_norm", "scale"), (hd,), _identity)
       layer["self_attn.k_norm.weight"] = (("attn", "k_norm", "scale"), (hd,), _identity)
@@ -159,7 +165,10 @@ def read_config(path: str | os.PathLike) -> TransformerConfig:
 
 
 def load_hf_checkpoint(
-    path: str | os.PathLike, *, param_dtype: Any = None, dtype: Any = None,
+    path: str | os.PathLike,
+    *,
+    param_dtype: Any = None,
+    dtype: Any = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> tuple[Transformer, TransformerConfig]:
   """Builds a `Transformer` holding the weights of a local Hugging Face checkpoint.
@@ -187,8 +196,13 @@ def load_hf_checkpoint(
   config = read_config(path)
   param_dtype = config.param_dtype if param_dtype is None else param_dtype
   config = dataclasses.replace(
-      config, **{"param_dtype": param_dtype, "dtype": param_dtype if dtype is None else dtype,
-                 **(overrides or {})})
+      config,
+      **{
+          "param_dtype": param_dtype,
+          "dtype": param_dtype if dtype is None else dtype,
+          **(overrides or {}),
+      },
+  )
 
   targets = hf_tensor_targets(config)
   abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
@@ -234,7 +248,8 @@ def load_hf_checkpoint(
   if missing:
     raise ValueError(f"Checkpoint {path!r} is missing {len(missing)} tensors: {missing[:10]}.")
   if stored_lm_head is not None and not np.array_equal(
-      stored_lm_head.astype(config.param_dtype), values["embedding"]):
+      stored_lm_head.astype(config.param_dtype), values["embedding"]
+  ):
     raise ValueError(
         f"{path!r}: tie_word_embeddings=True but the stored lm_head.weight differs from "
         "model.embed_tokens.weight."

@@ -35,12 +35,18 @@ class TokenLogprobs(NamedTuple):
     logp: [B, T] float32, log π(targets[b, t] | hidden[b, t]).
     entropy: [B, T] float32, entropy of π(· | hidden[b, t]) in nats.
   """
+
   logp: jax.Array
   entropy: jax.Array
 
 
-def project_logits(hidden: jax.Array, unembed: jax.Array, *, temperature: float = 1.0,
-                   precision: jax.lax.Precision | None = None) -> jax.Array:
+def project_logits(
+    hidden: jax.Array,
+    unembed: jax.Array,
+    *,
+    temperature: float = 1.0,
+    precision: jax.lax.Precision | None = None,
+) -> jax.Array:
   """Vocabulary logits in float32: z = (h · W) / τ.
 
   The matrix product runs in the dtype of `hidden` (the model's compute dtype; `unembed` is
@@ -62,8 +68,13 @@ def project_logits(hidden: jax.Array, unembed: jax.Array, *, temperature: float 
   _check_temperature(temperature)
   if precision is None:
     precision = matmul_precision(hidden.dtype)
-  logits = jnp.einsum('...d,dv->...v', hidden, unembed.astype(hidden.dtype), precision=precision,
-                      preferred_element_type=jnp.float32)
+  logits = jnp.einsum(
+      '...d,dv->...v',
+      hidden,
+      unembed.astype(hidden.dtype),
+      precision=precision,
+      preferred_element_type=jnp.float32,
+  )
   return logits if temperature == 1.0 else logits * (1.0 / temperature)
 
 
@@ -120,9 +131,13 @@ def token_logprobs(
   padded = num_chunks * chunk
   in_vocab = (targets >= 0) & (targets < vocab)
   outputs = _chunked_logprobs(
-      with_entropy, float(temperature), chunk,
-      jnp.pad(hidden, ((0, 0), (0, padded - length), (0, 0))), unembed,
-      jnp.pad(jnp.where(in_vocab, targets, 0).astype(jnp.int32), ((0, 0), (0, padded - length))))
+      with_entropy,
+      float(temperature),
+      chunk,
+      jnp.pad(hidden, ((0, 0), (0, padded - length), (0, 0))),
+      unembed,
+      jnp.pad(jnp.where(in_vocab, targets, 0).astype(jnp.int32), ((0, 0), (0, padded - length))),
+  )
   logp = jnp.where(in_vocab, outputs[0][:, :length], -jnp.inf)
   if with_entropy:
     return TokenLogprobs(logp=logp, entropy=outputs[1][:, :length])
@@ -136,8 +151,9 @@ def _check_temperature(temperature: Any) -> None:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _chunked_logprobs(with_entropy, temperature, chunk_size, hidden, unembed, targets):
-  outputs, _ = _chunked_logprobs_fwd(with_entropy, temperature, chunk_size, hidden, unembed,
-                                     targets)
+  outputs, _ = _chunked_logprobs_fwd(
+      with_entropy, temperature, chunk_size, hidden, unembed, targets
+  )
   return outputs
 
 
@@ -203,17 +219,21 @@ def _chunked_logprobs_bwd(with_entropy, temperature, chunk_size, residuals, cota
     grad_logits = cotangents[0][..., None] * (is_target - probs)
     if with_entropy:
       grad_logits = grad_logits - cotangents[1][..., None] * probs * (
-          log_probs + entropy[..., None])
+          log_probs + entropy[..., None]
+      )
     # z = (h · W) / τ: the 1/τ factor goes once onto the shared cotangent.
     grad_logits = jnp.where(fresh, grad_logits * (1.0 / temperature), 0.0).astype(compute_dtype)
     # The projection's gradient at the projection's precision (see `project_logits`).
-    grad_hidden = grad_hidden + jnp.einsum('btv,dv->btd', grad_logits, w, precision=precision,
-                                           preferred_element_type=jnp.float32)
-    grad_w = jnp.einsum('btd,btv->dv', hidden, grad_logits, precision=precision,
-                        preferred_element_type=jnp.float32).astype(unembed.dtype)
+    grad_hidden = grad_hidden + jnp.einsum(
+        'btv,dv->btd', grad_logits, w, precision=precision, preferred_element_type=jnp.float32
+    )
+    grad_w = jnp.einsum(
+        'btd,btv->dv', hidden, grad_logits, precision=precision, preferred_element_type=jnp.float32
+    ).astype(unembed.dtype)
     previous = jax.lax.dynamic_slice_in_dim(grad_unembed, start, block, axis=1)
     grad_unembed = jax.lax.dynamic_update_slice_in_dim(
-        grad_unembed, jnp.where(fresh, grad_w, previous), start, axis=1)
+        grad_unembed, jnp.where(fresh, grad_w, previous), start, axis=1
+    )
     return (grad_hidden, grad_unembed), None
 
   init = (jnp.zeros(hidden.shape, jnp.float32), jnp.zeros((dim, vocab), unembed.dtype))
@@ -273,8 +293,14 @@ def sequence_logprobs(
   chex.assert_equal_shape([tokens, positions, key_mask])
   chex.assert_type([tokens, positions, key_mask], [int, int, bool])
   hidden, _ = model(tokens, positions, key_mask=key_mask)
-  out = token_logprobs(hidden[:, :-1], model.unembed_matrix(), tokens[:, 1:],
-                       chunk_size=chunk_size, with_entropy=with_entropy, temperature=temperature)
+  out = token_logprobs(
+      hidden[:, :-1],
+      model.unembed_matrix(),
+      tokens[:, 1:],
+      chunk_size=chunk_size,
+      with_entropy=with_entropy,
+      temperature=temperature,
+  )
   has_context = key_mask[:, 1:] & key_mask[:, :-1]
 
   def align(x):

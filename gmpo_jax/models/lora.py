@@ -37,8 +37,12 @@ from gmpo_jax.models.transformer import Transformer, contract
 
 # Each adaptable projection: its module path and the number of leading (input) axes of W.
 PROJECTIONS: dict[str, int] = {
-    "blocks/attn/q_proj": 1, "blocks/attn/k_proj": 1, "blocks/attn/v_proj": 1,
-    "blocks/attn/o_proj": 2, "blocks/mlp/gate_proj": 1, "blocks/mlp/up_proj": 1,
+    "blocks/attn/q_proj": 1,
+    "blocks/attn/k_proj": 1,
+    "blocks/attn/v_proj": 1,
+    "blocks/attn/o_proj": 2,
+    "blocks/mlp/gate_proj": 1,
+    "blocks/mlp/up_proj": 1,
     "blocks/mlp/down_proj": 1,
 }
 BASE_DTYPES = ("float32", "bfloat16", "float16") + quantization.QUANTIZED_DTYPES
@@ -64,6 +68,7 @@ class LoRAConfig:
       'int8' or 'nf4' (QLoRA); None: the model's compute dtype. The embedding and norms, which
       carry no adapter, are cast, never quantized.
   """
+
   rank: int = 8
   alpha: float = 16.0
   dropout: float = 0.0
@@ -78,14 +83,17 @@ class LoRAConfig:
     if self.dropout != 0.0:
       raise ValueError(
           f"dropout={self.dropout!r}: only 0.0 is supported; a dropped-out forward is another "
-          "policy than the sampler's, so the importance ratio would clip on dropout noise")
+          "policy than the sampler's, so the importance ratio would clip on dropout noise"
+      )
     try:
       pattern = re.compile(self.targets)
     except (re.error, TypeError) as error:
       raise ValueError(f"targets={self.targets!r} is not a regex: {error}") from error
     if not any(pattern.fullmatch(path) for path in PROJECTIONS):
-      raise ValueError(f"targets={self.targets!r} matches none of the adaptable module paths "
-                       f"{list(PROJECTIONS)}")
+      raise ValueError(
+          f"targets={self.targets!r} matches none of the adaptable module paths "
+          f"{list(PROJECTIONS)}"
+      )
     if self.base_dtype is not None and self.base_dtype not in BASE_DTYPES:
       raise ValueError(f"base_dtype={self.base_dtype!r} is not one of {BASE_DTYPES} or None")
 
@@ -107,15 +115,25 @@ class LoRA(nnx.Module):
   replicated), so they shard like the weight.
   """
 
-  def __init__(self, weight_shape: tuple[int, ...], weight_axes: tuple[Any, ...], *, axes: int,
-               rank: int, scale: float, key: jax.Array):
-    layers, inputs, outputs = weight_shape[:1], weight_shape[1:1 + axes], weight_shape[1 + axes:]
+  def __init__(
+      self,
+      weight_shape: tuple[int, ...],
+      weight_axes: tuple[Any, ...],
+      *,
+      axes: int,
+      rank: int,
+      scale: float,
+      key: jax.Array,
+  ):
+    layers, inputs, outputs = weight_shape[:1], weight_shape[1 : 1 + axes], weight_shape[1 + axes :]
     bound = 1.0 / math.sqrt(math.prod(inputs))
     a = jax.random.uniform(key, (*layers, *inputs, rank), jnp.float32, -bound, bound)
-    self.a = LoRAParam(a, out_sharding=(*weight_axes[:1 + axes], None), eager_sharding=False)
-    self.b = LoRAParam(jnp.zeros((*layers, rank, *outputs), jnp.float32),
-                       out_sharding=(weight_axes[0], None, *weight_axes[1 + axes:]),
-                       eager_sharding=False)
+    self.a = LoRAParam(a, out_sharding=(*weight_axes[: 1 + axes], None), eager_sharding=False)
+    self.b = LoRAParam(
+        jnp.zeros((*layers, rank, *outputs), jnp.float32),
+        out_sharding=(weight_axes[0], None, *weight_axes[1 + axes :]),
+        eager_sharding=False,
+    )
     self.axes, self.scale = axes, scale
 
   def __call__(self, x: jax.Array, *, dtype: Any, precision: jax.lax.Precision) -> jax.Array:
@@ -159,8 +177,13 @@ def apply_lora(model: Transformer, config: LoRAConfig, *, seed: int) -> Transfor
       replaced[(owner, name)] = quantization.QuantizedWeight(weight, base_dtype)
     if path in config.target_paths:
       replaced[(owner, f"{name}_lora")] = LoRA(
-          weight.shape, weight.get_metadata().get("out_sharding"), axes=axes, rank=config.rank,
-          scale=config.scale, key=key)
+          weight.shape,
+          weight.get_metadata().get("out_sharding"),
+          axes=axes,
+          rank=config.rank,
+          scale=config.scale,
+          key=key,
+      )
   float_dtype = model.config.dtype if quantized else jnp.dtype(base_dtype)
   for _, node in nnx.iter_graph(model):
     if isinstance(node, nnx.Param):
@@ -204,9 +227,12 @@ def fingerprint(params: Any) -> str:
   changes the digest, and no leaf is copied to the host.
   """
   digest = hashlib.sha256()
-  for path, leaf in sorted(nnx.to_flat_state(params) if isinstance(params, nnx.State)
-                           else jax.tree_util.tree_flatten_with_path(params)[0],
-                           key=lambda item: str(item[0])):
+  for path, leaf in sorted(
+      nnx.to_flat_state(params)
+      if isinstance(params, nnx.State)
+      else jax.tree_util.tree_flatten_with_path(params)[0],
+      key=lambda item: str(item[0]),
+  ):
     value = leaf[...] if isinstance(leaf, nnx.Variable) else leaf
     digest.update(f"{path}|{value.shape}|{value.dtype}|".encode())
     digest.update(int(_bits_checksum(value)).to_bytes(4, "little"))

@@ -35,9 +35,12 @@ ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 
 # Our module path -> the Hugging Face module under model.layers.{i}.
 _HF_MODULES = {
-    "blocks/attn/q_proj": "self_attn.q_proj", "blocks/attn/k_proj": "self_attn.k_proj",
-    "blocks/attn/v_proj": "self_attn.v_proj", "blocks/attn/o_proj": "self_attn.o_proj",
-    "blocks/mlp/gate_proj": "mlp.gate_proj", "blocks/mlp/up_proj": "mlp.up_proj",
+    "blocks/attn/q_proj": "self_attn.q_proj",
+    "blocks/attn/k_proj": "self_attn.k_proj",
+    "blocks/attn/v_proj": "self_attn.v_proj",
+    "blocks/attn/o_proj": "self_attn.o_proj",
+    "blocks/mlp/gate_proj": "mlp.gate_proj",
+    "blocks/mlp/up_proj": "mlp.up_proj",
     "blocks/mlp/down_proj": "mlp.down_proj",
 }
 
@@ -55,8 +58,9 @@ def _adapters(model: Transformer) -> dict[str, LoRA]:
   return found
 
 
-def export_peft(model: Transformer, lora_config: LoRAConfig, out_dir: str | os.PathLike, *,
-                base_model: str) -> pathlib.Path:
+def export_peft(
+    model: Transformer, lora_config: LoRAConfig, out_dir: str | os.PathLike, *, base_model: str
+) -> pathlib.Path:
   """Writes the adapters of `model` as a PEFT LoRA adapter directory (module docstring).
 
   Args:
@@ -84,15 +88,26 @@ def export_peft(model: Transformer, lora_config: LoRAConfig, out_dir: str | os.P
     for layer in range(a.shape[0]):
       prefix = f"base_model.model.model.layers.{layer}.{_HF_MODULES[path]}"
       tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(
-          a[layer].reshape(-1, a.shape[-1]).T.astype(np.float32))
+          a[layer].reshape(-1, a.shape[-1]).T.astype(np.float32)
+      )
       tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(
-          b[layer].reshape(b.shape[1], -1).T.astype(np.float32))
+          b[layer].reshape(b.shape[1], -1).T.astype(np.float32)
+      )
   adapter_config = {
-      "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-      "r": lora_config.rank, "lora_alpha": lora_config.alpha, "lora_dropout": 0.0,
+      "peft_type": "LORA",
+      "task_type": "CAUSAL_LM",
+      "base_model_name_or_path": base_model,
+      "r": lora_config.rank,
+      "lora_alpha": lora_config.alpha,
+      "lora_dropout": 0.0,
       "target_modules": sorted(_HF_MODULES[p].split(".")[-1] for p in adapters),
-      "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-      "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+      "bias": "none",
+      "fan_in_fan_out": False,
+      "use_rslora": False,
+      "use_dora": False,
+      "init_lora_weights": True,
+      "inference_mode": True,
+      "modules_to_save": None,
   }
   with hf_export.staged_directory(out_dir) as staging:
     (staging / ADAPTER_CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2) + "\n")

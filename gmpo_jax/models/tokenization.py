@@ -107,8 +107,9 @@ def _token_content(value) -> str | None:
 class HFTokenizer:
   """A Hugging Face ``tokenizers`` tokenizer (tokenizer.json) with its special tokens."""
 
-  def __init__(self, tokenizer: tokenizers.Tokenizer, *, pad_id: int, bos_id: int | None,
-               eos_id: int):
+  def __init__(
+      self, tokenizer: tokenizers.Tokenizer, *, pad_id: int, bos_id: int | None, eos_id: int
+  ):
     self._tokenizer = tokenizer
     self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     for name, value in (("pad_id", pad_id), ("bos_id", bos_id), ("eos_id", eos_id)):
@@ -117,8 +118,14 @@ class HFTokenizer:
     self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
 
   @classmethod
-  def from_file(cls, path: str | os.PathLike, *, pad_token: str | None = None,
-                bos_token: str | None = None, eos_token: str | None = None) -> HFTokenizer:
+  def from_file(
+      cls,
+      path: str | os.PathLike,
+      *,
+      pad_token: str | None = None,
+      bos_token: str | None = None,
+      eos_token: str | None = None,
+  ) -> HFTokenizer:
     """Loads tokenizer.json; special tokens from the files next to it, or the arguments.
 
     Special tokens come from the arguments if given, else ``tokenizer_config.json``, else
@@ -170,8 +177,12 @@ class HFTokenizer:
           "pass eos_token=..."
       )
     pad_id = token_id("pad_token")
-    return cls(tokenizer, pad_id=eos_id if pad_id is None else pad_id,
-               bos_id=token_id("bos_token"), eos_id=eos_id)
+    return cls(
+        tokenizer,
+        pad_id=eos_id if pad_id is None else pad_id,
+        bos_id=token_id("bos_token"),
+        eos_id=eos_id,
+    )
 
   def encode(self, text: str) -> list[int]:
     """Token ids of text, without the special tokens a post-processor would add."""

@@ -111,48 +111,120 @@ def matmul_precision(dtype: Any) -> jax.lax.Precision:
 _NAMED_CONFIGS: dict[str, dict[str, Any]] = {
     # CPU default and tests; vocabulary covers CharTokenizer (99 ids).
     "tiny": dict(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-        num_kv_heads=2, head_dim=16, rope_theta=10_000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=True, max_position_embeddings=512,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rope_theta=10_000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        max_position_embeddings=512,
     ),
     # A from-scratch Llama-style model of about 100M parameters (100.1M with tied embeddings).
     "llama-100m": dict(
-        vocab_size=32_000, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12,
-        num_kv_heads=4, head_dim=64, rope_theta=10_000.0, rms_norm_eps=1e-5,
-        tie_word_embeddings=True, max_position_embeddings=2048,
+        vocab_size=32_000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_layers=12,
+        num_heads=12,
+        num_kv_heads=4,
+        head_dim=64,
+        rope_theta=10_000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
     ),
     "qwen2-0.5b": dict(
-        vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
-        num_kv_heads=2, head_dim=64, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=True, attention_bias=True, max_position_embeddings=131_072,
+        vocab_size=151_936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_layers=24,
+        num_heads=14,
+        num_kv_heads=2,
+        head_dim=64,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        max_position_embeddings=131_072,
     ),
     "qwen2.5-0.5b": dict(
-        vocab_size=151_936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
-        num_kv_heads=2, head_dim=64, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=True, attention_bias=True, max_position_embeddings=32_768,
+        vocab_size=151_936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_layers=24,
+        num_heads=14,
+        num_kv_heads=2,
+        head_dim=64,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        max_position_embeddings=32_768,
     ),
     "qwen2.5-1.5b": dict(
-        vocab_size=151_936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
-        num_kv_heads=2, head_dim=128, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=True, attention_bias=True, max_position_embeddings=131_072,
+        vocab_size=151_936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_layers=28,
+        num_heads=12,
+        num_kv_heads=2,
+        head_dim=128,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        max_position_embeddings=131_072,
     ),
     # Qwen2.5-7B(-Instruct): untied embeddings, 28 query and 4 key/value heads of 128.
     "qwen2.5-7b": dict(
-        vocab_size=152_064, hidden_size=3584, intermediate_size=18_944, num_layers=28,
-        num_heads=28, num_kv_heads=4, head_dim=128, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=False, attention_bias=True, max_position_embeddings=32_768,
+        vocab_size=152_064,
+        hidden_size=3584,
+        intermediate_size=18_944,
+        num_layers=28,
+        num_heads=28,
+        num_kv_heads=4,
+        head_dim=128,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        attention_bias=True,
+        max_position_embeddings=32_768,
     ),
     "qwen3-0.6b": dict(
-        vocab_size=151_936, hidden_size=1024, intermediate_size=3072, num_layers=28, num_heads=16,
-        num_kv_heads=8, head_dim=128, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=True, qk_norm=True, max_position_embeddings=40_960,
+        vocab_size=151_936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_layers=28,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=128,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        qk_norm=True,
+        max_position_embeddings=40_960,
     ),
     "llama-3.2-1b": dict(
-        vocab_size=128_256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
-        num_kv_heads=8, head_dim=64, rope_theta=500_000.0, rms_norm_eps=1e-5,
-        tie_word_embeddings=True, max_position_embeddings=131_072,
+        vocab_size=128_256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=64,
+        rope_theta=500_000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        max_position_embeddings=131_072,
         rope_scaling=RopeScaling(
-            rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            rope_type="llama3",
+            factor=32.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
             original_max_position_embeddings=8192,
         ),
     ),
@@ -222,9 +294,18 @@ class TransformerConfig:
   layer_unroll: int | None = None
 
   def __post_init__(self):
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                 "num_kv_heads", "head_dim", "max_position_embeddings", "attention_block_size",
-                 "layer_unroll"):
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "attention_block_size",
+        "layer_unroll",
+    ):
       if name in ("attention_block_size", "layer_unroll") and getattr(self, name) is None:
         continue
       value = getattr(self, name)
@@ -245,8 +326,10 @@ class TransformerConfig:
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}.")
     if self.attention_impl not in attention_lib.IMPLEMENTATIONS:
-      raise ValueError(f"attention_impl={self.attention_impl!r} is not one of "
-                       f"{attention_lib.IMPLEMENTATIONS}.")
+      raise ValueError(
+          f"attention_impl={self.attention_impl!r} is not one of "
+          f"{attention_lib.IMPLEMENTATIONS}."
+      )
     object.__setattr__(self, "param_dtype", _canonical_dtype("param_dtype", self.param_dtype))
     object.__setattr__(self, "dtype", _canonical_dtype("dtype", self.dtype))
 
@@ -421,9 +504,7 @@ def default_cache_dtype(config: TransformerConfig, backend: str | None = None) -
   return config.dtype
 
 
-def init_cache(
-    config: TransformerConfig, batch: int, capacity: int, dtype: Any = None
-) -> KVCache:
+def init_cache(config: TransformerConfig, batch: int, capacity: int, dtype: Any = None) -> KVCache:
   """An empty cache: zeros, no valid slot, index 0.
 
   Args:
@@ -465,8 +546,9 @@ def remat_layer(layer, policy: str):
     return layer
   if policy == "full":
     return jax.checkpoint(layer, prevent_cse=False)
-  return jax.checkpoint(layer, prevent_cse=False,
-                        policy=jax.checkpoint_policies.save_only_these_names(*PROJECTIONS))
+  return jax.checkpoint(
+      layer, prevent_cse=False, policy=jax.checkpoint_policies.save_only_these_names(*PROJECTIONS)
+  )
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, *, eps: float) -> jax.Array:
@@ -512,13 +594,16 @@ def rope_inverse_frequencies(config: TransformerConfig) -> np.ndarray:
     else:
       context = scaling.original_max_position_embeddings
       wavelength = 2 * math.pi / inv_freq
-      scaled = np.where(wavelength > context / scaling.low_freq_factor, inv_freq / scaling.factor,
-                        inv_freq)
+      scaled = np.where(
+          wavelength > context / scaling.low_freq_factor, inv_freq / scaling.factor, inv_freq
+      )
       smooth = (context / wavelength - scaling.low_freq_factor) / (
-          scaling.high_freq_factor - scaling.low_freq_factor)
+          scaling.high_freq_factor - scaling.low_freq_factor
+      )
       smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
       medium = (wavelength >= context / scaling.high_freq_factor) & (
-          wavelength <= context / scaling.low_freq_factor)
+          wavelength <= context / scaling.low_freq_factor
+      )
       inv_freq = np.where(medium, smoothed, scaled)
   return inv_freq.astype(np.float32)
 
@@ -550,8 +635,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 grouped_query_attention = attention_lib.dense_attention
 
 
-def contract(x: jax.Array, w: jax.Array, *, axes: int, precision: jax.lax.Precision
-             ) -> jax.Array:
+def contract(x: jax.Array, w: jax.Array, *, axes: int, precision: jax.lax.Precision) -> jax.Array:
   """x · w over the last `axes` axes of x and the first `axes` of w, as one 2-D matmul.
 
   [..., K1..Kn] · [K1..Kn, O...] -> [..., O...] through [M, K] @ [K, O] with the leading axes
@@ -561,15 +645,25 @@ def contract(x: jax.Array, w: jax.Array, *, axes: int, precision: jax.lax.Precis
   form's weight gradient is a plain [K, M] @ [M, O]. Same values; on the 4-layer Llama of
   `benchmarks/e2e_peer.py` the MLP alone in this form cut value-and-grad time by 18%.
   """
-  lead, inner, out = x.shape[:-axes], x.shape[x.ndim - axes:], w.shape[axes:]
+  lead, inner, out = x.shape[:-axes], x.shape[x.ndim - axes :], w.shape[axes:]
   chex.assert_equal(inner, w.shape[:axes])
-  y = jnp.matmul(x.reshape(math.prod(lead), math.prod(inner)),
-                 w.reshape(math.prod(inner), math.prod(out)), precision=precision)
+  y = jnp.matmul(
+      x.reshape(math.prod(lead), math.prod(inner)),
+      w.reshape(math.prod(inner), math.prod(out)),
+      precision=precision,
+  )
   return y.reshape(*lead, *out)
 
 
-def linear(module: nnx.Module, name: str, x: jax.Array, *, axes: int, dtype: Any,
-           precision: jax.lax.Precision) -> jax.Array:
+def linear(
+    module: nnx.Module,
+    name: str,
+    x: jax.Array,
+    *,
+    axes: int,
+    dtype: Any,
+    precision: jax.lax.Precision,
+) -> jax.Array:
   """x · W for the weight `module.<name>`, plus the low-rank update of a LoRA adapter
   `module.<name>_lora` when one is attached (`gmpo_jax.models.lora`): computed as
   scale · (x · A) · B, never as a merged weight, so the base stays as stored (quantized or not)
@@ -608,8 +702,13 @@ class Attention(nnx.Module):
   """Grouped-query self-attention with RoPE, optional q/k/v bias and per-head q/k norm."""
 
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
-    d, h, kv, hd, pd = (config.hidden_size, config.num_heads, config.num_kv_heads,
-                        config.head_dim, config.param_dtype)
+    d, h, kv, hd, pd = (
+        config.hidden_size,
+        config.num_heads,
+        config.num_kv_heads,
+        config.head_dim,
+        config.param_dtype,
+    )
     self.config = config
     self.q_proj = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pd, "normal")
     self.k_proj = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd, "normal")
@@ -625,8 +724,7 @@ class Attention(nnx.Module):
 
   def _project(self, x: jax.Array, name: str) -> jax.Array:
     dtype = self.config.dtype
-    y = linear(self, f"{name}_proj", x, axes=1, dtype=dtype,
-               precision=self.config.matmul_precision)
+    y = linear(self, f"{name}_proj", x, axes=1, dtype=dtype, precision=self.config.matmul_precision)
     if self.config.attention_bias:
       y = y + getattr(self, f"{name}_bias")[...].astype(dtype)
     return checkpoint_name(y, f"{name}_proj")
@@ -639,8 +737,17 @@ class Attention(nnx.Module):
     return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
   def output(self, attended: jax.Array) -> jax.Array:
-    return checkpoint_name(linear(self, "o_proj", attended, axes=2, dtype=self.config.dtype,
-                                  precision=self.config.matmul_precision), "o_proj")
+    return checkpoint_name(
+        linear(
+            self,
+            "o_proj",
+            attended,
+            axes=2,
+            dtype=self.config.dtype,
+            precision=self.config.matmul_precision,
+        ),
+        "o_proj",
+    )
 
 
 class MLP(nnx.Module):
@@ -685,20 +792,34 @@ class Transformer(nnx.Module):
 
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
     self.config = config
-    self.embedding = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"),
-                            config.param_dtype, "normal")
+    self.embedding = _param(
+        rngs,
+        (config.vocab_size, config.hidden_size),
+        ("vocab", "embed"),
+        config.param_dtype,
+        "normal",
+    )
 
     @nnx.split_rngs(splits=config.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=config.num_layers,
-              transform_metadata={nnx.PARTITION_NAME: "layers"})
+    @nnx.vmap(
+        in_axes=(0,),
+        out_axes=0,
+        axis_size=config.num_layers,
+        transform_metadata={nnx.PARTITION_NAME: "layers"},
+    )
     def make_blocks(layer_rngs: nnx.Rngs) -> Block:
       return Block(config, rngs=layer_rngs)
 
     self.blocks = make_blocks(rngs)
     self.final_norm = RMSNorm(config.hidden_size, "embed", config, rngs=rngs)
     if not config.tie_word_embeddings:
-      self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"),
-                            config.param_dtype, "normal")
+      self.lm_head = _param(
+          rngs,
+          (config.hidden_size, config.vocab_size),
+          ("embed", "vocab"),
+          config.param_dtype,
+          "normal",
+      )
 
   def __call__(
       self,
@@ -752,19 +873,24 @@ class Transformer(nnx.Module):
         raise ValueError(f"Token ids must lie in [0, {config.vocab_size}), got [{low}, {high}].")
     if cache is not None:
       chex.assert_shape(cache.key_mask, (batch, cache.capacity))
-      chex.assert_shape([cache.k, cache.v], (config.num_layers, batch, config.num_kv_heads,
-                                             cache.capacity, config.head_dim))
+      chex.assert_shape(
+          [cache.k, cache.v],
+          (config.num_layers, batch, config.num_kv_heads, cache.capacity, config.head_dim),
+      )
       if length > cache.capacity:
         raise ValueError(f"A chunk of {length} tokens cannot fit a cache of {cache.capacity}.")
       read_slots = cache.capacity if read_slots is None else read_slots
       if not length <= read_slots <= cache.capacity:
-        raise ValueError(f"read_slots={read_slots} must lie in [{length}, {cache.capacity}] "
-                         f"(the chunk's {length} tokens, the cache's capacity).")
+        raise ValueError(
+            f"read_slots={read_slots} must lie in [{length}, {cache.capacity}] "
+            f"(the chunk's {length} tokens, the cache's capacity)."
+        )
       # Under jit the index is traced and the caller guarantees the fit (see Raises).
-      if (not isinstance(cache.index, jax.core.Tracer)
-          and int(cache.index) + length > read_slots):
-        raise ValueError(f"Cache overflow: index {int(cache.index)} + {length} new tokens > "
-                         f"{read_slots} slots (capacity {cache.capacity}).")
+      if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + length > read_slots:
+        raise ValueError(
+            f"Cache overflow: index {int(cache.index)} + {length} new tokens > "
+            f"{read_slots} slots (capacity {cache.capacity})."
+        )
     elif read_slots is not None:
       raise ValueError("read_slots applies to a call with a cache.")
 
@@ -784,12 +910,21 @@ class Transformer(nnx.Module):
     # The platform of the mesh the call is traced under: a TPU program compiled on a CPU host
     # gets the TPU kernels.
     backend = target_platform()
-    impl = attention_lib.resolve_impl(config.attention_impl, backend=backend, dtype=config.dtype,
-                                      num_queries=length, cached=cache is not None)
+    impl = attention_lib.resolve_impl(
+        config.attention_impl,
+        backend=backend,
+        dtype=config.dtype,
+        num_queries=length,
+        cached=cache is not None,
+    )
     attend = functools.partial(
-        attention_lib.causal_attention, key_mask=attended_mask, impl=impl, query_offset=offset,
+        attention_lib.causal_attention,
+        key_mask=attended_mask,
+        impl=impl,
+        query_offset=offset,
         block_size=config.attention_block_size or attention_lib.default_block_size(backend),
-        precision=config.matmul_precision)
+        precision=config.matmul_precision,
+    )
     # The dense kernel's masks are built once and shared by the layers.
     if impl != "xla":
       dense_masks = None
@@ -798,8 +933,10 @@ class Transformer(nnx.Module):
     else:
       # Over the cache: its slots before the chunk; over the chunk: causal and padded.
       before_chunk = jnp.arange(read_slots) < index
-      dense_masks = (attention_lib.causal_padding_mask(attended_mask, length, offset)
-                     & before_chunk, attention_lib.causal_padding_mask(key_mask, length))
+      dense_masks = (
+          attention_lib.causal_padding_mask(attended_mask, length, offset) & before_chunk,
+          attention_lib.causal_padding_mask(key_mask, length),
+      )
 
     graphdef, block_state = nnx.split(self.blocks)
 
@@ -815,19 +952,32 @@ class Transformer(nnx.Module):
         attended = attend(q, k, v, dense_mask=dense_masks)
         written = None
       else:
-        cached_k, cached_v = (stacked[layer_index, :, :, :read_slots].astype(q.dtype)
-                              for stacked in (layers_k, layers_v))
+        cached_k, cached_v = (
+            stacked[layer_index, :, :, :read_slots].astype(q.dtype)
+            for stacked in (layers_k, layers_v)
+        )
         if impl == "xla":
           attended = attention_lib.cached_dense_attention(
-              q, cached_k, cached_v, dense_masks[0], k, v, dense_masks[1],
-              precision=config.matmul_precision)
+              q,
+              cached_k,
+              cached_v,
+              dense_masks[0],
+              k,
+              v,
+              dense_masks[1],
+              precision=config.matmul_precision,
+          )
         else:
           # A prefill kernel takes all keys in one array: the chunk written into a copy of
           # the layer's slice, slot-major (one copy per layer per prefill).
           k_all, v_all = (
-              jnp.swapaxes(jax.lax.dynamic_update_slice(
-                  cached, jnp.swapaxes(new, 1, 2), (0, 0, index, 0)), 1, 2)
-              for cached, new in ((cached_k, k), (cached_v, v)))
+              jnp.swapaxes(
+                  jax.lax.dynamic_update_slice(cached, jnp.swapaxes(new, 1, 2), (0, 0, index, 0)),
+                  1,
+                  2,
+              )
+              for cached, new in ((cached_k, k), (cached_v, v))
+          )
           attended = attend(q, k_all, v_all)
         written = tuple(jnp.swapaxes(new, 1, 2).astype(cache.k.dtype) for new in (k, v))
       h = h + block.attn.output(attended)
@@ -836,14 +986,21 @@ class Transformer(nnx.Module):
 
     layer = remat_layer(layer, config.remat)
     # Unrolling pays in the backward pass; on the CPU an unrolled decode ran 1.18x slower.
-    unroll = config.layer_unroll or (1 if cache is not None
-                                     else default_layer_unroll(backend, config.num_layers))
-    x, written = jax.lax.scan(layer, x, (block_state, jnp.arange(config.num_layers)),
-                              unroll=min(unroll, config.num_layers))
+    unroll = config.layer_unroll or (
+        1 if cache is not None else default_layer_unroll(backend, config.num_layers)
+    )
+    x, written = jax.lax.scan(
+        layer,
+        x,
+        (block_state, jnp.arange(config.num_layers)),
+        unroll=min(unroll, config.num_layers),
+    )
     if cache is not None:
       # One write of every layer's chunk: [L, B, K, T, head_dim] at slot `index`.
-      layers_k, layers_v = (jax.lax.dynamic_update_slice(stacked, new, (0, 0, 0, index, 0))
-                            for stacked, new in ((layers_k, written[0]), (layers_v, written[1])))
+      layers_k, layers_v = (
+          jax.lax.dynamic_update_slice(stacked, new, (0, 0, 0, index, 0))
+          for stacked, new in ((layers_k, written[0]), (layers_v, written[1]))
+      )
     hidden = self.final_norm(x)
     if cache is None:
       return hidden, None
@@ -866,6 +1023,10 @@ class Transformer(nnx.Module):
     """
     chex.assert_rank(hidden, 3)
     chex.assert_axis_dimension(hidden, 2, self.config.hidden_size)
-    return jnp.einsum("btd,dv->btv", hidden.astype(self.config.dtype), self.unembed_matrix(),
-                      precision=self.config.matmul_precision,
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum(
+        "btd,dv->btv",
+        hidden.astype(self.config.dtype),
+        self.unembed_matrix(),
+        precision=self.config.matmul_precision,
+        preferred_element_type=jnp.float32,
+    )

@@ -44,6 +44,7 @@ class Rollout(NamedTuple):
     lengths: [B] int32, completion lengths.
     finished: [B] bool, the completion ended with a stop token (False: truncated).
   """
+
   tokens: jax.Array
   positions: jax.Array
   key_mask: jax.Array
@@ -95,14 +96,21 @@ def rollout_from_samples(out: SampleOutput) -> Rollout:
       logprobs=on_completion(out.logprobs),
       policy_logprobs=on_completion(out.policy_logprobs),
       lengths=out.lengths,
-      finished=out.finished)
+      finished=out.finished,
+  )
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'chunk_size', 'temperature'))
 def _policy_logprobs(graphdef, state, tokens, key_mask, *, chunk_size, temperature):
   model = nnx.merge(graphdef, state)
-  return sequence_logprobs(model, tokens, positions_from_mask(key_mask), key_mask,
-                           chunk_size=chunk_size, temperature=temperature)
+  return sequence_logprobs(
+      model,
+      tokens,
+      positions_from_mask(key_mask),
+      key_mask,
+      chunk_size=chunk_size,
+      temperature=temperature,
+  )
 
 
 class JaxRollout:
@@ -112,21 +120,28 @@ class JaxRollout:
   for the backend's own samples it reproduces `Rollout.policy_logprobs`.
   """
 
-  def __init__(self, model: nnx.Module, *, config: SamplingConfig,
-               chunk_size: int = DEFAULT_CHUNK_SIZE):
+  def __init__(
+      self, model: nnx.Module, *, config: SamplingConfig, chunk_size: int = DEFAULT_CHUNK_SIZE
+  ):
     self._graphdef, self._state = nnx.split(model)
     self.config = config
     self.chunk_size = chunk_size
 
   def generate(self, prompt_tokens: Any, prompt_mask: Any, key: jax.Array) -> Rollout:
-    out = sampling.generate((self._graphdef, self._state), prompt_tokens, prompt_mask, key,
-                            config=self.config)
+    out = sampling.generate(
+        (self._graphdef, self._state), prompt_tokens, prompt_mask, key, config=self.config
+    )
     return rollout_from_samples(out)
 
   def logprobs(self, tokens: jax.Array, key_mask: jax.Array) -> jax.Array:
-    return _policy_logprobs(self._graphdef, self._state, tokens, key_mask,
-                            chunk_size=self.chunk_size,
-                            temperature=self.config.logit_temperature)
+    return _policy_logprobs(
+        self._graphdef,
+        self._state,
+        tokens,
+        key_mask,
+        chunk_size=self.chunk_size,
+        temperature=self.config.logit_temperature,
+    )
 
   def update_params(self, state: nnx.State) -> None:
     """Takes the learner's `nnx.state(model)` (same structure, shapes and dtypes)."""
@@ -145,11 +160,13 @@ class MockRollout:
   the states pushed with `update_params`, so runner tests can check the push.
   """
 
-  def __init__(self, *, vocab_size: int, max_new_tokens: int, eos_id: int | None = None,
-               pad_id: int = 0):
+  def __init__(
+      self, *, vocab_size: int, max_new_tokens: int, eos_id: int | None = None, pad_id: int = 0
+  ):
     if vocab_size <= 0 or max_new_tokens <= 0:
-      raise ValueError(f'vocab_size and max_new_tokens must be positive, got '
-                       f'{vocab_size}, {max_new_tokens}')
+      raise ValueError(
+          f'vocab_size and max_new_tokens must be positive, got ' f'{vocab_size}, {max_new_tokens}'
+      )
     self.vocab_size = vocab_size
     self.max_new_tokens = max_new_tokens
     self.eos_id = eos_id
@@ -158,7 +175,8 @@ class MockRollout:
 
   def generate(self, prompt_tokens: Any, prompt_mask: Any, key: jax.Array) -> Rollout:
     prompt_tokens, prompt_mask = sampling.left_align(
-        np.asarray(prompt_tokens), np.asarray(prompt_mask), pad_id=self.pad_id)
+        np.asarray(prompt_tokens), np.asarray(prompt_mask), pad_id=self.pad_id
+    )
     batch = prompt_tokens.shape[0]
     rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
     tokens = rng.integers(0, self.vocab_size, (batch, self.max_new_tokens), dtype=np.int32)
@@ -167,15 +185,17 @@ class MockRollout:
     mask = np.cumsum(stop, axis=1) - stop == 0
     logp = np.where(mask, -math.log(self.vocab_size), 0.0).astype(np.float32)
     out = SampleOutput(
-        tokens=jnp.asarray(np.concatenate([prompt_tokens, np.where(mask, tokens, self.pad_id)],
-                                          axis=1)),
+        tokens=jnp.asarray(
+            np.concatenate([prompt_tokens, np.where(mask, tokens, self.pad_id)], axis=1)
+        ),
         prompt_mask=jnp.asarray(prompt_mask),
         completion_tokens=jnp.asarray(np.where(mask, tokens, self.pad_id)),
         completion_mask=jnp.asarray(mask),
         logprobs=jnp.asarray(logp),
         policy_logprobs=jnp.asarray(logp),
         lengths=jnp.asarray(mask.sum(axis=1, dtype=np.int32)),
-        finished=jnp.asarray(stop.any(axis=1)))
+        finished=jnp.asarray(stop.any(axis=1)),
+    )
     return rollout_from_samples(out)
 
   def logprobs(self, tokens: jax.Array, key_mask: jax.Array) -> jax.Array:
@@ -193,17 +213,22 @@ def _jax_backend(model: nnx.Module, *, config: SamplingConfig, chunk_size: int) 
 
 def _mock_backend(model: nnx.Module, *, config: SamplingConfig, chunk_size: int) -> MockRollout:
   del chunk_size  # nothing is computed with the model
-  return MockRollout(vocab_size=model.config.vocab_size, max_new_tokens=config.max_new_tokens,
-                     eos_id=config.eos_id, pad_id=config.pad_id)
+  return MockRollout(
+      vocab_size=model.config.vocab_size,
+      max_new_tokens=config.max_new_tokens,
+      eos_id=config.eos_id,
+      pad_id=config.pad_id,
+  )
 
 
 # name -> factory(policy, *, config, chunk_size) -> RolloutBackend, for `config.rollout.backend`.
 # An external engine registers here (docs/rollout_backends.md).
-ROLLOUT_BACKENDS = {"jax": _jax_backend, "mock": _mock_backend}
+ROLLOUT_BACKENDS = {'jax': _jax_backend, 'mock': _mock_backend}
 
 
-def make_backend(name: str, model: nnx.Module, *, config: SamplingConfig,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> RolloutBackend:
+def make_backend(
+    name: str, model: nnx.Module, *, config: SamplingConfig, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> RolloutBackend:
   """The backend `name` of `ROLLOUT_BACKENDS` for the policy `model`.
 
   Args:
@@ -214,5 +239,7 @@ def make_backend(name: str, model: nnx.Module, *, config: SamplingConfig,
     chunk_size: sequence chunk of the backend's log-prob computation.
   """
   if name not in ROLLOUT_BACKENDS:
-    raise ValueError(f"unknown rollout backend {name!r}; expected one of {sorted(ROLLOUT_BACKENDS)}")
+    raise ValueError(
+        f'unknown rollout backend {name!r}; expected one of {sorted(ROLLOUT_BACKENDS)}'
+    )
   return ROLLOUT_BACKENDS[name](model, config=config, chunk_size=chunk_size)

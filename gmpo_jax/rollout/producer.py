@@ -64,9 +64,18 @@ class RolloutProducer(Generic[T]):
     join_timeout_s: how long `close` waits for a sample in flight.
   """
 
-  def __init__(self, sample: Callable[[int, int, Any], T], *, steps: range, max_staleness: int,
-               first_version: int, params: Any, place: Callable[[Any], Any],
-               ready: Mapping[int, T] | None = None, join_timeout_s: float = 300.0):
+  def __init__(
+      self,
+      sample: Callable[[int, int, Any], T],
+      *,
+      steps: range,
+      max_staleness: int,
+      first_version: int,
+      params: Any,
+      place: Callable[[Any], Any],
+      ready: Mapping[int, T] | None = None,
+      join_timeout_s: float = 300.0,
+  ):
     if max_staleness < 1:
       raise ValueError(f"max_staleness={max_staleness}: the producer is for k >= 1")
     if steps.step != 1:
@@ -154,8 +163,10 @@ class RolloutProducer(Generic[T]):
       self._cond.notify_all()
     self._thread.join(self._join_timeout_s)
     if self._thread.is_alive():
-      logger.warning("the rollout producer is still sampling after %.0f s; leaving it (daemon)",
-                     self._join_timeout_s)
+      logger.warning(
+          "the rollout producer is still sampling after %.0f s; leaving it (daemon)",
+          self._join_timeout_s,
+      )
 
   def __enter__(self) -> RolloutProducer[T]:
     return self

@@ -96,8 +96,9 @@ class SamplingConfig:
         raise ValueError(f'{name} must be a positive int, got {getattr(self, name)!r}')
     for name in ('steps_per_check', 'cache_read_bucket'):
       value = getattr(self, name)
-      if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                or value <= 0):
+      if value is not None and (
+          isinstance(value, bool) or not isinstance(value, int) or value <= 0
+      ):
         raise ValueError(f'{name} must be a positive int or None, got {value!r}')
     if self.cache_dtype is not None:
       object.__setattr__(self, 'cache_dtype', jnp.dtype(self.cache_dtype))
@@ -157,6 +158,7 @@ class SampleOutput(NamedTuple):
     lengths: [B] int32, completion_mask.sum(1).
     finished: [B] bool, the completion ended with a stop token (False: truncated at N).
   """
+
   tokens: jax.Array
   prompt_mask: jax.Array
   completion_tokens: jax.Array
@@ -167,8 +169,9 @@ class SampleOutput(NamedTuple):
   finished: jax.Array
 
 
-def filter_logits(logits: jax.Array, *, top_k: jax.Array | int | None,
-                  top_p: jax.Array | float) -> jax.Array:
+def filter_logits(
+    logits: jax.Array, *, top_k: jax.Array | int | None, top_p: jax.Array | float
+) -> jax.Array:
   """Top-k then top-p (nucleus) truncation: excluded logits become −inf.
 
   Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration", arXiv 1904.09751:
@@ -210,12 +213,13 @@ def filter_logits(logits: jax.Array, *, top_k: jax.Array | int | None,
 
 class _Knobs(NamedTuple):
   """The traced part of a `SamplingConfig` (changing it does not recompile)."""
+
   inverse_temperature: jax.Array  # f32: 1/τ, or 1 for greedy
-  greedy: jax.Array               # bool
-  top_k: jax.Array                # int32, 0 = off
-  top_p: jax.Array                # f32
-  is_stop: jax.Array              # [V] bool
-  pad_id: jax.Array               # int32
+  greedy: jax.Array  # bool
+  top_k: jax.Array  # int32, 0 = off
+  top_p: jax.Array  # f32
+  is_stop: jax.Array  # [V] bool
+  pad_id: jax.Array  # int32
 
 
 def _choose(hidden: jax.Array, unembed: jax.Array, row_keys: jax.Array, knobs: _Knobs):
@@ -236,12 +240,12 @@ def _choose(hidden: jax.Array, unembed: jax.Array, row_keys: jax.Array, knobs: _
 
 
 class _DecodeState(NamedTuple):
-  step: jax.Array         # int32: next completion column to write
-  cache: Any              # KVCache
-  done: jax.Array         # [B] bool
-  tokens: jax.Array       # [B, N] int32
-  mask: jax.Array         # [B, N] bool
-  logprobs: jax.Array     # [B, N] f32
+  step: jax.Array  # int32: next completion column to write
+  cache: Any  # KVCache
+  done: jax.Array  # [B] bool
+  tokens: jax.Array  # [B, N] int32
+  mask: jax.Array  # [B, N] bool
+  logprobs: jax.Array  # [B, N] f32
   policy_logprobs: jax.Array
 
 
@@ -262,10 +266,29 @@ def read_windows(prompt_len: int, max_new_tokens: int, bucket: int | None) -> tu
   return tuple(range(prompt_len + bucket, total, bucket)) + (total,)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'cache_dtype',
-                                             'steps_per_check', 'cache_read_bucket'))
-def _generate_bucketed(graphdef, state, prompt_tokens, prompt_mask, key, knobs, *,
-                       max_new_tokens, cache_dtype, steps_per_check, cache_read_bucket):
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        'graphdef',
+        'max_new_tokens',
+        'cache_dtype',
+        'steps_per_check',
+        'cache_read_bucket',
+    ),
+)
+def _generate_bucketed(
+    graphdef,
+    state,
+    prompt_tokens,
+    prompt_mask,
+    key,
+    knobs,
+    *,
+    max_new_tokens,
+    cache_dtype,
+    steps_per_check,
+    cache_read_bucket,
+):
   """The compiled program: left-aligned, bucketed [B, P] prompts -> bucketed outputs."""
   model = nnx.merge(graphdef, state)
   batch, prompt_len = prompt_tokens.shape
@@ -276,8 +299,9 @@ def _generate_bucketed(graphdef, state, prompt_tokens, prompt_mask, key, knobs, 
 
   positions = positions_from_mask(prompt_mask)
   cache = init_cache(model.config, batch, prompt_len + max_new_tokens, cache_dtype)
-  hidden, cache = model(prompt_tokens, positions, key_mask=prompt_mask, cache=cache,
-                        read_slots=prompt_len)
+  hidden, cache = model(
+      prompt_tokens, positions, key_mask=prompt_mask, cache=cache, read_slots=prompt_len
+  )
   # Prompts are left-aligned, so the last column is every row's last real token.
   first_position = positions[:, -1] + 1
 
@@ -296,22 +320,28 @@ def _generate_bucketed(graphdef, state, prompt_tokens, prompt_mask, key, knobs, 
         tokens=put(s.tokens, token),
         mask=put(s.mask, active),
         logprobs=put(s.logprobs, jnp.where(active, logp, 0.0)),
-        policy_logprobs=put(s.policy_logprobs, jnp.where(active, policy_logp, 0.0)))
+        policy_logprobs=put(s.policy_logprobs, jnp.where(active, policy_logp, 0.0)),
+    )
 
   def decode_step(s: _DecodeState, window: int) -> _DecodeState:
     last = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=1)
-    hidden, cache = model(last, (first_position + s.step - 1)[:, None],
-                          key_mask=~s.done[:, None], cache=s.cache, read_slots=window)
+    hidden, cache = model(
+        last,
+        (first_position + s.step - 1)[:, None],
+        key_mask=~s.done[:, None],
+        cache=s.cache,
+        read_slots=window,
+    )
     return record(s._replace(cache=cache), hidden[:, 0])
 
   def decode_loop(s: _DecodeState, width: int, window: int) -> _DecodeState:
     """Runs `width` steps at a time while they fit in N columns and in the first `window`
     cache slots, and some row is running."""
+
     def cond(s):
       # Decode step `step` writes cache slot P + step − 1; the iteration's last one must fit.
       last_step = s.step + width - 1
-      return ((last_step < max_new_tokens) & (prompt_len + last_step <= window)
-              & ~jnp.all(s.done))
+      return (last_step < max_new_tokens) & (prompt_len + last_step <= window) & ~jnp.all(s.done)
 
     def body(s):
       if width == 1:
@@ -322,11 +352,14 @@ def _generate_bucketed(graphdef, state, prompt_tokens, prompt_mask, key, knobs, 
     return jax.lax.while_loop(cond, body, s)
 
   init = _DecodeState(
-      step=jnp.zeros((), jnp.int32), cache=cache, done=jnp.zeros((batch,), bool),
+      step=jnp.zeros((), jnp.int32),
+      cache=cache,
+      done=jnp.zeros((batch,), bool),
       tokens=jnp.zeros((batch, max_new_tokens), jnp.int32) + knobs.pad_id,
       mask=jnp.zeros((batch, max_new_tokens), bool),
       logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32),
-      policy_logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32))
+      policy_logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32),
+  )
   # Column 0 comes from the prefill; the N − 1 decode steps run k at a time, window after
   # window (steps that do not fill an iteration of k in a window run in the next one), then
   # the last (N − 1) mod k in one more iteration, so no step writes past column N − 1. A row
@@ -345,7 +378,8 @@ def _generate_bucketed(graphdef, state, prompt_tokens, prompt_mask, key, knobs, 
       logprobs=final.logprobs,
       policy_logprobs=final.policy_logprobs,
       lengths=jnp.sum(final.mask, axis=1, dtype=jnp.int32),
-      finished=final.done)
+      finished=final.done,
+  )
   # Under the runner's mesh the model splits the batch over the data axes; the host reads every
   # row of the result, so it comes back replicated (addressable on every process).
   if not jax.sharding.get_abstract_mesh().empty:
@@ -421,8 +455,9 @@ def generate(
   vocab = model_config.vocab_size
   real = prompt_tokens[prompt_mask]
   if real.min() < 0 or real.max() >= vocab:
-    raise ValueError(f'prompt token ids must lie in [0, {vocab}), got min {real.min()} '
-                     f'max {real.max()}')
+    raise ValueError(
+        f'prompt token ids must lie in [0, {vocab}), got min {real.min()} ' f'max {real.max()}'
+    )
   special = config.all_stop_ids + (config.pad_id,)
   if min(special) < 0 or max(special) >= vocab:
     raise ValueError(f'eos_id, stop_ids and pad_id must lie in [0, {vocab}), got {special}')
@@ -433,8 +468,8 @@ def generate(
   width = prompt_bucket(prompt_len, minimum=config.min_prompt_bucket)
   bucket_tokens = np.full((batch_padded, width), config.pad_id, np.int32)
   bucket_mask = np.zeros((batch_padded, width), bool)
-  bucket_tokens[:batch, width - prompt_len:] = tokens
-  bucket_mask[:batch, width - prompt_len:] = mask
+  bucket_tokens[:batch, width - prompt_len :] = tokens
+  bucket_mask[:batch, width - prompt_len :] = mask
   # Filler rows get one real (pad) token so that no row starts with nothing to attend to.
   bucket_mask[batch:, -1] = True
 
@@ -447,11 +482,20 @@ def generate(
       top_k=np.int32(config.top_k or 0),
       top_p=np.float32(config.top_p),
       is_stop=is_stop,
-      pad_id=np.int32(config.pad_id))
-  out = _generate_bucketed(graphdef, state, bucket_tokens, bucket_mask, key, knobs,
-                           max_new_tokens=config.max_new_tokens, cache_dtype=config.cache_dtype,
-                           steps_per_check=config.steps_per_check or default_steps_per_check(),
-                           cache_read_bucket=config.cache_read_bucket)
+      pad_id=np.int32(config.pad_id),
+  )
+  out = _generate_bucketed(
+      graphdef,
+      state,
+      bucket_tokens,
+      bucket_mask,
+      key,
+      knobs,
+      max_new_tokens=config.max_new_tokens,
+      cache_dtype=config.cache_dtype,
+      steps_per_check=config.steps_per_check or default_steps_per_check(),
+      cache_read_bucket=config.cache_read_bucket,
+  )
   return _unbucket(out, batch=batch, prompt_len=prompt_len)
 
 
@@ -468,4 +512,5 @@ def _unbucket(out: SampleOutput, *, batch: int, prompt_len: int) -> SampleOutput
       logprobs=out.logprobs[:batch],
       policy_logprobs=out.policy_logprobs[:batch],
       lengths=out.lengths[:batch],
-      finished=out.finished[:batch])
+      finished=out.finished[:batch],
+  )

@@ -41,10 +41,10 @@ from gmpo_jax.learner import update as learner
 from gmpo_jax.models import hf_import, tokenization
 from gmpo_jax.models.logprobs import positions_from_mask, project_logits
 from gmpo_jax.models.transformer import (
-  Transformer,
-  TransformerConfig,
-  default_cache_dtype,
-  init_cache,
+    Transformer,
+    TransformerConfig,
+    default_cache_dtype,
+    init_cache,
 )
 from gmpo_jax.rollout.sampling import prompt_bucket
 from gmpo_jax.runner import build
@@ -69,8 +69,9 @@ def model_config(model: ModelConfig, *, vocab_size: int | None = None) -> Transf
   else:
     if vocab_size is None:
       vocab_size = tokenization.load_tokenizer(model.tokenizer).vocab_size
-    config = dataclasses.replace(TransformerConfig.from_name(model.name), vocab_size=vocab_size,
-                                 **dict(model.overrides))
+    config = dataclasses.replace(
+        TransformerConfig.from_name(model.name), vocab_size=vocab_size, **dict(model.overrides)
+    )
   return dataclasses.replace(config, **model_dtypes(model, config.dtype))
 
 
@@ -87,6 +88,7 @@ class StepShape(NamedTuple):
     on_policy: one epoch of one minibatch: the update takes π_old from its own forward pass.
     rescore_ref: the learner scores π_ref (beta > 0).
   """
+
   rows: int
   prompt_length: int
   completion_length: int
@@ -120,19 +122,26 @@ class StepShape(NamedTuple):
     return int(not self.on_policy) + int(self.rescore_ref)
 
 
-def step_shape(config: ExperimentConfig, *, prompt_length: int,
-               microbatches: int | None = None) -> StepShape:
+def step_shape(
+    config: ExperimentConfig, *, prompt_length: int, microbatches: int | None = None
+) -> StepShape:
   """The `StepShape` of `config` with prompts of `prompt_length` tokens (M overridable)."""
   algo = config.algorithm
   return StepShape(
-      rows=config.prompts_per_step * algo.num_generations, prompt_length=prompt_length,
-      completion_length=config.sampling.max_new_tokens, minibatches=algo.num_minibatches,
-      microbatches=microbatches or algo.num_microbatches, epochs=algo.num_epochs,
-      on_policy=algo.num_epochs == 1 and algo.num_minibatches == 1, rescore_ref=algo.beta > 0)
+      rows=config.prompts_per_step * algo.num_generations,
+      prompt_length=prompt_length,
+      completion_length=config.sampling.max_new_tokens,
+      minibatches=algo.num_minibatches,
+      microbatches=microbatches or algo.num_microbatches,
+      epochs=algo.num_epochs,
+      on_policy=algo.num_epochs == 1 and algo.num_minibatches == 1,
+      rescore_ref=algo.beta > 0,
+  )
 
 
 class Program(NamedTuple):
   """A jitted function and the abstract arguments it is lowered with."""
+
   name: str
   jitted: Any
   args: tuple[Any, ...]
@@ -145,8 +154,9 @@ class Program(NamedTuple):
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+  )
 
 
 def _key(mesh: jax.sharding.Mesh) -> jax.ShapeDtypeStruct:
@@ -154,8 +164,9 @@ def _key(mesh: jax.sharding.Mesh) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
 
 
-def _rows(mesh: jax.sharding.Mesh, shape: tuple[int, ...], dtype: Any, *,
-          batch_axis: int = 0) -> jax.ShapeDtypeStruct:
+def _rows(
+    mesh: jax.sharding.Mesh, shape: tuple[int, ...], dtype: Any, *, batch_axis: int = 0
+) -> jax.ShapeDtypeStruct:
   """An abstract array split over data x fsdp along `batch_axis`, as `place_batch` puts it."""
   spec = sharding.batch_sharding(mesh, ndim=len(shape), batch_axis=batch_axis)
   return jax.ShapeDtypeStruct(shape, dtype, sharding=spec)
@@ -164,6 +175,7 @@ def _rows(mesh: jax.sharding.Mesh, shape: tuple[int, ...], dtype: Any, *,
 class AbstractPolicy(NamedTuple):
   """The policy's graph, abstract parameters and their shardings on one mesh, and the
   shardings of the sampler's copy (`Run.sampler_shardings`)."""
+
   graphdef: nnx.GraphDef
   params: Any
   shardings: Any
@@ -174,15 +186,16 @@ class AbstractPolicy(NamedTuple):
     return nnx.merge(self.graphdef, self.params).config
 
 
-def abstract_policy(config: TransformerConfig, mesh: jax.sharding.Mesh, *,
-                    hbm_bytes: float | None = None) -> AbstractPolicy:
+def abstract_policy(
+    config: TransformerConfig, mesh: jax.sharding.Mesh, *, hbm_bytes: float | None = None
+) -> AbstractPolicy:
   """`nnx.eval_shape` of the model: parameters as shapes, placed by the sharding rules; the
   sampler's copy replicated over fsdp when it fits `hbm_bytes` (as `build_run` decides)."""
   graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
   shardings = sharding.state_shardings(params, mesh)
   sampler_shardings = sharding.sampler_copy_shardings(
-      shardings, mesh, copy_bytes=hbm.tree_bytes(_recast(params, config.dtype)),
-      hbm_bytes=hbm_bytes)
+      shardings, mesh, copy_bytes=hbm.tree_bytes(_recast(params, config.dtype)), hbm_bytes=hbm_bytes
+  )
   return AbstractPolicy(graphdef, _abstract(params, shardings), shardings, sampler_shardings)
 
 
@@ -190,8 +203,10 @@ def _recast(tree: Any, dtype: Any) -> Any:
   """Abstract floating leaves as `dtype`, shapes and shardings kept."""
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(
-          x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
-          sharding=x.sharding), tree)
+          x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype, sharding=x.sharding
+      ),
+      tree,
+  )
 
 
 def sampler_params(policy: AbstractPolicy) -> Any:
@@ -205,16 +220,22 @@ def float32_gradients(policy: AbstractPolicy) -> Any:
   return _recast(policy.params, jnp.float32)
 
 
-def optimizer_for(config: ExperimentConfig, model: TransformerConfig
-                  ) -> optax.GradientTransformation:
+def optimizer_for(
+    config: ExperimentConfig, model: TransformerConfig
+) -> optax.GradientTransformation:
   """The RL optimizer of `config` (its schedule spans every optimizer step of the run)."""
   algo = config.algorithm
-  return make_optimizer(config.optim, config.num_steps * algo.num_minibatches * algo.num_epochs,
-                        param_dtype=model.param_dtype, seed=config.seed)
+  return make_optimizer(
+      config.optim,
+      config.num_steps * algo.num_minibatches * algo.num_epochs,
+      param_dtype=model.param_dtype,
+      seed=config.seed,
+  )
 
 
-def abstract_opt_state(optimizer: optax.GradientTransformation, policy: AbstractPolicy,
-                       mesh: jax.sharding.Mesh) -> Any:
+def abstract_opt_state(
+    optimizer: optax.GradientTransformation, policy: AbstractPolicy, mesh: jax.sharding.Mesh
+) -> Any:
   """`learner.init_opt_state` as shapes: float32 moments placed like the parameters."""
   shardings = sharding.opt_state_shardings(optimizer, policy.params, policy.shardings, mesh)
   state = jax.eval_shape(lambda p: optimizer.init(precision.float32_view(p)), policy.params)
@@ -223,12 +244,17 @@ def abstract_opt_state(optimizer: optax.GradientTransformation, policy: Abstract
 
 def _micro_loss(config: ExperimentConfig, shape: StepShape, chunk_size: int) -> Any:
   return build.policy_loss(
-      config.algorithm, temperature=config.sampling.logit_temperature, chunk_size=chunk_size,
-      max_length=config.sampling.max_new_tokens, on_policy=shape.on_policy)
+      config.algorithm,
+      temperature=config.sampling.logit_temperature,
+      chunk_size=chunk_size,
+      max_length=config.sampling.max_new_tokens,
+      on_policy=shape.on_policy,
+  )
 
 
-def _batch(config: ExperimentConfig, mesh: jax.sharding.Mesh, shape: StepShape,
-           rows: tuple[int, ...]) -> learner.Batch:
+def _batch(
+    config: ExperimentConfig, mesh: jax.sharding.Mesh, shape: StepShape, rows: tuple[int, ...]
+) -> learner.Batch:
   """An abstract `learner.Batch` of [*rows, T] arrays, the last row axis over data x fsdp."""
   dims, axis = rows + (shape.length,), len(rows) - 1
 
@@ -236,30 +262,51 @@ def _batch(config: ExperimentConfig, mesh: jax.sharding.Mesh, shape: StepShape,
     return _rows(mesh, dims, dtype, batch_axis=axis)
 
   return learner.Batch(
-      tokens=per_token(jnp.int32), positions=per_token(jnp.int32), key_mask=per_token(bool),
+      tokens=per_token(jnp.int32),
+      positions=per_token(jnp.int32),
+      key_mask=per_token(bool),
       loss_mask=per_token(bool),
       old_logp=None if shape.on_policy else per_token(jnp.float32),
       ref_logp=per_token(jnp.float32),
       advantages=_rows(mesh, rows, jnp.float32, batch_axis=axis),
-      behav_logp=(per_token(jnp.float32)
-                  if shape.on_policy or config.algorithm.is_correction != "none" else None))
+      behav_logp=(
+          per_token(jnp.float32)
+          if shape.on_policy or config.algorithm.is_correction != "none"
+          else None
+      ),
+  )
 
 
-def update_program(config: ExperimentConfig, policy: AbstractPolicy, mesh: jax.sharding.Mesh,
-                   shape: StepShape, *, chunk_size: int) -> Program:
+def update_program(
+    config: ExperimentConfig,
+    policy: AbstractPolicy,
+    mesh: jax.sharding.Mesh,
+    shape: StepShape,
+    *,
+    chunk_size: int,
+) -> Program:
   """`make_update_fn`'s step over one minibatch [M, b, T], placed as `place_batch` places it."""
   optimizer = optimizer_for(config, policy.config)
   opt_state = abstract_opt_state(optimizer, policy, mesh)
   jitted = learner.make_update_fn(
-      policy.graphdef, optimizer, _micro_loss(config, shape, chunk_size),
-      param_shardings=policy.shardings, opt_shardings=jax.tree.map(lambda x: x.sharding,
-                                                                   opt_state))
+      policy.graphdef,
+      optimizer,
+      _micro_loss(config, shape, chunk_size),
+      param_shardings=policy.shardings,
+      opt_shardings=jax.tree.map(lambda x: x.sharding, opt_state),
+  )
   batch = _batch(config, mesh, shape, (shape.microbatches, shape.micro_rows))
   return Program("update", jitted, (policy.params, opt_state, batch))
 
 
-def gradient_program(config: ExperimentConfig, policy: AbstractPolicy, mesh: jax.sharding.Mesh,
-                     shape: StepShape, *, chunk_size: int) -> Program:
+def gradient_program(
+    config: ExperimentConfig,
+    policy: AbstractPolicy,
+    mesh: jax.sharding.Mesh,
+    shape: StepShape,
+    *,
+    chunk_size: int,
+) -> Program:
   """One micro-batch's loss and float32 gradient [b, T]: the body of the update's loop.
 
   As in `make_update_fn`: on a mesh where the update sums the gradient over `data` once per
@@ -273,6 +320,7 @@ def gradient_program(config: ExperimentConfig, policy: AbstractPolicy, mesh: jax
   def gradient(params, micro, counts):
     def loss_of_params(p):
       return micro_loss(nnx.merge(graphdef, p), micro, counts)
+
     (loss, _), grads = jax.value_and_grad(loss_of_params, has_aux=True)(params)
     return loss.astype(jnp.float32), precision.float32_view(grads)
 
@@ -285,16 +333,24 @@ def gradient_program(config: ExperimentConfig, policy: AbstractPolicy, mesh: jax
     def per_replica(params, micro, counts):
       return jax.tree.map(lambda x: x[None], gradient(params, micro, counts))
 
-    jitted = jax.jit(jax.shard_map(per_replica, mesh=mesh, in_specs=(P(), P(axis), P()),
-                                   out_specs=P(axis), axis_names=frozenset({axis}),
-                                   check_vma=False))
+    jitted = jax.jit(
+        jax.shard_map(
+            per_replica,
+            mesh=mesh,
+            in_specs=(P(), P(axis), P()),
+            out_specs=P(axis),
+            axis_names=frozenset({axis}),
+            check_vma=False,
+        )
+    )
   else:
     jitted = jax.jit(gradient, out_shardings=(sharding.replicated(mesh), policy.shardings))
   return Program("gradient", jitted, (policy.params, micro, counts))
 
 
-def optimizer_program(config: ExperimentConfig, policy: AbstractPolicy,
-                      mesh: jax.sharding.Mesh) -> Program:
+def optimizer_program(
+    config: ExperimentConfig, policy: AbstractPolicy, mesh: jax.sharding.Mesh
+) -> Program:
   """What the update does after its micro-batch loop: the gradient summed over `data` where
   `gradient_program` left it per replica, then `learner.apply_gradients`."""
   optimizer = optimizer_for(config, policy.config)
@@ -306,9 +362,11 @@ def optimizer_program(config: ExperimentConfig, policy: AbstractPolicy,
   if replicas:
     axis, size = learner.DATA_AXIS, mesh.shape[learner.DATA_AXIS]
     grads = jax.tree.map(
-        lambda g: jax.ShapeDtypeStruct((size,) + g.shape, g.dtype,
-                                       sharding=NamedSharding(mesh, P(axis, *g.sharding.spec))),
-        grads)
+        lambda g: jax.ShapeDtypeStruct(
+            (size,) + g.shape, g.dtype, sharding=NamedSharding(mesh, P(axis, *g.sharding.spec))
+        ),
+        grads,
+    )
     loss = jax.ShapeDtypeStruct((size,), jnp.float32, sharding=NamedSharding(mesh, P(axis)))
 
   def apply(params, opt_state, grads, loss):
@@ -321,15 +379,26 @@ def optimizer_program(config: ExperimentConfig, policy: AbstractPolicy,
   return Program("optimizer", jitted, (policy.params, opt_state, grads, loss))
 
 
-def logprob_program(config: ExperimentConfig, policy: AbstractPolicy, mesh: jax.sharding.Mesh,
-                    shape: StepShape, *, chunk_size: int) -> Program:
+def logprob_program(
+    config: ExperimentConfig,
+    policy: AbstractPolicy,
+    mesh: jax.sharding.Mesh,
+    shape: StepShape,
+    *,
+    chunk_size: int,
+) -> Program:
   """Log-probs of every rollout row [B·G, T], rows over data x fsdp (`learner.logprob_program`)."""
-  jitted = learner.logprob_program(policy.graphdef, policy.shardings, mesh,
-                                   temperature=config.sampling.logit_temperature,
-                                   chunk_size=chunk_size)
+  jitted = learner.logprob_program(
+      policy.graphdef,
+      policy.shardings,
+      mesh,
+      temperature=config.sampling.logit_temperature,
+      chunk_size=chunk_size,
+  )
   dims = (shape.rows, shape.length)
-  return Program("logprob", jitted, (policy.params, _rows(mesh, dims, jnp.int32),
-                                     _rows(mesh, dims, bool)))
+  return Program(
+      "logprob", jitted, (policy.params, _rows(mesh, dims, jnp.int32), _rows(mesh, dims, bool))
+  )
 
 
 def sampler_batch(config: ExperimentConfig, shape: StepShape) -> tuple[int, int]:
@@ -352,8 +421,14 @@ def _choose(model: Transformer, hidden: jax.Array, key: jax.Array, temperature: 
   return token, logp
 
 
-def prefill_program(config: ExperimentConfig, policy: AbstractPolicy, mesh: jax.sharding.Mesh,
-                    shape: StepShape, *, kv_dtype: Any) -> Program:
+def prefill_program(
+    config: ExperimentConfig,
+    policy: AbstractPolicy,
+    mesh: jax.sharding.Mesh,
+    shape: StepShape,
+    *,
+    kv_dtype: Any,
+) -> Program:
   """The prompt pass of `generate`: [rows, P] prompts -> the filled cache and first tokens."""
   graphdef, temperature = policy.graphdef, config.sampling.logit_temperature
   rows, width = sampler_batch(config, shape)
@@ -362,34 +437,50 @@ def prefill_program(config: ExperimentConfig, policy: AbstractPolicy, mesh: jax.
   def prefill(params, tokens, mask, key):
     model = nnx.merge(graphdef, params)
     cache = init_cache(model.config, rows, capacity, kv_dtype)
-    hidden, cache = model(tokens, positions_from_mask(mask), key_mask=mask, cache=cache,
-                          read_slots=width)
+    hidden, cache = model(
+        tokens, positions_from_mask(mask), key_mask=mask, cache=cache, read_slots=width
+    )
     token, logp = _choose(model, hidden[:, -1], key, temperature)
     return token, logp, cache
 
   # The host's prompts enter replicated, as `generate`'s NumPy arguments do.
   replicated = sharding.replicated(mesh)
-  args = (sampler_params(policy),
-          jax.ShapeDtypeStruct((rows, width), jnp.int32, sharding=replicated),
-          jax.ShapeDtypeStruct((rows, width), bool, sharding=replicated), _key(mesh))
-  jitted = jax.jit(prefill, in_shardings=(policy.sampler_shardings, replicated, replicated,
-                                          replicated))
+  args = (
+      sampler_params(policy),
+      jax.ShapeDtypeStruct((rows, width), jnp.int32, sharding=replicated),
+      jax.ShapeDtypeStruct((rows, width), bool, sharding=replicated),
+      _key(mesh),
+  )
+  jitted = jax.jit(
+      prefill, in_shardings=(policy.sampler_shardings, replicated, replicated, replicated)
+  )
   return Program("prefill", jitted, args)
 
 
-def abstract_cache(policy: AbstractPolicy, mesh: jax.sharding.Mesh, rows: int, capacity: int,
-                   kv_dtype: Any) -> Any:
+def abstract_cache(
+    policy: AbstractPolicy, mesh: jax.sharding.Mesh, rows: int, capacity: int, kv_dtype: Any
+) -> Any:
   """The KV cache [L, rows, K, S, hd] as the sampler holds it: rows over data x fsdp."""
   cache = jax.eval_shape(lambda: init_cache(policy.config, rows, capacity, kv_dtype))
   per_layer = sharding.batch_sharding(mesh, ndim=5, batch_axis=1)
-  shardings = type(cache)(k=per_layer, v=per_layer,
-                          key_mask=sharding.batch_sharding(mesh, ndim=2),
-                          index=sharding.replicated(mesh))
+  shardings = type(cache)(
+      k=per_layer,
+      v=per_layer,
+      key_mask=sharding.batch_sharding(mesh, ndim=2),
+      index=sharding.replicated(mesh),
+  )
   return _abstract(cache, shardings)
 
 
-def decode_program(config: ExperimentConfig, policy: AbstractPolicy, mesh: jax.sharding.Mesh,
-                   shape: StepShape, *, kv_dtype: Any, read_slots: int | None = None) -> Program:
+def decode_program(
+    config: ExperimentConfig,
+    policy: AbstractPolicy,
+    mesh: jax.sharding.Mesh,
+    shape: StepShape,
+    *,
+    kv_dtype: Any,
+    read_slots: int | None = None,
+) -> Program:
   """One decode step of `generate`: feed each row's last token, extend the cache, draw the next.
 
   The cache is full width (P + N slots) and donated, as the loop carries it; the step attends
@@ -401,25 +492,36 @@ def decode_program(config: ExperimentConfig, policy: AbstractPolicy, mesh: jax.s
 
   def decode(params, cache, last, position, done, key):
     model = nnx.merge(graphdef, params)
-    hidden, cache = model(last[:, None], position[:, None], key_mask=~done[:, None], cache=cache,
-                          read_slots=read_slots)
+    hidden, cache = model(
+        last[:, None],
+        position[:, None],
+        key_mask=~done[:, None],
+        cache=cache,
+        read_slots=read_slots,
+    )
     token, logp = _choose(model, hidden[:, 0], key, temperature)
     return token, logp, cache
 
   row = sharding.batch_sharding(mesh, ndim=1)
   replicated = sharding.replicated(mesh)
-  args = (sampler_params(policy), cache,
-          jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=row),
-          jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=row),
-          jax.ShapeDtypeStruct((rows,), bool, sharding=row), _key(mesh))
-  # The sampler's cache lives inside its one jitted program (`sampling._generate_bucketed`), where the
-  # compiler lays it out; AUTO lets it choose here too, not the default row-major layout a
+  args = (
+      sampler_params(policy),
+      cache,
+      jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=row),
+      jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=row),
+      jax.ShapeDtypeStruct((rows,), bool, sharding=row),
+      _key(mesh),
+  )
+  # The sampler's cache lives inside its one jitted program (`sampling._generate_bucketed`),
+  # where the compiler lays it out; AUTO lets it choose here too, not the row-major layout a
   # program boundary would impose (for 64-wide heads it keeps the cache slot-minor).
   cache_shardings = jax.tree.map(lambda x: Format(Layout.AUTO, x.sharding), cache)
-  jitted = jax.jit(decode, donate_argnums=(1,),
-                   in_shardings=(policy.sampler_shardings, cache_shardings, row, row, row,
-                                 replicated),
-                   out_shardings=(row, row, cache_shardings))
+  jitted = jax.jit(
+      decode,
+      donate_argnums=(1,),
+      in_shardings=(policy.sampler_shardings, cache_shardings, row, row, row, replicated),
+      out_shardings=(row, row, cache_shardings),
+  )
   return Program("decode", jitted, args)
 
 

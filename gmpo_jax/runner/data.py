@@ -32,25 +32,32 @@ class PromptStream:
     return out
 
 
-def encode_batch(texts: Sequence[str], tokenizer: tokenization.Tokenizer, *,
-                 add_bos: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def encode_batch(
+    texts: Sequence[str], tokenizer: tokenization.Tokenizer, *, add_bos: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
   """Right-padded [N, P] token ids and mask (the sampler aligns and buckets them)."""
-  ids = [([tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else [])
-         + list(tokenizer.encode(t)) for t in texts]
+  ids = [
+      ([tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else [])
+      + list(tokenizer.encode(t))
+      for t in texts
+  ]
   width = max(1, max(len(x) for x in ids))
   tokens = np.full((len(ids), width), tokenizer.pad_id, np.int32)
   mask = np.zeros((len(ids), width), bool)
   for i, row in enumerate(ids):
-    tokens[i, :len(row)] = row
-    mask[i, :len(row)] = True
+    tokens[i, : len(row)] = row
+    mask[i, : len(row)] = True
   return tokens, mask
 
 
-def decode_completions(rollout: Rollout, tokenizer: tokenization.Tokenizer,
-                       stop_ids: Sequence[int]) -> list[str]:
+def decode_completions(
+    rollout: Rollout, tokenizer: tokenization.Tokenizer, stop_ids: Sequence[int]
+) -> list[str]:
   """The completion text of every row, stop tokens removed."""
   tokens = np.asarray(rollout.tokens)
   mask = np.asarray(rollout.completion_mask)
   stops = set(stop_ids)
-  return [tokenizer.decode([int(t) for t in row[m] if int(t) not in stops])
-          for row, m in zip(tokens, mask)]
+  return [
+      tokenizer.decode([int(t) for t in row[m] if int(t) not in stops])
+      for row, m in zip(tokens, mask)
+  ]

@@ -21,8 +21,15 @@ from gmpo_jax.runner.data import decode_completions, encode_batch
 EVAL_RESULTS_DIR = "eval_results"
 
 
-def _complete(run: Run, params, examples: Sequence[Mapping[str, Any]], *, temperature: float,
-              n: int, key: jax.Array) -> tuple[list[list[str]], np.ndarray, np.ndarray]:
+def _complete(
+    run: Run,
+    params,
+    examples: Sequence[Mapping[str, Any]],
+    *,
+    temperature: float,
+    n: int,
+    key: jax.Array,
+) -> tuple[list[list[str]], np.ndarray, np.ndarray]:
   """`n` completions of each example's prompt at `temperature` (0: greedy), by the in-process
   sampler.
 
@@ -31,15 +38,20 @@ def _complete(run: Run, params, examples: Sequence[Mapping[str, Any]], *, temper
     task's maximum, `Task.reward_range`).
   """
   config = dataclasses.replace(run.sampling, temperature=temperature)
-  backend = JaxRollout(nnx.merge(run.graphdef, params), config=config,
-                       chunk_size=run.config.chunk_size)
-  tokens, mask = encode_batch([run.task.prompt(e) for e in examples for _ in range(n)],
-                              run.tokenizer)
+  backend = JaxRollout(
+      nnx.merge(run.graphdef, params), config=config, chunk_size=run.config.chunk_size
+  )
+  tokens, mask = encode_batch(
+      [run.task.prompt(e) for e in examples for _ in range(n)], run.tokenizer
+  )
   texts = decode_completions(backend.generate(tokens, mask, key), run.tokenizer, run.stop_ids)
   rewards = np.array([run.task.reward(t, examples[i // n]) for i, t in enumerate(texts)])
   rewards = rewards.reshape(len(examples), n)
-  return ([texts[i * n:(i + 1) * n] for i in range(len(examples))], rewards,
-          rewards >= run.task.reward_range[1] - 1e-6)
+  return (
+      [texts[i * n : (i + 1) * n] for i in range(len(examples))],
+      rewards,
+      rewards >= run.task.reward_range[1] - 1e-6,
+  )
 
 
 def evaluate(run: Run, params, key: jax.Array, *, step: int) -> dict[str, float]:
@@ -54,18 +66,21 @@ def evaluate(run: Run, params, key: jax.Array, *, step: int) -> dict[str, float]
   cfg = run.config.eval
   examples = [run.eval_examples[i] for i in range(min(cfg.num_examples, len(run.eval_examples)))]
   prompts = [run.task.prompt(e) for e in examples]
-  _, greedy_rewards, greedy_passed = _complete(run, params, examples, temperature=0.0, n=1,
-                                               key=key)
-  sampled_texts, _, sampled_passed = _complete(run, params, examples,
-                                               temperature=cfg.temperature,
-                                               n=cfg.num_samples, key=key)
+  _, greedy_rewards, greedy_passed = _complete(run, params, examples, temperature=0.0, n=1, key=key)
+  sampled_texts, _, sampled_passed = _complete(
+      run, params, examples, temperature=cfg.temperature, n=cfg.num_samples, key=key
+  )
   results = [
       evaluation.PromptResult(
-          prompt_id=i, prompt=prompts[i], greedy_passed=bool(greedy_passed[i, 0]),
+          prompt_id=i,
+          prompt=prompts[i],
+          greedy_passed=bool(greedy_passed[i, 0]),
           greedy_reward=float(greedy_rewards[i, 0]),
           answers=tuple(run.task.extract_answer(t) for t in sampled_texts[i]),
-          passed=tuple(bool(p) for p in sampled_passed[i]))
-      for i in range(len(examples))]
+          passed=tuple(bool(p) for p in sampled_passed[i]),
+      )
+      for i in range(len(examples))
+  ]
   if jax.process_index() == 0:
     evaluation.write_results(run.workdir / EVAL_RESULTS_DIR / f"step_{step:06d}.jsonl", results)
   return evaluation.summarize(results, cfg.k)

@@ -47,11 +47,11 @@ from gmpo_jax.runner.data import PromptStream
 from gmpo_jax.runner.evaluate import evaluate
 from gmpo_jax.runner.rl_step import RLState, RLStep, ScoredRollout
 from gmpo_jax.runner.state import (
-  METRICS_HISTORY_KEY,
-  InFlightRollout,
-  RunState,
-  check_lora_base,
-  in_flight_name,
+    METRICS_HISTORY_KEY,
+    InFlightRollout,
+    RunState,
+    check_lora_base,
+    in_flight_name,
 )
 from gmpo_jax.runner.steps import run_steps
 from gmpo_jax.runner.warm_start import fingerprint, warm_start
@@ -59,8 +59,9 @@ from gmpo_jax.runner.warm_start import fingerprint, warm_start
 logger = logging.getLogger(__name__)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
-                       ) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | pathlib.Path
+) -> dict[str, Any]:
   """Runs (or resumes) the experiment of `config` in `workdir`; returns the summary."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -72,8 +73,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # One SIGTERM/SIGINT handler for every phase: the warm start, the first evaluation and the RL
     # loop each save what is in flight and stop; a second signal forces the exit.
     # Freed compiler memory goes back to the OS after every compile (`HeapTrimmer`: peak RSS).
-    with (jax.set_mesh(run.mesh), preemption.install_preemption_handler() as handler,
-          compilation.CompileTimer() as compile_timer, compilation.HeapTrimmer()):
+    with (
+        jax.set_mesh(run.mesh),
+        preemption.install_preemption_handler() as handler,
+        compilation.CompileTimer() as compile_timer,
+        compilation.HeapTrimmer(),
+    ):
       try:
         return _train(run, handler, compile_timer)
       except Preempted as stopped:
@@ -84,8 +89,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 WARM_START_SUMMARY = "warm_start.json"
 
 
-def warm_start_only(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
-                    ) -> dict[str, Any]:
+def warm_start_only(
+    config: ml_collections.ConfigDict, workdir: str | pathlib.Path
+) -> dict[str, Any]:
   """Runs (or resumes, or reuses) only the warm start of `config` in `workdir`, for other runs
   to start from (`warm_start.init_from`); returns and writes `workdir/warm_start.json`: its
   result and the fingerprint an `init_from` run checks."""
@@ -101,8 +107,12 @@ def warm_start_only(config: ml_collections.ConfigDict, workdir: str | pathlib.Pa
       except Preempted as stopped:
         logger.warning("preempted during the %s; rerun the same command to resume", stopped)
         return {"preempted": str(stopped)}
-    summary = {"result": result, "fingerprint": fingerprint(
-        json.loads(run.config_dict.task.to_json()), json.loads(run.config_dict.model.to_json()))}
+    summary = {
+        "result": result,
+        "fingerprint": fingerprint(
+            json.loads(run.config_dict.task.to_json()), json.loads(run.config_dict.model.to_json())
+        ),
+    }
     (workdir / WARM_START_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -123,8 +133,9 @@ def _producer_sample(rl_step: RLStep, stream: PromptStream, prompts_per_step: in
   return sample
 
 
-def _learn_from(producer: async_rollout.RolloutProducer, rl_step: RLStep, state: RLState
-                ) -> tuple[RLState, dict[str, Any]]:
+def _learn_from(
+    producer: async_rollout.RolloutProducer, rl_step: RLStep, state: RLState
+) -> tuple[RLState, dict[str, Any]]:
   """The asynchronous step: wait for the step's rollout, update, publish the new version."""
   t0, wall_start = time.perf_counter(), time.time()
   scored = producer.take(state.step)
@@ -134,22 +145,28 @@ def _learn_from(producer: async_rollout.RolloutProducer, rl_step: RLStep, state:
   return state, rl_step.timings(record, start=t0, wall_start=wall_start, waited=waited)
 
 
-def _train(run: Run, preemption: preemption.PreemptionHandler,
-           compile_timer: compilation.CompileTimer) -> dict[str, Any]:
+def _train(
+    run: Run, preemption: preemption.PreemptionHandler, compile_timer: compilation.CompileTimer
+) -> dict[str, Any]:
   config = run.config
   # Closed on every path out: a save that failed in the background (a full disk) is reported by
   # `close` at the latest, once its files are removed.
-  with checkpointing.Checkpointer(run.workdir / "checkpoints", max_to_keep=config.checkpoint.keep,
-                                  best_metric=config.checkpoint.best_metric,
-                                  best_mode="max") as ckpt:
+  with checkpointing.Checkpointer(
+      run.workdir / "checkpoints",
+      max_to_keep=config.checkpoint.keep,
+      best_metric=config.checkpoint.best_metric,
+      best_mode="max",
+  ) as ckpt:
     warm_start_result = None
     if _has_warm_start(config):
       # With an RL checkpoint to resume from, the warm start's policy is needed only as the KL
       # reference or a LoRA run's frozen base; otherwise a damaged warm-start cache is skipped,
       # not recomputed.
       params, warm_start_result = warm_start(
-          run, preemption, needed=(ckpt.latest_step is None or run.algo.beta > 0
-                                   or config.model.lora is not None))
+          run,
+          preemption,
+          needed=(ckpt.latest_step is None or run.algo.beta > 0 or config.model.lora is not None),
+      )
       if params is not None:
         run.params = params
     if config.model.lora is not None:
@@ -160,38 +177,52 @@ def _train(run: Run, preemption: preemption.PreemptionHandler,
 def _base_path(run: Run, warm_start_result: dict[str, Any] | None) -> str:
   """Where a LoRA run's frozen base comes from, in words (its fingerprint is what is checked)."""
   model = run.config.model
-  start = model.hf_path if model.hf_path is not None else (
-      f"{model.name} at random init (seed {run.config.seed})")
+  start = (
+      model.hf_path
+      if model.hf_path is not None
+      else (f"{model.name} at random init (seed {run.config.seed})")
+  )
   if run.config.warm_start.steps > 0:
     steps = (warm_start_result or {}).get("warm_start/steps")
     start += f", then the warm start in {run.workdir / 'warm_start'} ({steps} steps)"
   return start
 
 
-def _resume_and_train(run: Run, ckpt: checkpointing.Checkpointer,
-                      warm_start_result: dict[str, Any] | None,
-                      preemption: preemption.PreemptionHandler,
-                      compile_timer: compilation.CompileTimer) -> dict[str, Any]:
+def _resume_and_train(
+    run: Run,
+    ckpt: checkpointing.Checkpointer,
+    warm_start_result: dict[str, Any] | None,
+    preemption: preemption.PreemptionHandler,
+    compile_timer: compilation.CompileTimer,
+) -> dict[str, Any]:
   config, workdir, algo = run.config, run.workdir, run.algo
   # The update donates (and so invalidates) only the trained parameters: a LoRA run's
   # reference shares the frozen base and copies the adapters.
-  ref_params = (run.with_trained(jax.tree.map(jnp.copy, run.trained_params(run.params)),
-                                 run.params) if algo.beta > 0 else None)
-  optimizer = make_optimizer(config.optim,
-                             config.num_steps * algo.num_epochs * algo.num_minibatches,
-                             param_dtype=config.model.trained_dtype, seed=config.seed)
+  ref_params = (
+      run.with_trained(jax.tree.map(jnp.copy, run.trained_params(run.params)), run.params)
+      if algo.beta > 0
+      else None
+  )
+  optimizer = make_optimizer(
+      config.optim,
+      config.num_steps * algo.num_epochs * algo.num_minibatches,
+      param_dtype=config.model.trained_dtype,
+      seed=config.seed,
+  )
   opt_state = learner.init_opt_state(optimizer, run.trained_params(run.params), run.mesh)
   base_key, eval_key = jax.random.split(sharding.prng_key(config.seed, run.mesh))
 
   # A LoRA run's checkpoints hold its adapters; the base is named in the run state.
-  target = checkpointing.CheckpointState(step=0, model=run.trained_params(run.params),
-                                         opt_state=opt_state, key=base_key, metadata={})
+  target = checkpointing.CheckpointState(
+      step=0, model=run.trained_params(run.params), opt_state=opt_state, key=base_key, metadata={}
+  )
   # A workdir resumes only the experiment that wrote it (the fields in
   # `checkpointing.RESUMABLE_FIELDS` may differ); `resume_with_changes` accepts any change,
   # and the changes are logged and kept in every later checkpoint.
   resolved = json.loads(run.config_dict.to_json())
-  restored = ckpt.restore_latest(target, config=resolved,
-                                 allow_config_changes=config.resume_with_changes)
+  restored = ckpt.restore_latest(
+      target, config=resolved, allow_config_changes=config.resume_with_changes
+  )
   config_record = checkpointing.config_record(resolved)
   if restored is not None and config.resume_with_changes:
     stored = restored.metadata.get(checkpointing.CONFIG_METADATA_KEY)
@@ -199,16 +230,24 @@ def _resume_and_train(run: Run, ckpt: checkpointing.Checkpointer,
     if changes:
       logger.warning("resuming with config changes: %s", changes)
       config_record["resumed_with_changes"] = [
-          [c.field, repr(c.stored), repr(c.current)] for c in changes]
+          [c.field, repr(c.stored), repr(c.current)] for c in changes
+      ]
   state, position, initial_eval = RLState(step=0, params=run.params, opt_state=opt_state), 0, None
   in_flight_entries, history = (), None
   if restored is not None:
     stored = RunState.from_metadata(restored.metadata)
     check_lora_base(stored.lora_base, run.lora_base)
-    state = RLState(step=restored.step, params=run.with_trained(restored.model, run.params),
-                    opt_state=restored.opt_state, skipped_updates=stored.skipped_updates)
-    position, initial_eval, in_flight_entries = (stored.data_position, stored.initial_eval,
-                                                 stored.in_flight)
+    state = RLState(
+        step=restored.step,
+        params=run.with_trained(restored.model, run.params),
+        opt_state=restored.opt_state,
+        skipped_updates=stored.skipped_updates,
+    )
+    position, initial_eval, in_flight_entries = (
+        stored.data_position,
+        stored.initial_eval,
+        stored.in_flight,
+    )
     if warm_start_result is None:  # not run (not needed): what the checkpoint recorded of it
       warm_start_result = stored.warm_start
     if restored.arrays is not None and METRICS_HISTORY_KEY in restored.arrays:
@@ -217,29 +256,50 @@ def _resume_and_train(run: Run, ckpt: checkpointing.Checkpointer,
   start_step, start_position = state.step, position
   stream = PromptStream(run.train_examples, seed=config.seed, position=position)
   sampler_params = run.sampler_params(state.params)
-  backend = rollout_lib.make_backend(config.rollout.backend, nnx.merge(run.graphdef, sampler_params),
-                                     config=run.sampling, chunk_size=config.chunk_size)
-  rl_step = RLStep(run, backend=backend, optimizer=optimizer, opt_shardings=tree_shardings(opt_state),
-                   key=base_key, ref_params=ref_params, compile_timer=compile_timer)
+  backend = rollout_lib.make_backend(
+      config.rollout.backend,
+      nnx.merge(run.graphdef, sampler_params),
+      config=run.sampling,
+      chunk_size=config.chunk_size,
+  )
+  rl_step = RLStep(
+      run,
+      backend=backend,
+      optimizer=optimizer,
+      opt_shardings=tree_shardings(opt_state),
+      key=base_key,
+      ref_params=ref_params,
+      compile_timer=compile_timer,
+  )
   staleness = config.rollout.max_staleness
   # The rollouts of the next steps that older parameters sampled before the checkpoint: their
   # tokens come back from it, their rewards are recomputed from the same prompts.
   in_flight = []
   if in_flight_entries and staleness == 0:
-    logger.warning("resuming with max_staleness 0: the %d rollout(s) in flight in the checkpoint "
-                   "are sampled again from its parameters", len(in_flight_entries))
+    logger.warning(
+        "resuming with max_staleness 0: the %d rollout(s) in flight in the checkpoint "
+        "are sampled again from its parameters",
+        len(in_flight_entries),
+    )
   elif in_flight_entries:
     for entry in in_flight_entries:
       rollout = Rollout(**restored.arrays[in_flight_name(entry.step)])
-      in_flight.append(rl_step.score(entry.step, stream.take(config.prompts_per_step), rollout,
-                                     version=entry.version))
+      in_flight.append(
+          rl_step.score(
+              entry.step, stream.take(config.prompts_per_step), rollout, version=entry.version
+          )
+      )
 
   try:
     writer = metrics_lib.MetricsWriter(
-        workdir, total_steps=config.num_steps, start_step=state.step if restored else None,
-        history=history, progress=config.progress,
+        workdir,
+        total_steps=config.num_steps,
+        start_step=state.step if restored else None,
+        history=history,
+        progress=config.progress,
         progress_keys=("reward/mean", "eval/pass@1", "loss"),
-        best_modes={"eval/pass@1": "max", "eval/reward": "max", "reward/mean": "max"})
+        best_modes={"eval/pass@1": "max", "eval/reward": "max", "reward/mean": "max"},
+    )
     if initial_eval is None:
       initial_eval = evaluate(run, state.params, eval_key, step=0)
       logger.info("before RL: %s", initial_eval)
@@ -250,23 +310,30 @@ def _resume_and_train(run: Run, ckpt: checkpointing.Checkpointer,
     if rl_step.peak is not None:
       writer.add_to_summary("perf", rl_step.peak._asdict())
 
-    def checkpoint(state: RLState, in_flight: Sequence[ScoredRollout] = ()
-                   ) -> checkpointing.CheckpointState:
-      arrays = {in_flight_name(s.step): jax.tree.map(np.asarray, s.rollout._asdict())
-                for s in in_flight}
+    def checkpoint(
+        state: RLState, in_flight: Sequence[ScoredRollout] = ()
+    ) -> checkpointing.CheckpointState:
+      arrays = {
+          in_flight_name(s.step): jax.tree.map(np.asarray, s.rollout._asdict()) for s in in_flight
+      }
       # The run's history up to this step travels with it (`MetricsWriter(history=...)`).
       arrays[METRICS_HISTORY_KEY] = np.frombuffer(writer.history, np.uint8)
       return checkpointing.CheckpointState(
-          step=state.step, model=run.trained_params(state.params), opt_state=state.opt_state,
+          step=state.step,
+          model=run.trained_params(state.params),
+          opt_state=state.opt_state,
           key=base_key,
           metadata=RunState(
               data_position=start_position + config.prompts_per_step * (state.step - start_step),
-              skipped_updates=state.skipped_updates, initial_eval=initial_eval,
+              skipped_updates=state.skipped_updates,
+              initial_eval=initial_eval,
               config_record=config_record,
               in_flight=tuple(InFlightRollout(step=s.step, version=s.version) for s in in_flight),
-              warm_start=warm_start_result, lora_base=run.lora_base,
+              warm_start=warm_start_result,
+              lora_base=run.lora_base,
           ).to_metadata(),
-          arrays=arrays)
+          arrays=arrays,
+      )
 
     with writer:
       if restored is None and preemption.requested_on_any_process():
@@ -276,9 +343,13 @@ def _resume_and_train(run: Run, ckpt: checkpointing.Checkpointer,
       if staleness > 0:
         producer = async_rollout.RolloutProducer(
             _producer_sample(rl_step, stream, config.prompts_per_step),
-            steps=range(state.step + len(in_flight), config.num_steps), max_staleness=staleness,
-            first_version=state.step, params=sampler_params, place=run.sampler_params,
-            ready={s.step: s for s in in_flight})
+            steps=range(state.step + len(in_flight), config.num_steps),
+            max_staleness=staleness,
+            first_version=state.step,
+            params=sampler_params,
+            place=run.sampler_params,
+            ready={s.step: s for s in in_flight},
+        )
       eval_due = lambda done: done % config.eval_every == 0 or done == config.num_steps
       record: dict[str, Any] = {}
 
@@ -295,18 +366,27 @@ def _resume_and_train(run: Run, ckpt: checkpointing.Checkpointer,
         return state.step, False
 
       def save(done: int, last: bool) -> None:
-        pending = (() if producer is None else
-                   producer.peek(range(done, min(done + staleness, config.num_steps))))
+        pending = (
+            ()
+            if producer is None
+            else producer.peek(range(done, min(done + staleness, config.num_steps)))
+        )
         ckpt.save(
             checkpoint(state, pending),
             metrics={config.checkpoint.best_metric: record[config.checkpoint.best_metric]}
-            if config.checkpoint.best_metric in record else None)
+            if config.checkpoint.best_metric in record
+            else None,
+        )
 
       try:
         done, preempted = run_steps(
-            state.step, config.num_steps, take_step=take_step, save=save,
+            state.step,
+            config.num_steps,
+            take_step=take_step,
+            save=save,
             save_due=lambda done: eval_due(done) or done % config.checkpoint.every == 0,
-            preemption=preemption)
+            preemption=preemption,
+        )
         if preempted:
           logger.warning("preemption requested: checkpoint saved at step %d, exiting", done)
       finally:
@@ -314,25 +394,38 @@ def _resume_and_train(run: Run, ckpt: checkpointing.Checkpointer,
           producer.close()
       # What RL added to its starting policy: the last evaluation minus the one before RL.
       final = writer.summary()["final"]
-      writer.add_to_summary("eval_gain", {name: final[name] - value
-                                          for name, value in initial_eval.items()
-                                          if "/ci_" not in name and final.get(name) is not None})
+      writer.add_to_summary(
+          "eval_gain",
+          {
+              name: final[name] - value
+              for name, value in initial_eval.items()
+              if "/ci_" not in name and final.get(name) is not None
+          },
+      )
       summary = writer.summary()
     # The last save is on disk before the run says it is done.
     ckpt.wait_until_finished()
     n = config.eval.num_samples
     metrics_lib.plot_learning_curves(
         workdir,
-        keys=[["reward/mean", "reward/geometric_mean"],
-              ["eval/pass@1", f"eval/mean@{n}"] + [f"eval/maj@{k}" for k in config.eval.k if k > 1],
-              "entropy", ["clip_fraction_low", "clip_fraction_high"], "approx_kl"],
-        title=(f"{config.task.name} | advantage {algo.advantage} | objective {algo.objective} | "
-               f"seed {config.seed}"))
+        keys=[
+            ["reward/mean", "reward/geometric_mean"],
+            ["eval/pass@1", f"eval/mean@{n}"] + [f"eval/maj@{k}" for k in config.eval.k if k > 1],
+            "entropy",
+            ["clip_fraction_low", "clip_fraction_high"],
+            "approx_kl",
+        ],
+        title=(
+            f"{config.task.name} | advantage {algo.advantage} | objective {algo.objective} | "
+            f"seed {config.seed}"
+        ),
+    )
     return summary
   except OSError as error:
     # A full disk met outside a checkpoint save (metrics, TensorBoard, summary, plot): the same
     # one line as for a save.
     if not disk_full.is_disk_full(error):
       raise
-    raise disk_full.DiskFullError(step=state.step, path=error.filename or workdir,
-                                  last_complete=ckpt.latest_step) from error
+    raise disk_full.DiskFullError(
+        step=state.step, path=error.filename or workdir, last_complete=ckpt.latest_step
+    ) from error

@@ -98,8 +98,9 @@ def param_count(config: TransformerConfig) -> int:
   return matmul_params(config) + layers * per_layer + d + embedding
 
 
-def attention_flops(config: TransformerConfig, *, rows: int, length: int,
-                    causal: bool = True) -> int:
+def attention_flops(
+    config: TransformerConfig, *, rows: int, length: int, causal: bool = True
+) -> int:
   """Forward FLOPs of the scores QKᵀ and the weighted values over `rows` sequences.
 
   2·2·L·H·hd·pairs per sequence, with pairs = T(T+1)/2 under a causal mask (each query attends
@@ -118,8 +119,9 @@ def attention_flops(config: TransformerConfig, *, rows: int, length: int,
 
 def forward_flops(config: TransformerConfig, *, rows: int, length: int) -> int:
   """2·N·rows·T + causal attention: one forward pass over [rows, T] tokens (log-probs)."""
-  return 2 * matmul_params(config) * rows * length + attention_flops(config, rows=rows,
-                                                                     length=length)
+  return 2 * matmul_params(config) * rows * length + attention_flops(
+      config, rows=rows, length=length
+  )
 
 
 def training_flops(config: TransformerConfig, *, rows: int, length: int) -> int:
@@ -131,8 +133,15 @@ def training_flops(config: TransformerConfig, *, rows: int, length: int) -> int:
   return 3 * forward_flops(config, rows=rows, length=length)
 
 
-def update_flops(config: TransformerConfig, *, rows: int, length: int, num_epochs: int,
-                 rescore_old: bool, rescore_ref: bool) -> int:
+def update_flops(
+    config: TransformerConfig,
+    *,
+    rows: int,
+    length: int,
+    num_epochs: int,
+    rescore_old: bool,
+    rescore_ref: bool,
+) -> int:
   """Model FLOPs of one RL update on a rollout of [rows, T] tokens.
 
   num_epochs·training([rows, T]) (each epoch trains on every row once, whatever the
@@ -148,8 +157,9 @@ def update_flops(config: TransformerConfig, *, rows: int, length: int, num_epoch
     rescore_ref: the learner scores the reference policy.
   """
   forwards = int(rescore_old) + int(rescore_ref)
-  return (num_epochs * training_flops(config, rows=rows, length=length)
-          + forwards * forward_flops(config, rows=rows, length=length))
+  return num_epochs * training_flops(config, rows=rows, length=length) + forwards * forward_flops(
+      config, rows=rows, length=length
+  )
 
 
 def decode_param_bytes(config: TransformerConfig) -> int:
@@ -166,12 +176,22 @@ def decode_param_bytes(config: TransformerConfig) -> int:
 
 def kv_bytes_per_position(config: TransformerConfig, cache_dtype) -> int:
   """2·L·K·hd·itemsize: the keys and values one context position holds in the cache."""
-  return (2 * config.num_layers * config.num_kv_heads * config.head_dim
-          * jnp.dtype(cache_dtype).itemsize)
+  return (
+      2
+      * config.num_layers
+      * config.num_kv_heads
+      * config.head_dim
+      * jnp.dtype(cache_dtype).itemsize
+  )
 
 
-def decode_bytes(*, param_bytes: int, kv_bytes_per_position: int,
-                 prompt_lengths: np.ndarray, completion_lengths: np.ndarray) -> int:
+def decode_bytes(
+    *,
+    param_bytes: int,
+    kv_bytes_per_position: int,
+    prompt_lengths: np.ndarray,
+    completion_lengths: np.ndarray,
+) -> int:
   """Bytes the decode steps of one rollout must read: weights once per step, live K/V.
 
   The first completion token comes from the prefill; decode step s = 1 … S - 1, with
@@ -197,8 +217,10 @@ def decode_bytes(*, param_bytes: int, kv_bytes_per_position: int,
   prompt = np.asarray(prompt_lengths, np.int64)
   length = np.asarray(completion_lengths, np.int64)
   if prompt.shape != length.shape or prompt.ndim != 1:
-    raise ValueError(f"prompt_lengths {prompt.shape} and completion_lengths {length.shape} "
-                     "must be equal [B] shapes")
+    raise ValueError(
+        f"prompt_lengths {prompt.shape} and completion_lengths {length.shape} "
+        "must be equal [B] shapes"
+    )
   if length.size == 0 or length.min() < 1:
     raise ValueError("every row has at least the prefill's token (completion_lengths >= 1)")
   steps = int(length.max()) - 1
@@ -234,8 +256,7 @@ def cpu_matmul_tflops(size: int = 1024, budget_seconds: float = 0.25) -> float:
   with jax.set_mesh(jax.sharding.Mesh(np.array([device]), ("probe",))):
     # NumPy inputs: jax.random would compile four more programs for a one-off measurement.
     rng = np.random.default_rng(0)
-    a, b = (jax.device_put(rng.standard_normal((size, size), np.float32), device)
-            for _ in range(2))
+    a, b = (jax.device_put(rng.standard_normal((size, size), np.float32), device) for _ in range(2))
     product = jax.jit(lambda x, y: jnp.matmul(x, y, precision=jax.lax.Precision.HIGHEST))
     product(a, b).block_until_ready()
     best, start, trials = math.inf, time.perf_counter(), 0
@@ -256,6 +277,7 @@ class Peak(NamedTuple):
     source: where the figure comes from: the config override, a chip table entry, or the
       CPU probe (`SOURCE_CPU_PROBE`).
   """
+
   tflops: float
   per_device: float
   source: str
@@ -286,8 +308,14 @@ def mesh_peak(devices: Sequence[jax.Device], *, override: float | None = None) -
   return None
 
 
-def step_record(*, flops: int, update_seconds: float, peak: Peak | None, decoded_bytes: int,
-                rollout_seconds: float) -> dict[str, float]:
+def step_record(
+    *,
+    flops: int,
+    update_seconds: float,
+    peak: Peak | None,
+    decoded_bytes: int,
+    rollout_seconds: float,
+) -> dict[str, float]:
   """The `perf/...` metrics of one RL step.
 
   Returns:

@@ -40,13 +40,23 @@ logger = logging.getLogger(__name__)
 
 # Timing metrics differ between otherwise identical runs; everything else must not. The perf/...
 # rates divide by the same times (`gmpo_jax.runner.perf`).
-TIMING_METRICS = ("time/step", "time/rollout", "time/reward", "time/update", "time/compile",
-                  "time/wait_rollout", "tokens_per_sec", "perf/train_tflops", "perf/mfu",
-                  "perf/decode_gb_per_s")
+TIMING_METRICS = (
+    "time/step",
+    "time/rollout",
+    "time/reward",
+    "time/update",
+    "time/compile",
+    "time/wait_rollout",
+    "tokens_per_sec",
+    "perf/train_tflops",
+    "perf/mfu",
+    "perf/decode_gb_per_s",
+)
 
 
-def overlong_penalty(lengths: np.ndarray, *, max_new_tokens: int, buffer: int,
-                     penalty: float) -> np.ndarray:
+def overlong_penalty(
+    lengths: np.ndarray, *, max_new_tokens: int, buffer: int, penalty: float
+) -> np.ndarray:
   """DAPO's soft overlong punishment: 0 up to N - buffer, then down to -penalty at N."""
   if buffer <= 0:
     return np.zeros(lengths.shape, np.float32)
@@ -69,16 +79,22 @@ def group_statistics(rewards: np.ndarray, floor: float = 1e-8) -> dict[str, floa
 def rewards_for(run: Run, rollout: Rollout, examples: Sequence[Mapping[str, Any]]) -> np.ndarray:
   g = run.algo.num_generations
   texts = decode_completions(rollout, run.tokenizer, run.stop_ids)
-  rewards = np.array([run.task.reward(t, examples[i // g]) for i, t in enumerate(texts)],
-                     np.float32)
-  rewards += overlong_penalty(np.asarray(rollout.lengths), max_new_tokens=run.sampling.max_new_tokens,
-                              buffer=run.algo.overlong_buffer, penalty=run.algo.overlong_penalty)
+  rewards = np.array(
+      [run.task.reward(t, examples[i // g]) for i, t in enumerate(texts)], np.float32
+  )
+  rewards += overlong_penalty(
+      np.asarray(rollout.lengths),
+      max_new_tokens=run.sampling.max_new_tokens,
+      buffer=run.algo.overlong_buffer,
+      penalty=run.algo.overlong_penalty,
+  )
   return rewards.reshape(len(examples), g)
 
 
 class RLState(NamedTuple):
   """What an RL step changes: RL steps done, the policy's parameters and optimizer state, and
   the number of updates skipped so far (non-finite loss or gradient)."""
+
   step: int
   params: Any
   opt_state: Any
@@ -86,9 +102,15 @@ class RLState(NamedTuple):
 
 
 @jax.jit
-def rollout_batch(rollout: Rollout, *, advantages: jax.Array, group_mask: jax.Array,
-                  old_logp: jax.Array | None, ref_logp: jax.Array | None,
-                  behav_logp: jax.Array | None = None) -> learner.Batch:
+def rollout_batch(
+    rollout: Rollout,
+    *,
+    advantages: jax.Array,
+    group_mask: jax.Array,
+    old_logp: jax.Array | None,
+    ref_logp: jax.Array | None,
+    behav_logp: jax.Array | None = None,
+) -> learner.Batch:
   """The learner's [N, ...] view of a rollout of N = B·G sequences (group-major), one program.
 
   Args:
@@ -106,9 +128,15 @@ def rollout_batch(rollout: Rollout, *, advantages: jax.Array, group_mask: jax.Ar
   if ref_logp is None:
     ref_logp = jnp.zeros(rollout.tokens.shape, jnp.float32)
   return learner.Batch(
-      tokens=rollout.tokens, positions=rollout.positions, key_mask=rollout.key_mask,
-      loss_mask=rollout.completion_mask & valid[:, None], old_logp=old_logp, ref_logp=ref_logp,
-      advantages=advantages.reshape(-1), behav_logp=behav_logp)
+      tokens=rollout.tokens,
+      positions=rollout.positions,
+      key_mask=rollout.key_mask,
+      loss_mask=rollout.completion_mask & valid[:, None],
+      old_logp=old_logp,
+      ref_logp=ref_logp,
+      advantages=advantages.reshape(-1),
+      behav_logp=behav_logp,
+  )
 
 
 def minibatches(sequences: learner.Batch, key: jax.Array, algo: AlgorithmConfig):
@@ -121,13 +149,26 @@ def minibatches(sequences: learner.Batch, key: jax.Array, algo: AlgorithmConfig)
   """
   for epoch in range(algo.num_epochs):
     for index in range(algo.num_minibatches):
-      yield _minibatch(sequences, key, epoch, index, num_minibatches=algo.num_minibatches,
-                       num_microbatches=algo.num_microbatches)
+      yield _minibatch(
+          sequences,
+          key,
+          epoch,
+          index,
+          num_minibatches=algo.num_minibatches,
+          num_microbatches=algo.num_microbatches,
+      )
 
 
 @functools.partial(jax.jit, static_argnames=("num_minibatches", "num_microbatches"))
-def _minibatch(sequences: learner.Batch, key: jax.Array, epoch: int, index: int, *,
-               num_minibatches: int, num_microbatches: int) -> learner.Batch:
+def _minibatch(
+    sequences: learner.Batch,
+    key: jax.Array,
+    epoch: int,
+    index: int,
+    *,
+    num_minibatches: int,
+    num_microbatches: int,
+) -> learner.Batch:
   """Minibatch `index` of `epoch` (see `minibatches`) as [M, b, ...], one program."""
   if num_minibatches > 1:
     num_sequences = sequences.tokens.shape[0]
@@ -150,6 +191,7 @@ class ScoredRollout(NamedTuple):
     seconds: `time/rollout` and `time/reward` of producing it (0 for one restored from a
       checkpoint).
   """
+
   step: int
   version: int
   rollout: Rollout
@@ -197,105 +239,175 @@ class RLStep:
   model and the in-process sampler's cache dtype whatever the backend).
   """
 
-  def __init__(self, run: Run, *, backend: RolloutBackend, optimizer: optax.GradientTransformation,
-               opt_shardings: Any, key: jax.Array, ref_params: Any = None,
-               compile_timer: compilation.CompileTimer | None = None):
+  def __init__(
+      self,
+      run: Run,
+      *,
+      backend: RolloutBackend,
+      optimizer: optax.GradientTransformation,
+      opt_shardings: Any,
+      key: jax.Array,
+      ref_params: Any = None,
+      compile_timer: compilation.CompileTimer | None = None,
+  ):
     self.run, self.backend, self.key, self.ref_params = run, backend, key, ref_params
     self.compile_timer = compile_timer
     algo = run.algo
     temperature, chunk_size = run.sampling.logit_temperature, run.config.chunk_size
     # One optimizer step per rollout: π_old = π_θ, the parameters of the update.
     self.on_policy = algo.num_epochs == 1 and algo.num_minibatches == 1
-    micro_loss = build.policy_loss(algo, temperature=temperature, chunk_size=chunk_size,
-                                   max_length=run.sampling.max_new_tokens,
-                                   on_policy=self.on_policy)
+    micro_loss = build.policy_loss(
+        algo,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        max_length=run.sampling.max_new_tokens,
+        on_policy=self.on_policy,
+    )
     if run.config.parallelism == "pmap":
       self.update = pmap_step.make_pmap_update_fn(
-          run.graphdef, optimizer, micro_loss, devices=list(run.mesh.devices.flat),
-          param_shardings=run.param_shardings, opt_shardings=opt_shardings)
+          run.graphdef,
+          optimizer,
+          micro_loss,
+          devices=list(run.mesh.devices.flat),
+          param_shardings=run.param_shardings,
+          opt_shardings=opt_shardings,
+      )
     else:
-      self.update = learner.make_update_fn(run.graphdef, optimizer, micro_loss,
-                                           param_shardings=run.param_shardings,
-                                           opt_shardings=opt_shardings,
-                                           trainable=run.trainable)
-    self.policy_logprobs = learner.make_logprob_fn(run.graphdef, run.param_shardings, run.mesh,
-                                                   temperature=temperature, chunk_size=chunk_size)
+      self.update = learner.make_update_fn(
+          run.graphdef,
+          optimizer,
+          micro_loss,
+          param_shardings=run.param_shardings,
+          opt_shardings=opt_shardings,
+          trainable=run.trainable,
+      )
+    self.policy_logprobs = learner.make_logprob_fn(
+        run.graphdef, run.param_shardings, run.mesh, temperature=temperature, chunk_size=chunk_size
+    )
     self.advantage_fn = jax.jit(build.advantage_fn(algo))
     self.lost_update_warning = precision.LostUpdateWarning()
     # Replicated, so every process can read the scalar of row-sharded inputs.
-    self.mismatch_kl = jax.jit(learner.sampler_learner_kl,
-                               out_shardings=sharding.replicated(run.mesh))
+    self.mismatch_kl = jax.jit(
+        learner.sampler_learner_kl, out_shardings=sharding.replicated(run.mesh)
+    )
     self.model_config = nnx.merge(run.graphdef, run.params).config
     cache_dtype = run.sampling.cache_dtype or default_cache_dtype(
-        self.model_config, backend=run.sampler_mesh.devices.flat[0].platform)
+        self.model_config, backend=run.sampler_mesh.devices.flat[0].platform
+    )
     self.decode_param_bytes = perf.decode_param_bytes(self.model_config)
     self.kv_bytes_per_position = perf.kv_bytes_per_position(self.model_config, cache_dtype)
     self.peak = perf.mesh_peak(list(run.mesh.devices.flat), override=run.config.perf.peak_tflops)
     if self.peak is None:
-      logger.warning("perf: no peak known for %r; set config.perf.peak_tflops for perf/mfu",
-                     run.mesh.devices.flat[0].device_kind)
+      logger.warning(
+          "perf: no peak known for %r; set config.perf.peak_tflops for perf/mfu",
+          run.mesh.devices.flat[0].device_kind,
+      )
     else:
-      logger.info("perf: peak %.3g TFLOP/s (%.3g per device; %s)", self.peak.tflops,
-                  self.peak.per_device, self.peak.source)
+      logger.info(
+          "perf: peak %.3g TFLOP/s (%.3g per device; %s)",
+          self.peak.tflops,
+          self.peak.per_device,
+          self.peak.source,
+      )
 
-  def _perf_record(self, rollout: Rollout, completion: np.ndarray, *, update_seconds: float,
-                   rollout_seconds: float) -> dict[str, float]:
+  def _perf_record(
+      self,
+      rollout: Rollout,
+      completion: np.ndarray,
+      *,
+      update_seconds: float,
+      rollout_seconds: float,
+  ) -> dict[str, float]:
     """The step's `perf/...` metrics (`perf.step_record`) for the update on `rollout`, whose
     completion lengths (`rollout.lengths`, on the host) are `completion`."""
     rows, length = rollout.tokens.shape
-    flops = perf.update_flops(self.model_config, rows=rows, length=length,
-                              num_epochs=self.run.algo.num_epochs,
-                              rescore_old=not self.on_policy,
-                              rescore_ref=self.ref_params is not None)
+    flops = perf.update_flops(
+        self.model_config,
+        rows=rows,
+        length=length,
+        num_epochs=self.run.algo.num_epochs,
+        rescore_old=not self.on_policy,
+        rescore_ref=self.ref_params is not None,
+    )
     decoded = perf.decode_bytes(
-        param_bytes=self.decode_param_bytes, kv_bytes_per_position=self.kv_bytes_per_position,
+        param_bytes=self.decode_param_bytes,
+        kv_bytes_per_position=self.kv_bytes_per_position,
         prompt_lengths=np.asarray(rollout.key_mask).sum(axis=1) - completion,
-        completion_lengths=completion)
-    return perf.step_record(flops=flops, update_seconds=update_seconds, peak=self.peak,
-                            decoded_bytes=decoded, rollout_seconds=rollout_seconds)
+        completion_lengths=completion,
+    )
+    return perf.step_record(
+        flops=flops,
+        update_seconds=update_seconds,
+        peak=self.peak,
+        decoded_bytes=decoded,
+        rollout_seconds=rollout_seconds,
+    )
 
   def _step_key(self, step: int) -> jax.Array:
     return jax.random.fold_in(self.key, step)
 
-  def sample(self, step: int, examples: Sequence[Mapping[str, Any]], *, version: int
-             ) -> ScoredRollout:
+  def sample(
+      self, step: int, examples: Sequence[Mapping[str, Any]], *, version: int
+  ) -> ScoredRollout:
     """G completions of each example's prompt from the backend's parameters (`version`)."""
     run = self.run
     t0 = time.perf_counter()
     prompt_tokens, prompt_mask = encode_batch(
         [run.task.prompt(e) for e in examples for _ in range(run.algo.num_generations)],
-        run.tokenizer)
+        run.tokenizer,
+    )
     # The key lives on the learner's mesh; the sampler may have devices of its own.
-    key = jax.device_put(jax.random.fold_in(self._step_key(step), 0),
-                         sharding.replicated(run.sampler_mesh))
+    key = jax.device_put(
+        jax.random.fold_in(self._step_key(step), 0), sharding.replicated(run.sampler_mesh)
+    )
     with jax.set_mesh(run.sampler_mesh):
       rollout = self.backend.generate(prompt_tokens, prompt_mask, key)
     jax.block_until_ready(rollout.tokens)
-    return self.score(step, examples, rollout, version=version,
-                      rollout_seconds=time.perf_counter() - t0)
+    return self.score(
+        step, examples, rollout, version=version, rollout_seconds=time.perf_counter() - t0
+    )
 
-  def score(self, step: int, examples: Sequence[Mapping[str, Any]], rollout: Rollout, *,
-            version: int, rollout_seconds: float = 0.0) -> ScoredRollout:
+  def score(
+      self,
+      step: int,
+      examples: Sequence[Mapping[str, Any]],
+      rollout: Rollout,
+      *,
+      version: int,
+      rollout_seconds: float = 0.0,
+  ) -> ScoredRollout:
     """The host half of `sample` on a given rollout: decode, reward, validate."""
     run, algo = self.run, self.run.algo
     t1 = time.perf_counter()
     rewards = rewards_for(run, rollout, examples)
     rewards = advantages_lib.validate_rewards(
-        rewards, require_positive=algo.require_positive_rewards,
-        require_non_negative=algo.reward_domain == "non_negative", offset=algo.offset,
-        group_names=[repr(run.task.prompt(e)) for e in examples])
+        rewards,
+        require_positive=algo.require_positive_rewards,
+        require_non_negative=algo.reward_domain == "non_negative",
+        offset=algo.offset,
+        group_names=[repr(run.task.prompt(e)) for e in examples],
+    )
     # The advisor's `reward_shape/...` statistics of every group (before dynamic sampling);
     # NaN where not measurable, written as null.
     shape_record = reward_shape.reward_diagnostics(rewards)
     if step == 0:
       name, reason = reward_shape.recommend_advantage(shape_record)
-      logger.info("reward shape at step 1: recommended advantage %r (%s)%s", name, reason,
-                  "" if name == algo.advantage else
-                  f"; differs from the configured advantage {algo.advantage!r}")
-    return ScoredRollout(step=step, version=version, rollout=rollout, rewards=rewards,
-                         shape_record=shape_record,
-                         seconds={"time/rollout": rollout_seconds,
-                                  "time/reward": time.perf_counter() - t1})
+      logger.info(
+          "reward shape at step 1: recommended advantage %r (%s)%s",
+          name,
+          reason,
+          ""
+          if name == algo.advantage
+          else f"; differs from the configured advantage {algo.advantage!r}",
+      )
+    return ScoredRollout(
+        step=step,
+        version=version,
+        rollout=rollout,
+        rewards=rewards,
+        shape_record=shape_record,
+        seconds={"time/rollout": rollout_seconds, "time/reward": time.perf_counter() - t1},
+    )
 
   def learn(self, state: RLState, scored: ScoredRollout) -> tuple[RLState, dict[str, Any]]:
     """The update of step `state.step` on its scored rollout; the record of the step."""
@@ -315,15 +427,20 @@ class RLStep:
     # pi_old is rescored by the learner's own program (same sharding, chunking and dtype as
     # the update) rather than taken from the sampler: the GMPO ratio exponentiates a sum of
     # per-token differences, so any sampler/learner numerical drift would accumulate.
-    old_logp = (None if on_policy else
-                self.policy_logprobs(params, rollout.tokens, rollout.key_mask))
-    ref_logp = (None if self.ref_params is None else
-                self.policy_logprobs(self.ref_params, rollout.tokens, rollout.key_mask))
+    old_logp = None if on_policy else self.policy_logprobs(params, rollout.tokens, rollout.key_mask)
+    ref_logp = (
+        None
+        if self.ref_params is None
+        else self.policy_logprobs(self.ref_params, rollout.tokens, rollout.key_mask)
+    )
     sequences = rollout_batch(
-        rollout, advantages=advantages, group_mask=group_mask, old_logp=old_logp,
+        rollout,
+        advantages=advantages,
+        group_mask=group_mask,
+        old_logp=old_logp,
         ref_logp=ref_logp,
-        behav_logp=(rollout.policy_logprobs if on_policy or algo.is_correction != "none"
-                    else None))
+        behav_logp=(rollout.policy_logprobs if on_policy or algo.is_correction != "none" else None),
+    )
     outputs = []
     for batch in minibatches(sequences, self._step_key(state.step), algo):
       params, opt_state, out = self.update(params, opt_state, learner.place_batch(batch, run.mesh))
@@ -337,13 +454,23 @@ class RLStep:
     adv = np.asarray(advantages)
     metrics = jax.tree.map(lambda *values: np.stack(values), *[o.metrics for o in outputs])
     record = {
-        **group_statistics(rewards), **scored.shape_record,
+        **group_statistics(rewards),
+        **scored.shape_record,
         "rollout/staleness": state.step - scored.version,
         # On-policy, the update measured it from its own forward pass (in the record below).
-        **({} if on_policy else {"mismatch/kl": float(self.mismatch_kl(
-            old_logp, rollout.policy_logprobs, rollout.completion_mask))}),
-        "advantage/mean": float(adv.mean()), "advantage/std": float(adv.std()),
-        "advantage/min": float(adv.min()), "advantage/max": float(adv.max()),
+        **(
+            {}
+            if on_policy
+            else {
+                "mismatch/kl": float(
+                    self.mismatch_kl(old_logp, rollout.policy_logprobs, rollout.completion_mask)
+                )
+            }
+        ),
+        "advantage/mean": float(adv.mean()),
+        "advantage/std": float(adv.std()),
+        "advantage/min": float(adv.min()),
+        "advantage/max": float(adv.max()),
         "loss": float(np.mean([o.loss for o in outputs])),
         "grad_norm": float(np.mean([o.grad_norm for o in outputs])),
         # What reached the stored parameters, averaged over the step's updates.
@@ -352,23 +479,35 @@ class RLStep:
         "response_length/mean": float(lengths.mean()),
         "response_length/max": float(lengths.max()),
         "response_length/truncated_fraction": float(1.0 - np.mean(np.asarray(rollout.finished))),
-        "updates/skipped": skipped, "updates/skipped_total": state.skipped_updates + skipped,
+        "updates/skipped": skipped,
+        "updates/skipped_total": state.skipped_updates + skipped,
         "compiles/update": self.update._cache_size(),  # pylint: disable=protected-access
-        **scored.seconds, "time/update": t3 - t2,
+        **scored.seconds,
+        "time/update": t3 - t2,
         "tokens_per_sec": float(lengths.sum()) / max(scored.seconds["time/rollout"], 1e-9),
-        **self._perf_record(rollout, lengths, update_seconds=t3 - t2,
-                            rollout_seconds=scored.seconds["time/rollout"]),
+        **self._perf_record(
+            rollout, lengths, update_seconds=t3 - t2, rollout_seconds=scored.seconds["time/rollout"]
+        ),
         **metrics.combine().as_record(),
     }
     if skipped:
-      logger.warning("step %d: %d update(s) skipped (non-finite loss or gradient)",
-                     state.step + 1, skipped)
+      logger.warning(
+          "step %d: %d update(s) skipped (non-finite loss or gradient)", state.step + 1, skipped
+      )
     self.lost_update_warning(record["update/lost_fraction"], step=state.step + 1, where="RL")
-    return RLState(step=state.step + 1, params=params, opt_state=opt_state,
-                   skipped_updates=state.skipped_updates + skipped), record
+    return (
+        RLState(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            skipped_updates=state.skipped_updates + skipped,
+        ),
+        record,
+    )
 
-  def timings(self, record: dict[str, Any], *, start: float, wall_start: float,
-              waited: float) -> dict[str, Any]:
+  def timings(
+      self, record: dict[str, Any], *, start: float, wall_start: float, waited: float
+  ) -> dict[str, Any]:
     """`record` with the step's `time/wait_rollout`, `time/step` (from `start`, perf_counter)
     and `time/compile` (from `wall_start`, time.time)."""
     record["time/wait_rollout"] = waited
@@ -377,8 +516,9 @@ class RLStep:
       record["time/compile"] = self.compile_timer.seconds(wall_start)
     return record
 
-  def __call__(self, state: RLState, examples: Sequence[Mapping[str, Any]]
-               ) -> tuple[RLState, dict[str, Any]]:
+  def __call__(
+      self, state: RLState, examples: Sequence[Mapping[str, Any]]
+  ) -> tuple[RLState, dict[str, Any]]:
     """The synchronous step: sample with the current parameters, update, push them back."""
     t0, wall_start = time.perf_counter(), time.time()
     scored = self.sample(state.step, examples, version=state.step)

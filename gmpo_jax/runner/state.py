@@ -37,6 +37,7 @@ class InFlightRollout:
   """A rollout sampled ahead of the checkpoint's step (`max_staleness` >= 1): the RL step it is
   for and the parameter version that sampled it. Its arrays are the checkpoint's
   `arrays[in_flight_name(step)]`."""
+
   step: int
   version: int
 
@@ -63,6 +64,7 @@ class RunState:
       `gmpo_jax.models.lora.fingerprint` of its values}: the checkpoint holds only adapters,
       which mean nothing on another base (version 3 on; None for full-parameter runs).
   """
+
   data_position: int
   skipped_updates: int
   initial_eval: Mapping[str, float] | None
@@ -93,10 +95,15 @@ class RunState:
     """
     version = int(metadata.get(_VERSION_KEY, 0))
     if version > RUN_STATE_VERSION:
-      raise ValueError(f"the checkpoint's run state is version {version}; this gmpo_jax reads "
-                       f"versions up to {RUN_STATE_VERSION}: resume it with a newer gmpo_jax")
-    missing = [k for k in (CONFIG_METADATA_KEY, _DATA_POSITION_KEY, _SKIPPED_UPDATES_KEY)
-               if k not in metadata]
+      raise ValueError(
+          f"the checkpoint's run state is version {version}; this gmpo_jax reads "
+          f"versions up to {RUN_STATE_VERSION}: resume it with a newer gmpo_jax"
+      )
+    missing = [
+        k
+        for k in (CONFIG_METADATA_KEY, _DATA_POSITION_KEY, _SKIPPED_UPDATES_KEY)
+        if k not in metadata
+    ]
     if missing:
       raise ValueError(f"the checkpoint's run state (version {version}) lacks {missing}")
     # Versions 0 and 1 share their keys; version 1 adds the version itself, version 2 the warm
@@ -106,10 +113,13 @@ class RunState:
         skipped_updates=int(metadata[_SKIPPED_UPDATES_KEY]),
         initial_eval=metadata.get(_INITIAL_EVAL_KEY),
         config_record=metadata[CONFIG_METADATA_KEY],
-        in_flight=tuple(InFlightRollout(step=int(r["step"]), version=int(r["version"]))
-                        for r in metadata.get(_IN_FLIGHT_KEY, [])),
+        in_flight=tuple(
+            InFlightRollout(step=int(r["step"]), version=int(r["version"]))
+            for r in metadata.get(_IN_FLIGHT_KEY, [])
+        ),
         warm_start=metadata.get(_WARM_START_KEY),
-        lora_base=metadata.get(_LORA_BASE_KEY))
+        lora_base=metadata.get(_LORA_BASE_KEY),
+    )
 
 
 class LoRABaseMismatchError(ValueError):
@@ -130,4 +140,5 @@ def check_lora_base(stored: Mapping[str, str] | None, current: Mapping[str, str]
         f"the checkpoint's LoRA adapters were trained on the base {stored['path']!r} "
         f"(fingerprint {stored['fingerprint']}), but this run's base is {current['path']!r} "
         f"(fingerprint {current['fingerprint']}): adapters mean nothing on another base; "
-        "resume with the original base, or start a new workdir")
+        "resume with the original base, or start a new workdir"
+    )

@@ -9,9 +9,15 @@ from collections.abc import Callable
 from gmpo_jax.infra.preemption import PreemptionHandler
 
 
-def run_steps(step: int, num_steps: int, *, take_step: Callable[[int], tuple[int, bool]],
-              save: Callable[[int, bool], None], save_due: Callable[[int], bool],
-              preemption: PreemptionHandler) -> tuple[int, bool]:
+def run_steps(
+    step: int,
+    num_steps: int,
+    *,
+    take_step: Callable[[int], tuple[int, bool]],
+    save: Callable[[int, bool], None],
+    save_due: Callable[[int], bool],
+    preemption: PreemptionHandler,
+) -> tuple[int, bool]:
   """Takes steps from `step` to `num_steps`, saving when due, at the end and on a stop request.
 
   After each step every process asks whether any of them was asked to stop

@@ -71,8 +71,10 @@ UNPRICED_CUSTOM_CALLS = ("ConcatBitcast",)
 # Per-layer remat policies (`TransformerConfig.remat`) from the most memory to the least.
 REMAT_ORDER = ("none", "projections", "full")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-ESTIMATE_NOTE = ("compiler-estimated: TPU cost model (optimal_seconds) with loops costed per "
-                 "iteration and attention at peak; not a measurement")
+ESTIMATE_NOTE = (
+    "compiler-estimated: TPU cost model (optimal_seconds) with loops costed per "
+    "iteration and attention at peak; not a measurement"
+)
 
 
 class Target(NamedTuple):
@@ -85,6 +87,7 @@ class Target(NamedTuple):
     peak_flops: dense bf16 FLOP/s of one chip (`perf.CHIP_PEAK_TFLOPS`).
     hbm: one chip's HBM capacity and bandwidth (`hbm.CHIP_HBM`; capacity maybe overridden).
   """
+
   topology: str
   devices: tuple[Any, ...]
   device_kind: str
@@ -108,13 +111,16 @@ def tpu_target(topology: str, *, hbm_gib: float | None = None) -> Target:
     ConfigError: an unknown topology, or libtpu is missing.
   """
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
   try:
     devices = tuple(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
   except Exception as error:  # pylint: disable=broad-except
     # libtpu raises RuntimeError or JaxRuntimeError depending on what is wrong; both are a bad
     # --topology (or a missing libtpu) to the user.
-    raise ConfigError(f"--topology={topology!r}: {str(error).splitlines()[0]} (a TPU topology "
-                      "such as v5e:2x2 or v5p:2x2x1; needs libtpu installed)") from error
+    raise ConfigError(
+        f"--topology={topology!r}: {str(error).splitlines()[0]} (a TPU topology "
+        "such as v5e:2x2 or v5p:2x2x1; needs libtpu installed)"
+    ) from error
   kind = devices[0].device_kind
   peak, chip = perf.chip_peak_tflops(kind), hbm_lib.chip_hbm(kind)
   if peak is None or chip is None:
@@ -127,6 +133,7 @@ def tpu_target(topology: str, *, hbm_gib: float | None = None) -> Target:
 @dataclasses.dataclass(frozen=True)
 class Setup:
   """What a plan varies: the mesh, the model (remat), micro-batches and the log-prob chunk."""
+
   data: int
   fsdp: int
   tensor: int
@@ -138,16 +145,20 @@ class Setup:
 
   def describe(self) -> str:
     remat = "" if self.model.remat == "none" else f", remat={self.model.remat}"
-    return (f"data={self.data} fsdp={self.fsdp} tensor={self.tensor}{remat}, "
-            f"{self.microbatches} micro-batches, chunk_size={self.chunk_size}")
+    return (
+        f"data={self.data} fsdp={self.fsdp} tensor={self.tensor}{remat}, "
+        f"{self.microbatches} micro-batches, chunk_size={self.chunk_size}"
+    )
 
   def mesh(self, target: Target) -> jax.sharding.Mesh:
-    return sharding.make_mesh(data=self.data, fsdp=self.fsdp, tensor=self.tensor,
-                              devices=target.devices)
+    return sharding.make_mesh(
+        data=self.data, fsdp=self.fsdp, tensor=self.tensor, devices=target.devices
+    )
 
 
 class Cost(NamedTuple):
   """Per-chip figures of `compiled.cost_analysis()`: FLOPs, bytes accessed, optimal_seconds."""
+
   flops: float
   bytes: float
   seconds: float
@@ -166,6 +177,7 @@ class Memory(NamedTuple):
   """Per-chip bytes of `compiled.memory_analysis()` (outputs aliased to donated arguments
   counted once), and `held`: what other programs of the step keep on the chips meanwhile
   (the optimizer state while sampling, the sampler's copy of the parameters while learning)."""
+
   arguments: int
   outputs: int
   temps: int
@@ -190,6 +202,7 @@ class Compiled(NamedTuple):
     hlo: its optimized HLO text; '' if it did not compile.
     judged: the compiler saw it (False: refused by the early check, `need` a lower bound).
   """
+
   fits: bool
   need: float
   memory: Memory | None
@@ -210,12 +223,22 @@ def _oom_need(message: str) -> float:
 
 def shard_bytes(tree: Any) -> int:
   """Per-chip bytes of abstract arrays, from their shardings alone."""
-  return int(sum(np.prod(x.sharding.shard_shape(x.shape), dtype=np.int64) * x.dtype.itemsize
-                 for x in jax.tree.leaves(tree)))
+  return int(
+      sum(
+          np.prod(x.sharding.shard_shape(x.shape), dtype=np.int64) * x.dtype.itemsize
+          for x in jax.tree.leaves(tree)
+      )
+  )
 
 
-def compile_program(program: abstract_step.Program, mesh: jax.sharding.Mesh, *,
-                    capacity: float, temporaries: Any = None, held: Any = None) -> Compiled:
+def compile_program(
+    program: abstract_step.Program,
+    mesh: jax.sharding.Mesh,
+    *,
+    capacity: float,
+    temporaries: Any = None,
+    held: Any = None,
+) -> Compiled:
   """Compiles `program` for `mesh`, or refuses it early when what it must hold cannot fit.
 
   Args:
@@ -237,17 +260,29 @@ def compile_program(program: abstract_step.Program, mesh: jax.sharding.Mesh, *,
       raise
     return Compiled(False, max(_oom_need(str(error)) + held_bytes, floor), None, None, "", True)
   stats = compiled.memory_analysis()
-  memory = Memory(stats.argument_size_in_bytes, stats.output_size_in_bytes,
-                  stats.temp_size_in_bytes, stats.alias_size_in_bytes, held_bytes)
+  memory = Memory(
+      stats.argument_size_in_bytes,
+      stats.output_size_in_bytes,
+      stats.temp_size_in_bytes,
+      stats.alias_size_in_bytes,
+      held_bytes,
+  )
   analysis, hlo = compiled.cost_analysis(), compiled.as_text()
   unpriced = sum(hlo.count(f'custom_call_target="{name}"') for name in UNPRICED_CUSTOM_CALLS)
   seconds = float(analysis.get("optimal_seconds", 0.0)) + unpriced
   if seconds < 0:
     targets = sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo)))
-    logger.warning("%s: optimal_seconds %.3g < 0 after %d unpriced custom calls; another custom "
-                   "call among %s is priced at -1 s", program.name, seconds, unpriced, targets)
-  cost = Cost(float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0)),
-              seconds)
+    logger.warning(
+        "%s: optimal_seconds %.3g < 0 after %d unpriced custom calls; another custom "
+        "call among %s is priced at -1 s",
+        program.name,
+        seconds,
+        unpriced,
+        targets,
+    )
+  cost = Cost(
+      float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0)), seconds
+  )
   return Compiled(memory.total <= capacity, memory.total, memory, cost, hlo, True)
 
 
@@ -263,9 +298,11 @@ def attention_kernel(hlo: str, impl: str) -> str:
   calls = hlo.count('custom_call_target="tpu_custom_call"')
   if calls:
     return f"splash (tpu_custom_call x{calls})"
-  return {"blockwise": "blockwise (XLA loops, no custom call)",
-          "xla": "dense (XLA fusions, no custom call)",
-          "splash": "none: splash resolved but no tpu_custom_call in the HLO"}.get(impl, impl)
+  return {
+      "blockwise": "blockwise (XLA loops, no custom call)",
+      "xla": "dense (XLA fusions, no custom call)",
+      "splash": "none: splash resolved but no tpu_custom_call in the HLO",
+  }.get(impl, impl)
 
 
 class ProgramPlan(NamedTuple):
@@ -288,6 +325,7 @@ class ProgramPlan(NamedTuple):
     collectives: count of each collective in the HLO.
     fix: for a program that does not fit, the first change that fits (None: none found).
   """
+
   name: str
   calls: int
   fits: bool
@@ -308,6 +346,7 @@ class ProgramPlan(NamedTuple):
 
 class Plan(NamedTuple):
   """The whole plan (`to_json` gives the documented schema)."""
+
   topology: str
   device_kind: str
   chips: int
@@ -320,10 +359,17 @@ class Plan(NamedTuple):
 
   def to_json(self) -> dict[str, Any]:
     return {
-        "topology": self.topology, "device_kind": self.device_kind, "chips": self.chips,
+        "topology": self.topology,
+        "device_kind": self.device_kind,
+        "chips": self.chips,
         "estimates": ESTIMATE_NOTE,
-        "mesh": {"data": self.mesh.data, "fsdp": self.mesh.fsdp, "tensor": self.mesh.tensor,
-                 "auto_fsdp": self.mesh.sharded, "reason": self.mesh.reason},
+        "mesh": {
+            "data": self.mesh.data,
+            "fsdp": self.mesh.fsdp,
+            "tensor": self.mesh.tensor,
+            "auto_fsdp": self.mesh.sharded,
+            "reason": self.mesh.reason,
+        },
         "setup": self.setup.describe(),
         "model": self.model,
         "shape": {**self.shape._asdict(), "length": self.shape.length},
@@ -337,14 +383,17 @@ class Plan(NamedTuple):
     for program in self.programs:
       if not program.fits:
         fix = program.fix or "none found on this topology"
-        return (f"{program.name} does not fit {self.topology} ({self.setup.describe()}): needs "
-                f"{program.hbm_gib:.2f} GiB of {program.capacity_gib:.2f} GiB HBM per chip; "
-                f"change that fits: {fix}")
+        return (
+            f"{program.name} does not fit {self.topology} ({self.setup.describe()}): needs "
+            f"{program.hbm_gib:.2f} GiB of {program.capacity_gib:.2f} GiB HBM per chip; "
+            f"change that fits: {fix}"
+        )
     return None
 
 
-def model_flops(name: str, model: TransformerConfig, shape: abstract_step.StepShape,
-                sampler_rows: int) -> float:
+def model_flops(
+    name: str, model: TransformerConfig, shape: abstract_step.StepShape, sampler_rows: int
+) -> float:
   """Model FLOPs of one call of a program (`perf`'s convention; decode: one step at the mean
   context of a step whose rows all run to N)."""
   if name == "update":
@@ -355,14 +404,18 @@ def model_flops(name: str, model: TransformerConfig, shape: abstract_step.StepSh
   body = 2 * perf.matmul_params(model) - unembed
   if name == "prefill":
     return (body * shape.prompt_length + unembed) * sampler_rows + perf.attention_flops(
-        model, rows=sampler_rows, length=shape.prompt_length)
+        model, rows=sampler_rows, length=shape.prompt_length
+    )
   context = shape.prompt_length + shape.completion_length / 2
-  return sampler_rows * (2 * perf.matmul_params(model)
-                         + 4 * model.num_layers * model.num_heads * model.head_dim * context)
+  return sampler_rows * (
+      2 * perf.matmul_params(model)
+      + 4 * model.num_layers * model.num_heads * model.head_dim * context
+  )
 
 
-def analytic_attention_flops(name: str, model: TransformerConfig,
-                             shape: abstract_step.StepShape, sampler_rows: int) -> float:
+def analytic_attention_flops(
+    name: str, model: TransformerConfig, shape: abstract_step.StepShape, sampler_rows: int
+) -> float:
   """Attention FLOPs of one call that the compiler does not price (module docstring)."""
   if name == "update":
     return 3 * perf.attention_flops(model, rows=shape.minibatch_rows, length=shape.length)
@@ -386,8 +439,9 @@ def mean_decode_window(config: ExperimentConfig, shape: abstract_step.StepShape)
   return round(sum(reads) / len(reads))
 
 
-def decode_bytes_per_step(model: TransformerConfig, shape: abstract_step.StepShape,
-                          kv_dtype: Any, *, weight_readers: int) -> float:
+def decode_bytes_per_step(
+    model: TransformerConfig, shape: abstract_step.StepShape, kv_dtype: Any, *, weight_readers: int
+) -> float:
   """Bytes a decode step must read over all chips, averaged over a step whose rows all run to
   N (`perf.decode_bytes`: every row's live K/V, and the sampler's compute-dtype weights once
   per `weight_readers`: each chip multiplies its rows by all the weights, which a mesh
@@ -399,7 +453,8 @@ def decode_bytes_per_step(model: TransformerConfig, shape: abstract_step.StepSha
       param_bytes=perf.decode_param_bytes(sampler_weights) * weight_readers,
       kv_bytes_per_position=perf.kv_bytes_per_position(model, kv_dtype),
       prompt_lengths=np.full(rows, shape.prompt_length),
-      completion_lengths=np.full(rows, shape.completion_length))
+      completion_lengths=np.full(rows, shape.completion_length),
+  )
   return total / steps
 
 
@@ -410,40 +465,62 @@ class _Planner:
     self.config, self.target, self.prompt_length = config, target, prompt_length
 
   def shape(self, setup: Setup) -> abstract_step.StepShape:
-    return abstract_step.step_shape(self.config, prompt_length=self.prompt_length,
-                                    microbatches=setup.microbatches)
+    return abstract_step.step_shape(
+        self.config, prompt_length=self.prompt_length, microbatches=setup.microbatches
+    )
 
   def program(self, name: str, setup: Setup) -> tuple[abstract_step.Program, Any, Any]:
     """The program `name` under `setup`; the arrays it allocates whatever it does (gradient
     accumulators); and what the step's other programs hold meanwhile (`Memory.held`)."""
     mesh = setup.mesh(self.target)
-    policy = abstract_step.abstract_policy(setup.model, mesh,
-                                           hbm_bytes=self.target.hbm.capacity)
+    policy = abstract_step.abstract_policy(setup.model, mesh, hbm_bytes=self.target.hbm.capacity)
     shape = self.shape(setup)
     opt_state = abstract_step.abstract_opt_state(
-        abstract_step.optimizer_for(self.config, setup.model), policy, mesh)
+        abstract_step.optimizer_for(self.config, setup.model), policy, mesh
+    )
     copy = abstract_step.sampler_params(policy)
     # The sampler's copy is the learner's own arrays when the dtypes agree (`Run.sampler_params`).
     sampler_copy = None if setup.model.param_dtype == setup.model.dtype else copy
     kv_dtype = abstract_step.cache_dtype(self.config, setup.model, "tpu")
     chunk = setup.chunk_size
     if name == "update":
-      return (abstract_step.update_program(self.config, policy, mesh, shape, chunk_size=chunk),
-              abstract_step.float32_gradients(policy), sampler_copy)
+      return (
+          abstract_step.update_program(self.config, policy, mesh, shape, chunk_size=chunk),
+          abstract_step.float32_gradients(policy),
+          sampler_copy,
+      )
     if name == "logprob":
-      return (abstract_step.logprob_program(self.config, policy, mesh, shape, chunk_size=chunk),
-              None, (opt_state, sampler_copy))
+      return (
+          abstract_step.logprob_program(self.config, policy, mesh, shape, chunk_size=chunk),
+          None,
+          (opt_state, sampler_copy),
+      )
     learner_state = (policy.params if sampler_copy is not None else None, opt_state)
     if name == "prefill":
-      return (abstract_step.prefill_program(self.config, policy, mesh, shape, kv_dtype=kv_dtype),
-              None, learner_state)
+      return (
+          abstract_step.prefill_program(self.config, policy, mesh, shape, kv_dtype=kv_dtype),
+          None,
+          learner_state,
+      )
     if name == "decode":
-      return (abstract_step.decode_program(self.config, policy, mesh, shape, kv_dtype=kv_dtype,
-                                           read_slots=setup.decode_read_slots),
-              None, learner_state)
+      return (
+          abstract_step.decode_program(
+              self.config,
+              policy,
+              mesh,
+              shape,
+              kv_dtype=kv_dtype,
+              read_slots=setup.decode_read_slots,
+          ),
+          None,
+          learner_state,
+      )
     if name == "gradient":
-      return (abstract_step.gradient_program(self.config, policy, mesh, shape, chunk_size=chunk),
-              None, None)
+      return (
+          abstract_step.gradient_program(self.config, policy, mesh, shape, chunk_size=chunk),
+          None,
+          None,
+      )
     if name == "optimizer":
       return abstract_step.optimizer_program(self.config, policy, mesh), None, None
     raise ValueError(f"unknown program {name!r}")
@@ -451,13 +528,22 @@ class _Planner:
   def compile(self, name: str, setup: Setup) -> Compiled:
     program, temporaries, held = self.program(name, setup)
     start = time.perf_counter()
-    compiled = compile_program(program, setup.mesh(self.target),
-                               capacity=self.target.hbm.capacity, temporaries=temporaries,
-                               held=held)
-    logger.info("%s (%d layers; %s): %s, %.2f GiB per chip, compiled in %.0f s", name,
-                setup.model.num_layers, setup.describe(),
-                "fits" if compiled.fits else "does not fit", compiled.need / GIB,
-                time.perf_counter() - start)
+    compiled = compile_program(
+        program,
+        setup.mesh(self.target),
+        capacity=self.target.hbm.capacity,
+        temporaries=temporaries,
+        held=held,
+    )
+    logger.info(
+        "%s (%d layers; %s): %s, %.2f GiB per chip, compiled in %.0f s",
+        name,
+        setup.model.num_layers,
+        setup.describe(),
+        "fits" if compiled.fits else "does not fit",
+        compiled.need / GIB,
+        time.perf_counter() - start,
+    )
     return compiled
 
   def cost(self, name: str, setup: Setup, real: Compiled) -> Cost | None:
@@ -470,15 +556,14 @@ class _Planner:
     # the mean over the steps of a rollout.
     if name == "decode":
       setup = dataclasses.replace(
-          setup, decode_read_slots=mean_decode_window(self.config, self.shape(setup)))
+          setup, decode_read_slots=mean_decode_window(self.config, self.shape(setup))
+      )
 
     def variant(num_layers: int, chunk_size: int) -> Cost | None:
-      if (body == name != "decode" and layers == num_layers == 1
-          and chunk_size == setup.chunk_size):
+      if body == name != "decode" and layers == num_layers == 1 and chunk_size == setup.chunk_size:
         return real.cost  # the real program is that variant
       model = dataclasses.replace(setup.model, num_layers=num_layers, layer_unroll=num_layers)
-      return self.compile(body, dataclasses.replace(setup, model=model,
-                                                    chunk_size=chunk_size)).cost
+      return self.compile(body, dataclasses.replace(setup, model=model, chunk_size=chunk_size)).cost
 
     one = variant(1, setup.chunk_size)
     two = variant(2, setup.chunk_size) if layers > 1 else one
@@ -514,8 +599,9 @@ class _Planner:
       for policy in ("projections", "full"):
         if REMAT_ORDER.index(policy) > REMAT_ORDER.index(base.model.remat):
           remat = dataclasses.replace(base, model=dataclasses.replace(base.model, remat=policy))
-          yield " + ".join(label + [f"remat={policy} "
-                                    f"(--config.model.overrides.remat={policy})"]), remat
+          yield " + ".join(
+              label + [f"remat={policy} " f"(--config.model.overrides.remat={policy})"]
+          ), remat
       if REMAT_ORDER.index(base.model.remat) < REMAT_ORDER.index("full"):
         base = dataclasses.replace(base, model=dataclasses.replace(base.model, remat="full"))
         label.append("remat=full (--config.model.overrides.remat=full)")
@@ -524,14 +610,16 @@ class _Planner:
       micro = base.microbatches * 2
       while shape.minibatch_rows % (micro * batch_split) == 0:
         candidate = dataclasses.replace(base, microbatches=micro)
-        yield " + ".join(label + [f"{micro} micro-batches "
-                                  f"(--config.algorithm.num_microbatches={micro})"]), candidate
+        yield " + ".join(
+            label + [f"{micro} micro-batches " f"(--config.algorithm.num_microbatches={micro})"]
+        ), candidate
         micro *= 2
     if name == "logprob":
       chunk = base.chunk_size // 2
       while chunk >= 16:
         yield " + ".join(label + [f"chunk_size {chunk} (--config.chunk_size={chunk})"]), (
-            dataclasses.replace(base, chunk_size=chunk))
+            dataclasses.replace(base, chunk_size=chunk)
+        )
         chunk //= 2
 
   def find_fix(self, name: str, setup: Setup, real: Compiled) -> str:
@@ -543,30 +631,44 @@ class _Planner:
         return f"{label}: {compiled.need / GIB:.2f} GiB per chip"
       last = compiled
     chips = self.target.chips
-    more = 2 ** math.ceil(math.log2(max(chips * last.need / self.target.hbm.capacity,
-                                        chips + 1)))
+    more = 2 ** math.ceil(math.log2(max(chips * last.need / self.target.hbm.capacity, chips + 1)))
     # A need from the early check counts the arguments and held state only: a lower bound.
     bound = "about" if last.judged else "at least"
-    return (f"more chips: {bound} {more} of {self.target.device_kind} with FSDP over all of "
-            f"them ({last.need / GIB:.2f} GiB per chip on {chips})")
+    return (
+        f"more chips: {bound} {more} of {self.target.device_kind} with FSDP over all of "
+        f"them ({last.need / GIB:.2f} GiB per chip on {chips})"
+    )
 
 
-def initial_setup(config: ExperimentConfig, model: TransformerConfig,
-                  target: Target) -> tuple[Setup, hbm_lib.MeshChoice]:
+def initial_setup(
+    config: ExperimentConfig, model: TransformerConfig, target: Target
+) -> tuple[Setup, hbm_lib.MeshChoice]:
   """The run's mesh on `target` (FSDP when a replicated state does not fit, `hbm.auto_fsdp`)."""
   mesh = sharding.make_mesh(devices=target.devices[:1])
   policy = abstract_step.abstract_policy(model, mesh)
   optimizer = abstract_step.optimizer_for(config, model)
   state = hbm_lib.tree_bytes(policy.params) + hbm_lib.tree_bytes(
-      abstract_step.abstract_opt_state(optimizer, policy, mesh))
+      abstract_step.abstract_opt_state(optimizer, policy, mesh)
+  )
   try:
-    choice = hbm_lib.auto_fsdp(data=config.mesh.data, fsdp=config.mesh.fsdp,
-                               tensor=config.mesh.tensor, num_devices=target.chips,
-                               state_bytes=state, hbm_bytes=target.hbm.capacity)
+    choice = hbm_lib.auto_fsdp(
+        data=config.mesh.data,
+        fsdp=config.mesh.fsdp,
+        tensor=config.mesh.tensor,
+        num_devices=target.chips,
+        state_bytes=state,
+        hbm_bytes=target.hbm.capacity,
+    )
   except ValueError as error:
     raise ConfigError(f"config.mesh on {target.topology}: {error}") from error
-  setup = Setup(choice.data, choice.fsdp, choice.tensor, model,
-                config.algorithm.num_microbatches, config.chunk_size)
+  setup = Setup(
+      choice.data,
+      choice.fsdp,
+      choice.tensor,
+      model,
+      config.algorithm.num_microbatches,
+      config.chunk_size,
+  )
   return setup, choice
 
 
@@ -576,14 +678,18 @@ def check_batch(config: ExperimentConfig, setup: Setup, shape: abstract_step.Ste
   if shape.minibatch_rows % split:
     raise ConfigError(
         f"config: {shape.minibatch_rows} rows per minibatch do not split into "
-        f"{setup.microbatches} micro-batches over data x fsdp = {setup.data * setup.fsdp}")
+        f"{setup.microbatches} micro-batches over data x fsdp = {setup.data * setup.fsdp}"
+    )
   if config.rollout.devices is not None:
-    raise ConfigError("config.rollout.devices: the planner plans a sampler that shares the "
-                      "learner's devices (None)")
+    raise ConfigError(
+        "config.rollout.devices: the planner plans a sampler that shares the "
+        "learner's devices (None)"
+    )
 
 
-def plan(config: ExperimentConfig, model: TransformerConfig, target: Target, *,
-         prompt_length: int) -> Plan:
+def plan(
+    config: ExperimentConfig, model: TransformerConfig, target: Target, *, prompt_length: int
+) -> Plan:
   """Compiles and costs every program of one RL step of `config` on `target` (module docstring).
 
   Args:
@@ -609,61 +715,111 @@ def plan(config: ExperimentConfig, model: TransformerConfig, target: Target, *,
   reports = []
   for name in names:
     real = planner.compile(name, setup)
-    calls = {"prefill": 1, "decode": max(shape.completion_length - 1, 0),
-             "logprob": shape.rescorings, "update": shape.updates}[name]
+    calls = {
+        "prefill": 1,
+        "decode": max(shape.completion_length - 1, 0),
+        "logprob": shape.rescorings,
+        "update": shape.updates,
+    }[name]
     flops = model_flops(name, setup.model, shape, sampler_rows)
-    report = dict(name=name, calls=calls, fits=real.fits, hbm_gib=real.need / GIB,
-                  capacity_gib=capacity / GIB, memory=None, compiler_flops=None,
-                  analytic_flops=None, model_flops=flops, estimated_seconds=None, mfu=None,
-                  hbm_bandwidth_fraction=None, bytes_read_over_needed=None,
-                  attention_kernel=None, collectives=None, fix=None)
+    report = dict(
+        name=name,
+        calls=calls,
+        fits=real.fits,
+        hbm_gib=real.need / GIB,
+        capacity_gib=capacity / GIB,
+        memory=None,
+        compiler_flops=None,
+        analytic_flops=None,
+        model_flops=flops,
+        estimated_seconds=None,
+        mfu=None,
+        hbm_bandwidth_fraction=None,
+        bytes_read_over_needed=None,
+        attention_kernel=None,
+        collectives=None,
+        fix=None,
+    )
     if not real.fits:
       report["fix"] = planner.find_fix(name, setup, real)
       reports.append(ProgramPlan(**report))
       continue
     impl = attention_lib.resolve_impl(
-        setup.model.attention_impl, backend="tpu", dtype=setup.model.dtype,
-        num_queries=1 if name == "decode" else 2, cached=name in ("prefill", "decode"))
-    report.update(memory={k: v / GIB for k, v in real.memory._asdict().items()},
-                  attention_kernel=attention_kernel(real.hlo, impl),
-                  collectives=collectives(real.hlo))
+        setup.model.attention_impl,
+        backend="tpu",
+        dtype=setup.model.dtype,
+        num_queries=1 if name == "decode" else 2,
+        cached=name in ("prefill", "decode"),
+    )
+    report.update(
+        memory={k: v / GIB for k, v in real.memory._asdict().items()},
+        attention_kernel=attention_kernel(real.hlo, impl),
+        collectives=collectives(real.hlo),
+    )
     cost = planner.cost(name, setup, real)
     if cost is not None:
       analytic = analytic_attention_flops(name, setup.model, shape, sampler_rows)
       seconds = cost.seconds + analytic / chips / peak
-      report.update(compiler_flops=cost.flops * chips, analytic_flops=analytic,
-                    estimated_seconds=seconds)
+      report.update(
+          compiler_flops=cost.flops * chips, analytic_flops=analytic, estimated_seconds=seconds
+      )
       if name == "decode":
-        needed = decode_bytes_per_step(setup.model, shape, kv_dtype,
-                                       weight_readers=chips // setup.tensor)
-        report.update(hbm_bandwidth_fraction=needed / (seconds * target.hbm.bandwidth * chips),
-                      bytes_read_over_needed=cost.bytes * chips / needed)
+        needed = decode_bytes_per_step(
+            setup.model, shape, kv_dtype, weight_readers=chips // setup.tensor
+        )
+        report.update(
+            hbm_bandwidth_fraction=needed / (seconds * target.hbm.bandwidth * chips),
+            bytes_read_over_needed=cost.bytes * chips / needed,
+        )
       else:
         report["mfu"] = flops / (seconds * peak * chips)
     reports.append(ProgramPlan(**report))
-  return Plan(topology=target.topology, device_kind=target.device_kind, chips=chips,
-              mesh=choice, setup=setup, shape=shape,
-              model=_model_summary(setup.model),
-              programs=tuple(reports), step=_step(reports, shape, setup.model, chips, peak))
+  return Plan(
+      topology=target.topology,
+      device_kind=target.device_kind,
+      chips=chips,
+      mesh=choice,
+      setup=setup,
+      shape=shape,
+      model=_model_summary(setup.model),
+      programs=tuple(reports),
+      step=_step(reports, shape, setup.model, chips, peak),
+  )
 
 
 def _model_summary(model: TransformerConfig) -> dict[str, Any]:
-  return {"parameters": perf.param_count(model), "layers": model.num_layers,
-          "hidden_size": model.hidden_size, "vocab_size": model.vocab_size,
-          "param_dtype": str(model.param_dtype), "dtype": str(model.dtype),
-          "attention_impl": model.attention_impl, "remat": model.remat}
+  return {
+      "parameters": perf.param_count(model),
+      "layers": model.num_layers,
+      "hidden_size": model.hidden_size,
+      "vocab_size": model.vocab_size,
+      "param_dtype": str(model.param_dtype),
+      "dtype": str(model.dtype),
+      "attention_impl": model.attention_impl,
+      "remat": model.remat,
+  }
 
 
-def _step(reports: list[ProgramPlan], shape: abstract_step.StepShape, model: TransformerConfig,
-          chips: int, peak: float) -> dict[str, float] | None:
+def _step(
+    reports: list[ProgramPlan],
+    shape: abstract_step.StepShape,
+    model: TransformerConfig,
+    chips: int,
+    peak: float,
+) -> dict[str, float] | None:
   """Rollout + rescoring + updates of one RL step, when every program was costed."""
   if any(r.estimated_seconds is None for r in reports):
     return None
   seconds = {r.name: r.estimated_seconds * r.calls for r in reports}
   total = sum(seconds.values())
-  learner = perf.update_flops(model, rows=shape.rows, length=shape.length,
-                              num_epochs=shape.epochs, rescore_old=not shape.on_policy,
-                              rescore_ref=shape.rescore_ref)
+  learner = perf.update_flops(
+      model,
+      rows=shape.rows,
+      length=shape.length,
+      num_epochs=shape.epochs,
+      rescore_old=not shape.on_policy,
+      rescore_ref=shape.rescore_ref,
+  )
   everything = sum(r.model_flops * r.calls for r in reports if r.name in ("prefill", "decode"))
   everything += learner
   learner_seconds = seconds.get("update", 0.0) + seconds.get("logprob", 0.0)
@@ -673,8 +829,9 @@ def _step(reports: list[ProgramPlan], shape: abstract_step.StepShape, model: Tra
       "rollout_seconds": rollout_seconds,
       "learner_seconds": learner_seconds,
       "tokens_per_second_per_chip": shape.rows * shape.length / total / chips,
-      "completion_tokens_per_second_per_chip": (shape.rows * shape.completion_length / total
-                                                / chips),
+      "completion_tokens_per_second_per_chip": (
+          shape.rows * shape.completion_length / total / chips
+      ),
       "learner_mfu": learner / (learner_seconds * peak * chips),
       "step_mfu": everything / (total * peak * chips),
   }

@@ -51,8 +51,9 @@ def init_from_directory(path: str | pathlib.Path) -> pathlib.Path:
   return path / WARM_START_DIR if (path / WARM_START_DIR).is_dir() else path
 
 
-def warm_start(run: Run, preemption: preemption.PreemptionHandler, *, needed: bool = True
-               ) -> tuple[Any | None, dict[str, float] | None]:
+def warm_start(
+    run: Run, preemption: preemption.PreemptionHandler, *, needed: bool = True
+) -> tuple[Any | None, dict[str, float] | None]:
   """A short supervised pass on the train split's demonstrations, cached in the workdir.
 
   A randomly initialised policy earns a constant reward on these tasks (zero advantages
@@ -84,25 +85,32 @@ def warm_start(run: Run, preemption: preemption.PreemptionHandler, *, needed: bo
     return _shared_warm_start(run, needed=needed)
   directory = run.workdir / WARM_START_DIR
   # Its own rounding stream (bfloat16 parameters), as its own data order: seed + 1.
-  optimizer = make_optimizer(cfg.optim, cfg.steps, param_dtype=run.config.model.trained_dtype,
-                             seed=run.config.seed + 1)
+  optimizer = make_optimizer(
+      cfg.optim, cfg.steps, param_dtype=run.config.model.trained_dtype, seed=run.config.seed + 1
+  )
   lost_update_warning = precision.LostUpdateWarning()
   opt_state = learner.init_opt_state(optimizer, run.params, run.mesh)
   key = sharding.prng_key(run.config.seed, run.mesh)
   signature = _warm_start_signature(run.config_dict)
-  target = checkpointing.CheckpointState(step=0, model=run.params, opt_state=opt_state,
-                                         key=key, metadata={})
+  target = checkpointing.CheckpointState(
+      step=0, model=run.params, opt_state=opt_state, key=key, metadata={}
+  )
   target_rate = cfg.target_train_pass_rate
   with checkpointing.Checkpointer(directory, max_to_keep=1, async_save=False) as ckpt:
     try:
       restored = ckpt.restore_latest(target)
     except checkpointing.UnrestorableCheckpointsError as error:
       ckpt.move_aside(error.steps)
-      logger.warning("warm start: no step of the cache in %s restores (%s); moved step(s) %s to "
-                     "%s and %s", directory, error.problems, list(error.steps),
-                     directory / checkpointing.CORRUPTED_DIR,
-                     "recomputing it" if needed else
-                     "skipping it: RL resumes from its own checkpoint, which does not need it")
+      logger.warning(
+          "warm start: no step of the cache in %s restores (%s); moved step(s) %s to " "%s and %s",
+          directory,
+          error.problems,
+          list(error.steps),
+          directory / checkpointing.CORRUPTED_DIR,
+          "recomputing it"
+          if needed
+          else "skipping it: RL resumes from its own checkpoint, which does not need it",
+      )
       restored = None
     params, first, rate = jax.tree.map(jnp.copy, run.params), 0, None
     if restored is not None and restored.metadata.get("signature") == signature:
@@ -116,11 +124,16 @@ def warm_start(run: Run, preemption: preemption.PreemptionHandler, *, needed: bo
       logger.info("warm start: skipped (RL resumes from its own checkpoint)")
       return None, None
     update = learner.make_update_fn(
-        run.graphdef, optimizer, learner.supervised_loss(chunk_size=run.config.chunk_size),
-        param_shardings=run.param_shardings, opt_shardings=tree_shardings(opt_state))
+        run.graphdef,
+        optimizer,
+        learner.supervised_loss(chunk_size=run.config.chunk_size),
+        param_shardings=run.param_shardings,
+        opt_shardings=tree_shardings(opt_state),
+    )
     probe = train_pass_rate_probe(run, cfg.probe_size) if target_rate is not None else None
-    stream = PromptStream(run.train_examples, seed=run.config.seed + 1,
-                          position=first * cfg.batch_size)
+    stream = PromptStream(
+        run.train_examples, seed=run.config.seed + 1, position=first * cfg.batch_size
+    )
     start = time.perf_counter()
 
     def take_step(step: int) -> tuple[int, bool]:
@@ -137,18 +150,29 @@ def warm_start(run: Run, preemption: preemption.PreemptionHandler, *, needed: bo
       if probe is None or step % cfg.probe_every:
         return step, False
       rate = probe(params)
-      logger.info("warm start step %d: train pass rate %.3f (target %.3f)", step, rate,
-                  target_rate)
+      logger.info("warm start step %d: train pass rate %.3f (target %.3f)", step, rate, target_rate)
       return step, rate >= target_rate
 
     def save(step: int, last: bool) -> None:
       # Only the finished pass records its result: a run that finds it reuses it as is.
-      ckpt.save(checkpointing.CheckpointState(
-          step=step, model=params, opt_state=opt_state, key=key,
-          metadata={"signature": signature, "result": _result(step, rate) if last else None}))
+      ckpt.save(
+          checkpointing.CheckpointState(
+              step=step,
+              model=params,
+              opt_state=opt_state,
+              key=key,
+              metadata={"signature": signature, "result": _result(step, rate) if last else None},
+          )
+      )
 
-    step, preempted = run_steps(first, cfg.steps, take_step=take_step, save=save,
-                                save_due=lambda step: False, preemption=preemption)
+    step, preempted = run_steps(
+        first,
+        cfg.steps,
+        take_step=take_step,
+        save=save,
+        save_due=lambda step: False,
+        preemption=preemption,
+    )
     if preempted:
       raise Preempted(f"warm start, step {step} of {cfg.steps} saved")
     logger.info("warm start: %d steps in %.1fs", step - first, time.perf_counter() - start)
@@ -182,32 +206,50 @@ def _shared_warm_start(run: Run, *, needed: bool) -> tuple[Any | None, dict[str,
     if stored is None or metadata.get("result") is None:
       raise IncompatibleWarmStartError(
           f"warm_start.init_from={source!r}: {directory} holds no finished warm start "
-          f"({'no checkpoint' if step is None else f'step {step} is unfinished'})")
+          f"({'no checkpoint' if step is None else f'step {step} is unfinished'})"
+      )
     here = fingerprint(signature["task"], signature["model"])
     there = fingerprint(stored["task"], stored["model"])
     if here != there:
       ours = checkpointing.flatten_config({"task": signature["task"], "model": signature["model"]})
       theirs = checkpointing.flatten_config({"task": stored["task"], "model": stored["model"]})
-      differ = [f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here"
-                for k in sorted(ours.keys() | theirs.keys())
-                if k != "task.data_dir" and ours.get(k) != theirs.get(k)]
+      differ = [
+          f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here"
+          for k in sorted(ours.keys() | theirs.keys())
+          if k != "task.data_dir" and ours.get(k) != theirs.get(k)
+      ]
       raise IncompatibleWarmStartError(
           f"warm_start.init_from={source!r} is a warm start of another task or model "
-          f"(fingerprint {there}, this run's {here}): {'; '.join(differ)}")
+          f"(fingerprint {there}, this run's {here}): {'; '.join(differ)}"
+      )
     if stored.get("seed") != run.config.seed:
       # Allowed (a deliberate choice), but every point of a paired grid should share its seed's.
-      logger.warning("warm start: %s was trained with seed %s, this run has seed %d", directory,
-                     stored.get("seed"), run.config.seed)
-    optimizer = make_optimizer(run.config.warm_start.optim, run.config.warm_start.steps,
-                               param_dtype=run.config.model.trained_dtype,
-                               seed=run.config.seed + 1)
+      logger.warning(
+          "warm start: %s was trained with seed %s, this run has seed %d",
+          directory,
+          stored.get("seed"),
+          run.config.seed,
+      )
+    optimizer = make_optimizer(
+        run.config.warm_start.optim,
+        run.config.warm_start.steps,
+        param_dtype=run.config.model.trained_dtype,
+        seed=run.config.seed + 1,
+    )
     target = checkpointing.CheckpointState(
-        step=0, model=run.params, opt_state=learner.init_opt_state(optimizer, run.params, run.mesh),
-        key=sharding.prng_key(run.config.seed, run.mesh), metadata={})
+        step=0,
+        model=run.params,
+        opt_state=learner.init_opt_state(optimizer, run.params, run.mesh),
+        key=sharding.prng_key(run.config.seed, run.mesh),
+        metadata={},
+    )
     restored = ckpt.restore(step, target)
   logger.info("warm start: %s (fingerprint %s, step %d)", directory, there, step)
-  return restored.model, {**metadata["result"], "warm_start/fingerprint": there,
-                          "warm_start/init_from": str(directory.resolve())}
+  return restored.model, {
+      **metadata["result"],
+      "warm_start/fingerprint": there,
+      "warm_start/init_from": str(directory.resolve()),
+  }
 
 
 def _warm_start_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -219,14 +261,18 @@ def _warm_start_signature(config: ml_collections.ConfigDict) -> dict[str, Any]:
   settings.pop("init_from", None)
   model = json.loads(config.model.to_json())
   model.pop("lora", None)
-  return {"warm_start": settings, "task": json.loads(config.task.to_json()), "model": model,
-          "seed": config.seed, "chunk_size": config.chunk_size}
+  return {
+      "warm_start": settings,
+      "task": json.loads(config.task.to_json()),
+      "model": model,
+      "seed": config.seed,
+      "chunk_size": config.chunk_size,
+  }
 
 
 def _supervised_batch(run: Run, prompts: Sequence[str], solutions: Sequence[str]) -> learner.Batch:
   prompt_tokens, prompt_mask = encode_batch(prompts, run.tokenizer)
-  full_tokens, full_mask = encode_batch(
-      [p + s for p, s in zip(prompts, solutions)], run.tokenizer)
+  full_tokens, full_mask = encode_batch([p + s for p, s in zip(prompts, solutions)], run.tokenizer)
   eos = np.full((len(prompts), 1), run.tokenizer.eos_id, np.int32)
   lengths = full_mask.sum(1)
   tokens = np.concatenate([full_tokens, eos], axis=1)
@@ -238,7 +284,12 @@ def _supervised_batch(run: Run, prompts: Sequence[str], solutions: Sequence[str]
   loss_mask = key_mask & (np.arange(tokens.shape[1])[None, :] >= prompt_mask.sum(1)[:, None])
   zeros = np.zeros(tokens.shape, np.float32)
   batch = learner.Batch(
-      tokens=tokens, positions=positions_from_mask(jnp.asarray(key_mask)), key_mask=key_mask,
-      loss_mask=loss_mask, old_logp=zeros, ref_logp=zeros,
-      advantages=np.zeros(len(prompts), np.float32))
+      tokens=tokens,
+      positions=positions_from_mask(jnp.asarray(key_mask)),
+      key_mask=key_mask,
+      loss_mask=loss_mask,
+      old_logp=zeros,
+      ref_logp=zeros,
+      advantages=np.zeros(len(prompts), np.float32),
+  )
   return jax.tree.map(lambda x: learner.to_microbatches(x, 1), batch)

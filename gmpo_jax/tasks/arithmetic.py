@@ -57,8 +57,12 @@ class ArithmeticData(base.DataParams):
     base.check_int("num_train", self.num_train, minimum=0)
     base.check_int("num_test", self.num_test, minimum=0)
     base.check_int("seed", self.seed, minimum=0)
-    _check_capacity(num_digits=self.num_digits, operations=self.operations,
-                    num_train=self.num_train, num_test=self.num_test)
+    _check_capacity(
+        num_digits=self.num_digits,
+        operations=self.operations,
+        num_train=self.num_train,
+        num_test=self.num_test,
+    )
 
 
 def _check_capacity(

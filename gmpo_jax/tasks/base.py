@@ -204,8 +204,11 @@ def _cache_problem(directory: epath.Path) -> str | None:
 def _write_cache_manifest(directory: epath.Path) -> None:
   """Records the size and SHA-256 of every file of a freshly built cache (written last, whole:
   a cache without it counts as damaged)."""
-  files = {file.name: {"size": file.stat().length, "sha256": _sha256(file)}
-           for file in sorted(directory.iterdir()) if file.name != CACHE_MANIFEST}
+  files = {
+      file.name: {"size": file.stat().length, "sha256": _sha256(file)}
+      for file in sorted(directory.iterdir())
+      if file.name != CACHE_MANIFEST
+  }
   temporary = directory / f".{CACHE_MANIFEST}.tmp"
   temporary.write_text(json.dumps({"format": _CACHE_FORMAT, "files": files}, indent=1))
   temporary.rename(directory / CACHE_MANIFEST)
@@ -237,8 +240,11 @@ class DataParams:
 
   def data_params(self) -> dict[str, Any]:
     """{field name: value} of the data parameters, in declaration order."""
-    return {field.name: getattr(self, field.name)
-            for field in dataclasses.fields(self) if _CONFIG_KEY in field.metadata}
+    return {
+        field.name: getattr(self, field.name)
+        for field in dataclasses.fields(self)
+        if _CONFIG_KEY in field.metadata
+    }
 
   def config_name(self) -> str:
     """The builder-config name that spells every data parameter (see `config_name`)."""
@@ -283,8 +289,10 @@ class GeneratedBuilder(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Generated locally.
-    return {split: self._generate_examples(examples)
-            for split, examples in self._generated_splits().items()}
+    return {
+        split: self._generate_examples(examples)
+        for split, examples in self._generated_splits().items()
+    }
 
   def _generate_examples(self, examples):
     yield from enumerate(examples)
@@ -313,7 +321,8 @@ class ManualJsonlBuilder(tfds.core.GeneratorBasedBuilder):
         builder=self,
         description=sys.modules[type(self).__module__].__doc__,
         features=tfds.features.FeaturesDict(
-            {name: tfds.features.Text() for name in self.TEXT_FEATURES}),
+            {name: tfds.features.Text() for name in self.TEXT_FEATURES}
+        ),
         homepage=self.HOMEPAGE,
         citation=self.CITATION,
     )
@@ -435,8 +444,12 @@ class Task(abc.ABC):
     """Where the dataset is built under `data_dir` (TFDS's `builder.data_dir`), known before
     the builder reads anything there."""
     config = self.builder_config()
-    return (epath.Path(data_dir) / self.builder_cls.name
-            / ("" if config is None else config.name) / str(self.builder_cls.VERSION))
+    return (
+        epath.Path(data_dir)
+        / self.builder_cls.name
+        / ("" if config is None else config.name)
+        / str(self.builder_cls.VERSION)
+    )
 
   def load(self, split: str, *, data_dir: str) -> DecodedSource:
     """The examples of `split` ('train', 'test', or a TFDS slice such as 'train[:10]').

@@ -83,7 +83,7 @@ def last_boxed(text: str) -> str | None:
     Never raises.
   """
   span = _box_span(text)
-  return None if span is None else text[span[0]:span[1]]
+  return None if span is None else text[span[0] : span[1]]
 
 
 @functools.cache
@@ -97,11 +97,15 @@ def _math_verify() -> tuple[Any, list[Any], type[BaseException]]:
   import math_verify
   from math_verify.errors import TimeoutException
 
-  config = [math_verify.LatexExtractionConfig(boxed_match_priority=0,
-                                              try_extract_without_anchor=False)]
+  config = [
+      math_verify.LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=False)
+  ]
   in_main_thread = threading.current_thread() is threading.main_thread()
-  math_verify.parse("\\boxed{\\frac{1}{2}}", extraction_config=config,
-                    parsing_timeout=60 if in_main_thread else None)
+  math_verify.parse(
+      "\\boxed{\\frac{1}{2}}",
+      extraction_config=config,
+      parsing_timeout=60 if in_main_thread else None,
+  )
   return math_verify, config, TimeoutException
 
 
@@ -122,12 +126,16 @@ def answers_equivalent(predicted: str, reference: str, *, timeout_seconds: int |
   math_verify, config, timeout_error = _math_verify()
   try:
     gold, prediction = (
-        math_verify.parse("\\boxed{" + answer + "}", extraction_config=config,
-                          parsing_timeout=timeout_seconds)
+        math_verify.parse(
+            "\\boxed{" + answer + "}", extraction_config=config, parsing_timeout=timeout_seconds
+        )
         for answer in (reference, predicted)
     )
-    return bool(gold and prediction and
-                math_verify.verify(gold, prediction, timeout_seconds=timeout_seconds))
+    return bool(
+        gold
+        and prediction
+        and math_verify.verify(gold, prediction, timeout_seconds=timeout_seconds)
+    )
   except (Exception, timeout_error):  # math-verify's TimeoutException is a BaseException.
     return False
 
@@ -146,8 +154,10 @@ class MathBuilder(base.ManualJsonlBuilder):
   """
   TEXT_FEATURES = ("problem", "solution", "answer")
   HOMEPAGE = "https://github.com/hendrycks/math"
-  CITATION = ("Hendrycks et al. 2021, Measuring Mathematical Problem Solving With the MATH "
-              "Dataset, arXiv 2103.03874")
+  CITATION = (
+      "Hendrycks et al. 2021, Measuring Mathematical Problem Solving With the MATH "
+      "Dataset, arXiv 2103.03874"
+  )
 
   def _example(self, record: Mapping[str, Any]) -> dict[str, str]:
     problem, solution, answer = (record.get(key) for key in ("problem", "solution", "answer"))
@@ -191,9 +201,7 @@ class MathTask(base.WeightedReward, base.ManualJsonlTask):
 
   def __post_init__(self):
     if not isinstance(self.prompt_template, str) or "{problem}" not in self.prompt_template:
-      raise ValueError(
-          f"prompt_template must contain '{{problem}}', got {self.prompt_template!r}"
-      )
+      raise ValueError(f"prompt_template must contain '{{problem}}', got {self.prompt_template!r}")
     self.check_weights()
     if self.timeout_seconds is not None:
       base.check_int("timeout_seconds", self.timeout_seconds, minimum=1)
@@ -212,7 +220,7 @@ class MathTask(base.WeightedReward, base.ManualJsonlTask):
     text, answer = example["solution"], example["answer"]
     span = _box_span(text)
     if span is not None:
-      return text[:span[0]] + answer + text[span[1]:]
+      return text[: span[0]] + answer + text[span[1] :]
     ending = f"The final answer is $\\boxed{{{answer}}}$."
     return f"{text.rstrip()}\n\n{ending}" if text.strip() else ending
 
@@ -226,7 +234,8 @@ class MathTask(base.WeightedReward, base.ManualJsonlTask):
 
   def _check_thread(self) -> None:
     if self.timeout_seconds is not None and (
-        threading.current_thread() is not threading.main_thread()):
+        threading.current_thread() is not threading.main_thread()
+    ):
       raise RuntimeError(
           "the math task's timeout (math-verify's SIGALRM) works only in the main thread; "
           "compute rewards there, or set timeout_seconds=None and bound the time yourself"

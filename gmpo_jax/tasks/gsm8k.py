@@ -114,9 +114,7 @@ class Gsm8kTask(base.WeightedReward, base.ManualJsonlTask):
 
   def __post_init__(self):
     if not isinstance(self.prompt_template, str) or "{question}" not in self.prompt_template:
-      raise ValueError(
-          f"prompt_template must contain '{{question}}', got {self.prompt_template!r}"
-      )
+      raise ValueError(f"prompt_template must contain '{{question}}', got {self.prompt_template!r}")
     try:
       self.prompt_template.format(question="q")
     except (AttributeError, IndexError, KeyError, ValueError) as error:

@@ -57,7 +57,8 @@ class MultiplicativeData(base.DataParams):
   max_start: int = base.data_field(20, key="start")
   max_operand: int = base.data_field(9, key="operand")
   operations: tuple[str, ...] = base.data_field(
-      ("+", "-", "*"), key="ops", encode=base.spell_operations)
+      ("+", "-", "*"), key="ops", encode=base.spell_operations
+  )
   num_train: int = base.data_field(10_000, key="train")
   num_test: int = base.data_field(1_000, key="test")
   seed: int = base.data_field(0, key="seed")
@@ -83,8 +84,10 @@ class MultiplicativeData(base.DataParams):
         )
     capacity = (self.max_start + 1) * (len(self.operations) * self.max_operand) ** self.num_steps
     if self.num_train + self.num_test > capacity:
-      raise ValueError(f"num_train + num_test = {self.num_train + self.num_test} but only "
-                       f"{capacity} distinct chains exist")
+      raise ValueError(
+          f"num_train + num_test = {self.num_train + self.num_test} but only "
+          f"{capacity} distinct chains exist"
+      )
 
 
 def _running_values(start: int, operations: str, operands: tuple[int, ...]) -> list[int]:
@@ -117,8 +120,15 @@ def generate_chains(
       requested than exist.
   """
   # Checks the parameters, and that enough distinct chains exist.
-  MultiplicativeData(num_steps=num_steps, max_start=max_start, max_operand=max_operand,
-                     operations=operations, num_train=num_train, num_test=num_test, seed=seed)
+  MultiplicativeData(
+      num_steps=num_steps,
+      max_start=max_start,
+      max_operand=max_operand,
+      operations=operations,
+      num_train=num_train,
+      num_test=num_test,
+      seed=seed,
+  )
   wanted = num_train + num_test
   rng = random.Random(seed)
   seen: set[tuple[int, str, tuple[int, ...]]] = set()
@@ -131,14 +141,16 @@ def generate_chains(
       continue
     seen.add((start, ops, operands))
     values = _running_values(start, ops, operands)
-    chains.append({
-        "question": f"{start} " + " ".join(f"{op}{c}" for op, c in zip(ops, operands)) + " =",
-        "start": start,
-        "operations": ops,
-        "operands": operands,
-        "values": tuple(values),
-        "answer": ",".join(map(str, values)),
-    })
+    chains.append(
+        {
+            "question": f"{start} " + " ".join(f"{op}{c}" for op, c in zip(ops, operands)) + " =",
+            "start": start,
+            "operations": ops,
+            "operands": operands,
+            "values": tuple(values),
+            "answer": ",".join(map(str, values)),
+        }
+    )
   return {"test": chains[:num_test], "train": chains[num_test:]}
 
 
@@ -156,14 +168,16 @@ class MultiplicativeBuilder(base.GeneratedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "question": tfds.features.Text(),
-            "start": np.int64,
-            "operations": tfds.features.Text(),
-            "operands": tfds.features.Tensor(shape=steps, dtype=np.int64),
-            "values": tfds.features.Tensor(shape=steps, dtype=np.int64),
-            "answer": tfds.features.Text(),
-        }),
+        features=tfds.features.FeaturesDict(
+            {
+                "question": tfds.features.Text(),
+                "start": np.int64,
+                "operations": tfds.features.Text(),
+                "operands": tfds.features.Tensor(shape=steps, dtype=np.int64),
+                "values": tfds.features.Tensor(shape=steps, dtype=np.int64),
+                "answer": tfds.features.Text(),
+            }
+        ),
     )
 
   def _generated_splits(self):

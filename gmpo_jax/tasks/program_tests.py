@@ -145,14 +145,16 @@ def generate_programs(
     inputs = rng.sample(domain, num_shown + num_tests)
     outputs = [values[x - x_min] for x in inputs]
     shown = "; ".join(f"f({x})={y}" for x, y in zip(inputs[:num_shown], outputs[:num_shown]))
-    problems.append({
-        "question": f"{shown}; f(x)=" if shown else "f(x)=",
-        "solution": source,
-        "shown_inputs": tuple(inputs[:num_shown]),
-        "shown_outputs": tuple(outputs[:num_shown]),
-        "test_inputs": tuple(inputs[num_shown:]),
-        "test_outputs": tuple(outputs[num_shown:]),
-    })
+    problems.append(
+        {
+            "question": f"{shown}; f(x)=" if shown else "f(x)=",
+            "solution": source,
+            "shown_inputs": tuple(inputs[:num_shown]),
+            "shown_outputs": tuple(outputs[:num_shown]),
+            "test_inputs": tuple(inputs[num_shown:]),
+            "test_outputs": tuple(outputs[num_shown:]),
+        }
+    )
   if len(problems) < wanted:
     raise ValueError(
         f"found only {len(problems)} distinct functions in {max_attempts} draws, "
@@ -176,14 +178,16 @@ class ProgramTestsBuilder(base.GeneratedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "question": tfds.features.Text(),
-            "solution": tfds.features.Text(),
-            "shown_inputs": tfds.features.Tensor(shape=shown, dtype=np.int64),
-            "shown_outputs": tfds.features.Tensor(shape=shown, dtype=np.int64),
-            "test_inputs": tfds.features.Tensor(shape=tests, dtype=np.int64),
-            "test_outputs": tfds.features.Tensor(shape=tests, dtype=np.int64),
-        }),
+        features=tfds.features.FeaturesDict(
+            {
+                "question": tfds.features.Text(),
+                "solution": tfds.features.Text(),
+                "shown_inputs": tfds.features.Tensor(shape=shown, dtype=np.int64),
+                "shown_outputs": tfds.features.Tensor(shape=shown, dtype=np.int64),
+                "test_inputs": tfds.features.Tensor(shape=tests, dtype=np.int64),
+                "test_outputs": tfds.features.Tensor(shape=tests, dtype=np.int64),
+            }
+        ),
     )
 
   def _generated_splits(self):

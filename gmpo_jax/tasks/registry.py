@@ -36,7 +36,9 @@ def get_task(name: str, **hyperparameters: Any) -> base.Task:
   unknown = sorted(set(hyperparameters) - set(valid))
   if unknown:
     raise ValueError(f"unknown hyperparameters {unknown} for task {name!r}; valid: {valid}")
-  return task_cls(**{
-      key: value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
-      for key, value in hyperparameters.items()
-  })
+  return task_cls(
+      **{
+          key: value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+          for key, value in hyperparameters.items()
+      }
+  )

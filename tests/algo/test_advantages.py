@@ -84,7 +84,9 @@ def reference_batch_std(rewards, mask=None, *, eps=1e-6):
   return reference_dr_grpo(rewards, mask) / (std + eps)
 
 
-def reference_power_mean(rewards, mask=None, *, p, normalize=False, eps=1e-6, floor=1e-8, offset=0.0):
+def reference_power_mean(
+    rewards, mask=None, *, p, normalize=False, eps=1e-6, floor=1e-8, offset=0.0
+):
   """Box-Cox: R' = max(R + offset, floor), L = (R'^p - 1) / p (log R' at p = 0), centered."""
   rewards, mask = _valid_rows(rewards, mask)
   shifted = np.maximum(rewards + offset, floor)
@@ -124,6 +126,7 @@ NON_NEGATIVE = {"maxrl"}
 def in_domain(name, rewards):
   return np.abs(rewards) if name in NON_NEGATIVE else rewards
 
+
 # (estimator name, hyperparameters): every configuration the comparisons cover.
 # grpo with normalize=False is dr_grpo (same code path), so it is not repeated.
 CONFIGS = [
@@ -141,7 +144,9 @@ CONFIGS = [
     ("power_mean", {"p": 2.0, "normalize": True, "eps": 0.0}),
     ("maxrl", {}),
 ]
-CONFIG_IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in kw.items()) or 'default'}" for name, kw in CONFIGS]
+CONFIG_IDS = [
+    f"{name}-{'-'.join(f'{k}={v}' for k, v in kw.items()) or 'default'}" for name, kw in CONFIGS
+]
 # One configuration per estimator, for the checks of code paths that do not depend on
 # the hyperparameters (no mask, vmap, a group of one).
 DEFAULTS = [(name, REQUIRED.get(name, {})) for name in REFERENCES]
@@ -200,7 +205,9 @@ def assert_close(actual, expected, *, rtol=2e-5, atol=2e-5):
     ids=[f"{i}-jit" for i in CONFIG_IDS] + [f"{name}-eager" for name in REFERENCES],
 )
 def test_matches_reference_with_mask(name, hyperparameters, transform):
-  rewards, mask = random_case(seed=zlib.crc32(f"{name}{hyperparameters}{transform}".encode()), name=name)
+  rewards, mask = random_case(
+      seed=zlib.crc32(f"{name}{hyperparameters}{transform}".encode()), name=name
+  )
   got = estimator(name, transform, **hyperparameters)(jnp.asarray(rewards), jnp.asarray(mask))
   assert got.dtype == jnp.float32 and got.shape == rewards.shape
   assert_close(got, REFERENCES[name](rewards, mask, **hyperparameters))
@@ -287,7 +294,9 @@ def test_all_equal_groups_are_exactly_zero(name, hyperparameters):
   np.testing.assert_array_equal(got, np.zeros(rewards.shape))
   # Same with some completions masked out.
   mask = jnp.array(np.random.default_rng(0).uniform(size=rewards.shape) < 0.6)
-  np.testing.assert_array_equal(estimator(name, **hyperparameters)(rewards, mask), np.zeros(rewards.shape))
+  np.testing.assert_array_equal(
+      estimator(name, **hyperparameters)(rewards, mask), np.zeros(rewards.shape)
+  )
 
 
 @pytest.mark.parametrize(("name", "hyperparameters"), CONFIGS, ids=CONFIG_IDS)
@@ -434,7 +443,9 @@ def test_finite_output_for_any_positive_reward(rewards, mask):
 
 @SETTINGS
 @hypothesis.given(
-    rewards=hnp.arrays(np.float32, (B, G), elements=st.floats(width=32, allow_nan=False, allow_infinity=False)),
+    rewards=hnp.arrays(
+        np.float32, (B, G), elements=st.floats(width=32, allow_nan=False, allow_infinity=False)
+    ),
     mask=masks,
 )
 def test_no_nan_for_any_finite_reward(rewards, mask):
@@ -446,12 +457,15 @@ def test_no_nan_for_any_finite_reward(rewards, mask):
     got = np.asarray(estimator(name, **hyperparameters)(in_domain(name, rewards), mask))
     assert not np.any(np.isnan(got)), (name, hyperparameters)
     if name in ("gmpo", "batch_std", "power_mean", "maxrl") or (
-        name == "grpo" and hyperparameters.get("normalize", True)):
+        name == "grpo" and hyperparameters.get("normalize", True)
+    ):
       assert np.all(np.isfinite(got)), (name, hyperparameters)
 
 
 @SETTINGS
-@hypothesis.given(rewards=hnp.arrays(np.bool_, (B, G)).map(lambda r: r.astype(np.float32)), mask=masks)
+@hypothesis.given(
+    rewards=hnp.arrays(np.bool_, (B, G)).map(lambda r: r.astype(np.float32)), mask=masks
+)
 def test_binary_rewards_log_baseline_vs_grpo(rewards, mask):
   # Normalized, the log-reward baseline of 0/1 rewards is GRPO (up to eps).
   np.testing.assert_allclose(
@@ -495,10 +509,15 @@ def test_power_mean_at_p_0_is_the_log_reward_baseline(normalize):
   rewards, mask = random_case(seed=32)
   log_baseline = np.asarray(estimator("gmpo", normalize=normalize)(rewards, mask))
   np.testing.assert_array_equal(
-      estimator("power_mean", p=0.0, normalize=normalize)(rewards, mask), log_baseline)
+      estimator("power_mean", p=0.0, normalize=normalize)(rewards, mask), log_baseline
+  )
   for p in (-1e-7, 1e-7):
-    assert_close(estimator("power_mean", p=p, normalize=normalize)(rewards, mask),
-                 log_baseline, rtol=1e-5, atol=1e-5 * np.abs(log_baseline).max())
+    assert_close(
+        estimator("power_mean", p=p, normalize=normalize)(rewards, mask),
+        log_baseline,
+        rtol=1e-5,
+        atol=1e-5 * np.abs(log_baseline).max(),
+    )
 
 
 def test_power_mean_is_continuous_across_p_0():
@@ -536,10 +555,13 @@ def test_maxrl_worked_example():
   rewards = jnp.array([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
   np.testing.assert_allclose(
       advantages.maxrl_advantages(rewards, eps=0.0),
-      [[3.0, -1.0, -1.0, -1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, -1.0, -1.0]], rtol=1e-6)
+      [[3.0, -1.0, -1.0, -1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, -1.0, -1.0]],
+      rtol=1e-6,
+  )
   # A hard prompt (1 success in 4) weighs more than under GRPO, an easy one less.
   np.testing.assert_allclose(
-      estimator("maxrl")(rewards)[:, 0], reference_maxrl(rewards)[:, 0], rtol=1e-6)
+      estimator("maxrl")(rewards)[:, 0], reference_maxrl(rewards)[:, 0], rtol=1e-6
+  )
 
 
 def test_maxrl_negative_reward_gives_nan():
@@ -593,7 +615,14 @@ def test_non_finite_valid_reward_gives_nan_and_masked_garbage_nothing(name, seed
 
 def test_registry_names_and_lookup():
   assert set(advantages.ADVANTAGE_ESTIMATORS) == {
-      "grpo", "gmpo", "dr_grpo", "rloo", "batch_std", "power_mean", "maxrl"}
+      "grpo",
+      "gmpo",
+      "dr_grpo",
+      "rloo",
+      "batch_std",
+      "power_mean",
+      "maxrl",
+  }
   assert set(advantages.ADVANTAGE_ESTIMATORS) == set(REFERENCES)
   rewards, mask = random_case(seed=4)
   fn = advantages.get_advantage_fn("gmpo", normalize=True, floor=1e-4)
@@ -605,7 +634,8 @@ def test_registry_names_and_lookup():
 def test_get_advantage_fn_errors_list_the_valid_choices():
   with pytest.raises(
       ValueError,
-      match=r"'ppo'.*\['batch_std', 'dr_grpo', 'gmpo', 'grpo', 'maxrl', 'power_mean', 'rloo'\]"):
+      match=r"'ppo'.*\['batch_std', 'dr_grpo', 'gmpo', 'grpo', 'maxrl', 'power_mean', 'rloo'\]",
+  ):
     advantages.get_advantage_fn("ppo")
   with pytest.raises(ValueError, match=r"'power_mean' needs hyperparameter\(s\) \['p'\]"):
     advantages.get_advantage_fn("power_mean", normalize=True)
@@ -676,7 +706,8 @@ def test_validate_rewards_names_the_non_finite_group(bad):
 def test_validate_rewards_require_positive():
   rewards = np.array([[1.0, 2.0], [0.5, 0.0], [-1.0, 3.0]])
   with pytest.raises(
-      ValueError, match=r"(?s)R \+ offset <= 0.*2 group\(s\).*group 1: positions \[1\].*group 2: positions \[0\]"
+      ValueError,
+      match=r"(?s)R \+ offset <= 0.*2 group\(s\).*group 1: positions \[1\].*group 2: positions \[0\]",
   ):
     advantages.validate_rewards(rewards, require_positive=True)
   advantages.validate_rewards(rewards, require_positive=False)
@@ -705,14 +736,17 @@ def test_validate_rewards_require_non_negative():
   advantages.validate_rewards(rewards, mask, require_positive=False, require_non_negative=True)
 
 
-@pytest.mark.parametrize(("name", "hyperparameters", "domain"), [
-    ("gmpo", {}, "positive"),
-    ("power_mean", {"p": -0.5}, "positive"),
-    ("power_mean", {"p": 0.0}, "positive"),
-    ("power_mean", {"p": 0.5}, "real"),
-    ("maxrl", {}, "non_negative"),
-    ("grpo", {"normalize": False}, "real"),
-])
+@pytest.mark.parametrize(
+    ("name", "hyperparameters", "domain"),
+    [
+        ("gmpo", {}, "positive"),
+        ("power_mean", {"p": -0.5}, "positive"),
+        ("power_mean", {"p": 0.0}, "positive"),
+        ("power_mean", {"p": 0.5}, "real"),
+        ("maxrl", {}, "non_negative"),
+        ("grpo", {"normalize": False}, "real"),
+    ],
+)
 def test_reward_domain_and_the_runner_default(name, hyperparameters, domain):
   from gmpo_jax.config import AlgorithmConfig
 

@@ -43,8 +43,15 @@ class TestPassAtK:
     value = float(evaluation.pass_at_k(5000, 3, 100))
     assert 0 < value < 1 and np.isfinite(value)
 
-  @pytest.mark.parametrize("n, c, k, match", [(4, 1, 5, "at least k"), (4, 5, 2, "num_correct"),
-                                              (4, -1, 2, "num_correct"), (4, 1, 0, "k=0")])
+  @pytest.mark.parametrize(
+      "n, c, k, match",
+      [
+          (4, 1, 5, "at least k"),
+          (4, 5, 2, "num_correct"),
+          (4, -1, 2, "num_correct"),
+          (4, 1, 0, "k=0"),
+      ],
+  )
   def test_bad_input_is_an_error(self, n, c, k, match):
     with pytest.raises(ValueError, match=match):
       evaluation.pass_at_k(n, c, k)
@@ -122,10 +129,16 @@ def _results(seed: int = 0, num_prompts: int = 30, n: int = 8):
   results = []
   for i in range(num_prompts):
     answers = tuple(str(a) for a in rng.integers(0, 3, n))
-    results.append(evaluation.PromptResult(
-        prompt_id=i, prompt=f"{i}+1=", greedy_passed=bool(rng.random() < 0.5),
-        greedy_reward=float(rng.random()), answers=answers,
-        passed=tuple(a == "0" for a in answers)))
+    results.append(
+        evaluation.PromptResult(
+            prompt_id=i,
+            prompt=f"{i}+1=",
+            greedy_passed=bool(rng.random() < 0.5),
+            greedy_reward=float(rng.random()),
+            answers=answers,
+            passed=tuple(a == "0" for a in answers),
+        )
+    )
   return results
 
 
@@ -139,11 +152,16 @@ class TestSummarize:
     assert metrics["eval/pass@1"] == pytest.approx(np.mean([r.greedy_passed for r in results]))
     assert metrics["eval/pass@4"] == pytest.approx(np.mean(evaluation.pass_at_k(8, c, 4)))
     assert metrics["eval/maj@8"] == pytest.approx(
-        np.mean([evaluation.majority_at_k(r.answers, r.passed, 8) for r in results]))
+        np.mean([evaluation.majority_at_k(r.answers, r.passed, 8) for r in results])
+    )
     assert "eval/pass@8" in metrics and "eval/maj@4" in metrics
     assert "eval/maj@1" not in metrics  # k = 1 is mean@n
     for name in ("pass@1", "mean@8", "pass@4", "maj@8"):
-      assert metrics[f"eval/{name}/ci_low"] <= metrics[f"eval/{name}"] <= metrics[f"eval/{name}/ci_high"]
+      assert (
+          metrics[f"eval/{name}/ci_low"]
+          <= metrics[f"eval/{name}"]
+          <= metrics[f"eval/{name}/ci_high"]
+      )
     # More attempts never pass less often.
     assert metrics["eval/mean@8"] <= metrics["eval/pass@4"] <= metrics["eval/pass@8"]
 
@@ -158,7 +176,7 @@ class TestSummarize:
 
   def test_a_write_on_a_full_disk_leaves_no_temporary_file(self, tmp_path, monkeypatch):
     def half_then_full(path, text):
-      pathlib.Path.write_bytes(path, text[:len(text) // 2].encode())
+      pathlib.Path.write_bytes(path, text[: len(text) // 2].encode())
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(pathlib.Path, "write_text", half_then_full)
@@ -168,9 +186,14 @@ class TestSummarize:
     assert not list(tmp_path.iterdir())
 
   def test_json_line_has_the_counts_and_majority(self):
-    result = evaluation.PromptResult(prompt_id=7, prompt="2+2=", greedy_passed=True,
-                                     greedy_reward=1.11, answers=("4", "5", "4", None),
-                                     passed=(True, False, True, False))
+    result = evaluation.PromptResult(
+        prompt_id=7,
+        prompt="2+2=",
+        greedy_passed=True,
+        greedy_reward=1.11,
+        answers=("4", "5", "4", None),
+        passed=(True, False, True, False),
+    )
     record = result.to_json()
     assert (record["prompt_id"], record["n"], record["c"]) == (7, 4, 2)
     assert record["majority_answer"] == "4" and record["majority_passed"] is True

@@ -49,10 +49,10 @@ def _inputs(seed):
 @pytest.mark.parametrize("mode", importance.IS_CORRECTIONS)
 def test_weights_and_statistics_match_the_reference(mode):
   prox, behav, mask = _inputs(seed=importance.IS_CORRECTIONS.index(mode))
-  weights, stats = _weights(jnp.asarray(prox), jnp.asarray(behav), jnp.asarray(mask),
-                            mode=mode, cap=CAP)
-  want, want_stats = _reference(prox.astype(np.float64), behav.astype(np.float64), mask,
-                                mode, CAP)
+  weights, stats = _weights(
+      jnp.asarray(prox), jnp.asarray(behav), jnp.asarray(mask), mode=mode, cap=CAP
+  )
+  want, want_stats = _reference(prox.astype(np.float64), behav.astype(np.float64), mask, mode, CAP)
   assert weights.dtype == jnp.float32
   np.testing.assert_allclose(weights, want, rtol=1e-5, atol=0)
   np.testing.assert_allclose(stats, want_stats, rtol=1e-5)
@@ -70,13 +70,18 @@ def test_weights_and_statistics_match_the_reference(mode):
 def test_weights_are_one_on_policy_and_carry_no_gradient():
   prox, _, mask = _inputs(seed=7)
   for mode in ("token_tis", "sequence_mask"):
-    weights, stats = _weights(jnp.asarray(prox), jnp.asarray(prox), jnp.asarray(mask),
-                              mode=mode, cap=CAP)
+    weights, stats = _weights(
+        jnp.asarray(prox), jnp.asarray(prox), jnp.asarray(mask), mode=mode, cap=CAP
+    )
     np.testing.assert_array_equal(weights, mask.astype(np.float32))
     assert stats == (1.0, 1.0, 0.0)
-  grad = jax.grad(lambda p: jnp.sum(importance.correction_weights(
-      p, jnp.zeros((B, T)), jnp.asarray(mask), mode="token_tis", cap=CAP)[0]))(
-          jnp.zeros((B, T)))
+  grad = jax.grad(
+      lambda p: jnp.sum(
+          importance.correction_weights(
+              p, jnp.zeros((B, T)), jnp.asarray(mask), mode="token_tis", cap=CAP
+          )[0]
+      )
+  )(jnp.zeros((B, T)))
   np.testing.assert_array_equal(grad, 0.0)
 
 
@@ -84,8 +89,9 @@ def test_weights_are_one_on_policy_and_carry_no_gradient():
 def test_non_finite_valid_log_prob_gives_nan_never_a_silent_weight(mode):
   prox, behav, mask = _inputs(seed=11)
   behav[0, 0] = -np.inf  # a valid token
-  weights, stats = _weights(jnp.asarray(prox), jnp.asarray(behav), jnp.asarray(mask),
-                            mode=mode, cap=CAP)
+  weights, stats = _weights(
+      jnp.asarray(prox), jnp.asarray(behav), jnp.asarray(mask), mode=mode, cap=CAP
+  )
   weights = np.asarray(weights)
   nan_tokens = mask & (np.arange(B)[:, None] == 0)
   if mode.startswith("token"):
@@ -93,8 +99,13 @@ def test_non_finite_valid_log_prob_gives_nan_never_a_silent_weight(mode):
   np.testing.assert_array_equal(np.isnan(weights), nan_tokens)
   assert np.isnan(stats.weight_mean) and np.isnan(stats.weight_max)
   # Huge finite ratios are capped or masked, not NaN.
-  weights, _ = _weights(jnp.asarray(prox), jnp.asarray(np.where(mask, -1e30, 0.0)),
-                        jnp.asarray(mask), mode=mode, cap=CAP)
+  weights, _ = _weights(
+      jnp.asarray(prox),
+      jnp.asarray(np.where(mask, -1e30, 0.0)),
+      jnp.asarray(mask),
+      mode=mode,
+      cap=CAP,
+  )
   np.testing.assert_array_equal(weights, np.where(mask, CAP if mode.endswith("tis") else 0, 0))
 
 
@@ -106,9 +117,13 @@ def test_all_masked_rows_give_zero_weights_and_finite_statistics():
     assert stats == (1.0, 1.0, 0.0), mode
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(mode="none", cap=2.0), "Unknown importance correction"),
-    (dict(mode="token_tis", cap=1.0), "cap must be > 1")])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(mode="none", cap=2.0), "Unknown importance correction"),
+        (dict(mode="token_tis", cap=1.0), "cap must be > 1"),
+    ],
+)
 def test_bad_options_are_errors(kwargs, message):
   x = jnp.zeros((1, 2))
   with pytest.raises(ValueError, match=message):

@@ -41,8 +41,7 @@ def test_kl_penalty_matches_reference(estimator, use_jit):
   fn = _kl_penalty if use_jit else kl.kl_penalty
   got = fn(jnp.asarray(logp), jnp.asarray(ref_logp), estimator=estimator)
   assert got.dtype == jnp.float32 and got.shape == logp.shape
-  np.testing.assert_allclose(
-      got, _reference_kl(logp, ref_logp, estimator), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got, _reference_kl(logp, ref_logp, estimator), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('estimator', ['k1', 'k2', 'k3'])
@@ -51,24 +50,25 @@ def test_kl_penalty_gradient_matches_reference(estimator):
   rng = np.random.default_rng(1)
   logp = rng.normal(-2.0, 1.0, size=(2, 5)).astype(np.float32)
   ref_logp = (logp + rng.normal(0.0, 0.8, size=logp.shape)).astype(np.float32)
-  grad = jax.grad(lambda lp: jnp.sum(kl.kl_penalty(
-      lp, jnp.asarray(ref_logp), estimator=estimator)))(jnp.asarray(logp))
+  grad = jax.grad(
+      lambda lp: jnp.sum(kl.kl_penalty(lp, jnp.asarray(ref_logp), estimator=estimator))
+  )(jnp.asarray(logp))
   x = ref_logp.astype(np.float64) - logp
   expected = {'k1': np.ones_like(x), 'k2': -x, 'k3': 1.0 - np.exp(x)}[estimator]
   np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
 
 
 @hypothesis.settings(max_examples=20, deadline=None)
-@hypothesis.given(scale=st.sampled_from([1e-7, 1e-5, 1e-3, 1e-1, 1.0, 30.0]),
-                  seed=st.integers(0, 2**31 - 1))
+@hypothesis.given(
+    scale=st.sampled_from([1e-7, 1e-5, 1e-3, 1e-1, 1.0, 30.0]), seed=st.integers(0, 2**31 - 1)
+)
 def test_k3_is_nonnegative_and_accurate_for_any_scale(scale, seed):
   # exp(x) - x - 1 in float32 cancels to noise (possibly < 0) for small |x|.
   rng = np.random.default_rng(seed)
   logp = rng.normal(-3.0, 1.0, size=(4, 16)).astype(np.float32)
   delta = (scale * rng.standard_normal(logp.shape)).astype(np.float32)
   ref_logp = (logp + delta).astype(np.float32)
-  got = np.asarray(_kl_penalty(jnp.asarray(logp), jnp.asarray(ref_logp),
-                               estimator='k3'))
+  got = np.asarray(_kl_penalty(jnp.asarray(logp), jnp.asarray(ref_logp), estimator='k3'))
   assert np.all(got >= 0)
   # The float32 difference x is the input of the estimator; from there, the
   # only float32 error left is rounding of expm1(x) and x, a few ulps of |x|.
@@ -81,14 +81,15 @@ def test_k3_is_nonnegative_and_accurate_for_any_scale(scale, seed):
 def test_k3_clamps_huge_log_ratio_and_stays_finite():
   logp = jnp.asarray([[0.0, 0.0, -1e3]], jnp.float32)
   ref_logp = jnp.asarray([[-1e3, 1e3, 0.0]], jnp.float32)
-  value, grad = jax.value_and_grad(lambda lp: jnp.sum(kl.kl_penalty(
-      lp, ref_logp, estimator='k3')))(logp)
+  value, grad = jax.value_and_grad(lambda lp: jnp.sum(kl.kl_penalty(lp, ref_logp, estimator='k3')))(
+      logp
+  )
   per_token = kl.kl_penalty(logp, ref_logp, estimator='k3')
   cap = kl.MAX_LOG_RATIO
   # x = -1e3 needs no clamp (exp underflows to 0); x = +1e3 is held at x = 20.
   np.testing.assert_allclose(
-      per_token, [[1e3 - 1.0, np.expm1(cap) - cap, np.expm1(cap) - cap]],
-      rtol=1e-6)
+      per_token, [[1e3 - 1.0, np.expm1(cap) - cap, np.expm1(cap) - cap]], rtol=1e-6
+  )
   assert np.isfinite(value) and np.all(np.isfinite(grad))
   np.testing.assert_allclose(grad, [[1.0, 0.0, 0.0]])
 
@@ -101,10 +102,14 @@ def test_unbiased_estimators_average_to_true_kl(estimator):
   q = rng.dirichlet(np.ones(6))
   true_kl = np.sum(p * np.log(p / q))
   tokens = rng.choice(6, size=(1, 200_000), p=p)
-  estimates = np.asarray(kl.kl_penalty(
-      jnp.asarray(np.log(p)[tokens], jnp.float32),
-      jnp.asarray(np.log(q)[tokens], jnp.float32), estimator=estimator),
-                         np.float64)
+  estimates = np.asarray(
+      kl.kl_penalty(
+          jnp.asarray(np.log(p)[tokens], jnp.float32),
+          jnp.asarray(np.log(q)[tokens], jnp.float32),
+          estimator=estimator,
+      ),
+      np.float64,
+  )
   standard_error = estimates.std() / np.sqrt(estimates.size)
   assert abs(estimates.mean() - true_kl) < 5 * standard_error
 
@@ -138,8 +143,7 @@ def test_entropy_of_bfloat16_logits_is_reduced_in_float32():
   logits = jnp.asarray(rng.normal(0.0, 2.0, size=(4, 64)), jnp.bfloat16)
   got = kl.entropy_from_logits(logits)
   assert got.dtype == jnp.float32
-  np.testing.assert_allclose(
-      got, _reference_entropy(np.asarray(logits, np.float32)), rtol=1e-5)
+  np.testing.assert_allclose(got, _reference_entropy(np.asarray(logits, np.float32)), rtol=1e-5)
 
 
 def test_entropy_gradient_matches_reference_and_is_finite_with_masks():

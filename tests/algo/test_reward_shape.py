@@ -12,8 +12,16 @@ import gmpo_jax
 from experiments.reward_study import envs
 from gmpo_jax.algo import reward_shape
 
-KEYS = ("groups", "zero_std_group_fraction", "non_positive_fraction", "non_finite_fraction",
-        "log10_span_mean", "log10_span_max", "tail_index", "skewness")
+KEYS = (
+    "groups",
+    "zero_std_group_fraction",
+    "non_positive_fraction",
+    "non_finite_fraction",
+    "log10_span_mean",
+    "log10_span_max",
+    "tail_index",
+    "skewness",
+)
 
 
 def reference_hill(samples):
@@ -24,13 +32,15 @@ def reference_hill(samples):
 
 
 def test_diagnostics_of_a_hand_made_batch():
-  rewards = np.array([
-      [10.0, 10.0, 10.0, 1000.0],  # the founding document's example
-      [1.0, 2.0, 3.0, 4.0],
-      [0.0, 1.0, 0.0, 1.0],        # binary: half non-positive
-      [5.0, 5.0, 5.0, 5.0],        # no spread
-      [np.nan, 7.0, -3.0, 2.0],    # NaN masked out below
-  ])
+  rewards = np.array(
+      [
+          [10.0, 10.0, 10.0, 1000.0],  # the founding document's example
+          [1.0, 2.0, 3.0, 4.0],
+          [0.0, 1.0, 0.0, 1.0],  # binary: half non-positive
+          [5.0, 5.0, 5.0, 5.0],  # no spread
+          [np.nan, 7.0, -3.0, 2.0],  # NaN masked out below
+      ]
+  )
   mask = np.ones(rewards.shape, bool)
   mask[4, 0] = False
   got = gmpo_jax.reward_diagnostics(rewards, mask)
@@ -40,7 +50,9 @@ def test_diagnostics_of_a_hand_made_batch():
   skews = [stats.skew(rewards[b, mask[b]]) for b in (0, 1, 2, 4)]
   np.testing.assert_allclose(
       [got["reward_shape/" + k] for k in KEYS[:6] + KEYS[7:]],
-      [5, 1 / 5, 3 / 19, 0.0, np.mean(spans), 2.0, np.mean(skews)], rtol=1e-12)
+      [5, 1 / 5, 3 / 19, 0.0, np.mean(spans), 2.0, np.mean(skews)],
+      rtol=1e-12,
+  )
   assert math.isnan(got["reward_shape/tail_index"])  # 16 positive rewards < 20
 
 
@@ -83,22 +95,32 @@ def test_shape_errors():
 
 
 def _diagnostics(**values):
-  base = dict(groups=8.0, zero_std_group_fraction=0.0, non_positive_fraction=0.0,
-              non_finite_fraction=0.0, log10_span_mean=1.0, log10_span_max=2.0,
-              tail_index=10.0, skewness=0.5)
+  base = dict(
+      groups=8.0,
+      zero_std_group_fraction=0.0,
+      non_positive_fraction=0.0,
+      non_finite_fraction=0.0,
+      log10_span_mean=1.0,
+      log10_span_max=2.0,
+      tail_index=10.0,
+      skewness=0.5,
+  )
   base.update(values)
   return {"reward_shape/" + k: float(v) for k, v in base.items()}
 
 
-@pytest.mark.parametrize("values, name, cited", [
-    (dict(zero_std_group_fraction=1.0), "grpo", "dynamic_sampling"),
-    (dict(groups=0.0, zero_std_group_fraction=math.nan), "grpo", "dynamic_sampling"),
-    (dict(non_positive_fraction=0.3, tail_index=1.0), "grpo", "counts: E[R] score 0.550"),
-    (dict(tail_index=1.2), "gmpo", "lognormal E[R] score 0.976"),
-    (dict(tail_index=1.2, zero_std_group_fraction=0.6), "gmpo", "dynamic_sampling"),
-    (dict(tail_index=9.0), "grpo", "multiscale"),
-    (dict(tail_index=math.nan), "grpo", "too few to measure a tail"),
-])
+@pytest.mark.parametrize(
+    "values, name, cited",
+    [
+        (dict(zero_std_group_fraction=1.0), "grpo", "dynamic_sampling"),
+        (dict(groups=0.0, zero_std_group_fraction=math.nan), "grpo", "dynamic_sampling"),
+        (dict(non_positive_fraction=0.3, tail_index=1.0), "grpo", "counts: E[R] score 0.550"),
+        (dict(tail_index=1.2), "gmpo", "lognormal E[R] score 0.976"),
+        (dict(tail_index=1.2, zero_std_group_fraction=0.6), "gmpo", "dynamic_sampling"),
+        (dict(tail_index=9.0), "grpo", "multiscale"),
+        (dict(tail_index=math.nan), "grpo", "too few to measure a tail"),
+    ],
+)
 def test_recommendation_rules(values, name, cited):
   got, reason = gmpo_jax.recommend_advantage(_diagnostics(**values))
   assert got == name and got in gmpo_jax.ADVANTAGE_ESTIMATORS
@@ -113,7 +135,8 @@ def _study_rewards(env, seeds, prompts=64, group=8):
   repeats = seeds * (prompts // env.num_contexts)
   tokens_key, reward_key = jax.random.split(jax.random.PRNGKey(0))
   tokens = jax.random.randint(
-      tokens_key, (repeats, env.num_contexts, group, envs.NUM_TOKENS), 0, envs.VOCAB_SIZE)
+      tokens_key, (repeats, env.num_contexts, group, envs.NUM_TOKENS), 0, envs.VOCAB_SIZE
+  )
   rewards = jax.vmap(env.sample)(jax.random.split(reward_key, repeats), tokens)
   return np.asarray(rewards).reshape(seeds, -1, group)
 

@@ -23,7 +23,7 @@ from experiments import aggregate, launch
 #   eval/pass@1  step 0: 0.1 (s + 1); step 2: 0.2 + 0.1 s; step 4: 0.5 for s = 0, null for s = 1
 #   reward/mean  steps 1..4: o + (s + 1) * [1, 4, 2, 3]
 #   ratio_min    steps 1..4: 1 - (s + 1) * [0.1, 0.3, 0.2, 0.1]
-FAKE_RUNNER = r'''
+FAKE_RUNNER = r"""
 import json, pathlib, sys
 args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
 workdir = pathlib.Path(args["workdir"])
@@ -42,7 +42,7 @@ records[4]["eval/pass@1"] = 0.5 if seed == 0 else None
 (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 (workdir / "summary.json").write_text(json.dumps({"total_steps": 4, "last_step": 4}))
 print("fake run done")
-'''
+"""
 
 METRICS = "reward/mean,eval/pass@1,ratio_min:min"
 
@@ -58,8 +58,17 @@ def fake_runner(tmp_path):
 
 
 def _launch(out, runner, *extra):
-  return launch.main(["--config=configs/smoke.py", f"--out={out}", "--grid=advantage=grpo,gmpo",
-                      "--seeds=2", f"--runner={runner}", f"--metrics={METRICS}", *extra])
+  return launch.main(
+      [
+          "--config=configs/smoke.py",
+          f"--out={out}",
+          "--grid=advantage=grpo,gmpo",
+          "--seeds=2",
+          f"--runner={runner}",
+          f"--metrics={METRICS}",
+          *extra,
+      ]
+  )
 
 
 def _workdir(out, advantage, seed):
@@ -67,9 +76,12 @@ def _workdir(out, advantage, seed):
 
 
 def _invocations(out):
-  return {(a, s): len((_workdir(out, a, s) / "invocations").read_text().splitlines())
-          for a in ("grpo", "gmpo") for s in (0, 1)
-          if (_workdir(out, a, s) / "invocations").exists()}
+  return {
+      (a, s): len((_workdir(out, a, s) / "invocations").read_text().splitlines())
+      for a in ("grpo", "gmpo")
+      for s in (0, 1)
+      if (_workdir(out, a, s) / "invocations").exists()
+  }
 
 
 def _table(out):
@@ -88,15 +100,15 @@ def test_grid_runs_and_table_matches_hand_computed_statistics(tmp_path, fake_run
   table = _table(out)
   # (point, metric, statistic) -> (mean, stderr, finite runs); two seeds: se = |x0 - x1| / 2.
   expected = {
-      ("advantage=grpo", "reward/mean", "final"): (4.5, 1.5, 2),     # 3, 6
-      ("advantage=grpo", "reward/mean", "max"): (6.0, 2.0, 2),       # 4, 8
-      ("advantage=gmpo", "reward/mean", "final"): (14.5, 1.5, 2),    # 13, 16
+      ("advantage=grpo", "reward/mean", "final"): (4.5, 1.5, 2),  # 3, 6
+      ("advantage=grpo", "reward/mean", "max"): (6.0, 2.0, 2),  # 4, 8
+      ("advantage=gmpo", "reward/mean", "final"): (14.5, 1.5, 2),  # 13, 16
       ("advantage=gmpo", "reward/mean", "max"): (16.0, 2.0, 2),
       ("advantage=grpo", "eval/pass@1", "initial"): (0.15, 0.05, 2),  # 0.1, 0.2
       ("advantage=grpo", "eval/pass@1", "final"): (0.5, math.nan, 1),  # 0.5, null
-      ("advantage=grpo", "eval/pass@1", "max"): (0.4, 0.1, 2),       # 0.5, 0.3 (null skipped)
-      ("advantage=grpo", "ratio_min", "final"): (0.85, 0.05, 2),     # 0.9, 0.8
-      ("advantage=grpo", "ratio_min", "min"): (0.55, 0.15, 2),       # 0.7, 0.4
+      ("advantage=grpo", "eval/pass@1", "max"): (0.4, 0.1, 2),  # 0.5, 0.3 (null skipped)
+      ("advantage=grpo", "ratio_min", "final"): (0.85, 0.05, 2),  # 0.9, 0.8
+      ("advantage=grpo", "ratio_min", "min"): (0.55, 0.15, 2),  # 0.7, 0.4
   }
   for key, (mean, stderr, finite) in expected.items():
     row = table[key]
@@ -111,7 +123,8 @@ def test_grid_runs_and_table_matches_hand_computed_statistics(tmp_path, fake_run
   # 95% CI half-widths of two seeds: t_{0.975, 1} = 12.706 times the s.e.
   assert "| advantage=grpo | 2/2 | 4 ± 19 | 0.5 (1/2) | 0.85 ± 0.64 |" in markdown
   assert _float(table["advantage=grpo", "reward/mean", "final"]["ci95"]) == pytest.approx(
-      12.706205 * 1.5, rel=1e-6)
+      12.706205 * 1.5, rel=1e-6
+  )
   assert "`algorithm.advantage=gmpo`" in markdown
   with (out / aggregate.RUNS_CSV).open() as f:
     runs = list(csv.DictReader(f))
@@ -124,7 +137,9 @@ def test_grid_runs_and_table_matches_hand_computed_statistics(tmp_path, fake_run
   paired = table["advantage=gmpo", "reward/mean", "final_minus_advantage=grpo"]
   assert (_float(paired["mean"]), _float(paired["stderr"])) == pytest.approx((10.0, 0.0))
   assert "## Final values minus advantage=grpo's, paired by seed" in markdown
-  assert "## Extremes over the RL steps (step >= 1) minus advantage=grpo's, paired by seed" in markdown
+  assert (
+      "## Extremes over the RL steps (step >= 1) minus advantage=grpo's, paired by seed" in markdown
+  )
   assert "| advantage=gmpo | 2 | 10 ± 0 |" in markdown
   for name in (aggregate.CURVES_PNG, aggregate.BARS_PNG):
     data = (out / name).read_bytes()
@@ -141,7 +156,8 @@ def test_restart_skips_finished_runs_and_reruns_the_rest(tmp_path, fake_runner, 
   assert _launch(out, fake_runner) == 0
   # An interrupted run: the runner leaves a summary that stops short of the last step.
   (_workdir(out, "gmpo", 0) / "summary.json").write_text(
-      json.dumps({"total_steps": 4, "last_step": 2}))
+      json.dumps({"total_steps": 4, "last_step": 2})
+  )
   for path in _workdir(out, "grpo", 1).iterdir():  # a run that never started
     path.unlink()
   capsys.readouterr()
@@ -174,8 +190,9 @@ def test_a_failed_run_is_reported_and_the_others_finish(tmp_path, fake_runner, c
   assert "boom: the fake runner fails on purpose" in printed  # the log's tail
   assert "3 finished, 0 skipped, 1 failed" in printed
   assert "boom" in log.read_text()
-  assert all(launch.is_finished(_workdir(out, a, s)) for a, s in
-             (("grpo", 1), ("gmpo", 0), ("gmpo", 1)))
+  assert all(
+      launch.is_finished(_workdir(out, a, s)) for a, s in (("grpo", 1), ("gmpo", 0), ("gmpo", 1))
+  )
   row = _table(out)["advantage=grpo", "reward/mean", "final"]
   assert (_float(row["mean"]), row["num_runs"]) == (6.0, "1")  # seed 1 alone
   assert "| advantage=grpo | 1/2 | 6 |" in (out / aggregate.TABLE_MD).read_text()
@@ -198,22 +215,33 @@ def test_dry_run_lists_commands_and_a_missing_runner_fails_cleanly(tmp_path, cap
 def test_split_values_respects_brackets_and_quotes():
   assert launch.split_values("a, b") == ["a", "b"]
   assert launch.split_values("{'x': 1, 'y': (2, 3)},'p,q',[4, 5]") == [
-      "{'x': 1, 'y': (2, 3)}", "'p,q'", "[4, 5]"]
+      "{'x': 1, 'y': (2, 3)}",
+      "'p,q'",
+      "[4, 5]",
+  ]
   for bad in ("{a,b", "a)", "'open"):
     with pytest.raises(ValueError):
       launch.split_values(bad)
 
 
 def test_aliases_point_names_and_override_order():
-  assert launch.expand_key("epsilon") == ("algorithm.objective_kwargs.epsilon_low",
-                                          "algorithm.objective_kwargs.epsilon_high")
+  assert launch.expand_key("epsilon") == (
+      "algorithm.objective_kwargs.epsilon_low",
+      "algorithm.objective_kwargs.epsilon_high",
+  )
   assert launch.expand_key("config.optim.b1") == ("optim.b1",)
   with pytest.raises(ValueError, match="--seeds"):
     launch.expand_key("seed")
   with pytest.raises(ValueError, match="alias"):
     launch.expand_key("a..b")
-  axes = launch.grid_axes(["epsilon=0.2,0.4", "optim.b1=0.9", "warm_start.optim.b1=0.8",
-                           "algorithm.objective_kwargs={'clip_mode': 'none'}"])
+  axes = launch.grid_axes(
+      [
+          "epsilon=0.2,0.4",
+          "optim.b1=0.9",
+          "warm_start.optim.b1=0.8",
+          "algorithm.objective_kwargs={'clip_mode': 'none'}",
+      ]
+  )
   point = launch.make_points(axes)[0]
   label = point.name.split(",")[-1]
   assert point.name.startswith("epsilon=0.2,optim.b1=0.9,warm_start.optim.b1=0.8,objective_kwargs=")
@@ -223,7 +251,8 @@ def test_aliases_point_names_and_override_order():
   assert all(c.isalnum() or c in "._+-" for c in launch.safe_label("{'a': 1}"))
   paths = [o.path for o in point.overrides]
   assert paths.index("algorithm.objective_kwargs") < paths.index(
-      "algorithm.objective_kwargs.epsilon_low")  # parents first, as the flag parser requires
+      "algorithm.objective_kwargs.epsilon_low"
+  )  # parents first, as the flag parser requires
   with pytest.raises(ValueError, match="more than once"):
     launch.make_points(launch.grid_axes(["epsilon=0.2", "epsilon_low=0.3"]))
 
@@ -235,15 +264,21 @@ def test_resolve_config_uses_the_runners_flag_parser(tmp_path):
     point = launch.Point("p", tuple(overrides))
     return launch.RunSpec(point, 3, config, tmp_path / "p")
 
-  resolved = launch.resolve_config(spec(launch.Override("algorithm.objective_kwargs.epsilon_low",
-                                                        "0.25")))
+  resolved = launch.resolve_config(
+      spec(launch.Override("algorithm.objective_kwargs.epsilon_low", "0.25"))
+  )
   assert resolved.algorithm.objective_kwargs.epsilon_low == 0.25 and resolved.seed == 3
   with pytest.raises(ValueError, match="p seed 3"):
     launch.resolve_config(spec(launch.Override("algorithm.no_such_field", "1")))
   with pytest.raises(ValueError, match="clip_mode"):  # the algorithm section is validated
-    launch.resolve_config(spec(launch.Override("algorithm.objective", "token_clip"),
-                               launch.Override("algorithm.objective_kwargs",
-                                               "{'epsilon_low': 0.2, 'clip_mode': 'none'}")))
+    launch.resolve_config(
+        spec(
+            launch.Override("algorithm.objective", "token_clip"),
+            launch.Override(
+                "algorithm.objective_kwargs", "{'epsilon_low': 0.2, 'clip_mode': 'none'}"
+            ),
+        )
+    )
   with pytest.raises(ValueError, match="parses to 7"):  # a preset value must survive the flag
     launch.resolve_config(spec(launch.Override("num_steps", "7", "7")))
   with pytest.raises(ValueError, match="prompts_per_step"):  # and every other section too
@@ -253,8 +288,16 @@ def test_resolve_config_uses_the_runners_flag_parser(tmp_path):
 def test_gmpo_design_preset_resolves_to_the_papers_variants(tmp_path):
   config = os.path.abspath("configs/ablation_gmpo.py")
   points = launch.make_points([launch.preset_axis(launch.load_preset(config, "gmpo_design"))])
-  assert [p.name for p in points] == ["gmpo_full", "gmpo_noclip", "gmpo_seqclip",
-                                      "gmpo_clip0.2", "gmpo_clip0.8", "grpo", "pm_p1", "pm_pm1"]
+  assert [p.name for p in points] == [
+      "gmpo_full",
+      "gmpo_noclip",
+      "gmpo_seqclip",
+      "gmpo_clip0.2",
+      "gmpo_clip0.8",
+      "grpo",
+      "pm_p1",
+      "pm_pm1",
+  ]
   got = {}
   for point in points:
     algorithm = launch.resolve_config(launch.RunSpec(point, 0, config, tmp_path)).algorithm
@@ -263,15 +306,27 @@ def test_gmpo_design_preset_resolves_to_the_papers_variants(tmp_path):
   assert got == {
       "gmpo_full": ("geometric", {"epsilon_low": 0.4, "epsilon_high": 0.4, "clip_mode": "token"}),
       "gmpo_noclip": ("geometric", {"epsilon_low": 0.4, "epsilon_high": 0.4, "clip_mode": "none"}),
-      "gmpo_seqclip": ("geometric", {"epsilon_low": 0.4, "epsilon_high": 0.4,
-                                     "clip_mode": "sequence"}),
-      "gmpo_clip0.2": ("geometric", {"epsilon_low": 0.2, "epsilon_high": 0.2, "clip_mode": "token"}),
-      "gmpo_clip0.8": ("geometric", {"epsilon_low": 0.8, "epsilon_high": 0.8, "clip_mode": "token"}),
+      "gmpo_seqclip": (
+          "geometric",
+          {"epsilon_low": 0.4, "epsilon_high": 0.4, "clip_mode": "sequence"},
+      ),
+      "gmpo_clip0.2": (
+          "geometric",
+          {"epsilon_low": 0.2, "epsilon_high": 0.2, "clip_mode": "token"},
+      ),
+      "gmpo_clip0.8": (
+          "geometric",
+          {"epsilon_low": 0.8, "epsilon_high": 0.8, "clip_mode": "token"},
+      ),
       "grpo": ("token_clip", {"epsilon_low": 0.2, "epsilon_high": 0.2}),
-      "pm_p1": ("power_mean", {"epsilon_low": 0.4, "epsilon_high": 0.4, "clip_mode": "token",
-                               "p": 1.0}),
-      "pm_pm1": ("power_mean", {"epsilon_low": 0.4, "epsilon_high": 0.4, "clip_mode": "token",
-                                "p": -1.0}),
+      "pm_p1": (
+          "power_mean",
+          {"epsilon_low": 0.4, "epsilon_high": 0.4, "clip_mode": "token", "p": 1.0},
+      ),
+      "pm_pm1": (
+          "power_mean",
+          {"epsilon_low": 0.4, "epsilon_high": 0.4, "clip_mode": "token", "p": -1.0},
+      ),
   }
   stress = ablation_gmpo.get_grid("gmpo_stress")
   assert list(stress) == ["gmpo_full", "gmpo_noclip", "gmpo_seqclip", "grpo"]
@@ -299,10 +354,21 @@ def test_mean_stderr_and_metric_specs():
 @pytest.mark.slow
 def test_real_smoke_run_through_the_launcher(tmp_path, capsys):
   out = tmp_path / "out"
-  cache = os.environ.get("GMPO_JAX_TEST_CACHE",
-                         os.path.join(tempfile.gettempdir(), "gmpo_jax_xla_cache"))
-  assert launch.main(["--config=configs/smoke.py", f"--out={out}", "--set=steps=3",
-                      f"--xla-cache={cache}", "--metrics=eval/pass@1,reward/mean,ratio_max"]) == 0
+  cache = os.environ.get(
+      "GMPO_JAX_TEST_CACHE", os.path.join(tempfile.gettempdir(), "gmpo_jax_xla_cache")
+  )
+  assert (
+      launch.main(
+          [
+              "--config=configs/smoke.py",
+              f"--out={out}",
+              "--set=steps=3",
+              f"--xla-cache={cache}",
+              "--metrics=eval/pass@1,reward/mean,ratio_max",
+          ]
+      )
+      == 0
+  )
   workdir = out / "runs" / "base" / "seed_0"
   assert launch.is_finished(workdir)
   assert json.loads((workdir / "summary.json").read_text())["last_step"] == 3
@@ -314,7 +380,7 @@ def test_real_smoke_run_through_the_launcher(tmp_path, capsys):
 
 # A fake runner for `--shared-warm-start`: a warm-start-only run writes warm_start.json (or fails
 # when its workdir holds FAIL); a point run fails unless its init_from holds one.
-FAKE_SHARED_RUNNER = r'''
+FAKE_SHARED_RUNNER = r"""
 import json, pathlib, sys
 args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if "=" in a)
 workdir = pathlib.Path(args["workdir"])
@@ -331,7 +397,7 @@ if not (init_from / "warm_start.json").exists():
 (workdir / "init_from").write_text(str(init_from))
 (workdir / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward/mean": 1.0}) + "\n")
 (workdir / "summary.json").write_text(json.dumps({"total_steps": 1, "last_step": 1}))
-'''
+"""
 
 
 def test_shared_warm_starts_run_first_once_per_seed(tmp_path):
@@ -341,9 +407,19 @@ def test_shared_warm_starts_run_first_once_per_seed(tmp_path):
   out = tmp_path / "out"
 
   def run():
-    return launch.main(["--config=configs/smoke.py", f"--out={out}", "--seeds=3",
-                        "--grid=advantage=grpo,gmpo", "--shared-warm-start", "--parallel=2",
-                        f"--runner={runner}", "--metrics=reward/mean"], stream=open(os.devnull, "w"))
+    return launch.main(
+        [
+            "--config=configs/smoke.py",
+            f"--out={out}",
+            "--seeds=3",
+            "--grid=advantage=grpo,gmpo",
+            "--shared-warm-start",
+            "--parallel=2",
+            f"--runner={runner}",
+            "--metrics=reward/mean",
+        ],
+        stream=open(os.devnull, "w"),
+    )
 
   (out / "warm_starts" / "seed_2").mkdir(parents=True)
   (out / "warm_starts" / "seed_2" / "FAIL").touch()
@@ -355,20 +431,30 @@ def test_shared_warm_starts_run_first_once_per_seed(tmp_path):
     assert not (_workdir(out, advantage, 2) / "invocations").exists()
   (out / "warm_starts" / "seed_2" / "FAIL").unlink()
   assert run() == 0  # only seed 2's warm start and points run now
-  counts = {path.parent.relative_to(out).as_posix(): len(path.read_text().splitlines())
-            for path in out.rglob("invocations")}
-  assert counts == {"warm_starts/seed_0": 1, "warm_starts/seed_1": 1, "warm_starts/seed_2": 2,
-                    **{f"runs/advantage={a}/seed_{s}": 1 for a in ("grpo", "gmpo")
-                       for s in range(3)}}
+  counts = {
+      path.parent.relative_to(out).as_posix(): len(path.read_text().splitlines())
+      for path in out.rglob("invocations")
+  }
+  assert counts == {
+      "warm_starts/seed_0": 1,
+      "warm_starts/seed_1": 1,
+      "warm_starts/seed_2": 2,
+      **{f"runs/advantage={a}/seed_{s}": 1 for a in ("grpo", "gmpo") for s in range(3)},
+  }
 
 
 def test_points_selects_and_orders_the_grid_and_by_seed_interleaves_the_seeds(tmp_path):
   points = launch.select_points(
       launch.make_points([launch.preset_axis(ablation_gmpo.get_grid("gmpo_design"))]),
-      ["grpo", "gmpo_full"])
+      ["grpo", "gmpo_full"],
+  )
   assert [p.name for p in points] == ["grpo", "gmpo_full"]
   specs = launch.plan_runs(points, [0, 1], config="c.py", out=tmp_path, by_seed=True)
   assert [(s.point.name, s.seed) for s in specs] == [
-      ("grpo", 0), ("gmpo_full", 0), ("grpo", 1), ("gmpo_full", 1)]
+      ("grpo", 0),
+      ("gmpo_full", 0),
+      ("grpo", 1),
+      ("gmpo_full", 1),
+  ]
   with pytest.raises(ValueError, match=r"\['nope'\] not in the grid"):
     launch.select_points(points, ["nope"])

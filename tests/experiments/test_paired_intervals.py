@@ -21,8 +21,9 @@ def test_paired_difference_is_scipys_paired_t_interval(num_seeds):
   reference = shared + rng.normal(0.0, 0.2, num_seeds)
   stat = aggregate.paired_difference(dict(enumerate(values)), dict(enumerate(reference)))
   low, high = scipy.stats.ttest_rel(values, reference).confidence_interval(0.95)
-  np.testing.assert_allclose([stat.mean - stat.ci95, stat.mean + stat.ci95], [low, high],
-                             rtol=1e-12)
+  np.testing.assert_allclose(
+      [stat.mean - stat.ci95, stat.mean + stat.ci95], [low, high], rtol=1e-12
+  )
   d = np.asarray(values, np.float64) - reference
   np.testing.assert_allclose(stat.stderr, d.std(ddof=1) / math.sqrt(num_seeds), rtol=1e-12)
   # Much narrower than the unpaired interval, which the shared part dominates.
@@ -38,17 +39,26 @@ def test_paired_difference_uses_only_the_seeds_both_have():
 
 
 def _results(counts, n):
-  return [PromptResult(prompt_id=i, prompt=str(i), greedy_passed=False, greedy_reward=0.0,
-                       answers=tuple(str(j % 3) for j in range(n)),
-                       passed=tuple(j < c for j in range(n)))
-          for i, c in enumerate(counts)]
+  return [
+      PromptResult(
+          prompt_id=i,
+          prompt=str(i),
+          greedy_passed=False,
+          greedy_reward=0.0,
+          answers=tuple(str(j % 3) for j in range(n)),
+          passed=tuple(j < c for j in range(n)),
+      )
+      for i, c in enumerate(counts)
+  ]
 
 
 def test_pass_at_k_curve_is_the_mean_unbiased_estimate_for_every_k():
   n, counts = 16, [0, 1, 3, 8, 15, 16]
   curve = aggregate.pass_at_k_curve(_results(counts, n))
-  expected = [np.mean([1.0 - math.comb(n - c, k) / math.comb(n, k) for c in counts])
-              for k in range(1, n + 1)]
+  expected = [
+      np.mean([1.0 - math.comb(n - c, k) / math.comb(n, k) for c in counts])
+      for k in range(1, n + 1)
+  ]
   np.testing.assert_allclose(curve, expected, rtol=1e-12, atol=1e-15)
   assert curve[0] == pytest.approx(np.mean(counts) / n)  # pass@1 = mean@n
 
@@ -62,17 +72,22 @@ def test_aggregate_writes_the_paired_pass_at_k_table_and_plot(tmp_path):
     for point, shift in (("ref", 0), ("better", 1)):
       final = aggregate.pass_at_k_curve(_results(np.minimum(base + shift, n), n))
       initial = aggregate.pass_at_k_curve(_results(base, n))
-      runs.append(aggregate.RunMetrics(
-          point, seed, [{"step": 0, "eval/pass@1": 0.1}, {"step": 1, "eval/pass@1": 0.2}],
-          aggregate.SampledEval(initial, final, 3.0, 2.0)))
-  files = aggregate.aggregate(tmp_path, runs, points=["ref", "better"],
-                              metrics=[aggregate.MetricSpec("eval/pass@1")])
+      runs.append(
+          aggregate.RunMetrics(
+              point,
+              seed,
+              [{"step": 0, "eval/pass@1": 0.1}, {"step": 1, "eval/pass@1": 0.2}],
+              aggregate.SampledEval(initial, final, 3.0, 2.0),
+          )
+      )
+  files = aggregate.aggregate(
+      tmp_path, runs, points=["ref", "better"], metrics=[aggregate.MetricSpec("eval/pass@1")]
+  )
   assert files["pass_at_k"].exists()
   with files["pass_at_k_csv"].open() as f:
     rows = {(r["point"], int(r["k"]), r["statistic"]): r for r in csv.DictReader(f)}
   for k in (1, 4, 8):
-    d = [b.sampled.final[k - 1] - a.sampled.final[k - 1]
-         for a, b in zip(runs[0::2], runs[1::2])]
+    d = [b.sampled.final[k - 1] - a.sampled.final[k - 1] for a, b in zip(runs[0::2], runs[1::2])]
     low, high = scipy.stats.ttest_rel(d, np.zeros(3)).confidence_interval(0.95)
     row = rows["better", k, "final_minus_ref"]
     assert float(row["mean"]) == pytest.approx(np.mean(d), rel=1e-12)

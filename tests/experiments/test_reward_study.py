@@ -25,7 +25,7 @@ def quick(tmp_path_factory):
 
 
 def _rows(summary, rewards):
-  example, = [e for e in summary['checks']['worked_examples'] if e['rewards'] == rewards]
+  (example,) = [e for e in summary['checks']['worked_examples'] if e['rewards'] == rewards]
   return {row['method']: row for row in example['rows']}
 
 
@@ -33,13 +33,13 @@ class TestQuickRun:
 
   def test_writes_outputs(self, quick):
     out, result = quick
-    for name in ('results.md', 'results.json', 'advantage_scatter.png',
-                 'curves_uniform.png'):
+    for name in ('results.md', 'results.json', 'advantage_scatter.png', 'curves_uniform.png'):
       assert (out / name).stat().st_size > 0, name
     summary = json.loads((out / 'results.json').read_text())
     assert list(summary['envs']) == ['uniform']
-    assert summary['checks']['binary_identities'] == result['summary']['checks'][
-        'binary_identities']
+    assert (
+        summary['checks']['binary_identities'] == result['summary']['checks']['binary_identities']
+    )
     rows = summary['envs']['uniform']['runs']
     assert len(rows) == len(study.METHODS) * len(study.OBJECTIVES)
     markdown = (out / 'results.md').read_text()
@@ -65,8 +65,7 @@ class TestQuickRun:
     rows = _rows(summary, [10.0, 10.0, 10.0, 1000.0])
     base = np.array([-0.5, -0.5, -0.5, 1.5])
     np.testing.assert_allclose(rows['GRPO']['advantages'], base, rtol=1e-5)
-    np.testing.assert_allclose(rows['Dr.GRPO']['advantages'], [-247.5] * 3 + [742.5],
-                               rtol=1e-6)
+    np.testing.assert_allclose(rows['Dr.GRPO']['advantages'], [-247.5] * 3 + [742.5], rtol=1e-6)
     np.testing.assert_allclose(rows['log d=1e-8']['advantages'], LN10 * base, rtol=1e-5)
     # Two distinct values: every normalized estimator gives the same advantages,
     # and the log baseline penalizes the three ordinary samples as GRPO does.
@@ -92,8 +91,9 @@ class TestQuickRun:
     checks = quick[1]['summary']['checks']
     assert all(v < 1e-5 for v in checks['binary_identities'].values())
     scale = checks['scale_invariance']
-    deviation = {r['method']: dict(zip(scale['scales'], r['max_relative_deviation']))
-                 for r in scale['rows']}
+    deviation = {
+        r['method']: dict(zip(scale['scales'], r['max_relative_deviation'])) for r in scale['rows']
+    }
     for method in ('log d=1e-8', 'log-norm d=1e-8'):
       assert deviation[method][1e-3] < 1e-5 and deviation[method][1e3] < 1e-5
     np.testing.assert_allclose(deviation['Dr.GRPO'][1e3], 999, rtol=1e-4)
@@ -110,8 +110,11 @@ class TestQuickRun:
     checks = quick[1]['summary']['checks']
     # p = 1 is Dr.GRPO (normalized: GRPO), p -> 0 the log baseline.
     assert set(checks['power_mean_ends']) == {
-        'pow p=1 vs Dr.GRPO', 'pow-norm p=1 vs GRPO', 'pow p=1e-6 vs log d=1e-8',
-        'pow-norm p=1e-6 vs log-norm d=1e-8'}
+        'pow p=1 vs Dr.GRPO',
+        'pow-norm p=1 vs GRPO',
+        'pow p=1e-6 vs log d=1e-8',
+        'pow-norm p=1e-6 vs log-norm d=1e-8',
+    }
     assert all(v < 2e-5 for v in checks['power_mean_ends'].values()), checks
     assert 'pow p=-0.5 vs 19998 x Dr.GRPO' in checks['binary_identities']
 
@@ -123,11 +126,15 @@ class TestQuickRun:
       assert (rows[method]['penalized'], rows[method]['above_median']) == (2, 3), method
     for method in ('pow p=-0.5', 'pow-norm p=-0.5'):
       assert (rows[method]['penalized'], rows[method]['above_median']) == (0, 3), method
-    assert rows['pow p=-0.5']['negative'] < rows['log d=1e-8']['negative'] < rows[
-        'pow p=0.5']['negative']
+    assert (
+        rows['pow p=-0.5']['negative']
+        < rows['log d=1e-8']['negative']
+        < rows['pow p=0.5']['negative']
+    )
     # MaxRL is Dr.GRPO divided by the group mean.
-    np.testing.assert_allclose(np.multiply(rows['MaxRL']['advantages'], 1066 / 6),
-                               rows['Dr.GRPO']['advantages'], rtol=1e-5)
+    np.testing.assert_allclose(
+        np.multiply(rows['MaxRL']['advantages'], 1066 / 6), rows['Dr.GRPO']['advantages'], rtol=1e-5
+    )
 
 
 # A few sequences per environment: all A, all B, all D, and ABCD.
@@ -139,17 +146,20 @@ _SEQUENCE_INDEX = _SEQUENCES @ (envs.VOCAB_SIZE ** np.arange(envs.NUM_TOKENS)[::
 def test_exact_moments_match_monte_carlo(env):
   num = 20_000
   tokens = np.broadcast_to(
-      np.repeat(_SEQUENCES, num, axis=0), (env.num_contexts, len(_SEQUENCES) * num,
-                                           envs.NUM_TOKENS))
-  rewards = np.asarray(jax.jit(env.sample)(jax.random.key(1), jnp.asarray(tokens)),
-                       np.float64).reshape(env.num_contexts, len(_SEQUENCES), num)
+      np.repeat(_SEQUENCES, num, axis=0), (env.num_contexts, len(_SEQUENCES) * num, envs.NUM_TOKENS)
+  )
+  rewards = np.asarray(
+      jax.jit(env.sample)(jax.random.key(1), jnp.asarray(tokens)), np.float64
+  ).reshape(env.num_contexts, len(_SEQUENCES), num)
   # MaxRL needs R >= 0 and the study runs it everywhere; only counts and binary
   # have zeros, which the log and power-mean (p <= 0) rows clamp to their floor.
   assert rewards.min() >= 0
   assert (rewards.min() > 0) == (env.name not in ('counts', 'binary')), env.name
   tables = env.exact_tables()
-  for values, table in ((rewards, tables.mean_reward),
-                        (np.log(rewards + env.geo_offset), tables.mean_log_reward)):
+  for values, table in (
+      (rewards, tables.mean_reward),
+      (np.log(rewards + env.geo_offset), tables.mean_log_reward),
+  ):
     se = values.std(axis=-1, ddof=1) / math.sqrt(num)
     z = (values.mean(axis=-1) - table[:, _SEQUENCE_INDEX]) / se
     assert np.all(np.abs(z) < 5), z
@@ -157,10 +167,16 @@ def test_exact_moments_match_monte_carlo(env):
 
 def test_optima_are_as_designed():
   by_name = {env.name: env for env in envs.study_envs()}
-  expected = {'uniform': ('AAAA', 'AAAA'), 'lognormal': ('AAAA', 'AAAA'),
-              'kelly': ('BBBB', 'AAAA'), 'pareto': ('AAAA', 'AAAA'),
-              'product': ('AAAA', 'AAAA'), 'counts': ('AAAA', 'BBBB'),
-              'binary': ('AAAA', 'AAAA'), 'multiscale': ('AAAA', 'AAAA')}
+  expected = {
+      'uniform': ('AAAA', 'AAAA'),
+      'lognormal': ('AAAA', 'AAAA'),
+      'kelly': ('BBBB', 'AAAA'),
+      'pareto': ('AAAA', 'AAAA'),
+      'product': ('AAAA', 'AAAA'),
+      'counts': ('AAAA', 'BBBB'),
+      'binary': ('AAAA', 'AAAA'),
+      'multiscale': ('AAAA', 'AAAA'),
+  }
   for name, (arith, geo) in expected.items():
     tables = by_name[name].exact_tables()
     sequences = envs.all_sequences()
@@ -187,8 +203,7 @@ def test_scorer_matches_numpy_reference():
   # A deterministic policy on the E[R]-optimal sequence BBBB scores 1 there.
   one_hot = np.full((1, envs.NUM_TOKENS, envs.VOCAB_SIZE), -30.0)
   one_hot[..., 1] = 30.0
-  np.testing.assert_allclose(score(jnp.asarray(one_hot, jnp.float32)).arith, [1.0],
-                             rtol=1e-5)
+  np.testing.assert_allclose(score(jnp.asarray(one_hot, jnp.float32)).arith, [1.0], rtol=1e-5)
 
 
 def test_penalized_counts():
@@ -210,9 +225,14 @@ def test_objectives_share_the_on_policy_gradient():
 
   @jax.jit
   def gradients(params):
-    return [jax.grad(lambda p, fn=o.loss_fn(): fn(
-        study.token_logprobs(p, tokens)[0], old, advantage, mask)[0])(params)
-            for o in study.OBJECTIVES]
+    return [
+        jax.grad(
+            lambda p, fn=o.loss_fn(): fn(study.token_logprobs(p, tokens)[0], old, advantage, mask)[
+                0
+            ]
+        )(params)
+        for o in study.OBJECTIVES
+    ]
 
   token_clip, geometric = gradients(params)
   np.testing.assert_allclose(token_clip, geometric, rtol=1e-5, atol=1e-7)

@@ -23,22 +23,22 @@ from flax import nnx
 from experiments import fault_table
 from gmpo_jax.infra import disk_full
 from gmpo_jax.infra.checkpointing import (
-  CONFIG_METADATA_KEY,
-  CORRUPTED_DIR,
-  MANIFEST_FILE,
-  MISSING,
-  Checkpointer,
-  CheckpointMismatchError,
-  CheckpointState,
-  ConfigChange,
-  ConfigMismatchError,
-  CorruptCheckpointError,
-  UnrestorableCheckpointsError,
-  check_config,
-  config_changes,
-  config_fingerprint,
-  config_record,
-  integrity,
+    CONFIG_METADATA_KEY,
+    CORRUPTED_DIR,
+    MANIFEST_FILE,
+    MISSING,
+    Checkpointer,
+    CheckpointMismatchError,
+    CheckpointState,
+    ConfigChange,
+    ConfigMismatchError,
+    CorruptCheckpointError,
+    UnrestorableCheckpointsError,
+    check_config,
+    config_changes,
+    config_fingerprint,
+    config_record,
+    integrity,
 )
 from gmpo_jax.infra.preemption import install_preemption_handler
 
@@ -52,8 +52,14 @@ def _make_state(step: int, seed: int) -> tuple[nnx.GraphDef, CheckpointState]:
   grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5 + seed), params)
   _, opt_state = _TX.update(grads, opt_state, params)
   key = jax.random.fold_in(jax.random.key(7), seed)
-  metadata = {"data_position": 10 * step, "config": {"lr": 1e-2, "name": "tiny"}, "best_metric": 0.25}
-  return graphdef, CheckpointState(step=step, model=params, opt_state=opt_state, key=key, metadata=metadata)
+  metadata = {
+      "data_position": 10 * step,
+      "config": {"lr": 1e-2, "name": "tiny"},
+      "best_metric": 0.25,
+  }
+  return graphdef, CheckpointState(
+      step=step, model=params, opt_state=opt_state, key=key, metadata=metadata
+  )
 
 
 def _abstract_target() -> CheckpointState:
@@ -85,8 +91,10 @@ def _assert_restored_equals(restored: CheckpointState, expected: dict) -> None:
   assert restored.metadata == expected["metadata"]
   assert isinstance(restored.model, nnx.State)
   assert jax.tree.structure((restored.model, restored.opt_state)) == expected["structure"]
-  for got, want in zip(jax.tree.leaves((restored.model, restored.opt_state)),
-                       jax.tree.leaves((expected["model"], expected["opt_state"]))):
+  for got, want in zip(
+      jax.tree.leaves((restored.model, restored.opt_state)),
+      jax.tree.leaves((expected["model"], expected["opt_state"])),
+  ):
     assert got.dtype == want.dtype
     np.testing.assert_array_equal(np.asarray(got), want)
   assert restored.key.dtype == expected["key_dtype"]
@@ -119,7 +127,9 @@ class TestRoundTrip:
     _assert_restored_equals(restored_concrete, expected)
     # The restored state drives the same model.
     x = jnp.arange(6.0).reshape(2, 3)
-    np.testing.assert_array_equal(nnx.merge(graphdef, restored.model)(x), nnx.merge(graphdef, state.model)(x))
+    np.testing.assert_array_equal(
+        nnx.merge(graphdef, restored.model)(x), nnx.merge(graphdef, state.model)(x)
+    )
 
   def test_empty_directory_gives_none(self, tmp_path):
     with Checkpointer(tmp_path / "none_yet") as checkpointer:
@@ -156,9 +166,13 @@ class TestRoundTrip:
 
   def test_host_arrays_come_back_as_saved_whatever_the_target(self, tmp_path):
     _, state = _make_state(step=2, seed=0)
-    arrays = {"a": {"tokens": np.arange(6, dtype=np.int32).reshape(2, 3),
-                    "mask": np.array([True, False])},
-              "b": {"logp": np.float32([-1.5, -0.25, 0.0])}}
+    arrays = {
+        "a": {
+            "tokens": np.arange(6, dtype=np.int32).reshape(2, 3),
+            "mask": np.array([True, False]),
+        },
+        "b": {"logp": np.float32([-1.5, -0.25, 0.0])},
+    }
     with Checkpointer(tmp_path) as checkpointer:
       with pytest.raises(TypeError, match="NumPy"):
         checkpointer.save(state._replace(arrays={"x": jnp.zeros(2)}))
@@ -180,7 +194,9 @@ class TestRoundTrip:
     target = _abstract_target()
     with Checkpointer(tmp_path) as checkpointer:
       with pytest.raises(ValueError, match="key"):
-        checkpointer.restore(1, target._replace(key=jax.eval_shape(lambda: jax.random.key(0, impl="rbg"))))
+        checkpointer.restore(
+            1, target._replace(key=jax.eval_shape(lambda: jax.random.key(0, impl="rbg")))
+        )
       wider = nnx.state(nnx.eval_shape(lambda: nnx.Linear(3, 5, rngs=nnx.Rngs(0))))
       with pytest.raises(CheckpointMismatchError, match=r"float32\[4\] in the checkpoint"):
         checkpointer.restore(1, target._replace(model=wider))
@@ -222,8 +238,13 @@ print("OK")
 
 def test_restore_into_other_shardings_on_8_devices(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT, str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+      [sys.executable, "-c", _SHARDED_SCRIPT, str(tmp_path)],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stderr[-3000:]
 
 
@@ -256,8 +277,10 @@ class TestRetention:
   def test_saves_without_metrics_are_quiet_and_never_the_best(self, tmp_path, caplog):
     # Orbax warns on every save without metrics when it tracks a metric; the Checkpointer
     # passes it empty metrics instead, which rank last.
-    with caplog.at_level(logging.WARNING), Checkpointer(
-        tmp_path, max_to_keep=1, best_metric="acc") as checkpointer:
+    with (
+        caplog.at_level(logging.WARNING),
+        Checkpointer(tmp_path, max_to_keep=1, best_metric="acc") as checkpointer,
+    ):
       for step in (1, 2):
         checkpointer.save(_make_state(step, seed=step)[1])
       checkpointer.wait_until_finished()
@@ -299,8 +322,11 @@ def _copy(pristine, tmp_path, steps=_STEPS) -> pathlib.Path:
   source, _ = pristine
   directory = tmp_path / "checkpoints"
   keep = {str(s) for s in steps}
-  shutil.copytree(source, directory,
-                  ignore=lambda d, names: [n for n in names if d == str(source) and n not in keep])
+  shutil.copytree(
+      source,
+      directory,
+      ignore=lambda d, names: [n for n in names if d == str(source) and n not in keep],
+  )
   return directory
 
 
@@ -411,8 +437,10 @@ class TestManifest:
     original = step_metadata.read_bytes()
     with Checkpointer(tmp_path) as checkpointer:
       # The last digit of the commit timestamp: not used to restore, tolerated.
-      position = original.index(b'"commit_timestamp_nsecs": ') + len(b'"commit_timestamp_nsecs": ') + 18
-      assert original[position:position + 1].isdigit()
+      position = (
+          original.index(b'"commit_timestamp_nsecs": ') + len(b'"commit_timestamp_nsecs": ') + 18
+      )
+      assert original[position : position + 1].isdigit()
       flipped = bytearray(original)
       flipped[position] ^= 1
       step_metadata.write_bytes(bytes(flipped))
@@ -451,15 +479,17 @@ _ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 # What tensorstore raises when a write finds the disk full: a ValueError that quotes strerror.
 _TENSORSTORE_ENOSPC = ValueError(
     'RESOURCE_EXHAUSTED: Error writing local file "x/ocdbt.process_0/d/1": Failed to write 71900 '
-    "bytes to file 21: No space left on device [os_error_code='28']")
+    "bytes to file 21: No space left on device [os_error_code='28']"
+)
 
 
 class TestFullDisk:
 
   @pytest.mark.parametrize("async_save", [True, False])
   @pytest.mark.parametrize("error", [_ENOSPC, _TENSORSTORE_ENOSPC], ids=["OSError", "tensorstore"])
-  def test_a_save_out_of_space_is_one_error_and_leaves_nothing(self, tmp_path, monkeypatch,
-                                                              async_save, error):
+  def test_a_save_out_of_space_is_one_error_and_leaves_nothing(
+      self, tmp_path, monkeypatch, async_save, error
+  ):
     expected = _save_steps(tmp_path, [1])
 
     def fail(*args):
@@ -471,8 +501,10 @@ class TestFullDisk:
       with Checkpointer(tmp_path, async_save=async_save) as checkpointer:
         checkpointer.save(state)
         checkpointer.save(_make_state(3, seed=3)[1])  # an asynchronous save fails here
-    assert str(raised.value) == (f"No space left on device while saving step 2 to {tmp_path / '2'}; "
-                                 "the last complete step is 1")
+    assert str(raised.value) == (
+        f"No space left on device while saving step 2 to {tmp_path / '2'}; "
+        "the last complete step is 1"
+    )
     assert (raised.value.step, raised.value.last_complete) == (2, 1)
     assert sorted(os.listdir(tmp_path)) == ["1"]  # no Orbax tmp directory, no manifest tmp file
     monkeypatch.undo()
@@ -500,8 +532,9 @@ class TestFullDisk:
         checkpointer.save(_make_state(1, seed=1)[1])
     assert os.listdir(tmp_path) == []
 
-  def test_a_manifest_not_sealed_for_lack_of_space_keeps_its_step(self, tmp_path, monkeypatch,
-                                                                  caplog):
+  def test_a_manifest_not_sealed_for_lack_of_space_keeps_its_step(
+      self, tmp_path, monkeypatch, caplog
+  ):
     write = integrity.write_atomically
     calls = []
 
@@ -548,8 +581,9 @@ class TestCorruption:
       _assert_falls_back(directory, caplog, pristine[1], to=step - 1, damaged=range(step, 4))
 
   @pytest.mark.parametrize("position", ["latest", "fallback"])
-  @pytest.mark.parametrize("fault", ["truncate", "garbage@start", "garbage@middle", "garbage@end",
-                                     "delete"])
+  @pytest.mark.parametrize(
+      "fault", ["truncate", "garbage@start", "garbage@middle", "garbage@end", "delete"]
+  )
   @pytest.mark.parametrize("file", ["data", "metadata/metadata", "state/_METADATA"])
   def test_damaged_file_falls_back(self, pristine, tmp_path, caplog, position, fault, file):
     step = 3 if position == "latest" else 2
@@ -560,8 +594,17 @@ class TestCorruption:
       (directory / "3" / "state" / "_METADATA").unlink()
     _assert_falls_back(directory, caplog, pristine[1], to=step - 1, damaged=range(step, 4))
 
-  @pytest.mark.parametrize("damage", ["delete manifest", "garbage manifest", "edited manifest",
-                                      "extra truncated file", "wrong metadata", "wrong metrics"])
+  @pytest.mark.parametrize(
+      "damage",
+      [
+          "delete manifest",
+          "garbage manifest",
+          "edited manifest",
+          "extra truncated file",
+          "wrong metadata",
+          "wrong metrics",
+      ],
+  )
   def test_other_damage_of_the_latest_falls_back(self, pristine, tmp_path, caplog, damage):
     directory = _copy(pristine, tmp_path)
     step_dir = directory / "3"
@@ -569,7 +612,7 @@ class TestCorruption:
     if damage == "delete manifest":
       manifest.unlink()
     elif damage == "garbage manifest":
-      manifest.write_bytes(b"{\"format\": ")
+      manifest.write_bytes(b'{"format": ')
     elif damage == "edited manifest":  # claims another shape: must not be believed
       edited = json.loads(manifest.read_text())
       edited["tree"]["['model']['kernel'].value"]["shape"] = [9, 9]
@@ -584,7 +627,9 @@ class TestCorruption:
       (step_dir / "metrics" / "metrics").write_text(json.dumps({"acc": 1e9}))
     _assert_falls_back(directory, caplog, pristine[1], to=2, damaged=[3])
 
-  def test_changed_metrics_of_an_older_step_are_moved_aside_at_open(self, pristine, tmp_path, caplog):
+  def test_changed_metrics_of_an_older_step_are_moved_aside_at_open(
+      self, pristine, tmp_path, caplog
+  ):
     directory = _copy(pristine, tmp_path)
     (directory / "2" / "metrics" / "metrics").write_text(json.dumps({"acc": 1e9}))
     with caplog.at_level(logging.WARNING, logger="gmpo_jax.infra.checkpointing"):
@@ -623,8 +668,9 @@ class TestCorruption:
       assert checkpointer.save(_make_state(1, seed=1)[1], metrics={"acc": 0.5})
     assert sorted(_moved(directory)) == sorted(str(s) for s in _STEPS)
 
-  def test_a_step_committed_without_manifest_is_never_listed_nor_restored(self, pristine, tmp_path,
-                                                                          caplog):
+  def test_a_step_committed_without_manifest_is_never_listed_nor_restored(
+      self, pristine, tmp_path, caplog
+  ):
     # What a save cut short between Orbax's commit and its manifest would leave (the manifest is
     # written before the commit, so it cannot happen; an older format or a deleted manifest can).
     directory = _copy(pristine, tmp_path)
@@ -683,8 +729,12 @@ def test_second_sigterm_during_a_save_leaves_no_listed_step(tmp_path):
   with Checkpointer(directory) as checkpointer:
     checkpointer.save(CheckpointState(1, {"w": jnp.full(3, 1.0)}, {}, jax.random.key(1), {}))
   process = subprocess.Popen(
-      [sys.executable, "-c", _SECOND_SIGTERM_SCRIPT, str(directory)], stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+      [sys.executable, "-c", _SECOND_SIGTERM_SCRIPT, str(directory)],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
   try:
     assert process.stdout.readline().strip() == "WRITING MANIFEST", process.stderr.read()[-3000:]
     process.send_signal(signal.SIGTERM)  # the handler asks the loop to stop after the save ...
@@ -694,9 +744,15 @@ def test_second_sigterm_during_a_save_leaves_no_listed_step(tmp_path):
   finally:
     process.kill()
   assert [p.name for p in directory.iterdir() if p.name.startswith("2")] == [
-      "2.orbax-checkpoint-tmp"]
-  target = CheckpointState(0, {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}, {},
-                           jax.eval_shape(lambda: jax.random.key(0)), {})
+      "2.orbax-checkpoint-tmp"
+  ]
+  target = CheckpointState(
+      0,
+      {"w": jax.ShapeDtypeStruct((3,), jnp.float32)},
+      {},
+      jax.eval_shape(lambda: jax.random.key(0)),
+      {},
+  )
   with Checkpointer(directory) as checkpointer:
     assert checkpointer.all_steps() == [1]
     restored = checkpointer.restore_latest(target)
@@ -706,7 +762,9 @@ def test_second_sigterm_during_a_save_leaves_no_listed_step(tmp_path):
 
 class TestOtherModel:
 
-  def test_another_model_in_the_latest_step_falls_back_with_a_warning(self, tmp_path, caplog, capfd):
+  def test_another_model_in_the_latest_step_falls_back_with_a_warning(
+      self, tmp_path, caplog, capfd
+  ):
     expected = _save_steps(tmp_path, [1, 2])
     wider = nnx.split(nnx.Linear(3, 5, rngs=nnx.Rngs(0)))[1]
     _, state = _make_state(3, seed=3)
@@ -715,8 +773,12 @@ class TestOtherModel:
     with caplog.at_level(logging.WARNING, logger="gmpo_jax.infra.checkpointing"):
       with Checkpointer(tmp_path) as checkpointer:
         _assert_restored_equals(checkpointer.restore_latest(_abstract_target()), expected[2])
-    assert any("step 3" in m and "['model']['bias'].value is float32[5] in the checkpoint, the target "
-               "has float32[4]" in m for m in _warnings(caplog)), _warnings(caplog)
+    assert any(
+        "step 3" in m
+        and "['model']['bias'].value is float32[5] in the checkpoint, the target "
+        "has float32[4]" in m
+        for m in _warnings(caplog)
+    ), _warnings(caplog)
     assert _moved(tmp_path) == ["3"]
     assert "Event loop is closed" not in capfd.readouterr().err
 
@@ -725,12 +787,16 @@ class TestOtherModel:
     wider = nnx.state(nnx.eval_shape(lambda: nnx.Linear(3, 5, rngs=nnx.Rngs(0))))
     target = _abstract_target()._replace(model=wider)
     with Checkpointer(directory) as checkpointer:
-      with pytest.raises(CheckpointMismatchError,
-                         match=r"configured model: step 3: \['model'\]\['bias'\]\.value is float32\[4\] "
-                               r"in the checkpoint, the target has float32\[5\]\. Nothing was moved"):
+      with pytest.raises(
+          CheckpointMismatchError,
+          match=r"configured model: step 3: \['model'\]\['bias'\]\.value is float32\[4\] "
+          r"in the checkpoint, the target has float32\[5\]\. Nothing was moved",
+      ):
         checkpointer.restore_latest(target)
       with pytest.raises(CheckpointMismatchError, match=r"float32\[3, 4\] in the checkpoint"):
-        checkpointer.restore(1, target._replace(model={**wider, "bias": _abstract_target().model["bias"]}))
+        checkpointer.restore(
+            1, target._replace(model={**wider, "bias": _abstract_target().model["bias"]})
+        )
       assert checkpointer.all_steps() == [1, 2, 3]
     assert not (directory / CORRUPTED_DIR).exists()
     assert "Event loop is closed" not in capfd.readouterr().err
@@ -742,7 +808,9 @@ class TestOtherModel:
     with Checkpointer(directory) as checkpointer:
       with pytest.raises(CheckpointMismatchError, match=r"the target has \['model'\]\['scale'\]"):
         checkpointer.restore(3, target._replace(model=extra))
-      with pytest.raises(CheckpointMismatchError, match=r"checkpoint holds \['model'\]\['kernel'\]"):
+      with pytest.raises(
+          CheckpointMismatchError, match=r"checkpoint holds \['model'\]\['kernel'\]"
+      ):
         checkpointer.restore(3, target._replace(model={"bias": target.model["bias"]}))
 
 
@@ -774,8 +842,9 @@ class TestUnreadable:
     assert any("Not saving checkpoint step 5" in m for m in _warnings(caplog))
     assert not (directory / CORRUPTED_DIR).exists()
 
-  def test_unreadable_step_is_skipped_with_one_warning_and_left_in_place(self, gapped, caplog,
-                                                                        monkeypatch):
+  def test_unreadable_step_is_skipped_with_one_warning_and_left_in_place(
+      self, gapped, caplog, monkeypatch
+  ):
     # Root ignores file modes: simulate what a mode-000 step directory gives another user.
     directory, expected = gapped
     step_dir = directory / "5"
@@ -787,7 +856,9 @@ class TestUnreadable:
       return read_manifest(path)
 
     monkeypatch.setattr(integrity, "read_manifest", denied)
-    monkeypatch.setattr(Checkpointer, "_quarantine", lambda self, steps: pytest.fail(f"moved {steps}"))
+    monkeypatch.setattr(
+        Checkpointer, "_quarantine", lambda self, steps: pytest.fail(f"moved {steps}")
+    )
     self._check_skipped(directory, caplog, expected, step_dir / MANIFEST_FILE)
     assert (step_dir / MANIFEST_FILE).exists()
 
@@ -798,20 +869,30 @@ class TestUnreadable:
     path = directory / "5" if what == "step" else directory / "5" / _data_file(directory / "5")
     os.chmod(path, 0)
     try:
-      self._check_skipped(directory, caplog, expected,
-                          path / MANIFEST_FILE if what == "step" else path)
+      self._check_skipped(
+          directory, caplog, expected, path / MANIFEST_FILE if what == "step" else path
+      )
     finally:
       os.chmod(path, 0o755)
 
 
 class TestConfig:
 
-  CONFIG = {"seed": 0, "num_steps": 10, "eval_every": 5,
-            "optim": {"learning_rate": 1e-4, "b1": 0.9},
-            "algorithm": {"advantage": "gmpo", "advantage_kwargs": {"normalize": True},
-                          "num_generations": 8, "objective_kwargs": {}},
-            "task": {"kwargs": {"operations": ("+",)}, "data_dir": ""},
-            "checkpoint": {"every": 10, "keep": 2}, "mesh": {"data": -1}}
+  CONFIG = {
+      "seed": 0,
+      "num_steps": 10,
+      "eval_every": 5,
+      "optim": {"learning_rate": 1e-4, "b1": 0.9},
+      "algorithm": {
+          "advantage": "gmpo",
+          "advantage_kwargs": {"normalize": True},
+          "num_generations": 8,
+          "objective_kwargs": {},
+      },
+      "task": {"kwargs": {"operations": ("+",)}, "data_dir": ""},
+      "checkpoint": {"every": 10, "keep": 2},
+      "mesh": {"data": -1},
+  }
 
   def _with(self, **changes):
     config = json.loads(json.dumps(self.CONFIG))
@@ -828,11 +909,17 @@ class TestConfig:
     assert len(fingerprint) == 64
     reordered = dict(reversed(list(json.loads(json.dumps(self.CONFIG)).items())))
     assert config_fingerprint(reordered) == fingerprint  # and ("+",) == ["+"]
-    resumed = self._with(num_steps=20, eval_every=1, checkpoint__every=1, task__data_dir="/d",
-                         mesh__data=8)
+    resumed = self._with(
+        num_steps=20, eval_every=1, checkpoint__every=1, task__data_dir="/d", mesh__data=8
+    )
     assert config_fingerprint(resumed) == fingerprint
-    for change in ({"seed": 1}, {"optim__learning_rate": 3e-4}, {"algorithm__num_generations": 4},
-                   {"algorithm__advantage": "grpo"}, {"algorithm__objective_kwargs": {"x": 1}}):
+    for change in (
+        {"seed": 1},
+        {"optim__learning_rate": 3e-4},
+        {"algorithm__num_generations": 4},
+        {"algorithm__advantage": "grpo"},
+        {"algorithm__objective_kwargs": {"x": 1}},
+    ):
       assert config_fingerprint(self._with(**change)) != fingerprint, change
 
   def test_config_changes_name_every_differing_field(self):
@@ -851,24 +938,29 @@ class TestConfig:
 
   def test_restore_latest_refuses_another_config(self, tmp_path, caplog):
     _, state = _make_state(3, seed=3)
-    expected = _host_copy(state._replace(metadata={CONFIG_METADATA_KEY: config_record(self.CONFIG)}))
+    expected = _host_copy(
+        state._replace(metadata={CONFIG_METADATA_KEY: config_record(self.CONFIG)})
+    )
     with Checkpointer(tmp_path) as checkpointer:
       checkpointer.save(state._replace(metadata=expected["metadata"]))
     with Checkpointer(tmp_path) as checkpointer:
       target = _abstract_target()
       _assert_restored_equals(checkpointer.restore_latest(target, config=self.CONFIG), expected)
       _assert_restored_equals(
-          checkpointer.restore_latest(target, config=self._with(num_steps=20)), expected)
+          checkpointer.restore_latest(target, config=self._with(num_steps=20)), expected
+      )
       with pytest.raises(ConfigMismatchError, match="num_steps: 10 -> 20"):
         checkpointer.restore_latest(target, config=self._with(num_steps=20), resumable=())
       other = self._with(seed=1, optim__learning_rate=3e-4)
-      with pytest.raises(ConfigMismatchError, match=r"optim\.learning_rate: 0\.0001 -> 0\.0003; "
-                                                     r"seed: 0 -> 1") as error:
+      with pytest.raises(
+          ConfigMismatchError, match=r"optim\.learning_rate: 0\.0001 -> 0\.0003; " r"seed: 0 -> 1"
+      ) as error:
         checkpointer.restore_latest(target, config=other)
       assert [c.field for c in error.value.changes] == ["optim.learning_rate", "seed"]
       with caplog.at_level(logging.WARNING, logger="gmpo_jax.infra.checkpointing"):
         _assert_restored_equals(
-            checkpointer.restore_latest(target, config=other, allow_config_changes=True), expected)
+            checkpointer.restore_latest(target, config=other, allow_config_changes=True), expected
+        )
       assert any("seed: 0 -> 1" in m for m in _warnings(caplog))
       assert checkpointer.all_steps() == [3]
 
@@ -877,8 +969,12 @@ class TestConfig:
     with Checkpointer(directory) as checkpointer:
       with pytest.raises(ConfigMismatchError, match="holds no config record"):
         checkpointer.restore_latest(_abstract_target(), config=self.CONFIG)
-      assert checkpointer.restore_latest(_abstract_target(), config=self.CONFIG,
-                                         allow_config_changes=True).step == 3
+      assert (
+          checkpointer.restore_latest(
+              _abstract_target(), config=self.CONFIG, allow_config_changes=True
+          ).step
+          == 3
+      )
       check_config(config_record(self.CONFIG), self.CONFIG)
 
 

@@ -53,9 +53,14 @@ def test_a_second_process_reads_the_programs_the_first_compiled(tmp_path):
       jax.jit(lambda x: jnp.tanh(x) @ x.T)(jnp.ones((5, 5))).block_until_ready()
       print("hits", len(hits))
       """)
-  first, second = [int(subprocess.run([sys.executable, "-c", script], capture_output=True,
-                                       text=True, check=True).stdout.split()[-1])
-                    for _ in range(2)]
+  first, second = [
+      int(
+          subprocess.run(
+              [sys.executable, "-c", script], capture_output=True, text=True, check=True
+          ).stdout.split()[-1]
+      )
+      for _ in range(2)
+  ]
   # The jitted function and the eager `ones` each hit in the second process, none in the first.
   assert first == 0 and second >= 2
   assert list((tmp_path / "cache").iterdir())

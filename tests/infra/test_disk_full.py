@@ -38,10 +38,13 @@ def test_a_full_disk_is_found_anywhere_in_the_chain():
 
 def test_the_message_is_the_one_line_the_command_prints():
   error = disk_full.DiskFullError(step=7, path="/w/checkpoints/7", last_complete=6)
-  assert str(error) == ("No space left on device while saving step 7 to /w/checkpoints/7; the "
-                        "last complete step is 6")
+  assert str(error) == (
+      "No space left on device while saving step 7 to /w/checkpoints/7; the "
+      "last complete step is 6"
+  )
   assert str(disk_full.DiskFullError(step=0, path="/w/x", last_complete=None)).endswith(
-      "; no step is complete yet")
+      "; no step is complete yet"
+  )
 
 
 def test_the_filter_drops_reports_of_a_full_disk_only():

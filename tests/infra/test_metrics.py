@@ -33,8 +33,10 @@ from gmpo_jax.infra.metrics import (
 
 def _strict_json_lines(path):
   """Parses JSON lines, failing on NaN/Infinity tokens (not JSON, though Python writes them)."""
+
   def reject(token):
     raise AssertionError(f"non-standard JSON token {token}")
+
   return [json.loads(line, parse_constant=reject) for line in path.read_text().splitlines()]
 
 
@@ -64,8 +66,13 @@ _BEST_MODES = {"loss": "min", "reward": "max", "kl": "min"}
 
 
 def _write_run(workdir, steps, *, start_step=None, total_steps=6):
-  with MetricsWriter(workdir, total_steps=total_steps, start_step=start_step, progress=False,
-                     best_modes=_BEST_MODES) as writer:
+  with MetricsWriter(
+      workdir,
+      total_steps=total_steps,
+      start_step=start_step,
+      progress=False,
+      best_modes=_BEST_MODES,
+  ) as writer:
     for step in steps:
       writer.write(step, _run_metrics(step)[0])
   return writer
@@ -73,12 +80,20 @@ def _write_run(workdir, steps, *, start_step=None, total_steps=6):
 
 class TestToPythonScalar:
 
-  @pytest.mark.parametrize("value, expected, kind", [
-      (True, 1, int), (np.bool_(False), 0, int), (jnp.int32(-3), -3, int), (np.uint8(7), 7, int),
-      (0.1, 0.1, float), (np.float32(0.1), float(np.float32(0.1)), float),
-      (jnp.bfloat16(1.5), 1.5, float), (jnp.asarray(2.25, jnp.float16), 2.25, float),
-      (np.array(4.0), 4.0, float),
-  ])
+  @pytest.mark.parametrize(
+      "value, expected, kind",
+      [
+          (True, 1, int),
+          (np.bool_(False), 0, int),
+          (jnp.int32(-3), -3, int),
+          (np.uint8(7), 7, int),
+          (0.1, 0.1, float),
+          (np.float32(0.1), float(np.float32(0.1)), float),
+          (jnp.bfloat16(1.5), 1.5, float),
+          (jnp.asarray(2.25, jnp.float16), 2.25, float),
+          (np.array(4.0), 4.0, float),
+      ],
+  )
   def test_converts(self, value, expected, kind):
     got = to_python_scalar("m", value)
     assert type(got) is kind and got == expected
@@ -147,8 +162,14 @@ def _interrupted(workdir, *, checkpoint_step=3, logged_to=5):
 
 
 def _resume(workdir, *, history, start_step=3):
-  writer = MetricsWriter(workdir, total_steps=6, start_step=start_step, history=history,
-                         progress=False, best_modes=_BEST_MODES)
+  writer = MetricsWriter(
+      workdir,
+      total_steps=6,
+      start_step=start_step,
+      history=history,
+      progress=False,
+      best_modes=_BEST_MODES,
+  )
   for step in range(start_step + 1, 7):
     writer.write(step, _run_metrics(step)[0])
   return writer.close()
@@ -180,8 +201,14 @@ class TestResume:
   def test_resumed_run_equals_uninterrupted(self, tmp_path, straight, caplog):
     history = _interrupted(tmp_path)
     with caplog.at_level(logging.WARNING, logger="gmpo_jax.infra.metrics"):
-      writer = MetricsWriter(tmp_path, total_steps=6, start_step=3, history=history,
-                             progress=False, best_modes=_BEST_MODES)
+      writer = MetricsWriter(
+          tmp_path,
+          total_steps=6,
+          start_step=3,
+          history=history,
+          progress=False,
+          best_modes=_BEST_MODES,
+      )
     # The lines after the checkpoint are the interrupted run's: dropped without a word.
     assert not caplog.records
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
@@ -202,14 +229,17 @@ class TestResume:
       _resume(tmp_path, history=history)
     assert [r.getMessage() for r in caplog.records] == [
         f"{tmp_path / METRICS_FILE} is missing; restored its 3 records up to step 3 from the "
-        "checkpoint."]
+        "checkpoint."
+    ]
     # The best values of steps 1-3 count again: the summary is the uninterrupted run's.
     _assert_same_run(tmp_path, straight)
 
-  @pytest.mark.parametrize("damage", ["0xff byte", "changed digit", "deleted line", "truncated",
-                                      "emptied"])
+  @pytest.mark.parametrize(
+      "damage", ["0xff byte", "changed digit", "deleted line", "truncated", "emptied"]
+  )
   def test_a_damaged_line_before_the_checkpoint_is_moved_aside_never_dropped(
-      self, tmp_path, straight, caplog, damage):
+      self, tmp_path, straight, caplog, damage
+  ):
     history = _interrupted(tmp_path)
     path = tmp_path / METRICS_FILE
     lines = path.read_bytes().splitlines(keepends=True)
@@ -234,8 +264,9 @@ class TestResume:
     else:
       moved = tmp_path / f"{METRICS_FILE}.damaged-1"
       assert moved.read_bytes() == damaged  # kept as it was, for inspection
-      assert messages[0].startswith(f"{path} differs from line 2 on from the copy of its records "
-                                    "up to step 3")
+      assert messages[0].startswith(
+          f"{path} differs from line 2 on from the copy of its records " "up to step 3"
+      )
       assert f"moved it to {moved} and restored the 3 records" in messages[0]
     _assert_same_run(tmp_path, straight)
 
@@ -246,11 +277,13 @@ class TestResume:
       _resume(tmp_path, history=None)
     assert [r.getMessage() for r in caplog.records] == [
         f"Skipping line 6 of {tmp_path / METRICS_FILE}: cut short (no newline), written as the run "
-        "stopped."]
+        "stopped."
+    ]
     _assert_same_run(tmp_path, straight)
 
-  def test_without_a_copy_an_unreadable_line_is_moved_aside_not_rewritten_away(self, tmp_path,
-                                                                              caplog):
+  def test_without_a_copy_an_unreadable_line_is_moved_aside_not_rewritten_away(
+      self, tmp_path, caplog
+  ):
     _interrupted(tmp_path)
     path = tmp_path / METRICS_FILE
     lines = path.read_bytes().splitlines(keepends=True)
@@ -261,9 +294,12 @@ class TestResume:
       _resume(tmp_path, history=None)
     moved = tmp_path / f"{METRICS_FILE}.damaged-1"
     assert moved.read_bytes() == damaged
-    assert any(f"Line(s) [2] of {path} cannot be parsed" in r.getMessage()
-               and f"moved the file to {moved} and kept its 2 readable records up to step 3"
-               in r.getMessage() for r in caplog.records)
+    assert any(
+        f"Line(s) [2] of {path} cannot be parsed" in r.getMessage()
+        and f"moved the file to {moved} and kept its 2 readable records up to step 3"
+        in r.getMessage()
+        for r in caplog.records
+    )
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 3, 4, 5, 6]
 
   def test_a_second_damage_moves_to_the_next_free_name(self, tmp_path):
@@ -283,7 +319,8 @@ def test_read_metrics_skips_bad_utf8_and_json_with_a_warning(tmp_path, caplog):
   with caplog.at_level(logging.WARNING, logger="gmpo_jax.infra.metrics"):
     assert read_metrics(tmp_path) == [{"step": 1}, {"step": 3}]
   assert [r.getMessage().split(":")[0] for r in caplog.records] == [
-      f"Skipping unreadable line {n} of {tmp_path / METRICS_FILE}" for n in (2, 3)]
+      f"Skipping unreadable line {n} of {tmp_path / METRICS_FILE}" for n in (2, 3)
+  ]
 
 
 class TestTensorBoard:
@@ -301,7 +338,6 @@ class TestTensorBoard:
         metrics, _ = _run_metrics(event.step)
         # TensorBoard keeps float32.
         assert event.value == np.float32(metrics[tag])
-
 
   def test_names_are_made_legal_once_and_silently(self, tmp_path, caplog):
     assert metrics_lib.tensorboard_name("eval/pass@8/ci_low") == "eval/pass_at_8/ci_low"
@@ -323,11 +359,13 @@ class TestTensorBoard:
       _resume(tmp_path, history=history)
     assert [r.getMessage() for r in caplog.records] == [
         f"{tmp_path / TENSORBOARD_DIR} holds no event file; rebuilt it from the 3 records of "
-        f"{tmp_path / METRICS_FILE}."]
+        f"{tmp_path / METRICS_FILE}."
+    ]
     _assert_same_run(tmp_path, straight)
 
-  def test_event_files_sort_in_the_order_made_whatever_the_clock(self, tmp_path, straight,
-                                                                 monkeypatch):
+  def test_event_files_sort_in_the_order_made_whatever_the_clock(
+      self, tmp_path, straight, monkeypatch
+  ):
     history = _interrupted(tmp_path)
     # A file named by tensorboardX (the time in the name) from an older gmpo_jax is kept in order.
     before = sorted(os.listdir(tmp_path / TENSORBOARD_DIR))
@@ -335,7 +373,7 @@ class TestTensorBoard:
     monkeypatch.setattr(time, "time", lambda: clock - 86400)  # the clock went back a day
     _resume(tmp_path, history=history)
     after = sorted(os.listdir(tmp_path / TENSORBOARD_DIR))
-    assert after[:len(before)] == before and len(after) == len(before) + 1
+    assert after[: len(before)] == before and len(after) == len(before) + 1
     # So the purge marker of the resumed run is read last, and hides the interrupted run's 4-5.
     _assert_same_run(tmp_path, straight)
 
@@ -352,8 +390,9 @@ class TestSummaryAndProgress:
 
   def test_status_lines_replace_the_bar_off_a_terminal(self, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="gmpo_jax.infra.metrics"):
-      with MetricsWriter(tmp_path, total_steps=7, progress=False, progress_keys=("loss",),
-                         status_every=3) as writer:
+      with MetricsWriter(
+          tmp_path, total_steps=7, progress=False, progress_keys=("loss",), status_every=3
+      ) as writer:
         for step in range(8):
           writer.write(step, {"loss": 1.0 / (step + 1)})
     lines = [r.getMessage() for r in caplog.records if "s/step" in r.getMessage()]
@@ -408,11 +447,20 @@ class TestPlot:
       for step in range(0, 61):
         record = {"loss": 1.0 / (step + 1), "grad_norm": float(step % 7)}
         if step % 20 == 0:
-          record.update({"eval/acc": 0.1 * step / 20, "eval/acc/ci_low": 0.05 * step / 20,
-                         "eval/acc/ci_high": 0.15 * step / 20})
+          record.update(
+              {
+                  "eval/acc": 0.1 * step / 20,
+                  "eval/acc/ci_low": 0.05 * step / 20,
+                  "eval/acc/ci_high": 0.15 * step / 20,
+              }
+          )
         writer.write(step, record)
-    path = plot_learning_curves(tmp_path, keys=[["loss", "grad_norm"], "eval/acc"],
-                                title="task | seed 0", filename="panels.png")
+    path = plot_learning_curves(
+        tmp_path,
+        keys=[["loss", "grad_norm"], "eval/acc"],
+        title="task | seed 0",
+        filename="panels.png",
+    )
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="at least one metric"):
       plot_learning_curves(tmp_path, keys=[[]])
@@ -438,8 +486,10 @@ class TestPlot:
 
 def test_the_metrics_writer_does_not_import_torch():
   pytest.importorskip("torch")  # tensorboardX imports it only when it is installed
-  code = ("import sys, gmpo_jax.infra.metrics; assert 'torch' not in sys.modules; "
-          "import torch; assert torch.ones(2).sum().item() == 2.0")
+  code = (
+      "import sys, gmpo_jax.infra.metrics; assert 'torch' not in sys.modules; "
+      "import torch; assert torch.ones(2).sum().item() == 2.0"
+  )
   subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -463,8 +513,9 @@ def disk(monkeypatch):
   disk = _Disk(math.inf)
 
   class FileOnDisk(io.FileIO):
+
     def write(self, data):
-      return super().write(bytes(data)[:disk.take(len(data))])
+      return super().write(bytes(data)[: disk.take(len(data))])
 
   def write_bytes(path, data):
     taken = disk.take(len(data))
@@ -473,8 +524,9 @@ def disk(monkeypatch):
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
   write = pathlib.Path.write_bytes
-  monkeypatch.setattr(metrics_lib, "open", lambda path, mode, buffering: FileOnDisk(path, mode),
-                      raising=False)
+  monkeypatch.setattr(
+      metrics_lib, "open", lambda path, mode, buffering: FileOnDisk(path, mode), raising=False
+  )
   monkeypatch.setattr(pathlib.Path, "write_bytes", write_bytes)
   return disk
 
@@ -487,14 +539,18 @@ class TestFullDisk:
     writer.write(1, _run_metrics(1)[0])
     files = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
     line = (json.dumps(_run_metrics(2)[1]) + "\n").encode()
-    disk.free = {"none": 0, "half the line": len(line) // 2, "the line and a bit": len(line) + 9}[free]
+    disk.free = {"none": 0, "half the line": len(line) // 2, "the line and a bit": len(line) + 9}[
+        free
+    ]
     with pytest.raises(OSError) as raised:
       writer.write(2, _run_metrics(2)[0])
     assert raised.value.errno == errno.ENOSPC
     assert raised.value.filename in {str(path) for path in files}
     # The line went in whole (the event failed), or not at all; the event file is as it was.
-    assert (tmp_path / METRICS_FILE).read_bytes() in (files[tmp_path / METRICS_FILE],
-                                                     files[tmp_path / METRICS_FILE] + line)
+    assert (tmp_path / METRICS_FILE).read_bytes() in (
+        files[tmp_path / METRICS_FILE],
+        files[tmp_path / METRICS_FILE] + line,
+    )
     for path, data in files.items():
       if path.name != METRICS_FILE:
         assert path.read_bytes() == data, path

@@ -34,8 +34,10 @@ def _write_record(workdir: pathlib.Path, holder: Holder) -> None:
 
 
 def _refusal(workdir: pathlib.Path, who: str) -> str:
-  return (f"the workdir {workdir} is in use by {who}; stop that run or use another workdir "
-          f"(lock file {workdir / workdir_lock.LOCK_FILE})")
+  return (
+      f"the workdir {workdir} is in use by {who}; stop that run or use another workdir "
+      f"(lock file {workdir / workdir_lock.LOCK_FILE})"
+  )
 
 
 def test_a_second_holder_is_refused_with_one_line_naming_the_first(tmp_path):
@@ -66,13 +68,21 @@ def test_a_released_lock_is_an_empty_file_and_can_be_taken_again(tmp_path):
 
 def test_a_live_process_holds_the_lock_and_its_kill_9_frees_it(tmp_path, caplog):
   holder = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time\n"
-       "from gmpo_jax.infra import workdir_lock\n"
-       "workdir_lock.WorkdirLock(sys.argv[1]).acquire()\n"
-       "print('held', flush=True)\n"
-       "time.sleep(600)\n", str(tmp_path)],
-      stdout=subprocess.PIPE, text=True, cwd=_REPO,
-      env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(_REPO)))
+      [
+          sys.executable,
+          "-c",
+          "import sys, time\n"
+          "from gmpo_jax.infra import workdir_lock\n"
+          "workdir_lock.WorkdirLock(sys.argv[1]).acquire()\n"
+          "print('held', flush=True)\n"
+          "time.sleep(600)\n",
+          str(tmp_path),
+      ],
+      stdout=subprocess.PIPE,
+      text=True,
+      cwd=_REPO,
+      env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(_REPO)),
+  )
   try:
     assert holder.stdout.readline() == "held\n"
     with pytest.raises(WorkdirInUseError, match=f"in use by pid {holder.pid} on host "):
@@ -99,20 +109,28 @@ def no_flock(monkeypatch):
 
 
 def test_without_flock_a_live_pid_on_this_host_holds_the_lock(tmp_path, no_flock):
-  parent = dataclasses.replace(Holder.this_process(), pid=os.getppid(),
-                               process_start=workdir_lock._process_start(os.getppid()))
+  parent = dataclasses.replace(
+      Holder.this_process(),
+      pid=os.getppid(),
+      process_start=workdir_lock._process_start(os.getppid()),
+  )
   _write_record(tmp_path, parent)
   with pytest.raises(WorkdirInUseError) as refused:
     WorkdirLock(tmp_path).acquire()
   assert str(refused.value) == _refusal(tmp_path, parent.describe())
 
 
-@pytest.mark.parametrize("holder, reason", [
-    (dict(pid=2**22 + 1), "is no longer running"),  # above the kernel's pid_max
-    (dict(process_start="1"), f"pid {os.getpid()} is now another process"),
-], ids=["dead pid", "reused pid"])
+@pytest.mark.parametrize(
+    "holder, reason",
+    [
+        (dict(pid=2**22 + 1), "is no longer running"),  # above the kernel's pid_max
+        (dict(process_start="1"), f"pid {os.getpid()} is now another process"),
+    ],
+    ids=["dead pid", "reused pid"],
+)
 def test_without_flock_a_dead_or_reused_pid_on_this_host_is_taken_over(
-    holder, reason, tmp_path, no_flock, caplog):
+    holder, reason, tmp_path, no_flock, caplog
+):
   _write_record(tmp_path, dataclasses.replace(Holder.this_process(), **holder))
   lock = WorkdirLock(tmp_path)
   with caplog.at_level(logging.WARNING):
@@ -123,13 +141,17 @@ def test_without_flock_a_dead_or_reused_pid_on_this_host_is_taken_over(
 
 
 def test_another_hosts_lock_holds_until_its_heartbeat_is_a_lease_old(tmp_path, caplog):
-  elsewhere = dataclasses.replace(Holder.this_process(), host="elsewhere", pid=1,
-                                  heartbeat=time.time() - 100)
+  elsewhere = dataclasses.replace(
+      Holder.this_process(), host="elsewhere", pid=1, heartbeat=time.time() - 100
+  )
   _write_record(tmp_path, elsewhere)
   with pytest.raises(WorkdirInUseError) as refused:
     WorkdirLock(tmp_path, lease_s=180).acquire()
-  assert re.search(f"in use by {re.escape(elsewhere.describe())}, last heartbeat 10[01] s ago; "
-                   "if that host is gone, the lock expires in (79|80) s; ", str(refused.value))
+  assert re.search(
+      f"in use by {re.escape(elsewhere.describe())}, last heartbeat 10[01] s ago; "
+      "if that host is gone, the lock expires in (79|80) s; ",
+      str(refused.value),
+  )
   lock = WorkdirLock(tmp_path, lease_s=60)
   with caplog.at_level(logging.WARNING):
     lock.acquire()

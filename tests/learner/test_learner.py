@@ -27,20 +27,28 @@ def _split(batch, m):
   return jax.tree.map(lambda x: x.reshape((m, N // m) + x.shape[1:]), batch)
 
 
-@pytest.mark.parametrize("objective,agg,kwargs", [
-    ("geometric", None, ()), ("token_clip", "token-mean", ()),
-    ("gspo", "seq-mean-token-sum-norm", ()), ("power_mean", None, (("p", -1.0),))])
+@pytest.mark.parametrize(
+    "objective,agg,kwargs",
+    [
+        ("geometric", None, ()),
+        ("token_clip", "token-mean", ()),
+        ("gspo", "seq-mean-token-sum-norm", ()),
+        ("power_mean", None, (("p", -1.0),)),
+    ],
+)
 def test_update_does_not_depend_on_the_micro_batch_split(objective, agg, kwargs):
-  algo = AlgorithmConfig(objective=objective, objective_kwargs=kwargs, loss_agg_mode=agg,
-                         beta=0.02)
+  algo = AlgorithmConfig(objective=objective, objective_kwargs=kwargs, loss_agg_mode=agg, beta=0.02)
   graphdef, params = _model()
   optimizer = optax.sgd(1.0)
   update = learner.make_update_fn(
-      graphdef, optimizer,
-      build.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T), donate=False)
+      graphdef,
+      optimizer,
+      build.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T),
+      donate=False,
+  )
   batch = _sequences(seed=len(objective))
   results = [update(params, optimizer.init(params), _split(batch, m)) for m in (1, 2, 4)]
-  (p1, _, o1) = results[0]
+  p1, _, o1 = results[0]
   assert float(o1.grad_norm) > 0
   for p, _, o in results[1:]:
     np.testing.assert_allclose(o.loss, o1.loss, rtol=1e-5, atol=1e-7)
@@ -72,7 +80,6 @@ def test_non_finite_loss_leaves_parameters_and_optimizer_untouched():
   assert any(changed)
 
 
-
 def test_importance_correction_weighs_the_loss_and_reports_its_weights():
   graphdef, params = _model()
   optimizer = optax.sgd(1.0)
@@ -81,10 +88,14 @@ def test_importance_correction_weighs_the_loss_and_reports_its_weights():
   behav = batch.old_logp + jnp.asarray(rng.normal(0.0, 0.5, batch.old_logp.shape), jnp.float32)
   algo = AlgorithmConfig(is_correction="token_tis", is_cap=1.5)
   update = learner.make_update_fn(
-      graphdef, optimizer,
-      build.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T), donate=False)
-  run = lambda behav_logp: update(params, optimizer.init(params),
-                                  _split(batch._replace(behav_logp=behav_logp), 2))[2]
+      graphdef,
+      optimizer,
+      build.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T),
+      donate=False,
+  )
+  run = lambda behav_logp: update(
+      params, optimizer.init(params), _split(batch._replace(behav_logp=behav_logp), 2)
+  )[2]
   # Sampler and learner agree: every weight is 1 (all-ones weights leave the loss exactly
   # unchanged: test_losses).
   on_policy = run(batch.old_logp)
@@ -93,13 +104,19 @@ def test_importance_correction_weighs_the_loss_and_reports_its_weights():
   # weights, averaged (the maximum: the largest).
   out = run(behav)
   assert not np.isclose(float(out.loss), float(on_policy.loss), rtol=1e-3)
-  micro = [importance.correction_weights(b.old_logp, b.behav_logp, b.loss_mask,
-                                         mode="token_tis", cap=1.5)[1]
-           for b in (jax.tree.map(lambda x, i=i: x[i], _split(batch._replace(behav_logp=behav), 2))
-                     for i in range(2))]
+  micro = [
+      importance.correction_weights(
+          b.old_logp, b.behav_logp, b.loss_mask, mode="token_tis", cap=1.5
+      )[1]
+      for b in (
+          jax.tree.map(lambda x, i=i: x[i], _split(batch._replace(behav_logp=behav), 2))
+          for i in range(2)
+      )
+  ]
   record = out.metrics.combine().as_record()
-  np.testing.assert_allclose(record["is/weight_mean"], np.mean([s.weight_mean for s in micro]),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      record["is/weight_mean"], np.mean([s.weight_mean for s in micro]), rtol=1e-6
+  )
   assert record["is/weight_max"] == 1.5 and record["is/masked_fraction"] == 0.0
   # Without a correction nothing is computed or logged; with one, the sampler's log-probs
   # are required.
@@ -108,29 +125,41 @@ def test_importance_correction_weighs_the_loss_and_reports_its_weights():
   plain = build.policy_loss(AlgorithmConfig(), temperature=1.0, chunk_size=4, max_length=T)
   assert jax.eval_shape(plain, model, batch, counts)[1].importance is None
   with pytest.raises(ValueError, match="needs the sampler's log-probs"):
-    jax.eval_shape(build.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T),
-                   model, batch, counts)
+    jax.eval_shape(
+        build.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T), model, batch, counts
+    )
 
 
 def test_on_policy_update_equals_the_rescored_one_without_reading_old_logp():
-  algo = AlgorithmConfig(objective="token_clip", loss_agg_mode="token-mean",
-                         is_correction="token_tis")
+  algo = AlgorithmConfig(
+      objective="token_clip", loss_agg_mode="token-mean", is_correction="token_tis"
+  )
   graphdef, params = _model()
   optimizer = optax.sgd(1.0)
   batch = _sequences(seed=11)
   # The learner's own log-probs at these parameters: what the runner's rescoring returns.
-  rescored = sequence_logprobs(nnx.merge(graphdef, params), batch.tokens,
-                                       batch.positions, batch.key_mask, chunk_size=4)
-  behav = jnp.where(batch.loss_mask, rescored + 0.05 * jnp.asarray(
-      np.random.default_rng(0).normal(size=rescored.shape), jnp.float32), 0.0)
+  rescored = sequence_logprobs(
+      nnx.merge(graphdef, params), batch.tokens, batch.positions, batch.key_mask, chunk_size=4
+  )
+  behav = jnp.where(
+      batch.loss_mask,
+      rescored
+      + 0.05 * jnp.asarray(np.random.default_rng(0).normal(size=rescored.shape), jnp.float32),
+      0.0,
+  )
 
   def update(on_policy, old_logp):
     fn = learner.make_update_fn(
-        graphdef, optimizer,
-        build.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T,
-                            on_policy=on_policy), donate=False)
-    return fn(params, optimizer.init(params),
-              _split(batch._replace(old_logp=old_logp, behav_logp=behav), 1))
+        graphdef,
+        optimizer,
+        build.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T, on_policy=on_policy),
+        donate=False,
+    )
+    return fn(
+        params,
+        optimizer.init(params),
+        _split(batch._replace(old_logp=old_logp, behav_logp=behav), 1),
+    )
 
   p_on, _, on = update(True, None)
   p_off, _, off = update(False, rescored)
@@ -140,8 +169,9 @@ def test_on_policy_update_equals_the_rescored_one_without_reading_old_logp():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), p_on, p_off)
   # pi_old is the current policy itself: every ratio is exactly 1.
   assert float(on.metrics.extras.ratio_min) == float(on.metrics.extras.ratio_max) == 1.0
-  np.testing.assert_allclose(on.metrics.importance.weight_mean, off.metrics.importance.weight_mean,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      on.metrics.importance.weight_mean, off.metrics.importance.weight_mean, rtol=1e-5
+  )
   # The sampler/learner drift, measured in the update: k3 of the two log-probs.
   x = np.where(batch.loss_mask, np.asarray(rescored, np.float64) - np.asarray(behav), 0.0)
   k3 = (np.exp(x) - x - 1)[np.asarray(batch.loss_mask)].mean()
@@ -154,14 +184,22 @@ def test_metrics_combine_on_the_host_stays_numpy_and_matches_the_device(backend_
   optimizer = optax.sgd(1.0)
   algo = AlgorithmConfig(is_correction="token_tis", is_cap=1.5)
   update = learner.make_update_fn(
-      graphdef, optimizer,
-      build.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T), donate=False)
+      graphdef,
+      optimizer,
+      build.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T),
+      donate=False,
+  )
   batch = _sequences(seed=11)
   rng = np.random.default_rng(11)
   behav = batch.old_logp + jnp.asarray(rng.normal(0.0, 0.5, batch.old_logp.shape), jnp.float32)
-  metrics = [update(params, optimizer.init(params),
-                    _split(batch._replace(behav_logp=behav, advantages=sign * batch.advantages), 2)
-                    )[2].metrics for sign in (1.0, -1.0, 0.5)]
+  metrics = [
+      update(
+          params,
+          optimizer.init(params),
+          _split(batch._replace(behav_logp=behav, advantages=sign * batch.advantages), 2),
+      )[2].metrics
+      for sign in (1.0, -1.0, 0.5)
+  ]
   stacked = jax.tree.map(lambda *v: np.stack(v), *jax.device_get(metrics))
   backend_compiles.clear()
   host = stacked.combine()
@@ -175,7 +213,8 @@ def test_metrics_combine_on_the_host_stays_numpy_and_matches_the_device(backend_
 
 def test_learner_programs_compile_without_fusion_emitters_on_the_cpu_to_the_same_values():
   assert learner.compilation.learner_compiler_options("cpu") == {
-      "xla_cpu_use_fusion_emitters": False}
+      "xla_cpu_use_fusion_emitters": False
+  }
   assert learner.compilation.learner_compiler_options("tpu") is None
   assert learner.compilation.learner_compiler_options("gpu") is None
   graphdef, params = _model()
@@ -187,7 +226,8 @@ def test_learner_programs_compile_without_fusion_emitters_on_the_cpu_to_the_same
   batch = _split(_sequences(seed=13), 2)
   opt_state = optimizer.init(params)
   (p_lean, s_lean, o_lean), (p_default, s_default, o_default) = (
-      f(params, opt_state, batch) for f in (lean, default))
+      f(params, opt_state, batch) for f in (lean, default)
+  )
   # Equal bits on some CPUs (the 2-core Intel Xeon); on the AMD EPYC machines the two
   # programs fuse differently and round differently, within float32 noise.
   close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)

@@ -29,13 +29,21 @@ from gmpo_jax.models.transformer import Transformer, TransformerConfig
 from gmpo_jax.runner import build
 
 N, T = 8, 10
-OPTIM = OptimConfig(learning_rate=1e-6, warmup_steps=0, end_lr_fraction=1.0, max_grad_norm=1.0,
-                    b1=0.9, b2=0.999, weight_decay=0.01)
+OPTIM = OptimConfig(
+    learning_rate=1e-6,
+    warmup_steps=0,
+    end_lr_fraction=1.0,
+    max_grad_norm=1.0,
+    b1=0.9,
+    b2=0.999,
+    weight_decay=0.01,
+)
 
 
 def _model(param_dtype, dtype="bfloat16"):
-  config = dataclasses.replace(TransformerConfig.from_name("tiny"), param_dtype=param_dtype,
-                               dtype=dtype)
+  config = dataclasses.replace(
+      TransformerConfig.from_name("tiny"), param_dtype=param_dtype, dtype=dtype
+  )
   return nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
 
 
@@ -49,9 +57,14 @@ def _batch(num_microbatches=1, n=N, seed=0):
   key_mask = cols < length[:, None]
   zeros = jnp.zeros((n, T), jnp.float32)
   batch = learner.Batch(
-      tokens=jnp.asarray(tokens), positions=positions_from_mask(jnp.asarray(key_mask)),
-      key_mask=jnp.asarray(key_mask), loss_mask=jnp.asarray(key_mask & (cols >= prompt[:, None])),
-      old_logp=zeros, ref_logp=zeros, advantages=jnp.zeros((n,), jnp.float32))
+      tokens=jnp.asarray(tokens),
+      positions=positions_from_mask(jnp.asarray(key_mask)),
+      key_mask=jnp.asarray(key_mask),
+      loss_mask=jnp.asarray(key_mask & (cols >= prompt[:, None])),
+      old_logp=zeros,
+      ref_logp=zeros,
+      advantages=jnp.zeros((n,), jnp.float32),
+  )
   return jax.tree.map(lambda x: learner.to_microbatches(x, num_microbatches), batch)
 
 
@@ -68,8 +81,13 @@ def _gradient(graphdef, params, batch):
   """The step's gradient, computed on its own: which entries the update's gradient reaches."""
   counts = learner.minibatch_counts(batch.loss_mask)
   grad_fn = jax.grad(lambda p, micro: LOSS(nnx.merge(graphdef, p), micro, counts)[0])
-  return jax.tree.map(lambda *g: sum(g), *[grad_fn(params, jax.tree.map(lambda x, i=i: x[i], batch))
-                                          for i in range(batch.tokens.shape[0])])
+  return jax.tree.map(
+      lambda *g: sum(g),
+      *[
+          grad_fn(params, jax.tree.map(lambda x, i=i: x[i], batch))
+          for i in range(batch.tokens.shape[0])
+      ],
+  )
 
 
 def _changed_fraction(old, new, grads):
@@ -88,8 +106,12 @@ class TestStochasticRounding:
     rng = np.random.default_rng(0)
     x = (rng.normal(size=512) * 10.0 ** rng.uniform(-6, 3, 512)).astype(np.float32)
     keys = jax.random.split(jax.random.key(1), 4096)
-    samples = np.asarray(jax.vmap(lambda k: precision.stochastic_round_to_bfloat16(
-        jnp.asarray(x), k))(keys).astype(jnp.float32), np.float64)
+    samples = np.asarray(
+        jax.vmap(lambda k: precision.stochastic_round_to_bfloat16(jnp.asarray(x), k))(keys).astype(
+            jnp.float32
+        ),
+        np.float64,
+    )
     # The two neighbours: truncation of the float32 bits, and the next bfloat16 away from 0.
     toward_zero = (x.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
     away = ((x.view(np.uint32) & np.uint32(0xFFFF0000)) + np.uint32(0x10000)).view(np.float32)
@@ -100,14 +122,15 @@ class TestStochasticRounding:
     z = (samples.mean(axis=0) - x) / np.maximum(std, 1e-300)
     assert np.all(np.abs(z[std > 0]) < 5.5), np.abs(z).max()
     # Round-to-nearest fails the same test: a quarter ulp above 1 always rounds to 1.
-    quarter = np.float32(1 + 2.0 ** -9)
+    quarter = np.float32(1 + 2.0**-9)
     assert float(jnp.asarray(quarter).astype(jnp.bfloat16)) == 1.0
-    rounded = jax.vmap(lambda k: precision.stochastic_round_to_bfloat16(
-        jnp.full((), quarter), k))(keys).astype(jnp.float32)
-    np.testing.assert_allclose(float(rounded.mean()), quarter, atol=3 * 2.0 ** -7 / 64)
+    rounded = jax.vmap(lambda k: precision.stochastic_round_to_bfloat16(jnp.full((), quarter), k))(
+        keys
+    ).astype(jnp.float32)
+    np.testing.assert_allclose(float(rounded.mean()), quarter, atol=3 * 2.0**-7 / 64)
 
   def test_exact_values_stay_exact(self):
-    x = jnp.asarray(np.array([0.0, -0.0, 1.0, -0.375, 2.0 ** -100, np.inf, -np.inf], np.float32))
+    x = jnp.asarray(np.array([0.0, -0.0, 1.0, -0.375, 2.0**-100, np.inf, -np.inf], np.float32))
     for seed in range(4):
       out = precision.stochastic_round_to_bfloat16(x, jax.random.key(seed))
       np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(x))
@@ -129,9 +152,10 @@ class TestOneUpdateAtLearningRate1e6:
     # The old qwen configs: bfloat16 parameters, the same optimizer, no stochastic rounding
     # (`make_optimizer` refuses to build it, so it is assembled here).
     graphdef, params = _model("bfloat16")
-    optimizer = optax.chain(optax.clip_by_global_norm(OPTIM.max_grad_norm),
-                            optax.adamw(OPTIM.learning_rate, b1=OPTIM.b1, b2=OPTIM.b2,
-                                        weight_decay=OPTIM.weight_decay))
+    optimizer = optax.chain(
+        optax.clip_by_global_norm(OPTIM.max_grad_norm),
+        optax.adamw(OPTIM.learning_rate, b1=OPTIM.b1, b2=OPTIM.b2, weight_decay=OPTIM.weight_decay),
+    )
     new, _, out = _one_update(graphdef, params, optimizer)
     fraction = _changed_fraction(params, new, _gradient(graphdef, params, _batch()))
     assert fraction < 0.05, fraction
@@ -153,40 +177,49 @@ class TestOneUpdateAtLearningRate1e6:
     1 within 5%, while the fraction of (entry, key) pairs that changed matches its
     expectation Σ P(round away from w) within 5 standard deviations."""
     graphdef, params = _model("bfloat16")
-    optimizer = build.make_optimizer(dataclasses.replace(OPTIM, stochastic_rounding=True), 10,
-                                     param_dtype="bfloat16", seed=0)
+    optimizer = build.make_optimizer(
+        dataclasses.replace(OPTIM, stochastic_rounding=True), 10, param_dtype="bfloat16", seed=0
+    )
     update = learner.make_update_fn(graphdef, optimizer, LOSS, donate=False)
     opt_state = optimizer.init(precision.float32_view(params))
     batch = _batch()
     runs = []
     for seed in range(16):
-      state = opt_state[:-1] + (precision.StochasticRoundingState(
-          key=jax.random.key_data(jax.random.key(seed))),)
+      state = opt_state[:-1] + (
+          precision.StochasticRoundingState(key=jax.random.key_data(jax.random.key(seed))),
+      )
       runs.append(update(params, state, batch))
-    assert all(new_params_leaf.dtype == jnp.bfloat16
-               for new_params_leaf in jax.tree.leaves(runs[0][0]))
+    assert all(
+        new_params_leaf.dtype == jnp.bfloat16 for new_params_leaf in jax.tree.leaves(runs[0][0])
+    )
     assert all(float(out.lost_fraction) == 0.0 for _, _, out in runs)
 
     masters = precision.float32_view(params)
     reference, _, _ = _one_update(graphdef, masters, build.make_optimizer(OPTIM, 10), batch)
     grads = _gradient(graphdef, params, batch)
     dot = norm = changed = expected = variance = 0.0
-    for i, (w, u_new, g) in enumerate(zip(*(jax.tree.leaves(t)
-                                             for t in (masters, reference, grads)))):
+    for i, (w, u_new, g) in enumerate(
+        zip(*(jax.tree.leaves(t) for t in (masters, reference, grads)))
+    ):
       w, target = np.asarray(w, np.float64), np.asarray(u_new, np.float64)
       u, mask = target - w, np.asarray(g) != 0
       steps = np.stack([np.asarray(jax.tree.leaves(r[0])[i], np.float64) - w for r in runs])
       # Every sample is a bfloat16 neighbour of the float32 result.
       lo = np.asarray(jnp.asarray(target, jnp.float32).astype(jnp.bfloat16), np.float64)
-      neighbours = [lo, np.nextafter(lo.astype(ml_dtypes.bfloat16), np.inf).astype(np.float64),
-                    np.nextafter(lo.astype(ml_dtypes.bfloat16), -np.inf).astype(np.float64)]
+      neighbours = [
+          lo,
+          np.nextafter(lo.astype(ml_dtypes.bfloat16), np.inf).astype(np.float64),
+          np.nextafter(lo.astype(ml_dtypes.bfloat16), -np.inf).astype(np.float64),
+      ]
       assert np.all(np.any([w + steps == n for n in neighbours], axis=0))
       dot += np.sum(steps.mean(0)[mask] * u[mask])
       norm += np.sum(u[mask] ** 2)
       # P(change) for a step smaller than the ulp: |u| over the gap to the neighbour.
-      gap = np.where(u >= 0, np.nextafter(w.astype(ml_dtypes.bfloat16), np.inf).astype(
-          np.float64) - w, w - np.nextafter(w.astype(ml_dtypes.bfloat16), -np.inf).astype(
-              np.float64))
+      gap = np.where(
+          u >= 0,
+          np.nextafter(w.astype(ml_dtypes.bfloat16), np.inf).astype(np.float64) - w,
+          w - np.nextafter(w.astype(ml_dtypes.bfloat16), -np.inf).astype(np.float64),
+      )
       p = np.clip(np.abs(u) / gap, 0, 1)[mask]
       changed += (steps[:, mask] != 0).sum()
       expected += len(runs) * p.sum()
@@ -217,14 +250,16 @@ def test_gradients_accumulate_in_float32():
   rng = np.random.default_rng(1)
   params = {"w": jnp.zeros((8, 16), jnp.bfloat16), "b": jnp.zeros((64,), jnp.bfloat16)}
   micro_grads = jax.tree.map(
-      lambda p: jnp.asarray(rng.normal(size=(64,) + p.shape), jnp.bfloat16), params)
+      lambda p: jnp.asarray(rng.normal(size=(64,) + p.shape), jnp.bfloat16), params
+  )
 
   def grad_fn(p, micro):
     del p
     return (jnp.zeros((), jnp.float32), None), micro
 
   _, accumulated, _ = jax.jit(learner.accumulate_gradients, static_argnums=0)(
-      grad_fn, params, micro_grads)
+      grad_fn, params, micro_grads
+  )
   for got, parts in zip(jax.tree.leaves(accumulated), jax.tree.leaves(micro_grads)):
     parts = np.asarray(parts)
     exact = parts.astype(np.float64).sum(axis=0)
@@ -241,16 +276,17 @@ def test_optimizer_state_is_float32_for_bfloat16_parameters():
   graphdef, params = _model("bfloat16")
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   params = jax.device_put(params, sharding.state_shardings(params, mesh))
-  optimizer = build.make_optimizer(dataclasses.replace(OPTIM, stochastic_rounding=True), 10,
-                                   param_dtype="bfloat16")
+  optimizer = build.make_optimizer(
+      dataclasses.replace(OPTIM, stochastic_rounding=True), 10, param_dtype="bfloat16"
+  )
   state = learner.init_opt_state(optimizer, params, mesh)
   mu = state[1][0].mu
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(mu))
   new, new_state, _ = learner.make_update_fn(graphdef, optimizer, LOSS, donate=False)(
-      params, state, learner.place_batch(_batch(), mesh))
+      params, state, learner.place_batch(_batch(), mesh)
+  )
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(new))
-  assert ([x.dtype for x in jax.tree.leaves(new_state)]
-          == [x.dtype for x in jax.tree.leaves(state)])
+  assert [x.dtype for x in jax.tree.leaves(new_state)] == [x.dtype for x in jax.tree.leaves(state)]
 
 
 def _run(param_dtype, dtype, max_staleness=0):
@@ -265,11 +301,22 @@ def _run(param_dtype, dtype, max_staleness=0):
   graphdef, params = _model(param_dtype, dtype)
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   shardings = sharding.state_shardings(params, mesh)
-  return build.Run(config=config, config_dict=config_dict, workdir=None, task=None,
-                   tokenizer=None, mesh=mesh, sampler_mesh=mesh, graphdef=graphdef,
-                   params=jax.device_put(params, shardings), param_shardings=shardings,
-                   sampler_shardings=shardings, sampling=None, train_examples=(),
-                   eval_examples=())
+  return build.Run(
+      config=config,
+      config_dict=config_dict,
+      workdir=None,
+      task=None,
+      tokenizer=None,
+      mesh=mesh,
+      sampler_mesh=mesh,
+      graphdef=graphdef,
+      params=jax.device_put(params, shardings),
+      param_shardings=shardings,
+      sampler_shardings=shardings,
+      sampling=None,
+      train_examples=(),
+      eval_examples=(),
+  )
 
 
 class TestSamplerCopy:
@@ -277,8 +324,9 @@ class TestSamplerCopy:
   def test_float32_masters_give_the_sampler_a_bfloat16_copy_on_the_same_shardings(self):
     run = _run("float32", "bfloat16")
     copy = run.sampler_params(run.params)
-    for master, cast, want in zip(*(jax.tree.leaves(t) for t in (run.params, copy,
-                                                                   run.param_shardings))):
+    for master, cast, want in zip(
+        *(jax.tree.leaves(t) for t in (run.params, copy, run.param_shardings))
+    ):
       assert master.dtype == jnp.float32 and cast.dtype == jnp.bfloat16
       assert cast.sharding == want
       np.testing.assert_array_equal(np.asarray(cast), np.asarray(master.astype(jnp.bfloat16)))
@@ -286,8 +334,9 @@ class TestSamplerCopy:
     tokens = jnp.asarray(np.arange(12, dtype=np.int32).reshape(2, 6))
     positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
     hidden = [nnx.merge(run.graphdef, p)(tokens, positions)[0] for p in (run.params, copy)]
-    np.testing.assert_array_equal(np.asarray(hidden[0], np.float32),
-                                  np.asarray(hidden[1], np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(hidden[0], np.float32), np.asarray(hidden[1], np.float32)
+    )
 
   def test_parameters_in_the_compute_dtype_are_shared_in_the_synchronous_loop(self):
     for param_dtype, dtype in (("float32", "float32"), ("bfloat16", "bfloat16")):
@@ -304,8 +353,9 @@ class TestConfigs:
   def test_bfloat16_storage_without_stochastic_rounding_is_an_error_naming_the_fix(self):
     config = default_config.get_config()
     config.model.param_dtype = "bfloat16"
-    with pytest.raises(ConfigError, match=r"model.param_dtype='float32'.*"
-                                          r"optim.stochastic_rounding=True"):
+    with pytest.raises(
+        ConfigError, match=r"model.param_dtype='float32'.*" r"optim.stochastic_rounding=True"
+    ):
       ExperimentConfig.from_config(config)
     config.optim.stochastic_rounding = True
     # The warm start trains the same parameters with an optimizer of its own.
@@ -328,8 +378,12 @@ class TestConfigs:
     torch = pytest.importorskip("torch", reason="PyTorch writes the checkpoint")
     pytest.importorskip("transformers")
     import hf_fixtures  # pylint: disable=import-outside-toplevel
-    directory = hf_fixtures.save(hf_fixtures.torch_model("qwen2_bias_tied").to(torch.bfloat16),
-                                 tmp_path / "bf16", sharded=False)
+
+    directory = hf_fixtures.save(
+        hf_fixtures.torch_model("qwen2_bias_tied").to(torch.bfloat16),
+        tmp_path / "bf16",
+        sharded=False,
+    )
     config = default_config.get_config()
     config.model.name, config.model.hf_path = None, str(directory)
     config.model.overrides = {}
@@ -339,5 +393,6 @@ class TestConfigs:
     embedding = policy.embedding[...]
     assert embedding.dtype == jnp.float32
     # The masters start at the checkpoint's values exactly.
-    np.testing.assert_array_equal(np.asarray(embedding.astype(jnp.bfloat16).astype(jnp.float32)),
-                                  np.asarray(embedding))
+    np.testing.assert_array_equal(
+        np.asarray(embedding.astype(jnp.bfloat16).astype(jnp.float32)), np.asarray(embedding)
+    )

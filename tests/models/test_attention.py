@@ -32,14 +32,15 @@ def _padding_mask(length, batch=4):
   mask[1, :5] = False
   mask[2, :11] = False
   mask[2, 17:20] = False
-  mask[2, length - 4:] = False
+  mask[2, length - 4 :] = False
   mask[3] = False
   return jnp.asarray(mask[:batch])
 
 
 def _dense(q, k, v, key_mask, offset=0):
-  return attn.dense_attention(q, k, v, attn.causal_padding_mask(key_mask, q.shape[1], offset),
-                              precision=HIGHEST)
+  return attn.dense_attention(
+      q, k, v, attn.causal_padding_mask(key_mask, q.shape[1], offset), precision=HIGHEST
+  )
 
 
 def _weighted_sum(fn, weights):
@@ -48,33 +49,39 @@ def _weighted_sum(fn, weights):
 
 class TestBlockwiseMatchesDense:
 
-  @pytest.mark.parametrize("length,heads,kv_heads,block", [
-      (37, 6, 2, 8),    # GQA, T not a multiple of the block, 5 blocks
-      (16, 4, 4, 8),    # multi-head, T a multiple of the block
-      (21, 4, 1, 32),   # multi-query, one block shorter than block_size
-      (64, 4, 2, 16),
-  ])
+  @pytest.mark.parametrize(
+      "length,heads,kv_heads,block",
+      [
+          (37, 6, 2, 8),  # GQA, T not a multiple of the block, 5 blocks
+          (16, 4, 4, 8),  # multi-head, T a multiple of the block
+          (21, 4, 1, 32),  # multi-query, one block shorter than block_size
+          (64, 4, 2, 16),
+      ],
+  )
   def test_values_and_gradients(self, length, heads, kv_heads, block):
     rng = np.random.default_rng(length)
     q, k, v = _inputs(rng, 4, length, heads, kv_heads, 8)
     key_mask = _padding_mask(length)
-    blockwise = functools.partial(attn.blockwise_attention, key_mask=key_mask, block_size=block,
-                                  precision=HIGHEST)
+    blockwise = functools.partial(
+        attn.blockwise_attention, key_mask=key_mask, block_size=block, precision=HIGHEST
+    )
     dense = functools.partial(_dense, key_mask=key_mask)
     out, ref = jax.jit(blockwise)(q, k, v), dense(q, k, v)
     assert out.shape == q.shape and out.dtype == q.dtype
     # Every row, the fully-masked ones (rows 3 and the heads of rows 1–2) included.
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(out[3], jnp.repeat(jnp.mean(v[3], axis=0), heads // kv_heads,
-                                                  axis=0)[None].repeat(length, 0), atol=1e-5)
+    np.testing.assert_allclose(
+        out[3],
+        jnp.repeat(jnp.mean(v[3], axis=0), heads // kv_heads, axis=0)[None].repeat(length, 0),
+        atol=1e-5,
+    )
 
     weights = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
     grads = jax.jit(jax.grad(_weighted_sum(blockwise, weights), argnums=(0, 1, 2)))(q, k, v)
     ref_grads = jax.jit(jax.grad(_weighted_sum(dense, weights), argnums=(0, 1, 2)))(q, k, v)
     for name, g, r in zip("qkv", grads, ref_grads):
       assert np.isfinite(np.asarray(g)).all(), name
-      np.testing.assert_allclose(g, r, atol=2e-5 * float(jnp.abs(r).max()), rtol=1e-5,
-                                 err_msg=name)
+      np.testing.assert_allclose(g, r, atol=2e-5 * float(jnp.abs(r).max()), rtol=1e-5, err_msg=name)
 
   def test_query_offset_into_a_longer_cache(self):
     """Prefill at a traced cache index: queries at slots o + t over S > T slots."""
@@ -84,16 +91,21 @@ class TestBlockwiseMatchesDense:
     key_mask = np.zeros((3, keys), bool)
     key_mask[:, : offset + length] = True
     key_mask[1, :6] = False
-    key_mask[2, :offset + 3] = False  # the first 3 queries of row 2 see nothing
+    key_mask[2, : offset + 3] = False  # the first 3 queries of row 2 see nothing
     key_mask = jnp.asarray(key_mask)
 
     @jax.jit
     def blockwise(q, k, v, offset):
-      return attn.blockwise_attention(q, k, v, key_mask, query_offset=offset, block_size=8,
-                                      precision=HIGHEST)
+      return attn.blockwise_attention(
+          q, k, v, key_mask, query_offset=offset, block_size=8, precision=HIGHEST
+      )
 
-    np.testing.assert_allclose(blockwise(q, k, v, jnp.int32(offset)),
-                               _dense(q, k, v, key_mask, offset), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        blockwise(q, k, v, jnp.int32(offset)),
+        _dense(q, k, v, key_mask, offset),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
   @pytest.mark.parametrize("length", [1, 5])
   def test_cached_kernel_equals_dense_over_the_written_cache(self, length):
@@ -111,8 +123,14 @@ class TestBlockwiseMatchesDense:
     cache_k, cache_v = (jnp.swapaxes(x, 1, 2) for x in stale)
     before_chunk = jnp.arange(slots) < offset
     got = jax.jit(functools.partial(attn.cached_dense_attention, precision=HIGHEST))(
-        q, cache_k, cache_v, mask & before_chunk, k[:, chunk], v[:, chunk],
-        attn.causal_padding_mask(key_mask[:, chunk], length))
+        q,
+        cache_k,
+        cache_v,
+        mask & before_chunk,
+        k[:, chunk],
+        v[:, chunk],
+        attn.causal_padding_mask(key_mask[:, chunk], length),
+    )
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
   def test_bfloat16_is_close_and_keeps_dtype(self):
@@ -147,6 +165,7 @@ class TestBlockwiseMatchesDense:
     def loss(impl):
       def fn(q, k, v):
         return jnp.sum(attn.causal_attention(q, k, v, key_mask, impl=impl, block_size=block))
+
       return jax.make_jaxpr(jax.value_and_grad(fn, argnums=(0, 1, 2)))(q, k, v)
 
     def widest(jaxpr):
@@ -189,9 +208,11 @@ class TestVendorKernels:
     np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=atol)
     # Gradients with the cotangent on real tokens only (what the model's loss gives).
     weights = jnp.asarray(rng.standard_normal(q.shape), jnp.float32) * key_mask[:, :, None, None]
+
     def grads_of(kernel):
-      return jax.jit(jax.grad(lambda *a: jnp.sum(kernel(*a, key_mask) * weights),
-                              argnums=(0, 1, 2)))(q, k, v)
+      return jax.jit(
+          jax.grad(lambda *a: jnp.sum(kernel(*a, key_mask) * weights), argnums=(0, 1, 2))
+      )(q, k, v)
 
     grads, refs = grads_of(fn), grads_of(_dense)
     for name, g, r in zip("qkv", grads, refs):
@@ -228,13 +249,16 @@ def _check_splash_matches_blockwise(q, k, v, key_mask, *, atol):
   splash = functools.partial(attn.splash_attention, block_size=128, interpret=True)
   blockwise = functools.partial(attn.blockwise_attention, block_size=16, precision=HIGHEST)
   real = np.asarray(key_mask)
-  weights = (jnp.asarray(np.random.default_rng(0).standard_normal(q.shape), jnp.float32)
-             * key_mask[:, :, None, None])
+  weights = (
+      jnp.asarray(np.random.default_rng(0).standard_normal(q.shape), jnp.float32)
+      * key_mask[:, :, None, None]
+  )
 
   def value_and_grads(kernel):
     loss = lambda *a: jnp.sum(kernel(*a, key_mask) * weights)
     return jax.jit(lambda *a: (kernel(*a, key_mask), jax.grad(loss, argnums=(0, 1, 2))(*a)))(
-        q, k, v)
+        q, k, v
+    )
 
   (out, grads), (ref, ref_grads) = value_and_grads(splash), value_and_grads(blockwise)
   assert np.isfinite(np.asarray(out)).all()
@@ -264,25 +288,30 @@ class TestSplashUnderAMesh:
 
 class TestResolve:
 
-  @pytest.mark.parametrize("impl,backend,dtype,length,cached,expected", [
-      ("auto", "cpu", "float32", 64, False, "blockwise"),
-      ("auto", "cpu", "float32", 4096, False, "blockwise"),
-      ("auto", "gpu", "bfloat16", 4096, False, "cudnn"),
-      ("auto", "cuda", "float16", 4096, False, "cudnn"),
-      ("auto", "gpu", "float32", 4096, False, "blockwise"),
-      ("auto", "tpu", "bfloat16", 4096, False, "splash"),
-      ("xla", "gpu", "bfloat16", 4096, False, "xla"),
-      ("cudnn", "cpu", "bfloat16", 64, False, "cudnn"),  # explicit choices are honoured
-      # With a KV cache: dense for one decode step, blockwise for a prefill chunk.
-      ("auto", "gpu", "bfloat16", 1, True, "xla"),
-      ("splash", "tpu", "bfloat16", 1, True, "xla"),
-      ("auto", "tpu", "bfloat16", 512, True, "blockwise"),
-      ("cudnn", "gpu", "bfloat16", 512, True, "blockwise"),
-      ("xla", "cpu", "float32", 512, True, "xla"),
-  ])
+  @pytest.mark.parametrize(
+      "impl,backend,dtype,length,cached,expected",
+      [
+          ("auto", "cpu", "float32", 64, False, "blockwise"),
+          ("auto", "cpu", "float32", 4096, False, "blockwise"),
+          ("auto", "gpu", "bfloat16", 4096, False, "cudnn"),
+          ("auto", "cuda", "float16", 4096, False, "cudnn"),
+          ("auto", "gpu", "float32", 4096, False, "blockwise"),
+          ("auto", "tpu", "bfloat16", 4096, False, "splash"),
+          ("xla", "gpu", "bfloat16", 4096, False, "xla"),
+          ("cudnn", "cpu", "bfloat16", 64, False, "cudnn"),  # explicit choices are honoured
+          # With a KV cache: dense for one decode step, blockwise for a prefill chunk.
+          ("auto", "gpu", "bfloat16", 1, True, "xla"),
+          ("splash", "tpu", "bfloat16", 1, True, "xla"),
+          ("auto", "tpu", "bfloat16", 512, True, "blockwise"),
+          ("cudnn", "gpu", "bfloat16", 512, True, "blockwise"),
+          ("xla", "cpu", "float32", 512, True, "xla"),
+      ],
+  )
   def test_table(self, impl, backend, dtype, length, cached, expected):
-    assert attn.resolve_impl(impl, backend=backend, dtype=dtype, num_queries=length,
-                             cached=cached) == expected
+    assert (
+        attn.resolve_impl(impl, backend=backend, dtype=dtype, num_queries=length, cached=cached)
+        == expected
+    )
 
   def test_unknown_impl_and_block_defaults(self):
     with pytest.raises(ValueError, match="Unknown attention_impl"):

@@ -13,9 +13,11 @@ import pytest
 from flax import nnx
 
 torch = pytest.importorskip(
-    "torch", reason="PyTorch is needed for the Hugging Face parity tests (extra 'parity').")
+    "torch", reason="PyTorch is needed for the Hugging Face parity tests (extra 'parity')."
+)
 transformers = pytest.importorskip(
-    "transformers", reason="transformers is needed for the Hugging Face parity tests.")
+    "transformers", reason="transformers is needed for the Hugging Face parity tests."
+)
 
 import hf_fixtures  # noqa: E402
 from hf_fixtures import FAMILIES  # noqa: E402
@@ -39,13 +41,15 @@ def test_logits_match_transformers(family, tmp_path):
   assert config.attention_bias == family.startswith("qwen2")
   assert config.qk_norm == family.startswith("qwen3")
   assert config.param_dtype == jnp.float32 and config.dtype == jnp.float32
-  jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(model)),
-               nnx.to_pure_dict(nnx.state(sharded_model)))
+  jax.tree.map(
+      np.testing.assert_array_equal,
+      nnx.to_pure_dict(nnx.state(model)),
+      nnx.to_pure_dict(nnx.state(sharded_model)),
+  )
 
   tokens, positions, mask = hf_fixtures.left_padded_batch(config.vocab_size)
   expected = hf_fixtures.torch_logits(torch_model, tokens, positions, mask)
-  logits = np.asarray(
-      hf_fixtures.jax_logits(model, *map(jnp.asarray, (tokens, positions, mask))))
+  logits = np.asarray(hf_fixtures.jax_logits(model, *map(jnp.asarray, (tokens, positions, mask))))
   np.testing.assert_allclose(logits[mask], expected[mask], atol=1e-4, rtol=1e-4)
   # The unpadded row is compared at every position, and the logits are not trivial.
   assert np.abs(expected[0]).std() > 0.5
@@ -63,8 +67,9 @@ def test_bfloat16_checkpoint(tmp_path):
   model32, config32 = hf_import.load_hf_checkpoint(directory, param_dtype="float32")
   assert config32.dtype == jnp.float32 and model32.embedding[...].dtype == jnp.float32
   np.testing.assert_array_equal(np.asarray(model32.embedding[...]), embedding)
-  mixed, mixed_config = hf_import.load_hf_checkpoint(directory, param_dtype="float32",
-                                                     dtype="bfloat16")
+  mixed, mixed_config = hf_import.load_hf_checkpoint(
+      directory, param_dtype="float32", dtype="bfloat16"
+  )
   assert mixed_config.param_dtype == jnp.float32 and mixed_config.dtype == jnp.bfloat16
 
 
@@ -97,7 +102,8 @@ def test_missing_files_name_the_path(checkpoint, tmp_path):
   with pytest.raises(FileNotFoundError, match="model.safetensors"):
     hf_import.load_hf_checkpoint(broken)
   (broken / hf_import.WEIGHTS_INDEX_FILE).write_text(
-      json.dumps({"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}}))
+      json.dumps({"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}})
+  )
   with pytest.raises(FileNotFoundError, match="model-00001-of-00002.safetensors"):
     hf_import.load_hf_checkpoint(broken)
 
@@ -107,8 +113,11 @@ def test_truncated_or_corrupt_shard_names_the_file(checkpoint, tmp_path):
   weights = broken / hf_import.WEIGHTS_FILE
   data = weights.read_bytes()
   weights.write_bytes(data[: len(data) // 2])  # The header survives, the tensors do not.
-  with pytest.raises(ValueError, match=r"Checkpoint shard '.*/copy/model\.safetensors' cannot be "
-                     r"read: .*incomplete metadata") as caught:
+  with pytest.raises(
+      ValueError,
+      match=r"Checkpoint shard '.*/copy/model\.safetensors' cannot be "
+      r"read: .*incomplete metadata",
+  ) as caught:
     hf_import.load_hf_checkpoint(broken)
   assert type(caught.value.__cause__).__name__ == "SafetensorError"
   weights.write_bytes(b"\x07\x00")  # Not even a header length.
@@ -125,8 +134,9 @@ def test_missing_tensor(checkpoint, tmp_path):
 
 def test_unexpected_tensor(checkpoint, tmp_path):
   broken = _copy(checkpoint, tmp_path)
-  _edit_tensors(broken, lambda t: t.update(
-      {"model.layers.0.self_attn.o_proj.bias": np.zeros(32, np.float32)}))
+  _edit_tensors(
+      broken, lambda t: t.update({"model.layers.0.self_attn.o_proj.bias": np.zeros(32, np.float32)})
+  )
   with pytest.raises(ValueError, match="o_proj.bias"):
     hf_import.load_hf_checkpoint(broken)
 
@@ -148,8 +158,9 @@ def test_tied_embeddings_with_a_different_lm_head(checkpoint, tmp_path):
   with pytest.raises(ValueError, match="lm_head.weight differs"):
     hf_import.load_hf_checkpoint(broken)
   # A stored lm_head equal to the embedding is accepted (some checkpoints keep both).
-  _edit_tensors(broken, lambda t: t.update(
-      {"lm_head.weight": t["model.embed_tokens.weight"].copy()}))
+  _edit_tensors(
+      broken, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].copy()})
+  )
   model, config = hf_import.load_hf_checkpoint(broken)
   assert config.tie_word_embeddings and not hasattr(model, "lm_head")
 
@@ -165,8 +176,11 @@ def test_unsupported_rope_scaling_is_a_clear_error(checkpoint, tmp_path):
 
 def test_targets_cover_every_parameter():
   config = dataclasses.replace(
-      hf_import.TransformerConfig.from_name("tiny"), attention_bias=True, qk_norm=True,
-      tie_word_embeddings=False)
+      hf_import.TransformerConfig.from_name("tiny"),
+      attention_bias=True,
+      qk_norm=True,
+      tie_word_embeddings=False,
+  )
   abstract = nnx.eval_shape(lambda: hf_import.Transformer(config, rngs=nnx.Rngs(0)))
   paths = {tuple(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
   targets = hf_import.hf_tensor_targets(config)

@@ -38,21 +38,25 @@ def _inputs(seed, batch=2, length=7, dim=4, vocab=9):
 
 @functools.partial(jax.jit, static_argnames=('chunk_size', 'temperature'))
 def _jit_token_logprobs(hidden, unembed, targets, *, chunk_size, temperature):
-  return lp.token_logprobs(hidden, unembed, targets, chunk_size=chunk_size, with_entropy=True,
-                           temperature=temperature)
+  return lp.token_logprobs(
+      hidden, unembed, targets, chunk_size=chunk_size, with_entropy=True, temperature=temperature
+  )
 
 
 def _eager_token_logprobs(hidden, unembed, targets, *, chunk_size, temperature):
-  return lp.token_logprobs(hidden, unembed, targets, chunk_size=chunk_size, with_entropy=True,
-                           temperature=temperature)
+  return lp.token_logprobs(
+      hidden, unembed, targets, chunk_size=chunk_size, with_entropy=True, temperature=temperature
+  )
 
 
 class TestTokenLogprobs:
 
   # chunk_size 3 and 4 do not divide T = 7 (internal padding); 7 is one chunk, 16 > T.
-  @pytest.mark.parametrize('fn, chunk_size, temperature', [
-      (_jit_token_logprobs, c, t) for c in (1, 3, 4, 7, 16) for t in (1.0, 0.6)
-  ] + [(_eager_token_logprobs, 3, 0.6)])
+  @pytest.mark.parametrize(
+      'fn, chunk_size, temperature',
+      [(_jit_token_logprobs, c, t) for c in (1, 3, 4, 7, 16) for t in (1.0, 0.6)]
+      + [(_eager_token_logprobs, 3, 0.6)],
+  )
   def test_values_match_reference(self, fn, chunk_size, temperature):
     hidden, unembed, targets = _inputs(seed=chunk_size)
     out = fn(hidden, unembed, targets, chunk_size=chunk_size, temperature=temperature)
@@ -77,8 +81,9 @@ class TestTokenLogprobs:
     temperature = 0.8
 
     def loss(h, w):
-      out = lp.token_logprobs(h, w, targets, chunk_size=2, with_entropy=with_entropy,
-                              temperature=temperature)
+      out = lp.token_logprobs(
+          h, w, targets, chunk_size=2, with_entropy=with_entropy, temperature=temperature
+      )
       if with_entropy:
         return jnp.sum(out.logp * w_logp) + jnp.sum(out.entropy * w_entropy)
       return jnp.sum(out * w_logp)
@@ -129,13 +134,15 @@ class TestTokenLogprobs:
     out = _jit_token_logprobs(hidden_bf16, unembed_bf16, targets, chunk_size=4, temperature=1.0)
     # bf16 × bf16 products are exact in float32, so only float32 summation error remains;
     # a bf16 logsumexp would be off by ~1e-2.
-    ref_logp, ref_entropy = _reference(np.asarray(hidden_bf16, np.float64),
-                                       np.asarray(unembed_bf16, np.float64), targets, 1.0)
+    ref_logp, ref_entropy = _reference(
+        np.asarray(hidden_bf16, np.float64), np.asarray(unembed_bf16, np.float64), targets, 1.0
+    )
     assert out.logp.dtype == jnp.float32
     np.testing.assert_allclose(out.logp, ref_logp, **TOL)
     np.testing.assert_allclose(out.entropy, ref_entropy, **TOL)
-    grads = jax.jit(jax.grad(lambda h, w: lp.token_logprobs(h, w, targets, chunk_size=4).sum(),
-                             argnums=(0, 1)))(hidden_bf16, unembed_bf16)
+    grads = jax.jit(
+        jax.grad(lambda h, w: lp.token_logprobs(h, w, targets, chunk_size=4).sum(), argnums=(0, 1))
+    )(hidden_bf16, unembed_bf16)
     assert grads[0].dtype == jnp.bfloat16 and grads[1].dtype == jnp.bfloat16
 
   def test_target_outside_vocabulary_is_minus_inf_with_finite_gradient(self):
@@ -146,11 +153,18 @@ class TestTokenLogprobs:
     assert out[0, 2] == -np.inf and out[1, 0] == -np.inf
     valid = np.ones(targets.shape, bool)
     valid[0, 2] = valid[1, 0] = False
-    np.testing.assert_allclose(np.asarray(out)[valid],
-                               _reference(hidden, unembed, np.clip(targets, 0, 8), 1.0)[0][valid],
-                               **TOL)
-    grads = jax.jit(jax.grad(lambda h: jnp.sum(jnp.where(
-        valid, lp.token_logprobs(h, unembed, targets, chunk_size=3), 0.0))))(hidden)
+    np.testing.assert_allclose(
+        np.asarray(out)[valid],
+        _reference(hidden, unembed, np.clip(targets, 0, 8), 1.0)[0][valid],
+        **TOL,
+    )
+    grads = jax.jit(
+        jax.grad(
+            lambda h: jnp.sum(
+                jnp.where(valid, lp.token_logprobs(h, unembed, targets, chunk_size=3), 0.0)
+            )
+        )
+    )(hidden)
     assert np.all(np.isfinite(grads))
 
   def test_empty_sequence(self):
@@ -158,8 +172,10 @@ class TestTokenLogprobs:
     out = lp.token_logprobs(hidden[:, :0], unembed, targets[:, :0], chunk_size=4)
     assert out.shape == (2, 0)
 
-  @pytest.mark.parametrize('kwargs', [dict(chunk_size=0), dict(chunk_size=2.0),
-                                      dict(temperature=0.0), dict(temperature=-1.0)])
+  @pytest.mark.parametrize(
+      'kwargs',
+      [dict(chunk_size=0), dict(chunk_size=2.0), dict(temperature=0.0), dict(temperature=-1.0)],
+  )
   def test_bad_hyperparameters_raise(self, kwargs):
     hidden, unembed, targets = _inputs(seed=10)
     with pytest.raises(ValueError):
@@ -180,8 +196,11 @@ class TestTokenLogprobs:
     hidden = jax.ShapeDtypeStruct((2, 39, 4), jnp.float32)
     unembed = jax.ShapeDtypeStruct((4, 9), jnp.float32)
     targets = jax.ShapeDtypeStruct((2, 39), jnp.int32)
-    jaxpr = str(jax.make_jaxpr(lambda h, w, y: lp.token_logprobs(h, w, y, chunk_size=32))(
-        hidden, unembed, targets))
+    jaxpr = str(
+        jax.make_jaxpr(lambda h, w, y: lp.token_logprobs(h, w, y, chunk_size=32))(
+            hidden, unembed, targets
+        )
+    )
     assert 'f32[2,40,4]' in jaxpr and 'f32[2,64,4]' not in jaxpr
     assert 'f32[2,2,20,4]' in jaxpr  # the scan's [B, n, C, D] chunks
 
@@ -189,9 +208,11 @@ class TestTokenLogprobs:
     # Compiled scratch memory of value+grad: the naive program holds several [B, T, V]
     # float32 buffers (8 MiB each here); the chunked one a few [B, chunk, V] (0.5 MiB).
     batch, length, dim, vocab, chunk = 2, 256, 16, 4096, 16
-    specs = (jax.ShapeDtypeStruct((batch, length, dim), jnp.float32),
-             jax.ShapeDtypeStruct((dim, vocab), jnp.float32),
-             jax.ShapeDtypeStruct((batch, length), jnp.int32))
+    specs = (
+        jax.ShapeDtypeStruct((batch, length, dim), jnp.float32),
+        jax.ShapeDtypeStruct((dim, vocab), jnp.float32),
+        jax.ShapeDtypeStruct((batch, length), jnp.int32),
+    )
 
     def chunked(h, w, y):
       return lp.token_logprobs(h, w, y, chunk_size=chunk, with_entropy=True).logp.sum()
@@ -220,13 +241,21 @@ def test_project_logits_matches_reference_and_scales_by_temperature():
 def test_positions_from_mask():
   mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 1, 1, 0]], bool)
   np.testing.assert_array_equal(
-      lp.positions_from_mask(mask), [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2], [0, 0, 1, 2, 2]])
+      lp.positions_from_mask(mask), [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2], [0, 0, 1, 2, 2]]
+  )
 
 
 @nnx.jit(static_argnames=('temperature', 'with_entropy'))
 def _sequence_logprobs(model, tokens, key_mask, temperature, with_entropy):
-  return lp.sequence_logprobs(model, tokens, lp.positions_from_mask(key_mask), key_mask,
-                              chunk_size=4, temperature=temperature, with_entropy=with_entropy)
+  return lp.sequence_logprobs(
+      model,
+      tokens,
+      lp.positions_from_mask(key_mask),
+      key_mask,
+      chunk_size=4,
+      temperature=temperature,
+      with_entropy=with_entropy,
+  )
 
 
 class TestSequenceLogprobs:
@@ -235,8 +264,8 @@ class TestSequenceLogprobs:
     rng = np.random.default_rng(2)
     tokens = rng.integers(0, _CONFIG.vocab_size, (3, 9)).astype(np.int32)
     key_mask = np.ones((3, 9), bool)
-    key_mask[0, :3] = False   # left padding
-    key_mask[1, 6:] = False   # right padding
+    key_mask[0, :3] = False  # left padding
+    key_mask[1, 6:] = False  # right padding
     return tokens, key_mask
 
   @pytest.mark.parametrize('temperature', [1.0, 0.7])
@@ -256,8 +285,9 @@ class TestSequenceLogprobs:
     np.testing.assert_allclose(out.logp, want, **TOL)
     np.testing.assert_allclose(out.entropy, want_entropy, **TOL)
     # The zeros are exactly the positions without a real token and a real predecessor.
-    assert np.all(np.asarray(out.logp)[want == 0] == 0) and np.all(want[:, 1:][
-        key_mask[:, 1:] & key_mask[:, :-1]] < 0)
+    assert np.all(np.asarray(out.logp)[want == 0] == 0) and np.all(
+        want[:, 1:][key_mask[:, 1:] & key_mask[:, :-1]] < 0
+    )
 
   def test_parameter_gradient_matches_directional_finite_difference(self):
     # d/dε L(θ + ε·u) at ε = 0 by central differences in float32 (the forward is the jitted
@@ -279,6 +309,7 @@ class TestSequenceLogprobs:
       return nnx.merge(graphdef, jax.tree.map(lambda p, u: p + sign * eps * u, params, direction))
 
     numeric = (float(loss(shifted(1))) - float(loss(shifted(-1)))) / (2 * eps)
-    analytic = sum(float(jnp.vdot(g, u)) for g, u in zip(jax.tree.leaves(grads),
-                                                          jax.tree.leaves(direction)))
+    analytic = sum(
+        float(jnp.vdot(g, u)) for g, u in zip(jax.tree.leaves(grads), jax.tree.leaves(direction))
+    )
     np.testing.assert_allclose(analytic, numeric, rtol=2e-3)

@@ -75,19 +75,36 @@ def test_targets_select_the_adapted_projections_and_bad_configs_are_clear_errors
   assert sorted(nnx.to_pure_dict(adapters)["blocks"]["attn"]) == ["q_proj_lora", "v_proj_lora"]
   a = model.blocks.attn.q_proj_lora.a
   assert a.shape == (CONFIG.num_layers, CONFIG.hidden_size, 2)
-  assert model.blocks.attn.q_proj_lora.b.shape == (CONFIG.num_layers, 2, CONFIG.num_heads,
-                                                   CONFIG.head_dim)
+  assert model.blocks.attn.q_proj_lora.b.shape == (
+      CONFIG.num_layers,
+      2,
+      CONFIG.num_heads,
+      CONFIG.head_dim,
+  )
 
   def config_with(**lora_fields):
     config = smoke.get_config()
     config.model.lora = ml_collections.ConfigDict(
-        {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ".*", "base_dtype": None,
-         **lora_fields})
+        {
+            "rank": 4,
+            "alpha": 8.0,
+            "dropout": 0.0,
+            "targets": ".*",
+            "base_dtype": None,
+            **lora_fields,
+        }
+    )
     return config
 
-  cases = [({"targets": "blocks/attn/x_proj"}, "matches none"), ({"rank": 0}, "rank=0"),
-           ({"rank": -3}, "rank=-3"), ({"alpha": 0.0}, "alpha"), ({"dropout": 0.1}, "dropout"),
-           ({"targets": "("}, "not a regex"), ({"base_dtype": "int4"}, "base_dtype")]
+  cases = [
+      ({"targets": "blocks/attn/x_proj"}, "matches none"),
+      ({"rank": 0}, "rank=0"),
+      ({"rank": -3}, "rank=-3"),
+      ({"alpha": 0.0}, "alpha"),
+      ({"dropout": 0.1}, "dropout"),
+      ({"targets": "("}, "not a regex"),
+      ({"base_dtype": "int4"}, "base_dtype"),
+  ]
   for fields, message in cases:
     with pytest.raises(ConfigError, match=rf"config\.model\.lora: .*{message}"):
       ExperimentConfig.from_config(config_with(**fields))
@@ -118,16 +135,19 @@ def test_merged_weights_equal_base_plus_scale_a_b_in_float64():
     b = np.asarray(adapter.b[...], np.float64)
     w = np.asarray(want[name], np.float64)
     layers = w.shape[0]
-    delta = np.einsum("lir,lro->lio", a.reshape(layers, -1, config.rank),
-                      b.reshape(layers, config.rank, -1)).reshape(w.shape)
+    delta = np.einsum(
+        "lir,lro->lio", a.reshape(layers, -1, config.rank), b.reshape(layers, config.rank, -1)
+    ).reshape(w.shape)
     assert np.abs(delta).max() > 1e-4  # B was perturbed: the merge has something to add
-    np.testing.assert_allclose(np.asarray(got[name], np.float64), w + (7.0 / 3) * delta,
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        np.asarray(got[name], np.float64), w + (7.0 / 3) * delta, rtol=1e-6, atol=1e-7
+    )
   np.testing.assert_array_equal(merged["embedding"], base["embedding"])
   # The merged plain model computes the adapted model's logits.
   inputs = _inputs()
-  np.testing.assert_allclose(_logits(lora.merge_adapters(model), *inputs),
-                             _logits(model, *inputs), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      _logits(lora.merge_adapters(model), *inputs), _logits(model, *inputs), rtol=1e-5, atol=1e-5
+  )
 
 
 @pytest.mark.parametrize("kind", quantization.QUANTIZED_DTYPES)
@@ -153,22 +173,24 @@ def test_qlora_model_computes_with_its_dequantized_base(kind):
   assert isinstance(model.blocks.mlp.up_proj, quantization.QuantizedWeight)
   reference = lora.merge_adapters(model)  # dequantized base + scale·A·B, float32
   inputs = _inputs()
-  np.testing.assert_allclose(_logits(model, *inputs), _logits(reference, *inputs), rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      _logits(model, *inputs), _logits(reference, *inputs), rtol=1e-5, atol=1e-5
+  )
 
 
 def _update_fn(graphdef):
   algo = AlgorithmConfig(objective="geometric")
   return learner.make_update_fn(
-      graphdef, optax.adam(1e-2),
+      graphdef,
+      optax.adam(1e-2),
       build.policy_loss(algo, temperature=1.0, chunk_size=4, max_length=T),
-      trainable=lora.LoRAParam)
+      trainable=lora.LoRAParam,
+  )
 
 
 @pytest.mark.parametrize("base_dtype", [None, "nf4"])
 def test_update_trains_only_the_adapters_and_keeps_the_base_arrays(base_dtype):
-  graphdef, params = nnx.split(_adapted(lora.LoRAConfig(rank=4, alpha=8.0,
-                                                        base_dtype=base_dtype)))
+  graphdef, params = nnx.split(_adapted(lora.LoRAConfig(rank=4, alpha=8.0, base_dtype=base_dtype)))
   adapters, base = lora.split_adapters(params)
   optimizer = optax.adam(1e-2)
   opt_state = optimizer.init(adapters)
@@ -177,8 +199,9 @@ def test_update_trains_only_the_adapters_and_keeps_the_base_arrays(base_dtype):
   before_adapters = jax.tree.map(np.asarray, adapters)
   base_buffers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(base)]
   base_values = jax.tree.map(np.asarray, base)
-  new, _, out = _update_fn(graphdef)(params, opt_state, jax.tree.map(lambda x: x[None],
-                                                                      _sequences(seed=3)))
+  new, _, out = _update_fn(graphdef)(
+      params, opt_state, jax.tree.map(lambda x: x[None], _sequences(seed=3))
+  )
   assert float(out.grad_norm) > 0 and int(out.skipped) == 0
   new_adapters, new_base = lora.split_adapters(new)
   # Every adapter matrix moved; the base is the caller's own arrays, neither copied nor changed.
@@ -191,22 +214,34 @@ def test_update_trains_only_the_adapters_and_keeps_the_base_arrays(base_dtype):
 def test_lora_update_does_not_depend_on_the_micro_batch_split():
   graphdef, params = nnx.split(_adapted())
   update = learner.make_update_fn(
-      graphdef, optax.sgd(1.0),
-      build.policy_loss(AlgorithmConfig(objective="geometric"), temperature=1.0, chunk_size=4,
-                        max_length=T),
-      donate=False, trainable=lora.LoRAParam)
+      graphdef,
+      optax.sgd(1.0),
+      build.policy_loss(
+          AlgorithmConfig(objective="geometric"), temperature=1.0, chunk_size=4, max_length=T
+      ),
+      donate=False,
+      trainable=lora.LoRAParam,
+  )
   opt_state = optax.sgd(1.0).init(lora.split_adapters(params)[0])
   batch = _sequences(seed=3)
-  results = [update(params, opt_state,
-                    jax.tree.map(lambda x, m=m: x.reshape((m, N // m) + x.shape[1:]), batch))
-             for m in (1, 2, 4)]
+  results = [
+      update(
+          params,
+          opt_state,
+          jax.tree.map(lambda x, m=m: x.reshape((m, N // m) + x.shape[1:]), batch),
+      )
+      for m in (1, 2, 4)
+  ]
   p1, _, o1 = results[0]
   assert float(o1.grad_norm) > 0
   for p, _, o in results[1:]:
     np.testing.assert_allclose(o.loss, o1.loss, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(o.grad_norm, o1.grad_norm, rtol=1e-4)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                 lora.split_adapters(p)[0], lora.split_adapters(p1)[0])
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        lora.split_adapters(p)[0],
+        lora.split_adapters(p1)[0],
+    )
 
 
 def test_fingerprint_sees_one_changed_bit_and_not_the_tree_object():
@@ -225,7 +260,8 @@ def _lora_smoke(**changes):
   config.num_steps = 2
   config.warm_start.steps = 0  # the base is the named model at random init, seeded
   config.model.lora = ml_collections.ConfigDict(
-      {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ".*", "base_dtype": "int8"})
+      {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ".*", "base_dtype": "int8"}
+  )
   for name, value in changes.items():
     config[name] = value
   return config
@@ -248,15 +284,19 @@ def test_lora_smoke_run_checkpoints_adapters_and_refuses_another_base(tmp_path):
   assert isinstance(policy.blocks.attn.q_proj, quantization.QuantizedWeight)
   out = export.export_run(tmp_path, tmp_path / "merged")
   reimported, _ = hf_import.load_hf_checkpoint(out)
-  jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(reimported)),
-               nnx.to_pure_dict(nnx.state(lora.merge_adapters(policy))))
+  jax.tree.map(
+      np.testing.assert_array_equal,
+      nnx.to_pure_dict(nnx.state(reimported)),
+      nnx.to_pure_dict(nnx.state(lora.merge_adapters(policy))),
+  )
   with pytest.raises(export.ExportError, match="not a Hugging Face checkpoint"):
     export.export_run(tmp_path, tmp_path / "adapter", adapter=True)
   # Resumed on another base (another seed's random init), with config changes allowed: refused.
-  with pytest.raises(LoRABaseMismatchError, match="trained on the base 'tiny at random init "
-                                                  r"\(seed 0\)'.*fingerprint"):
-    loop.train_and_evaluate(_lora_smoke(seed=1, num_steps=3, resume_with_changes=True),
-                            tmp_path)
+  with pytest.raises(
+      LoRABaseMismatchError,
+      match="trained on the base 'tiny at random init " r"\(seed 0\)'.*fingerprint",
+  ):
+    loop.train_and_evaluate(_lora_smoke(seed=1, num_steps=3, resume_with_changes=True), tmp_path)
 
 
 torch = pytest.importorskip("torch", reason="PyTorch is needed for the PEFT parity test.")
@@ -270,19 +310,22 @@ from gmpo_jax.models import hf_export, peft_export  # noqa: E402
 
 @pytest.mark.parametrize("family", ["qwen2_bias_tied", "llama_llama3rope_untied"])
 def test_peft_loads_the_adapter_onto_the_transformers_base_and_computes_the_logits(
-    family, tmp_path: pathlib.Path):
+    family, tmp_path: pathlib.Path
+):
   base_dir = hf_fixtures.save(hf_fixtures.torch_model(family), tmp_path / "base", sharded=False)
   model, config = hf_import.load_hf_checkpoint(base_dir)
   lora_config = lora.LoRAConfig(rank=4, alpha=12.0, targets="blocks/(attn/[qo]|mlp/down)_proj")
   model = _adapted(lora_config, model=model)
-  out = peft_export.export_peft(model, lora_config, tmp_path / "adapter",
-                                base_model=str(base_dir))
-  assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json",
-                                                   "adapter_model.safetensors"]
+  out = peft_export.export_peft(model, lora_config, tmp_path / "adapter", base_model=str(base_dir))
+  assert sorted(p.name for p in out.iterdir()) == [
+      "adapter_config.json",
+      "adapter_model.safetensors",
+  ]
   tokens, positions, mask = hf_fixtures.left_padded_batch(config.vocab_size)
   want = np.asarray(hf_fixtures.jax_logits(model, *map(jnp.asarray, (tokens, positions, mask))))
   torch_base = transformers.AutoModelForCausalLM.from_pretrained(
-      base_dir, dtype=torch.float32, attn_implementation="eager").eval()
+      base_dir, dtype=torch.float32, attn_implementation="eager"
+  ).eval()
   base_logits = hf_fixtures.torch_logits(torch_base, tokens, positions, mask)
   adapted = peft.PeftModel.from_pretrained(torch_base, out).eval()
   got = hf_fixtures.torch_logits(adapted, tokens, positions, mask)
@@ -293,6 +336,7 @@ def test_peft_loads_the_adapter_onto_the_transformers_base_and_computes_the_logi
   # The merged export through the plain exporter: transformers computes the same logits.
   merged = hf_export.export_hf(nnx.state(lora.merge_adapters(model)), config, tmp_path / "merged")
   merged_model = transformers.AutoModelForCausalLM.from_pretrained(
-      merged, dtype=torch.float32, attn_implementation="eager").eval()
+      merged, dtype=torch.float32, attn_implementation="eager"
+  ).eval()
   merged_logits = hf_fixtures.torch_logits(merged_model, tokens, positions, mask)
   assert np.abs(merged_logits[mask] - want[mask]).max() <= 1e-5 * scale

@@ -13,8 +13,12 @@ from gmpo_jax.models import tokenization
 from gmpo_jax.models.transformer import TransformerConfig
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unused>"]
-CORPUS = ["the quick brown fox jumps over the lazy dog", "12 + 30 = 42", "def f(x):\n  return x",
-          "Ünïcödé text, émojis 🙂 and tabs\tare bytes too"]
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "12 + 30 = 42",
+    "def f(x):\n  return x",
+    "Ünïcödé text, émojis 🙂 and tabs\tare bytes too",
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +29,21 @@ def tokenizer_dir(tmp_path_factory):
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS,
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  trainer = trainers.BpeTrainer(
+      vocab_size=300, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+  )
   tok.train_from_iterator(CORPUS * 5, trainer)
   tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
   tok.save(str(directory / "tokenizer.json"))
-  (directory / "tokenizer_config.json").write_text(json.dumps({
-      "bos_token": "<s>", "pad_token": "<pad>",
-      "eos_token": {"content": "</s>", "lstrip": False, "rstrip": False, "special": True}}))
+  (directory / "tokenizer_config.json").write_text(
+      json.dumps(
+          {
+              "bos_token": "<s>",
+              "pad_token": "<pad>",
+              "eos_token": {"content": "</s>", "lstrip": False, "rstrip": False, "special": True},
+          }
+      )
+  )
   return directory
 
 
@@ -47,8 +58,14 @@ class TestCharTokenizer:
 
   def test_roundtrip_random_text(self):
     tok = tokenization.CharTokenizer()
-    alphabet = np.array(list(string.printable.replace("\t", "").replace("\r", "")
-                             .replace("\x0b", "").replace("\x0c", "")))
+    alphabet = np.array(
+        list(
+            string.printable.replace("\t", "")
+            .replace("\r", "")
+            .replace("\x0b", "")
+            .replace("\x0c", "")
+        )
+    )
     rng = np.random.default_rng(0)
     for _ in range(20):
       text = "".join(rng.choice(alphabet, rng.integers(0, 40)))

@@ -16,8 +16,17 @@ from gmpo_jax.models import transformer as tfm
 TINY = tfm.TransformerConfig.from_name("tiny")
 # Every optional feature on, untied, odd sizes: the strictest reference comparison.
 FULL = dataclasses.replace(
-    TINY, vocab_size=97, hidden_size=48, intermediate_size=80, num_heads=6, num_kv_heads=2,
-    head_dim=10, attention_bias=True, qk_norm=True, tie_word_embeddings=False, rope_theta=500.0,
+    TINY,
+    vocab_size=97,
+    hidden_size=48,
+    intermediate_size=80,
+    num_heads=6,
+    num_kv_heads=2,
+    head_dim=10,
+    attention_bias=True,
+    qk_norm=True,
+    tie_word_embeddings=False,
+    rope_theta=500.0,
 )
 LOGICAL_AXES = {"vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers"}
 
@@ -52,8 +61,7 @@ def _make(config, seed=0):
       value = 0.15 * rng.standard_normal(x.shape)
     return jnp.asarray(value, x.dtype)
 
-  nnx.replace_by_pure_dict(
-      state, jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(state)))
+  nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(state)))
   return nnx.merge(graphdef, state)
 
 
@@ -63,7 +71,7 @@ def _batch(config, rng, pads, length=12):
   sequence = rng.integers(0, config.vocab_size, length)
   tokens = rng.integers(0, config.vocab_size, (len(pads), length))
   for row, pad in enumerate(pads):
-    tokens[row, pad:] = sequence[:length - pad]
+    tokens[row, pad:] = sequence[: length - pad]
   tokens = tokens.astype(np.int32)
   mask = np.arange(length)[None, :] >= np.asarray(pads)[:, None]
   positions = (np.cumsum(mask, axis=1) - 1).astype(np.int32)
@@ -152,17 +160,22 @@ def _params(model):
 
 class TestForwardAgainstReference:
 
-  @pytest.mark.parametrize("config", [
-      FULL, TINY, dataclasses.replace(FULL, attention_impl="xla"),
-      dataclasses.replace(FULL, attention_impl="blockwise", attention_block_size=4),
-  ], ids=["bias_qknorm_untied", "tiny", "dense", "blockwise_3_blocks"])
+  @pytest.mark.parametrize(
+      "config",
+      [
+          FULL,
+          TINY,
+          dataclasses.replace(FULL, attention_impl="xla"),
+          dataclasses.replace(FULL, attention_impl="blockwise", attention_block_size=4),
+      ],
+      ids=["bias_qknorm_untied", "tiny", "dense", "blockwise_3_blocks"],
+  )
   def test_matches_float64_reference_with_left_padding(self, config):
     model = _make(config)
     with np.errstate(invalid="ignore"):  # padding rows of the reference are all-masked
       tokens, positions, mask = _batch(config, np.random.default_rng(0), [0, 3, 7])
       ref_hidden, ref_logits = _np_forward(_params(model), config, tokens, positions, mask)
-    hidden, logits = _forward(model, jnp.asarray(tokens), jnp.asarray(positions),
-                              jnp.asarray(mask))
+    hidden, logits = _forward(model, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask))
     assert hidden.dtype == jnp.float32 and logits.dtype == jnp.float32
     assert logits.shape == (3, 12, config.vocab_size)
     assert np.isfinite(np.asarray(logits)).all()  # padding positions included
@@ -176,12 +189,13 @@ class TestForwardAgainstReference:
     _, logits = _forward(model, *map(jnp.asarray, (tokens, positions, mask)))
     logits = np.asarray(logits)
     for row, pad in enumerate(pads[1:], start=1):
-      np.testing.assert_allclose(logits[row, pad:], logits[0, :12 - pad], atol=2e-5)
+      np.testing.assert_allclose(logits[row, pad:], logits[0, : 12 - pad], atol=2e-5)
 
   def test_llama3_rope_frequencies_match_reference(self):
     config = tfm.TransformerConfig.from_name("llama-3.2-1b")
-    np.testing.assert_allclose(tfm.rope_inverse_frequencies(config), _np_inv_freq(config),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        tfm.rope_inverse_frequencies(config), _np_inv_freq(config), rtol=1e-6
+    )
     # The scaling really acts: low frequencies divided by 32, high ones untouched.
     plain = tfm.rope_inverse_frequencies(dataclasses.replace(config, rope_scaling=None))
     scaled = tfm.rope_inverse_frequencies(config)
@@ -191,8 +205,13 @@ class TestForwardAgainstReference:
 
   def test_llama3_rope_forward_matches_reference(self):
     config = dataclasses.replace(
-        TINY, head_dim=32, num_heads=2, num_kv_heads=1, rope_theta=10_000.0,
-        rope_scaling=tfm.RopeScaling("llama3", factor=8.0, original_max_position_embeddings=64))
+        TINY,
+        head_dim=32,
+        num_heads=2,
+        num_kv_heads=1,
+        rope_theta=10_000.0,
+        rope_scaling=tfm.RopeScaling("llama3", factor=8.0, original_max_position_embeddings=64),
+    )
     model = _make(config)
     tokens, positions, mask = _batch(config, np.random.default_rng(2), [0, 2], length=9)
     positions = positions * 37  # large positions, where the scaled band matters
@@ -211,17 +230,29 @@ class TestKVCache:
     assert cache.index.dtype == jnp.int32 and int(cache.index) == 0
     assert tfm.init_cache(FULL, 1, 4, jnp.bfloat16).k.dtype == jnp.bfloat16
     # Default: the compute dtype on the CPU, bfloat16 for a float32 model on accelerators.
-    assert cache.k.dtype == tfm.default_cache_dtype(FULL) == (
-        jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    assert (
+        cache.k.dtype
+        == tfm.default_cache_dtype(FULL)
+        == (jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    )
     bf16 = dataclasses.replace(FULL, dtype="bfloat16")
-    for backend, config, expected in [("cpu", FULL, jnp.float32), ("gpu", FULL, jnp.bfloat16),
-                                      ("tpu", FULL, jnp.bfloat16), ("cpu", bf16, jnp.bfloat16),
-                                      ("cuda", bf16, jnp.bfloat16)]:
+    for backend, config, expected in [
+        ("cpu", FULL, jnp.float32),
+        ("gpu", FULL, jnp.bfloat16),
+        ("tpu", FULL, jnp.bfloat16),
+        ("cpu", bf16, jnp.bfloat16),
+        ("cuda", bf16, jnp.bfloat16),
+    ]:
       assert tfm.default_cache_dtype(config, backend) == expected, (backend, config.dtype)
 
-  @pytest.mark.parametrize("config", [
-      FULL, dataclasses.replace(FULL, attention_impl="blockwise", attention_block_size=4),
-  ], ids=["auto", "blockwise_prefill_at_cache_offsets"])
+  @pytest.mark.parametrize(
+      "config",
+      [
+          FULL,
+          dataclasses.replace(FULL, attention_impl="blockwise", attention_block_size=4),
+      ],
+      ids=["auto", "blockwise_prefill_at_cache_offsets"],
+  )
   def test_prefill_then_decode_equals_full_forward(self, config):
     model = _make(config)
     tokens, positions, mask = _batch(FULL, np.random.default_rng(3), [0, 2, 5])
@@ -233,9 +264,13 @@ class TestKVCache:
     pieces, logits_pieces = [], []
     for start, stop in [(0, 6), (6, 8)] + [(t, t + 1) for t in range(8, 12)]:
       sl = slice(start, stop)
-      hidden, logits, cache = _extend(model, jnp.asarray(tokens[:, sl]),
-                                      jnp.asarray(positions[:, sl]), jnp.asarray(mask[:, sl]),
-                                      cache)
+      hidden, logits, cache = _extend(
+          model,
+          jnp.asarray(tokens[:, sl]),
+          jnp.asarray(positions[:, sl]),
+          jnp.asarray(mask[:, sl]),
+          cache,
+      )
       pieces.append(hidden)
       logits_pieces.append(logits)
     assert int(cache.index) == 12
@@ -272,8 +307,9 @@ class TestKVCache:
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     full = window = tfm.init_cache(FULL, batch, capacity)
     want, full = model(tokens[:, :prompt], positions, key_mask=mask, cache=full)
-    got, window = model(tokens[:, :prompt], positions, key_mask=mask, cache=window,
-                        read_slots=prompt)
+    got, window = model(
+        tokens[:, :prompt], positions, key_mask=mask, cache=window, read_slots=prompt
+    )
     # Padding queries attend to nothing: their (meaningless) rows spread over the slots read.
     np.testing.assert_allclose(got[mask], want[mask], rtol=1e-6, atol=1e-6)
     for step in range(3):
@@ -283,9 +319,12 @@ class TestKVCache:
       got, window = model(token, position, cache=window, read_slots=prompt + step + 1)
       np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     valid = np.asarray(full.key_mask)  # [B, S]; padding slots hold meaningless keys
-    np.testing.assert_allclose(np.moveaxis(np.asarray(window.k), 3, 2)[:, valid],
-                               np.moveaxis(np.asarray(full.k), 3, 2)[:, valid],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.moveaxis(np.asarray(window.k), 3, 2)[:, valid],
+        np.moveaxis(np.asarray(full.k), 3, 2)[:, valid],
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 class TestTrainingPath:
@@ -304,17 +343,21 @@ class TestTrainingPath:
     def all_grads(models, *batch):  # one compilation for all
       return [nnx.grad(loss)(model, *batch) for model in models]
 
-    variants = [FULL, dataclasses.replace(FULL, remat="full"),
-                dataclasses.replace(FULL, remat="projections"),
-                dataclasses.replace(FULL, remat="projections", layer_unroll=1),
-                dataclasses.replace(FULL, layer_unroll=1)]
+    variants = [
+        FULL,
+        dataclasses.replace(FULL, remat="full"),
+        dataclasses.replace(FULL, remat="projections"),
+        dataclasses.replace(FULL, remat="projections", layer_unroll=1),
+        dataclasses.replace(FULL, layer_unroll=1),
+    ]
     grads = all_grads([_make(config) for config in variants], *batch)
     for other in grads[1:]:
       for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(other)):
         assert np.isfinite(np.asarray(a)).all()
         # Recomputation may reorder float32 sums (on GPUs): tolerance relative to the scale.
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
-                                   atol=2e-6 * float(np.abs(np.asarray(a)).max()))
+        np.testing.assert_allclose(
+            np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-6 * float(np.abs(np.asarray(a)).max())
+        )
     # Every parameter receives gradient (nothing is accidentally disconnected).
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads[0]))
 
@@ -323,10 +366,12 @@ class TestTrainingPath:
     x = rng.standard_normal((3, 5, 4, 6)).astype(np.float32)
     w = rng.standard_normal((4, 6, 7)).astype(np.float32)
     contract = functools.partial(tfm.contract, precision=jax.lax.Precision.HIGHEST)
-    np.testing.assert_allclose(contract(x, w[0], axes=1),
-                               np.einsum("btnh,hk->btnk", x, w[0]), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(contract(x, w, axes=2),
-                               np.einsum("btnh,nhk->btk", x, w), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        contract(x, w[0], axes=1), np.einsum("btnh,hk->btnk", x, w[0]), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        contract(x, w, axes=2), np.einsum("btnh,nhk->btk", x, w), rtol=1e-5, atol=1e-5
+    )
     with pytest.raises(AssertionError):
       contract(x, w[:, :5], axes=2)
 
@@ -355,15 +400,17 @@ class TestTrainingPath:
     mask = np.asarray(batch[2])
     np.testing.assert_allclose(logits[1][mask], logits[0][mask], atol=1e-5, rtol=0)
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
-      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5,
-                                 atol=1e-5 * float(np.abs(np.asarray(a)).max()))
+      np.testing.assert_allclose(
+          np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5 * float(np.abs(np.asarray(a)).max())
+      )
 
   def test_bfloat16_compute_is_close_and_logits_are_float32(self):
     model32 = _make(FULL)
     config16 = dataclasses.replace(FULL, param_dtype="bfloat16", dtype=jnp.bfloat16)
     model16 = _make(config16)
-    nnx.update(model16, jax.tree.map(lambda x: x.astype(jnp.bfloat16),
-                                     nnx.state(model32, nnx.Param)))
+    nnx.update(
+        model16, jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.state(model32, nnx.Param))
+    )
     batch = map(jnp.asarray, _batch(FULL, np.random.default_rng(6), [0, 2, 5]))
     tokens, positions, mask = batch
     hidden16, logits16 = _forward(model16, tokens, positions, mask)
@@ -376,12 +423,17 @@ class TestTrainingPath:
 class TestConfig:
 
   # Parameter counts of the published checkpoints (tied embeddings counted once).
-  @pytest.mark.parametrize("name,count", [
-      ("qwen2-0.5b", 494_032_768), ("qwen2.5-0.5b", 494_032_768),
-      ("qwen2.5-1.5b", 1_543_714_304), ("qwen2.5-7b", 7_615_616_512),
-      ("qwen3-0.6b", 596_049_920),
-      ("llama-3.2-1b", 1_235_814_400),
-  ])
+  @pytest.mark.parametrize(
+      "name,count",
+      [
+          ("qwen2-0.5b", 494_032_768),
+          ("qwen2.5-0.5b", 494_032_768),
+          ("qwen2.5-1.5b", 1_543_714_304),
+          ("qwen2.5-7b", 7_615_616_512),
+          ("qwen3-0.6b", 596_049_920),
+          ("llama-3.2-1b", 1_235_814_400),
+      ],
+  )
   def test_named_configs_have_the_published_size(self, name, count):
     config = tfm.TransformerConfig.from_name(name)
     abstract = nnx.eval_shape(lambda: tfm.Transformer(config, rngs=nnx.Rngs(0)))
@@ -397,28 +449,64 @@ class TestConfig:
       tfm.TransformerConfig.from_name("gpt-5")
 
   def test_from_hf_config_old_and_new_keys_agree(self):
-    common = dict(model_type="llama", vocab_size=128_256, hidden_size=2048,
-                  intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                  num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
-                  tie_word_embeddings=True, max_position_embeddings=131_072, hidden_act="silu")
-    scaling = dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                   original_max_position_embeddings=8192)
+    common = dict(
+        model_type="llama",
+        vocab_size=128_256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        max_position_embeddings=131_072,
+        hidden_act="silu",
+    )
+    scaling = dict(
+        factor=32.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    )
     new = tfm.TransformerConfig.from_hf_config(
-        {**common, "dtype": "bfloat16",
-         "rope_parameters": {"rope_type": "llama3", "rope_theta": 500_000.0, **scaling}})
+        {
+            **common,
+            "dtype": "bfloat16",
+            "rope_parameters": {"rope_type": "llama3", "rope_theta": 500_000.0, **scaling},
+        }
+    )
     old = tfm.TransformerConfig.from_hf_config(
-        {**common, "torch_dtype": "bfloat16", "rope_theta": 500_000.0,
-         "rope_scaling": {"rope_type": "llama3", **scaling}})
+        {
+            **common,
+            "torch_dtype": "bfloat16",
+            "rope_theta": 500_000.0,
+            "rope_scaling": {"rope_type": "llama3", **scaling},
+        }
+    )
     older = tfm.TransformerConfig.from_hf_config(
-        {**common, "torch_dtype": "bfloat16", "rope_theta": 500_000.0,
-         "rope_scaling": {"type": "llama3", **scaling}})
-    named = dataclasses.replace(tfm.TransformerConfig.from_name("llama-3.2-1b"),
-                                param_dtype="bfloat16", dtype="bfloat16")
+        {
+            **common,
+            "torch_dtype": "bfloat16",
+            "rope_theta": 500_000.0,
+            "rope_scaling": {"type": "llama3", **scaling},
+        }
+    )
+    named = dataclasses.replace(
+        tfm.TransformerConfig.from_name("llama-3.2-1b"), param_dtype="bfloat16", dtype="bfloat16"
+    )
     assert new == old == older == named
 
   def test_from_hf_config_families_and_errors(self):
-    base = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6)
+    base = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=1e6,
+    )
     qwen2 = tfm.TransformerConfig.from_hf_config({**base, "model_type": "qwen2"})
     qwen3 = tfm.TransformerConfig.from_hf_config({**base, "model_type": "qwen3", "head_dim": 16})
     assert qwen2.attention_bias and not qwen2.qk_norm and qwen2.head_dim == 8
@@ -426,8 +514,13 @@ class TestConfig:
     assert qwen2.rope_theta == 1e6 and qwen2.param_dtype == jnp.float32
     for bad, match in [
         ({"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
-        ({"model_type": "llama", "rope_parameters": {"rope_type": "dynamic", "factor": 2.0,
-                                                     "rope_theta": 1e4}}, "dynamic"),
+        (
+            {
+                "model_type": "llama",
+                "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4},
+            },
+            "dynamic",
+        ),
         ({"model_type": "llama", "attention_bias": True}, "o_proj"),
         ({"model_type": "qwen2", "use_sliding_window": True}, "Sliding"),
         ({"model_type": "gpt2"}, "model_type"),
@@ -456,8 +549,9 @@ class TestConfig:
 
   def test_config_is_hashable_and_dtypes_canonical(self):
     config = dataclasses.replace(TINY, dtype=jnp.bfloat16, param_dtype="bfloat16")
-    assert hash(config) == hash(dataclasses.replace(TINY, dtype="bfloat16",
-                                                    param_dtype=jnp.bfloat16))
+    assert hash(config) == hash(
+        dataclasses.replace(TINY, dtype="bfloat16", param_dtype=jnp.bfloat16)
+    )
     assert config.dtype == jnp.bfloat16 and config.dtype == "bfloat16"
     # float32 means float32 on accelerators too (their default matmul is TF32/bf16 passes).
     assert TINY.matmul_precision == jax.lax.Precision.HIGHEST
@@ -493,8 +587,13 @@ def test_logits_projection_value_and_gradient_use_the_model_precision(dtype):
 
   expected = config.matmul_precision
   project = precisions(logprobs.project_logits, hidden, unembed)
-  grad = precisions(jax.grad(lambda h, w: jnp.sum(logprobs.token_logprobs(
-      h, w, targets, chunk_size=2)), argnums=(0, 1)), hidden, unembed)
+  grad = precisions(
+      jax.grad(
+          lambda h, w: jnp.sum(logprobs.token_logprobs(h, w, targets, chunk_size=2)), argnums=(0, 1)
+      ),
+      hidden,
+      unembed,
+  )
   assert len(project) == 1 and len(grad) >= 3  # forward chunk, two backward products
   for precision in project + grad:
     assert precision in ((expected, expected), expected), precision

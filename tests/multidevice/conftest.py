@@ -17,5 +17,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session", autouse=True)
 def _eight_devices():
   if jax.device_count() != 8:
-    pytest.fail(f"expected 8 simulated CPU devices, got {jax.device_count()}: "
-                "JAX was initialised before XLA_FLAGS could be set")
+    pytest.fail(
+        f"expected 8 simulated CPU devices, got {jax.device_count()}: "
+        "JAX was initialised before XLA_FLAGS could be set"
+    )

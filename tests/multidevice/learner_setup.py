@@ -27,12 +27,26 @@ MODEL = TransformerConfig.from_name("tiny")
 B, G, T = 8, 4, 12  # 8 prompts x 4 completions = 32 sequences of 12 tokens.
 N = B * G
 NUM_STEPS = 3
-ALGO = AlgorithmConfig(advantage="gmpo", advantage_kwargs=(("normalize", True),),
-                       objective="geometric", beta=0.05, num_microbatches=2)
+ALGO = AlgorithmConfig(
+    advantage="gmpo",
+    advantage_kwargs=(("normalize", True),),
+    objective="geometric",
+    beta=0.05,
+    num_microbatches=2,
+)
 # The runner's optimizer (global-norm clip, AdamW, warmup + cosine) with the default config's
 # hyperparameters, short warmup so that every step moves the parameters.
-OPTIM = ml_collections.ConfigDict(dict(learning_rate=1e-3, warmup_steps=1, end_lr_fraction=0.1,
-                                       max_grad_norm=1.0, b1=0.9, b2=0.99, weight_decay=0.01))
+OPTIM = ml_collections.ConfigDict(
+    dict(
+        learning_rate=1e-3,
+        warmup_steps=1,
+        end_lr_fraction=0.1,
+        max_grad_norm=1.0,
+        b1=0.9,
+        b2=0.99,
+        weight_decay=0.01,
+    )
+)
 
 
 def model():
@@ -70,10 +84,16 @@ def rollout(seed):
   group_mask[3] = False
   group_mask[5, 1] = False
   return dict(
-      tokens=tokens, positions=np.asarray(positions_from_mask(jnp.asarray(key_mask))),
-      key_mask=key_mask, loss_mask=loss_mask, old_logp=old_logp.astype(np.float32),
-      ref_logp=ref_logp.astype(np.float32), behav_logp=behav_logp.astype(np.float32),
-      rewards=rng.lognormal(0.0, 1.0, (B, G)).astype(np.float32), group_mask=group_mask)
+      tokens=tokens,
+      positions=np.asarray(positions_from_mask(jnp.asarray(key_mask))),
+      key_mask=key_mask,
+      loss_mask=loss_mask,
+      old_logp=old_logp.astype(np.float32),
+      ref_logp=ref_logp.astype(np.float32),
+      behav_logp=behav_logp.astype(np.float32),
+      rewards=rng.lognormal(0.0, 1.0, (B, G)).astype(np.float32),
+      group_mask=group_mask,
+  )
 
 
 @functools.cache
@@ -87,19 +107,35 @@ def learner_batch(data, num_microbatches, algo=ALGO):
   correction, as [num_microbatches, N / num_microbatches, ...]."""
   advantages = _advantage_fn()(jnp.asarray(data["rewards"]), jnp.asarray(data["group_mask"]))
   # Only the sequence fields of a Rollout enter the learner's batch.
-  sequences = Rollout(tokens=data["tokens"], positions=data["positions"],
-                      key_mask=data["key_mask"], completion_mask=data["loss_mask"],
-                      logprobs=None, policy_logprobs=None, lengths=None, finished=None)
+  sequences = Rollout(
+      tokens=data["tokens"],
+      positions=data["positions"],
+      key_mask=data["key_mask"],
+      completion_mask=data["loss_mask"],
+      logprobs=None,
+      policy_logprobs=None,
+      lengths=None,
+      finished=None,
+  )
   batch = rl_step.rollout_batch(
-      sequences, advantages=advantages, group_mask=data["group_mask"],
-      old_logp=data["old_logp"], ref_logp=data["ref_logp"],
-      behav_logp=data["behav_logp"] if algo.is_correction != "none" else None)
+      sequences,
+      advantages=advantages,
+      group_mask=data["group_mask"],
+      old_logp=data["old_logp"],
+      ref_logp=data["ref_logp"],
+      behav_logp=data["behav_logp"] if algo.is_correction != "none" else None,
+  )
   return jax.tree.map(lambda x: learner.to_microbatches(x, num_microbatches), batch)
 
 
 @functools.cache
-def mesh_run(mesh_shape, num_microbatches=ALGO.num_microbatches, in_mesh_context=False,
-             algo=ALGO, parallelism="mesh"):
+def mesh_run(
+    mesh_shape,
+    num_microbatches=ALGO.num_microbatches,
+    in_mesh_context=False,
+    algo=ALGO,
+    parallelism="mesh",
+):
   """NUM_STEPS updates of the Mesh path as the runner wires it (see test_mesh_equivalence).
 
   Args:
@@ -125,21 +161,30 @@ def mesh_run(mesh_shape, num_microbatches=ALGO.num_microbatches, in_mesh_context
   params = jax.device_put(params, param_shardings)
   opt_state = learner.init_opt_state(opt, params, mesh)
   opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
-  build = (functools.partial(pmap_step.make_pmap_update_fn, devices=list(mesh.devices.flat))
-           if parallelism == "pmap" else learner.make_update_fn)
-  update = build(graphdef, opt, micro_loss(algo), param_shardings=param_shardings,
-                 opt_shardings=opt_shardings)
+  build = (
+      functools.partial(pmap_step.make_pmap_update_fn, devices=list(mesh.devices.flat))
+      if parallelism == "pmap"
+      else learner.make_update_fn
+  )
+  update = build(
+      graphdef, opt, micro_loss(algo), param_shardings=param_shardings, opt_shardings=opt_shardings
+  )
   outputs, states = [], []
   with jax.set_mesh(mesh) if in_mesh_context else contextlib.nullcontext():
     for step in range(NUM_STEPS):
-      batch = learner.place_batch(
-          learner_batch(rollout(seed=step), num_microbatches, algo), mesh)
+      batch = learner.place_batch(learner_batch(rollout(seed=step), num_microbatches, algo), mesh)
       params, opt_state, out = update(params, opt_state, batch)
       outputs.append(jax.device_get(out))
       states.append(jax.device_get((params, opt_state)))
-  return dict(outputs=outputs, states=states, params=params, opt_state=opt_state,
-              param_shardings=param_shardings, opt_shardings=opt_shardings,
-              compiles=update._cache_size())  # pylint: disable=protected-access
+  return dict(
+      outputs=outputs,
+      states=states,
+      params=params,
+      opt_state=opt_state,
+      param_shardings=param_shardings,
+      opt_shardings=opt_shardings,
+      compiles=update._cache_size(),
+  )  # pylint: disable=protected-access
 
 
 def adam_first_moment(opt_state):
@@ -149,5 +194,8 @@ def adam_first_moment(opt_state):
 
 def assert_trees_close(actual, expected, *, rtol=1e-5, atol=1e-5):
   """Every leaf of `actual` equals `expected`'s to float32 rounding; the trees match."""
-  jax.tree.map(lambda a, e: np.testing.assert_allclose(np.asarray(a), np.asarray(e),
-                                                       rtol=rtol, atol=atol), actual, expected)
+  jax.tree.map(
+      lambda a, e: np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol),
+      actual,
+      expected,
+  )

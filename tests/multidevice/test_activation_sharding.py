@@ -23,7 +23,7 @@ from gmpo_jax.learner import update as learner
 from gmpo_jax.models.logprobs import positions_from_mask
 from gmpo_jax.runner import build
 
-CONSTRAINT = 'sdy.sharding_constraint'
+CONSTRAINT = "sdy.sharding_constraint"
 BATCH_SPEC = '[{"data", "fsdp"}, {}, {}]'
 GRAPHDEF, PARAMS = setup.model()
 
@@ -39,8 +39,9 @@ def _hidden(params, tokens):
 
 
 def _tokens(batch):
-  return jnp.asarray(np.random.default_rng(batch).integers(0, setup.MODEL.vocab_size, (batch, 6)),
-                     jnp.int32)
+  return jnp.asarray(
+      np.random.default_rng(batch).integers(0, setup.MODEL.vocab_size, (batch, 6)), jnp.int32
+  )
 
 
 def test_hidden_states_constrained_after_embedding_and_in_the_layer_body():
@@ -67,8 +68,14 @@ def test_no_constraint_on_manual_axes_inside_shard_map():
     assert jax.sharding.get_abstract_mesh().manual_axes  # the case under test
     return sharding.constrain_to_batch_axes(x) * 2.0
 
-  f = jax.jit(jax.shard_map(per_shard, mesh=mesh, in_specs=jax.P(sharding.BATCH_AXES),
-                            out_specs=jax.P(sharding.BATCH_AXES)))
+  f = jax.jit(
+      jax.shard_map(
+          per_shard,
+          mesh=mesh,
+          in_specs=jax.P(sharding.BATCH_AXES),
+          out_specs=jax.P(sharding.BATCH_AXES),
+      )
+  )
   x = jnp.arange(16 * 8 * 3, dtype=jnp.float32).reshape(16 * 8, 3)
   with jax.set_mesh(mesh):
     np.testing.assert_array_equal(f(x), 2.0 * x)
@@ -94,26 +101,37 @@ def test_update_temporaries_drop_on_2x4x1():
   shardings = (param_shardings, opt_shardings, None)
   # The step left to the partitioner, and the runner's, which runs it under a shard_map over
   # `data` (the gradient is reduced once per step) and so always traces under a mesh.
-  partitioned = jax.jit(learner.update_step(GRAPHDEF, opt, loss), in_shardings=shardings,
-                        out_shardings=shardings)
-  update = learner.make_update_fn(GRAPHDEF, opt, loss, param_shardings=param_shardings,
-                                  opt_shardings=opt_shardings)
+  partitioned = jax.jit(
+      learner.update_step(GRAPHDEF, opt, loss), in_shardings=shardings, out_shardings=shardings
+  )
+  update = learner.make_update_fn(
+      GRAPHDEF, opt, loss, param_shardings=param_shardings, opt_shardings=opt_shardings
+  )
   mask = np.ones((1, n, t), bool)
   floats = np.zeros((1, n, t), np.float32)
   batch = learner.Batch(
       tokens=np.zeros((1, n, t), np.int32),
       positions=np.asarray(positions_from_mask(jnp.asarray(mask[0])))[None],
-      key_mask=mask, loss_mask=mask, old_logp=floats, ref_logp=floats,
-      advantages=np.zeros((1, n), np.float32))
+      key_mask=mask,
+      loss_mask=mask,
+      old_logp=floats,
+      ref_logp=floats,
+      advantages=np.zeros((1, n), np.float32),
+  )
 
   def abstract(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        tree, shardings)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
 
-  args = (abstract(PARAMS, param_shardings),
-          abstract(jax.eval_shape(opt.init, PARAMS), opt_shardings),
-          abstract(batch, jax.tree.map(
-              lambda x: sharding.batch_sharding(mesh, ndim=x.ndim, batch_axis=1), batch)))
+  args = (
+      abstract(PARAMS, param_shardings),
+      abstract(jax.eval_shape(opt.init, PARAMS), opt_shardings),
+      abstract(
+          batch,
+          jax.tree.map(lambda x: sharding.batch_sharding(mesh, ndim=x.ndim, batch_axis=1), batch),
+      ),
+  )
   temp = lambda f: f.lower(*args).compile().memory_analysis().temp_size_in_bytes
   free = temp(partitioned)
   with jax.set_mesh(mesh):

@@ -62,7 +62,8 @@ def test_advantages_vmap_pmap_and_mesh_equal_single_device(name):
   mesh = Mesh(np.array(jax.devices()), ("data",))
   sharding = NamedSharding(mesh, P("data", None))
   sharded = jax.jit(fn, out_shardings=sharding)(
-      jax.device_put(rewards, sharding), jax.device_put(mask, sharding))
+      jax.device_put(rewards, sharding), jax.device_put(mask, sharding)
+  )
   assert sharded.sharding.is_equivalent_to(sharding, 2)
   np.testing.assert_allclose(sharded, expected, rtol=1e-6, atol=1e-6)
 
@@ -88,7 +89,8 @@ def test_loss_and_grad_pmap_with_global_counts_equal_single_device(name):
   def per_device(lp, o, r, m, a):
     counts = dict(
         num_sequences=jax.lax.psum(jnp.asarray(lp.shape[0], jnp.float32), "d"),
-        num_tokens=jax.lax.psum(jnp.sum(m.astype(jnp.float32)), "d"))
+        num_tokens=jax.lax.psum(jnp.sum(m.astype(jnp.float32)), "d"),
+    )
     value, grad = jax.value_and_grad(functools.partial(loss, **counts))(lp, o, r, m, a)
     return jax.lax.psum(value, "d"), grad
 
@@ -108,12 +110,16 @@ def test_loss_under_mesh_sharding_equals_single_device(name):
     return value, extras
 
   value_and_grad = jax.value_and_grad(loss, has_aux=True)
-  (expected, expected_extras), expected_grad = jax.jit(value_and_grad)(logp, old, ref, mask, advantages)
+  (expected, expected_extras), expected_grad = jax.jit(value_and_grad)(
+      logp, old, ref, mask, advantages
+  )
 
   mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
   rows = NamedSharding(mesh, P("data", None))
   vec = NamedSharding(mesh, P("data"))
-  placed = [jax.device_put(x, rows) for x in (logp, old, ref, mask)] + [jax.device_put(advantages, vec)]
+  placed = [jax.device_put(x, rows) for x in (logp, old, ref, mask)] + [
+      jax.device_put(advantages, vec)
+  ]
   (value, extras), grad = jax.jit(value_and_grad)(*placed)
   np.testing.assert_allclose(value, expected, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(grad, expected_grad, rtol=1e-6, atol=1e-7)

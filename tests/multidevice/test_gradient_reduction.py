@@ -49,8 +49,11 @@ def _collectives(computations, name, in_loop=False, found=None):
       continue
     if op.replace("-start", "") in COLLECTIVES:
       shapes = re.findall(r"(f32|s32|pred)\[([\d,]*)\]", line.split(op + "(")[0])
-      size = sum({"f32": 4, "s32": 4, "pred": 1}[dtype] * int(np.prod(
-          [int(d) for d in dims.split(",") if d])) for dtype, dims in shapes)
+      size = sum(
+          {"f32": 4, "s32": 4, "pred": 1}[dtype]
+          * int(np.prod([int(d) for d in dims.split(",") if d]))
+          for dtype, dims in shapes
+      )
       found.append((op.replace("-start", ""), size, in_loop))
       continue
     for attribute, callee in re.findall(r"(body|condition|calls|to_apply)=%?([\w.\-]+)", line):
@@ -69,15 +72,22 @@ def _update_hlo(defer: bool) -> tuple[str, int]:
   opt_state = learner.init_opt_state(optimizer, params, mesh)
   opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
   if defer:
-    update = learner.make_update_fn(graphdef, optimizer, setup.micro_loss(),
-                                    param_shardings=param_shardings, opt_shardings=opt_shardings)
+    update = learner.make_update_fn(
+        graphdef,
+        optimizer,
+        setup.micro_loss(),
+        param_shardings=param_shardings,
+        opt_shardings=opt_shardings,
+    )
   else:
     shardings = (param_shardings, opt_shardings, None)
-    update = jax.jit(learner.update_step(graphdef, optimizer, setup.micro_loss()),
-                     in_shardings=shardings, out_shardings=shardings,
-                     compiler_options=compilation.learner_compiler_options())
-  batch = learner.place_batch(
-      setup.learner_batch(setup.rollout(seed=0), NUM_MICROBATCHES), mesh)
+    update = jax.jit(
+        learner.update_step(graphdef, optimizer, setup.micro_loss()),
+        in_shardings=shardings,
+        out_shardings=shardings,
+        compiler_options=compilation.learner_compiler_options(),
+    )
+  batch = learner.place_batch(setup.learner_batch(setup.rollout(seed=0), NUM_MICROBATCHES), mesh)
   hlo = update.lower(params, opt_state, batch).compile().as_text()
   return hlo, sum(x.size * 4 for x in jax.tree.leaves(params))
 
@@ -93,6 +103,9 @@ def test_the_gradient_is_all_reduced_once_after_the_micro_batch_scan():
 
 def test_left_to_the_partitioner_the_gradient_is_all_reduced_per_micro_batch():
   hlo, param_bytes = _update_hlo(defer=False)
-  in_loop = sum(size for op, size, inside in _collectives(*_computations(hlo))
-                if op == "all-reduce" and inside)
+  in_loop = sum(
+      size
+      for op, size, inside in _collectives(*_computations(hlo))
+      if op == "all-reduce" and inside
+  )
   assert in_loop >= param_bytes, (in_loop, param_bytes)

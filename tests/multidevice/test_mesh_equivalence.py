@@ -28,8 +28,9 @@ def test_single_device_run_trains_and_exercises_the_loss():
   # The GMPO clip is active on some tokens, so the clipped branch is compared too.
   assert float(first.metrics.extras.clip_fraction_low + first.metrics.extras.clip_fraction_high) > 0
   _, initial = setup.model()
-  moved = jax.tree.map(lambda a, b: np.max(np.abs(np.asarray(a) - np.asarray(b))),
-                       single["states"][-1][0], initial)
+  moved = jax.tree.map(
+      lambda a, b: np.max(np.abs(np.asarray(a) - np.asarray(b))), single["states"][-1][0], initial
+  )
   assert max(jax.tree.leaves(moved)) > 5e-4
 
 
@@ -49,8 +50,9 @@ def test_gradient_equals_single_device(mesh_name):
   got = setup.adam_first_moment(run(mesh_name)["states"][0][1])
   want = setup.adam_first_moment(run("single")["states"][0][1])
   scale = 1.0 / (1.0 - OPTIM.b1)
-  assert_trees_close(jax.tree.map(lambda m: m * scale, got),
-                     jax.tree.map(lambda m: m * scale, want))
+  assert_trees_close(
+      jax.tree.map(lambda m: m * scale, got), jax.tree.map(lambda m: m * scale, want)
+  )
   assert max(float(np.max(np.abs(m))) for m in jax.tree.leaves(want)) > 0
 
 
@@ -65,11 +67,13 @@ def test_parameters_and_optimizer_state_stay_placed_by_the_logical_rules(mesh_na
   result = run(mesh_name)
   mesh = jax.tree.leaves(result["param_shardings"])[0].mesh
   assert result["compiles"] == 1  # explicit shardings in == out: no recompile after step 1
-  for array, expected in zip(jax.tree.leaves(result["params"]),
-                             jax.tree.leaves(result["param_shardings"])):
+  for array, expected in zip(
+      jax.tree.leaves(result["params"]), jax.tree.leaves(result["param_shardings"])
+  ):
     assert array.sharding.is_equivalent_to(expected, array.ndim)
-  for array, expected in zip(jax.tree.leaves(result["opt_state"]),
-                             jax.tree.leaves(result["opt_shardings"])):
+  for array, expected in zip(
+      jax.tree.leaves(result["opt_state"]), jax.tree.leaves(result["opt_shardings"])
+  ):
     assert array.sharding.is_equivalent_to(expected, array.ndim)
   # Adam's moments are placed exactly like the parameters they mirror (not replicated).
   moments = setup.adam_first_moment(result["opt_state"])

@@ -27,9 +27,15 @@ from gmpo_jax.infra import distributed
 from gmpo_jax.runner import loop, rl_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-OVERRIDES = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
-             # 16 prompts x 1 sample: evaluation reuses the training rollout's compiled sampler.
-             "eval.num_examples": 16, "eval.num_samples": 1, "eval.k": (1,)}
+OVERRIDES = {
+    "mesh.data": 2,
+    "mesh.fsdp": 2,
+    "mesh.tensor": 2,
+    # 16 prompts x 1 sample: evaluation reuses the training rollout's compiled sampler.
+    "eval.num_examples": 16,
+    "eval.num_samples": 1,
+    "eval.k": (1,),
+}
 NUM_PROCESSES = 2
 TIMEOUT_S = 400
 
@@ -52,20 +58,34 @@ def _launch(workdir, port):
   """Starts the processes of one multi-process run of `gmpo_jax.main`."""
   env = dict(os.environ)
   env.update(
-      XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+      XLA_FLAGS="--xla_force_host_platform_device_count=4",
+      JAX_PLATFORMS="cpu",
       JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
       # JAX's coordinator binds every interface by default; keep all traffic on loopback.
       JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}",
       JAX_NUM_PROCESSES=str(NUM_PROCESSES),
       JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-  command = [sys.executable, "-m", "gmpo_jax.main", f"--config={ROOT / 'configs/smoke.py'}",
-             f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+  )
+  command = [
+      sys.executable,
+      "-m",
+      "gmpo_jax.main",
+      f"--config={ROOT / 'configs/smoke.py'}",
+      f"--workdir={workdir}",
+  ] + [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
   processes = []
   for process_id in range(NUM_PROCESSES):
     with open(workdir / f"process{process_id}.log", "ab") as log:
-      processes.append(subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                        env={**env, "JAX_PROCESS_ID": str(process_id)}))
+      processes.append(
+          subprocess.Popen(
+              command,
+              cwd=ROOT,
+              stdout=log,
+              stderr=subprocess.STDOUT,
+              env={**env, "JAX_PROCESS_ID": str(process_id)},
+          )
+      )
   return processes
 
 
@@ -84,8 +104,10 @@ def _wait(processes, workdir):
         p.wait()
   codes = [p.returncode for p in processes]
   if codes != [0] * len(processes):
-    logs = "\n".join(f"--- process {i} ---\n" + (workdir / f"process{i}.log").read_text()[-3000:]
-                     for i in range(len(processes)))
+    logs = "\n".join(
+        f"--- process {i} ---\n" + (workdir / f"process{i}.log").read_text()[-3000:]
+        for i in range(len(processes))
+    )
     pytest.fail(f"exit codes {codes} (negative: killed after {TIMEOUT_S}s)\n{logs}")
 
 
@@ -159,8 +181,9 @@ def test_two_process_metrics_equal_the_single_process_run(runs):
       if w[name] is None:  # a non-finite metric (e.g. reward_shape/tail_index), written as null
         assert g[name] is None, (w["step"], name)
         continue
-      np.testing.assert_allclose(g[name], w[name], rtol=1e-5, atol=1e-6,
-                                 err_msg=f"step {w['step']} {name}")
+      np.testing.assert_allclose(
+          g[name], w[name], rtol=1e-5, atol=1e-6, err_msg=f"step {w['step']} {name}"
+      )
 
 
 def test_two_process_checkpoint_equals_the_single_process_checkpoint(runs):
@@ -179,15 +202,22 @@ def test_two_process_checkpoint_equals_the_single_process_checkpoint(runs):
 
 
 def test_distributed_config_from_environment_and_config():
-  environ = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
-             "JAX_PROCESS_ID": "3"}
+  environ = {
+      "JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
+      "JAX_NUM_PROCESSES": "4",
+      "JAX_PROCESS_ID": "3",
+  }
   from_env = distributed.DistributedConfig.from_config(None, environ)
   assert (from_env.coordinator_address, from_env.num_processes, from_env.process_id) == (
-      "10.0.0.1:1234", 4, 3)
+      "10.0.0.1:1234",
+      4,
+      3,
+  )
   assert from_env.enabled
   # Config values win over the environment; '' / None fall back to it.
   mixed = distributed.DistributedConfig.from_config(
-      {"coordinator_address": "", "num_processes": 4, "process_id": 0}, environ)
+      {"coordinator_address": "", "num_processes": 4, "process_id": 0}, environ
+  )
   assert (mixed.coordinator_address, mixed.process_id) == ("10.0.0.1:1234", 0)
   assert not distributed.DistributedConfig.from_config({}, {}).enabled
   assert distributed.DistributedConfig.from_config({"auto_detect": True}, {}).enabled
@@ -195,16 +225,26 @@ def test_distributed_config_from_environment_and_config():
   assert distributed.initialize(distributed.DistributedConfig()) is False
 
 
-@pytest.mark.parametrize("section,environ,match", [
-    ({"coordinator_address": "127.0.0.1:1234"}, {}, "missing"),
-    ({}, {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, "coordinator_address"),
-    ({"coordinator_address": "127.0.0.1", "num_processes": 2, "process_id": 0}, {}, "host:port"),
-    ({"coordinator_address": "h:1", "num_processes": 2, "process_id": 2}, {}, "process_id=2"),
-    ({}, {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"},
-     "JAX_NUM_PROCESSES='two'"),
-    ({"initialization_timeout": 0}, {}, "initialization_timeout"),
-    ({"coordinator": "h:1"}, {}, "unknown distributed options"),
-])
+@pytest.mark.parametrize(
+    "section,environ,match",
+    [
+        ({"coordinator_address": "127.0.0.1:1234"}, {}, "missing"),
+        ({}, {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, "coordinator_address"),
+        (
+            {"coordinator_address": "127.0.0.1", "num_processes": 2, "process_id": 0},
+            {},
+            "host:port",
+        ),
+        ({"coordinator_address": "h:1", "num_processes": 2, "process_id": 2}, {}, "process_id=2"),
+        (
+            {},
+            {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"},
+            "JAX_NUM_PROCESSES='two'",
+        ),
+        ({"initialization_timeout": 0}, {}, "initialization_timeout"),
+        ({"coordinator": "h:1"}, {}, "unknown distributed options"),
+    ],
+)
 def test_distributed_config_rejects_incomplete_or_invalid_settings(section, environ, match):
   with pytest.raises(ValueError, match=match):
     distributed.DistributedConfig.from_config(section, environ)

@@ -41,15 +41,18 @@ def test_update_diagnostics_parameters_and_optimizer_state_equal_the_mesh_path(a
     assert 0 < float(importance.masked_fraction) < 0.5
   # One compile, and the state keeps the runner's shardings from step to step.
   assert got["compiles"] == 1
-  for leaf, sharding in zip(jax.tree.leaves(got["params"]), jax.tree.leaves(got["param_shardings"])):
+  for leaf, sharding in zip(
+      jax.tree.leaves(got["params"]), jax.tree.leaves(got["param_shardings"])
+  ):
     assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
 
 
 def test_micro_batches_that_do_not_split_over_the_devices_are_an_error():
   graphdef, params = setup.model()
   optimizer = setup.optimizer()
-  update = pmap_step.make_pmap_update_fn(graphdef, optimizer, setup.micro_loss(),
-                                         devices=jax.devices(), donate=False)
+  update = pmap_step.make_pmap_update_fn(
+      graphdef, optimizer, setup.micro_loss(), devices=jax.devices(), donate=False
+  )
   batch = setup.learner_batch(setup.rollout(seed=0), 1)
   batch = jax.tree.map(lambda x: x[:, :12], batch)  # 12 sequences, 8 devices
   with pytest.raises(ValueError, match="12 sequences do not split over 8 devices"):
@@ -62,8 +65,10 @@ def _smoke_records(workdir, parallelism):
   config.num_steps, config.eval_every = 2, 2
   config.eval.num_examples, config.eval.num_samples, config.eval.k = 16, 1, (1,)
   loop.train_and_evaluate(config, workdir)
-  return [{k: v for k, v in r.items() if k not in rl_step.TIMING_METRICS}
-          for r in metrics_lib.read_metrics(workdir)]
+  return [
+      {k: v for k, v in r.items() if k not in rl_step.TIMING_METRICS}
+      for r in metrics_lib.read_metrics(workdir)
+  ]
 
 
 def test_a_smoke_run_logs_the_same_metrics_with_mesh_and_pmap(tmp_path):
@@ -76,8 +81,9 @@ def test_a_smoke_run_logs_the_same_metrics_with_mesh_and_pmap(tmp_path):
       if value is None:
         assert g[key] is None, (w["step"], key)
       else:
-        np.testing.assert_allclose(g[key], value, rtol=1e-5, atol=1e-7,
-                                   err_msg=f"step {w['step']} {key}")
+        np.testing.assert_allclose(
+            g[key], value, rtol=1e-5, atol=1e-7, err_msg=f"step {w['step']} {key}"
+        )
   # The smoke policy earns a constant reward in most groups; one of the steps updates it.
   assert max(r["grad_norm"] for r in want[1:]) > 0.1
   assert all(r["compiles/update"] == 1 for r in want[1:])

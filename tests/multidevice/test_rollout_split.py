@@ -26,8 +26,10 @@ def _config(devices):
 
 
 def _records(workdir):
-  return [{k: v for k, v in r.items() if k not in rl_step.TIMING_METRICS}
-          for r in metrics_lib.read_metrics(workdir)]
+  return [
+      {k: v for k, v in r.items() if k not in rl_step.TIMING_METRICS}
+      for r in metrics_lib.read_metrics(workdir)
+  ]
 
 
 def test_split_sampler_matches_the_shared_run_and_keeps_to_its_devices(tmp_path, monkeypatch):
@@ -52,15 +54,20 @@ def test_split_sampler_matches_the_shared_run_and_keeps_to_its_devices(tmp_path,
       elif key == "mismatch/kl" and want[key] < 1e-6:  # float noise of two partitionings
         assert got[key] < 1e-6, want["step"]
       else:
-        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-7,
-                                   err_msg=f"step {want['step']} {key}")
+        np.testing.assert_allclose(
+            got[key], want[key], rtol=1e-5, atol=1e-7, err_msg=f"step {want['step']} {key}"
+        )
 
 
-@pytest.mark.parametrize("devices, match", [
-    (8, "at least one of the 8 devices"),
-    (3, "multiple of rollout.devices = 3"),
-])
+@pytest.mark.parametrize(
+    "devices, match",
+    [
+        (8, "at least one of the 8 devices"),
+        (3, "multiple of rollout.devices = 3"),
+    ],
+)
 def test_a_split_that_leaves_no_learner_or_does_not_divide_the_batch_is_refused(
-    tmp_path, devices, match):
+    tmp_path, devices, match
+):
   with pytest.raises(ConfigError, match=match):
     build.build_run(_config(devices), tmp_path)

@@ -23,22 +23,23 @@ HIGHEST = jax.lax.Precision.HIGHEST
 def _case(batch, length, heads, kv_heads, dim, seed):
   rng = np.random.default_rng(seed)
   q = jnp.asarray(rng.standard_normal((batch, length, heads, dim)), jnp.float32)
-  k, v = (jnp.asarray(rng.standard_normal((batch, length, kv_heads, dim)), jnp.float32)
-          for _ in range(2))
+  k, v = (
+      jnp.asarray(rng.standard_normal((batch, length, kv_heads, dim)), jnp.float32)
+      for _ in range(2)
+  )
   # Left padding of different widths, an interior hole and right padding.
   key_mask = np.ones((batch, length), bool)
   key_mask[:, :1] = False
   key_mask[1 % batch, :9] = False
   key_mask[0, 12:15] = False
-  key_mask[batch - 1, length - 3:] = False
+  key_mask[batch - 1, length - 3 :] = False
   weights = jnp.asarray(rng.standard_normal(q.shape), jnp.float32) * key_mask[:, :, None, None]
   return q, k, v, jnp.asarray(key_mask), weights
 
 
 def _value_and_grads(kernel, q, k, v, key_mask, weights):
   loss = lambda *a: jnp.sum(kernel(*a, key_mask) * weights)
-  return jax.jit(lambda *a: (kernel(*a, key_mask), jax.grad(loss, argnums=(0, 1, 2))(*a)))(
-      q, k, v)
+  return jax.jit(lambda *a: (kernel(*a, key_mask), jax.grad(loss, argnums=(0, 1, 2))(*a)))(q, k, v)
 
 
 SPLASH = functools.partial(attn.splash_attention, block_size=128, interpret=True)
@@ -46,12 +47,15 @@ BLOCKWISE = functools.partial(attn.blockwise_attention, block_size=16, precision
 
 
 @pytest.mark.multidevice
-@pytest.mark.parametrize("mesh_shape,batch,heads,kv_heads,q_spec", [
-    # Rows over data x fsdp = 4, the 2 KV heads (and 4 query heads) over tensor = 2.
-    ((2, 2, 2), 4, 4, 2, "[{\"data\", \"fsdp\"}, {}, {\"tensor\"}, {}]"),
-    # 2 rows on fsdp = 4 and one KV head on tensor = 2 divide neither: replicated.
-    ((1, 4, 2), 2, 3, 1, None),
-])
+@pytest.mark.parametrize(
+    "mesh_shape,batch,heads,kv_heads,q_spec",
+    [
+        # Rows over data x fsdp = 4, the 2 KV heads (and 4 query heads) over tensor = 2.
+        ((2, 2, 2), 4, 4, 2, '[{"data", "fsdp"}, {}, {"tensor"}, {}]'),
+        # 2 rows on fsdp = 4 and one KV head on tensor = 2 divide neither: replicated.
+        ((1, 4, 2), 2, 3, 1, None),
+    ],
+)
 def test_sharded_splash_equals_blockwise(mesh_shape, batch, heads, kv_heads, q_spec):
   q, k, v, key_mask, weights = _case(batch, 29, heads, kv_heads, 8, seed=sum(mesh_shape))
   ref, ref_grads = _value_and_grads(BLOCKWISE, q, k, v, key_mask, weights)

@@ -64,18 +64,25 @@ def _counting_choices():
 def test_outputs_are_bit_identical_for_every_steps_per_check(temperature):
   model = _model()
   tokens, mask = _random_prompts()
-  base = sampling.SamplingConfig(max_new_tokens=N, temperature=temperature, pad_id=3,
-                                 steps_per_check=1)
+  base = sampling.SamplingConfig(
+      max_new_tokens=N, temperature=temperature, pad_id=3, steps_per_check=1
+  )
   free = sampling.generate(model, tokens, mask, jax.random.key(1), config=base)
   config = dataclasses.replace(
-      base, eos_id=_eos_with_varied_stops(np.asarray(free.completion_tokens)))
+      base, eos_id=_eos_with_varied_stops(np.asarray(free.completion_tokens))
+  )
   want = sampling.generate(model, tokens, mask, jax.random.key(1), config=config)
   lengths = np.asarray(want.lengths)
   # The test means something only if rows stop at several steps and one runs to N.
   assert len(set(lengths.tolist())) >= 3 and want.finished.any() and not want.finished.all()
   for k in STEPS_PER_CHECK:
-    got = sampling.generate(model, tokens, mask, jax.random.key(1),
-                            config=dataclasses.replace(config, steps_per_check=k))
+    got = sampling.generate(
+        model,
+        tokens,
+        mask,
+        jax.random.key(1),
+        config=dataclasses.replace(config, steps_per_check=k),
+    )
     for name, value in want._asdict().items():
       np.testing.assert_array_equal(getattr(got, name), value, err_msg=f'k={k} {name}')
 
@@ -85,11 +92,17 @@ def test_outputs_do_not_depend_on_the_cache_read_bucket(bucket, k):
   """Reading the cache window by window attends to the same slots as reading all of them."""
   model = _model()
   tokens, mask = _random_prompts(seed=2)
-  config = sampling.SamplingConfig(max_new_tokens=N, pad_id=3, steps_per_check=k,
-                                   cache_read_bucket=None)
+  config = sampling.SamplingConfig(
+      max_new_tokens=N, pad_id=3, steps_per_check=k, cache_read_bucket=None
+  )
   want = sampling.generate(model, tokens, mask, jax.random.key(4), config=config)
-  got = sampling.generate(model, tokens, mask, jax.random.key(4),
-                          config=dataclasses.replace(config, cache_read_bucket=bucket))
+  got = sampling.generate(
+      model,
+      tokens,
+      mask,
+      jax.random.key(4),
+      config=dataclasses.replace(config, cache_read_bucket=bucket),
+  )
   np.testing.assert_array_equal(got.tokens, want.tokens)
   np.testing.assert_array_equal(got.completion_mask, want.completion_mask)
   np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-5, atol=1e-6)
@@ -109,8 +122,7 @@ def test_decoding_stops_within_k_steps_of_the_last_row_stopping(k):
   model = _model()
   tokens, mask = _random_prompts(seed=1)
   # Half the vocabulary ends a completion: every row stops within a few steps.
-  config = sampling.SamplingConfig(max_new_tokens=30, stop_ids=tuple(range(25)),
-                                   steps_per_check=k)
+  config = sampling.SamplingConfig(max_new_tokens=30, stop_ids=tuple(range(25)), steps_per_check=k)
   with _counting_choices() as calls:
     out = sampling.generate(model, tokens, mask, jax.random.key(0), config=config)
     jax.effects_barrier()
@@ -124,9 +136,15 @@ def test_decoding_stops_within_k_steps_of_the_last_row_stopping(k):
 
 def test_default_steps_per_check_by_backend():
   assert [sampling.default_steps_per_check(b) for b in ('cpu', 'gpu', 'cuda', 'rocm', 'tpu')] == [
-      1, 8, 8, 8, 1]
+      1,
+      8,
+      8,
+      8,
+      1,
+  ]
   assert sampling.default_steps_per_check() == sampling.default_steps_per_check(
-      jax.default_backend())
+      jax.default_backend()
+  )
 
 
 @pytest.mark.parametrize('value', [0, -2, 2.0, True])
@@ -139,8 +157,11 @@ def test_one_compile_per_steps_per_check_and_none_per_step(backend_compiles):
   model = _model()
   tokens, mask = _random_prompts(batch=3, width=5, seed=2)
   base = sampling.SamplingConfig(max_new_tokens=11, steps_per_check=4)
-  configs = [base, dataclasses.replace(base, eos_id=7, temperature=0.0),
-             dataclasses.replace(base, steps_per_check=5)]
+  configs = [
+      base,
+      dataclasses.replace(base, eos_id=7, temperature=0.0),
+      dataclasses.replace(base, steps_per_check=5),
+  ]
   counts = []
   for config in configs:
     sampling.generate(model, tokens, mask, jax.random.key(0), config=config)
@@ -168,8 +189,12 @@ def _reachable(computations, root):
     name = todo.pop()
     if name not in seen:
       seen.add(name)
-      todo += [callee for line in computations[name]
-               for callee in re.findall(r'%([\w.\-]+)', line) if callee in computations]
+      todo += [
+          callee
+          for line in computations[name]
+          for callee in re.findall(r'%([\w.\-]+)', line)
+          if callee in computations
+      ]
   return seen
 
 
@@ -179,27 +204,46 @@ def test_decode_loop_writes_the_kv_cache_in_place(k, bucket):
   graphdef, state = nnx.split(model)
   batch, prompt, new = 8, 16, 6
   knobs = sampling._Knobs(
-      inverse_temperature=np.float32(1.0), greedy=np.bool_(False), top_k=np.int32(0),
-      top_p=np.float32(1.0), is_stop=np.zeros(_CONFIG.vocab_size, bool), pad_id=np.int32(0))
+      inverse_temperature=np.float32(1.0),
+      greedy=np.bool_(False),
+      top_k=np.int32(0),
+      top_p=np.float32(1.0),
+      is_stop=np.zeros(_CONFIG.vocab_size, bool),
+      pad_id=np.int32(0),
+  )
   compiled = sampling._generate_bucketed.lower(
-      graphdef, state, np.zeros((batch, prompt), np.int32), np.ones((batch, prompt), bool),
-      jax.random.key(0), knobs, max_new_tokens=new, cache_dtype=None,
-      steps_per_check=k, cache_read_bucket=bucket).compile()
+      graphdef,
+      state,
+      np.zeros((batch, prompt), np.int32),
+      np.ones((batch, prompt), bool),
+      jax.random.key(0),
+      knobs,
+      max_new_tokens=new,
+      cache_dtype=None,
+      steps_per_check=k,
+      cache_read_bucket=bucket,
+  ).compile()
   computations = _computations(compiled.as_text())
-  cache = re.escape(f'[{_CONFIG.num_layers},{batch},{_CONFIG.num_kv_heads},{prompt + new},'
-                    f'{_CONFIG.head_dim}]')  # the K or V buffer's shape, any dtype
+  cache = re.escape(
+      f'[{_CONFIG.num_layers},{batch},{_CONFIG.num_kv_heads},{prompt + new},' f'{_CONFIG.head_dim}]'
+  )  # the K or V buffer's shape, any dtype
   # The decode loops are the while loops whose trip count XLA cannot know (it stops on the
   # data); the layer scans and the k-step inner loop have a known trip count.
-  decode_bodies = [re.search(r'body=%([\w.\-]+)', line).group(1)
-                   for lines in computations.values() for line in lines
-                   if ' while(' in line and 'known_trip_count' not in line]
+  decode_bodies = [
+      re.search(r'body=%([\w.\-]+)', line).group(1)
+      for lines in computations.values()
+      for line in lines
+      if ' while(' in line and 'known_trip_count' not in line
+  ]
   windows = sampling.read_windows(prompt, new, bucket)
   assert len(decode_bodies) == len(windows) + (0 if (new - 1) % k == 0 else 1)
   for body in decode_bodies:
     lines = [line for name in _reachable(computations, body) for line in computations[name]]
-    writes = [line for line in lines if re.search(
-        rf'= [a-z0-9]+{cache}\{{[^}}]*\}} (fusion|dynamic-update-slice)\(', line)]
-    copies = [line for line in lines if re.search(
-        rf'= [a-z0-9]+{cache}\{{[^}}]*\}} copy\(', line)]
+    writes = [
+        line
+        for line in lines
+        if re.search(rf'= [a-z0-9]+{cache}\{{[^}}]*\}} (fusion|dynamic-update-slice)\(', line)
+    ]
+    copies = [line for line in lines if re.search(rf'= [a-z0-9]+{cache}\{{[^}}]*\}} copy\(', line)]
     assert writes, 'no update of a K/V buffer found: the check would be vacuous'
     assert not copies, copies

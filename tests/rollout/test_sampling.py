@@ -50,7 +50,7 @@ def _reference_greedy(model, num_steps):
     tokens = np.zeros((len(seqs), width), np.int32)
     mask = np.zeros((len(seqs), width), bool)
     for b, s in enumerate(seqs):
-      tokens[b, :len(s)], mask[b, :len(s)] = s, True
+      tokens[b, : len(s)], mask[b, : len(s)] = s, True
     logits = np.asarray(_full_logits(model, tokens, mask), np.float64)
     for b, s in enumerate(seqs):
       z = logits[b, len(s) - 1]
@@ -78,16 +78,18 @@ class TestGreedy:
     tokens, mask = _prompts('right')
     batched = sampling.generate(model, tokens, mask, jax.random.key(0), config=GREEDY)
     for b in range(len(_PROMPTS)):
-      alone = sampling.generate(model, tokens[b:b + 1], mask[b:b + 1], jax.random.key(0),
-                                config=GREEDY)
+      alone = sampling.generate(
+          model, tokens[b : b + 1], mask[b : b + 1], jax.random.key(0), config=GREEDY
+      )
       np.testing.assert_array_equal(alone.completion_tokens[0], batched.completion_tokens[b])
       np.testing.assert_allclose(alone.logprobs[0], batched.logprobs[b], **TOL)
 
   def test_top_k_one_equals_greedy(self):
     model = _model()
     greedy = sampling.generate(model, *_prompts(), jax.random.key(0), config=GREEDY)
-    top1 = sampling.generate(model, *_prompts(), jax.random.key(5),
-                             config=dataclasses.replace(SAMPLE, top_k=1))
+    top1 = sampling.generate(
+        model, *_prompts(), jax.random.key(5), config=dataclasses.replace(SAMPLE, top_k=1)
+    )
     np.testing.assert_array_equal(top1.completion_tokens, greedy.completion_tokens)
     # A one-token support is a point mass; under the full policy it is the greedy log-prob.
     np.testing.assert_array_equal(top1.logprobs, 0.0)
@@ -102,8 +104,9 @@ class TestLayoutAndDeterminism:
     left = sampling.generate(model, *_prompts('left'), jax.random.key(3), config=SAMPLE)
     jax.tree.map(np.testing.assert_array_equal, left, right)
     # The returned prompt is left-aligned with its padding set to pad_id.
-    np.testing.assert_array_equal(left.tokens[:, :5], np.where(_prompts('left')[1],
-                                                               _prompts('left')[0], 0))
+    np.testing.assert_array_equal(
+        left.tokens[:, :5], np.where(_prompts('left')[1], _prompts('left')[0], 0)
+    )
     np.testing.assert_array_equal(left.tokens[:, 5:], left.completion_tokens)
 
   def test_same_key_same_output_different_key_different_output(self):
@@ -120,8 +123,9 @@ class TestStopTokens:
   def test_eos_and_stop_ids_end_and_mask_completions(self):
     model = _model()
     tokens, mask = _prompts()
-    free = np.asarray(sampling.generate(model, tokens, mask, jax.random.key(0),
-                                        config=GREEDY).completion_tokens)
+    free = np.asarray(
+        sampling.generate(model, tokens, mask, jax.random.key(0), config=GREEDY).completion_tokens
+    )
     eos, stop = int(free[0, 2]), int(free[1, 1])
     config = dataclasses.replace(GREEDY, eos_id=eos, stop_ids=(stop,), pad_id=49)
     out = sampling.generate(model, tokens, mask, jax.random.key(0), config=config)
@@ -223,10 +227,12 @@ def test_sampled_first_tokens_follow_the_filtered_softmax(temperature, top_k, to
   model = _model()
   rows = 2048
   prompt = np.array([[7, 3, 41, 22]] * rows, np.int32)
-  config = sampling.SamplingConfig(max_new_tokens=1, temperature=temperature, top_k=top_k,
-                                   top_p=top_p)
-  out = sampling.generate(model, prompt, np.ones_like(prompt, bool), jax.random.key(7),
-                          config=config)
+  config = sampling.SamplingConfig(
+      max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p
+  )
+  out = sampling.generate(
+      model, prompt, np.ones_like(prompt, bool), jax.random.key(7), config=config
+  )
   z = np.asarray(_full_logits(model, prompt[:1], np.ones((1, 4), bool)), np.float64)[0, -1]
   z = z / temperature
   keep = _reference_filter(z[None], top_k or _CONFIG.vocab_size, top_p)[0]
@@ -250,15 +256,21 @@ def test_shape_buckets_and_sampling_knobs_avoid_recompilation(backend_compiles):
   # Count backend compiles of the decoding program through jax.monitoring. The (batch 8,
   # prompt 16, N = 6) program may already be compiled by another test.
   model = _model()
-  other_knobs = dataclasses.replace(SAMPLE, temperature=0.3, top_k=3, top_p=0.5, eos_id=1,
-                                    stop_ids=(2, 3), pad_id=4)
-  calls = [(1, 3, GREEDY), (5, 10, SAMPLE), (8, 16, other_knobs), (3, 7, GREEDY),
-           (9, 4, GREEDY), (2, 17, SAMPLE)]
+  other_knobs = dataclasses.replace(
+      SAMPLE, temperature=0.3, top_k=3, top_p=0.5, eos_id=1, stop_ids=(2, 3), pad_id=4
+  )
+  calls = [
+      (1, 3, GREEDY),
+      (5, 10, SAMPLE),
+      (8, 16, other_knobs),
+      (3, 7, GREEDY),
+      (9, 4, GREEDY),
+      (2, 17, SAMPLE),
+  ]
   counts = []
   for batch, length, config in calls:
     tokens = np.full((batch, length), 5, np.int32)
-    sampling.generate(model, tokens, np.ones_like(tokens, bool), jax.random.key(0),
-                      config=config)
+    sampling.generate(model, tokens, np.ones_like(tokens, bool), jax.random.key(0), config=config)
     counts.append(sum('_generate_bucketed' in name for name in backend_compiles))
   # Batch ≤ 8 and prompt ≤ 16 share one program whatever the temperature, top-k, top-p and
   # stop tokens; batch 9 and prompt 17 open new buckets.
@@ -275,8 +287,11 @@ def test_a_rollout_of_a_new_shape_compiles_three_programs(backend_compiles):
   rollout.generate(tokens, np.ones_like(tokens, bool), keys[0])
   # The decoding program may exist already (its batch bucket holds other tests' batches).
   assert sorted(set(backend_compiles)) == sorted(backend_compiles)
-  assert {'jit(_unbucket)', 'jit(rollout_from_samples)'} <= set(backend_compiles) <= {
-      'jit(_generate_bucketed)', 'jit(_unbucket)', 'jit(rollout_from_samples)'}
+  assert (
+      {'jit(_unbucket)', 'jit(rollout_from_samples)'}
+      <= set(backend_compiles)
+      <= {'jit(_generate_bucketed)', 'jit(_unbucket)', 'jit(rollout_from_samples)'}
+  )
   backend_compiles.clear()
   rollout.generate(tokens, np.ones_like(tokens, bool), keys[1])
   assert not backend_compiles
@@ -296,9 +311,17 @@ class TestValidation:
     with pytest.raises(ValueError, match='token ids'):
       sampling.generate(_model(), tokens, mask, jax.random.key(0), config=GREEDY)
 
-  @pytest.mark.parametrize('kwargs', [dict(max_new_tokens=0), dict(temperature=-0.1),
-                                      dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5),
-                                      dict(batch_multiple=0)])
+  @pytest.mark.parametrize(
+      'kwargs',
+      [
+          dict(max_new_tokens=0),
+          dict(temperature=-0.1),
+          dict(top_k=0),
+          dict(top_p=0.0),
+          dict(top_p=1.5),
+          dict(batch_multiple=0),
+      ],
+  )
   def test_bad_config(self, kwargs):
     with pytest.raises(ValueError):
       sampling.SamplingConfig(**{'max_new_tokens': 4, **kwargs})
@@ -318,7 +341,8 @@ class TestRollout:
     negated = nnx.merge(*nnx.split(model)[:1], jax.tree.map(lambda x: -x, state))
     want = sampling.generate(negated, *_prompts(), jax.random.key(0), config=GREEDY)
     np.testing.assert_allclose(
-        np.asarray(after.policy_logprobs)[:, 5:], want.policy_logprobs, **TOL)
+        np.asarray(after.policy_logprobs)[:, 5:], want.policy_logprobs, **TOL
+    )
     with pytest.raises(ValueError, match='does not match'):
       rollout.update_params(jax.tree.map(lambda x: x[..., :1], state))
 
@@ -341,9 +365,12 @@ class TestRollout:
       assert out.lengths[b] == length and bool(out.finished[b]) == bool(eos_at.size)
     np.testing.assert_allclose(
         np.where(out.completion_mask, mock.logprobs(out.tokens, out.key_mask), 0.0),
-        out.policy_logprobs)
-    np.testing.assert_allclose(np.asarray(out.policy_logprobs)[comp_mask.nonzero()[0],
-                                                               comp_mask.nonzero()[1] + 5],
-                               -np.log(5), rtol=1e-6)
+        out.policy_logprobs,
+    )
+    np.testing.assert_allclose(
+        np.asarray(out.policy_logprobs)[comp_mask.nonzero()[0], comp_mask.nonzero()[1] + 5],
+        -np.log(5),
+        rtol=1e-6,
+    )
     mock.update_params('v1')
     assert mock.updates == ['v1']

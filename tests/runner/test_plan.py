@@ -22,31 +22,37 @@ GIB = hbm.GIB
 class TestAutoFsdp:
 
   def test_a_replicated_state_over_the_fraction_is_sharded_over_the_data_devices(self):
-    choice = hbm.auto_fsdp(data=-1, fsdp=1, tensor=1, num_devices=4, state_bytes=9 * GIB,
-                           hbm_bytes=16 * GIB)
+    choice = hbm.auto_fsdp(
+        data=-1, fsdp=1, tensor=1, num_devices=4, state_bytes=9 * GIB, hbm_bytes=16 * GIB
+    )
     assert (choice.data, choice.fsdp, choice.tensor, choice.sharded) == (1, 4, 1, True)
     assert "FSDP over 4" in choice.reason
 
   def test_a_state_within_the_fraction_keeps_the_mesh(self):
-    choice = hbm.auto_fsdp(data=-1, fsdp=1, tensor=1, num_devices=4, state_bytes=9 * GIB,
-                           hbm_bytes=95 * GIB)
+    choice = hbm.auto_fsdp(
+        data=-1, fsdp=1, tensor=1, num_devices=4, state_bytes=9 * GIB, hbm_bytes=95 * GIB
+    )
     assert (choice.data, choice.fsdp, choice.sharded) == (4, 1, False)
 
   def test_tensor_parallelism_divides_the_state_and_is_kept(self):
     # 9 GiB over tensor=2 is 4.5 GiB a device: over a quarter of 16 GiB.
-    choice = hbm.auto_fsdp(data=-1, fsdp=1, tensor=2, num_devices=8, state_bytes=9 * GIB,
-                           hbm_bytes=16 * GIB)
+    choice = hbm.auto_fsdp(
+        data=-1, fsdp=1, tensor=2, num_devices=8, state_bytes=9 * GIB, hbm_bytes=16 * GIB
+    )
     assert (choice.data, choice.fsdp, choice.tensor) == (1, 4, 2)
-    kept = hbm.auto_fsdp(data=-1, fsdp=1, tensor=4, num_devices=8, state_bytes=9 * GIB,
-                         hbm_bytes=16 * GIB)
+    kept = hbm.auto_fsdp(
+        data=-1, fsdp=1, tensor=4, num_devices=8, state_bytes=9 * GIB, hbm_bytes=16 * GIB
+    )
     assert (kept.data, kept.fsdp, kept.tensor, kept.sharded) == (2, 1, 4, False)
 
   def test_an_explicit_fsdp_mesh_or_an_unknown_capacity_is_kept(self):
-    explicit = hbm.auto_fsdp(data=2, fsdp=2, tensor=1, num_devices=4, state_bytes=99 * GIB,
-                             hbm_bytes=16 * GIB)
+    explicit = hbm.auto_fsdp(
+        data=2, fsdp=2, tensor=1, num_devices=4, state_bytes=99 * GIB, hbm_bytes=16 * GIB
+    )
     assert (explicit.data, explicit.fsdp, explicit.sharded) == (2, 2, False)
-    unknown = hbm.auto_fsdp(data=-1, fsdp=1, tensor=1, num_devices=4, state_bytes=99 * GIB,
-                            hbm_bytes=None)
+    unknown = hbm.auto_fsdp(
+        data=-1, fsdp=1, tensor=1, num_devices=4, state_bytes=99 * GIB, hbm_bytes=None
+    )
     assert (unknown.data, unknown.fsdp, unknown.sharded) == (4, 1, False)
 
   def test_sizes_that_do_not_divide_the_devices_are_refused(self):
@@ -67,11 +73,21 @@ class TestAutoFsdp:
     devices = np.asarray(jax.devices("cpu")[:1]).reshape(1, 1, 1)
     mesh = jax.sharding.Mesh(devices, sharding.MESH_AXES)
     named = lambda *spec: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
-    tree = {"a": named("fsdp", "tensor"), "b": named(("data", "fsdp"), None), "c": named(),
-            "d": named(("fsdp", "tensor"),)}
+    tree = {
+        "a": named("fsdp", "tensor"),
+        "b": named(("data", "fsdp"), None),
+        "c": named(),
+        "d": named(
+            ("fsdp", "tensor"),
+        ),
+    }
     got = sharding.replicated_over(tree, "fsdp")
     assert {k: tuple(v.spec) for k, v in got.items()} == {
-        "a": (None, "tensor"), "b": ("data", None), "c": (), "d": ("tensor",)}
+        "a": (None, "tensor"),
+        "b": ("data", None),
+        "c": (),
+        "d": ("tensor",),
+    }
 
   def test_chip_table(self):
     assert hbm.chip_hbm("TPU v5 lite").capacity == 16 * GIB
@@ -87,10 +103,23 @@ def _plan(tmp_path, *flags):
   path = tmp_path / "plan.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   result = subprocess.run(
-      [sys.executable, "-m", "gmpo_jax.plan", "--config=configs/smoke.py",
-       "--topology=v5e:2x2", "--prompt_length=16", f"--json={path}", *flags],
-      capture_output=True, text=True, env=env, timeout=600, check=False,
-      cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+      [
+          sys.executable,
+          "-m",
+          "gmpo_jax.plan",
+          "--config=configs/smoke.py",
+          "--topology=v5e:2x2",
+          "--prompt_length=16",
+          f"--json={path}",
+          *flags,
+      ],
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=600,
+      check=False,
+      cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+  )
   plan = json.loads(path.read_text()) if path.exists() else None
   return result.returncode, result.stdout, result.stderr, plan
 
@@ -102,8 +131,9 @@ def libtpu():
 
 def test_the_tiny_plan_compiles_every_program_and_writes_the_schema(tmp_path, libtpu):
   # Two layers and chunks of 8 over T = 19: the layer and chunk loops are costed by variants.
-  status, out, err, plan = _plan(tmp_path, "--config.model.overrides.num_layers=2",
-                                 "--config.chunk_size=8")
+  status, out, err, plan = _plan(
+      tmp_path, "--config.model.overrides.num_layers=2", "--config.chunk_size=8"
+  )
   assert status == 0, err[-2000:]
   assert plan["topology"] == "v5e:2x2" and plan["chips"] == 4
   assert {"data", "fsdp", "tensor"} <= set(plan["mesh"])
@@ -131,8 +161,9 @@ def test_the_tiny_plan_compiles_every_program_and_writes_the_schema(tmp_path, li
 def test_a_plan_that_cannot_fit_exits_2_with_one_line(tmp_path, libtpu):
   # Qwen2.5-7B in 1 GiB per chip: its float32 parameters alone, sharded over 4 chips, need
   # 7 GiB, so the planner refuses without compiling, and no change but more chips fits.
-  status, _, err, plan = _plan(tmp_path, "--model=qwen2.5-7b", "--hbm_gib=1",
-                               "--config.model.dtype=bfloat16")
+  status, _, err, plan = _plan(
+      tmp_path, "--model=qwen2.5-7b", "--hbm_gib=1", "--config.model.dtype=bfloat16"
+  )
   assert status == 2
   line = err.strip().splitlines()[-1]
   assert line.startswith("error: prefill does not fit v5e:2x2"), err[-2000:]

@@ -20,10 +20,14 @@ V0_METADATA = pathlib.Path(__file__).parent / "fixtures" / "run_state_v0.json"
 
 
 def _state(**changes) -> RunState:
-  fields = dict(data_position=48, skipped_updates=2, initial_eval={"eval/pass@1": 0.25},
-                config_record={"fingerprint": "abc", "fields": {"seed": 3}},
-                in_flight=(InFlightRollout(step=5, version=3), InFlightRollout(step=6, version=4)),
-                warm_start={"warm_start/steps": 30, "warm_start/train_pass_rate": 0.5})
+  fields = dict(
+      data_position=48,
+      skipped_updates=2,
+      initial_eval={"eval/pass@1": 0.25},
+      config_record={"fingerprint": "abc", "fields": {"seed": 3}},
+      in_flight=(InFlightRollout(step=5, version=3), InFlightRollout(step=6, version=4)),
+      warm_start={"warm_start/steps": 30, "warm_start/train_pass_rate": 0.5},
+  )
   return RunState(**{**fields, **changes})
 
 
@@ -46,8 +50,11 @@ def test_reads_a_version_0_checkpoint_written_before_the_record_existed():
   # added since: the warm start's result, a LoRA run's base).
   rewritten = state.to_metadata()
   assert rewritten["warm_start"] is None and rewritten["lora_base"] is None
-  assert {k: v for k, v in rewritten.items()
-          if k not in ("run_state_version", "warm_start", "lora_base")} == metadata
+  assert {
+      k: v
+      for k, v in rewritten.items()
+      if k not in ("run_state_version", "warm_start", "lora_base")
+  } == metadata
 
 
 def test_reads_a_version_2_checkpoint_without_a_lora_base_and_round_trips_one():

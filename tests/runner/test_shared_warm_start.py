@@ -52,7 +52,8 @@ def test_warm_start_only_records_its_result_and_fingerprint(shared):
   assert summary["result"]["warm_start/steps"] == 3
   config = smoke.get_config()
   assert summary["fingerprint"] == warm_start_lib.fingerprint(
-      json.loads(config.task.to_json()), json.loads(config.model.to_json()))
+      json.loads(config.task.to_json()), json.loads(config.model.to_json())
+  )
   assert not (workdir / "checkpoints").exists()  # no RL
 
 
@@ -65,8 +66,10 @@ def test_init_from_loads_the_shared_policy_and_writes_no_warm_start(shared, tmp_
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(own)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # ... and not the untrained policy.
-  assert any(not np.array_equal(np.asarray(a), np.asarray(b))
-             for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(initial)))
+  assert any(
+      not np.array_equal(np.asarray(a), np.asarray(b))
+      for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(initial))
+  )
   assert result["warm_start/steps"] == summary["result"]["warm_start/steps"]
   assert result["warm_start/fingerprint"] == summary["fingerprint"]
   assert not (tmp_path / "point" / warm_start_lib.WARM_START_DIR).exists()
@@ -77,23 +80,27 @@ def test_a_run_from_the_shared_warm_start_equals_one_that_trains_its_own(shared,
   own = loop.train_and_evaluate(_config(), tmp_path / "own")
   from_shared = loop.train_and_evaluate(_config(source), tmp_path / "from_shared")
   assert from_shared["warm_start"]["warm_start/init_from"] == str(
-      (source / warm_start_lib.WARM_START_DIR).resolve())
+      (source / warm_start_lib.WARM_START_DIR).resolve()
+  )
   assert from_shared["initial_eval"] == own["initial_eval"]
-  assert (_comparable(read_metrics(tmp_path / "from_shared"))
-          == _comparable(read_metrics(tmp_path / "own")))
+  assert _comparable(read_metrics(tmp_path / "from_shared")) == _comparable(
+      read_metrics(tmp_path / "own")
+  )
 
 
 def test_a_warm_start_of_another_model_or_task_is_refused_naming_the_fields(shared, tmp_path):
   source, summary = shared
-  with pytest.raises(warm_start_lib.IncompatibleWarmStartError,
-                     match=r"another task or model .*model\.overrides\.hidden_size: 32 there, "
-                           r"48 here") as error:
+  with pytest.raises(
+      warm_start_lib.IncompatibleWarmStartError,
+      match=r"another task or model .*model\.overrides\.hidden_size: 32 there, " r"48 here",
+  ) as error:
     _warm_start(_config(source, hidden_size=48), tmp_path / "wider")
   assert summary["fingerprint"] in str(error.value)
   config = _config(source)
   config.task.kwargs = {**config.task.kwargs, "num_train": 61}
-  with pytest.raises(warm_start_lib.IncompatibleWarmStartError,
-                     match=r"task\.kwargs\.num_train: 60 there, 61 here"):
+  with pytest.raises(
+      warm_start_lib.IncompatibleWarmStartError, match=r"task\.kwargs\.num_train: 60 there, 61 here"
+  ):
     _warm_start(config, tmp_path / "other_task")
 
 
@@ -101,6 +108,7 @@ def test_init_from_without_a_finished_warm_start_is_refused(tmp_path):
   with pytest.raises(warm_start_lib.IncompatibleWarmStartError, match="no such directory"):
     _warm_start(_config(tmp_path / "missing"), tmp_path / "a")
   (tmp_path / "empty").mkdir()
-  with pytest.raises(warm_start_lib.IncompatibleWarmStartError,
-                     match="holds no finished warm start"):
+  with pytest.raises(
+      warm_start_lib.IncompatibleWarmStartError, match="holds no finished warm start"
+  ):
     _warm_start(_config(tmp_path / "empty"), tmp_path / "b")

@@ -31,8 +31,11 @@ from gmpo_jax.models.transformer import Transformer, TransformerConfig
 from gmpo_jax.rollout import sampling
 from gmpo_jax.runner import build
 
-pytest.importorskip("libtpu", reason="compiling for a TPU topology needs libtpu "
-                    "(pip install libtpu==0.0.42.1, in the 'test' extra)")
+pytest.importorskip(
+    "libtpu",
+    reason="compiling for a TPU topology needs libtpu "
+    "(pip install libtpu==0.0.42.1, in the 'test' extra)",
+)
 
 TOPOLOGY = "v5e:2x2"
 V5E_HBM_BYTES = 16 * 2**30
@@ -60,13 +63,15 @@ def mesh():
   # a topology takes no chip, so sharing it is safe.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
   topology = topologies.get_topology_desc(topology_name=TOPOLOGY, platform="tpu")
   return sharding.make_mesh(data=2, fsdp=2, tensor=1, devices=topology.devices)
 
 
 def _abstract(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+  )
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +83,9 @@ def model(mesh):
 
 
 def _rows(mesh, shape, dtype, batch_axis=0):
-  return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(
-      mesh, ndim=len(shape), batch_axis=batch_axis))
+  return jax.ShapeDtypeStruct(
+      shape, dtype, sharding=sharding.batch_sharding(mesh, ndim=len(shape), batch_axis=batch_axis)
+  )
 
 
 def _compile(mesh, fn, *args, **static):
@@ -90,8 +96,12 @@ def _compile(mesh, fn, *args, **static):
 
 def _check_fits(compiled):
   memory = compiled.memory_analysis()
-  used = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-          - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+  used = (
+      memory.argument_size_in_bytes
+      + memory.output_size_in_bytes
+      - memory.alias_size_in_bytes
+      + memory.temp_size_in_bytes
+  )
   assert 0 < used < V5E_HBM_BYTES
 
 
@@ -104,21 +114,40 @@ def test_the_mesh_targets_tpu(mesh):
 
 def test_update_compiles_with_splash(mesh, model):
   graphdef, params, param_shardings = model
-  optimizer = build.make_optimizer(ml_collections.ConfigDict(dict(
-      learning_rate=1e-6, warmup_steps=1, end_lr_fraction=0.1, max_grad_norm=1.0, b1=0.9,
-      b2=0.99, weight_decay=0.01)), total_updates=10)
+  optimizer = build.make_optimizer(
+      ml_collections.ConfigDict(
+          dict(
+              learning_rate=1e-6,
+              warmup_steps=1,
+              end_lr_fraction=0.1,
+              max_grad_norm=1.0,
+              b1=0.9,
+              b2=0.99,
+              weight_decay=0.01,
+          )
+      ),
+      total_updates=10,
+  )
   opt_shardings = sharding.opt_state_shardings(optimizer, params, param_shardings, mesh)
   opt_state = _abstract(jax.eval_shape(optimizer.init, params), opt_shardings)
   algo = AlgorithmConfig(advantage="gmpo", objective="geometric", num_microbatches=M)
   update = learner.make_update_fn(
-      graphdef, optimizer, build.policy_loss(algo, temperature=1.0, chunk_size=64,
-                                               max_length=NEW_TOKENS),
-      param_shardings=param_shardings, opt_shardings=opt_shardings)
+      graphdef,
+      optimizer,
+      build.policy_loss(algo, temperature=1.0, chunk_size=64, max_length=NEW_TOKENS),
+      param_shardings=param_shardings,
+      opt_shardings=opt_shardings,
+  )
   sequences = lambda dtype: _rows(mesh, (M, B, T), dtype, batch_axis=1)
   batch = learner.Batch(
-      tokens=sequences(jnp.int32), positions=sequences(jnp.int32), key_mask=sequences(bool),
-      loss_mask=sequences(bool), old_logp=sequences(jnp.float32),
-      ref_logp=sequences(jnp.float32), advantages=_rows(mesh, (M, B), jnp.float32, 1))
+      tokens=sequences(jnp.int32),
+      positions=sequences(jnp.int32),
+      key_mask=sequences(bool),
+      loss_mask=sequences(bool),
+      old_logp=sequences(jnp.float32),
+      ref_logp=sequences(jnp.float32),
+      advantages=_rows(mesh, (M, B), jnp.float32, 1),
+  )
   compiled = _compile(mesh, update, params, opt_state, batch)
   assert KERNEL in compiled.as_text()
   _check_fits(compiled)
@@ -126,10 +155,12 @@ def test_update_compiles_with_splash(mesh, model):
 
 def test_logprobs_compile_with_splash(mesh, model):
   graphdef, params, param_shardings = model
-  logprobs = learner.logprob_program(graphdef, param_shardings, mesh, temperature=1.0,
-                                     chunk_size=64)
-  compiled = _compile(mesh, logprobs, params, _rows(mesh, (B, T), jnp.int32),
-                      _rows(mesh, (B, T), bool))
+  logprobs = learner.logprob_program(
+      graphdef, param_shardings, mesh, temperature=1.0, chunk_size=64
+  )
+  compiled = _compile(
+      mesh, logprobs, params, _rows(mesh, (B, T), jnp.int32), _rows(mesh, (B, T), bool)
+  )
   assert KERNEL in compiled.as_text()
   _check_fits(compiled)
 
@@ -143,23 +174,38 @@ def test_sampler_compiles(mesh, model):
   graphdef, params, _ = model
   scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)
   knobs = sampling._Knobs(  # pylint: disable=protected-access
-      inverse_temperature=scalar(jnp.float32), greedy=scalar(bool), top_k=scalar(jnp.int32),
-      top_p=scalar(jnp.float32), is_stop=jax.ShapeDtypeStruct((MODEL.vocab_size,), bool),
-      pad_id=scalar(jnp.int32))
+      inverse_temperature=scalar(jnp.float32),
+      greedy=scalar(bool),
+      top_k=scalar(jnp.int32),
+      top_p=scalar(jnp.float32),
+      is_stop=jax.ShapeDtypeStruct((MODEL.vocab_size,), bool),
+      pad_id=scalar(jnp.int32),
+  )
   key = jax.eval_shape(lambda: jax.random.key(0))
   compiled = _compile(
-      mesh, sampling._generate_bucketed,  # pylint: disable=protected-access
-      graphdef, params, _rows(mesh, (B, PROMPT), jnp.int32), _rows(mesh, (B, PROMPT), bool),
-      key, knobs, max_new_tokens=NEW_TOKENS, cache_dtype=None,
-      steps_per_check=sampling.default_steps_per_check("tpu"), cache_read_bucket=READ_BUCKET)
+      mesh,
+      sampling._generate_bucketed,  # pylint: disable=protected-access
+      graphdef,
+      params,
+      _rows(mesh, (B, PROMPT), jnp.int32),
+      _rows(mesh, (B, PROMPT), bool),
+      key,
+      knobs,
+      max_new_tokens=NEW_TOKENS,
+      cache_dtype=None,
+      steps_per_check=sampling.default_steps_per_check("tpu"),
+      cache_read_bucket=READ_BUCKET,
+  )
   hlo = compiled.as_text()
   assert KERNEL not in hlo and "while" in hlo
   _check_fits(compiled)
   # The decode kernel reads the cache in place: no copy of a layer's K or V (any window).
   windows = sampling.read_windows(PROMPT, NEW_TOKENS, READ_BUCKET)
   assert len(windows) > 1
-  shapes = [tuple(int(d) for d in dims.split(",")) for dims in
-            re.findall(r"= bf16\[([\d,]+)\][^ ]* copy\(", hlo)]
+  shapes = [
+      tuple(int(d) for d in dims.split(","))
+      for dims in re.findall(r"= bf16\[([\d,]+)\][^ ]* copy\(", hlo)
+  ]
   assert not [s for s in shapes if s[-1] == MODEL.head_dim and set(s) & set(windows)], shapes
 
 
@@ -181,7 +227,8 @@ def test_remat_cuts_the_backward_memory(mesh):
       model = nnx.merge(graphdef, params)
       return jnp.sum(sequence_logprobs(model, tokens, positions, key_mask, chunk_size=256))
 
-    compiled = _compile(mesh, jax.jit(jax.grad(loss)), params, rows(jnp.int32),
-                        rows(jnp.int32), rows(bool))
+    compiled = _compile(
+        mesh, jax.jit(jax.grad(loss)), params, rows(jnp.int32), rows(jnp.int32), rows(bool)
+    )
     temp[remat] = compiled.memory_analysis().temp_size_in_bytes
   assert temp["full"] < temp["projections"] < temp["none"], temp

@@ -30,8 +30,10 @@ from gmpo_jax.runner.state import InFlightRollout, RunState
 
 
 def _records(workdir):
-  return [{k: v for k, v in r.items() if k not in rl_step.TIMING_METRICS}
-          for r in metrics_lib.read_metrics(workdir)]
+  return [
+      {k: v for k, v in r.items() if k not in rl_step.TIMING_METRICS}
+      for r in metrics_lib.read_metrics(workdir)
+  ]
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +49,21 @@ def test_run_writes_metrics_checkpoints_and_plot(uninterrupted):
   records = _records(workdir)
   assert [r["step"] for r in records] == list(range(config.num_steps + 1))
   assert "eval/pass@1" in records[0]  # the evaluation before any RL update
-  for key in ("reward/mean", "reward/geometric_mean", "advantage/std", "loss", "grad_norm",
-              "clip_fraction_low", "ratio_max", "entropy", "groups/zero_std_fraction",
-              "response_length/mean", "mismatch/kl", "update/relative_change",
-              "update/lost_fraction"):
+  for key in (
+      "reward/mean",
+      "reward/geometric_mean",
+      "advantage/std",
+      "loss",
+      "grad_norm",
+      "clip_fraction_low",
+      "ratio_max",
+      "entropy",
+      "groups/zero_std_fraction",
+      "response_length/mean",
+      "mismatch/kl",
+      "update/relative_change",
+      "update/lost_fraction",
+  ):
     assert key in records[1], key
   # float32 parameters: the updates reach them, none is rounded away (a step whose groups all
   # tie has zero advantages and no update).
@@ -82,12 +95,16 @@ def test_run_writes_metrics_checkpoints_and_plot(uninterrupted):
   assert saved["initial_eval"] == summary["initial_eval"]
   last_eval = [r for r in records if "eval/pass@1" in r][-1]
   assert saved["eval_gain"]["eval/pass@1"] == pytest.approx(
-      last_eval["eval/pass@1"] - records[0]["eval/pass@1"])
+      last_eval["eval/pass@1"] - records[0]["eval/pass@1"]
+  )
   # Every evaluation: intervals beside each number, and the per-prompt results on disk.
   n = config.eval.num_samples
   for name in ("pass@1", f"mean@{n}", f"pass@{n}", f"maj@{n}"):
-    assert records[0][f"eval/{name}/ci_low"] <= records[0][f"eval/{name}"] <= records[0][
-        f"eval/{name}/ci_high"], name
+    assert (
+        records[0][f"eval/{name}/ci_low"]
+        <= records[0][f"eval/{name}"]
+        <= records[0][f"eval/{name}/ci_high"]
+    ), name
   for record in records:
     if "eval/pass@1" in record:
       path = workdir / evaluate.EVAL_RESULTS_DIR / f"step_{record['step']:06d}.jsonl"
@@ -104,8 +121,9 @@ def test_every_rl_step_logs_its_hardware_rates(uninterrupted):
     for key in ("perf/train_tflops", "perf/mfu", "perf/decode_gb_per_s"):
       assert key in rl_step.TIMING_METRICS  # rates of timings: not compared across runs
       assert math.isfinite(record[key]) and record[key] > 0, (record["step"], key)
-    assert record["perf/mfu"] == pytest.approx(record["perf/train_tflops"]
-                                               / summary["perf"]["tflops"])
+    assert record["perf/mfu"] == pytest.approx(
+        record["perf/train_tflops"] / summary["perf"]["tflops"]
+    )
 
 
 def test_sigterm_then_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp_path, monkeypatch):
@@ -132,12 +150,15 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp
       if want[key] is None:  # a non-finite metric (e.g. reward_shape/tail_index), as null
         assert got[key] is None, (want["step"], key)
         continue
-      np.testing.assert_allclose(got[key], want[key], rtol=1e-6, err_msg=f"step {want['step']} {key}")
+      np.testing.assert_allclose(
+          got[key], want[key], rtol=1e-6, err_msg=f"step {want['step']} {key}"
+      )
 
 
 @pytest.mark.parametrize("phase", ["warm_start", "first_evaluation"])
-def test_sigterm_outside_the_rl_loop_saves_and_resumes_exactly(uninterrupted, tmp_path,
-                                                               monkeypatch, phase):
+def test_sigterm_outside_the_rl_loop_saves_and_resumes_exactly(
+    uninterrupted, tmp_path, monkeypatch, phase
+):
   reference = _records(uninterrupted[0])
   workdir = tmp_path / phase
   target = "_supervised_batch" if phase == "warm_start" else "evaluate"
@@ -165,7 +186,9 @@ def test_sigterm_outside_the_rl_loop_saves_and_resumes_exactly(uninterrupted, tm
       if want[key] is None:
         assert got[key] is None, (want["step"], key)
         continue
-      np.testing.assert_allclose(got[key], want[key], rtol=1e-6, err_msg=f"step {want['step']} {key}")
+      np.testing.assert_allclose(
+          got[key], want[key], rtol=1e-6, err_msg=f"step {want['step']} {key}"
+      )
 
 
 def test_warm_start_stops_at_the_first_probe_that_reaches_the_target(tmp_path, monkeypatch):
@@ -173,7 +196,9 @@ def test_warm_start_stops_at_the_first_probe_that_reaches_the_target(tmp_path, m
   config.warm_start.steps, config.warm_start.target_train_pass_rate = 9, 0.3
   config.warm_start.probe_every = 2
   rates = iter([0.1, 0.29, 0.31, 0.9])
-  monkeypatch.setattr(warm_start, "train_pass_rate_probe", lambda run, size: lambda params: next(rates))
+  monkeypatch.setattr(
+      warm_start, "train_pass_rate_probe", lambda run, size: lambda params: next(rates)
+  )
   run = build.build_run(config, tmp_path)
   with preemption.install_preemption_handler() as handler:
     params, result = warm_start.warm_start(run, handler)
@@ -193,16 +218,18 @@ def test_rerun_of_a_finished_workdir_does_nothing_new(uninterrupted):
   assert (workdir / metrics_lib.METRICS_FILE).read_text() == before
 
 
-def test_a_workdir_of_another_experiment_is_refused_unless_changes_are_allowed(uninterrupted,
-                                                                               tmp_path):
+def test_a_workdir_of_another_experiment_is_refused_unless_changes_are_allowed(
+    uninterrupted, tmp_path
+):
   workdir = tmp_path / "copy"
   shutil.copytree(uninterrupted[0], workdir)
   before = (workdir / metrics_lib.METRICS_FILE).read_text()
   config = smoke.get_config()
   config.algorithm.advantage = "grpo"
   config.optim.learning_rate = 3e-4
-  with pytest.raises(checkpointing.ConfigMismatchError,
-                     match=r"algorithm.advantage[\s\S]*optim.learning_rate"):
+  with pytest.raises(
+      checkpointing.ConfigMismatchError, match=r"algorithm.advantage[\s\S]*optim.learning_rate"
+  ):
     loop.train_and_evaluate(config, workdir)
   assert (workdir / metrics_lib.METRICS_FILE).read_text() == before
   config.resume_with_changes = True
@@ -219,22 +246,29 @@ def test_sampler_learner_kl_is_k3_over_completion_tokens():
   rescored = np.array([[50.0, -1.2, -1.9], [90.0, 0.0, -0.5]])  # masked entries differ freely
   x = np.array([-0.2, 0.1, 0.0])
   assert float(learner.sampler_learner_kl(rescored, sampler, mask)) == pytest.approx(
-      np.mean(np.exp(x) - x - 1), rel=1e-5)
+      np.mean(np.exp(x) - x - 1), rel=1e-5
+  )
   assert float(learner.sampler_learner_kl(rescored, sampler, np.zeros((2, 3), bool))) == 0.0
 
 
 @pytest.mark.parametrize("num_minibatches,num_microbatches", [(1, 2), (2, 2), (4, 1)])
 def test_minibatches_are_the_permuted_rows_as_micro_batches_from_one_program(
-    num_minibatches, num_microbatches, backend_compiles):
+    num_minibatches, num_microbatches, backend_compiles
+):
   n, t = 8, 3
   rng = np.random.default_rng(num_minibatches)
   sequences = learner.Batch(
-      tokens=np.arange(n * t, dtype=np.int32).reshape(n, t), positions=rng.integers(0, 9, (n, t)),
-      key_mask=rng.random((n, t)) > 0.3, loss_mask=rng.random((n, t)) > 0.5, old_logp=None,
+      tokens=np.arange(n * t, dtype=np.int32).reshape(n, t),
+      positions=rng.integers(0, 9, (n, t)),
+      key_mask=rng.random((n, t)) > 0.3,
+      loss_mask=rng.random((n, t)) > 0.5,
+      old_logp=None,
       ref_logp=rng.normal(size=(n, t)).astype(np.float32),
-      advantages=rng.normal(size=n).astype(np.float32))
-  algo = AlgorithmConfig(num_epochs=2, num_minibatches=num_minibatches,
-                         num_microbatches=num_microbatches)
+      advantages=rng.normal(size=n).astype(np.float32),
+  )
+  algo = AlgorithmConfig(
+      num_epochs=2, num_minibatches=num_minibatches, num_microbatches=num_microbatches
+  )
   key = jax.random.key(7)
   backend_compiles.clear()
   batches = list(rl_step.minibatches(sequences, key, algo))
@@ -242,15 +276,19 @@ def test_minibatches_are_the_permuted_rows_as_micro_batches_from_one_program(
   assert len(batches) == 2 * num_minibatches
   for epoch in range(2):
     # One minibatch trains on the rollout as it is; more take a fresh permutation per epoch.
-    order = (np.arange(n) if num_minibatches == 1 else
-             np.asarray(jax.random.permutation(jax.random.fold_in(key, 1 + epoch), n)))
+    order = (
+        np.arange(n)
+        if num_minibatches == 1
+        else np.asarray(jax.random.permutation(jax.random.fold_in(key, 1 + epoch), n))
+    )
     for index, rows in enumerate(np.split(order, num_minibatches)):
       got = batches[epoch * num_minibatches + index]
       assert got.old_logp is None
       for name in ("tokens", "positions", "key_mask", "loss_mask", "ref_logp", "advantages"):
         want = getattr(sequences, name)[rows]
         np.testing.assert_array_equal(
-            getattr(got, name), want.reshape((num_microbatches, -1) + want.shape[1:]))
+            getattr(got, name), want.reshape((num_microbatches, -1) + want.shape[1:])
+        )
 
 
 def test_a_model_is_built_by_one_program_with_the_eager_initializer_values(backend_compiles):
@@ -261,8 +299,11 @@ def test_a_model_is_built_by_one_program_with_the_eager_initializer_values(backe
   eager = Transformer(built.config, rngs=nnx.Rngs(5))
   # The same keys and initializers; XLA fuses the 0.02 scale into the normal draw, which moves
   # some values by one unit in the last place.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-7, atol=1e-9),
-               nnx.state(built, nnx.Param), nnx.state(eager, nnx.Param))
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-7, atol=1e-9),
+      nnx.state(built, nnx.Param),
+      nnx.state(eager, nnx.Param),
+  )
 
 
 def test_overlong_penalty_is_linear_in_the_buffer():
@@ -270,7 +311,8 @@ def test_overlong_penalty_is_linear_in_the_buffer():
   got = rl_step.overlong_penalty(lengths, max_new_tokens=10, buffer=4, penalty=2.0)
   np.testing.assert_allclose(got, [0.0, 0.0, -0.5, -1.0, -1.5, -2.0])
   np.testing.assert_array_equal(
-      rl_step.overlong_penalty(lengths, max_new_tokens=10, buffer=0, penalty=2.0), 0.0)
+      rl_step.overlong_penalty(lengths, max_new_tokens=10, buffer=0, penalty=2.0), 0.0
+  )
 
 
 def test_group_statistics_of_a_batch():
@@ -322,21 +364,31 @@ class ScriptedRollout:
 
   def generate(self, prompt_tokens, prompt_mask, key):
     del key
-    prompt_tokens, prompt_mask = sampling.left_align(np.asarray(prompt_tokens),
-                                                     np.asarray(prompt_mask), pad_id=0)
-    rows = [list(self.tokenizer.encode(self.script(i))) + [self.tokenizer.eos_id]
-            for i in range(len(prompt_tokens))]
+    prompt_tokens, prompt_mask = sampling.left_align(
+        np.asarray(prompt_tokens), np.asarray(prompt_mask), pad_id=0
+    )
+    rows = [
+        list(self.tokenizer.encode(self.script(i))) + [self.tokenizer.eos_id]
+        for i in range(len(prompt_tokens))
+    ]
     width = max(len(r) for r in rows)
     completion = np.zeros((len(rows), width), np.int32)
     mask = np.zeros((len(rows), width), bool)
     for i, row in enumerate(rows):
-      completion[i, :len(row)], mask[i, :len(row)] = row, True
+      completion[i, : len(row)], mask[i, : len(row)] = row, True
     zeros = jnp.zeros(mask.shape, jnp.float32)
-    return rollout_lib.rollout_from_samples(sampling.SampleOutput(
-        tokens=jnp.asarray(np.concatenate([prompt_tokens, completion], axis=1)),
-        prompt_mask=jnp.asarray(prompt_mask), completion_tokens=jnp.asarray(completion),
-        completion_mask=jnp.asarray(mask), logprobs=zeros, policy_logprobs=zeros,
-        lengths=jnp.asarray(mask.sum(1, dtype=np.int32)), finished=jnp.ones(len(rows), bool)))
+    return rollout_lib.rollout_from_samples(
+        sampling.SampleOutput(
+            tokens=jnp.asarray(np.concatenate([prompt_tokens, completion], axis=1)),
+            prompt_mask=jnp.asarray(prompt_mask),
+            completion_tokens=jnp.asarray(completion),
+            completion_mask=jnp.asarray(mask),
+            logprobs=zeros,
+            policy_logprobs=zeros,
+            lengths=jnp.asarray(mask.sum(1, dtype=np.int32)),
+            finished=jnp.ones(len(rows), bool),
+        )
+    )
 
   def logprobs(self, tokens, key_mask):
     raise NotImplementedError("the runner rescores pi_old with the learner's program")
@@ -353,25 +405,39 @@ def test_rl_step_scores_scripted_completions_and_updates_the_policy(tmp_path):
   config.optim.warmup_steps = 0  # the step's only update must move the parameters
   with jax.set_mesh((run := build.build_run(config, tmp_path)).mesh):
     g = run.algo.num_generations
-    examples = list(run.train_examples[:config.prompts_per_step])
+    examples = list(run.train_examples[: config.prompts_per_step])
+
     # Prompt 0's completions: the right answer once, a wrong one otherwise; the others: wrong.
     def script(row):
       group, member = divmod(row, g)
       return run.task.demonstration(examples[group]) if (group, member) == (0, 0) else "x"
+
     backend = ScriptedRollout(run.tokenizer, script)
     optimizer = build.make_optimizer(run.config.optim, total_updates=10)
     opt_state = learner.init_opt_state(optimizer, run.params, run.mesh)
-    step_fn = rl_step.RLStep(run, backend=backend, optimizer=optimizer,
-                             opt_shardings=jax.tree.map(lambda x: x.sharding, opt_state),
-                             key=sharding.prng_key(0, run.mesh))
+    step_fn = rl_step.RLStep(
+        run,
+        backend=backend,
+        optimizer=optimizer,
+        opt_shardings=jax.tree.map(lambda x: x.sharding, opt_state),
+        key=sharding.prng_key(0, run.mesh),
+    )
     before = jax.device_get(run.params)
-    state, record = step_fn(rl_step.RLState(step=0, params=run.params, opt_state=opt_state),
-                            examples)
+    state, record = step_fn(
+        rl_step.RLState(step=0, params=run.params, opt_state=opt_state), examples
+    )
 
-  rewards = np.array([[run.task.reward(script(i * g + j), examples[i]) for j in range(g)]
-                      for i in range(len(examples))], np.float32)
+  rewards = np.array(
+      [
+          [run.task.reward(script(i * g + j), examples[i]) for j in range(g)]
+          for i in range(len(examples))
+      ],
+      np.float32,
+  )
   assert rewards[0, 0] > rewards[0, 1] and np.ptp(rewards[1:]) == 0
-  want = np.asarray(build.advantage_fn(run.algo)(jnp.asarray(rewards), jnp.ones(rewards.shape, bool)))
+  want = np.asarray(
+      build.advantage_fn(run.algo)(jnp.asarray(rewards), jnp.ones(rewards.shape, bool))
+  )
   assert record["reward/mean"] == pytest.approx(rewards.mean())
   assert record["advantage/max"] == pytest.approx(want.max(), rel=1e-6)
   assert record["advantage/min"] == pytest.approx(want.min(), rel=1e-6)
@@ -433,7 +499,8 @@ def test_staleness_one_samples_every_step_from_the_previous_version(uninterrupte
 
 
 def test_sigterm_with_staleness_checkpoints_the_rollout_in_flight_and_resumes_exactly(
-    uninterrupted_async, tmp_path, monkeypatch):
+    uninterrupted_async, tmp_path, monkeypatch
+):
   workdir = tmp_path / "resumed"
   write = metrics_lib.MetricsWriter.write
 
@@ -478,9 +545,12 @@ def _copy_of(uninterrupted, tmp_path):
 
 
 def _files(workdir):
-  return {p.relative_to(workdir): p.read_bytes() for p in workdir.rglob("*")
-          if p.is_file() and p.parts[len(workdir.parts)] in (metrics_lib.METRICS_FILE,
-                                                             metrics_lib.SUMMARY_FILE)}
+  return {
+      p.relative_to(workdir): p.read_bytes()
+      for p in workdir.rglob("*")
+      if p.is_file()
+      and p.parts[len(workdir.parts)] in (metrics_lib.METRICS_FILE, metrics_lib.SUMMARY_FILE)
+  }
 
 
 @pytest.mark.parametrize("damage", ["deleted", "0xff byte in line 2"])
@@ -499,14 +569,19 @@ def test_a_damaged_history_is_restored_from_the_checkpoint(uninterrupted, tmp_pa
   assert (workdir / f"{metrics_lib.METRICS_FILE}.damaged-1").exists() == (damage != "deleted")
 
 
-@pytest.mark.parametrize("damage", ["byte flip in the data", "deleted metadata", "deleted manifest"])
-def test_a_damaged_warm_start_cache_is_skipped_when_rl_resumes(uninterrupted, tmp_path, caplog,
-                                                                 damage):
+@pytest.mark.parametrize(
+    "damage", ["byte flip in the data", "deleted metadata", "deleted manifest"]
+)
+def test_a_damaged_warm_start_cache_is_skipped_when_rl_resumes(
+    uninterrupted, tmp_path, caplog, damage
+):
   workdir = _copy_of(uninterrupted, tmp_path)
   [step_dir] = [p for p in (workdir / "warm_start").iterdir() if p.name.isdigit()]
   if damage == "byte flip in the data":
-    data = max((p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
-               key=lambda p: p.stat().st_size)
+    data = max(
+        (p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
+        key=lambda p: p.stat().st_size,
+    )
     fault_table.bit_flip("middle")(data)
   elif damage == "deleted metadata":
     (step_dir / "metadata" / "metadata").unlink()
@@ -517,11 +592,14 @@ def test_a_damaged_warm_start_cache_is_skipped_when_rl_resumes(uninterrupted, tm
     summary = loop.train_and_evaluate(smoke.get_config(), workdir)
   assert _files(workdir) == before
   assert summary["warm_start"] == uninterrupted[1]["warm_start"]  # from the RL checkpoint
-  assert any("warm start: no step of the cache" in r.getMessage()
-             and "skipping it: RL resumes from its own checkpoint" in r.getMessage()
-             for r in caplog.records)
-  assert [p.name.split(".")[0] for p in (workdir / "warm_start" / checkpointing.CORRUPTED_DIR
-                                         ).iterdir()] == [step_dir.name]
+  assert any(
+      "warm start: no step of the cache" in r.getMessage()
+      and "skipping it: RL resumes from its own checkpoint" in r.getMessage()
+      for r in caplog.records
+  )
+  assert [
+      p.name.split(".")[0] for p in (workdir / "warm_start" / checkpointing.CORRUPTED_DIR).iterdir()
+  ] == [step_dir.name]
 
 
 def test_a_damaged_warm_start_cache_is_recomputed_when_needed(tmp_path, caplog):
@@ -539,8 +617,9 @@ def test_a_damaged_warm_start_cache_is_recomputed_when_needed(tmp_path, caplog):
     np.testing.assert_array_equal(got, want)
 
 
-def test_a_full_disk_is_one_error_and_the_rerun_resumes_identically(uninterrupted, tmp_path,
-                                                                     monkeypatch):
+def test_a_full_disk_is_one_error_and_the_rerun_resumes_identically(
+    uninterrupted, tmp_path, monkeypatch
+):
   workdir = tmp_path / "full"
   build_manifest = checkpointing.integrity.build_manifest
 
@@ -553,8 +632,10 @@ def test_a_full_disk_is_one_error_and_the_rerun_resumes_identically(uninterrupte
     patch.setattr(checkpointing.integrity, "build_manifest", full_at_step_3)
     with pytest.raises(disk_full.DiskFullError) as raised:
       loop.train_and_evaluate(smoke.get_config(), workdir)
-  assert str(raised.value) == (f"No space left on device while saving step 3 to "
-                               f"{workdir / 'checkpoints' / '3'}; the last complete step is 2")
+  assert str(raised.value) == (
+      f"No space left on device while saving step 3 to "
+      f"{workdir / 'checkpoints' / '3'}; the last complete step is 2"
+  )
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2"]
   assert not list(workdir.rglob("*.tmp")) and not list(workdir.rglob("*orbax-checkpoint-tmp*"))
   loop.train_and_evaluate(smoke.get_config(), workdir)

@@ -20,13 +20,13 @@ from hypothesis import strategies as st
 
 from gmpo_jax import tasks
 from gmpo_jax.tasks import (
-  arithmetic,
-  base,
-  competition_math,
-  gsm8k,
-  minilang,
-  multiplicative,
-  program_tests,
+    arithmetic,
+    base,
+    competition_math,
+    gsm8k,
+    minilang,
+    multiplicative,
+    program_tests,
 )
 
 SMALL = {
@@ -90,8 +90,13 @@ def _evaluate_reference(node: ast.AST, x: int, magnitude: list[int]) -> int:
   else:
     left = _evaluate_reference(node.left, x, magnitude)
     right = _evaluate_reference(node.right, x, magnitude)
-    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
+    ops = {
+        ast.Add: operator.add,
+        ast.Sub: operator.sub,
+        ast.Mult: operator.mul,
+        ast.FloorDiv: operator.floordiv,
+        ast.Mod: operator.mod,
+    }
     value = ops[type(node.op)](left, right)
   magnitude[0] = max(magnitude[0], abs(value))
   return value
@@ -117,7 +122,10 @@ def gsm8k_manual_dir(tmp_path_factory):
   manual = tmp_path_factory.mktemp("gsm8k_manual")
   records = {
       "train": [
-          {"question": "Ann has 3 apples and buys 4. How many?", "answer": "3+4=<<3+4=7>>7\n#### 7"},
+          {
+              "question": "Ann has 3 apples and buys 4. How many?",
+              "answer": "3+4=<<3+4=7>>7\n#### 7",
+          },
           {"question": "A car costs $1,200 twice. Total?", "answer": "2*1200=2400\n#### 2,400"},
           {"question": "Half of 5?", "answer": "5/2=2.5\n#### 2.5"},
       ],
@@ -133,16 +141,31 @@ def gsm8k_manual_dir(tmp_path_factory):
 # (the answer is its last box: nested and escaped braces), 'answer' only.
 MATH_RECORDS = {
     "train": [
-        {"problem": "Write $0.5$ as a fraction.", "solution": "It is $\\boxed{\\frac{1}{2}}$.",
-         "answer": "\\frac{1}{2}", "subject": "Prealgebra", "level": 1, "unique_id": "t/1.json"},
-        {"problem": "Compute $\\sin 60^\\circ$.",
-         "solution": "First $\\boxed{1}$? No: $\\boxed{\\frac{\\sqrt{3}}{2}}$."},
-        {"problem": "Which set solves $x^2 = 3x - 2$?",
-         "solution": "Factor: $\\boxed{\\{1, 2\\}}$"},
+        {
+            "problem": "Write $0.5$ as a fraction.",
+            "solution": "It is $\\boxed{\\frac{1}{2}}$.",
+            "answer": "\\frac{1}{2}",
+            "subject": "Prealgebra",
+            "level": 1,
+            "unique_id": "t/1.json",
+        },
+        {
+            "problem": "Compute $\\sin 60^\\circ$.",
+            "solution": "First $\\boxed{1}$? No: $\\boxed{\\frac{\\sqrt{3}}{2}}$.",
+        },
+        {
+            "problem": "Which set solves $x^2 = 3x - 2$?",
+            "solution": "Factor: $\\boxed{\\{1, 2\\}}$",
+        },
         {"problem": "What is $2 + 3$?", "answer": " 5 "},
     ],
-    "test": [{"problem": "Simplify $\\dfrac{6}{4}$.", "solution": "$\\boxed{\\dfrac{3}{2}}$",
-              "answer": "\\frac{3}{2}"}],
+    "test": [
+        {
+            "problem": "Simplify $\\dfrac{6}{4}$.",
+            "solution": "$\\boxed{\\dfrac{3}{2}}$",
+            "answer": "\\frac{3}{2}",
+        }
+    ],
 }
 
 
@@ -192,8 +215,13 @@ class TestMiniLang:
   )
   def test_binary_operations_match_python(self, a, b, op):
     program = minilang.compile_program(f"x {op} ({b})")
-    python = {"+": operator.add, "-": operator.sub, "*": operator.mul,
-              "//": operator.floordiv, "%": operator.mod}[op]
+    python = {
+        "+": operator.add,
+        "-": operator.sub,
+        "*": operator.mul,
+        "//": operator.floordiv,
+        "%": operator.mod,
+    }[op]
     if b == 0 and op in ("//", "%"):
       with pytest.raises(minilang.MiniLangRuntimeError, match="division by zero"):
         minilang.run_program(program, a)
@@ -216,7 +244,7 @@ class TestMiniLang:
           ),
           max_leaves=12,
       ),
-      x=st.integers(-10**6, 10**6),
+      x=st.integers(-(10**6), 10**6),
   )
   def test_matches_python_semantics(self, source, x):
     limits = minilang.Limits(max_magnitude=10**9)
@@ -230,9 +258,32 @@ class TestMiniLang:
 
   @pytest.mark.parametrize(
       "source",
-      ["", "   ", "x x", "2x", "x**2", "x^2", "1.5", "1e3", "0x10", "x;1", "y", "abs x",
-       "abs(x", "min(x)", "max(x,1,2)", "(x", "x)", "+x", "x+", "ｘ", "x\x00",
-       "__import__('os')", "9" * 13, "9" * 5000],
+      [
+          "",
+          "   ",
+          "x x",
+          "2x",
+          "x**2",
+          "x^2",
+          "1.5",
+          "1e3",
+          "0x10",
+          "x;1",
+          "y",
+          "abs x",
+          "abs(x",
+          "min(x)",
+          "max(x,1,2)",
+          "(x",
+          "x)",
+          "+x",
+          "x+",
+          "ｘ",
+          "x\x00",
+          "__import__('os')",
+          "9" * 13,
+          "9" * 5000,
+      ],
   )
   def test_syntax_errors(self, source):
     with pytest.raises(minilang.MiniLangSyntaxError):
@@ -240,9 +291,16 @@ class TestMiniLang:
 
   def test_nesting_bound(self):
     limits = minilang.Limits(max_depth=10)
-    assert minilang.run_program(minilang.compile_program("(" * 9 + "x" + ")" * 9, limits=limits), 3) == 3
-    for deep in ["(" * 10 + "x" + ")" * 10, "-" * 11 + "x", "abs(" * 10 + "x" + ")" * 10,
-                 "(" * 5000 + "x" + ")" * 5000]:
+    assert (
+        minilang.run_program(minilang.compile_program("(" * 9 + "x" + ")" * 9, limits=limits), 3)
+        == 3
+    )
+    for deep in [
+        "(" * 10 + "x" + ")" * 10,
+        "-" * 11 + "x",
+        "abs(" * 10 + "x" + ")" * 10,
+        "(" * 5000 + "x" + ")" * 5000,
+    ]:
       with pytest.raises(minilang.MiniLangSyntaxError, match="max_depth|max_length"):
         minilang.compile_program(deep, limits=limits)
 
@@ -261,8 +319,10 @@ class TestMiniLang:
       minilang.run_program(beyond, 2)
     assert minilang.run_program(beyond, 2, limits=minilang.Limits(max_steps=201)) == 202
 
-  @pytest.mark.parametrize("source, x", [("x//0", 5), ("x%(x-x)", 5), ("1//(x-3)", 3),
-                                         ("x*x*x*x*x", 1000), ("999999999999+x", 2)])
+  @pytest.mark.parametrize(
+      "source, x",
+      [("x//0", 5), ("x%(x-x)", 5), ("1//(x-3)", 3), ("x*x*x*x*x", 1000), ("999999999999+x", 2)],
+  )
   def test_runtime_errors(self, source, x):
     with pytest.raises(minilang.MiniLangRuntimeError):
       minilang.run_program(minilang.compile_program(source), x)
@@ -298,9 +358,20 @@ class TestShared:
 
   @pytest.mark.parametrize(
       "text, expected",
-      [("12", 12), ("-7", -7), ("007", 7), ("9" * 18, 10**18 - 1), ("9" * 19, None),
-       ("-" + "9" * 5000, None), ("+1", None), (" 1", None), ("1_0", None), ("٤", None),
-       ("", None), ("-", None)],
+      [
+          ("12", 12),
+          ("-7", -7),
+          ("007", 7),
+          ("9" * 18, 10**18 - 1),
+          ("9" * 19, None),
+          ("-" + "9" * 5000, None),
+          ("+1", None),
+          (" 1", None),
+          ("1_0", None),
+          ("٤", None),
+          ("", None),
+          ("-", None),
+      ],
   )
   def test_parse_integer(self, text, expected):
     assert base.parse_integer(text) == expected
@@ -330,13 +401,24 @@ class TestShared:
 
   @pytest.mark.parametrize(
       "name, kwargs, config_name",
-      [("arithmetic", {}, "digits2_opsadd.sub_train10000_test1000_seed0"),
-       ("arithmetic",
-        dict(num_digits=3, operations=("*", "//", "%"), num_train=5, num_test=7, seed=3),
-        "digits3_opsmul.floordiv.mod_train5_test7_seed3"),
-       ("multiplicative", {}, "steps3_start20_operand9_opsadd.sub.mul_train10000_test1000_seed0"),
-       ("program_tests", dict(x_min=-20, x_max=-1, num_shown=2, num_tests=3, max_depth=3, seed=4),
-        "shown2_tests3_x_minm20_x_maxm1_depth3_train3000_test300_seed4")],
+      [
+          ("arithmetic", {}, "digits2_opsadd.sub_train10000_test1000_seed0"),
+          (
+              "arithmetic",
+              dict(num_digits=3, operations=("*", "//", "%"), num_train=5, num_test=7, seed=3),
+              "digits3_opsmul.floordiv.mod_train5_test7_seed3",
+          ),
+          (
+              "multiplicative",
+              {},
+              "steps3_start20_operand9_opsadd.sub.mul_train10000_test1000_seed0",
+          ),
+          (
+              "program_tests",
+              dict(x_min=-20, x_max=-1, num_shown=2, num_tests=3, max_depth=3, seed=4),
+              "shown2_tests3_x_minm20_x_maxm1_depth3_train3000_test300_seed4",
+          ),
+      ],
   )
   def test_config_names_are_stable(self, name, kwargs, config_name):
     # The names are the cache directories of datasets already built: they must not change.
@@ -351,7 +433,10 @@ class TestShared:
 
   def test_decoded_source(self):
     source = base.DecodedSource(
-        [{"a": b"x", "b": np.int64(3), "c": np.arange(2)}, {"a": b"y", "b": np.int64(4), "c": np.arange(3)}]
+        [
+            {"a": b"x", "b": np.int64(3), "c": np.arange(2)},
+            {"a": b"y", "b": np.int64(4), "c": np.arange(3)},
+        ]
     )
     assert len(source) == 2
     assert source[0] == {"a": "x", "b": 3, "c": (0, 1)}
@@ -413,7 +498,6 @@ def test_solution_earns_the_maximum(name, loaded, data_dir):
   assert isinstance(task.solution(example), str)
 
 
-
 @pytest.mark.parametrize("name", ALL_TASKS)
 def test_the_cache_directory_is_known_before_the_builder_reads_it(name, loaded, data_dir):
   task, _ = loaded[name]
@@ -438,17 +522,23 @@ _CACHE_DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", list(_CACHE_DAMAGE))
-def test_a_damaged_dataset_cache_is_built_again_with_a_warning_naming_the_file(damage, tmp_path,
-                                                                              caplog):
+def test_a_damaged_dataset_cache_is_built_again_with_a_warning_naming_the_file(
+    damage, tmp_path, caplog
+):
   task = tasks.get_task("arithmetic", **SMALL["arithmetic"])
   reference = list(task.load("train", data_dir=str(tmp_path)))
   directory = task.cache_dir(data_dir=str(tmp_path))
   _CACHE_DAMAGE[damage](directory)
   with caplog.at_level(logging.WARNING, logger="gmpo_jax.tasks.base"):
     assert list(task.load("train", data_dir=str(tmp_path))) == reference
-  named = {"records truncated": "train.array_record", "record byte flipped": "train.array_record",
-           "dataset_info.json garbage": "dataset_info.json", "features.json deleted": "features.json",
-           "manifest deleted": base.CACHE_MANIFEST, "manifest garbage": base.CACHE_MANIFEST}[damage]
+  named = {
+      "records truncated": "train.array_record",
+      "record byte flipped": "train.array_record",
+      "dataset_info.json garbage": "dataset_info.json",
+      "features.json deleted": "features.json",
+      "manifest deleted": base.CACHE_MANIFEST,
+      "manifest garbage": base.CACHE_MANIFEST,
+  }[damage]
   [warning] = [r.getMessage() for r in caplog.records if r.name == base.logger.name]
   assert warning.startswith(f"The dataset cache {directory} is damaged ({directory}/")
   assert named in warning and warning.endswith("; building it again.")
@@ -456,7 +546,6 @@ def test_a_damaged_dataset_cache_is_built_again_with_a_warning_naming_the_file(d
   caplog.clear()
   assert list(task.load("test", data_dir=str(tmp_path)))
   assert not [r for r in caplog.records if r.name == base.logger.name]
-
 
 
 def test_a_build_that_fails_to_write_names_the_cache(tmp_path, monkeypatch):
@@ -497,9 +586,20 @@ class TestArithmetic:
 
   @pytest.mark.parametrize(
       "completion, expected",
-      [("81", 1.11), (" 81\n", 1.11), ("081", 0.11), ("82", 0.11), ("-81", 0.11),
-       ("9" * 5000, 0.11), ("+81", 0.01), ("8 1", 0.01), ("81.0", 0.01), ("٨١", 0.01),
-       ("81 apples", 0.01), ("", 0.01)],
+      [
+          ("81", 1.11),
+          (" 81\n", 1.11),
+          ("081", 0.11),
+          ("82", 0.11),
+          ("-81", 0.11),
+          ("9" * 5000, 0.11),
+          ("+81", 0.01),
+          ("8 1", 0.01),
+          ("81.0", 0.01),
+          ("٨١", 0.01),
+          ("81 apples", 0.01),
+          ("", 0.01),
+      ],
   )
   def test_reward(self, completion, expected):
     assert self.TASK.reward(completion, self.EXAMPLE) == pytest.approx(expected, abs=1e-12)
@@ -510,31 +610,50 @@ class TestArithmetic:
     assert task.reward_range == (0.5, 2.5)
     assert self.TASK.reward_range == pytest.approx((0.01, 1.11))
 
-  @pytest.mark.parametrize("predicted, reference, credit", [
-      ("81", "81", 1.0), ("71", "81", 0.5), ("80", "81", 0.5), ("18", "81", 0.0),
-      ("181", "81", 2 / 3), ("1", "81", 0.5), ("-12", "12", 2 / 3), ("", "5", 0.0), ("", "", 0.0)])
+  @pytest.mark.parametrize(
+      "predicted, reference, credit",
+      [
+          ("81", "81", 1.0),
+          ("71", "81", 0.5),
+          ("80", "81", 0.5),
+          ("18", "81", 0.0),
+          ("181", "81", 2 / 3),
+          ("1", "81", 0.5),
+          ("-12", "12", 2 / 3),
+          ("", "5", 0.0),
+          ("", "", 0.0),
+      ],
+  )
   def test_digit_credit(self, predicted, reference, credit):
     assert arithmetic.digit_credit(predicted, reference) == pytest.approx(credit)
 
-  @pytest.mark.parametrize("a, b, expected", [(58, 23, 71), (99, 99, 88), (5, 5, 0), (0, 0, 0),
-                                              (123, 9, 122), (40, 7, 47)])
+  @pytest.mark.parametrize(
+      "a, b, expected",
+      [(58, 23, 71), (99, 99, 88), (5, 5, 0), (0, 0, 0), (123, 9, 122), (40, 7, 47)],
+  )
   def test_carry_less_sum(self, a, b, expected):
     assert arithmetic.carry_less_sum(a, b) == expected
 
   def test_teacher_drops_carries_at_its_rate_and_rewards_check_the_truth(self):
-    splits = arithmetic.generate_arithmetic(num_digits=2, operations=("+",), num_train=2000,
-                                            num_test=0, seed=0)
+    splits = arithmetic.generate_arithmetic(
+        num_digits=2, operations=("+",), num_train=2000, num_test=0, seed=0
+    )
     examples = splits["train"]
     small = {"num_digits": 2, "operations": ("+",), "num_train": 100, "num_test": 10}
     exact = tasks.get_task("arithmetic", **small)
     assert all(exact.demonstration(e) == e["answer"] for e in examples)
     teacher = tasks.get_task("arithmetic", **small, teacher_carry_drop=0.6)
-    carries = [e for e in examples if e["answer"] != str(arithmetic.carry_less_sum(
-        *map(int, e["question"][:-1].split("+"))))]
+    carries = [
+        e
+        for e in examples
+        if e["answer"] != str(arithmetic.carry_less_sum(*map(int, e["question"][:-1].split("+"))))
+    ]
     dropped = [e for e in carries if teacher.demonstration(e) != e["answer"]]
     assert len(dropped) / len(carries) == pytest.approx(0.6, abs=0.05)
     assert all(teacher.demonstration(e) == e["answer"] for e in examples if e not in carries)
-    assert [teacher.demonstration(e) for e in dropped] == [teacher.demonstration(e) for e in dropped]
+    assert [teacher.demonstration(e) for e in dropped] == [
+        teacher.demonstration(e) for e in dropped
+    ]
     e = dropped[0]
     assert teacher.reward(teacher.demonstration(e), e) < teacher.reward(e["answer"], e)
     assert teacher.reward(e["answer"], e) == teacher.reward_range[1]
@@ -545,8 +664,9 @@ class TestArithmetic:
     task = tasks.get_task("arithmetic", **SMALL["arithmetic"], digit_reward=0.5)
     assert task.reward_range == pytest.approx((0.01, 1.61))
     rewards = {c: task.reward(c, self.EXAMPLE) for c in ("81", "71", "18", "x1", "181")}
-    assert rewards == pytest.approx({"81": 1.61, "71": 0.36, "18": 0.11, "x1": 0.01,
-                                     "181": 0.11 + 0.5 * 2 / 3})
+    assert rewards == pytest.approx(
+        {"81": 1.61, "71": 0.36, "18": 0.11, "x1": 0.01, "181": 0.11 + 0.5 * 2 / 3}
+    )
     assert [c for c, r in rewards.items() if r >= task.reward_range[1] - 1e-6] == ["81"]
     with pytest.raises(ValueError, match="digit_reward"):
       tasks.get_task("arithmetic", digit_reward=-1.0)
@@ -556,8 +676,13 @@ class TestArithmetic:
     splits = arithmetic.generate_arithmetic(
         num_digits=2, operations=operations, num_train=300, num_test=100, seed=3
     )
-    symbols = {"+": operator.add, "-": operator.sub, "*": operator.mul,
-               "//": operator.floordiv, "%": operator.mod}
+    symbols = {
+        "+": operator.add,
+        "-": operator.sub,
+        "*": operator.mul,
+        "//": operator.floordiv,
+        "%": operator.mod,
+    }
     seen_ops = set()
     for problem in splits["train"] + splits["test"]:
       question = problem["question"]
@@ -605,14 +730,26 @@ class TestArithmetic:
 class TestProgramTests:
 
   TASK = tasks.get_task("program_tests", **SMALL["program_tests"])
-  EXAMPLE = {"question": "f(x)=", "test_inputs": tuple(range(10)),
-             "test_outputs": tuple(2 * x for x in range(10))}
+  EXAMPLE = {
+      "question": "f(x)=",
+      "test_inputs": tuple(range(10)),
+      "test_outputs": tuple(2 * x for x in range(10)),
+  }
 
   @pytest.mark.parametrize(
       "completion, passed",
-      [("2*x", 10), ("x + x", 10), ("x*x", 2), ("2*x + 0*(1//(x-3))", 9), ("x//0", 0),
-       ("", 0), ("2*x)", 0), ("x" + "+0" * 400, 0), ("(" * 40 + "2*x" + ")" * 40, 0),
-       ("9" * 5000, 0)],
+      [
+          ("2*x", 10),
+          ("x + x", 10),
+          ("x*x", 2),
+          ("2*x + 0*(1//(x-3))", 9),
+          ("x//0", 0),
+          ("", 0),
+          ("2*x)", 0),
+          ("x" + "+0" * 400, 0),
+          ("(" * 40 + "2*x" + ")" * 40, 0),
+          ("9" * 5000, 0),
+      ],
   )
   def test_reward(self, completion, passed):
     assert self.TASK.reward(completion, self.EXAMPLE) == pytest.approx(passed + 0.01)
@@ -647,20 +784,25 @@ class TestProgramTests:
         values = tuple(minilang.run_program(program, x) for x in range(-15, 16))
         assert len(set(values)) > 1
         functions.setdefault(values, set()).add(split)
-        shown = "; ".join(f"f({x})={y}" for x, y in zip(problem["shown_inputs"], problem["shown_outputs"]))
+        shown = "; ".join(
+            f"f({x})={y}" for x, y in zip(problem["shown_inputs"], problem["shown_outputs"])
+        )
         assert problem["question"] == shown + "; f(x)="
     assert all(len(s) == 1 for s in functions.values())  # Disjoint as functions.
     assert len(functions) == 50
 
   def test_generation_exhausted(self):
     with pytest.raises(ValueError, match="distinct functions"):
-      program_tests.generate_programs(num_shown=1, num_tests=1, x_min=0, x_max=1, max_depth=1,
-                                      num_train=50, num_test=0, seed=0)
+      program_tests.generate_programs(
+          num_shown=1, num_tests=1, x_min=0, x_max=1, max_depth=1, num_train=50, num_test=0, seed=0
+      )
 
   def test_validation(self):
     with pytest.raises(ValueError, match="distinct inputs"):
       tasks.get_task("program_tests", num_tests=100, x_min=0, x_max=50)
-    assert tasks.get_task("program_tests", limits={"max_steps": 3}).limits == minilang.Limits(max_steps=3)
+    assert tasks.get_task("program_tests", limits={"max_steps": 3}).limits == minilang.Limits(
+        max_steps=3
+    )
     config = ml_collections.ConfigDict({"limits": {"max_depth": 4}})
     assert tasks.get_task("program_tests", **config).limits == minilang.Limits(max_depth=4)
     with pytest.raises(ValueError, match="limits"):
@@ -670,9 +812,18 @@ class TestProgramTests:
 
   def test_builder(self, data_dir, tmp_path):
     generated = program_tests.generate_programs(
-        num_shown=4, num_tests=20, x_min=-50, x_max=50, max_depth=2, num_train=30, num_test=10, seed=0
+        num_shown=4,
+        num_tests=20,
+        x_min=-50,
+        x_max=50,
+        max_depth=2,
+        num_train=30,
+        num_test=10,
+        seed=0,
     )
-    train, test = _check_builder(self.TASK, data_dir, tmp_path, generated, key=lambda e: e["question"])
+    train, test = _check_builder(
+        self.TASK, data_dir, tmp_path, generated, key=lambda e: e["question"]
+    )
     for example in list(train) + list(test):
       assert self.TASK.reward(example["solution"], example) == pytest.approx(20.01)
       assert len(example["test_inputs"]) == 20 and len(example["shown_inputs"]) == 4
@@ -710,22 +861,30 @@ def _reference_scores(values_text, start, ops, operands, floor):
 class TestMultiplicative:
 
   TASK = tasks.get_task("multiplicative", **SMALL["multiplicative"])
-  EXAMPLE = {"question": "7 +3 *2 -5 =", "start": 7, "operations": "+*-", "operands": (3, 2, 5),
-             "values": (10, 20, 15), "answer": "10,20,15"}
+  EXAMPLE = {
+      "question": "7 +3 *2 -5 =",
+      "start": 7,
+      "operations": "+*-",
+      "operands": (3, 2, 5),
+      "values": (10, 20, 15),
+      "answer": "10,20,15",
+  }
 
   @pytest.mark.parametrize(
       "completion, scores",
-      [("10,20,15", [1, 1, 1]),
-       (" 10 , 20 , 15 \n", [1, 1, 1]),
-       ("10,20,16", [1, 1, 0.5]),
-       ("11,22,17", [0.5, 1, 1]),  # Steps 2 and 3 are judged from the model's own 11.
-       ("10,20", [1, 1, 0.01]),
-       ("10,x,15", [1, 0.01, 1]),  # After a malformed step, the reference value is used.
-       ("10,20,1000", [1, 1, 0.01]),  # 1 / (1 + 985) is below the floor.
-       ("10,20,15,99", [1, 1, 1]),  # Extra values are ignored.
-       ("", [0.01, 0.01, 0.01]),
-       ("9" * 5000, [0.01, 0.01, 0.01]),
-       ("٫١٠,20,15", [0.01, 1, 1])],
+      [
+          ("10,20,15", [1, 1, 1]),
+          (" 10 , 20 , 15 \n", [1, 1, 1]),
+          ("10,20,16", [1, 1, 0.5]),
+          ("11,22,17", [0.5, 1, 1]),  # Steps 2 and 3 are judged from the model's own 11.
+          ("10,20", [1, 1, 0.01]),
+          ("10,x,15", [1, 0.01, 1]),  # After a malformed step, the reference value is used.
+          ("10,20,1000", [1, 1, 0.01]),  # 1 / (1 + 985) is below the floor.
+          ("10,20,15,99", [1, 1, 1]),  # Extra values are ignored.
+          ("", [0.01, 0.01, 0.01]),
+          ("9" * 5000, [0.01, 0.01, 0.01]),
+          ("٫١٠,20,15", [0.01, 1, 1]),
+      ],
   )
   def test_step_scores_and_reward(self, completion, scores):
     assert self.TASK.step_scores(completion, self.EXAMPLE) == pytest.approx(scores)
@@ -734,7 +893,9 @@ class TestMultiplicative:
   @hypothesis.settings(max_examples=100, deadline=None)
   @hypothesis.given(
       # Per step: an offset from the true running value, or a malformed/huge piece.
-      pieces=st.lists(st.integers(-2, 2) | st.sampled_from(["", "x", "1.5", " 3", "9" * 19]), max_size=5),
+      pieces=st.lists(
+          st.integers(-2, 2) | st.sampled_from(["", "x", "1.5", " 3", "9" * 19]), max_size=5
+      ),
       start=st.integers(0, 20),
       steps=st.lists(st.tuples(st.sampled_from("+-*"), st.integers(1, 9)), min_size=1, max_size=4),
       floor=st.sampled_from([0.01, 0.2, 1.0]),
@@ -762,7 +923,9 @@ class TestMultiplicative:
     assert self.TASK.reward("", self.EXAMPLE) == pytest.approx(1e-6)
 
   def test_generation(self):
-    params = dict(num_steps=3, max_start=20, max_operand=9, operations=("+", "-", "*"), num_test=15, seed=2)
+    params = dict(
+        num_steps=3, max_start=20, max_operand=9, operations=("+", "-", "*"), num_test=15, seed=2
+    )
     splits = multiplicative.generate_chains(num_train=40, **params)
     assert splits == multiplicative.generate_chains(num_train=40, **params)
     assert splits["test"] == multiplicative.generate_chains(num_train=3, **params)["test"]
@@ -787,12 +950,19 @@ class TestMultiplicative:
     with pytest.raises(ValueError, match="operations"):
       tasks.get_task("multiplicative", operations=("//",))
     with pytest.raises(ValueError, match="only 18 distinct chains"):
-      tasks.get_task("multiplicative", num_steps=1, max_start=2, max_operand=2, num_train=19, num_test=0)
+      tasks.get_task(
+          "multiplicative", num_steps=1, max_start=2, max_operand=2, num_train=19, num_test=0
+      )
 
   def test_builder(self, data_dir, tmp_path):
     generated = multiplicative.generate_chains(
-        num_steps=3, max_start=20, max_operand=9, operations=("+", "-", "*"), num_train=40,
-        num_test=15, seed=0,
+        num_steps=3,
+        max_start=20,
+        max_operand=9,
+        operations=("+", "-", "*"),
+        num_train=40,
+        num_test=15,
+        seed=0,
     )
     train, _ = _check_builder(self.TASK, data_dir, tmp_path, generated, key=lambda e: e["question"])
     assert all(self.TASK.reward(e["answer"], e) == 1.0 for e in train)
@@ -806,31 +976,41 @@ class TestGsm8k:
 
   @pytest.mark.parametrize(
       "text, expected",
-      [("The answer is 42.", "42"),
-       ("so 5 apples\n#### 7", "7"),
-       ("#### 1,234", "1234"),
-       ("It costs $1,234.50 in total", "1234.50"),
-       ("#### $5", "5"),
-       ("#### -3", "-3"),
-       ("-$12 loss", "-12"),
-       ("#### 12 dollars, then 13", "12"),  # The first number after the marker.
-       ("first #### 1 then #### 2", "2"),  # The last marker.
-       ("we get 12 ####", "12"),  # Nothing after the marker: the last number.
-       ("#### none", None),
-       ("3,4", "4"),
-       ("1,2345", "2345"),
-       ("no numbers here", None),
-       ("", None),
-       ("٤٢", None),
-       ("9" * 5000, "9" * 5000)],
+      [
+          ("The answer is 42.", "42"),
+          ("so 5 apples\n#### 7", "7"),
+          ("#### 1,234", "1234"),
+          ("It costs $1,234.50 in total", "1234.50"),
+          ("#### $5", "5"),
+          ("#### -3", "-3"),
+          ("-$12 loss", "-12"),
+          ("#### 12 dollars, then 13", "12"),  # The first number after the marker.
+          ("first #### 1 then #### 2", "2"),  # The last marker.
+          ("we get 12 ####", "12"),  # Nothing after the marker: the last number.
+          ("#### none", None),
+          ("3,4", "4"),
+          ("1,2345", "2345"),
+          ("no numbers here", None),
+          ("", None),
+          ("٤٢", None),
+          ("9" * 5000, "9" * 5000),
+      ],
   )
   def test_extract_final_answer(self, text, expected):
     assert gsm8k.extract_final_answer(text) == expected
 
   @pytest.mark.parametrize(
       "predicted, reference, match",
-      [("42", "42", True), ("42.0", "42", True), ("42.0000001", "42", True), ("42.01", "42", False),
-       ("-3", "3", False), (None, "3", False), ("9" * 5000, "5", False), ("2.50", "2.5", True)],
+      [
+          ("42", "42", True),
+          ("42.0", "42", True),
+          ("42.0000001", "42", True),
+          ("42.01", "42", False),
+          ("-3", "3", False),
+          (None, "3", False),
+          ("9" * 5000, "5", False),
+          ("2.50", "2.5", True),
+      ],
   )
   def test_answers_match(self, predicted, reference, match):
     assert gsm8k.answers_match(predicted, reference, tolerance=1e-6) is match
@@ -838,7 +1018,12 @@ class TestGsm8k:
   def test_reward(self):
     example = {"question": "q", "answer": "... #### 1,200", "final_answer": "1200"}
     task = tasks.get_task("gsm8k")
-    assert [task.reward(c, example) for c in ("#### 1,200", "so 1200", "#### 12", "")] == [1.0, 1.0, 0.0, 0.0]
+    assert [task.reward(c, example) for c in ("#### 1,200", "so 1200", "#### 12", "")] == [
+        1.0,
+        1.0,
+        0.0,
+        0.0,
+    ]
     assert task.reward_range == (0.0, 1.0)
     credited = tasks.get_task("gsm8k", format_reward=0.1, min_reward=0.01)
     rewards = [credited.reward(c, example) for c in ("#### $1200", "so 1200", "#### 12", "")]
@@ -856,9 +1041,15 @@ class TestGsm8k:
     task = tasks.get_task("gsm8k", manual_dir=gsm8k_manual_dir)
     train, test = task.load("train", data_dir=data_dir), task.load("test", data_dir=data_dir)
     assert sorted(e["final_answer"] for e in train) == ["2.5", "2400", "7"]
-    assert list(test) == [{"question": "10 minus 13?", "answer": "10-13=-3\n#### -3", "final_answer": "-3"}]
+    assert list(test) == [
+        {"question": "10 minus 13?", "answer": "10-13=-3\n#### -3", "final_answer": "-3"}
+    ]
     assert task.prompt(test[0]) == "Question: 10 minus 13?\nAnswer:\n"
-    assert task.solution(train[0]) in ("3+4=7\n#### 7", "2*1200=2400\n#### 2,400", "5/2=2.5\n#### 2.5")
+    assert task.solution(train[0]) in (
+        "3+4=7\n#### 7",
+        "2*1200=2400\n#### 2,400",
+        "5/2=2.5\n#### 2.5",
+    )
     assert task.reward("It is 10 - 13 = -3.\n#### -3", test[0]) == 1.0
     for example in train:
       assert task.reward(example["answer"], example) == 1.0
@@ -889,31 +1080,42 @@ class TestMath:
 
   @pytest.mark.parametrize(
       "text, expected",
-      [("so $\\boxed{5}$.", "5"),
-       ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}"),  # Nested braces.
-       ("\\boxed{1} then \\boxed{ 2 }", " 2 "),  # The last box, unstripped.
-       ("\\boxed {7}", "7"),
-       ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),  # Escaped braces do not count.
-       ("\\boxed{a\\\\}", "a\\\\"),  # '\\' is a line break, then '}' closes.
-       ("\\boxed{\\boxed{3}}", "3"),  # The last '\boxed{' is the inner one.
-       ("\\boxed{1} and \\boxed{2", None),  # The last box never closes: no answer.
-       ("\\boxed{\\}", None),
-       ("\\boxed{3}}}", "3"),
-       ("\\boxed3", None),
-       ("no box", None),
-       ("", None),
-       ("\\boxed{", None),
-       ("\\boxed{x\\", None)],
+      [
+          ("so $\\boxed{5}$.", "5"),
+          ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}"),  # Nested braces.
+          ("\\boxed{1} then \\boxed{ 2 }", " 2 "),  # The last box, unstripped.
+          ("\\boxed {7}", "7"),
+          ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),  # Escaped braces do not count.
+          ("\\boxed{a\\\\}", "a\\\\"),  # '\\' is a line break, then '}' closes.
+          ("\\boxed{\\boxed{3}}", "3"),  # The last '\boxed{' is the inner one.
+          ("\\boxed{1} and \\boxed{2", None),  # The last box never closes: no answer.
+          ("\\boxed{\\}", None),
+          ("\\boxed{3}}}", "3"),
+          ("\\boxed3", None),
+          ("no box", None),
+          ("", None),
+          ("\\boxed{", None),
+          ("\\boxed{x\\", None),
+      ],
   )
   def test_last_boxed(self, text, expected):
     assert competition_math.last_boxed(text) == expected
 
   @pytest.mark.parametrize(
       "completion",
-      ["\\boxed{\\frac{1}{2}}", "\\boxed{0.5}", "\\boxed{1/2}", "\\boxed{\\dfrac{1}{2}}",
-       "\\boxed{\\tfrac12}", "\\boxed{ \\frac { 1 } { 2 } }", "\\boxed{.5}", "\\boxed{0.50}",
-       "\\boxed{\\frac{2}{4}}", "Thus the answer is $\\boxed{\\frac{1}{2}}$.",
-       "\\boxed{3} is wrong, so \\boxed{0.5}"],
+      [
+          "\\boxed{\\frac{1}{2}}",
+          "\\boxed{0.5}",
+          "\\boxed{1/2}",
+          "\\boxed{\\dfrac{1}{2}}",
+          "\\boxed{\\tfrac12}",
+          "\\boxed{ \\frac { 1 } { 2 } }",
+          "\\boxed{.5}",
+          "\\boxed{0.50}",
+          "\\boxed{\\frac{2}{4}}",
+          "Thus the answer is $\\boxed{\\frac{1}{2}}$.",
+          "\\boxed{3} is wrong, so \\boxed{0.5}",
+      ],
   )
   def test_equivalent_forms_are_correct(self, completion):
     assert self.TASK.reward(completion, self.HALF) == pytest.approx(1.11)
@@ -922,20 +1124,29 @@ class TestMath:
 
   @pytest.mark.parametrize(
       "completion, reward",
-      [("\\boxed{0.51}", 0.11), ("\\boxed{2}", 0.11), ("\\boxed{\\frac{1}{3}}", 0.11),
-       ("\\boxed{x}", 0.11), ("\\boxed{\\text{half}}", 0.11),
-       ("\\boxed{0.5} then \\boxed{3}", 0.11),  # Only the last box counts.
-       ("1/2", 0.01), ("", 0.01), ("   ", 0.01), ("\\boxed{}", 0.01), ("\\boxed{  }", 0.01),
-       ("\\boxed{\\frac{1}{2}", 0.01),  # Unbalanced.
-       ("\\boxed{0.5} and \\boxed{", 0.01),  # The last box never closes.
-       ("\\boxed{\\frac{1}{2}}}", 1.11),  # A stray '}' after a closed box is harmless.
-       ("\\boxed{\\frac{1}{2}\\}", 0.01),
-       ("\\boxed{}{}}", 0.01),
-       ("\\boxed{\\frac{}{}}", 0.11),
-       ("\\boxed{\\sqrt{}}", 0.11),
-       ("\\boxed{{{{}}}}", 0.11),
-       ("\\boxed{$}", 0.11),
-       ("\\boxed{\\begin{pmatrix}}", 0.11)],
+      [
+          ("\\boxed{0.51}", 0.11),
+          ("\\boxed{2}", 0.11),
+          ("\\boxed{\\frac{1}{3}}", 0.11),
+          ("\\boxed{x}", 0.11),
+          ("\\boxed{\\text{half}}", 0.11),
+          ("\\boxed{0.5} then \\boxed{3}", 0.11),  # Only the last box counts.
+          ("1/2", 0.01),
+          ("", 0.01),
+          ("   ", 0.01),
+          ("\\boxed{}", 0.01),
+          ("\\boxed{  }", 0.01),
+          ("\\boxed{\\frac{1}{2}", 0.01),  # Unbalanced.
+          ("\\boxed{0.5} and \\boxed{", 0.01),  # The last box never closes.
+          ("\\boxed{\\frac{1}{2}}}", 1.11),  # A stray '}' after a closed box is harmless.
+          ("\\boxed{\\frac{1}{2}\\}", 0.01),
+          ("\\boxed{}{}}", 0.01),
+          ("\\boxed{\\frac{}{}}", 0.11),
+          ("\\boxed{\\sqrt{}}", 0.11),
+          ("\\boxed{{{{}}}}", 0.11),
+          ("\\boxed{$}", 0.11),
+          ("\\boxed{\\begin{pmatrix}}", 0.11),
+      ],
   )
   def test_wrong_and_malformed(self, completion, reward):
     assert self.TASK.reward(completion, self.HALF) == pytest.approx(reward)
@@ -953,9 +1164,15 @@ class TestMath:
     assert self.TASK.reward_range == pytest.approx((0.01, 1.11))
 
   def test_other_answer_kinds(self):
-    cases = [("\\{1, 2\\}", "\\{2,1\\}"), ("(1, 2)", "(1,2)"),
-             ("\\frac{\\sqrt{3}}{2}", "\\sqrt{3}/2"), ("x^2 + 1", "1 + x^2"),
-             ("\\text{(C)}", "\\text{(C)}"), ("5", "x = 5"), ("10\\%", "10")]
+    cases = [
+        ("\\{1, 2\\}", "\\{2,1\\}"),
+        ("(1, 2)", "(1,2)"),
+        ("\\frac{\\sqrt{3}}{2}", "\\sqrt{3}/2"),
+        ("x^2 + 1", "1 + x^2"),
+        ("\\text{(C)}", "\\text{(C)}"),
+        ("5", "x = 5"),
+        ("10\\%", "10"),
+    ]
     for reference, predicted in cases:
       reward = self.TASK.reward(f"\\boxed{{{predicted}}}", {"answer": reference})
       assert reward == pytest.approx(1.11), (reference, predicted)
@@ -972,7 +1189,8 @@ class TestMath:
 
   @hypothesis.settings(max_examples=25, deadline=None)
   @hypothesis.given(
-      content=st.text(alphabet=st.sampled_from("0123456789+-*/.,=x()[]{}\\ fracqt$%"), max_size=24))
+      content=st.text(alphabet=st.sampled_from("0123456789+-*/.,=x()[]{}\\ fracqt$%"), max_size=24)
+  )
   def test_any_box_content(self, content):
     task = tasks.get_task("math", timeout_seconds=1, min_reward=0.01, format_reward=0.1)
     reward = task.reward(f"so \\boxed{{{content}}}.", self.HALF)
@@ -991,8 +1209,10 @@ class TestMath:
       except RuntimeError as error:
         results[key + "_unboxed"] = error
 
-    for key, task in [("timeout", tasks.get_task("math")),
-                      ("no_timeout", tasks.get_task("math", timeout_seconds=None))]:
+    for key, task in [
+        ("timeout", tasks.get_task("math")),
+        ("no_timeout", tasks.get_task("math", timeout_seconds=None)),
+    ]:
       thread = threading.Thread(target=score, args=(task, key))
       thread.start()
       thread.join()
@@ -1005,7 +1225,8 @@ class TestMath:
     example = {"problem": "What is $\\frac{1}{2}$?"}
     assert self.TASK.prompt(example) == (
         "What is $\\frac{1}{2}$?\n\nPlease reason step by step, and put your final answer "
-        "within \\boxed{}.")
+        "within \\boxed{}."
+    )
     task = tasks.get_task("math", prompt_template="<user>{problem} Use \\boxed{}.<assistant>")
     assert task.prompt(example) == "<user>What is $\\frac{1}{2}$? Use \\boxed{}.<assistant>"
     for bad in ["no field", "{question}", 3]:
@@ -1013,17 +1234,26 @@ class TestMath:
         tasks.get_task("math", prompt_template=bad)
 
   def test_validation(self):
-    for bad in [dict(timeout_seconds=0), dict(timeout_seconds=1.5), dict(max_answer_chars=0),
-                dict(correct_reward=-1.0), dict(min_reward=math.nan)]:
+    for bad in [
+        dict(timeout_seconds=0),
+        dict(timeout_seconds=1.5),
+        dict(max_answer_chars=0),
+        dict(correct_reward=-1.0),
+        dict(min_reward=math.nan),
+    ]:
       with pytest.raises(ValueError):
         tasks.get_task("math", **bad)
 
   @pytest.mark.parametrize(
       "example, expected",
-      [({"solution": "So $\\boxed{ \\frac{1}{2} }$.", "answer": "0.5"}, "So $\\boxed{0.5}$."),
-       ({"solution": "It is one half.", "answer": "0.5"},
-        "It is one half.\n\nThe final answer is $\\boxed{0.5}$."),
-       ({"solution": "", "answer": "0.5"}, "The final answer is $\\boxed{0.5}$.")],
+      [
+          ({"solution": "So $\\boxed{ \\frac{1}{2} }$.", "answer": "0.5"}, "So $\\boxed{0.5}$."),
+          (
+              {"solution": "It is one half.", "answer": "0.5"},
+              "It is one half.\n\nThe final answer is $\\boxed{0.5}$.",
+          ),
+          ({"solution": "", "answer": "0.5"}, "The final answer is $\\boxed{0.5}$."),
+      ],
   )
   def test_solution(self, example, expected):
     assert self.TASK.solution(example) == expected
@@ -1036,10 +1266,19 @@ class TestMath:
     assert len(train) == 4 and len(by_problem) == 4
     assert set(by_problem["Write $0.5$ as a fraction."]) == {"problem", "solution", "answer"}
     assert [by_problem[r["problem"]]["answer"] for r in MATH_RECORDS["train"]] == [
-        "\\frac{1}{2}", "\\frac{\\sqrt{3}}{2}", "\\{1, 2\\}", "5"]
+        "\\frac{1}{2}",
+        "\\frac{\\sqrt{3}}{2}",
+        "\\{1, 2\\}",
+        "5",
+    ]
     assert by_problem["What is $2 + 3$?"]["solution"] == ""
-    assert list(test) == [{"problem": "Simplify $\\dfrac{6}{4}$.",
-                           "solution": "$\\boxed{\\dfrac{3}{2}}$", "answer": "\\frac{3}{2}"}]
+    assert list(test) == [
+        {
+            "problem": "Simplify $\\dfrac{6}{4}$.",
+            "solution": "$\\boxed{\\dfrac{3}{2}}$",
+            "answer": "\\frac{3}{2}",
+        }
+    ]
     assert task.prompt(test[0]).startswith("Simplify $\\dfrac{6}{4}$.\n\nPlease reason")
     assert task.reward("6/4 = \\boxed{1.5}", test[0]) == 1.0
     assert task.reward("\\boxed{\\frac{6}{4}}", test[0]) == 1.0
@@ -1053,15 +1292,18 @@ class TestMath:
     task = tasks.get_task("math", manual_dir=str(manual))
     with pytest.raises(FileNotFoundError, match="test.jsonl"):
       task.load("train", data_dir=str(tmp_path / "a"))
-    for n, (line, message) in enumerate([
-        (json.dumps({"problem": "p", "solution": "no box"}), "no 'answer', and no closed"),
-        (json.dumps({"problem": "p", "solution": "\\boxed{1"}), "no 'answer', and no closed"),
-        (json.dumps({"problem": "p"}), "no 'answer'"),
-        (json.dumps({"problem": "p", "answer": "  "}), "blank"),
-        (json.dumps({"problem": 3, "answer": "1"}), "str 'problem'"),
-        (json.dumps({"problem": "p", "answer": 1}), "must be str"),
-        (json.dumps(["p"]), "JSON object"),
-        ("{not json", "not JSON")]):
+    for n, (line, message) in enumerate(
+        [
+            (json.dumps({"problem": "p", "solution": "no box"}), "no 'answer', and no closed"),
+            (json.dumps({"problem": "p", "solution": "\\boxed{1"}), "no 'answer', and no closed"),
+            (json.dumps({"problem": "p"}), "no 'answer'"),
+            (json.dumps({"problem": "p", "answer": "  "}), "blank"),
+            (json.dumps({"problem": 3, "answer": "1"}), "str 'problem'"),
+            (json.dumps({"problem": "p", "answer": 1}), "must be str"),
+            (json.dumps(["p"]), "JSON object"),
+            ("{not json", "not JSON"),
+        ]
+    ):
       (manual / "test.jsonl").write_text("\n" + line + "\n")
       with pytest.raises(ValueError, match=f"test.jsonl:2: .*{message}"):
         task.load("train", data_dir=str(tmp_path / str(n)))

@@ -17,18 +17,18 @@ CONFIG_METADATA_KEY = "config_record"
 
 
 RESUMABLE_FIELDS: tuple[str, ...] = (
-    "num_steps",          # extending a run (the runner rebuilds the LR schedule from it)
+    "num_steps",  # extending a run (the runner rebuilds the LR schedule from it)
     "eval_every",
     "progress",
     "checkpoint.every",
     "checkpoint.keep",
-    "task.data_dir",      # where the dataset is cached
-    "mesh.*",             # resuming on other hardware
-    "parallelism",        # likewise: 'mesh' and 'pmap' compute the same update
-    "distributed.*",      # coordinator address, process ids, timeouts
+    "task.data_dir",  # where the dataset is cached
+    "mesh.*",  # resuming on other hardware
+    "parallelism",  # likewise: 'mesh' and 'pmap' compute the same update
+    "distributed.*",  # coordinator address, process ids, timeouts
     "resume_with_changes",
     "compilation_cache_dir",  # where compiled programs are kept; changes no value
-    "perf.*",             # the denominator of perf/mfu; changes no trained value
+    "perf.*",  # the denominator of perf/mfu; changes no trained value
 )
 """Flattened config fields (`fnmatch` patterns) that may change when a run resumes.
 
@@ -85,8 +85,9 @@ def _is_resumable(field: str, resumable: Sequence[str]) -> bool:
   return any(fnmatch.fnmatchcase(field, pattern) for pattern in resumable)
 
 
-def config_fingerprint(config: Mapping[str, Any], *,
-                       resumable: Sequence[str] = RESUMABLE_FIELDS) -> str:
+def config_fingerprint(
+    config: Mapping[str, Any], *, resumable: Sequence[str] = RESUMABLE_FIELDS
+) -> str:
   """SHA-256 (hex) of a resolved config's canonical JSON, without the `resumable` fields.
 
   Args:
@@ -100,22 +101,31 @@ def config_fingerprint(config: Mapping[str, Any], *,
     (key order and tuple-vs-list do not matter).
   """
   flat = {k: v for k, v in flatten_config(config).items() if not _is_resumable(k, resumable)}
-  return hashlib.sha256(json.dumps(flat, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+  return hashlib.sha256(
+      json.dumps(flat, sort_keys=True, separators=(",", ":")).encode()
+  ).hexdigest()
 
 
-def config_record(config: Mapping[str, Any], *,
-                  resumable: Sequence[str] = RESUMABLE_FIELDS) -> dict[str, Any]:
+def config_record(
+    config: Mapping[str, Any], *, resumable: Sequence[str] = RESUMABLE_FIELDS
+) -> dict[str, Any]:
   """What to store under `metadata[CONFIG_METADATA_KEY]`: the fingerprint and the flattened config.
 
   The flattened fields (all of them, resumable ones too) let a mismatch name
   the differing fields, not only say that the hashes differ.
   """
-  return {"fingerprint": config_fingerprint(config, resumable=resumable),
-          "fields": flatten_config(config)}
+  return {
+      "fingerprint": config_fingerprint(config, resumable=resumable),
+      "fields": flatten_config(config),
+  }
 
 
-def config_changes(record: Mapping[str, Any], config: Mapping[str, Any], *,
-                   resumable: Sequence[str] = RESUMABLE_FIELDS) -> list[ConfigChange]:
+def config_changes(
+    record: Mapping[str, Any],
+    config: Mapping[str, Any],
+    *,
+    resumable: Sequence[str] = RESUMABLE_FIELDS,
+) -> list[ConfigChange]:
   """The non-resumable fields where `config` differs from a stored `config_record`, sorted by name."""
   stored = record["fields"]
   current = flatten_config(config)
@@ -129,9 +139,14 @@ def config_changes(record: Mapping[str, Any], config: Mapping[str, Any], *,
   return changes
 
 
-def check_config(record: Mapping[str, Any] | None, config: Mapping[str, Any], *,
-                 allow_changes: bool = False, where: str = "the checkpoint",
-                 resumable: Sequence[str] = RESUMABLE_FIELDS) -> list[ConfigChange]:
+def check_config(
+    record: Mapping[str, Any] | None,
+    config: Mapping[str, Any],
+    *,
+    allow_changes: bool = False,
+    where: str = "the checkpoint",
+    resumable: Sequence[str] = RESUMABLE_FIELDS,
+) -> list[ConfigChange]:
   """Compares a stored `config_record` with the run's config.
 
   Args:
@@ -150,10 +165,15 @@ def check_config(record: Mapping[str, Any] | None, config: Mapping[str, Any], *,
     ConfigMismatchError: fields differ (or `record` is None or malformed) and
       not `allow_changes`. The message lists every differing field with both values.
   """
-  if not (isinstance(record, Mapping) and isinstance(record.get("fields"), Mapping)
-          and isinstance(record.get("fingerprint"), str)):
-    message = (f"{where} holds no config record (metadata[{CONFIG_METADATA_KEY!r}]), so it "
-               "cannot be checked against this run's config")
+  if not (
+      isinstance(record, Mapping)
+      and isinstance(record.get("fields"), Mapping)
+      and isinstance(record.get("fingerprint"), str)
+  ):
+    message = (
+        f"{where} holds no config record (metadata[{CONFIG_METADATA_KEY!r}]), so it "
+        "cannot be checked against this run's config"
+    )
     if allow_changes:
       logger.warning("%s; resuming anyway (changes allowed).", message)
       return []
@@ -169,4 +189,5 @@ def check_config(record: Mapping[str, Any] | None, config: Mapping[str, Any], *,
     logger.warning("%s; resuming with these changes as asked.", message)
     return changes
   raise ConfigMismatchError(
-      message + ". Use another workdir, or allow resuming with changes (recorded).", changes)
+      message + ". Use another workdir, or allow resuming with changes (recorded).", changes
+  )

@@ -82,14 +82,19 @@ def _relative_files(root: epath.Path) -> list[str]:
 
 def _covered_files(step_dir: epath.Path) -> list[str]:
   """The files a manifest lists: all but the manifest, Orbax's step metadata and commit marker."""
-  return [name for name in _relative_files(step_dir)
-          if name not in (MANIFEST_FILE, _STEP_METADATA_FILE, _COMMIT_FILE)
-          and not name.startswith(_MANIFEST_TMP_PREFIX)]
+  return [
+      name
+      for name in _relative_files(step_dir)
+      if name not in (MANIFEST_FILE, _STEP_METADATA_FILE, _COMMIT_FILE)
+      and not name.startswith(_MANIFEST_TMP_PREFIX)
+  ]
 
 
 def tree_record(tree: Any) -> dict[str, dict[str, Any]]:
-  return {jax.tree_util.keystr(path): {"shape": [int(d) for d in leaf.shape], "dtype": str(leaf.dtype)}
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  return {
+      jax.tree_util.keystr(path): {"shape": [int(d) for d in leaf.shape], "dtype": str(leaf.dtype)}
+      for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 def with_self_digest(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -118,15 +123,26 @@ def write_atomically(path: epath.Path, data: bytes) -> None:
     raise
 
 
-def build_manifest(step_dir: epath.Path, step: int, tree: dict[str, Any],
-                    arrays: dict[str, Any] | None) -> dict[str, Any]:
+def build_manifest(
+    step_dir: epath.Path, step: int, tree: dict[str, Any], arrays: dict[str, Any] | None
+) -> dict[str, Any]:
   names = _covered_files(step_dir)
   paths = [step_dir / name for name in names]
   digests = _sha256_files(paths)
-  files = {name: {"size": p.stat().length, "sha256": d} for name, p, d in zip(names, paths, digests)}
-  return with_self_digest({
-      "format": _MANIFEST_FORMAT, "step": step, "created_ns": time.time_ns(), "files": files,
-      "after_commit": None, "tree": tree, "arrays": arrays})
+  files = {
+      name: {"size": p.stat().length, "sha256": d} for name, p, d in zip(names, paths, digests)
+  }
+  return with_self_digest(
+      {
+          "format": _MANIFEST_FORMAT,
+          "step": step,
+          "created_ns": time.time_ns(),
+          "files": files,
+          "after_commit": None,
+          "tree": tree,
+          "arrays": arrays,
+      }
+  )
 
 
 def read_manifest(step_dir: epath.Path) -> dict[str, Any]:
@@ -137,12 +153,17 @@ def read_manifest(step_dir: epath.Path) -> dict[str, Any]:
   except FileNotFoundError:
     raise CorruptCheckpointError(
         f"{path} is missing (a save killed before its commit, a step written by an older "
-        "gmpo_jax, or a deleted manifest)") from None
+        "gmpo_jax, or a deleted manifest)"
+    ) from None
   try:
     manifest = json.loads(data)
-    valid = (isinstance(manifest, dict) and manifest.get("format") == _MANIFEST_FORMAT
-             and with_self_digest(manifest)["self_sha256"] == manifest.get("self_sha256")
-             and isinstance(manifest.get("files"), dict) and isinstance(manifest.get("tree"), dict))
+    valid = (
+        isinstance(manifest, dict)
+        and manifest.get("format") == _MANIFEST_FORMAT
+        and with_self_digest(manifest)["self_sha256"] == manifest.get("self_sha256")
+        and isinstance(manifest.get("files"), dict)
+        and isinstance(manifest.get("tree"), dict)
+    )
   except (ValueError, TypeError, UnicodeDecodeError) as error:
     raise CorruptCheckpointError(f"{path} is not valid JSON ({error})") from None
   if not valid:
@@ -163,20 +184,27 @@ def verify_step_dir(step_dir: epath.Path) -> dict[str, Any]:
   present = set(_covered_files(step_dir))
   missing = sorted(set(expected) - present)
   if missing:
-    raise CorruptCheckpointError(f"{step_dir / missing[0]} is missing ({len(missing)} file(s) missing)")
+    raise CorruptCheckpointError(
+        f"{step_dir / missing[0]} is missing ({len(missing)} file(s) missing)"
+    )
   extra = sorted(present - set(expected))
   if extra:
-    raise CorruptCheckpointError(f"{step_dir / extra[0]} is not in the manifest ({len(extra)} unexpected file(s))")
+    raise CorruptCheckpointError(
+        f"{step_dir / extra[0]} is not in the manifest ({len(extra)} unexpected file(s))"
+    )
   names = sorted(expected)
   paths = [step_dir / name for name in names]
   for name, path in zip(names, paths):
     size = path.stat().length
     if size != expected[name]["size"]:
       raise CorruptCheckpointError(
-          f"{path} is {size} bytes, the manifest says {expected[name]['size']} (truncated or extended)")
+          f"{path} is {size} bytes, the manifest says {expected[name]['size']} (truncated or extended)"
+      )
   for name, path, digest in zip(names, paths, _sha256_files(paths)):
     if digest != expected[name]["sha256"]:
-      raise CorruptCheckpointError(f"{path} does not match its SHA-256 in the manifest (changed bytes)")
+      raise CorruptCheckpointError(
+          f"{path} does not match its SHA-256 in the manifest (changed bytes)"
+      )
   _check_after_commit_files(step_dir, manifest)
   return manifest
 
@@ -194,7 +222,8 @@ def _check_after_commit_files(step_dir: epath.Path, manifest: Mapping[str, Any])
     for name in AFTER_COMMIT_FILES:
       if hashlib.sha256(data[name]).hexdigest() != sealed.get(name):
         raise CorruptCheckpointError(
-            f"{step_dir / name} does not match its SHA-256 in the manifest (changed bytes)")
+            f"{step_dir / name} does not match its SHA-256 in the manifest (changed bytes)"
+        )
     return
   try:
     valid = isinstance(json.loads(data[_STEP_METADATA_FILE]), dict)

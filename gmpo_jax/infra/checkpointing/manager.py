@@ -183,12 +183,18 @@ def _tree_mismatch(stored: Mapping[str, Any], abstract: Any) -> str | None:
   for name, want in target.items():
     got = stored.get(name)
     if got is None:
-      return (f"the target has {name} ({want['dtype']}{want['shape']}), which the checkpoint "
-              "does not hold")
+      return (
+          f"the target has {name} ({want['dtype']}{want['shape']}), which the checkpoint "
+          "does not hold"
+      )
     if list(got["shape"]) != want["shape"] or (
-        (_is_key_dtype(got["dtype"]) or _is_key_dtype(want["dtype"])) and got["dtype"] != want["dtype"]):
-      return (f"{name} is {got['dtype']}{list(got['shape'])} in the checkpoint, the target has "
-              f"{want['dtype']}{want['shape']}")
+        (_is_key_dtype(got["dtype"]) or _is_key_dtype(want["dtype"]))
+        and got["dtype"] != want["dtype"]
+    ):
+      return (
+          f"{name} is {got['dtype']}{list(got['shape'])} in the checkpoint, the target has "
+          f"{want['dtype']}{want['shape']}"
+      )
   for name, got in stored.items():
     if name not in target:
       return f"the checkpoint holds {name} ({got['dtype']}{list(got['shape'])}), which the target lacks"
@@ -277,14 +283,16 @@ class Checkpointer:
     else:
       # Orbax's legacy `max_to_keep` + `best_fn` keeps the best N only, so the
       # newest step (the one to resume from) could be deleted; keep both sets.
-      preservation = ocp.checkpoint_managers.AnyPreservationPolicy([
-          latest,
-          ocp.checkpoint_managers.BestN(
-              get_metric_fn=self._score,
-              n=1,
-              keep_checkpoints_without_metrics=False,
-          ),
-      ])
+      preservation = ocp.checkpoint_managers.AnyPreservationPolicy(
+          [
+              latest,
+              ocp.checkpoint_managers.BestN(
+                  get_metric_fn=self._score,
+                  n=1,
+                  keep_checkpoints_without_metrics=False,
+              ),
+          ]
+      )
     self._options = ocp.CheckpointManagerOptions(
         preservation_policy=_ExceptSteps(preservation, lambda: self._unreadable | self._suspect),
         # `best_fn` makes Orbax write the metrics and answer `best_step()`;
@@ -309,8 +317,11 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     """Committed steps with an intact manifest (their data is verified on restore), ascending."""
     skipped = self._unreadable | self._suspect
-    return [step for step in sorted(self._manager.all_steps())
-            if step not in skipped and self._has_manifest(step)]
+    return [
+        step
+        for step in sorted(self._manager.all_steps())
+        if step not in skipped and self._has_manifest(step)
+    ]
 
   @property
   def latest_step(self) -> int | None:
@@ -376,8 +387,12 @@ class Checkpointer:
       self._remove_partial(self._failed_save)
       self._failed_save = None
     if step in self._unreadable:
-      logger.warning("Not saving checkpoint step %d: %s exists and this process cannot read it "
-                     "(restore its permissions or remove it).", step, self._step_dir(step))
+      logger.warning(
+          "Not saving checkpoint step %d: %s exists and this process cannot read it "
+          "(restore its permissions or remove it).",
+          step,
+          self._step_dir(step),
+      )
       return False
     on_disk = [s for s in self._manager.all_steps() if s not in self._unreadable]
     latest = max(on_disk, default=None)
@@ -386,7 +401,8 @@ class Checkpointer:
         logger.info("Checkpoint for step %d already saved in %s; skipping.", step, self._directory)
         return False
       raise ValueError(
-          f"Cannot save step {step}: {self._directory} already holds the later step {latest}.")
+          f"Cannot save step {step}: {self._directory} already holds the later step {latest}."
+      )
     _check_typed_key(state.key)
     metadata = dict(state.metadata)
     try:
@@ -394,13 +410,16 @@ class Checkpointer:
     except (TypeError, ValueError) as error:
       raise TypeError(f"CheckpointState.metadata must be JSON-serializable: {error}") from error
     tree = _state_tree(state)
-    items = {_STATE_ITEM: ocp.args.StandardSave(tree),
-             _METADATA_ITEM: ocp.args.JsonSave(metadata)}
+    items = {_STATE_ITEM: ocp.args.StandardSave(tree), _METADATA_ITEM: ocp.args.JsonSave(metadata)}
     arrays = _host_arrays(state.arrays)
     if arrays is not None:
       items[_ARRAYS_ITEM] = ocp.args.StandardSave(arrays)
     checked_metrics = self._checked_metrics(metrics)
-    self._pending = (step, integrity.tree_record(tree), None if arrays is None else integrity.tree_record(arrays))
+    self._pending = (
+        step,
+        integrity.tree_record(tree),
+        None if arrays is None else integrity.tree_record(arrays),
+    )
     try:
       self._manager.save(
           step,
@@ -434,7 +453,9 @@ class Checkpointer:
     if not step_dir.exists():
       raise RuntimeError(f"Orbax's directory for step {step} is neither {temporary} nor {final}")
     manifest = integrity.build_manifest(step_dir, step, tree, arrays)
-    integrity.write_atomically(step_dir / integrity.MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+    integrity.write_atomically(
+        step_dir / integrity.MANIFEST_FILE, json.dumps(manifest, indent=1).encode()
+    )
     self._unsealed = step
 
   def _seal(self) -> None:
@@ -445,15 +466,23 @@ class Checkpointer:
     step_dir = self._step_dir(step)
     try:
       manifest = integrity.read_manifest(step_dir)
-      manifest["after_commit"] = {name: integrity.sha256_file(step_dir / name) for name in integrity.AFTER_COMMIT_FILES}
-      integrity.write_atomically(step_dir / integrity.MANIFEST_FILE,
-                                 json.dumps(integrity.with_self_digest(manifest), indent=1).encode())
+      manifest["after_commit"] = {
+          name: integrity.sha256_file(step_dir / name) for name in integrity.AFTER_COMMIT_FILES
+      }
+      integrity.write_atomically(
+          step_dir / integrity.MANIFEST_FILE,
+          json.dumps(integrity.with_self_digest(manifest), indent=1).encode(),
+      )
     except (integrity.CorruptCheckpointError, OSError) as error:
       # Deleted by retention, damaged meanwhile, or no space for the sealed manifest: the unsealed
       # one stays whole (written atomically), and for a full disk the next write reports it.
       log = logger.info if disk_full.is_disk_full(error) else logger.warning
-      log("Could not complete the manifest of checkpoint step %d (%s); %s keeps the weaker check.",
-          step, error, integrity.AFTER_COMMIT_FILES)
+      log(
+          "Could not complete the manifest of checkpoint step %d (%s); %s keeps the weaker check.",
+          step,
+          error,
+          integrity.AFTER_COMMIT_FILES,
+      )
 
   def _checked_metrics(self, metrics: Mapping[str, Any] | None) -> dict[str, float] | None:
     if metrics is None:
@@ -462,7 +491,8 @@ class Checkpointer:
       raise ValueError("metrics were given but this Checkpointer has no best_metric to rank them.")
     if self._best_metric not in metrics:
       raise ValueError(
-          f"metrics must contain best_metric {self._best_metric!r}; got keys {sorted(metrics)}.")
+          f"metrics must contain best_metric {self._best_metric!r}; got keys {sorted(metrics)}."
+      )
     return {name: float(to_python_scalar(name, value)) for name, value in metrics.items()}
 
   def _score(self, metrics: Mapping[str, Any]) -> float:
@@ -526,7 +556,8 @@ class Checkpointer:
     if mismatch:
       raise CheckpointMismatchError(
           f"Checkpoint step {step} in {self._directory} does not match the restore target "
-          f"(another model?): {mismatch}.")
+          f"(another model?): {mismatch}."
+      )
     return self._restore(step, abstract, manifest.get("arrays"))
 
   def restore_metadata(self, step: int) -> dict[str, Any]:
@@ -541,10 +572,13 @@ class Checkpointer:
     integrity.verify_step_dir(self._step_dir(step))
     return self._restore_metadata(step)
 
-  def _restore(self, step: int, abstract: dict[str, Any],
-               arrays_record: dict[str, Any] | None) -> CheckpointState:
-    items = {_STATE_ITEM: ocp.args.StandardRestore(abstract),
-             _METADATA_ITEM: ocp.args.JsonRestore()}
+  def _restore(
+      self, step: int, abstract: dict[str, Any], arrays_record: dict[str, Any] | None
+  ) -> CheckpointState:
+    items = {
+        _STATE_ITEM: ocp.args.StandardRestore(abstract),
+        _METADATA_ITEM: ocp.args.JsonRestore(),
+    }
     if arrays_record is not None:
       items[_ARRAYS_ITEM] = ocp.args.StandardRestore()  # as saved: NumPy arrays
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
@@ -552,15 +586,19 @@ class Checkpointer:
     if arrays is not None and integrity.tree_record(arrays) != arrays_record:
       raise integrity.CorruptCheckpointError(
           f"Checkpoint step {step} in {self._directory}: the host arrays read back differ in "
-          "shape or dtype from the ones its manifest records.")
+          "shape or dtype from the ones its manifest records."
+      )
     tree = restored[_STATE_ITEM]
     # Orbax restores a PRNG key with the implementation it was saved with,
     # whatever the target says; any dtype drift is a mismatch, not a cast.
-    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(abstract)):
+    for (path, got), want in zip(
+        jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(abstract)
+    ):
       if got.dtype != want.dtype or got.shape != want.shape:
         raise CheckpointMismatchError(
             f"Restored {jax.tree_util.keystr(path)} is {got.dtype}{list(got.shape)}, "
-            f"target wants {want.dtype}{list(want.shape)}.")
+            f"target wants {want.dtype}{list(want.shape)}."
+        )
     return CheckpointState(
         step=step,
         model=tree["model"],
@@ -572,7 +610,8 @@ class Checkpointer:
 
   def _restore_metadata(self, step: int) -> dict[str, Any]:
     return self._manager.restore(
-        step, args=ocp.args.Composite(**{_METADATA_ITEM: ocp.args.JsonRestore()}))[_METADATA_ITEM]
+        step, args=ocp.args.Composite(**{_METADATA_ITEM: ocp.args.JsonRestore()})
+    )[_METADATA_ITEM]
 
   def restore_latest(
       self,
@@ -629,33 +668,56 @@ class Checkpointer:
       try:
         manifest = integrity.verify_step_dir(step_dir)
       except integrity.CorruptCheckpointError as error:
-        logger.warning("Checkpoint step %d in %s is corrupted (CorruptCheckpointError: %s); trying "
-                       "an older step.", step, self._directory, error)
+        logger.warning(
+            "Checkpoint step %d in %s is corrupted (CorruptCheckpointError: %s); trying "
+            "an older step.",
+            step,
+            self._directory,
+            error,
+        )
         failed.append((step, f"corrupted: {error}"))
         first_error = first_error or error
         continue
       except PermissionError as error:
-        logger.warning("Skipping checkpoint step %d: %s is not readable by this process (%s); it "
-                       "is left in place. Trying an older step.",
-                       step, error.filename or step_dir, error)
+        logger.warning(
+            "Skipping checkpoint step %d: %s is not readable by this process (%s); it "
+            "is left in place. Trying an older step.",
+            step,
+            error.filename or step_dir,
+            error,
+        )
         self._unreadable.add(step)
         failed.append((step, f"unreadable: {error}"))
         first_error = first_error or error
         continue
       except OSError as error:  # an I/O error: as damaged as a changed byte
-        logger.warning("Could not read checkpoint step %d in %s (%s: %s); trying an older step.",
-                       step, self._directory, type(error).__name__, error)
+        logger.warning(
+            "Could not read checkpoint step %d in %s (%s: %s); trying an older step.",
+            step,
+            self._directory,
+            type(error).__name__,
+            error,
+        )
         failed.append((step, f"{type(error).__name__}: {error}"))
         first_error = first_error or error
         continue
       if config is not None:
-        identity.check_config(self._restore_metadata(step).get(identity.CONFIG_METADATA_KEY), config,
-                     allow_changes=allow_config_changes, resumable=resumable,
-                     where=f"Checkpoint step {step} in {self._directory}")
+        identity.check_config(
+            self._restore_metadata(step).get(identity.CONFIG_METADATA_KEY),
+            config,
+            allow_changes=allow_config_changes,
+            resumable=resumable,
+            where=f"Checkpoint step {step} in {self._directory}",
+        )
       mismatch = _tree_mismatch(manifest["tree"], abstract)
       if mismatch:
-        logger.warning("Checkpoint step %d in %s does not match the restore target: %s; trying an "
-                       "older step.", step, self._directory, mismatch)
+        logger.warning(
+            "Checkpoint step %d in %s does not match the restore target: %s; trying an "
+            "older step.",
+            step,
+            self._directory,
+            mismatch,
+        )
         mismatches.append((step, mismatch))
         continue
       try:
@@ -663,18 +725,27 @@ class Checkpointer:
       except Exception as error:  # noqa: BLE001 - every read failure means "try an older step"
         logger.warning(
             "Could not restore checkpoint step %d from %s (%s: %s); trying an older step.",
-            step, self._directory, type(error).__name__, error)
+            step,
+            self._directory,
+            type(error).__name__,
+            error,
+        )
         failed.append((step, f"{type(error).__name__}: {error}"))
         first_error = first_error or error
         continue
       movable = sorted(
-          [s for s, why in failed if not why.startswith("unreadable")] + [s for s, _ in mismatches])
+          [s for s, why in failed if not why.startswith("unreadable")] + [s for s, _ in mismatches]
+      )
       if movable:
         self._quarantine(movable)
         self._suspect -= set(movable)
         self._manager.reload()
-        logger.warning("Resuming from step %d; steps %s were moved to %s.", step, movable,
-                       self._directory / CORRUPTED_DIR)
+        logger.warning(
+            "Resuming from step %d; steps %s were moved to %s.",
+            step,
+            movable,
+            self._directory / CORRUPTED_DIR,
+        )
       return restored
     if not steps:
       return None
@@ -683,10 +754,14 @@ class Checkpointer:
       step, mismatch = mismatches[0]
       raise CheckpointMismatchError(
           f"No checkpoint in {self._directory} matches the configured model: step {step}: "
-          f"{mismatch}. Nothing was moved. All steps: {problems}")
+          f"{mismatch}. Nothing was moved. All steps: {problems}"
+      )
     raise UnrestorableCheckpointsError(
         f"None of the checkpoints {steps} in {self._directory} could be verified and restored; "
-        f"nothing was moved. {problems}", steps=steps, problems=problems) from first_error
+        f"nothing was moved. {problems}",
+        steps=steps,
+        problems=problems,
+    ) from first_error
 
   # -- corrupted steps ------------------------------------------------------------
 
@@ -710,13 +785,18 @@ class Checkpointer:
       for step, step_error in bad_steps:
         logger.warning(
             "Checkpoint step %d in %s has an unreadable metrics file (%s: %s).",
-            step, self._directory, type(step_error).__name__, step_error)
+            step,
+            self._directory,
+            type(step_error).__name__,
+            step_error,
+        )
       bad = [step for step, _ in bad_steps]
       if not any(s not in bad and self._has_manifest(s) for s in steps):
         raise RuntimeError(
             f"Checkpoint step(s) {bad} in {self._directory} have damaged metrics files and no "
             f"other checkpoint remains; nothing was moved. First error: "
-            f"{type(bad_steps[0][1]).__name__}: {bad_steps[0][1]}") from error
+            f"{type(bad_steps[0][1]).__name__}: {bad_steps[0][1]}"
+        ) from error
       self._quarantine(bad)
       manager = ocp.CheckpointManager(self._directory, options=self._options)
     changed = self._steps_with_changed_metrics(manager.all_steps())
@@ -731,7 +811,9 @@ class Checkpointer:
     probe = ocp.CheckpointManager(
         self._directory,
         options=ocp.CheckpointManagerOptions(
-            read_only=True, lightweight_initialize=True, step_name_format=self._name_format))
+            read_only=True, lightweight_initialize=True, step_name_format=self._name_format
+        ),
+    )
     bad = []
     try:
       steps = list(probe.all_steps())
@@ -739,8 +821,12 @@ class Checkpointer:
         try:
           probe.metrics(step)
         except PermissionError as error:
-          logger.warning("Checkpoint step %d: %s is not readable by this process; it is left in "
-                         "place and skipped.", step, error.filename)
+          logger.warning(
+              "Checkpoint step %d: %s is not readable by this process; it is left in "
+              "place and skipped.",
+              step,
+              error.filename,
+          )
           self._unreadable.add(step)
         except Exception as error:  # noqa: BLE001 - any failure to parse is corruption
           bad.append((step, error))
@@ -755,10 +841,16 @@ class Checkpointer:
       try:
         files = integrity.read_manifest(step_dir)["files"]
         for name, entry in files.items():
-          if name.startswith(_METRICS_PREFIX) and integrity.sha256_file(step_dir / name) != entry["sha256"]:
-            logger.warning("Checkpoint step %d in %s: %s does not match its SHA-256 in the "
-                           "manifest.", step,
-                           self._directory, step_dir / name)
+          if (
+              name.startswith(_METRICS_PREFIX)
+              and integrity.sha256_file(step_dir / name) != entry["sha256"]
+          ):
+            logger.warning(
+                "Checkpoint step %d in %s: %s does not match its SHA-256 in the " "manifest.",
+                step,
+                self._directory,
+                step_dir / name,
+            )
             changed.append(step)
             break
       except (integrity.CorruptCheckpointError, OSError):
@@ -789,8 +881,13 @@ class Checkpointer:
         try:
           source.rename(target)
         except OSError as error:  # left in place: the next restore meets it (and warns) again
-          logger.warning("Could not move damaged checkpoint step %d to %s (%s: %s).", step, target,
-                         type(error).__name__, error)
+          logger.warning(
+              "Could not move damaged checkpoint step %d to %s (%s: %s).",
+              step,
+              target,
+              type(error).__name__,
+              error,
+          )
           continue
         logger.warning("Moved damaged checkpoint step %d to %s.", step, target)
     self._barrier("quarantine_done")
@@ -823,8 +920,9 @@ class Checkpointer:
     """Describes the failed save of `step`; its files are removed by `close` (or the next
     `save`), once Orbax's threads that still write them are done."""
     self._failed_save = step
-    return disk_full.DiskFullError(step=step, path=self._step_dir(step),
-                                   last_complete=self.latest_step)
+    return disk_full.DiskFullError(
+        step=step, path=self._step_dir(step), last_complete=self.latest_step
+    )
 
   def _remove_partial(self, step: int) -> bool:
     """Removes the files of a failed save of `step` (primary process): Orbax's temporary
@@ -844,8 +942,9 @@ class Checkpointer:
       try:
         path.rmtree()
       except OSError as error:
-        logger.warning("Could not remove %s, left by the failed save of step %d: %s", path, step,
-                       error)
+        logger.warning(
+            "Could not remove %s, left by the failed save of step %d: %s", path, step, error
+        )
     return bool(partial)
 
   def close(self) -> None:
@@ -883,8 +982,11 @@ def _host_arrays(arrays: Any) -> Any:
   """`CheckpointState.arrays` checked: None when it holds no leaf, else NumPy leaves."""
   if arrays is None or not jax.tree.leaves(arrays):
     return None
-  wrong = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(arrays)
-           if not isinstance(leaf, np.ndarray)]
+  wrong = [
+      jax.tree_util.keystr(path)
+      for path, leaf in jax.tree_util.tree_leaves_with_path(arrays)
+      if not isinstance(leaf, np.ndarray)
+  ]
   if wrong:
     raise TypeError(f"CheckpointState.arrays must hold NumPy arrays; not for {wrong[:5]}.")
   return arrays
@@ -894,16 +996,22 @@ def _check_typed_key(key: Any) -> None:
   if not (isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)):
     raise TypeError(
         "CheckpointState.key must be a typed PRNG key array (jax.random.key), got "
-        f"{getattr(key, 'dtype', type(key))}; wrap raw uint32 keys with jax.random.wrap_key_data.")
+        f"{getattr(key, 'dtype', type(key))}; wrap raw uint32 keys with jax.random.wrap_key_data."
+    )
 
 
 def _abstract_tree(target: CheckpointState, mesh: jax.sharding.Mesh | None) -> dict[str, Any]:
   abstract = jax.tree.map(lambda leaf: _abstract_leaf(leaf, mesh), _state_tree(target))
   if jax.process_count() > 1:
-    unsharded = [jax.tree_util.keystr(path) for path, leaf in
-                 jax.tree_util.tree_leaves_with_path(abstract) if leaf.sharding is None]
+    unsharded = [
+        jax.tree_util.keystr(path)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(abstract)
+        if leaf.sharding is None
+    ]
     if unsharded:
-      raise ValueError(f"On multi-host every target leaf needs a sharding; missing for {unsharded[:5]}.")
+      raise ValueError(
+          f"On multi-host every target leaf needs a sharding; missing for {unsharded[:5]}."
+      )
   return abstract
 
 
@@ -911,17 +1019,23 @@ def _abstract_leaf(leaf: Any, mesh: jax.sharding.Mesh | None) -> jax.ShapeDtypeS
   if isinstance(leaf, jax.Array):
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
   if not isinstance(leaf, jax.ShapeDtypeStruct):
-    raise TypeError(f"Restore target leaves must be jax.Array or jax.ShapeDtypeStruct, got {type(leaf)}.")
+    raise TypeError(
+        f"Restore target leaves must be jax.Array or jax.ShapeDtypeStruct, got {type(leaf)}."
+    )
   sharding = leaf.sharding
-  if not (isinstance(sharding, jax.sharding.NamedSharding)
-          and isinstance(sharding.mesh, jax.sharding.AbstractMesh)):
+  if not (
+      isinstance(sharding, jax.sharding.NamedSharding)
+      and isinstance(sharding.mesh, jax.sharding.AbstractMesh)
+  ):
     return leaf
   # Orbax needs devices to place the shards on; an abstract mesh has none.
   if mesh is None:
     raise ValueError(
         f"A restore target leaf is sharded over an AbstractMesh {dict(sharding.mesh.shape)} "
-        "(as jax.eval_shape returns); pass the concrete mesh with mesh=.")
+        "(as jax.eval_shape returns); pass the concrete mesh with mesh=."
+    )
   if dict(mesh.shape) != dict(sharding.mesh.shape):
     raise ValueError(
-        f"mesh {dict(mesh.shape)} does not match the target's abstract mesh {dict(sharding.mesh.shape)}.")
+        f"mesh {dict(mesh.shape)} does not match the target's abstract mesh {dict(sharding.mesh.shape)}."
+    )
   return leaf.update(sharding=jax.sharding.NamedSharding(mesh, sharding.spec))
