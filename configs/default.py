@@ -162,6 +162,9 @@ def get_config() -> ml_collections.ConfigDict:
   # learner device; None: the chip's dense bf16 peak, or on the CPU a measured matmul probe.
   config.perf = ml_collections.ConfigDict()
   config.perf.peak_tflops = ml_collections.FieldReference(None, field_type=float)
+  # A jax.profiler trace of RL steps (first, last) into WORKDIR/profile: e.g.
+  # --config.perf.profile_steps="(3, 5)".
+  config.perf.profile_steps = ml_collections.FieldReference(None, field_type=tuple)
 
   # Multi-process runs (gmpo_jax.infra.distributed): all three of coordinator_address, num_processes
   # and process_id (or the JAX_* environment variables), or auto_detect on a TPU pod slice /

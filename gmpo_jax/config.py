@@ -68,6 +68,12 @@ def _is_int(value: Any) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _as_tuple(section: Mapping[str, Any] | None, key: str) -> dict[str, Any]:
+  """{key: tuple(value)} when the section sets a sequence there (a config file's list), else {}."""
+  value = (section or {}).get(key)
+  return {key: tuple(value)} if isinstance(value, (list, tuple)) else {}
+
+
 def _frozen(mapping: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
   return tuple(sorted((mapping or {}).items()))
 
@@ -546,9 +552,13 @@ class PerfConfig:
     peak_tflops: peak TFLOP/s of one learner device, the denominator of `perf/mfu` (times the
       learner's devices); None: the chip's dense bf16 peak from `gmpo_jax.runner.perf.CHIP_PEAK_TFLOPS`,
       or on the CPU a measured float32 matmul probe.
+    profile_steps: (first, last): a `jax.profiler` trace of RL steps first..last (both
+      included) is written to WORKDIR/profile (TensorBoard's profile plugin, Perfetto); None:
+      no trace.
   """
 
   peak_tflops: float | None = None
+  profile_steps: tuple[int, int] | None = None
 
   def __post_init__(self):
     peak = self.peak_tflops
@@ -557,6 +567,14 @@ class PerfConfig:
         "peak_tflops",
         peak,
         "must be a finite number > 0 or None",
+    )
+    steps = self.profile_steps
+    _require(
+        steps is None
+        or (len(steps) == 2 and all(_is_int(s) for s in steps) and 1 <= steps[0] <= steps[1]),
+        "profile_steps",
+        steps,
+        "must be None or (first, last) RL steps with 1 <= first <= last",
     )
 
 
@@ -715,5 +733,10 @@ class ExperimentConfig:
         checkpoint=_section(CheckpointConfig, sections["checkpoint"], "checkpoint"),
         mesh=_section(MeshConfig, sections["mesh"], "mesh"),
         rollout=_section(RolloutConfig, sections["rollout"], "rollout"),
-        perf=_section(PerfConfig, sections["perf"], "perf"),
+        perf=_section(
+            PerfConfig,
+            sections["perf"],
+            "perf",
+            **_as_tuple(sections["perf"], "profile_steps"),
+        ),
     )

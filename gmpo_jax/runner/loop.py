@@ -42,6 +42,7 @@ from gmpo_jax.learner import update as learner
 from gmpo_jax.rollout import backends as rollout_lib
 from gmpo_jax.rollout import producer as async_rollout
 from gmpo_jax.rollout.backends import Rollout
+from gmpo_jax.runner import profiling
 from gmpo_jax.runner.build import Run, attach_lora, build_run, make_optimizer
 from gmpo_jax.runner.data import PromptStream
 from gmpo_jax.runner.evaluate import evaluate
@@ -353,9 +354,12 @@ def _resume_and_train(
       eval_due = lambda done: done % config.eval_every == 0 or done == config.num_steps
       record: dict[str, Any] = {}
 
+      trace = profiling.StepTrace(config.perf.profile_steps, workdir / "profile")
+
       def take_step(step: int) -> tuple[int, bool]:
         nonlocal state, record
         del step  # state.step
+        trace.before(state.step + 1)
         if producer is None:
           state, record = rl_step(state, stream.take(config.prompts_per_step))
         else:
@@ -363,6 +367,7 @@ def _resume_and_train(
         if eval_due(state.step):
           record.update(evaluate(run, state.params, eval_key, step=state.step))
         writer.write(state.step, record)
+        trace.after(state.step)
         return state.step, False
 
       def save(done: int, last: bool) -> None:
@@ -390,6 +395,7 @@ def _resume_and_train(
         if preempted:
           logger.warning("preemption requested: checkpoint saved at step %d, exiting", done)
       finally:
+        trace.close()
         if producer is not None:
           producer.close()
       # What RL added to its starting policy: the last evaluation minus the one before RL.
