@@ -139,8 +139,8 @@ def cached_dense_attention(
   """`dense_attention` over a read-only KV cache followed by the chunk's own keys.
 
   The softmax runs over the concatenation [cache slots ; chunk keys]; only the [.., S + T]
-  scores are concatenated, never the keys: the cache is read in place (from a layer
-  scan's slice) and written after the layers, so a decode step neither copies nor
+  scores are concatenated, never the keys: the cache is read in place (a slice of the
+  stacked cache) and written after the layers, so a decode step neither copies nor
   re-lays-out the cache (a cache carried through the layer scan and updated there made the
   TPU compiler keep it in a write-friendly layout and copy every layer's slice at every
   step).
