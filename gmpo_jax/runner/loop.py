@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from gmpo_jax.infra import checkpointing, compilation, disk_full, preemption, sharding, workdir_lock
@@ -157,6 +158,13 @@ def _train(
       max_to_keep=config.checkpoint.keep,
       best_metric=config.checkpoint.best_metric,
       best_mode="max",
+      # Every `checkpoint.every` steps, and at each evaluation (its metrics rank the best step).
+      save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(
+          [
+              ocp.checkpoint_managers.FixedIntervalPolicy(config.checkpoint.every),
+              ocp.checkpoint_managers.FixedIntervalPolicy(config.eval_every),
+          ]
+      ),
   ) as ckpt:
     warm_start_result = None
     if _has_warm_start(config):
@@ -389,7 +397,7 @@ def _resume_and_train(
             config.num_steps,
             take_step=take_step,
             save=save,
-            save_due=lambda done: eval_due(done) or done % config.checkpoint.every == 0,
+            decisions=ckpt,
             preemption=preemption,
         )
         if preempted:

@@ -5,8 +5,19 @@ does and what a checkpoint holds."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 from gmpo_jax.infra.preemption import PreemptionHandler
+
+
+class SaveDecisions(Protocol):
+  """When to save (`gmpo_jax.infra.checkpointing.Checkpointer` is one)."""
+
+  def should_save(self, step: int) -> bool:
+    ...
+
+  def reached_preemption(self, step: int) -> bool:
+    ...
 
 
 def run_steps(
@@ -15,15 +26,17 @@ def run_steps(
     *,
     take_step: Callable[[int], tuple[int, bool]],
     save: Callable[[int, bool], None],
-    save_due: Callable[[int], bool],
+    decisions: SaveDecisions,
     preemption: PreemptionHandler,
 ) -> tuple[int, bool]:
   """Takes steps from `step` to `num_steps`, saving when due, at the end and on a stop request.
 
-  After each step every process asks whether any of them was asked to stop
-  (`preemption.requested_on_any_process`, a collective), so all stop at the same step and take
-  part in the same save. A step that ends the loop (the last one, or one that says it is
-  finished) is saved as the last, even when a stop was also requested.
+  After each step every process asks whether any of them was asked to stop (a signal to one of
+  them, `preemption.requested_on_any_process`, a collective; or the preemption sync point that
+  the JAX coordination service sets on a multi-host run, `decisions.reached_preemption`), so all
+  stop at the same step and take part in the same save. A step that ends the loop (the last
+  one, or one that says it is finished) is saved as the last, even when a stop was also
+  requested.
 
   Args:
     step: the first step to take (the restored one, or 0).
@@ -32,8 +45,9 @@ def run_steps(
       (the warm start reaching its target pass rate).
     save: `save(step, last)` saves the state after `step`; `last` is True when the loop ends
       there by itself (a stop may have been requested too).
-    save_due: whether the state after a step is saved when neither last nor stopped.
-    preemption: the run's handler.
+    decisions: `should_save(step)`: whether the state after a step is saved when neither last
+      nor stopped (the checkpointer's save policy); `reached_preemption(step)`: see above.
+    preemption: the run's signal handler.
 
   Returns:
     (the step reached, whether a stop request ended the loop before its end). The state is
@@ -42,8 +56,8 @@ def run_steps(
   while step < num_steps:
     step, finished = take_step(step)
     last = finished or step >= num_steps
-    stop = preemption.requested_on_any_process()
-    if last or stop or save_due(step):
+    stop = preemption.requested_on_any_process() or decisions.reached_preemption(step)
+    if last or stop or decisions.should_save(step):
       save(step, last)
     if last or stop:
       return step, not last

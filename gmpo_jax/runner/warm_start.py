@@ -170,7 +170,7 @@ def warm_start(
         cfg.steps,
         take_step=take_step,
         save=save,
-        save_due=lambda step: False,
+        decisions=ckpt,  # no periodic saves: its policy is None
         preemption=preemption,
     )
     if preempted:

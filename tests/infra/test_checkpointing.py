@@ -17,8 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from experiments import fault_table
 from gmpo_jax.infra import disk_full
@@ -43,6 +45,42 @@ from gmpo_jax.infra.checkpointing import (
 from gmpo_jax.infra.preemption import install_preemption_handler
 
 _TX = optax.adamw(1e-2)
+
+
+class TestSaveDecisions:
+
+  def test_the_policy_decides_and_a_saved_step_is_not_due_again(self, tmp_path):
+    policy = ocp.checkpoint_managers.AnySavePolicy(
+        [
+            ocp.checkpoint_managers.FixedIntervalPolicy(3),
+            ocp.checkpoint_managers.FixedIntervalPolicy(5),
+        ]
+    )
+    with Checkpointer(tmp_path, save_decision_policy=policy, async_save=False) as checkpointer:
+      assert [s for s in range(1, 11) if checkpointer.should_save(s)] == [3, 5, 6, 9, 10]
+      checkpointer.save(_make_state(6, 0)[1])
+      assert not checkpointer.should_save(5) and not checkpointer.should_save(6)
+      assert checkpointer.should_save(9)
+    with Checkpointer(tmp_path / "none") as checkpointer:  # no policy: no periodic save
+      assert not any(checkpointer.should_save(s) for s in range(1, 11))
+
+  def test_the_preemption_step_comes_from_the_coordination_service(self, tmp_path, monkeypatch):
+    with Checkpointer(tmp_path) as checkpointer:
+      # Without jax.distributed there is no coordination service and no preemption step.
+      assert not any(checkpointer.reached_preemption(s) for s in range(1, 5))
+      monkeypatch.setattr(multihost_utils, "distributed", _FakeDistributed(sync_step=3))
+      assert [s for s in range(1, 6) if checkpointer.reached_preemption(s)] == [3]
+
+
+class _FakeDistributed:
+  """What `jax.experimental.multihost_utils` reads of `jax.distributed` on a multi-host run
+  whose coordination service agreed on `sync_step` after a preemption notice."""
+
+  def __init__(self, sync_step: int):
+    sync_manager = type("SyncManager", (), {"reached_sync_point": lambda _, s: s == sync_step})
+    self.global_state = type(
+        "State", (), {"client": object(), "preemption_sync_manager": sync_manager()}
+    )()
 
 
 def _make_state(step: int, seed: int) -> tuple[nnx.GraphDef, CheckpointState]:

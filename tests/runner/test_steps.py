@@ -6,10 +6,13 @@ from gmpo_jax.runner.steps import run_steps
 
 
 class _Loop:
-  """Steps by one; a stop request shows up after `stop_at`, the run finishes at `finish_at`."""
+  """Steps by one; a stop request shows up after `stop_at` (a signal, or at `sync_point` the
+  coordination service's preemption step), the run finishes at `finish_at`, saves are due at
+  even steps."""
 
-  def __init__(self, *, stop_at=None, finish_at=None):
-    self.stop_at, self.finish_at, self.step, self.saves = stop_at, finish_at, None, []
+  def __init__(self, *, stop_at=None, finish_at=None, sync_point=None):
+    self.stop_at, self.finish_at, self.sync_point = stop_at, finish_at, sync_point
+    self.step, self.saves, self.asked = None, [], []
 
   def take_step(self, step):
     self.step = step + 1
@@ -21,13 +24,20 @@ class _Loop:
   def requested_on_any_process(self):
     return self.stop_at is not None and self.step >= self.stop_at
 
+  def should_save(self, step):
+    return step % 2 == 0
+
+  def reached_preemption(self, step):
+    self.asked.append(step)
+    return step == self.sync_point
+
   def run(self, first, num_steps):
     return run_steps(
         first,
         num_steps,
         take_step=self.take_step,
         save=self.save,
-        save_due=lambda step: step % 2 == 0,
+        decisions=self,
         preemption=self,
     )
 
@@ -49,3 +59,11 @@ def test_saves_when_due_at_the_end_and_on_a_stop(stop_at, finish_at, first, want
   loop = _Loop(stop_at=stop_at, finish_at=finish_at)
   assert loop.run(first, 5) == want
   assert loop.saves == saves
+
+
+def test_the_preemption_sync_point_stops_every_process_at_that_step():
+  loop = _Loop(sync_point=3)
+  assert loop.run(0, 5) == (3, True)
+  assert loop.saves == [(2, False), (3, False)]
+  # Asked at every step, as JAX's sync protocol requires.
+  assert loop.asked == [1, 2, 3]

@@ -126,18 +126,29 @@ def test_every_rl_step_logs_its_hardware_rates(uninterrupted):
     )
 
 
-def test_sigterm_then_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop", ["sigterm", "sync_point"])
+def test_a_stop_then_resume_reproduces_the_uninterrupted_run(
+    uninterrupted, tmp_path, monkeypatch, stop
+):
   reference = _records(uninterrupted[0])
   workdir = tmp_path / "resumed"
-  write = metrics_lib.MetricsWriter.write
-
-  def write_then_preempt(self, step, record):
-    write(self, step, record)
-    if step == 2:
-      os.kill(os.getpid(), signal.SIGTERM)  # the real handler: save, then leave the loop
-
   with monkeypatch.context() as patch:
-    patch.setattr(metrics_lib.MetricsWriter, "write", write_then_preempt)
+    if stop == "sigterm":  # the real handler: save, then leave the loop
+      write = metrics_lib.MetricsWriter.write
+
+      def write_then_preempt(self, step, record):
+        write(self, step, record)
+        if step == 2:
+          os.kill(os.getpid(), signal.SIGTERM)
+
+      patch.setattr(metrics_lib.MetricsWriter, "write", write_then_preempt)
+    else:  # a multi-host run: the coordination service's preemption step, in the RL loop
+      rl_checkpoints = workdir / "checkpoints"
+      patch.setattr(
+          checkpointing.Checkpointer,
+          "reached_preemption",
+          lambda self, step: self.directory == rl_checkpoints and step == 2,
+      )
     loop.train_and_evaluate(smoke.get_config(), workdir)
   assert [r["step"] for r in _records(workdir)] == [0, 1, 2]
 

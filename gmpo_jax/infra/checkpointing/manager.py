@@ -242,6 +242,9 @@ class Checkpointer:
     best_mode: 'max' or 'min': which direction of `best_metric` is better.
       NaN, +-inf or a missing value rank as the worst.
     async_save: write in a background thread (see the module docstring).
+    save_decision_policy: when a periodic save is due (`should_save`), as an Orbax
+      `SaveDecisionPolicy` (e.g. `FixedIntervalPolicy(100)`, several under `AnySavePolicy`).
+      None: none is; `save` writes whatever it is given in either case.
   """
 
   def __init__(
@@ -252,6 +255,7 @@ class Checkpointer:
       best_metric: str | None = None,
       best_mode: Literal["max", "min"] = "max",
       async_save: bool = True,
+      save_decision_policy: ocp.checkpoint_managers.SaveDecisionPolicy | None = None,
   ):
     if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
       raise ValueError(f"max_to_keep must be an int >= 1, got {max_to_keep!r}.")
@@ -300,6 +304,8 @@ class Checkpointer:
         best_fn=None if best_metric is None else self._score,
         best_mode="max",
         step_name_format=self._name_format,
+        save_decision_policy=save_decision_policy
+        or ocp.checkpoint_managers.SpecificStepsPolicy(steps=()),
         cleanup_tmp_directories=True,
         # Always Orbax's async checkpointer: the manifest callback exists only
         # there; `async_save=False` waits at the end of `save`.
@@ -350,6 +356,25 @@ class Checkpointer:
     return True
 
   # -- save ---------------------------------------------------------------------
+
+  def should_save(self, step: int) -> bool:
+    """Whether the policy asks for a save after `step` (False once `step` is saved or older).
+
+    Orbax evaluates the policy; its context includes `reached_preemption`, so call this on
+    every process at the same step.
+    """
+    return self._manager.should_save(step)
+
+  def reached_preemption(self, step: int) -> bool:
+    """Whether `step` is the step all processes agreed to save at after a preemption notice.
+
+    On a multi-process run the JAX coordination service relays the cluster's notice (SIGTERM on
+    one host) to every process and picks the step after the highest one any of them has
+    reached; this is True at that step on all of them, so they save together. Call it on every
+    process at every step (Orbax's `reached_preemption`; always False without
+    `jax.distributed`).
+    """
+    return self._manager.reached_preemption(step)
 
   def save(
       self,
