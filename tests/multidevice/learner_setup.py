@@ -16,6 +16,7 @@ from gmpo_jax.config import AlgorithmConfig
 from gmpo_jax.infra import sharding
 from gmpo_jax.learner import pmap_update as pmap_step
 from gmpo_jax.learner import update as learner
+from gmpo_jax.models import lora
 from gmpo_jax.models.logprobs import positions_from_mask
 from gmpo_jax.models.transformer import Transformer, TransformerConfig
 from gmpo_jax.rollout.backends import Rollout
@@ -49,9 +50,13 @@ OPTIM = ml_collections.ConfigDict(
 )
 
 
-def model():
-  """(graphdef, params) of the tiny policy at a fixed initialisation."""
-  return nnx.split(Transformer(MODEL, rngs=nnx.Rngs(0)))
+def model(lora_config=None):
+  """(graphdef, params) of the tiny policy at a fixed initialisation, with `lora_config`'s
+  adapters attached (the base frozen) when one is given."""
+  policy = Transformer(MODEL, rngs=nnx.Rngs(0))
+  if lora_config is not None:
+    policy = lora.apply_lora(policy, lora_config, seed=0)
+  return nnx.split(policy)
 
 
 def optimizer():
@@ -135,6 +140,7 @@ def mesh_run(
     in_mesh_context=False,
     algo=ALGO,
     parallelism="mesh",
+    lora_config=None,
 ):
   """NUM_STEPS updates of the Mesh path as the runner wires it (see test_mesh_equivalence).
 
@@ -145,6 +151,7 @@ def mesh_run(
       does, so the model's activations are constrained to the batch axes.
     algo: the algorithm (its objective and importance correction).
     parallelism: 'mesh', or 'pmap' for the runner's `pmap_step` update over the mesh's devices.
+    lora_config: a `lora.LoRAConfig`: the update trains its adapters only, as a LoRA run's does.
 
   Returns:
     dict: `outputs` and `states` ((params, opt_state)) after every step, as NumPy; the live
@@ -155,17 +162,20 @@ def mesh_run(
   else:
     data, fsdp, tensor = mesh_shape
     mesh = sharding.make_mesh(data=data, fsdp=fsdp, tensor=tensor)
-  graphdef, params = model()
+  graphdef, params = model(lora_config)
   opt = optimizer()
   param_shardings = sharding.state_shardings(params, mesh)
   params = jax.device_put(params, param_shardings)
-  opt_state = learner.init_opt_state(opt, params, mesh)
-  opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
-  build = (
-      functools.partial(pmap_step.make_pmap_update_fn, devices=list(mesh.devices.flat))
-      if parallelism == "pmap"
-      else learner.make_update_fn
+  opt_state = learner.init_opt_state(
+      opt, params if lora_config is None else lora.split_adapters(params)[0], mesh
   )
+  opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
+  if parallelism == "pmap":  # the runner's pmap path trains every parameter
+    assert lora_config is None
+    build = functools.partial(pmap_step.make_pmap_update_fn, devices=list(mesh.devices.flat))
+  else:
+    trainable = None if lora_config is None else lora.LoRAParam
+    build = functools.partial(learner.make_update_fn, trainable=trainable)
   update = build(
       graphdef, opt, micro_loss(algo), param_shardings=param_shardings, opt_shardings=opt_shardings
   )
