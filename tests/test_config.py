@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from configs import default, qwen2_5_0_5b, smoke
+from configs import ablation_default, default, lora, qwen2_5_0_5b, smoke
 from gmpo_jax import main
 from gmpo_jax.config import ConfigError, ExperimentConfig, ModelConfig, OptimConfig
 from gmpo_jax.models import hf_import
@@ -29,6 +29,20 @@ def test_the_shipped_configs_are_valid():
     ExperimentConfig.from_config(config)
   config.model.hf_path = "/models/qwen"
   assert ExperimentConfig.from_config(config).model.tokenizer is None
+
+
+@pytest.mark.parametrize("spec, base", [("32", default), ("8,ablation_default", ablation_default)])
+def test_the_lora_config_adapts_its_base_and_only_that(spec, base):
+  config, reference = lora.get_config(spec), base.get_config()
+  typed = ExperimentConfig.from_config(config)
+  assert typed.model.lora.rank == int(spec.partition(",")[0])
+  assert config.optim.learning_rate == 10 * reference.optim.learning_rate
+  config.optim.learning_rate = reference.optim.learning_rate
+  adapted = config.to_dict()
+  del adapted["model"]["lora"]
+  assert adapted == reference.to_dict()
+  with pytest.raises(ValueError, match="base 'ablation' is not one of"):
+    lora.get_config("8,ablation")
 
 
 @pytest.mark.parametrize(
