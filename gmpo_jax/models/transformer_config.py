@@ -138,23 +138,13 @@ class TransformerConfig:
   layer_unroll: int | None = None
 
   def __post_init__(self):
-    for name in (
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_layers",
-        "num_heads",
-        "num_kv_heads",
-        "head_dim",
-        "max_position_embeddings",
-        "attention_block_size",
-        "layer_unroll",
-    ):
-      if name in ("attention_block_size", "layer_unroll") and getattr(self, name) is None:
+    # Every int field is a size or a count, so positive; an optional one may be None.
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if field.type != "int" and (field.type != "int | None" or value is None):
         continue
-      value = getattr(self, name)
       if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"TransformerConfig.{name} must be a positive int, got {value!r}.")
+        raise ValueError(f"TransformerConfig.{field.name} must be a positive int, got {value!r}.")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}."
