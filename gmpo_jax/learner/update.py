@@ -1,5 +1,8 @@
 """The compiled learner: one optimizer step over a minibatch, split into micro-batches.
 
+One concept: the compiled learner step and the pieces that feed it (its losses, micro-batches,
+placement and rescoring), hence its length.
+
 `make_update_fn` turns a per-micro-batch loss into a jitted, buffer-donating step that
 accumulates gradients over micro-batches with `lax.scan`, clips and applies them with optax,
 and refuses a non-finite update: when the loss or the gradient norm is not finite, the
