@@ -1,5 +1,7 @@
 """The experiment configuration, typed: one frozen, validated dataclass per config section.
 
+One concept: the typed experiment configuration, one dataclass per section, hence its length.
+
 Experiment configs are `ml_collections.ConfigDict`s (see `configs/`). `ExperimentConfig.from_config`
 turns one into frozen dataclasses, one per section (`TaskConfig`, `ModelConfig`, the sampler's
 `gmpo_jax.rollout.sampling.SamplingConfig`, `AlgorithmConfig`, `OptimConfig`, `WarmStartConfig`,

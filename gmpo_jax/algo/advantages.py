@@ -57,6 +57,7 @@ __all__ = [
     "get_advantage_fn",
     "gmpo_advantages",
     "grpo_advantages",
+    "host_rewards",
     "maxrl_advantages",
     "power_mean_advantages",
     "reward_domain",
@@ -553,6 +554,41 @@ def reward_domain(name: str, **hyperparameters) -> str:
   return "real"
 
 
+def host_rewards(
+    rewards: npt.ArrayLike, mask: npt.ArrayLike | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+  """Rewards [B, G] and their mask as NumPy arrays, with their shapes and dtypes checked.
+
+  Args:
+    rewards: [B, G] real rewards (NumPy or anything ``np.asarray`` takes).
+    mask: optional [B, G] bool, True for valid completions; None: all valid.
+
+  Returns:
+    (values, valid): the rewards (floating dtype kept; integers become float64) and the
+    [B, G] bool mask.
+
+  Raises:
+    ValueError: rewards not of rank 2 or not real numbers, or a mask that is not bool of
+      the rewards' shape.
+  """
+  values = np.asarray(rewards)
+  if values.ndim != 2:
+    raise ValueError(f"rewards must be [B, G] (rank 2), got shape {values.shape}.")
+  if not (np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)):
+    raise ValueError(f"rewards must be real numbers, got dtype {values.dtype}.")
+  if not np.issubdtype(values.dtype, np.floating):
+    values = values.astype(np.float64)
+  if mask is None:
+    return values, np.ones(values.shape, dtype=bool)
+  valid = np.asarray(mask)
+  if valid.shape != values.shape or valid.dtype != np.bool_:
+    raise ValueError(
+        f"mask must be bool with the rewards' shape {values.shape}, "
+        f"got {valid.dtype} {valid.shape}."
+    )
+  return values, valid
+
+
 def validate_rewards(
     rewards: npt.ArrayLike,
     mask: npt.ArrayLike | None = None,
@@ -585,22 +621,7 @@ def validate_rewards(
     ValueError: wrong shapes, or a failing check; the message names every failing
       group (up to 5) and the offending positions and values.
   """
-  values = np.asarray(rewards)
-  if values.ndim != 2:
-    raise ValueError(f"rewards must be [B, G] (rank 2), got shape {values.shape}.")
-  if not (np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)):
-    raise ValueError(f"rewards must be real numbers, got dtype {values.dtype}.")
-  if not np.issubdtype(values.dtype, np.floating):
-    values = values.astype(np.float64)
-  if mask is None:
-    valid = np.ones(values.shape, dtype=bool)
-  else:
-    valid = np.asarray(mask)
-    if valid.shape != values.shape or valid.dtype != np.bool_:
-      raise ValueError(
-          f"mask must be bool with the rewards' shape {values.shape}, "
-          f"got {valid.dtype} {valid.shape}."
-      )
+  values, valid = host_rewards(rewards, mask)
   if group_names is not None and len(group_names) != values.shape[0]:
     raise ValueError(f"group_names has {len(group_names)} names for {values.shape[0]} groups.")
 

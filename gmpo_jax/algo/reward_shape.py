@@ -17,27 +17,13 @@ from collections.abc import Mapping
 import numpy as np
 import numpy.typing as npt
 
+from gmpo_jax.algo.advantages import host_rewards
+
 __all__ = ["recommend_advantage", "reward_diagnostics"]
 
 PREFIX = "reward_shape/"
 # The Hill estimator needs k >= 2 order statistics from the top decile.
 _MIN_TAIL_SAMPLES = 20
-
-
-def _valid_rewards(rewards: npt.ArrayLike, mask: npt.ArrayLike | None):
-  values = np.asarray(rewards, dtype=np.float64)
-  if values.ndim != 2:
-    raise ValueError(f"rewards must be [B, G] (rank 2), got shape {values.shape}.")
-  if mask is None:
-    valid = np.ones(values.shape, bool)
-  else:
-    valid = np.asarray(mask)
-    if valid.shape != values.shape or valid.dtype != np.bool_:
-      raise ValueError(
-          f"mask must be bool with the rewards' shape {values.shape}, "
-          f"got {valid.dtype} {valid.shape}."
-      )
-  return values, valid
 
 
 def _hill_tail_index(samples: np.ndarray) -> float:
@@ -88,7 +74,8 @@ def reward_diagnostics(
   Raises:
     ValueError: rewards not [B, G], or a mask of another shape or dtype.
   """
-  values, valid = _valid_rewards(rewards, mask)
+  values, valid = host_rewards(rewards, mask)
+  values = values.astype(np.float64)
   finite = valid & np.isfinite(values)
   groups = zero_std = 0
   span_values, skews, tail = [], [], []

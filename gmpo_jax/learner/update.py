@@ -1,5 +1,8 @@
 """The compiled learner: one optimizer step over a minibatch, split into micro-batches.
 
+One concept: the compiled learner step and the pieces that feed it (its losses, micro-batches,
+placement and rescoring), hence its length.
+
 `make_update_fn` turns a per-micro-batch loss into a jitted, buffer-donating step that
 accumulates gradients over micro-batches with `lax.scan`, clips and applies them with optax,
 and refuses a non-finite update: when the loss or the gradient norm is not finite, the
@@ -30,6 +33,7 @@ and gradients add up to the full-minibatch ones, whatever the split.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -46,7 +50,7 @@ from gmpo_jax.algo import importance as importance_lib
 from gmpo_jax.algo import kl as kl_lib
 from gmpo_jax.infra import compilation, sharding
 from gmpo_jax.learner import precision
-from gmpo_jax.models.logprobs import positions_from_mask, sequence_logprobs
+from gmpo_jax.models.logprobs import sequence_logprobs, split_model_logprobs
 
 # The mesh axis over which the parameters are replicated and the rows split
 # (`gmpo_jax.infra.sharding`): the one gradient reduction the update defers to the step's end.
@@ -611,18 +615,9 @@ def logprob_program(
   """The jitted program of `make_logprob_fn`, whose inputs must already be in the rows layout
   (P(('data', 'fsdp')) on B); `.lower` it to compile it ahead of time."""
   rows = sharding.batch_sharding(mesh, ndim=2)
-
-  def logprobs(params, tokens, key_mask):
-    model = nnx.merge(graphdef, params)
-    return sequence_logprobs(
-        model,
-        tokens,
-        positions_from_mask(key_mask),
-        key_mask,
-        chunk_size=chunk_size,
-        temperature=temperature,
-    )
-
+  logprobs = functools.partial(
+      split_model_logprobs, graphdef, chunk_size=chunk_size, temperature=temperature
+  )
   # The update's compiler options too, so that both programs round alike.
   return jax.jit(
       logprobs,

@@ -1,5 +1,8 @@
 """Causal grouped-query attention over a padded batch, with four interchangeable kernels.
 
+One concept: causal grouped-query attention, one contract behind four kernels and the rule that
+picks one, hence its length.
+
 Every kernel computes, for query t of row b sitting at cache slot o + t (o = ``query_offset``,
 0 without a cache),
 

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from gmpo_jax.models.transformer import matmul_precision
 
@@ -309,3 +310,39 @@ def sequence_logprobs(
   if with_entropy:
     return TokenLogprobs(logp=align(out.logp), entropy=align(out.entropy))
   return align(out)
+
+
+def split_model_logprobs(
+    graphdef: nnx.GraphDef,
+    state: Any,
+    tokens: jax.Array,
+    key_mask: jax.Array,
+    *,
+    chunk_size: int,
+    temperature: float,
+) -> jax.Array:
+  """`sequence_logprobs` of the model `nnx.merge(graphdef, state)`, positions from `key_mask`.
+
+  The form a jitted program takes the policy in (a static graph, an array state), shared by the
+  rollout backend's rescoring and the learner's log-prob program so that both score alike.
+
+  Args:
+    graphdef: the model's graph (`nnx.split`).
+    state: its parameters.
+    tokens: [B, T] int32.
+    key_mask: [B, T] bool, True on real tokens; the RoPE positions are
+      `positions_from_mask(key_mask)`.
+    chunk_size: tokens per chunk along T.
+    temperature: τ > 0, the sampler's.
+
+  Returns:
+    logp [B, T] float32, aligned as `sequence_logprobs` aligns it.
+  """
+  return sequence_logprobs(
+      nnx.merge(graphdef, state),
+      tokens,
+      positions_from_mask(key_mask),
+      key_mask,
+      chunk_size=chunk_size,
+      temperature=temperature,
+  )

@@ -13,7 +13,6 @@ prompt left-aligned, then the completion), and every per-token array is aligned 
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gmpo_jax.models.logprobs import DEFAULT_CHUNK_SIZE, positions_from_mask, sequence_logprobs
+from gmpo_jax.models.logprobs import DEFAULT_CHUNK_SIZE, positions_from_mask, split_model_logprobs
 from gmpo_jax.rollout import sampling
 from gmpo_jax.rollout.sampling import SampleOutput, SamplingConfig
 
@@ -100,17 +99,9 @@ def rollout_from_samples(out: SampleOutput) -> Rollout:
   )
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'chunk_size', 'temperature'))
-def _policy_logprobs(graphdef, state, tokens, key_mask, *, chunk_size, temperature):
-  model = nnx.merge(graphdef, state)
-  return sequence_logprobs(
-      model,
-      tokens,
-      positions_from_mask(key_mask),
-      key_mask,
-      chunk_size=chunk_size,
-      temperature=temperature,
-  )
+_policy_logprobs = jax.jit(
+    split_model_logprobs, static_argnames=('graphdef', 'chunk_size', 'temperature')
+)
 
 
 class JaxRollout:

@@ -1,5 +1,8 @@
 """Batched autoregressive sampling with a KV cache, compiled once per shape bucket.
 
+One concept: the compiled sampler (bucketing, prefill, the decode loop and the choice of each
+token), hence its length.
+
 `generate` left-aligns the prompts (any padding pattern), pads batch and prompt length up to
 buckets so that calls with nearby shapes reuse one compiled program, prefills the KV cache
 with the whole prompt in one forward pass, then decodes one token per step inside a

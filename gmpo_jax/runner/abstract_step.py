@@ -1,5 +1,7 @@
 """The programs of one RL step on abstract shapes: compiled for a mesh, never run.
 
+One concept: each program of the step built on abstract, sharded inputs, hence its length.
+
 `gmpo_jax.runner.tpu_plan` compiles these for a TPU topology from a CPU host. Every argument is
 a `jax.ShapeDtypeStruct` carrying the `NamedSharding` the runner gives it, so neither weights,
 tokenizer nor data are needed. The four programs of a step (`PROGRAMS`):

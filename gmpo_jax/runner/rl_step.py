@@ -1,6 +1,8 @@
 """One RL step: sample and score a rollout, then advantages, π_old / π_ref log-probs and the
 minibatch updates.
 
+One concept: the RL step, from prompts to parameter updates, hence its length.
+
 Per step: B prompts, each repeated G times; completions from the rollout backend; rewards
 on the host, validated before they enter jit (a non-finite or, for the log-reward baseline,
 non-positive reward is an error naming the prompt); group advantages by the configured

@@ -1,5 +1,8 @@
 """A compile-time plan of one RL step on a TPU topology: memory, cost and fit, from a CPU host.
 
+One concept: the compile-time plan of a step on a TPU topology (compile, cost, fit, report),
+hence its length.
+
 With libtpu installed, `jax.experimental.topologies.get_topology_desc` describes the devices of a
 TPU slice (e.g. "v5p:2x2x1", four chips) without any hardware, and `jax.jit(...).lower(...)
 .compile()` for a mesh over them runs the real TPU compiler. `plan` compiles every program of the

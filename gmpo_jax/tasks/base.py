@@ -1,5 +1,8 @@
 """The `Task` interface and what all tasks share: TFDS loading and integer parsing.
 
+One concept: the contract every task implements, with the data plumbing (a verified TFDS cache,
+one declaration per data parameter) that contract relies on, hence its length.
+
 A task is a frozen dataclass of hyperparameters. Its data is a TFDS dataset
 (`tfds.core.GeneratorBasedBuilder`, `array_record` format) built locally on first use and
 cached under `data_dir/<builder name>/<config name>/<version>`; `load` reads a split back

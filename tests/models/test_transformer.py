@@ -439,6 +439,29 @@ class TestConfig:
     abstract = nnx.eval_shape(lambda: tfm.Transformer(config, rngs=nnx.Rngs(0)))
     assert sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))) == count
 
+  # The settings a parameter count cannot see, as each model's config.json on the hub states them.
+  @pytest.mark.parametrize(
+      "name,theta,eps,bias,qk_norm,tied,context",
+      [
+          ("qwen2-0.5b", 1e6, 1e-6, True, False, True, 131_072),
+          ("qwen2.5-0.5b", 1e6, 1e-6, True, False, True, 32_768),
+          ("qwen2.5-7b", 1e6, 1e-6, True, False, False, 32_768),
+          ("qwen3-0.6b", 1e6, 1e-6, False, True, True, 40_960),
+          ("llama-3.2-1b", 5e5, 1e-5, False, False, True, 131_072),
+      ],
+  )
+  def test_named_configs_have_the_published_settings(
+      self, name, theta, eps, bias, qk_norm, tied, context
+  ):
+    config = tfm.TransformerConfig.from_name(name)
+    assert (config.rope_theta, config.rms_norm_eps) == (theta, eps)
+    assert (config.attention_bias, config.qk_norm) == (bias, qk_norm)
+    assert (config.tie_word_embeddings, config.max_position_embeddings) == (tied, context)
+    scaling = config.rope_scaling
+    assert (scaling is not None) == name.startswith("llama")
+    if scaling is not None:
+      assert scaling == tfm.RopeScaling("llama3", 32.0, 1.0, 4.0, 8192)
+
   def test_llama_100m_and_tiny(self):
     config = tfm.TransformerConfig.from_name("llama-100m")
     abstract = nnx.eval_shape(lambda: tfm.Transformer(config, rngs=nnx.Rngs(0)))

@@ -685,6 +685,21 @@ class Checkpointer:
     failed: list[tuple[int, str]] = []
     mismatches: list[tuple[int, str]] = []
     first_error: Exception | None = None
+
+    def skip(step: int, action: str, error: Exception) -> None:
+      """Warns that `action` ('read', 'restore') failed on `step` and records why."""
+      nonlocal first_error
+      why = f"{type(error).__name__}: {error}"
+      logger.warning(
+          "Could not %s checkpoint step %d in %s (%s); trying an older step.",
+          action,
+          step,
+          self._directory,
+          why,
+      )
+      failed.append((step, why))
+      first_error = first_error or error
+
     for step in steps:
       step_dir = self._step_dir(step)
       if step in self._unreadable:
@@ -716,15 +731,7 @@ class Checkpointer:
         first_error = first_error or error
         continue
       except OSError as error:  # an I/O error: as damaged as a changed byte
-        logger.warning(
-            "Could not read checkpoint step %d in %s (%s: %s); trying an older step.",
-            step,
-            self._directory,
-            type(error).__name__,
-            error,
-        )
-        failed.append((step, f"{type(error).__name__}: {error}"))
-        first_error = first_error or error
+        skip(step, "read", error)
         continue
       if config is not None:
         identity.check_config(
@@ -748,15 +755,7 @@ class Checkpointer:
       try:
         restored = self._restore(step, abstract, manifest.get("arrays"))
       except Exception as error:  # noqa: BLE001 - every read failure means "try an older step"
-        logger.warning(
-            "Could not restore checkpoint step %d from %s (%s: %s); trying an older step.",
-            step,
-            self._directory,
-            type(error).__name__,
-            error,
-        )
-        failed.append((step, f"{type(error).__name__}: {error}"))
-        first_error = first_error or error
+        skip(step, "restore", error)
         continue
       movable = sorted(
           [s for s, why in failed if not why.startswith("unreadable")] + [s for s, _ in mismatches]
