@@ -524,8 +524,9 @@ def disk(monkeypatch):
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
   write = pathlib.Path.write_bytes
+  # Every file of the metrics writers is opened through `files`.
   monkeypatch.setattr(
-      metrics_lib, "open", lambda path, mode, buffering: FileOnDisk(path, mode), raising=False
+      metrics_lib.files, "open", lambda path, mode, buffering: FileOnDisk(path, mode), raising=False
   )
   monkeypatch.setattr(pathlib.Path, "write_bytes", write_bytes)
   return disk
