@@ -1,9 +1,9 @@
 """`MetricsWriter`: the runner's one writer, composed of the writers of this package.
 
 Each record goes, in this order, to metrics.jsonl (`jsonl`), TensorBoard (`tensorboard`), the
-run summary (`summary`) and the progress bar (`progress`). Process 0 writes the files; the
-other processes keep the lines (a checkpoint is saved by every process) and the summary, and
-touch no file.
+run summary (`summary`), the progress bar (`progress`), then to any writers the caller adds
+(`MetricWriter`: W&B, a dashboard). Process 0 writes the files; the other processes keep the
+lines (a checkpoint is saved by every process) and the summary, and touch no file.
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ class MetricsWriter:
     status_every: steps between status lines when there is no bar (and at the last step).
     best_modes: metric name -> 'max' | 'min' for the metrics whose best value
       (and its step) goes into the summary. Only finite values compete.
+    extra_writers: further writers, given each record after the built-in ones (as Python
+      scalars, NaN and inf included) and closed with this one. They get the records of every
+      process: create them on process 0 only for a backend that should see each record once.
   """
 
   def __init__(
@@ -57,6 +60,7 @@ class MetricsWriter:
       progress_keys: Sequence[str] = (),
       best_modes: Mapping[str, Literal["max", "min"]] | None = None,
       status_every: int = 50,
+      extra_writers: Sequence[MetricWriter] = (),
   ):
     total_steps = operator.index(total_steps)
     if total_steps < 1:
@@ -101,7 +105,7 @@ class MetricsWriter:
               status_every=max(1, operator.index(status_every)),
           )
       )
-    self._writers = MultiWriter(writers)
+    self._writers = MultiWriter(writers + list(extra_writers))
 
   @property
   def nonfinite_counts(self) -> dict[str, int]:
