@@ -168,7 +168,7 @@ class JsonLinesWriter(MetricWriter):
   Attributes:
     path: the file.
     restored: the records kept from before the resume, in order, for the other writers to
-      count again ([] for a fresh run and without the file).
+      count again ([] for a fresh run, and where `write_file` is False).
   """
 
   def __init__(

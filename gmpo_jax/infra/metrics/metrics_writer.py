@@ -71,6 +71,7 @@ class MetricsWriter:
       raise ValueError(
           "history is the copy a checkpoint holds: it needs the checkpoint's start_step."
       )
+    status_every = max(1, operator.index(status_every))
     best_modes = dict(best_modes or {})
     for name, mode in best_modes.items():
       if mode not in ("max", "min"):
@@ -94,6 +95,7 @@ class MetricsWriter:
       events = TensorBoardWriter(self._workdir / TENSORBOARD_DIR, purge_step=self._min_step)
       events.rebuild(self._jsonl.restored, self._jsonl.path)
       writers.append(events)
+    # The summary counts a record once the files hold it.
     writers.append(self._summary)
     if self._is_primary:
       writers.append(
@@ -102,7 +104,7 @@ class MetricsWriter:
               initial_step=0 if start_step is None else start_step,
               enabled=progress,
               keys=progress_keys,
-              status_every=max(1, operator.index(status_every)),
+              status_every=status_every,
           )
       )
     self._writers = MultiWriter(writers + list(extra_writers))
