@@ -852,7 +852,7 @@ def soak(scratch: pathlib.Path, steps: int) -> dict:
   )
   rss, seen = [], 0
   while child.proc.poll() is None:
-    status = [line for line in child.lines if "metrics.py" in line and f"/{steps} " in line]
+    status = [line for line in child.lines if "progress.py" in line and f"/{steps} " in line]
     if len(status) > seen:
       seen = len(status)
       step = int(status[-1].split("step ", 1)[1].split("/")[0])

@@ -524,8 +524,9 @@ def disk(monkeypatch):
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
   write = pathlib.Path.write_bytes
+  # Every file of the metrics writers is opened through `files`.
   monkeypatch.setattr(
-      metrics_lib, "open", lambda path, mode, buffering: FileOnDisk(path, mode), raising=False
+      metrics_lib.files, "open", lambda path, mode, buffering: FileOnDisk(path, mode), raising=False
   )
   monkeypatch.setattr(pathlib.Path, "write_bytes", write_bytes)
   return disk
@@ -589,3 +590,100 @@ class TestFullDisk:
     disk.free = math.inf
     _resume(tmp_path, history=history)
     _assert_same_run(tmp_path, straight)
+
+
+class _ListWriter(metrics_lib.MetricWriter):
+  """A writer as a user would plug one in (W&B, a dashboard): notes each call in `calls`, and
+  raises `error` from the methods named in `fails`."""
+
+  def __init__(self, name, calls, *, fails=(), error=RuntimeError):
+    self.name, self.calls, self.fails, self.error = name, calls, fails, error
+
+  def _call(self, method, *args):
+    self.calls.append((self.name, method, *args))
+    if method in self.fails:
+      raise self.error(f"{self.name}.{method} failed")
+
+  def write_scalars(self, step, scalars):
+    self._call("write_scalars", step, dict(scalars))
+
+  def flush(self):
+    self._call("flush")
+
+  def close(self):
+    self._call("close")
+
+
+class TestWriterInterface:
+
+  def test_multi_writer_calls_each_writer_in_order(self):
+    calls = []
+    writer = metrics_lib.MultiWriter([_ListWriter(name, calls) for name in "abc"])
+    writer.write_scalars(4, {"loss": 0.5})
+    writer.flush()
+    writer.close()
+    assert calls == [
+        *((name, "write_scalars", 4, {"loss": 0.5}) for name in "abc"),
+        *((name, "flush") for name in "abc"),
+        *((name, "close") for name in "abc"),
+    ]
+
+  def test_a_failed_write_stops_before_the_later_writers(self):
+    calls = []
+    writer = metrics_lib.MultiWriter(
+        [
+            _ListWriter("a", calls),
+            _ListWriter("b", calls, fails=("write_scalars",)),
+            _ListWriter("c", calls),
+        ]
+    )
+    with pytest.raises(RuntimeError, match="b.write_scalars failed"):
+      writer.write_scalars(1, {"loss": 0.5})
+    assert [name for name, *_ in calls] == ["a", "b"]
+
+  @pytest.mark.parametrize("method", ["flush", "close"])
+  def test_flush_and_close_reach_every_writer_and_raise_the_first_error(self, method, caplog):
+    calls = []
+    writer = metrics_lib.MultiWriter(
+        [
+            _ListWriter("a", calls, fails=(method,), error=OSError),
+            _ListWriter("b", calls),
+            _ListWriter("c", calls, fails=(method,), error=ValueError),
+        ]
+    )
+    with caplog.at_level(logging.ERROR, logger="gmpo_jax.infra.metrics"):
+      with pytest.raises(OSError, match=f"a.{method} failed"):
+        getattr(writer, method)()
+    assert calls == [(name, method) for name in "abc"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"_ListWriter failed as well: ValueError('c.{method} failed')"
+    ]
+
+  def test_extra_writers_get_each_record_as_python_scalars_and_close_with_it(self, tmp_path):
+    calls = []
+    with MetricsWriter(
+        tmp_path, total_steps=6, progress=False, extra_writers=[_ListWriter("user", calls)]
+    ) as writer:
+      for step in range(1, 4):
+        writer.write(step, _run_metrics(step)[0])
+    assert calls[-1] == ("user", "close")
+    written = [(step, scalars) for _, _, step, scalars in calls[:-1]]
+    # Python scalars with NaN and inf as they are (metrics.jsonl writes them as null).
+    assert all(type(v) in (int, float) for _, scalars in written for v in scalars.values())
+    assert math.isnan(written[1][1]["kl"])
+    nulled = [
+        {"step": step, **{k: v if math.isfinite(v) else None for k, v in scalars.items()}}
+        for step, scalars in written
+    ]
+    assert nulled == [_run_metrics(step)[1] for step in range(1, 4)] == read_metrics(tmp_path)
+
+  def test_a_record_metrics_jsonl_failed_to_take_reaches_no_extra_writer(self, tmp_path, disk):
+    calls = []
+    writer = MetricsWriter(
+        tmp_path, total_steps=6, progress=False, extra_writers=[_ListWriter("user", calls)]
+    )
+    writer.write(1, {"loss": 1.0})
+    disk.free = 0
+    with pytest.raises(OSError):
+      writer.write(2, {"loss": 0.5})
+    assert calls == [("user", "write_scalars", 1, {"loss": 1.0})]
