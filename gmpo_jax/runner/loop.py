@@ -62,9 +62,16 @@ logger = logging.getLogger(__name__)
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str | pathlib.Path
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    *,
+    metric_writers: Sequence[metrics_lib.MetricWriter] = (),
 ) -> dict[str, Any]:
-  """Runs (or resumes) the experiment of `config` in `workdir`; returns the summary."""
+  """Runs (or resumes) the experiment of `config` in `workdir`; returns the summary.
+
+  `metric_writers`: backends of the caller's (W&B, a dashboard) that get every record of the RL
+  loop after metrics.jsonl and TensorBoard (`MetricsWriter(extra_writers=)`), on every process.
+  """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   # One run per workdir: a second one is refused before it writes anything.
@@ -82,7 +89,7 @@ def train_and_evaluate(
         compilation.HeapTrimmer(),
     ):
       try:
-        return _train(run, handler, compile_timer)
+        return _train(run, handler, compile_timer, metric_writers)
       except Preempted as stopped:
         logger.warning("preempted during the %s; rerun the same command to resume", stopped)
         return {"preempted": str(stopped)}
@@ -148,7 +155,10 @@ def _learn_from(
 
 
 def _train(
-    run: Run, preemption: preemption.PreemptionHandler, compile_timer: compilation.CompileTimer
+    run: Run,
+    preemption: preemption.PreemptionHandler,
+    compile_timer: compilation.CompileTimer,
+    metric_writers: Sequence[metrics_lib.MetricWriter],
 ) -> dict[str, Any]:
   config = run.config
   # Closed on every path out: a save that failed in the background (a full disk) is reported by
@@ -180,7 +190,9 @@ def _train(
         run.params = params
     if config.model.lora is not None:
       attach_lora(run, base_path=_base_path(run, warm_start_result))
-    return _resume_and_train(run, ckpt, warm_start_result, preemption, compile_timer)
+    return _resume_and_train(
+        run, ckpt, warm_start_result, preemption, compile_timer, metric_writers
+    )
 
 
 def _base_path(run: Run, warm_start_result: dict[str, Any] | None) -> str:
@@ -203,6 +215,7 @@ def _resume_and_train(
     warm_start_result: dict[str, Any] | None,
     preemption: preemption.PreemptionHandler,
     compile_timer: compilation.CompileTimer,
+    metric_writers: Sequence[metrics_lib.MetricWriter],
 ) -> dict[str, Any]:
   config, workdir, algo = run.config, run.workdir, run.algo
   # The update donates (and so invalidates) only the trained parameters: a LoRA run's
@@ -308,6 +321,7 @@ def _resume_and_train(
         progress=config.progress,
         progress_keys=("reward/mean", "eval/pass@1", "loss"),
         best_modes={"eval/pass@1": "max", "eval/reward": "max", "reward/mean": "max"},
+        extra_writers=metric_writers,
     )
     if initial_eval is None:
       initial_eval = evaluate(run, state.params, eval_key, step=0)

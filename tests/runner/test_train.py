@@ -36,11 +36,39 @@ def _records(workdir):
   ]
 
 
+class _StreamedRecords(metrics_lib.MetricWriter):
+  """A backend of the caller's, as `train_and_evaluate(metric_writers=)` takes one."""
+
+  def __init__(self):
+    self.records, self.closed = [], False
+
+  def write_scalars(self, step, scalars):
+    self.records.append({"step": step, **scalars})
+
+  def close(self):
+    self.closed = True
+
+
+_STREAMED = _StreamedRecords()
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  summary = loop.train_and_evaluate(smoke.get_config(), workdir)
+  summary = loop.train_and_evaluate(smoke.get_config(), workdir, metric_writers=[_STREAMED])
   return workdir, summary
+
+
+def test_a_callers_writer_gets_every_record_of_metrics_jsonl(uninterrupted):
+  workdir, _ = uninterrupted
+  # The same records, NaN and inf as the floats they are where the file has null.
+  want = metrics_lib.read_metrics(workdir)
+  assert [r["step"] for r in _STREAMED.records] == [r["step"] for r in want]
+  for got, record in zip(_STREAMED.records, want):
+    assert got.keys() == record.keys()
+    for key, value in record.items():
+      assert got[key] == value or (value is None and not math.isfinite(got[key])), key
+  assert _STREAMED.closed
 
 
 def test_run_writes_metrics_checkpoints_and_plot(uninterrupted):
