@@ -45,6 +45,11 @@ _MODEL = flags.DEFINE_string(
 _HBM_GIB = flags.DEFINE_float(
     "hbm_gib", None, "Plan against this HBM per chip (GiB) instead " "of the chip's capacity."
 )
+_FIT_ONLY = flags.DEFINE_bool(
+    "fit_only",
+    False,
+    "Only judge whether each program fits (one compile each; no costing, a few times faster).",
+)
 flags.mark_flags_as_required(["config", "topology"])
 
 
@@ -142,7 +147,9 @@ def main(argv):
   try:
     config, model = _model(_CONFIG.value)
     target = tpu_plan.tpu_target(_TOPOLOGY.value, hbm_gib=_HBM_GIB.value)
-    plan = tpu_plan.plan(config, model, target, prompt_length=_PROMPT_LENGTH.value)
+    plan = tpu_plan.plan(
+        config, model, target, prompt_length=_PROMPT_LENGTH.value, fit_only=_FIT_ONLY.value
+    )
   except ConfigError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

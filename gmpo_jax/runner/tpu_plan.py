@@ -691,7 +691,12 @@ def check_batch(config: ExperimentConfig, setup: Setup, shape: abstract_step.Ste
 
 
 def plan(
-    config: ExperimentConfig, model: TransformerConfig, target: Target, *, prompt_length: int
+    config: ExperimentConfig,
+    model: TransformerConfig,
+    target: Target,
+    *,
+    prompt_length: int,
+    fit_only: bool = False,
 ) -> Plan:
   """Compiles and costs every program of one RL step of `config` on `target` (module docstring).
 
@@ -700,6 +705,8 @@ def plan(
     model: the policy's architecture (`abstract_step.model_config`).
     target: the TPU slice (`tpu_target`).
     prompt_length: P, prompt tokens per row.
+    fit_only: compile each program once, to judge its memory, and cost none (no layer or
+      chunk variants: a few times faster; no times, MFU or step estimate).
 
   Returns:
     The `Plan`; `Plan.refusal` is the one line of a program that does not fit.
@@ -759,7 +766,7 @@ def plan(
         attention_kernel=attention_kernel(real.hlo, impl),
         collectives=collectives(real.hlo),
     )
-    cost = planner.cost(name, setup, real)
+    cost = None if fit_only else planner.cost(name, setup, real)
     if cost is not None:
       analytic = analytic_attention_flops(name, setup.model, shape, sampler_rows)
       seconds = cost.seconds + analytic / chips / peak

@@ -158,6 +158,18 @@ def test_the_tiny_plan_compiles_every_program_and_writes_the_schema(tmp_path, li
   assert "compiler-estimated" in out and "compiler-estimated" in plan["estimates"]
 
 
+def test_a_fit_only_plan_judges_memory_and_costs_nothing(tmp_path, libtpu):
+  status, out, err, plan = _plan(tmp_path, "--fit_only")
+  assert status == 0, err[-2000:]
+  assert [p["name"] for p in plan["programs"]] == ["prefill", "decode", "logprob", "update"]
+  for program in plan["programs"]:
+    assert program["fits"] and 0 < program["hbm_gib"] < program["capacity_gib"]
+    assert program["attention_kernel"] and program["estimated_seconds"] is None
+  assert plan["step"] is None
+  # One compile a program: no layer or chunk variant.
+  assert err.count("compiled in") == len(plan["programs"]), err[-2000:]
+
+
 def test_a_plan_that_cannot_fit_exits_2_with_one_line(tmp_path, libtpu):
   # Qwen2.5-7B in 1 GiB per chip: its float32 parameters alone, sharded over 4 chips, need
   # 7 GiB, so the planner refuses without compiling, and no change but more chips fits.
