@@ -61,7 +61,7 @@ def _rate(x: float | None) -> str:
   return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def format_plan(plan) -> str:
+def format_plan(plan, *, fit_only: bool = False) -> str:
   """The plan as a text table (every time and MFU compiler-estimated)."""
   lines = [
       f"plan for {plan.topology}: {plan.chips} x {plan.device_kind}; mesh "
@@ -71,7 +71,9 @@ def format_plan(plan) -> str:
       f" params, {plan.model['dtype']} compute, attention {plan.model['attention_impl']}); "
       f"{plan.shape.rows} rows x T = {plan.shape.prompt_length} + "
       f"{plan.shape.completion_length}",
-      "  times and MFU are compiler-estimated (TPU cost model, loops costed per iteration)",
+      "  fit only: each program compiled once for its memory, nothing costed"
+      if fit_only
+      else "  times and MFU are compiler-estimated (TPU cost model, loops costed per iteration)",
       f"  {'program':8} {'calls':>5} {'fits':>4} {'HBM GiB/chip':>18} {'args':>6} "
       f"{'temps':>6} {'out':>6} {'TFLOP cmp/model':>16} {'s/call':>9} {'MFU/BW':>7}  "
       "attention; collectives",
@@ -153,7 +155,7 @@ def main(argv):
   except ConfigError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
-  print(format_plan(plan))
+  print(format_plan(plan, fit_only=_FIT_ONLY.value))
   if _JSON.value is not None:
     with open(_JSON.value, "w") as f:
       json.dump(plan.to_json(), f, indent=1, default=str)
