@@ -56,6 +56,18 @@ def _rate(x: float | None) -> str:
   return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _lora_line(lora) -> list[str]:
+  """The LoRA adapters planned, as one line (none without `model.lora`)."""
+  if lora is None:
+    return []
+  targets = ", ".join(path.rsplit("/", 1)[-1] for path in lora["targets"])
+  return [
+      f"  LoRA: rank {lora['rank']}, alpha {lora['alpha']:g} on {targets}; base frozen in "
+      f"{lora['base_dtype']}; {lora['adapter_parameters'] / 1e6:.2f}M adapter parameters "
+      "trained (the optimizer state and the update cover them alone)"
+  ]
+
+
 def format_plan(plan) -> str:
   """The plan as a text table (every time and MFU compiler-estimated)."""
   lines = [
@@ -66,6 +78,7 @@ def format_plan(plan) -> str:
       f" params, {plan.model['dtype']} compute, attention {plan.model['attention_impl']}); "
       f"{plan.shape.rows} rows x T = {plan.shape.prompt_length} + "
       f"{plan.shape.completion_length}",
+      *_lora_line(plan.model["lora"]),
       "  times and MFU are compiler-estimated (TPU cost model, loops costed per iteration)",
       f"  {'program':8} {'calls':>5} {'fits':>4} {'HBM GiB/chip':>18} {'args':>6} "
       f"{'temps':>6} {'out':>6} {'TFLOP cmp/model':>16} {'s/call':>9} {'MFU/BW':>7}  "
