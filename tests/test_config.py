@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from configs import default, qwen2_5_0_5b, smoke
+from configs import default, lora, qwen2_5_0_5b, smoke
 from gmpo_jax import main
 from gmpo_jax.config import ConfigError, ExperimentConfig, ModelConfig, OptimConfig
 from gmpo_jax.models import hf_import
@@ -29,6 +29,19 @@ def test_the_shipped_configs_are_valid():
     ExperimentConfig.from_config(config)
   config.model.hf_path = "/models/qwen"
   assert ExperimentConfig.from_config(config).model.tokenizer is None
+
+
+def test_the_lora_config_puts_adapters_on_the_default_run_or_on_a_named_config():
+  rank8 = ExperimentConfig.from_config(lora.get_config("8"))
+  assert rank8.model.lora.rank == 8 and rank8.model.name == "tiny"
+  assert rank8.optim.learning_rate == 10 * default.get_config().optim.learning_rate
+  config = lora.get_config("16,qwen2_5_0_5b")
+  config.model.hf_path = "/models/qwen"
+  on_qwen = ExperimentConfig.from_config(config)
+  assert on_qwen.model.lora.rank == 16 and on_qwen.model.dtype == "bfloat16"
+  assert on_qwen.optim.learning_rate == 10 * qwen2_5_0_5b.get_config().optim.learning_rate
+  # The accelerator config's overrides hold the key the plan's remat advice sets.
+  assert "remat" in config.model.overrides
 
 
 @pytest.mark.parametrize(
