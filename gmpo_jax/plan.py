@@ -12,7 +12,9 @@ The model is the config's: with `model.hf_path`, the checkpoint's config.json al
 dtypes and run-time overrides such as `model.overrides.remat`). Prompts are `--prompt_length`
 tokens (256 by default; a run's prompts come from its data), completions
 `sampling.max_new_tokens`. Config fields are overridden as for `gmpo_jax.main`, e.g.
-`--config.sampling.max_new_tokens=2048`.
+`--config.sampling.max_new_tokens=2048`. With `model.lora` (`configs/lora.py:RANK[,BASE]`) it
+plans the adapted policy the runner trains: the frozen base in `lora.base_dtype`, the optimizer
+state and the update over the adapters alone (docs/tpu.md, "LoRA").
 
 Exit status 2 with one line on stderr for a program that does not fit (naming it, what it needs
 and the first change that fits) or a config error; the JSON is written first in the former case.
