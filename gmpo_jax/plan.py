@@ -12,7 +12,9 @@ The model is the config's: with `model.hf_path`, the checkpoint's config.json al
 dtypes and run-time overrides such as `model.overrides.remat`). Prompts are `--prompt_length`
 tokens (256 by default; a run's prompts come from its data), completions
 `sampling.max_new_tokens`. Config fields are overridden as for `gmpo_jax.main`, e.g.
-`--config.sampling.max_new_tokens=2048`.
+`--config.sampling.max_new_tokens=2048`. With `model.lora` (`configs/lora.py:RANK[,BASE]`) it
+plans the adapted policy the runner trains: the frozen base in `lora.base_dtype`, the optimizer
+state and the update over the adapters alone (docs/tpu.md, "LoRA").
 
 Exit status 2 with one line on stderr for a program that does not fit (naming it, what it needs
 and the first change that fits) or a config error; the JSON is written first in the former case.
@@ -61,6 +63,18 @@ def _rate(x: float | None) -> str:
   return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _lora_line(lora) -> list[str]:
+  """The LoRA adapters planned, as one line (none without `model.lora`)."""
+  if lora is None:
+    return []
+  targets = ", ".join(path.rsplit("/", 1)[-1] for path in lora["targets"])
+  return [
+      f"  LoRA: rank {lora['rank']}, alpha {lora['alpha']:g} on {targets}; base frozen in "
+      f"{lora['base_dtype']}; {lora['adapter_parameters'] / 1e6:.2f}M adapter parameters "
+      "trained (the optimizer state and the update cover them alone)"
+  ]
+
+
 def format_plan(plan, *, fit_only: bool = False) -> str:
   """The plan as a text table (every time and MFU compiler-estimated)."""
   lines = [
@@ -71,6 +85,7 @@ def format_plan(plan, *, fit_only: bool = False) -> str:
       f" params, {plan.model['dtype']} compute, attention {plan.model['attention_impl']}); "
       f"{plan.shape.rows} rows x T = {plan.shape.prompt_length} + "
       f"{plan.shape.completion_length}",
+      *_lora_line(plan.model["lora"]),
       "  fit only: each program compiled once for its memory, nothing costed"
       if fit_only
       else "  times and MFU are compiler-estimated (TPU cost model, loops costed per iteration)",

@@ -35,3 +35,13 @@ def backend_compiles():
   monitoring.register_event_duration_secs_listener(record)
   yield names
   monitoring.unregister_event_duration_listener(record)
+
+
+@pytest.fixture(scope="module")
+def no_persistent_cache():
+  """Keeps a module's executables out of the persistent cache: TPU programs compiled without a
+  TPU client serialize but cannot be read back (a warning and a recompile every run)."""
+  previous = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
+  yield
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)

@@ -41,8 +41,21 @@ def test_the_lora_config_adapts_its_base_and_only_that(spec, base):
   adapted = config.to_dict()
   del adapted["model"]["lora"]
   assert adapted == reference.to_dict()
-  with pytest.raises(ValueError, match="base 'ablation' is not one of"):
+  with pytest.raises(ModuleNotFoundError, match="configs.ablation"):
     lora.get_config("8,ablation")
+
+
+def test_the_lora_config_puts_adapters_on_the_default_run_or_on_a_named_config():
+  rank8 = ExperimentConfig.from_config(lora.get_config("8"))
+  assert rank8.model.lora.rank == 8 and rank8.model.name == "tiny"
+  assert rank8.optim.learning_rate == 10 * default.get_config().optim.learning_rate
+  config = lora.get_config("16,qwen2_5_0_5b")
+  config.model.hf_path = "/models/qwen"
+  on_qwen = ExperimentConfig.from_config(config)
+  assert on_qwen.model.lora.rank == 16 and on_qwen.model.dtype == "bfloat16"
+  assert on_qwen.optim.learning_rate == 10 * qwen2_5_0_5b.get_config().optim.learning_rate
+  # The accelerator config's overrides hold the key the plan's remat advice sets.
+  assert "remat" in config.model.overrides
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,13 @@ tokenizer nor data are needed. The four programs of a step (`PROGRAMS`):
     (`gmpo_jax.runner.build.Run.sampler_params`). Top-k / top-p truncation (a sort under a
     `lax.cond`, off by default) is left out.
 
+With `config.model.lora` the policy is the adapted model the runner trains
+(`gmpo_jax.runner.build.attach_lora`): the base stored as `lora.base_dtype` (cast or quantized)
+and frozen, float32 adapters; the optimizer state, the gradients and the update's donated
+arguments and outputs cover the adapters alone, the base entering the update as an input it
+neither donates nor returns; the sampler and the log-prob rescoring run the adapted model, on
+the learner's own base arrays.
+
 Two more exist to cost the update per micro-batch: `gradient_program`, the body of its
 micro-batch loop, and `optimizer_program`, what follows the loop. The sampler shares the
 learner's mesh and parameter shardings (`config.rollout.devices` None).
@@ -41,6 +48,7 @@ from gmpo_jax.infra import hbm, sharding
 from gmpo_jax.learner import precision
 from gmpo_jax.learner import update as learner
 from gmpo_jax.models import hf_import, tokenization
+from gmpo_jax.models import lora as lora_lib
 from gmpo_jax.models.logprobs import positions_from_mask, project_logits
 from gmpo_jax.models.transformer import (
     Transformer,
@@ -175,30 +183,72 @@ def _rows(
 
 
 class AbstractPolicy(NamedTuple):
-  """The policy's graph, abstract parameters and their shardings on one mesh, and the
-  shardings of the sampler's copy (`Run.sampler_shardings`)."""
+  """The policy's graph, abstract parameters and their shardings on one mesh, the shardings of
+  the sampler's copy (`Run.sampler_shardings`), and its adapters' config (None: every parameter
+  is trained)."""
 
   graphdef: nnx.GraphDef
   params: Any
   shardings: Any
   sampler_shardings: Any
+  lora: lora_lib.LoRAConfig | None = None
 
   @property
   def config(self) -> TransformerConfig:
     return nnx.merge(self.graphdef, self.params).config
 
+  @property
+  def trainable(self) -> Any:
+    """The filter of the trained parameters, as `Run.trainable`: the adapters, or None (all)."""
+    return None if self.lora is None else lora_lib.LoRAParam
+
+  def split(self, tree: Any) -> tuple[Any, Any]:
+    """(the trained part, the frozen rest or None) of `params`, `shardings` or a tree like
+    them: the split `learner.make_update_fn` makes with `trainable`."""
+    if self.lora is None:
+      return tree, None
+    return nnx.split_state(tree, self.trainable, ...)
+
+  @property
+  def trained(self) -> Any:
+    """The parameters the optimizer holds (`Run.trained_params`)."""
+    return self.split(self.params)[0]
+
 
 def abstract_policy(
-    config: TransformerConfig, mesh: jax.sharding.Mesh, *, hbm_bytes: float | None = None
+    config: TransformerConfig,
+    mesh: jax.sharding.Mesh,
+    *,
+    lora: lora_lib.LoRAConfig | None = None,
+    seed: int = 0,
+    hbm_bytes: float | None = None,
 ) -> AbstractPolicy:
-  """`nnx.eval_shape` of the model: parameters as shapes, placed by the sharding rules; the
-  sampler's copy replicated over fsdp when it fits `hbm_bytes` (as `build_run` decides)."""
-  graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+  """`nnx.eval_shape` of the policy as the runner builds it: parameters as shapes, placed by the
+  sharding rules.
+
+  Without `lora`, the model of `build.build_model`, and the sampler's copy replicated over fsdp
+  when it fits `hbm_bytes` (as `build_run` decides). With `lora`, that model adapted by
+  `lora.apply_lora` (adapters drawn from `seed`), as `build.attach_lora` adapts it, and the
+  sampler on the learner's shardings, as `attach_lora` places it: it reads the learner's frozen
+  base, of which no copy is made.
+  """
+
+  def build() -> Transformer:
+    model = Transformer(config, rngs=nnx.Rngs(0))
+    return model if lora is None else lora_lib.apply_lora(model, lora, seed=seed)
+
+  graphdef, params = nnx.split(nnx.eval_shape(build))
   shardings = sharding.state_shardings(params, mesh)
-  sampler_shardings = sharding.sampler_copy_shardings(
-      shardings, mesh, copy_bytes=hbm.tree_bytes(_recast(params, config.dtype)), hbm_bytes=hbm_bytes
-  )
-  return AbstractPolicy(graphdef, _abstract(params, shardings), shardings, sampler_shardings)
+  if lora is None:
+    sampler_shardings = sharding.sampler_copy_shardings(
+        shardings,
+        mesh,
+        copy_bytes=hbm.tree_bytes(_recast(params, config.dtype)),
+        hbm_bytes=hbm_bytes,
+    )
+  else:
+    sampler_shardings = shardings
+  return AbstractPolicy(graphdef, _abstract(params, shardings), shardings, sampler_shardings, lora)
 
 
 def _recast(tree: Any, dtype: Any) -> Any:
@@ -212,14 +262,28 @@ def _recast(tree: Any, dtype: Any) -> Any:
 
 
 def sampler_params(policy: AbstractPolicy) -> Any:
-  """The sampler's copy of the parameters: the compute dtype, the sampler's shardings
-  (`precision.cast_floating`, as `Run.sampler_params` makes it)."""
-  return _abstract(_recast(policy.params, policy.config.dtype), policy.sampler_shardings)
+  """The sampler's parameters on the sampler's shardings, as `Run.sampler_params` makes them:
+  the trained parameters in the compute dtype (`precision.cast_floating`), and a LoRA policy's
+  frozen base as the learner stores it."""
+  trained, frozen = policy.split(policy.params)
+  cast = _recast(trained, policy.config.dtype)
+  params = cast if frozen is None else nnx.merge_state(cast, frozen)
+  return _abstract(params, policy.sampler_shardings)
+
+
+def sampler_copy(policy: AbstractPolicy) -> Any:
+  """What the sampler holds beside the learner's arrays: its compute-dtype copy of the trained
+  parameters, or None when they are stored in the compute dtype and the sampler reads the
+  learner's own (`Run.sampler_params`)."""
+  compute = policy.config.dtype
+  if all(x.dtype == compute for x in jax.tree.leaves(policy.trained)):
+    return None
+  return policy.split(sampler_params(policy))[0]
 
 
 def float32_gradients(policy: AbstractPolicy) -> Any:
-  """The gradient accumulators of the update: float32, placed like the parameters."""
-  return _recast(policy.params, jnp.float32)
+  """The gradient accumulators of the update: float32, placed like the trained parameters."""
+  return _recast(policy.trained, jnp.float32)
 
 
 def optimizer_for(
@@ -238,9 +302,11 @@ def optimizer_for(
 def abstract_opt_state(
     optimizer: optax.GradientTransformation, policy: AbstractPolicy, mesh: jax.sharding.Mesh
 ) -> Any:
-  """`learner.init_opt_state` as shapes: float32 moments placed like the parameters."""
-  shardings = sharding.opt_state_shardings(optimizer, policy.params, policy.shardings, mesh)
-  state = jax.eval_shape(lambda p: optimizer.init(precision.float32_view(p)), policy.params)
+  """`learner.init_opt_state` of the trained parameters (`Run.trained_params`) as shapes: float32
+  moments placed like them."""
+  trained, trained_shardings = policy.trained, policy.split(policy.shardings)[0]
+  shardings = sharding.opt_state_shardings(optimizer, trained, trained_shardings, mesh)
+  state = jax.eval_shape(lambda p: optimizer.init(precision.float32_view(p)), trained)
   return _abstract(state, shardings)
 
 
@@ -287,18 +353,27 @@ def update_program(
     *,
     chunk_size: int,
 ) -> Program:
-  """`make_update_fn`'s step over one minibatch [M, b, T], placed as `place_batch` places it."""
+  """`make_update_fn`'s step over one minibatch [M, b, T], placed as `place_batch` places it.
+
+  Of a LoRA policy, the step `make_update_fn` compiles with its `trainable` filter
+  (`update.jitted(adapters, opt_state, batch, base)`): adapters and optimizer state donated and
+  returned, the base an input it neither donates nor returns.
+  """
   optimizer = optimizer_for(config, policy.config)
   opt_state = abstract_opt_state(optimizer, policy, mesh)
-  jitted = learner.make_update_fn(
+  update = learner.make_update_fn(
       policy.graphdef,
       optimizer,
       _micro_loss(config, shape, chunk_size),
       param_shardings=policy.shardings,
       opt_shardings=jax.tree.map(lambda x: x.sharding, opt_state),
+      trainable=policy.trainable,
   )
   batch = _batch(config, mesh, shape, (shape.microbatches, shape.micro_rows))
-  return Program("update", jitted, (policy.params, opt_state, batch))
+  trained, frozen = policy.split(policy.params)
+  if frozen is None:
+    return Program("update", update, (trained, opt_state, batch))
+  return Program("update", update.jitted, (trained, opt_state, batch, frozen))
 
 
 def gradient_program(
@@ -318,10 +393,14 @@ def gradient_program(
   """
   micro_loss = _micro_loss(config, shape, chunk_size)
   graphdef = policy.graphdef
+  trained, frozen = policy.split(policy.params)
+  # The frozen base of a LoRA policy is an input whose gradient is not taken (`update_step`).
+  extra_args, extra_specs = ((), ()) if frozen is None else ((frozen,), (P(),))
 
-  def gradient(params, micro, counts):
+  def gradient(params, micro, counts, frozen=None):
     def loss_of_params(p):
-      return micro_loss(nnx.merge(graphdef, p), micro, counts)
+      states = (p,) if frozen is None else (p, frozen)
+      return micro_loss(nnx.merge(graphdef, *states), micro, counts)
 
     (loss, _), grads = jax.value_and_grad(loss_of_params, has_aux=True)(params)
     return loss.astype(jnp.float32), precision.float32_view(grads)
@@ -332,29 +411,31 @@ def gradient_program(
   if learner.reduces_once_over_data(mesh):
     axis = learner.DATA_AXIS
 
-    def per_replica(params, micro, counts):
-      return jax.tree.map(lambda x: x[None], gradient(params, micro, counts))
+    def per_replica(*args):
+      return jax.tree.map(lambda x: x[None], gradient(*args))
 
     jitted = jax.jit(
         jax.shard_map(
             per_replica,
             mesh=mesh,
-            in_specs=(P(), P(axis), P()),
+            in_specs=(P(), P(axis), P()) + extra_specs,
             out_specs=P(axis),
             axis_names=frozenset({axis}),
             check_vma=False,
         )
     )
   else:
-    jitted = jax.jit(gradient, out_shardings=(sharding.replicated(mesh), policy.shardings))
-  return Program("gradient", jitted, (policy.params, micro, counts))
+    trained_shardings = policy.split(policy.shardings)[0]
+    jitted = jax.jit(gradient, out_shardings=(sharding.replicated(mesh), trained_shardings))
+  return Program("gradient", jitted, (trained, micro, counts) + extra_args)
 
 
 def optimizer_program(
     config: ExperimentConfig, policy: AbstractPolicy, mesh: jax.sharding.Mesh
 ) -> Program:
   """What the update does after its micro-batch loop: the gradient summed over `data` where
-  `gradient_program` left it per replica, then `learner.apply_gradients`."""
+  `gradient_program` left it per replica, then `learner.apply_gradients` to the trained
+  parameters."""
   optimizer = optimizer_for(config, policy.config)
   opt_state = abstract_opt_state(optimizer, policy, mesh)
   opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
@@ -376,9 +457,9 @@ def optimizer_program(
       grads, loss = jax.tree.map(lambda x: x.sum(0), (grads, loss))
     return learner.apply_gradients(optimizer, params, opt_state, loss, grads)
 
-  shardings = (policy.shardings, opt_shardings)
+  shardings = (policy.split(policy.shardings)[0], opt_shardings)
   jitted = jax.jit(apply, donate_argnums=(0, 1), out_shardings=shardings + (None,))
-  return Program("optimizer", jitted, (policy.params, opt_state, grads, loss))
+  return Program("optimizer", jitted, (policy.trained, opt_state, grads, loss))
 
 
 def logprob_program(

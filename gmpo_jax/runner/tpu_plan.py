@@ -60,6 +60,7 @@ from gmpo_jax.config import ConfigError, ExperimentConfig
 from gmpo_jax.infra import hbm as hbm_lib
 from gmpo_jax.infra import sharding
 from gmpo_jax.models import attention as attention_lib
+from gmpo_jax.models import lora as lora_lib
 from gmpo_jax.models.transformer import TransformerConfig
 from gmpo_jax.rollout import sampling
 from gmpo_jax.runner import abstract_step, perf
@@ -476,14 +477,18 @@ class _Planner:
     """The program `name` under `setup`; the arrays it allocates whatever it does (gradient
     accumulators); and what the step's other programs hold meanwhile (`Memory.held`)."""
     mesh = setup.mesh(self.target)
-    policy = abstract_step.abstract_policy(setup.model, mesh, hbm_bytes=self.target.hbm.capacity)
+    policy = abstract_step.abstract_policy(
+        setup.model,
+        mesh,
+        lora=self.config.model.lora,
+        seed=self.config.seed,
+        hbm_bytes=self.target.hbm.capacity,
+    )
     shape = self.shape(setup)
     opt_state = abstract_step.abstract_opt_state(
         abstract_step.optimizer_for(self.config, setup.model), policy, mesh
     )
-    copy = abstract_step.sampler_params(policy)
-    # The sampler's copy is the learner's own arrays when the dtypes agree (`Run.sampler_params`).
-    sampler_copy = None if setup.model.param_dtype == setup.model.dtype else copy
+    sampler_copy = abstract_step.sampler_copy(policy)
     kv_dtype = abstract_step.cache_dtype(self.config, setup.model, "tpu")
     chunk = setup.chunk_size
     if name == "update":
@@ -498,7 +503,9 @@ class _Planner:
           None,
           (opt_state, sampler_copy),
       )
-    learner_state = (policy.params if sampler_copy is not None else None, opt_state)
+    # While sampling, the learner keeps its optimizer state, and its trained parameters where
+    # the sampler reads a copy of them rather than the arrays themselves.
+    learner_state = (policy.trained if sampler_copy is not None else None, opt_state)
     if name == "prefill":
       return (
           abstract_step.prefill_program(self.config, policy, mesh, shape, kv_dtype=kv_dtype),
@@ -646,7 +653,11 @@ class _Planner:
 def initial_setup(
     config: ExperimentConfig, model: TransformerConfig, target: Target
 ) -> tuple[Setup, hbm_lib.MeshChoice]:
-  """The run's mesh on `target` (FSDP when a replicated state does not fit, `hbm.auto_fsdp`)."""
+  """The run's mesh on `target` (FSDP when a replicated state does not fit, `hbm.auto_fsdp`).
+
+  Chosen from the whole model's parameters and Adam state even with `model.lora`: `build_run`
+  fits the mesh before `attach_lora` adapts the policy.
+  """
   mesh = sharding.make_mesh(devices=target.devices[:1])
   policy = abstract_step.abstract_policy(model, mesh)
   optimizer = abstract_step.optimizer_for(config, model)
@@ -791,14 +802,18 @@ def plan(
       mesh=choice,
       setup=setup,
       shape=shape,
-      model=_model_summary(setup.model),
+      model=_model_summary(setup.model, config, target),
       programs=tuple(reports),
       step=_step(reports, shape, setup.model, chips, peak),
   )
 
 
-def _model_summary(model: TransformerConfig) -> dict[str, Any]:
-  return {
+def _model_summary(
+    model: TransformerConfig, config: ExperimentConfig, target: Target
+) -> dict[str, Any]:
+  """The architecture and dtypes planned; with `model.lora`, the adapters ('lora': rank, alpha,
+  targets, the base's storage dtype and the adapter parameter count), else 'lora' None."""
+  summary = {
       "parameters": perf.param_count(model),
       "layers": model.num_layers,
       "hidden_size": model.hidden_size,
@@ -807,7 +822,20 @@ def _model_summary(model: TransformerConfig) -> dict[str, Any]:
       "dtype": str(model.dtype),
       "attention_impl": model.attention_impl,
       "remat": model.remat,
+      "lora": None,
   }
+  lora = config.model.lora
+  if lora is not None:
+    mesh = sharding.make_mesh(devices=target.devices[:1])
+    policy = abstract_step.abstract_policy(model, mesh, lora=lora, seed=config.seed)
+    summary["lora"] = {
+        "rank": lora.rank,
+        "alpha": lora.alpha,
+        "targets": list(lora.target_paths),
+        "base_dtype": lora.base_dtype or model.dtype.name,
+        "adapter_parameters": lora_lib.adapter_count(policy.params),
+    }
+  return summary
 
 
 def _step(

@@ -47,14 +47,7 @@ PROMPT, NEW_TOKENS = 32, 16
 READ_BUCKET = 8  # the sampler's cache windows: 40 and 48 slots
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _no_persistent_cache():
-  """Keeps these executables out of the suite's persistent cache: compiled without a TPU
-  client, they serialize but cannot be read back (a warning and a recompile every run)."""
-  previous = jax.config.jax_persistent_cache_min_compile_time_secs
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
-  yield
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)
+pytestmark = pytest.mark.usefixtures("no_persistent_cache")
 
 
 @pytest.fixture(scope="module")
