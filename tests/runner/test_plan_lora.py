@@ -20,12 +20,11 @@ from flax import nnx
 
 from configs import lora as lora_configs
 from configs import smoke
-from gmpo_jax import plan as plan_cli
 from gmpo_jax.config import ExperimentConfig
 from gmpo_jax.infra import sharding
 from gmpo_jax.models import lora as lora_lib
 from gmpo_jax.models.quantization import QuantizedWeight
-from gmpo_jax.runner import abstract_step, tpu_plan
+from gmpo_jax.runner import abstract_step, plan_report, tpu_plan
 
 pytest.importorskip(
     "libtpu",
@@ -132,7 +131,7 @@ def test_a_lora_plan_compiles_every_program_within_the_chip(v5e):
   assert all(p.fits and p.estimated_seconds > 0 for p in plan.programs)
   lora = plan.to_json()["model"]["lora"]
   assert lora["rank"] == RANK and lora["base_dtype"] == "int8" and len(lora["targets"]) == 7
-  assert "LoRA: rank 2" in plan_cli.format_plan(plan)
+  assert "LoRA: rank 2" in plan_report.format_plan(plan)
 
   mesh = plan.setup.mesh(v5e)
   policy = abstract_step.abstract_policy(model, mesh, lora=config.model.lora, seed=config.seed)
