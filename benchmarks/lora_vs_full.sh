@@ -40,9 +40,12 @@ done
 import json, pathlib, sys
 root = pathlib.Path(sys.argv[1])
 runs = [dict(zip(("point", "seed"), r.split())) for r in sys.argv[2:]]
-points = [{"name": n, "config": "configs/lora.py:" + n[4:] + ",ablation_default" if n != "full"
-           else "configs/ablation_default.py (gmpo_design grid, point gmpo_full)", "overrides": []}
-          for n in ("full", "lora8", "lora32")]
+configs = {
+    "full": "configs/ablation_default.py (gmpo_design grid, point gmpo_full)",
+    "lora8": "configs/lora.py:8,ablation_default",
+    "lora32": "configs/lora.py:32,ablation_default",
+}
+points = [{"name": n, "config": c, "overrides": []} for n, c in configs.items()]
 manifest = {"points": points, "runs": [
     {"point": r["point"], "seed": int(r["seed"]), "workdir": f"runs/{r['point']}/seed_{r['seed']}"}
     for r in runs]}

@@ -214,6 +214,11 @@ class AbstractPolicy(NamedTuple):
     """The parameters the optimizer holds (`Run.trained_params`)."""
     return self.split(self.params)[0]
 
+  @property
+  def trained_shardings(self) -> Any:
+    """The shardings of `trained`."""
+    return self.split(self.shardings)[0]
+
 
 def abstract_policy(
     config: TransformerConfig,
@@ -304,8 +309,8 @@ def abstract_opt_state(
 ) -> Any:
   """`learner.init_opt_state` of the trained parameters (`Run.trained_params`) as shapes: float32
   moments placed like them."""
-  trained, trained_shardings = policy.trained, policy.split(policy.shardings)[0]
-  shardings = sharding.opt_state_shardings(optimizer, trained, trained_shardings, mesh)
+  trained = policy.trained
+  shardings = sharding.opt_state_shardings(optimizer, trained, policy.trained_shardings, mesh)
   state = jax.eval_shape(lambda p: optimizer.init(precision.float32_view(p)), trained)
   return _abstract(state, shardings)
 
@@ -425,8 +430,7 @@ def gradient_program(
         )
     )
   else:
-    trained_shardings = policy.split(policy.shardings)[0]
-    jitted = jax.jit(gradient, out_shardings=(sharding.replicated(mesh), trained_shardings))
+    jitted = jax.jit(gradient, out_shardings=(sharding.replicated(mesh), policy.trained_shardings))
   return Program("gradient", jitted, (trained, micro, counts) + extra_args)
 
 
@@ -457,7 +461,7 @@ def optimizer_program(
       grads, loss = jax.tree.map(lambda x: x.sum(0), (grads, loss))
     return learner.apply_gradients(optimizer, params, opt_state, loss, grads)
 
-  shardings = (policy.split(policy.shardings)[0], opt_shardings)
+  shardings = (policy.trained_shardings, opt_shardings)
   jitted = jax.jit(apply, donate_argnums=(0, 1), out_shardings=shardings + (None,))
   return Program("optimizer", jitted, (policy.trained, opt_state, grads, loss))
 
